@@ -1,0 +1,1291 @@
+"""TorrentFlow: a BitTorrent daemon driven by an HTTP JSON API.
+
+One process runs one libtorrent session and serves a small REST API over it:
+
+    POST   /torrents                      add a magnet, an http(s) .torrent URL or an upload
+    GET    /torrents                      every torrent's status
+    GET    /torrents/{infohash}           one torrent's full status
+    PUT    /torrents/{infohash}/pause     stop transferring (the queue will not restart it)
+    PUT    /torrents/{infohash}/resume    back to normal operation
+    DELETE /torrents/{infohash}           remove it (?delete_files=true also removes the data)
+    GET    /health                        liveness for container health checks
+
+Run it with ``python torrentflow.py`` (``--help`` lists every option). Each option
+can also be set through an environment variable; the command line wins:
+
+    TORRENTFLOW_HOST, TORRENTFLOW_PORT, TORRENTFLOW_DOWNLOAD_DIR, TORRENTFLOW_STATE_DIR,
+    TORRENTFLOW_LISTEN_INTERFACES, TORRENTFLOW_DHT, TORRENTFLOW_LSD, TORRENTFLOW_UPNP,
+    TORRENTFLOW_NATPMP, TORRENTFLOW_LOCAL_ONLY, TORRENTFLOW_LOG_LEVEL,
+    TORRENTFLOW_SAVE_INTERVAL, TORRENTFLOW_SHUTDOWN_TIMEOUT
+
+Every torrent is written to the state directory before the API confirms it, and
+again whenever it changes, so a crash loses nothing but the last few seconds of
+progress. README.md documents every field, error and option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import aiohttp
+import libtorrent as lt
+from aiohttp import web
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("torrentflow")
+
+
+# --------------------------------------------------------------------------- #
+# Constants
+# --------------------------------------------------------------------------- #
+
+#: Largest .torrent accepted, by upload or by URL. Real ones are kilobytes to a few
+#: MB (a 100 GiB torrent with 16 KiB pieces is about 130 MB of hashes, which nobody makes).
+MAX_TORRENT_BYTES = 10 * 1024 * 1024
+#: Request bodies may carry one .torrent plus form overhead, nothing more.
+MAX_REQUEST_BYTES = MAX_TORRENT_BYTES + 64 * 1024
+#: Limits handed to libtorrent's bdecoder, so a crafted file cannot exhaust memory or stack.
+TORRENT_LIMITS = {
+    "max_buffer_size": MAX_TORRENT_BYTES,
+    "max_pieces": 2_000_000,
+    "max_decode_depth": 100,
+    "max_decode_tokens": 3_000_000,
+}
+#: A URL fetch must finish within this many seconds, connection included.
+FETCH_TIMEOUT = 30.0
+#: Indexers redirect once or twice; more than this is a loop or an attack.
+FETCH_MAX_REDIRECTS = 5
+#: How often libtorrent is asked for the status of torrents that changed. Events
+#: that matter (state changes, finishing) refresh the cache at once besides.
+STATUS_INTERVAL = 0.5
+#: Startup adds saved torrents in batches this size, so requests are served in between.
+LOAD_BATCH = 200
+#: In-flight requests get this long to finish when the daemon stops.
+REQUEST_DRAIN_SECONDS = 1.0
+#: Seconds the session waits for trackers to acknowledge "stopped" at shutdown. The
+#: session's destructor holds the GIL for that long, freezing everything else.
+STOP_TRACKER_TIMEOUT = 1
+#: libtorrent's error for "resume data not modified since the last save": not a failure.
+RESUME_NOT_MODIFIED = 143
+
+#: Alerts the daemon acts on. The *_log categories would flood the queue.
+ALERT_MASK = (
+    lt.alert_category.error
+    | lt.alert_category.status
+    | lt.alert_category.storage
+    | lt.alert_category.tracker
+)
+SAVE_FULL = lt.save_resume_flags_t.save_info_dict | lt.save_resume_flags_t.flush_disk_cache
+SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
+
+#: torrent_status.flags bits exposed as booleans (the bool attributes are deprecated).
+FLAG_FIELDS = {
+    "paused": lt.torrent_flags.paused,
+    "auto_managed": lt.torrent_flags.auto_managed,
+    "sequential_download": lt.torrent_flags.sequential_download,
+    "seed_mode": lt.torrent_flags.seed_mode,
+    "upload_mode": lt.torrent_flags.upload_mode,
+    "share_mode": lt.torrent_flags.share_mode,
+    "super_seeding": lt.torrent_flags.super_seeding,
+}
+
+
+# --------------------------------------------------------------------------- #
+# Configuration
+# --------------------------------------------------------------------------- #
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the daemon reads from the outside world, read once at start."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    download_dir: Path = Path("downloads")
+    state_dir: Path = Path("state")
+    listen_interfaces: str = "0.0.0.0:6881,[::]:6881"
+    dht: bool = True
+    lsd: bool = False
+    upnp: bool = False
+    natpmp: bool = False
+    local_only: bool = False
+    log_level: str = "info"
+    save_interval: float = 30.0
+    shutdown_timeout: float = 8.0
+
+
+def _env_bool(parser, environ, name):
+    """Read a 1/0 style environment variable, or None when it is unset."""
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return None
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    parser.error(f"{name} must be 1 or 0, not {raw!r}")
+
+
+def _port(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(text)
+    return port
+
+
+def _positive_seconds(text):
+    seconds = float(text)
+    if not 0 < seconds < 86400:
+        raise ValueError(text)
+    return seconds
+
+
+def _listen_interfaces(text):
+    """Check that every entry is ADDRESS:PORT, the form libtorrent expects."""
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        address, sep, port = item.rpartition(":")
+        if not sep or not address:
+            raise ValueError(text)
+        _port(port.rstrip("sS"))  # a trailing s asks libtorrent for TLS on that port
+    return text
+
+
+def _is_loopback_interfaces(text):
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        address = item.rpartition(":")[0].strip("[]")
+        try:
+            if not ipaddress.ip_address(address).is_loopback:
+                return False
+        except ValueError:  # a device name such as eth0
+            return False
+    return True
+
+
+def parse_config(argv=None, environ=None):
+    """Build the Config from argv and the environment; bad values exit with usage."""
+    environ = os.environ if environ is None else environ
+
+    def env(name, default):
+        return environ.get("TORRENTFLOW_" + name) or default
+
+    parser = argparse.ArgumentParser(
+        prog="torrentflow.py",
+        description="TorrentFlow: a BitTorrent daemon with an HTTP JSON API.",
+        epilog="Every option also reads TORRENTFLOW_<NAME> from the environment "
+        "(for example TORRENTFLOW_PORT); the command line wins. See README.md.",
+    )
+    parser.add_argument("--host", default=env("HOST", Config.host),
+                        help="address the API listens on (default %(default)s)")
+    parser.add_argument("--port", type=_port, default=env("PORT", str(Config.port)),
+                        help="API port; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--download-dir", type=Path,
+                        default=env("DOWNLOAD_DIR", str(Config.download_dir)),
+                        help="where torrents are saved; every save_path must stay inside "
+                        "it (default %(default)s)")
+    parser.add_argument("--state-dir", type=Path,
+                        default=env("STATE_DIR", str(Config.state_dir)),
+                        help="where resume data is kept (default %(default)s)")
+    parser.add_argument("--listen-interfaces", type=_listen_interfaces,
+                        default=env("LISTEN_INTERFACES", None),
+                        help="BitTorrent listen addresses, ADDRESS:PORT,... (default "
+                        f"{Config.listen_interfaces}; 127.0.0.1:6881 with --local-only)")
+    for name, help_text in (
+        ("dht", "the distributed hash table, for trackerless torrents and magnets"),
+        ("lsd", "local service discovery (multicast on the LAN)"),
+        ("upnp", "UPnP port mapping on the router"),
+        ("natpmp", "NAT-PMP port mapping on the router"),
+    ):
+        default = "on" if getattr(Config, name) else "off"
+        parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+                            help=f"{help_text} (default {default}; "
+                            f"TORRENTFLOW_{name.upper()}=1|0)")
+    parser.add_argument("--local-only", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep all BitTorrent traffic on loopback: DHT, LSD, UPnP and "
+                        "NAT-PMP off, listen on 127.0.0.1, peers and trackers outside "
+                        "127.0.0.0/8 and ::1 blocked (TORRENTFLOW_LOCAL_ONLY=1)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        default=env("LOG_LEVEL", Config.log_level).lower(),
+                        help="log verbosity on stderr (default %(default)s)")
+    parser.add_argument("--save-interval", type=_positive_seconds,
+                        default=env("SAVE_INTERVAL", str(Config.save_interval)),
+                        help="seconds between saves of changed torrents; a crash loses at "
+                        "most this much progress (default %(default)s)")
+    parser.add_argument("--shutdown-timeout", type=_positive_seconds,
+                        default=env("SHUTDOWN_TIMEOUT", str(Config.shutdown_timeout)),
+                        help="seconds allowed for saving every torrent on SIGTERM; keep "
+                        "it under your container's stop grace (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    def flag(name):
+        given = getattr(args, name)
+        return given if given is not None else _env_bool(parser, environ, f"TORRENTFLOW_{name.upper()}")
+
+    local_only = bool(flag("local_only"))
+    switches = {name: flag(name) for name in ("dht", "lsd", "upnp", "natpmp")}
+    interfaces = args.listen_interfaces
+    if local_only:
+        enabled = [name for name, value in switches.items() if value]
+        if enabled:
+            parser.error(f"--local-only cannot be combined with --{enabled[0]}")
+        if interfaces is None:
+            interfaces = "127.0.0.1:6881"
+        elif not _is_loopback_interfaces(interfaces):
+            parser.error("--local-only needs loopback --listen-interfaces, "
+                         f"not {interfaces!r}")
+        switches = dict.fromkeys(switches, False)
+    return Config(
+        host=args.host,
+        port=args.port,
+        download_dir=args.download_dir,
+        state_dir=args.state_dir,
+        listen_interfaces=interfaces or Config.listen_interfaces,
+        local_only=local_only,
+        log_level=args.log_level,
+        save_interval=args.save_interval,
+        shutdown_timeout=args.shutdown_timeout,
+        **{name: getattr(Config, name) if value is None else value
+           for name, value in switches.items()},
+    )
+
+
+def session_settings(config):
+    """The libtorrent settings_pack for this config (the benchmark reuses it)."""
+    settings = {
+        "listen_interfaces": config.listen_interfaces,
+        "enable_dht": config.dht,
+        "enable_lsd": config.lsd,
+        "enable_upnp": config.upnp,
+        "enable_natpmp": config.natpmp,
+        "alert_mask": int(ALERT_MASK),
+        # Bursts of state changes on thousands of torrents must not push out the
+        # alerts that resolve requests; the loop drains the queue continuously.
+        "alert_queue_size": 10000,
+        "stop_tracker_timeout": STOP_TRACKER_TIMEOUT,
+        "user_agent": f"TorrentFlow/{__version__} libtorrent/{lt.__version__}",
+        "peer_fingerprint": lt.generate_fingerprint("TF", *map(int, __version__.split(".")), 0),
+        # Verifying pieces is the CPU bottleneck of a fast download; use both cores.
+        "hashing_threads": 2,
+    }
+    if config.local_only:
+        settings["dht_bootstrap_nodes"] = ""
+        # uTP over loopback collapses to a few MB/s; every local peer speaks TCP.
+        settings["enable_outgoing_utp"] = False
+    return settings
+
+
+# --------------------------------------------------------------------------- #
+# Errors
+# --------------------------------------------------------------------------- #
+
+class ApiError(Exception):
+    """A failure the client caused or must know about; becomes {"detail": ...}."""
+
+    def __init__(self, status, detail):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _error_response(status, detail, headers=None):
+    return web.json_response({"detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request, handler):
+    """Give every error, ours or aiohttp's, the one {"detail": ...} shape."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return _error_response(error.status, error.detail)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        # Keep headers that carry meaning (Allow on 405), not the text body's type.
+        headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
+        return _error_response(error.status, error.reason, headers)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error_response(500, "internal server error")
+
+
+# --------------------------------------------------------------------------- #
+# Helpers: hashes, paths, torrent sources, status fields
+# --------------------------------------------------------------------------- #
+
+def parse_infohash(text):
+    """Lower-case a 40-hex (v1) or 64-hex (v2) infohash, or raise 400."""
+    infohash = text.strip().lower()
+    if len(infohash) not in (40, 64) or any(c not in "0123456789abcdef" for c in infohash):
+        raise ApiError(400, "infohash must be 40 (v1) or 64 (v2) hexadecimal digits")
+    return infohash
+
+
+def _hash_ids(info_hashes):
+    """The hex ids a torrent answers to, canonical (v1 when there is one) first."""
+    ids = []
+    if info_hashes.has_v1():
+        ids.append(str(info_hashes.v1))
+    if info_hashes.has_v2():
+        ids.append(str(info_hashes.v2))
+    return ids
+
+
+def resolve_save_path(download_dir, requested):
+    """Map a requested save_path onto a real directory inside download_dir, creating it.
+
+    Runs in a thread: it touches the disk. Symlinks and ``..`` are resolved before the
+    containment check, and again after creation in case a link appeared meanwhile.
+    """
+    root = download_dir.resolve()
+    if not requested:
+        root.mkdir(parents=True, exist_ok=True)
+        return str(root)
+    if "\x00" in requested:
+        raise ApiError(400, "save_path contains a NUL byte")
+    for attempt in ("before", "after"):
+        target = (root / requested).resolve()
+        if not target.is_relative_to(root):
+            raise ApiError(400, f"save_path must stay inside the download directory {root}")
+        if attempt == "before":
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ApiError(400, f"save_path cannot be created: {error.strerror}") from None
+    if not target.is_dir():
+        raise ApiError(400, "save_path is not a directory")
+    return str(target)
+
+
+def params_from_magnet(uri):
+    """Parse a magnet link (honouring tr= trackers and x.pe= peers), or raise 400."""
+    try:
+        params = lt.parse_magnet_uri(uri)
+    except RuntimeError as error:
+        raise ApiError(400, f"invalid magnet link: {error}") from None
+    if not _hash_ids(params.info_hashes):
+        raise ApiError(400, "invalid magnet link: no btih or btmh infohash")
+    return params
+
+
+def params_from_torrent(data):
+    """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread."""
+    try:
+        return lt.load_torrent_buffer(data, TORRENT_LIMITS)
+    except RuntimeError as error:
+        raise ApiError(422, f"not a valid torrent file: {error}") from None
+
+
+async def fetch_torrent_url(client, url):
+    """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to."""
+    for _ in range(FETCH_MAX_REDIRECTS + 1):
+        if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+            raise ApiError(400, "torrent_url must be a magnet link or an http(s) URL")
+        try:
+            async with client.get(url, allow_redirects=False) as response:
+                if response.status in (301, 302, 303, 307, 308):
+                    location = response.headers.get("Location", "")
+                    if location.lower().startswith("magnet:"):
+                        return location
+                    url = urllib.parse.urljoin(str(response.url), location)
+                    continue
+                if response.status != 200:
+                    raise ApiError(502, f"fetching torrent_url failed: HTTP {response.status}")
+                # Content-Length may be absent (chunked) or lie: count while streaming.
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_TORRENT_BYTES:
+                        raise ApiError(413, f"torrent_url served more than "
+                                       f"{MAX_TORRENT_BYTES} bytes")
+                return bytes(body)
+        except asyncio.TimeoutError:
+            raise ApiError(502, f"fetching torrent_url timed out after "
+                           f"{FETCH_TIMEOUT:g} s") from None
+        except (aiohttp.ClientError, ValueError) as error:
+            raise ApiError(502, f"fetching torrent_url failed: {error}") from None
+    raise ApiError(502, f"fetching torrent_url failed: more than "
+                   f"{FETCH_MAX_REDIRECTS} redirects")
+
+
+def _epoch_or_none(value):
+    return int(value) if value and value > 0 else None
+
+
+def _seconds_since(moment, now):
+    """Whole seconds since a naive local datetime, or None if it never happened."""
+    return None if moment is None else max(0, int(now - moment.timestamp()))
+
+
+def _metadata_fields(torrent_info, params):
+    """Fields that need metadata; computed once, when metadata first arrives."""
+    layout = torrent_info.layout()
+    files = []
+    for index in range(layout.num_files()):
+        if layout.file_flags(index) & lt.file_storage.flag_pad_file:
+            continue
+        files.append({"index": index, "path": layout.file_path(index),
+                      "size": layout.file_size(index)})
+    return {
+        "total_size": torrent_info.total_size(),
+        "num_files": len(files),
+        "total_pieces": torrent_info.num_pieces(),
+        "piece_length": torrent_info.piece_length(),
+        "creation_date": _epoch_or_none(params["creation_date"] or torrent_info.creation_date()),
+        "creator": params["creator"] or None,
+        "comment": params["comment"] or None,
+        "files": files,
+    }
+
+
+EMPTY_METADATA = dict.fromkeys(
+    ("total_size", "num_files", "total_pieces", "piece_length", "creation_date", "creator",
+     "comment", "files"))
+
+
+def status_fields(status, now):
+    """The JSON fields of one libtorrent torrent_status (metadata fields excluded)."""
+    flags = status.flags
+    fields = {name: bool(flags & bit) for name, bit in FLAG_FIELDS.items()}
+    fields["queued"] = fields["paused"] and fields["auto_managed"]
+    fields.update(
+        state=str(status.state),
+        is_seeding=status.is_seeding,
+        is_finished=status.is_finished,
+        has_metadata=status.has_metadata,
+        progress=round(status.progress * 100, 4),
+        error=status.errc.message() if status.errc.value() else "",
+        download_rate=status.download_rate,
+        upload_rate=status.upload_rate,
+        total_download=status.total_download,
+        total_upload=status.total_upload,
+        all_time_download=status.all_time_download,
+        all_time_upload=status.all_time_upload,
+        num_peers=status.num_peers,
+        list_peers=status.list_peers,
+        list_seeds=status.list_seeds,
+        connect_candidates=status.connect_candidates,
+        num_pieces=status.num_pieces,
+        total_done=status.total_done,
+        total_wanted_done=status.total_wanted_done,
+        total_wanted=status.total_wanted,
+        distributed_copies=round(status.distributed_copies, 4),
+        num_seeds=status.num_seeds,
+        num_complete=status.num_complete,
+        num_incomplete=status.num_incomplete,
+        last_seen_complete=_epoch_or_none(status.last_seen_complete),
+        time_since_upload=_seconds_since(status.last_upload, now),
+        time_since_download=_seconds_since(status.last_download, now),
+        active_time=int(status.active_duration.total_seconds()),
+        finished_time=int(status.finished_duration.total_seconds()),
+        seeding_time=int(status.seeding_duration.total_seconds()),
+        seed_rank=status.seed_rank,
+        has_incoming=status.has_incoming,
+        priority=status.queue_position,
+        queue_position=status.queue_position,
+        added_time=_epoch_or_none(status.added_time),
+        completed_time=_epoch_or_none(status.completed_time),
+        storage_mode=str(status.storage_mode).removeprefix("storage_mode_"),
+        save_path=status.save_path,
+        name=status.name,
+    )
+    return fields
+
+
+# --------------------------------------------------------------------------- #
+# The session owner
+# --------------------------------------------------------------------------- #
+
+class _Torrent:
+    """What the daemon knows about one torrent: its handle and its cached status."""
+
+    def __init__(self, handle, params):
+        self.handle = handle
+        self.ids = _hash_ids(params.info_hashes)
+        self.infohash = self.ids[0]
+        self.params = {"creation_date": params.creation_date, "creator": params.created_by,
+                       "comment": params.comment}
+        self.file_priorities = list(params.file_priorities)
+        self.metadata = None          # _metadata_fields() once known
+        self.file_progress = None     # bytes downloaded per file index
+        self.status = None            # the dict served by GET, once the first status arrived
+        self.body = b""               # that dict, serialised once per change
+        self.total_done = -1          # to tell when file progress needs refreshing
+        self.updated = 0.0            # when the last status arrived
+        self.saved_as = None          # the id its resume file carries
+        self.status_waiters = []      # futures for "the next status of this torrent"
+        self.save_waiters = collections.deque()  # one future per save_resume_data call
+        self.removal = None           # future for DELETE, once requested
+        self.delete_files = False
+
+    def update(self, status, now):
+        """Take a fresh torrent_status; return the old id if the canonical one changed."""
+        ids = _hash_ids(status.info_hashes) or self.ids
+        old = self.infohash if ids[0] != self.infohash else None
+        self.ids, self.infohash, self.updated = ids, ids[0], now
+        if self.metadata is None and status.has_metadata:
+            self.metadata = _metadata_fields(status.torrent_file, self.params)
+        fields = status_fields(status, now)
+        fields["info_hash_v1"] = next((i for i in ids if len(i) == 40), None)
+        fields["info_hash_v2"] = next((i for i in ids if len(i) == 64), None)
+        self.status = {"infohash": self.infohash, **fields}
+        self.render()
+        return old
+
+    def render(self):
+        """Serialise the status once, so every GET serves the same bytes."""
+        if self.metadata is None:
+            self.status.update(EMPTY_METADATA)
+        else:
+            self.status.update(self.metadata, files=[self._file_entry(f)
+                                                      for f in self.metadata["files"]])
+        self.body = json.dumps(self.status, separators=(",", ":")).encode()
+
+    def _file_entry(self, file):
+        index, size = file["index"], file["size"]
+        downloaded = (self.file_progress[index] if self.file_progress
+                      and index < len(self.file_progress) else 0)
+        priority = (self.file_priorities[index] if index < len(self.file_priorities) else 4)
+        return {**file, "downloaded": downloaded,
+                "progress": round(100 * downloaded / size, 4) if size else 100.0,
+                "priority": int(priority)}
+
+
+@contextlib.contextmanager
+def _handle_call():
+    """A handle that libtorrent already dropped means the torrent is gone: 404."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise ApiError(404, f"torrent not found ({error})") from None
+
+
+class TorrentEngine:
+    """Owns the libtorrent session, its alert loop, the status cache and the state dir.
+
+    Only the alert loop calls pop_alerts(); every request either reads the cache or
+    posts work to libtorrent and awaits a future that the alert loop resolves.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.download_dir = config.download_dir
+        self.resume_dir = config.state_dir / "resume"
+        self.quarantine_dir = config.state_dir / "quarantine"
+        self.loading = True
+        self._session = None
+        self._by_handle = {}          # handle -> _Torrent, every torrent libtorrent holds
+        self._by_id = {}              # hex id -> _Torrent, those with a status to serve
+        self._pending_adds = {}       # hex id -> future of (_Torrent, created)
+        self._removing = {}           # hex id -> _Torrent awaiting removal/deletion alerts
+        self._dirty = set()           # torrents that changed since the last periodic save
+        self._tasks = []
+        self._wakeup = asyncio.Event()
+        self._alert_socket = None
+        self._notify_socket = None
+        # One thread writes the state dir, so writes and deletes of a file stay in order.
+        self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tf-state")
+
+    # -- lifecycle ---------------------------------------------------------- #
+
+    async def start(self):
+        """Create the session, start the alert loop, and begin loading saved torrents."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._disk, self._prepare_dirs)
+        params = lt.session_params(session_settings(self.config))
+        # pread avoids the RSS growth of memory-mapped I/O on large torrents.
+        params.disk_io_constructor = "pread_disk_io_constructor"
+        self._session = lt.session(params)
+        if self.config.local_only:
+            self._session.set_ip_filter(_loopback_only_filter())
+        self._alert_socket, self._notify_socket = socket.socketpair()
+        self._alert_socket.setblocking(False)
+        # libtorrent writes a byte here when alerts arrive; it must never block its thread.
+        self._notify_socket.setblocking(False)
+        self._session.set_alert_fd(self._notify_socket.fileno())
+        loop.add_reader(self._alert_socket.fileno(), self._on_alert_fd)
+        self._tasks = [asyncio.create_task(coro, name=name) for name, coro in (
+            ("tf-alerts", self._alert_loop()),
+            ("tf-status", self._status_loop()),
+            ("tf-save", self._save_loop()),
+            ("tf-load", self._load_saved()),
+        )]
+        log.info("BitTorrent listening on %s (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
+                 self.config.listen_interfaces, *("on" if flag else "off" for flag in (
+                     self.config.dht, self.config.lsd, self.config.upnp, self.config.natpmp)))
+
+    async def close(self):
+        """Pause, save every torrent that changed, and drop the session."""
+        if self._session is None:
+            return
+        for task in self._tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        self._session.pause()
+        torrents = [t for t in self._by_handle.values() if t.removal is None]
+        saves = [self._save(torrent, SAVE_IF_MODIFIED) for torrent in torrents]
+        saved = 0
+        if saves:
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(save) for save in saves],
+                timeout=self.config.shutdown_timeout)
+            saved = sum(1 for f in done if not f.exception() and f.result())
+            for future in pending:
+                future.cancel()
+            if pending:
+                log.warning("shutdown deadline: %d torrents were not saved", len(pending))
+        log.info("saved %d changed torrents of %d at shutdown", saved, len(torrents))
+        self._tasks[0].cancel()
+        await asyncio.gather(self._tasks[0], return_exceptions=True)
+        asyncio.get_running_loop().remove_reader(self._alert_socket.fileno())
+        await asyncio.get_running_loop().run_in_executor(None, self._disk.shutdown)
+        session, self._session = self._session, None
+        # The destructor waits for tracker "stopped" announces while holding the GIL.
+        await asyncio.to_thread(_drop, session)
+        self._alert_socket.close()
+        self._notify_socket.close()
+
+    # -- requests ----------------------------------------------------------- #
+
+    def lookup(self, infohash):
+        """The torrent with this v1 or v2 id, or 404."""
+        torrent = self._by_id.get(infohash)
+        if torrent is None:
+            raise ApiError(404, f"no torrent with infohash {infohash}")
+        return torrent
+
+    def torrents(self):
+        return (t for t in self._by_handle.values() if t.status is not None)
+
+    def count(self):
+        return len(self._by_handle)
+
+    async def add(self, params):
+        """Add a torrent; return (infohash, created) once it is saved and has a status."""
+        ids = _hash_ids(params.ti.info_hashes() if params.ti else params.info_hashes)
+        for infohash in ids:
+            if infohash in self._by_id:
+                return self._by_id[infohash].infohash, False
+        pending = next((self._pending_adds[i] for i in ids if i in self._pending_adds), None)
+        if pending is not None:
+            torrent, _ = await asyncio.shield(pending)
+            return torrent.infohash, False
+        future = asyncio.get_running_loop().create_future()
+        self._pending_adds.update(dict.fromkeys(ids, future))
+        try:
+            self._session.async_add_torrent(params)
+            torrent, created = await future
+            if created:
+                # The answer promises the torrent survives a crash: write it first.
+                await self._save(torrent, SAVE_FULL)
+            if torrent.status is None:
+                await self._refresh(torrent)
+        finally:
+            for infohash in ids:
+                self._pending_adds.pop(infohash, None)
+        return torrent.infohash, created
+
+    async def pause(self, torrent):
+        """Pause and take it out of the queue, so libtorrent does not restart it."""
+        with _handle_call():
+            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.pause()
+        await self._refresh(torrent)
+        await self._save(torrent, SAVE_FULL)
+
+    async def resume(self, torrent):
+        """Resume and hand it back to the queue."""
+        with _handle_call():
+            torrent.handle.set_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.resume()
+        await self._refresh(torrent)
+        await self._save(torrent, SAVE_FULL)
+
+    async def remove(self, torrent, delete_files):
+        """Remove it; return once libtorrent confirmed and its resume file is gone."""
+        if torrent.removal is None:
+            torrent.removal = asyncio.get_running_loop().create_future()
+            # Deleting needs storage; a magnet without metadata has nothing on disk.
+            torrent.delete_files = delete_files and torrent.metadata is not None
+            for infohash in torrent.ids:
+                self._removing[infohash] = torrent
+            with _handle_call():
+                self._session.remove_torrent(
+                    torrent.handle, lt.session.delete_files if delete_files else 0)
+        await asyncio.shield(torrent.removal)
+
+    # -- internals: requests that wait on alerts ----------------------------- #
+
+    def _refresh(self, torrent):
+        """Ask for this torrent's status; the future resolves when it is cached."""
+        future = asyncio.get_running_loop().create_future()
+        with _handle_call():
+            torrent.handle.post_status()
+        torrent.status_waiters.append(future)
+        return future
+
+    def _save(self, torrent, flags):
+        """Ask for resume data; the future gives True once written, False if unchanged."""
+        future = asyncio.get_running_loop().create_future()
+        try:
+            torrent.handle.save_resume_data(flags)
+        except RuntimeError:  # already removed: nothing left to save
+            future.set_result(False)
+            return future
+        torrent.save_waiters.append(future)
+        return future
+
+    # -- internals: the alert loop ------------------------------------------ #
+
+    def _on_alert_fd(self):
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._alert_socket.recv(4096):
+                pass
+        self._wakeup.set()
+
+    async def _alert_loop(self):
+        """The only caller of pop_alerts(). Dispatch is synchronous: alerts die at the next pop."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            for alert in self._session.pop_alerts():
+                try:
+                    self._dispatch(alert)
+                except Exception:
+                    log.exception("error while handling %s", type(alert).__name__)
+
+    def _dispatch(self, alert):
+        handler = self._ALERT_HANDLERS.get(type(alert))
+        if handler is not None:
+            handler(self, alert)
+
+    def _on_state_update(self, alert):
+        now = time.time()
+        for status in alert.status:
+            torrent = self._by_handle.get(status.handle)
+            if torrent is None:
+                continue
+            old = torrent.update(status, now)
+            if old:
+                log.info("%s is now known by its v1 id %s", old, torrent.infohash)
+            if torrent.removal is None:
+                self._by_id.update(dict.fromkeys(torrent.ids, torrent))
+            self._dirty.add(torrent)
+            waiters, torrent.status_waiters = torrent.status_waiters, []
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
+
+    def _on_add(self, alert):
+        ids = _hash_ids(alert.params.ti.info_hashes() if alert.params.ti
+                        else alert.params.info_hashes)
+        future = next((self._pending_adds[i] for i in ids if i in self._pending_adds), None)
+        if alert.error.value():
+            log.warning("could not add torrent %s: %s", ids[0] if ids else "?",
+                        alert.error.message())
+            if future is not None and not future.done():
+                future.set_exception(ApiError(422, f"libtorrent refused the torrent: "
+                                              f"{alert.error.message()}"))
+            return
+        handle = alert.handle
+        torrent = self._by_handle.get(handle)
+        created = torrent is None
+        if created:
+            torrent = _Torrent(handle, alert.params)
+            self._by_handle[handle] = torrent
+            torrent.saved_as = None if future is not None else torrent.infohash
+            handle.post_status()
+            log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
+                     torrent.infohash)
+        if future is not None and not future.done():
+            future.set_result((torrent, created))
+
+    def _on_save(self, alert):
+        torrent = self._by_handle.get(alert.handle)
+        if torrent is None or not torrent.save_waiters:
+            return
+        future = torrent.save_waiters.popleft()
+        torrent.file_priorities = list(alert.params.file_priorities)
+        data = lt.write_resume_data_buf(alert.params)  # copy now: the alert dies at the next pop
+        old_name, torrent.saved_as = torrent.saved_as, torrent.infohash
+        write = asyncio.get_running_loop().run_in_executor(
+            self._disk, self._write_resume, torrent.infohash, data,
+            old_name if old_name != torrent.infohash else None)
+        _chain(write, future, True)
+
+    def _on_save_failed(self, alert):
+        torrent = self._by_handle.get(alert.handle)
+        if torrent is None or not torrent.save_waiters:
+            return
+        if alert.error.value() != RESUME_NOT_MODIFIED and torrent.removal is None:
+            log.warning("could not save resume data for %s: %s", torrent.infohash,
+                        alert.error.message())
+        future = torrent.save_waiters.popleft()
+        if not future.done():
+            future.set_result(False)
+
+    def _torrent_for_hashes(self, info_hashes):
+        return next((self._removing[i] for i in _hash_ids(info_hashes) if i in self._removing),
+                    None)
+
+    def _on_removed(self, alert):
+        torrent = self._torrent_for_hashes(alert.info_hashes)
+        if torrent is None:
+            return
+        self._by_handle.pop(torrent.handle, None)
+        self._dirty.discard(torrent)
+        for infohash in torrent.ids:
+            if self._by_id.get(infohash) is torrent:
+                del self._by_id[infohash]
+        for future in torrent.save_waiters:
+            if not future.done():
+                future.set_result(False)
+        log.info("removed %s (%s)", torrent.status and torrent.status["name"], torrent.infohash)
+        if not torrent.delete_files:
+            self._forget(torrent)
+
+    def _on_deleted(self, alert):
+        torrent = self._torrent_for_hashes(alert.info_hashes)
+        if torrent is None:
+            return
+        if isinstance(alert, lt.torrent_delete_failed_alert):
+            log.warning("could not delete the files of %s: %s", torrent.infohash,
+                        alert.error.message())
+        self._forget(torrent)
+
+    def _forget(self, torrent):
+        """Delete the resume file, then answer the DELETE: a removal must survive a crash."""
+        for infohash in torrent.ids:
+            self._removing.pop(infohash, None)
+        delete = asyncio.get_running_loop().run_in_executor(
+            self._disk, self._delete_resume, torrent.saved_as or torrent.infohash)
+        _chain(delete, torrent.removal, None)
+
+    def _on_event(self, alert):
+        """Log lifecycle events, refresh the cache at once and save what must be saved."""
+        torrent = self._by_handle.get(alert.handle)
+        if torrent is None:
+            return
+        name = alert.torrent_name
+        if isinstance(alert, lt.torrent_error_alert):
+            log.error("error in %s (%s): %s", name, torrent.infohash, alert.error.message())
+        elif isinstance(alert, lt.file_error_alert):
+            log.error("file error in %s (%s): %s: %s", name, torrent.infohash, alert.filename(),
+                      alert.error.message())
+        elif not isinstance(alert, lt.state_changed_alert):
+            log.info("%s %s (%s)", self._EVENT_WORDS[type(alert)], name, torrent.infohash)
+        if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert,
+                              lt.storage_moved_alert)):
+            self._save(torrent, SAVE_FULL)
+        # A finished download should not wait for the next tick to show as finished.
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.post_status()
+
+    _EVENT_WORDS = {
+        lt.metadata_received_alert: "metadata received for",
+        lt.torrent_finished_alert: "finished",
+        lt.torrent_paused_alert: "paused",
+        lt.torrent_resumed_alert: "resumed",
+        lt.storage_moved_alert: "storage moved for",
+    }
+    _ALERT_HANDLERS = {
+        lt.state_update_alert: _on_state_update,
+        lt.add_torrent_alert: _on_add,
+        lt.save_resume_data_alert: _on_save,
+        lt.save_resume_data_failed_alert: _on_save_failed,
+        lt.torrent_removed_alert: _on_removed,
+        lt.torrent_deleted_alert: _on_deleted,
+        lt.torrent_delete_failed_alert: _on_deleted,
+        lt.alerts_dropped_alert: lambda self, alert: log.warning(
+            "libtorrent dropped alerts: the queue overflowed"),
+        **dict.fromkeys((*_EVENT_WORDS, lt.state_changed_alert, lt.torrent_error_alert,
+                         lt.file_error_alert), _on_event),
+    }
+
+    # -- internals: periodic work -------------------------------------------- #
+
+    async def _status_loop(self):
+        """Feed the cache: changed torrents' status, then their per-file progress."""
+        while True:
+            self._session.post_torrent_updates()
+            await asyncio.sleep(STATUS_INTERVAL)
+            # libtorrent stops reporting torrents that went idle, rates and all: ask.
+            quiet = time.time() - 2 * STATUS_INTERVAL
+            for torrent in self.torrents():
+                if torrent.updated < quiet and (torrent.status["download_rate"]
+                                                or torrent.status["upload_rate"]):
+                    with contextlib.suppress(RuntimeError):
+                        torrent.handle.post_status()
+            stale = [t for t in self.torrents() if t.metadata is not None
+                     and t.status["total_done"] != t.total_done]
+            if stale:
+                progress = await asyncio.to_thread(_file_progress, [t.handle for t in stale])
+                for torrent, files in zip(stale, progress):
+                    if files is not None and torrent.status is not None:
+                        torrent.file_progress = files
+                        torrent.total_done = torrent.status["total_done"]
+                        torrent.render()
+
+    async def _save_loop(self):
+        """Save torrents that changed, so a crash loses at most one interval."""
+        while True:
+            await asyncio.sleep(self.config.save_interval)
+            dirty, self._dirty = self._dirty, set()
+            for torrent in dirty:
+                if torrent.removal is None:
+                    self._save(torrent, SAVE_IF_MODIFIED)
+
+    async def _load_saved(self):
+        """Add every saved torrent back, in batches, while the API already answers."""
+        loop = asyncio.get_running_loop()
+        try:
+            saved = await loop.run_in_executor(self._disk, self._read_all_resume)
+            for start in range(0, len(saved), LOAD_BATCH):
+                for params in saved[start:start + LOAD_BATCH]:
+                    self._session.async_add_torrent(params)
+                await asyncio.sleep(0)
+            if saved:
+                log.info("loading %d saved torrents", len(saved))
+        finally:
+            self.loading = False
+
+    # -- internals: the state directory (run on the state thread) ------------ #
+
+    def _prepare_dirs(self):
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.resume_dir.glob("*.tmp"):
+            leftover.unlink()  # a write that a crash interrupted; the old file stands
+
+    def _resume_path(self, infohash):
+        return self.resume_dir / f"{infohash}.resume"
+
+    def _write_resume(self, infohash, data, old_infohash=None):
+        """Write atomically and durably, keeping the previous good copy as .bak."""
+        path = self._resume_path(infohash)
+        temp = path.with_suffix(".tmp")
+        with open(temp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if path.exists():
+            os.replace(path, path.with_suffix(".bak"))
+        os.replace(temp, path)
+        _fsync_dir(self.resume_dir)
+        if old_infohash:  # a v2-only magnet that gained its v1 id with the metadata
+            self._delete_resume(old_infohash)
+
+    def _delete_resume(self, infohash):
+        path = self._resume_path(infohash)
+        for file in (path, path.with_suffix(".bak")):
+            file.unlink(missing_ok=True)
+        _fsync_dir(self.resume_dir)
+
+    def _read_all_resume(self):
+        """Parse every resume file, falling back to .bak and quarantining what is unreadable."""
+        names = {p.stem for p in self.resume_dir.iterdir() if p.suffix in (".resume", ".bak")}
+        loaded = []
+        for name in sorted(names):
+            path = self._resume_path(name)
+            params = None
+            for candidate in (path, path.with_suffix(".bak")):
+                try:
+                    params = lt.read_resume_data(candidate.read_bytes())
+                except FileNotFoundError:
+                    continue
+                except (OSError, RuntimeError) as error:
+                    log.warning("resume file %s is unreadable: %s", candidate, error)
+                    continue
+                if not _hash_ids(params.info_hashes):
+                    log.warning("resume file %s names no torrent", candidate)
+                    params = None
+                    continue
+                if candidate is not path:
+                    log.warning("using the backup %s", candidate)
+                break
+            if params is None:
+                self._quarantine(path)
+            else:
+                params.flags &= ~lt.torrent_flags.duplicate_is_error
+                loaded.append(params)
+        return loaded
+
+    def _quarantine(self, path):
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for file in (path, path.with_suffix(".bak")):
+            if file.exists():
+                target = self.quarantine_dir / f"{file.name}.{stamp}"
+                os.replace(file, target)
+                log.warning("moved unreadable resume file %s to %s", file, target)
+        _fsync_dir(self.resume_dir)
+
+
+def _chain(source, target, result):
+    """Complete target when source does: with result, or source's exception."""
+    def done(future):
+        if target.done():
+            return
+        if future.exception() is not None:
+            log.error("state directory I/O failed: %s", future.exception())
+            target.set_exception(future.exception())
+        else:
+            target.set_result(result)
+    source.add_done_callback(done)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_progress(handles):
+    """Bytes per file for each handle (None if it is gone). Blocking: run in a thread."""
+    result = []
+    for handle in handles:
+        try:
+            result.append(handle.file_progress(lt.torrent_handle.piece_granularity))
+        except RuntimeError:
+            result.append(None)
+    return result
+
+
+def _drop(session):
+    del session
+
+
+def _loopback_only_filter():
+    """An IP filter that blocks every peer and tracker outside loopback."""
+    ip_filter = lt.ip_filter()
+    ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
+    ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
+    ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
+    ip_filter.add_rule("::1", "::1", 0)
+    return ip_filter
+
+
+# --------------------------------------------------------------------------- #
+# HTTP handlers and routes
+# --------------------------------------------------------------------------- #
+
+ENGINE = web.AppKey("engine", TorrentEngine)
+CONFIG = web.AppKey("config", Config)
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+
+ADD_FIELDS = ("torrent_url", "torrent_file", "save_path")
+routes = web.RouteTableDef()
+
+
+def _json(data, status=200, headers=None):
+    return web.json_response(data, status=status, headers=headers)
+
+
+async def _read_add_form(request):
+    """The POST /torrents fields from multipart, urlencoded or JSON, with unknown ones refused."""
+    content_type = request.content_type
+    if content_type == "multipart/form-data":
+        fields = {}
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if part.name not in ADD_FIELDS or part.name in fields:
+                    raise ApiError(400, f"unexpected or repeated form field {part.name!r}")
+                data = await part.read()
+                fields[part.name] = data if part.name == "torrent_file" else data.decode()
+        except (ValueError, AssertionError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"malformed multipart body: {error}") from None
+    elif content_type == "application/x-www-form-urlencoded":
+        try:
+            form = await request.post()
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"malformed form body: {error}") from None
+        fields = {key: value for key, value in form.items()}
+        if len(fields) != len(form):
+            raise ApiError(400, "repeated form field")
+    elif content_type == "application/json":
+        try:
+            fields = await request.json()
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"malformed JSON body: {error}") from None
+        if not isinstance(fields, dict):
+            raise ApiError(400, "the JSON body must be an object")
+        if "torrent_file" in fields:
+            raise ApiError(400, "torrent_file must be uploaded as multipart/form-data")
+    else:
+        raise ApiError(415, "send multipart/form-data, application/x-www-form-urlencoded "
+                       "or application/json")
+    unknown = sorted(set(fields) - set(ADD_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(ADD_FIELDS)}")
+    for name in ("torrent_url", "save_path"):
+        if not isinstance(fields.get(name, ""), str):
+            raise ApiError(400, f"{name} must be a string")
+    if isinstance(fields.get("torrent_file"), str):
+        raise ApiError(400, "torrent_file must be a file upload")
+    return fields
+
+
+async def _params_from_source(request, fields):
+    """Turn torrent_url or torrent_file into libtorrent add_torrent_params."""
+    url, upload = fields.get("torrent_url"), fields.get("torrent_file")
+    if bool(url) == bool(upload):
+        raise ApiError(400, "give exactly one of torrent_url or torrent_file")
+    if url:
+        if url.lower().startswith("magnet:"):
+            return params_from_magnet(url)
+        fetched = await fetch_torrent_url(request.app[HTTP_CLIENT], url)
+        if isinstance(fetched, str):
+            return params_from_magnet(fetched)
+        upload = fetched
+    return await asyncio.to_thread(params_from_torrent, upload)
+
+
+@routes.post("/torrents")
+async def add_torrent(request):
+    """Add a torrent; 201 when new, 200 when it was already there."""
+    fields = await _read_add_form(request)
+    params = await _params_from_source(request, fields)
+    params.save_path = await asyncio.to_thread(
+        resolve_save_path, request.app[CONFIG].download_dir, fields.get("save_path"))
+    infohash, created = await request.app[ENGINE].add(params)
+    return _json({"infohash": infohash}, status=201 if created else 200,
+                 headers={"Location": f"/torrents/{infohash}"})
+
+
+@routes.get("/torrents")
+async def list_torrents(request):
+    """Every torrent's status, as {"torrents": [...]}."""
+    bodies = b",".join(t.body for t in request.app[ENGINE].torrents())
+    return web.Response(body=b'{"torrents":[' + bodies + b"]}", content_type="application/json")
+
+
+@routes.get("/torrents/{infohash}")
+async def get_torrent(request):
+    """One torrent's full status, from the cache."""
+    torrent = request.app[ENGINE].lookup(parse_infohash(request.match_info["infohash"]))
+    return web.Response(body=torrent.body, content_type="application/json")
+
+
+@routes.delete("/torrents/{infohash}")
+async def delete_torrent(request):
+    """Remove a torrent, and its data with ?delete_files=true."""
+    engine = request.app[ENGINE]
+    torrent = engine.lookup(parse_infohash(request.match_info["infohash"]))
+    flag = request.query.get("delete_files", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise ApiError(400, "delete_files must be true or false")
+    delete_files = flag in ("true", "1")
+    await engine.remove(torrent, delete_files)
+    return _json({"detail": f"removed {torrent.infohash}"
+                  + (" and its files" if delete_files else "")})
+
+
+@routes.put("/torrents/{infohash}/pause")
+async def pause_torrent(request):
+    """Pause a torrent; pausing a paused torrent is fine."""
+    engine = request.app[ENGINE]
+    torrent = engine.lookup(parse_infohash(request.match_info["infohash"]))
+    await engine.pause(torrent)
+    return _json({"detail": f"paused {torrent.infohash}"})
+
+
+@routes.put("/torrents/{infohash}/resume")
+async def resume_torrent(request):
+    """Resume a torrent; resuming a running torrent is fine."""
+    engine = request.app[ENGINE]
+    torrent = engine.lookup(parse_infohash(request.match_info["infohash"]))
+    await engine.resume(torrent)
+    return _json({"detail": f"resumed {torrent.infohash}"})
+
+
+@routes.get("/health")
+async def health(request):
+    """Liveness: answers as soon as the API is up, even while torrents load."""
+    engine = request.app[ENGINE]
+    return _json({"status": "ok", "torrents": engine.count(), "loading": engine.loading})
+
+
+# --------------------------------------------------------------------------- #
+# Application
+# --------------------------------------------------------------------------- #
+
+def make_app(config):
+    """Build the aiohttp application; the engine starts and stops with it."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REQUEST_BYTES)
+    app[CONFIG] = config
+    app.add_routes(routes)
+
+    async def lifecycle(app):
+        engine = TorrentEngine(config)
+        await engine.start()
+        app[ENGINE] = engine
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT),
+            headers={"User-Agent": f"TorrentFlow/{__version__}"},
+        ) as client:
+            app[HTTP_CLIENT] = client
+            yield
+        await engine.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+# --------------------------------------------------------------------------- #
+# Command line
+# --------------------------------------------------------------------------- #
+
+async def serve(config):
+    """Run until SIGTERM or SIGINT, then shut down in order: requests, torrents, session."""
+    runner = web.AppRunner(make_app(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port,
+                       shutdown_timeout=REQUEST_DRAIN_SECONDS)
+    await site.start()
+    for host, port, *_ in runner.addresses:
+        log.info("TorrentFlow %s API listening on http://%s:%d", __version__,
+                 f"[{host}]" if ":" in host else host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    started = time.monotonic()
+    await runner.cleanup()
+    log.info("stopped in %.2f s", time.monotonic() - started)
+
+
+def main(argv=None):
+    """Entry point: parse the config, log to stderr, serve."""
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
