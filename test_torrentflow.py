@@ -100,6 +100,9 @@ class Seeder:
     def total_upload(self):
         return sum(handle.status().all_time_upload for handle in self.handles)
 
+    def num_peers(self):
+        return sum(handle.status().num_peers for handle in self.handles)
+
 
 class Web:
     """A loopback HTTP server playing tracker and indexer for the daemon under test.
@@ -265,3 +268,155 @@ async def test_upload_downloads_the_exact_bytes(daemon, swarm, payload, tmp_path
     assert status["files"] == [{"index": 0, "path": "single.bin", "size": layout["single.bin"],
                                 "downloaded": layout["single.bin"], "progress": 100.0,
                                 "priority": 4}]
+
+
+async def test_magnet_with_peer_downloads_a_nested_multi_file_torrent(daemon, seeder, tmp_path):
+    layout = {"album/cd1/track1.bin": 700_001, "album/cd1/track2.bin": 65_536,
+              "album/cd2/deep/track3.bin": 1_200_000, "album/notes.txt": 17}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "album")
+    seeder.seed(torrent, source)
+    response, body = await add(daemon, torrent_url=seeder.magnet(torrent), save_path="music")
+    assert response.status == 201
+    status = await wait_complete(daemon, body["infohash"])
+    assert same_tree(source, tmp_path / "downloads" / "music", layout)
+    assert status["num_files"] == 4
+    assert sorted(f["path"] for f in status["files"]) == sorted(layout)
+    assert status["save_path"] == str((tmp_path / "downloads" / "music").resolve())
+    assert status["name"] == "album"
+
+
+async def test_http_url_downloads(daemon, swarm, payload, tmp_path):
+    source, layout = payload
+    swarm.torrents["one"] = make_torrent(source / "single.bin", tracker=swarm.url("/announce"))
+    swarm.seeder.seed(swarm.torrents["one"], source)
+    _, body = await add(daemon, torrent_url=swarm.url("/hop/2/one"))
+    assert body["infohash"] == infohash_of(swarm.torrents["one"])
+    await wait_complete(daemon, body["infohash"])
+    assert same_tree(source, tmp_path / "downloads", layout)
+
+
+async def test_http_url_that_redirects_to_a_magnet_downloads(daemon, swarm, payload, tmp_path):
+    source, layout = payload
+    swarm.torrents["one"] = make_torrent(source / "single.bin")  # no tracker: x.pe only
+    swarm.seeder.seed(swarm.torrents["one"], source)
+    _, body = await add(daemon, torrent_url=swarm.url("/magnet/one"))
+    assert body["infohash"] == infohash_of(swarm.torrents["one"])
+    await wait_complete(daemon, body["infohash"])
+    assert same_tree(source, tmp_path / "downloads", layout)
+
+
+async def test_json_body_adds_a_magnet(daemon, seeder, payload, tmp_path):
+    source, layout = payload
+    torrent = make_torrent(source / "single.bin")
+    seeder.seed(torrent, source)
+    response = await daemon.post("/torrents", json={"torrent_url": seeder.magnet(torrent),
+                                                    "save_path": "from-json"})
+    assert response.status == 201
+    infohash = (await response.json())["infohash"]
+    await wait_complete(daemon, infohash)
+    assert same_tree(source, tmp_path / "downloads" / "from-json", layout)
+
+
+async def test_urlencoded_form_adds_a_magnet_and_duplicates_answer_200(daemon, seeder, payload):
+    source, _ = payload
+    torrent = make_torrent(source / "single.bin")
+    seeder.seed(torrent, source)
+    form = {"torrent_url": seeder.magnet(torrent)}
+    first = await daemon.post("/torrents", data=form)
+    assert first.status == 201
+    infohash = (await first.json())["infohash"]
+    await wait_complete(daemon, infohash)
+    # The same torrent again, by magnet and by upload: 200, same id, still one torrent.
+    again = await daemon.post("/torrents", data=form)
+    assert again.status == 200 and (await again.json()) == {"infohash": infohash}
+    _, body = await add(daemon, expect=(200,), torrent_file=torrent)
+    assert body == {"infohash": infohash}
+    listing = await (await daemon.get("/torrents")).json()
+    assert [t["infohash"] for t in listing["torrents"]] == [infohash]
+
+
+async def test_concurrent_duplicate_adds_make_one_torrent(daemon, payload):
+    source, _ = payload
+    torrent = make_torrent(source / "single.bin")
+    results = await asyncio.gather(*(add(daemon, expect=(200, 201), torrent_file=torrent)
+                                     for _ in range(5)))
+    statuses = sorted(response.status for response, _ in results)
+    assert statuses == [200, 200, 200, 200, 201]
+    assert {body["infohash"] for _, body in results} == {infohash_of(torrent)}
+    listing = await (await daemon.get("/torrents")).json()
+    assert len(listing["torrents"]) == 1
+
+
+# --------------------------------------------------------------------------- #
+# Pause, resume, delete
+# --------------------------------------------------------------------------- #
+
+async def test_pause_stops_transfer_and_resume_completes(daemon, tmp_path):
+    layout = {"slow.bin": 2 * 1024 * 1024}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "slow.bin")
+    seeder = Seeder(rate_limit=400_000).seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    infohash = body["infohash"]
+    await wait_until(lambda: _progress_above(daemon, infohash, 5), what="some progress")
+
+    response = await daemon.put(f"/torrents/{infohash}/pause")
+    assert response.status == 200 and "paused" in (await response.json())["detail"]
+    status = await status_of(daemon, infohash)
+    assert status["paused"] is True and status["auto_managed"] is False
+    # Pausing disconnects the peer. The seeder's counter lags up to a second, so wait
+    # for it to settle; a running transfer (400 kB/s) never would.
+    await wait_until(lambda: seeder.num_peers() == 0, deadline=10,
+                     what="the seeder to lose its peer")
+    await wait_until(lambda: _settled(seeder.total_upload), deadline=15,
+                     what="the seeder's upload counter to stop")
+    held_upload, held_done = seeder.total_upload(), (await status_of(daemon, infohash))
+    await asyncio.sleep(2)  # an observation window, not synchronisation
+    assert seeder.total_upload() == held_upload
+    status = await status_of(daemon, infohash)
+    assert status["total_done"] == held_done["total_done"] and status["progress"] < 100
+    # Pausing twice is fine.
+    assert (await daemon.put(f"/torrents/{infohash}/pause")).status == 200
+
+    response = await daemon.put(f"/torrents/{infohash}/resume")
+    assert response.status == 200 and "resumed" in (await response.json())["detail"]
+    status = await status_of(daemon, infohash)
+    assert status["paused"] is False and status["auto_managed"] is True
+    seeder.session.set_peer_class(seeder.session.local_peer_class_id,
+                                  {"upload_limit": 0, "download_limit": 0})
+    await wait_complete(daemon, infohash)
+    assert same_tree(source, tmp_path / "downloads", layout)
+    assert (await daemon.put(f"/torrents/{infohash}/resume")).status == 200
+
+
+async def _settled(read, window=1.2):
+    """True when read() gives the same value before and after a window."""
+    before = read()
+    await asyncio.sleep(window)
+    return read() == before
+
+
+async def _progress_above(client, infohash, percent):
+    return (await status_of(client, infohash))["progress"] > percent
+
+
+@pytest.mark.parametrize("delete_files", [False, True])
+async def test_delete_removes_the_torrent_and_optionally_its_files(
+        daemon, seeder, payload, tmp_path, delete_files):
+    source, layout = payload
+    torrent = make_torrent(source / "single.bin")
+    seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    infohash = body["infohash"]
+    await wait_complete(daemon, infohash)
+    query = "?delete_files=true" if delete_files else ""
+    response = await daemon.delete(f"/torrents/{infohash.upper()}{query}")
+    assert response.status == 200, await response.text()
+    assert infohash in (await response.json())["detail"]
+    # Confirmed removal: gone from the API at once, files gone or kept as asked.
+    assert (await daemon.get(f"/torrents/{infohash}")).status == 404
+    assert (await (await daemon.get("/torrents")).json()) == {"torrents": []}
+    assert (tmp_path / "downloads" / "single.bin").exists() is not delete_files
+    assert not list((tmp_path / "state" / "resume").iterdir())
+    assert (await daemon.delete(f"/torrents/{infohash}")).status == 404

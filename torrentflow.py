@@ -16,7 +16,7 @@ can also be set through an environment variable; the command line wins:
     TORRENTFLOW_HOST, TORRENTFLOW_PORT, TORRENTFLOW_DOWNLOAD_DIR, TORRENTFLOW_STATE_DIR,
     TORRENTFLOW_LISTEN_INTERFACES, TORRENTFLOW_DHT, TORRENTFLOW_LSD, TORRENTFLOW_UPNP,
     TORRENTFLOW_NATPMP, TORRENTFLOW_LOCAL_ONLY, TORRENTFLOW_LOG_LEVEL,
-    TORRENTFLOW_SAVE_INTERVAL, TORRENTFLOW_SHUTDOWN_TIMEOUT
+    TORRENTFLOW_SAVE_INTERVAL, TORRENTFLOW_SHUTDOWN_TIMEOUT, TORRENTFLOW_FETCH_TIMEOUT
 
 Every torrent is written to the state directory before the API confirms it, and
 again whenever it changes, so a crash loses nothing but the last few seconds of
@@ -67,8 +67,6 @@ TORRENT_LIMITS = {
     "max_decode_depth": 100,
     "max_decode_tokens": 3_000_000,
 }
-#: A URL fetch must finish within this many seconds, connection included.
-FETCH_TIMEOUT = 30.0
 #: Indexers redirect once or twice; more than this is a loop or an attack.
 FETCH_MAX_REDIRECTS = 5
 #: How often libtorrent is asked for the status of torrents that changed. Events
@@ -127,6 +125,9 @@ class Config:
     log_level: str = "info"
     save_interval: float = 30.0
     shutdown_timeout: float = 8.0
+    #: A torrent_url fetch must finish within this many seconds, connection included,
+    #: so a silent server cannot hold a request (and its memory) forever.
+    fetch_timeout: float = 30.0
 
 
 def _env_bool(parser, environ, name):
@@ -230,6 +231,10 @@ def parse_config(argv=None, environ=None):
                         default=env("SHUTDOWN_TIMEOUT", str(Config.shutdown_timeout)),
                         help="seconds allowed for saving every torrent on SIGTERM; keep "
                         "it under your container's stop grace (default %(default)s)")
+    parser.add_argument("--fetch-timeout", type=_positive_seconds,
+                        default=env("FETCH_TIMEOUT", str(Config.fetch_timeout)),
+                        help="seconds allowed for downloading a torrent_url, redirects "
+                        "included (default %(default)s)")
     args = parser.parse_args(argv)
 
     def flag(name):
@@ -259,6 +264,7 @@ def parse_config(argv=None, environ=None):
         log_level=args.log_level,
         save_interval=args.save_interval,
         shutdown_timeout=args.shutdown_timeout,
+        fetch_timeout=args.fetch_timeout,
         **{name: getattr(Config, name) if value is None else value
            for name, value in switches.items()},
     )
@@ -286,6 +292,11 @@ def session_settings(config):
         settings["dht_bootstrap_nodes"] = ""
         # uTP over loopback collapses to a few MB/s; every local peer speaks TCP.
         settings["enable_outgoing_utp"] = False
+        # Every local peer has the address 127.0.0.1: tell them apart by port.
+        settings["allow_multiple_connections_per_ip"] = True
+        # A few local peers, all ours: after a pause, dial them again at once instead
+        # of the 60 s that spares strangers on the internet.
+        settings["min_reconnect_time"] = 1
     return settings
 
 
@@ -391,7 +402,7 @@ def params_from_torrent(data):
         raise ApiError(422, f"not a valid torrent file: {error}") from None
 
 
-async def fetch_torrent_url(client, url):
+async def fetch_torrent_url(client, url, timeout):
     """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to."""
     for _ in range(FETCH_MAX_REDIRECTS + 1):
         if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
@@ -415,8 +426,7 @@ async def fetch_torrent_url(client, url):
                                        f"{MAX_TORRENT_BYTES} bytes")
                 return bytes(body)
         except asyncio.TimeoutError:
-            raise ApiError(502, f"fetching torrent_url timed out after "
-                           f"{FETCH_TIMEOUT:g} s") from None
+            raise ApiError(502, f"fetching torrent_url timed out after {timeout:g} s") from None
         except (aiohttp.ClientError, ValueError) as error:
             raise ApiError(502, f"fetching torrent_url failed: {error}") from None
     raise ApiError(502, f"fetching torrent_url failed: more than "
@@ -531,7 +541,7 @@ class _Torrent:
         self.status_waiters = []      # futures for "the next status of this torrent"
         self.save_waiters = collections.deque()  # one future per save_resume_data call
         self.removal = None           # future for DELETE, once requested
-        self.delete_files = False
+        self.removal_steps = set()    # alerts that removal still waits for
 
     def update(self, status, now):
         """Take a fresh torrent_status; return the old id if the canonical one changed."""
@@ -588,6 +598,7 @@ class TorrentEngine:
         self.resume_dir = config.state_dir / "resume"
         self.quarantine_dir = config.state_dir / "quarantine"
         self.loading = True
+        self.listen_port = None
         self._session = None
         self._by_handle = {}          # handle -> _Torrent, every torrent libtorrent holds
         self._by_id = {}              # hex id -> _Torrent, those with a status to serve
@@ -613,6 +624,7 @@ class TorrentEngine:
         self._session = lt.session(params)
         if self.config.local_only:
             self._session.set_ip_filter(_loopback_only_filter())
+        self.listen_port = self._session.listen_port()  # a blocking call: once, at start
         self._alert_socket, self._notify_socket = socket.socketpair()
         self._alert_socket.setblocking(False)
         # libtorrent writes a byte here when alerts arrive; it must never block its thread.
@@ -721,7 +733,8 @@ class TorrentEngine:
         if torrent.removal is None:
             torrent.removal = asyncio.get_running_loop().create_future()
             # Deleting needs storage; a magnet without metadata has nothing on disk.
-            torrent.delete_files = delete_files and torrent.metadata is not None
+            torrent.removal_steps = ({"removed", "deleted"} if delete_files
+                                     and torrent.metadata is not None else {"removed"})
             for infohash in torrent.ids:
                 self._removing[infohash] = torrent
             with _handle_call():
@@ -856,8 +869,7 @@ class TorrentEngine:
             if not future.done():
                 future.set_result(False)
         log.info("removed %s (%s)", torrent.status and torrent.status["name"], torrent.infohash)
-        if not torrent.delete_files:
-            self._forget(torrent)
+        self._removal_step(torrent, "removed")
 
     def _on_deleted(self, alert):
         torrent = self._torrent_for_hashes(alert.info_hashes)
@@ -866,10 +878,16 @@ class TorrentEngine:
         if isinstance(alert, lt.torrent_delete_failed_alert):
             log.warning("could not delete the files of %s: %s", torrent.infohash,
                         alert.error.message())
-        self._forget(torrent)
+        self._removal_step(torrent, "deleted")
 
-    def _forget(self, torrent):
-        """Delete the resume file, then answer the DELETE: a removal must survive a crash."""
+    def _removal_step(self, torrent, step):
+        """Count off the alerts a removal waits for (their order varies), then forget it.
+
+        The resume file goes before the DELETE is answered: a removal must survive a crash.
+        """
+        torrent.removal_steps.discard(step)
+        if torrent.removal_steps:
+            return
         for infohash in torrent.ids:
             self._removing.pop(infohash, None)
         delete = asyncio.get_running_loop().run_in_executor(
@@ -1151,7 +1169,8 @@ async def _params_from_source(request, fields):
     if url:
         if url.lower().startswith("magnet:"):
             return params_from_magnet(url)
-        fetched = await fetch_torrent_url(request.app[HTTP_CLIENT], url)
+        fetched = await fetch_torrent_url(request.app[HTTP_CLIENT], url,
+                                          request.app[CONFIG].fetch_timeout)
         if isinstance(fetched, str):
             return params_from_magnet(fetched)
         upload = fetched
@@ -1220,7 +1239,8 @@ async def resume_torrent(request):
 async def health(request):
     """Liveness: answers as soon as the API is up, even while torrents load."""
     engine = request.app[ENGINE]
-    return _json({"status": "ok", "torrents": engine.count(), "loading": engine.loading})
+    return _json({"status": "ok", "torrents": engine.count(), "loading": engine.loading,
+                  "listen_port": engine.listen_port})
 
 
 # --------------------------------------------------------------------------- #
@@ -1238,7 +1258,7 @@ def make_app(config):
         await engine.start()
         app[ENGINE] = engine
         async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT),
+            timeout=aiohttp.ClientTimeout(total=config.fetch_timeout),
             headers={"User-Agent": f"TorrentFlow/{__version__}"},
         ) as client:
             app[HTTP_CLIENT] = client
