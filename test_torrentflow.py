@@ -420,3 +420,290 @@ async def test_delete_removes_the_torrent_and_optionally_its_files(
     assert (tmp_path / "downloads" / "single.bin").exists() is not delete_files
     assert not list((tmp_path / "state" / "resume").iterdir())
     assert (await daemon.delete(f"/torrents/{infohash}")).status == 404
+
+
+# --------------------------------------------------------------------------- #
+# Status fields and their types
+# --------------------------------------------------------------------------- #
+
+#: Every status field with its JSON type; README.md documents the same table.
+NULLABLE = type(None)
+FIELD_TYPES = {
+    "infohash": str, "info_hash_v1": (str, NULLABLE), "info_hash_v2": (str, NULLABLE),
+    "state": str, "paused": bool, "auto_managed": bool, "queued": bool,
+    "sequential_download": bool, "seed_mode": bool, "upload_mode": bool, "share_mode": bool,
+    "super_seeding": bool, "is_seeding": bool, "is_finished": bool, "has_metadata": bool,
+    "has_incoming": bool, "progress": float, "error": str,
+    "download_rate": int, "upload_rate": int, "total_download": int, "total_upload": int,
+    "all_time_download": int, "all_time_upload": int, "num_peers": int, "list_peers": int,
+    "list_seeds": int, "connect_candidates": int, "num_pieces": int,
+    "total_pieces": (int, NULLABLE), "total_done": int, "total_wanted_done": int,
+    "total_wanted": int, "distributed_copies": float, "num_seeds": int, "num_complete": int,
+    "num_incomplete": int, "last_seen_complete": (int, NULLABLE),
+    "time_since_upload": (int, NULLABLE), "time_since_download": (int, NULLABLE),
+    "active_time": int, "finished_time": int, "seeding_time": int, "seed_rank": int,
+    "last_scrape": (int, NULLABLE), "priority": int, "queue_position": int,
+    "added_time": int, "completed_time": (int, NULLABLE), "storage_mode": str,
+    "save_path": str, "name": str, "total_size": (int, NULLABLE), "num_files": (int, NULLABLE),
+    "creation_date": (int, NULLABLE), "creator": (str, NULLABLE), "comment": (str, NULLABLE),
+    "piece_length": (int, NULLABLE), "files": (list, NULLABLE),
+}
+FILE_TYPES = {"index": int, "path": str, "size": int, "downloaded": int, "progress": float,
+              "priority": int}
+METADATA_FIELDS = ("total_pieces", "total_size", "num_files", "creation_date", "creator",
+                   "comment", "piece_length", "files")
+
+
+def assert_types(document, types):
+    assert set(document) == set(types), set(document) ^ set(types)
+    for name, expected in types.items():
+        value = document[name]
+        allowed = expected if isinstance(expected, tuple) else (expected,)
+        # JSON has no int/float split for whole floats, and bool is an int in Python.
+        ok = any(type(value) is kind or (kind is float and type(value) is int)
+                 for kind in allowed)
+        assert ok, f"{name}={value!r} is not {expected}"
+
+
+async def test_every_field_has_its_type_for_a_complete_torrent(daemon, swarm, payload):
+    source, layout = payload
+    torrent = make_torrent(source / "single.bin", comment="test payload",
+                           tracker=swarm.url("/announce"))
+    swarm.seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_file=torrent)
+    status = await wait_complete(daemon, body["infohash"])
+    assert_types(status, FIELD_TYPES)
+    for entry in status["files"]:
+        assert_types(entry, FILE_TYPES)
+    assert status["state"] == "seeding" and status["progress"] == 100
+    assert status["total_size"] == layout["single.bin"] == status["total_wanted"]
+    assert status["total_pieces"] == status["num_pieces"] == -(-layout["single.bin"] // 16384)
+    assert status["comment"] == "test payload" and status["creator"] == "test_torrentflow"
+    assert status["piece_length"] == 16384 and status["num_files"] == 1
+    assert status["info_hash_v1"] == body["infohash"] and status["info_hash_v2"] is None
+    assert abs(status["added_time"] - time.time()) < 120
+    assert status["completed_time"] >= status["added_time"]
+    assert status["last_scrape"] is not None and status["error"] == ""
+    assert status["storage_mode"] == "sparse"
+
+
+async def test_magnet_without_metadata_answers_200_with_nulls(daemon, payload):
+    source, _ = payload
+    torrent = make_torrent(source / "single.bin")
+    infohash = infohash_of(torrent)
+    # x.pe names a port where nobody listens: the metadata can never arrive.
+    magnet = f"magnet:?xt=urn:btih:{infohash.upper()}&dn=waiting&x.pe=127.0.0.1:9"
+    _, body = await add(daemon, torrent_url=magnet)
+    assert body == {"infohash": infohash}
+    status = await status_of(daemon, infohash)
+    assert_types(status, FIELD_TYPES)
+    assert status["has_metadata"] is False and status["state"] == "downloading_metadata"
+    assert status["name"] == "waiting"
+    assert all(status[name] is None for name in METADATA_FIELDS)
+    listing = await (await daemon.get("/torrents")).json()
+    assert [t["infohash"] for t in listing["torrents"]] == [infohash]
+
+
+async def test_hashes_are_case_insensitive_and_malformed_ones_are_400(daemon, payload):
+    source, _ = payload
+    torrent = make_torrent(source / "single.bin")
+    _, body = await add(daemon, torrent_file=torrent)
+    infohash = body["infohash"]
+    assert infohash == infohash.lower()
+    assert (await status_of(daemon, infohash.upper()))["infohash"] == infohash
+    for bad in ("xyz", infohash[:-1], infohash + "0", "g" * 40, "-" * 64):
+        for method, path in (("GET", f"/torrents/{bad}"), ("DELETE", f"/torrents/{bad}"),
+                             ("PUT", f"/torrents/{bad}/pause"),
+                             ("PUT", f"/torrents/{bad}/resume")):
+            response = await daemon.request(method, path)
+            assert response.status == 400, (method, path)
+            assert "hexadecimal" in (await response.json())["detail"]
+    unknown = "0" * 40
+    for method, path in (("GET", f"/torrents/{unknown}"), ("DELETE", f"/torrents/{unknown}"),
+                         ("PUT", f"/torrents/{unknown}/pause"),
+                         ("PUT", f"/torrents/{unknown}/resume"),
+                         ("GET", f"/torrents/{'0' * 64}")):
+        response = await daemon.request(method, path)
+        assert response.status == 404 and "no torrent" in (await response.json())["detail"]
+
+
+@pytest.mark.parametrize("version", ["hybrid", "v2"])
+async def test_v2_and_hybrid_torrents_download_and_answer_to_their_hashes(
+        daemon, seeder, tmp_path, version):
+    layout = {"pack/a.bin": 300_000, "pack/b.bin": 1_000_000}
+    source = make_payload(tmp_path / "source", layout)
+    flags = 0 if version == "hybrid" else lt.create_torrent.v2_only
+    torrent = make_torrent(source / "pack", version=flags)
+    hashes = lt.load_torrent_buffer(torrent).ti.info_hashes()
+    seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    if version == "hybrid":
+        assert body["infohash"] == str(hashes.v1)  # the v1 hash is canonical
+    else:
+        assert body["infohash"] == str(hashes.v2) and len(body["infohash"]) == 64
+    status = await wait_complete(daemon, body["infohash"])
+    assert same_tree(source, tmp_path / "downloads", layout)
+    assert status["num_files"] == 2  # pad files are not files
+    assert sorted(f["path"] for f in status["files"]) == sorted(layout)
+    assert status["info_hash_v2"] == str(hashes.v2)
+    v2_status = await status_of(daemon, str(hashes.v2).upper())
+    assert v2_status["infohash"] == body["infohash"]
+    if version == "hybrid":
+        assert status["info_hash_v1"] == str(hashes.v1)
+        # Adding it again by its other hash is the same torrent.
+        again = await daemon.post("/torrents", data={
+            "torrent_url": f"magnet:?xt=urn:btmh:1220{hashes.v2}"})
+        assert again.status == 200 and (await again.json())["infohash"] == body["infohash"]
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: a clear 4xx, and nothing broken
+# --------------------------------------------------------------------------- #
+
+async def assert_error(response, status, words):
+    body = await response.json()
+    assert response.status == status, (response.status, body)
+    assert set(body) == {"detail"} and words.lower() in body["detail"].lower(), body
+    assert response.content_type == "application/json"
+
+
+async def test_save_path_escapes_are_refused(daemon, payload, tmp_path):
+    source, _ = payload
+    torrent = make_torrent(source / "single.bin")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "downloads").mkdir(exist_ok=True)
+    (tmp_path / "downloads" / "link").symlink_to(outside)
+    for save_path in ("../outside", "a/../../outside", str(outside), "/etc", "link",
+                      "link/deeper"):
+        response, _ = await add(daemon, expect=(400,), torrent_file=torrent,
+                                save_path=save_path)
+        await assert_error(response, 400, "inside the download directory")
+    assert not any(outside.iterdir()) and not (tmp_path / "downloads" / "link").resolve() \
+        .joinpath("deeper").exists()
+    assert (await (await daemon.get("/torrents")).json()) == {"torrents": []}
+    # Inside is fine, absolute or relative, and missing directories are created.
+    inside = tmp_path / "downloads" / "x" / "y"
+    response, body = await add(daemon, torrent_file=torrent, save_path=str(inside))
+    assert (await status_of(daemon, body["infohash"]))["save_path"] == str(inside.resolve())
+
+
+async def test_bad_add_requests_are_4xx(daemon, swarm, payload, tmp_path):
+    source, _ = payload
+    torrent = make_torrent(source / "single.bin")
+    cases = [
+        (dict(data={}), 400, "exactly one"),
+        (dict(data={"save_path": "x"}), 400, "exactly one"),
+        (dict(json={"torrent_url": "magnet:?xt=urn:btih:zz"}), 400, "invalid magnet"),
+        (dict(json={"torrent_url": "magnet:?dn=nohash"}), 400, "invalid magnet"),
+        (dict(json={"torrent_url": "ftp://127.0.0.1/x.torrent"}), 400, "http"),
+        (dict(json={"torrent_url": "file:///etc/passwd"}), 400, "http"),
+        (dict(json={"torrent_url": 5}), 400, "must be a string"),
+        (dict(json=["torrent_url"]), 400, "object"),
+        (dict(json={"torrent_url": "magnet:?xt=urn:btih:" + "a" * 40, "colour": "red"}),
+         400, "unknown field"),
+        (dict(data="{not json", headers={"Content-Type": "application/json"}), 400,
+         "malformed json"),
+        (dict(data=b"torrent", headers={"Content-Type": "text/plain"}), 415, "multipart"),
+        (dict(json={"torrent_url": swarm.url("/missing")}), 502, "http 404"),
+        (dict(json={"torrent_url": swarm.url("/hop/9/x")}), 502, "redirects"),
+        (dict(json={"torrent_url": swarm.url("/huge")}), 413, "more than"),
+        (dict(json={"torrent_url": "http://127.0.0.1:9/x.torrent"}), 502, "failed"),
+    ]
+    for request, status, words in cases:
+        await assert_error(await daemon.post("/torrents", **request), status, words)
+    for garbage in (b"", b"garbage", b"d4:infod6:lengthi-5eee", torrent[:-10]):
+        if garbage:
+            response, _ = await add(daemon, expect=(422,), torrent_file=garbage)
+            await assert_error(response, 422, "not a valid torrent")
+    response, _ = await add(daemon, expect=(400,), torrent_file=torrent,
+                            torrent_url="magnet:?xt=urn:btih:" + "a" * 40)
+    await assert_error(response, 400, "exactly one")
+    response, _ = await add(daemon, expect=(413,),
+                            torrent_file=b"x" * (torrentflow.MAX_REQUEST_BYTES + 1))
+    await assert_error(response, 413, "too large")
+    # None of that left a torrent behind or broke the daemon.
+    assert (await (await daemon.get("/torrents")).json()) == {"torrents": []}
+    await add(daemon, torrent_file=torrent)
+
+
+async def test_a_url_that_never_answers_times_out(tmp_path, aiohttp_client, swarm):
+    client = await aiohttp_client(torrentflow.make_app(
+        daemon_config(tmp_path, "--fetch-timeout", "1")))
+    response = await client.post("/torrents", json={"torrent_url": swarm.url("/silent")})
+    await assert_error(response, 502, "timed out")
+
+
+async def test_routes_methods_and_query_errors_share_the_error_shape(daemon, payload):
+    await assert_error(await daemon.get("/nope"), 404, "not found")
+    response = await daemon.post("/torrents/" + "a" * 40)
+    await assert_error(response, 405, "not allowed")
+    assert "GET" in response.headers["Allow"]
+    await assert_error(await daemon.get("/torrents/" + "a" * 40 + "/pause"), 405, "not allowed")
+    source, _ = payload
+    _, body = await add(daemon, torrent_file=make_torrent(source / "single.bin"))
+    response = await daemon.delete(f"/torrents/{body['infohash']}?delete_files=maybe")
+    await assert_error(response, 400, "delete_files")
+    assert (await daemon.get(f"/torrents/{body['infohash']}")).status == 200
+
+
+async def test_health_answers_with_the_bittorrent_port(daemon):
+    response = await daemon.get("/health")
+    assert response.status == 200
+    health = await response.json()
+    assert health["status"] == "ok" and health["torrents"] == 0
+    # The port is the real one: a peer can connect to it.
+    reader, writer = await asyncio.open_connection("127.0.0.1", health["listen_port"])
+    writer.close()
+    await writer.wait_closed()
+
+
+# --------------------------------------------------------------------------- #
+# Configuration
+# --------------------------------------------------------------------------- #
+
+def test_config_reads_flags_then_environment_then_defaults(tmp_path):
+    environ = {"TORRENTFLOW_PORT": "9000", "TORRENTFLOW_DHT": "0", "TORRENTFLOW_LSD": "1",
+               "TORRENTFLOW_DOWNLOAD_DIR": str(tmp_path)}
+    config = torrentflow.parse_config(["--port", "9001"], environ)
+    assert config.port == 9001 and config.download_dir == tmp_path
+    assert config.dht is False and config.lsd is True and config.upnp is False
+    defaults = torrentflow.parse_config([], {})
+    assert defaults == torrentflow.Config()
+    assert defaults.host == "127.0.0.1" and defaults.dht is True
+    assert defaults.listen_interfaces == "0.0.0.0:6881,[::]:6881"
+
+
+def test_local_only_turns_everything_off_and_stays_on_loopback():
+    config = torrentflow.parse_config([], {"TORRENTFLOW_LOCAL_ONLY": "1"})
+    assert (config.dht, config.lsd, config.upnp, config.natpmp) == (False,) * 4
+    assert config.listen_interfaces == "127.0.0.1:6881"
+    settings = torrentflow.session_settings(config)
+    assert settings["enable_dht"] is False and settings["listen_interfaces"].startswith("127.")
+
+
+@pytest.mark.parametrize("argv, environ", [
+    (["--port", "70000"], {}),
+    (["--port", "http"], {}),
+    ([], {"TORRENTFLOW_PORT": "-1"}),
+    ([], {"TORRENTFLOW_DHT": "maybe"}),
+    (["--local-only", "--dht"], {}),
+    (["--local-only", "--listen-interfaces", "0.0.0.0:6881"], {}),
+    (["--listen-interfaces", "nonsense"], {}),
+    (["--save-interval", "0"], {}),
+    (["--log-level", "loud"], {}),
+])
+def test_bad_config_exits_with_a_message(argv, environ, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        torrentflow.parse_config(argv, environ)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+async def test_local_only_blocks_peers_outside_loopback(daemon):
+    """The session's IP filter refuses any address but 127/8 and ::1."""
+    engine = daemon.app[torrentflow.ENGINE]
+    ip_filter = engine._session.get_ip_filter()
+    assert ip_filter.access("127.0.0.1") == 0 and ip_filter.access("::1") == 0
+    assert ip_filter.access("10.0.0.1") == 1 and ip_filter.access("8.8.8.8") == 1
+    assert ip_filter.access("2001:db8::1") == 1

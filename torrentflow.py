@@ -438,8 +438,10 @@ def _epoch_or_none(value):
 
 
 def _seconds_since(moment, now):
-    """Whole seconds since a naive local datetime, or None if it never happened."""
-    return None if moment is None else max(0, int(now - moment.timestamp()))
+    """Whole seconds since a naive local datetime or a Unix time, or None if never."""
+    if moment is None:
+        return None
+    return max(0, int(now - (moment if isinstance(moment, float) else moment.timestamp())))
 
 
 def _metadata_fields(torrent_info, params):
@@ -521,15 +523,20 @@ def status_fields(status, now):
 # The session owner
 # --------------------------------------------------------------------------- #
 
+def _creation_info(params):
+    """The .torrent's fields outside the info dict, which add_torrent_alert does not carry."""
+    return {"creation_date": params.creation_date, "creator": params.created_by,
+            "comment": params.comment}
+
+
 class _Torrent:
     """What the daemon knows about one torrent: its handle and its cached status."""
 
-    def __init__(self, handle, params):
+    def __init__(self, handle, params, creation_info):
         self.handle = handle
         self.ids = _hash_ids(params.info_hashes)
         self.infohash = self.ids[0]
-        self.params = {"creation_date": params.creation_date, "creator": params.created_by,
-                       "comment": params.comment}
+        self.params = creation_info
         self.file_priorities = list(params.file_priorities)
         self.metadata = None          # _metadata_fields() once known
         self.file_progress = None     # bytes downloaded per file index
@@ -537,6 +544,7 @@ class _Torrent:
         self.body = b""               # that dict, serialised once per change
         self.total_done = -1          # to tell when file progress needs refreshing
         self.updated = 0.0            # when the last status arrived
+        self.last_scrape = None       # when a tracker last reported swarm counts
         self.saved_as = None          # the id its resume file carries
         self.status_waiters = []      # futures for "the next status of this torrent"
         self.save_waiters = collections.deque()  # one future per save_resume_data call
@@ -551,6 +559,7 @@ class _Torrent:
         if self.metadata is None and status.has_metadata:
             self.metadata = _metadata_fields(status.torrent_file, self.params)
         fields = status_fields(status, now)
+        fields["last_scrape"] = _seconds_since(self.last_scrape, now)
         fields["info_hash_v1"] = next((i for i in ids if len(i) == 40), None)
         fields["info_hash_v2"] = next((i for i in ids if len(i) == 64), None)
         self.status = {"infohash": self.infohash, **fields}
@@ -603,6 +612,7 @@ class TorrentEngine:
         self._by_handle = {}          # handle -> _Torrent, every torrent libtorrent holds
         self._by_id = {}              # hex id -> _Torrent, those with a status to serve
         self._pending_adds = {}       # hex id -> future of (_Torrent, created)
+        self._creation_info = {}      # hex id -> _creation_info() of a torrent being added
         self._removing = {}           # hex id -> _Torrent awaiting removal/deletion alerts
         self._dirty = set()           # torrents that changed since the last periodic save
         self._tasks = []
@@ -700,7 +710,7 @@ class TorrentEngine:
         future = asyncio.get_running_loop().create_future()
         self._pending_adds.update(dict.fromkeys(ids, future))
         try:
-            self._session.async_add_torrent(params)
+            self._add_async(params)
             torrent, created = await future
             if created:
                 # The answer promises the torrent survives a crash: write it first.
@@ -743,6 +753,11 @@ class TorrentEngine:
         await asyncio.shield(torrent.removal)
 
     # -- internals: requests that wait on alerts ----------------------------- #
+
+    def _add_async(self, params):
+        info_hashes = params.ti.info_hashes() if params.ti else params.info_hashes
+        self._creation_info[_hash_ids(info_hashes)[0]] = _creation_info(params)
+        self._session.async_add_torrent(params)
 
     def _refresh(self, torrent):
         """Ask for this torrent's status; the future resolves when it is cached."""
@@ -808,6 +823,7 @@ class TorrentEngine:
         ids = _hash_ids(alert.params.ti.info_hashes() if alert.params.ti
                         else alert.params.info_hashes)
         future = next((self._pending_adds[i] for i in ids if i in self._pending_adds), None)
+        creation_info = self._creation_info.pop(ids[0], None) if ids else None
         if alert.error.value():
             log.warning("could not add torrent %s: %s", ids[0] if ids else "?",
                         alert.error.message())
@@ -819,7 +835,7 @@ class TorrentEngine:
         torrent = self._by_handle.get(handle)
         created = torrent is None
         if created:
-            torrent = _Torrent(handle, alert.params)
+            torrent = _Torrent(handle, alert.params, creation_info or _creation_info(alert.params))
             self._by_handle[handle] = torrent
             torrent.saved_as = None if future is not None else torrent.infohash
             handle.post_status()
@@ -894,6 +910,11 @@ class TorrentEngine:
             self._disk, self._delete_resume, torrent.saved_as or torrent.infohash)
         _chain(delete, torrent.removal, None)
 
+    def _on_tracker_reply(self, alert):
+        torrent = self._by_handle.get(alert.handle)
+        if torrent is not None:
+            torrent.last_scrape = time.time()
+
     def _on_event(self, alert):
         """Log lifecycle events, refresh the cache at once and save what must be saved."""
         torrent = self._by_handle.get(alert.handle)
@@ -929,6 +950,8 @@ class TorrentEngine:
         lt.torrent_removed_alert: _on_removed,
         lt.torrent_deleted_alert: _on_deleted,
         lt.torrent_delete_failed_alert: _on_deleted,
+        lt.tracker_reply_alert: _on_tracker_reply,
+        lt.scrape_reply_alert: _on_tracker_reply,
         lt.alerts_dropped_alert: lambda self, alert: log.warning(
             "libtorrent dropped alerts: the queue overflowed"),
         **dict.fromkeys((*_EVENT_WORDS, lt.state_changed_alert, lt.torrent_error_alert,
@@ -975,7 +998,7 @@ class TorrentEngine:
             saved = await loop.run_in_executor(self._disk, self._read_all_resume)
             for start in range(0, len(saved), LOAD_BATCH):
                 for params in saved[start:start + LOAD_BATCH]:
-                    self._session.async_add_torrent(params)
+                    self._add_async(params)
                 await asyncio.sleep(0)
             if saved:
                 log.info("loading %d saved torrents", len(saved))
