@@ -707,3 +707,42 @@ async def test_local_only_blocks_peers_outside_loopback(daemon):
     assert ip_filter.access("127.0.0.1") == 0 and ip_filter.access("::1") == 0
     assert ip_filter.access("10.0.0.1") == 1 and ip_filter.access("8.8.8.8") == 1
     assert ip_filter.access("2001:db8::1") == 1
+
+
+async def test_adding_during_a_delete_waits_and_adds_afresh(daemon, payload, tmp_path):
+    source, _ = payload
+    torrent = make_torrent(source / "single.bin")
+    _, body = await add(daemon, torrent_file=torrent)
+    infohash = body["infohash"]
+    # Drive the engine directly: over HTTP the removal may finish before the add arrives.
+    engine = daemon.app[torrentflow.ENGINE]
+    removing = asyncio.ensure_future(engine.remove(engine.lookup(infohash), False))
+    await asyncio.sleep(0)  # let the removal post its request to libtorrent
+    assert engine.lookup(infohash).removal is not None
+    params = torrentflow.params_from_torrent(torrent)
+    params.save_path = str(tmp_path / "downloads")
+    assert await engine.add(params) == (infohash, True)
+    assert removing.done()
+    assert (await status_of(daemon, infohash))["infohash"] == infohash
+    assert (tmp_path / "state" / "resume" / f"{infohash}.resume").exists()
+
+
+async def test_lifecycle_events_are_logged_with_name_and_infohash(daemon, seeder, payload,
+                                                                  caplog):
+    caplog.set_level("INFO", logger="torrentflow")
+    source, _ = payload
+    torrent = make_torrent(source / "single.bin")
+    seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    infohash = body["infohash"]
+    await wait_complete(daemon, infohash)
+    await daemon.put(f"/torrents/{infohash}/pause")
+    await daemon.put(f"/torrents/{infohash}/resume")
+    await daemon.delete(f"/torrents/{infohash}")
+    lines = [r.getMessage() for r in caplog.records if r.name == "torrentflow"]
+    for event in ("added", "metadata received for single.bin", "finished single.bin",
+                  "paused single.bin", "resumed single.bin", "removed single.bin"):
+        await wait_until(lambda: any(line.startswith(event) and infohash in line
+                                     for line in [r.getMessage() for r in caplog.records]),
+                         deadline=10, what=f"a log line {event!r}")
+    assert not any(r.levelname == "ERROR" for r in caplog.records), lines

@@ -542,7 +542,7 @@ class _Torrent:
         self.file_progress = None     # bytes downloaded per file index
         self.status = None            # the dict served by GET, once the first status arrived
         self.body = b""               # that dict, serialised once per change
-        self.total_done = -1          # to tell when file progress needs refreshing
+        self.total_done = -1          # bytes done when file progress was last asked for
         self.updated = 0.0            # when the last status arrived
         self.last_scrape = None       # when a tracker last reported swarm counts
         self.saved_as = None          # the id its resume file carries
@@ -615,6 +615,8 @@ class TorrentEngine:
         self._creation_info = {}      # hex id -> _creation_info() of a torrent being added
         self._removing = {}           # hex id -> _Torrent awaiting removal/deletion alerts
         self._dirty = set()           # torrents that changed since the last periodic save
+        self._progressed = set()      # torrents whose per-file progress is out of date
+        self._moving = set()          # torrents whose cached rates are not zero
         self._tasks = []
         self._wakeup = asyncio.Event()
         self._alert_socket = None
@@ -700,9 +702,13 @@ class TorrentEngine:
     async def add(self, params):
         """Add a torrent; return (infohash, created) once it is saved and has a status."""
         ids = _hash_ids(params.ti.info_hashes() if params.ti else params.info_hashes)
-        for infohash in ids:
-            if infohash in self._by_id:
-                return self._by_id[infohash].infohash, False
+        existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
+        if existing is not None and existing.removal is not None:
+            # Being deleted: let that finish, then add it afresh.
+            await asyncio.shield(existing.removal)
+            existing = None
+        if existing is not None:
+            return existing.infohash, False
         pending = next((self._pending_adds[i] for i in ids if i in self._pending_adds), None)
         if pending is not None:
             torrent, _ = await asyncio.shield(pending)
@@ -814,6 +820,13 @@ class TorrentEngine:
             if torrent.removal is None:
                 self._by_id.update(dict.fromkeys(torrent.ids, torrent))
             self._dirty.add(torrent)
+            if torrent.metadata is not None and torrent.total_done != status.total_done:
+                torrent.total_done = status.total_done
+                self._progressed.add(torrent)
+            if status.download_rate or status.upload_rate:
+                self._moving.add(torrent)
+            else:
+                self._moving.discard(torrent)
             waiters, torrent.status_waiters = torrent.status_waiters, []
             for future in waiters:
                 if not future.done():
@@ -838,7 +851,6 @@ class TorrentEngine:
             torrent = _Torrent(handle, alert.params, creation_info or _creation_info(alert.params))
             self._by_handle[handle] = torrent
             torrent.saved_as = None if future is not None else torrent.infohash
-            handle.post_status()
             log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
                      torrent.infohash)
         if future is not None and not future.done():
@@ -877,7 +889,8 @@ class TorrentEngine:
         if torrent is None:
             return
         self._by_handle.pop(torrent.handle, None)
-        self._dirty.discard(torrent)
+        for tracked in (self._dirty, self._progressed, self._moving):
+            tracked.discard(torrent)
         for infohash in torrent.ids:
             if self._by_id.get(infohash) is torrent:
                 del self._by_id[infohash]
@@ -967,19 +980,15 @@ class TorrentEngine:
             await asyncio.sleep(STATUS_INTERVAL)
             # libtorrent stops reporting torrents that went idle, rates and all: ask.
             quiet = time.time() - 2 * STATUS_INTERVAL
-            for torrent in self.torrents():
-                if torrent.updated < quiet and (torrent.status["download_rate"]
-                                                or torrent.status["upload_rate"]):
-                    with contextlib.suppress(RuntimeError):
-                        torrent.handle.post_status()
-            stale = [t for t in self.torrents() if t.metadata is not None
-                     and t.status["total_done"] != t.total_done]
+            for torrent in [t for t in self._moving if t.updated < quiet]:
+                with contextlib.suppress(RuntimeError):
+                    torrent.handle.post_status()
+            stale, self._progressed = list(self._progressed), set()
             if stale:
                 progress = await asyncio.to_thread(_file_progress, [t.handle for t in stale])
                 for torrent, files in zip(stale, progress):
-                    if files is not None and torrent.status is not None:
+                    if files is not None and torrent.removal is None:
                         torrent.file_progress = files
-                        torrent.total_done = torrent.status["total_done"]
                         torrent.render()
 
     async def _save_loop(self):
