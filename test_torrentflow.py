@@ -416,7 +416,7 @@ async def test_delete_removes_the_torrent_and_optionally_its_files(
     assert infohash in (await response.json())["detail"]
     # Confirmed removal: gone from the API at once, files gone or kept as asked.
     assert (await daemon.get(f"/torrents/{infohash}")).status == 404
-    assert (await (await daemon.get("/torrents")).json()) == {"torrents": []}
+    assert (await (await daemon.get("/torrents")).json()) == {"torrents": [], "total": 0}
     assert (tmp_path / "downloads" / "single.bin").exists() is not delete_files
     assert not list((tmp_path / "state" / "resume").iterdir())
     assert (await daemon.delete(f"/torrents/{infohash}")).status == 404
@@ -581,7 +581,7 @@ async def test_save_path_escapes_are_refused(daemon, payload, tmp_path):
         await assert_error(response, 400, "inside the download directory")
     assert not any(outside.iterdir()) and not (tmp_path / "downloads" / "link").resolve() \
         .joinpath("deeper").exists()
-    assert (await (await daemon.get("/torrents")).json()) == {"torrents": []}
+    assert (await (await daemon.get("/torrents")).json()) == {"torrents": [], "total": 0}
     # Inside is fine, absolute or relative, and missing directories are created.
     inside = tmp_path / "downloads" / "x" / "y"
     response, body = await add(daemon, torrent_file=torrent, save_path=str(inside))
@@ -623,7 +623,7 @@ async def test_bad_add_requests_are_4xx(daemon, swarm, payload, tmp_path):
                             torrent_file=b"x" * (torrentflow.MAX_REQUEST_BYTES + 1))
     await assert_error(response, 413, "too large")
     # None of that left a torrent behind or broke the daemon.
-    assert (await (await daemon.get("/torrents")).json()) == {"torrents": []}
+    assert (await (await daemon.get("/torrents")).json()) == {"torrents": [], "total": 0}
     await add(daemon, torrent_file=torrent)
 
 
@@ -746,3 +746,47 @@ async def test_lifecycle_events_are_logged_with_name_and_infohash(daemon, seeder
                                      for line in [r.getMessage() for r in caplog.records]),
                          deadline=10, what=f"a log line {event!r}")
     assert not any(r.levelname == "ERROR" for r in caplog.records), lines
+
+
+async def test_listing_filters_sorts_pages_and_selects_fields(daemon, tmp_path):
+    infohashes = []
+    for number in range(5):
+        root = make_payload(tmp_path / f"src{number}", {f"file{number}.bin": 20_000 + number})
+        _, body = await add(daemon, torrent_file=make_torrent(root / f"file{number}.bin"))
+        infohashes.append(body["infohash"])
+    await daemon.put(f"/torrents/{infohashes[1]}/pause")
+    await daemon.put(f"/torrents/{infohashes[3]}/pause")
+
+    async def listing(query):
+        response = await daemon.get(f"/torrents?{query}")
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+    everything = await listing("")
+    assert everything["total"] == 5 and len(everything["torrents"]) == 5
+    by_name = await listing("sort=-name&fields=name,infohash")
+    assert [t["name"] for t in by_name["torrents"]] == [f"file{n}.bin" for n in (4, 3, 2, 1, 0)]
+    assert all(set(t) == {"name", "infohash"} for t in by_name["torrents"])
+    page = await listing("sort=name&offset=1&limit=2&fields=infohash")
+    assert page == {"torrents": [{"infohash": infohashes[1]}, {"infohash": infohashes[2]}],
+                    "total": 5}
+    # Peerless torrents may sit in libtorrent's queue, which also counts as paused.
+    paused = await listing("paused=true&fields=infohash,paused,queued")
+    assert {infohashes[1], infohashes[3]} <= {t["infohash"] for t in paused["torrents"]}
+    assert paused["total"] == sum(t["paused"] for t in everything["torrents"])
+    running = await listing("paused=false&fields=paused")
+    assert running["total"] == 5 - paused["total"]
+    assert all(t == {"paused": False} for t in running["torrents"])
+    states = {t["state"] for t in everything["torrents"]}
+    some_state = sorted(states)[0]
+    filtered = await listing(f"state={some_state},no_such_state")
+    assert filtered["total"] == sum(t["state"] == some_state for t in everything["torrents"])
+    assert (await listing("state=no_such_state")) == {"torrents": [], "total": 0}
+    for bad in ("sort=colour", "fields=name,colour", "fields=-name", "limit=-1", "limit=x",
+                "offset=1.5", "paused=maybe", "colour=red", "fields="):
+        await assert_error(await daemon.get(f"/torrents?{bad}"), 400, "")
+
+
+def test_status_fields_constant_names_every_served_field():
+    assert set(torrentflow.STATUS_FIELDS) == set(FIELD_TYPES)
+    assert len(torrentflow.STATUS_FIELDS) == len(set(torrentflow.STATUS_FIELDS))
