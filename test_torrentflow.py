@@ -286,24 +286,20 @@ async def test_magnet_with_peer_downloads_a_nested_multi_file_torrent(daemon, se
     assert status["name"] == "album"
 
 
-async def test_http_url_downloads(daemon, swarm, payload, tmp_path):
+@pytest.mark.parametrize("path, tracked", [
+    ("/hop/2/one", True),    # a .torrent behind two redirects; the tracker names the seeder
+    ("/magnet/one", False),  # a redirect to a magnet, as indexers do; x.pe names the seeder
+])
+async def test_http_url_downloads(daemon, swarm, payload, tmp_path, path, tracked):
     source, layout = payload
-    swarm.torrents["one"] = make_torrent(source / "single.bin", tracker=swarm.url("/announce"))
+    swarm.torrents["one"] = make_torrent(source / "single.bin",
+                                         tracker=swarm.url("/announce") if tracked else None)
     swarm.seeder.seed(swarm.torrents["one"], source)
-    _, body = await add(daemon, torrent_url=swarm.url("/hop/2/one"))
+    _, body = await add(daemon, torrent_url=swarm.url(path))
     assert body["infohash"] == infohash_of(swarm.torrents["one"])
     await wait_complete(daemon, body["infohash"])
     assert same_tree(source, tmp_path / "downloads", layout)
-
-
-async def test_http_url_that_redirects_to_a_magnet_downloads(daemon, swarm, payload, tmp_path):
-    source, layout = payload
-    swarm.torrents["one"] = make_torrent(source / "single.bin")  # no tracker: x.pe only
-    swarm.seeder.seed(swarm.torrents["one"], source)
-    _, body = await add(daemon, torrent_url=swarm.url("/magnet/one"))
-    assert body["infohash"] == infohash_of(swarm.torrents["one"])
-    await wait_complete(daemon, body["infohash"])
-    assert same_tree(source, tmp_path / "downloads", layout)
+    assert (swarm.announces > 0) is tracked
 
 
 async def test_json_body_adds_a_magnet(daemon, seeder, payload, tmp_path):

@@ -1301,23 +1301,26 @@ async def list_torrents(request):
                         content_type="application/json")
 
 
+def _requested_torrent(request):
+    """The torrent named by the path's {infohash}: 400 if malformed, 404 if unknown."""
+    return request.app[ENGINE].lookup(parse_infohash(request.match_info["infohash"]))
+
+
 @routes.get("/torrents/{infohash}")
 async def get_torrent(request):
     """One torrent's full status, from the cache."""
-    torrent = request.app[ENGINE].lookup(parse_infohash(request.match_info["infohash"]))
-    return web.Response(body=torrent.body, content_type="application/json")
+    return web.Response(body=_requested_torrent(request).body, content_type="application/json")
 
 
 @routes.delete("/torrents/{infohash}")
 async def delete_torrent(request):
     """Remove a torrent, and its data with ?delete_files=true."""
-    engine = request.app[ENGINE]
-    torrent = engine.lookup(parse_infohash(request.match_info["infohash"]))
+    torrent = _requested_torrent(request)
     flag = request.query.get("delete_files", "false").lower()
     if flag not in ("true", "false", "1", "0"):
         raise ApiError(400, "delete_files must be true or false")
     delete_files = flag in ("true", "1")
-    await engine.remove(torrent, delete_files)
+    await request.app[ENGINE].remove(torrent, delete_files)
     return _json({"detail": f"removed {torrent.infohash}"
                   + (" and its files" if delete_files else "")})
 
@@ -1325,18 +1328,16 @@ async def delete_torrent(request):
 @routes.put("/torrents/{infohash}/pause")
 async def pause_torrent(request):
     """Pause a torrent; pausing a paused torrent is fine."""
-    engine = request.app[ENGINE]
-    torrent = engine.lookup(parse_infohash(request.match_info["infohash"]))
-    await engine.pause(torrent)
+    torrent = _requested_torrent(request)
+    await request.app[ENGINE].pause(torrent)
     return _json({"detail": f"paused {torrent.infohash}"})
 
 
 @routes.put("/torrents/{infohash}/resume")
 async def resume_torrent(request):
     """Resume a torrent; resuming a running torrent is fine."""
-    engine = request.app[ENGINE]
-    torrent = engine.lookup(parse_infohash(request.match_info["infohash"]))
-    await engine.resume(torrent)
+    torrent = _requested_torrent(request)
+    await request.app[ENGINE].resume(torrent)
     return _json({"detail": f"resumed {torrent.infohash}"})
 
 
