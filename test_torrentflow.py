@@ -9,12 +9,13 @@ import asyncio
 import hashlib
 import json
 import os
+import random
+import re
 import time
-from pathlib import Path
 
 import libtorrent as lt
 import pytest
-from aiohttp import web
+from aiohttp import FormData, web
 
 import torrentflow
 
@@ -195,7 +196,6 @@ def daemon_config(tmp_path, *extra):
 
 async def add(client, expect=(201,), **fields):
     """POST /torrents as multipart; torrent_file given as bytes becomes an upload."""
-    from aiohttp import FormData
     form = FormData()
     for name, value in fields.items():
         if name == "torrent_file":
@@ -786,3 +786,660 @@ async def test_listing_filters_sorts_pages_and_selects_fields(daemon, tmp_path):
 def test_status_fields_constant_names_every_served_field():
     assert set(torrentflow.STATUS_FIELDS) == set(FIELD_TYPES)
     assert len(torrentflow.STATUS_FIELDS) == len(set(torrentflow.STATUS_FIELDS))
+
+
+# --------------------------------------------------------------------------- #
+# Security: token, browser defences, hostile input, OpenAPI
+# --------------------------------------------------------------------------- #
+
+TOKEN = "s3cret-Token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAGNET = "magnet:?xt=urn:btih:" + "ab" * 20
+PROTECTED = [("GET", "/torrents"), ("POST", "/torrents"), ("GET", "/torrents/" + "ab" * 20),
+             ("DELETE", "/torrents/" + "ab" * 20), ("PUT", f"/torrents/{'ab' * 20}/pause"),
+             ("PUT", f"/torrents/{'ab' * 20}/resume"), ("GET", "/nowhere")]
+
+
+@pytest.fixture
+async def guarded(tmp_path, aiohttp_client):
+    """A daemon with a token; the client sends none unless told to."""
+    return await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path, "--token", TOKEN)))
+
+
+async def detail_of(response, status):
+    body = await response.json()
+    assert response.status == status, (response.status, body)
+    assert set(body) == {"detail"} and body["detail"], body
+    return body["detail"]
+
+
+# --------------------------------------------------------------------------- #
+# Token authentication
+# --------------------------------------------------------------------------- #
+
+async def test_every_route_but_health_and_spec_needs_the_token(guarded):
+    for method, path in PROTECTED:
+        response = await guarded.request(method, path)
+        assert "Authorization" in await detail_of(response, 401)
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    for path in ("/health", "/openapi.json"):
+        assert (await guarded.get(path)).status == 200
+
+
+async def test_a_wrong_token_is_refused_and_the_right_one_accepted(guarded):
+    for header in (f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN,
+                   "Bearer", "Bearer caf\u00e9-not-ascii-at-all"):
+        response = await guarded.get("/torrents", headers={"Authorization": header})
+        await detail_of(response, 401)
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    response = await guarded.get("/torrents", headers={"Authorization": "Bearer wrong"})
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    for header in (f"Bearer {TOKEN}", f"bearer  {TOKEN} "):
+        response = await guarded.get("/torrents", headers={"Authorization": header})
+        assert response.status == 200 and (await response.json())["torrents"] == []
+    response = await guarded.post("/torrents", json={"torrent_url": MAGNET}, headers=AUTH)
+    assert response.status == 201
+
+
+async def test_token_file_is_read_once_and_stripped(tmp_path, aiohttp_client):
+    secret = tmp_path / "secret"
+    secret.write_text(TOKEN + "\n")
+    config = daemon_config(tmp_path, "--token-file", str(secret))
+    assert config.token == TOKEN
+    from_env = torrentflow.parse_config([], {"TORRENTFLOW_TOKEN_FILE": str(secret)})
+    assert from_env.token == TOKEN
+    secret.write_text("changed-after-start-0123456789")
+    client = await aiohttp_client(torrentflow.make_app(config))
+    assert (await client.get("/torrents")).status == 401
+    assert (await client.get("/torrents", headers=AUTH)).status == 200
+
+
+@pytest.mark.parametrize("argv", [
+    ["--token-file", "/nonexistent/secret"],
+    ["--token-file", "{empty}"],
+    ["--token", TOKEN, "--token-file", "{empty}"],
+    ["--token", "short"],
+    ["--token", "has a space in the middle"],
+    ["--token", ""],
+])
+def test_bad_tokens_stop_the_start(argv, tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit):
+        torrentflow.parse_config([a.replace("{empty}", str(empty)) for a in argv], {})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.0.2.1", "example.com"])
+def test_no_token_on_a_public_address_refuses_to_start(host, capsys):
+    with pytest.raises(SystemExit):
+        torrentflow.parse_config(["--host", host], {})
+    assert "TORRENTFLOW_TOKEN" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        torrentflow.parse_config([], {"TORRENTFLOW_HOST": host or "0.0.0.0"})
+    assert torrentflow.parse_config(["--host", host, "--token", TOKEN], {}).token == TOKEN
+    assert torrentflow.parse_config(["--host", host, "--insecure-no-auth"], {}).insecure_no_auth
+    assert torrentflow.parse_config(["--host", host], {"TORRENTFLOW_INSECURE_NO_AUTH": "1"})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost"])
+def test_no_token_on_loopback_starts(host):
+    assert torrentflow.parse_config(["--host", host], {}).token is None
+
+
+async def test_the_token_is_never_logged(tmp_path, aiohttp_client, caplog):
+    caplog.set_level("DEBUG")
+    config = daemon_config(tmp_path, "--token", TOKEN)
+    assert TOKEN not in repr(config)
+    client = await aiohttp_client(torrentflow.make_app(config))
+    for headers in (AUTH, {"Authorization": f"Bearer {TOKEN}x"}):
+        await client.post("/torrents", json={"torrent_url": MAGNET}, headers=headers)
+    await client.close()
+    assert caplog.records and TOKEN not in caplog.text
+
+
+# --------------------------------------------------------------------------- #
+# Browser defences
+# --------------------------------------------------------------------------- #
+
+async def test_cross_site_origin_is_refused(daemon, guarded):
+    own = f"http://127.0.0.1:{daemon.server.port}"
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:1", "http://localhost",
+                   f"ftp://127.0.0.1:{daemon.server.port}", "garbage"):
+        response = await daemon.post("/torrents", data={"torrent_url": MAGNET},
+                                     headers={"Origin": origin})
+        assert "cross-site" in await detail_of(response, 403)
+    # A token does not make a cross-site form any more welcome.
+    response = await guarded.get("/torrents", headers={**AUTH, "Origin": "http://evil.example"})
+    await detail_of(response, 403)
+    response = await daemon.get("/torrents", headers={"Origin": own})
+    assert response.status == 200
+    assert (await daemon.get("/torrents")).status == 200  # no Origin: not a browser
+
+
+async def test_an_https_proxy_origin_with_the_same_name_is_same_site(guarded):
+    headers = {**AUTH, "Host": "tf.example.org", "Origin": "https://tf.example.org"}
+    assert (await guarded.get("/torrents", headers=headers)).status == 200
+
+
+async def test_sec_fetch_site_cross_site_is_refused(daemon):
+    response = await daemon.post("/torrents", data={"torrent_url": MAGNET},
+                                 headers={"Sec-Fetch-Site": "cross-site"})
+    await detail_of(response, 403)
+    for value in ("same-origin", "none"):
+        response = await daemon.get("/torrents", headers={"Sec-Fetch-Site": value})
+        assert response.status == 200
+
+
+async def test_a_foreign_host_is_refused_without_a_token(daemon, guarded, tmp_path,
+                                                         aiohttp_client):
+    for host in ("evil.example", "evil.example:8080", "127.0.0.1.nip.io", "192.168.1.5",
+                 "localhost.evil.example", "user@localhost", "[::1"):
+        response = await daemon.get("/health", headers={"Host": host})
+        assert "DNS rebinding" in await detail_of(response, 403), host
+    for host in ("localhost", "LOCALHOST:1234", "127.0.0.1", "127.0.0.2:80", "[::1]:8080"):
+        assert (await daemon.get("/torrents", headers={"Host": host})).status == 200, host
+    # With a token the name does not matter: a reverse proxy may use any.
+    response = await guarded.get("/torrents", headers={**AUTH, "Host": "tf.example.org"})
+    assert response.status == 200
+    # --insecure-no-auth also takes IP addresses (no rebinding without a name), no names.
+    config = daemon_config(tmp_path / "insecure", "--insecure-no-auth")
+    insecure = await aiohttp_client(torrentflow.make_app(config))
+    assert (await insecure.get("/torrents", headers={"Host": "192.168.1.5:8080"})).status == 200
+    await detail_of(await insecure.get("/torrents", headers={"Host": "evil.example"}), 403)
+
+
+# --------------------------------------------------------------------------- #
+# Hostile .torrent files
+# --------------------------------------------------------------------------- #
+
+PIECE = 16384
+
+
+def _single(name=b"file.bin", data=b"x" * 40000, piece_length=PIECE, length=None):
+    pieces = b"".join(hashlib.sha1(data[i:i + piece_length]).digest()
+                      for i in range(0, len(data), piece_length)) if piece_length > 0 else b""
+    return {b"name": name, b"piece length": piece_length, b"pieces": pieces,
+            b"length": len(data) if length is None else length}
+
+
+def _multi(paths, name=b"dir", extra=None, size=10):
+    data = b"y" * size * len(paths)
+    return {b"name": name, b"piece length": PIECE,
+            b"pieces": b"".join(hashlib.sha1(data[i:i + PIECE]).digest()
+                                for i in range(0, len(data), PIECE)),
+            b"files": [{b"length": size, b"path": path, **(extra or {})} for path in paths]}
+
+
+def _bencoded(info):
+    return lt.bencode({b"announce": b"http://127.0.0.1:1/announce", b"info": info})
+
+
+def _raw(info_tail):
+    """A .torrent whose info dict ends with hand-written bencode (for bombs)."""
+    return (b"d8:announce3:abc4:infod6:lengthi10e4:name1:x12:piece lengthi16384e6:pieces20:"
+            + b"a" * 20 + info_tail + b"ee")
+
+
+HOSTILE = {
+    "garbage": os.urandom(2048),
+    "deep nesting": _raw(b"1:z" + b"l" * 5000 + b"e" * 5000),
+    "token bomb": _raw(b"1:z" + b"l" + b"le" * 1_600_000 + b"e"),
+    "piece length 0": _bencoded(_single(piece_length=0)),
+    "piece length not a power of two": _bencoded(_single(piece_length=20000)),
+    "millions of pieces": _bencoded(_single(length=1 << 45)),
+    "negative length": _bencoded(_single(length=-5)),
+    "name ..": _bencoded(_single(name=b"..")),
+    "name with a slash": _bencoded(_single(name=b"../../escape")),
+    "absolute name": _bencoded(_single(name=b"/tmp/escape")),
+    "empty name": _bencoded(_single(name=b"")),
+    "path with ..": _bencoded(_multi([[b"..", b"..", b"escape"], [b"ok"]])),
+    "absolute path": _bencoded(_multi([[b"/etc/escape"], [b"ok"]])),
+    "empty path element": _bencoded(_multi([[b"a", b"", b"b"], [b"ok"]])),
+    "dot path element": _bencoded(_multi([[b".", b"b"], [b"ok"]])),
+    "backslash path": _bencoded(_multi([[b"..\\..\\escape"], [b"ok"]])),
+    "NUL in a name": _bencoded(_multi([[b"a\x00b"], [b"ok"]])),
+    "symlink out": _bencoded({**_multi([[b"ok"]]), b"files": [
+        {b"length": 10, b"path": [b"ok"]},
+        {b"length": 0, b"path": [b"link"], b"attr": b"l",
+         b"symlink path": [b"..", b"..", b"etc"]}]}),
+    "too many files": _bencoded(_multi([[str(i).encode()]
+                                        for i in range(torrentflow.MAX_TORRENT_FILES + 1)],
+                                       size=1)),
+}
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+async def test_every_hostile_torrent_gets_422_and_writes_nothing(daemon, tmp_path):
+    before = files_under(tmp_path)
+    for name, data in HOSTILE.items():
+        response, body = await add(daemon, expect=(422,), torrent_file=data)
+        assert set(body) == {"detail"}, (name, body)
+    assert (await (await daemon.get("/torrents")).json())["torrents"] == []
+    assert (await daemon.get("/health")).status == 200
+    assert files_under(tmp_path) == before
+
+
+async def test_an_oversized_torrent_file_gets_413(daemon):
+    await add(daemon, expect=(413,), torrent_file=b"d" * (torrentflow.MAX_TORRENT_BYTES + 1))
+
+
+def _hostile_swarm_torrent(root):
+    """A torrent whose raw file paths climb out with .. and an absolute path, with the
+    seeder's data placed where libtorrent (which sanitises) will look for it."""
+    escape = root.parent / "escaped-absolute"
+    paths = [[b"..", b"..", b"..", b"escaped-dotdot"], [str(escape).encode()], [b"inside"]]
+    info = _multi(paths, name=b"hostile", size=20000)
+    data = _bencoded(info)
+    params = lt.load_torrent_buffer(data)
+    layout = params.ti.layout()
+    for index in range(layout.num_files()):
+        target = root / layout.file_path(index)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"y" * 20000)
+    return data, escape
+
+
+async def test_a_hostile_torrent_from_a_peer_stays_inside_its_save_path(daemon, seeder,
+                                                                        tmp_path):
+    """A magnet skips the upload checks: libtorrent must sanitise the peer's metadata."""
+    data, escape = _hostile_swarm_torrent(tmp_path / "seed")
+    seeder.seed(data, tmp_path / "seed")
+    before = set(files_under(tmp_path)) - set(files_under(tmp_path / "seed"))
+    _, body = await add(daemon, torrent_url=seeder.magnet(data), save_path="a/b")
+    status = await wait_complete(daemon, body["infohash"])
+    save_path = tmp_path / "downloads" / "a" / "b"
+    assert status["save_path"] == str(save_path)
+    assert len(status["files"]) == 3
+    for entry in status["files"]:
+        assert ".." not in entry["path"].split("/") and not entry["path"].startswith("/")
+        assert (save_path / entry["path"]).resolve().is_relative_to(save_path)
+        assert (save_path / entry["path"]).stat().st_size == 20000
+    after = set(files_under(tmp_path)) - set(files_under(tmp_path / "seed"))
+    assert all(path.startswith(("downloads", "state")) for path in after - before), after
+    assert not escape.exists() and not (tmp_path.parent / "escaped-dotdot").exists()
+
+
+# --------------------------------------------------------------------------- #
+# save_path confinement
+# --------------------------------------------------------------------------- #
+
+async def test_every_save_path_escape_is_refused(daemon, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "downloads").mkdir(exist_ok=True)
+    (tmp_path / "downloads" / "link").symlink_to(outside, target_is_directory=True)
+    before = files_under(tmp_path)
+    for save_path in ("..", "../outside", "a/../../outside", "/", str(outside), "/etc",
+                      str(outside / "new"), "link", "link/new", "a\x00b", str(tmp_path)):
+        response, body = await add(daemon, expect=(400,), torrent_url=MAGNET,
+                                   save_path=save_path)
+        assert "save_path" in body["detail"], (save_path, body)
+    assert files_under(tmp_path) == before
+    assert (await (await daemon.get("/torrents")).json())["torrents"] == []
+
+
+async def test_allowed_save_roots(tmp_path, aiohttp_client):
+    media = tmp_path / "media"
+    config = daemon_config(tmp_path, "--allowed-save-root", str(media))
+    assert config.allowed_save_roots == (media,)
+    client = await aiohttp_client(torrentflow.make_app(config))
+    _, body = await add(client, torrent_url=MAGNET, save_path=str(media / "films"))
+    status = await status_of(client, body["infohash"])
+    assert status["save_path"] == str(media / "films") and (media / "films").is_dir()
+    inside = tmp_path / "downloads" / "x"
+    _, body = await add(client, torrent_url="magnet:?xt=urn:btih:" + "cd" * 20,
+                        save_path=str(inside))
+    assert (await status_of(client, body["infohash"]))["save_path"] == str(inside)
+    # Relative paths stay under the download dir, even when they would land in a root.
+    for save_path in ("../media/other", str(tmp_path / "mediax"), str(media / ".." / "x")):
+        await add(client, expect=(400,), torrent_url=MAGNET, save_path=save_path)
+    roots = torrentflow.parse_config([], {"TORRENTFLOW_ALLOWED_SAVE_ROOTS": "/srv/a::/srv/b"})
+    assert [str(root) for root in roots.allowed_save_roots] == ["/srv/a", "/srv/b"]
+    with pytest.raises(SystemExit):
+        torrentflow.parse_config(["--allowed-save-root", "relative"], {})
+
+
+# --------------------------------------------------------------------------- #
+# Request limits and malformed bodies
+# --------------------------------------------------------------------------- #
+
+async def test_oversized_bodies_get_413(daemon):
+    big = torrentflow.MAX_REQUEST_BYTES + 1
+
+    async def chunked(total, prefix=b""):
+        yield prefix
+        for _ in range(total // 65536 + 1):
+            yield b"z" * 65536
+
+    form = FormData()
+    form.add_field("torrent_file", b"d" * big, filename="x.torrent")
+    await detail_of(await daemon.post("/torrents", data=form), 413)
+    boundary = "XyZ"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"torrent_file\"; "
+            f"filename=\"x\"\r\n\r\n").encode()
+    response = await daemon.post("/torrents", data=chunked(big, head), headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert "too large" in await detail_of(response, 413)
+    small = torrentflow.MAX_FORM_BYTES + 1
+    for content_type in ("application/json", "application/x-www-form-urlencoded"):
+        response = await daemon.post("/torrents", data=b"z" * small,
+                                     headers={"Content-Type": content_type})
+        await detail_of(response, 413)
+        response = await daemon.post("/torrents", data=chunked(small),
+                                     headers={"Content-Type": content_type})
+        await detail_of(response, 413)
+
+
+async def test_an_oversized_chunked_url_reply_gets_413(daemon, swarm):
+    response, body = await add(daemon, expect=(413,), torrent_url=swarm.url("/huge"))
+
+
+async def test_malformed_bodies_get_400(daemon):
+    cases = [
+        ("application/json", b'{"torrent_url": '),
+        ("application/json", b"\xff\xfe{}"),
+        ("application/json", json.dumps({"torrent_url": MAGNET}).encode("utf-16")),
+        ("application/json", b"[1, 2]"),
+        ("application/json", b"[" * 60000),
+        ("application/json", b'{"torrent_url": "x", "bogus": 1}'),
+        ("application/json", b'{"torrent_url": 5}'),
+        ("application/x-www-form-urlencoded", b"torrent_url=%ff%fe"),
+        ("application/x-www-form-urlencoded", b"torrent_url=a&torrent_url=b"),
+        ("application/x-www-form-urlencoded", b"bogus=1"),
+        ("application/x-www-form-urlencoded", b"a=1&b=2&c=3&d=4&e=5"),
+        ("multipart/form-data", b"--x\r\n\r\n"),
+        ("multipart/form-data; boundary=x", b"no boundary in here at all"),
+        ("multipart/form-data; boundary=x",
+         b'--x\r\nContent-Disposition: form-data; name="torrent_url"\r\n\r\nmag'),
+        ("multipart/form-data; boundary=x",
+         b'--x\r\nContent-Disposition: form-data; name="bogus"\r\n\r\n1\r\n--x--\r\n'),
+        ("multipart/form-data; boundary=x", b"--x\r\n-5.9e+16--x--\r\n"),
+        ("multipart/form-data; boundary=x",
+         b'--x\r\nContent-Disposition: form-data; name="save_path"\r\n\r\n\xff\r\n--x--\r\n'),
+    ]
+    for content_type, body in cases:
+        response = await daemon.post("/torrents", data=body,
+                                     headers={"Content-Type": content_type})
+        await detail_of(response, 400)
+    # Bodies that would be accepted, but for the charset they declare.
+    magnet = MAGNET.encode()
+    for content_type, body in [
+        ("application/json; charset=latin-1", b'{"torrent_url": "%s"}' % magnet),
+        ("application/json; charset=nonsense", b'{"torrent_url": "%s"}' % magnet),
+        ("application/x-www-form-urlencoded; charset=iso-8859-1", b"torrent_url=" + magnet),
+        ("multipart/form-data; boundary=x",
+         b'--x\r\nContent-Disposition: form-data; name="torrent_url"\r\n'
+         b'Content-Type: text/plain; charset=latin-1\r\n\r\n%s\r\n--x--\r\n' % magnet),
+    ]:
+        response = await daemon.post("/torrents", data=body,
+                                     headers={"Content-Type": content_type})
+        assert "UTF-8" in await detail_of(response, 400), content_type
+    response = await daemon.post("/torrents", data=b"x", headers={"Content-Type": "text/xml"})
+    await detail_of(response, 415)
+    assert (await (await daemon.get("/torrents")).json())["torrents"] == []
+
+
+# --------------------------------------------------------------------------- #
+# The OpenAPI document stays true
+# --------------------------------------------------------------------------- #
+
+async def test_the_spec_documents_every_route(daemon):
+    spec = await (await daemon.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.1") and spec == json.loads(json.dumps(
+        torrentflow.OPENAPI))
+    routed = set()
+    for route in daemon.app.router.routes():
+        if route.method == "HEAD":
+            continue  # aiohttp's automatic twin of each GET
+        path = route.resource.canonical
+        routed.add((route.method.lower(), path))
+        assert route.method.lower() in spec["paths"].get(path, {}), (route.method, path)
+    documented = {(method, path) for path, operations in spec["paths"].items()
+                  for method in operations}
+    assert documented == routed
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    for method, path in documented:
+        operation = spec["paths"][path][method]
+        public = (method.upper(), path) in torrentflow.PUBLIC_ROUTES
+        assert (operation.get("security") == []) == public, (method, path)
+        assert "403" in operation["responses"] and ("401" in operation["responses"]) != public
+        for parameter in operation.get("parameters", []):
+            if parameter["in"] == "path":
+                assert "{%s}" % parameter["name"] in path
+
+
+def test_the_status_schema_names_every_status_field():
+    status = torrentflow.OPENAPI["components"]["schemas"]["Status"]
+    assert list(status["properties"]) == status["required"]
+    assert set(status["required"]) == set(torrentflow.STATUS_FIELDS)
+
+
+def _resolve(spec, schema):
+    while "$ref" in schema:
+        node = spec
+        for key in schema["$ref"].removeprefix("#/").split("/"):
+            node = node[key]
+        schema = node
+    return schema
+
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _is_type(value, kind):
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _TYPES[kind])
+
+
+def validate(spec, schema, value, where="$"):
+    """A JSON-schema validator for the subset the spec uses; raises AssertionError."""
+    schema = _resolve(spec, schema)
+    kinds = schema.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    assert not kinds or any(_is_type(value, k) for k in kinds), f"{where}: {value!r} not {kinds}"
+    if "enum" in schema:
+        assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
+    if isinstance(value, str) and "pattern" in schema:
+        assert re.search(schema["pattern"], value), f"{where}: {value!r} !~ {schema['pattern']}"
+    if _is_type(value, "number"):
+        assert value >= schema.get("minimum", value) and value <= schema.get("maximum", value), \
+            f"{where}: {value} out of range"
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        missing = set(schema.get("required", [])) - set(value)
+        assert not missing, f"{where}: missing {sorted(missing)}"
+        if schema.get("additionalProperties") is False:
+            extra = set(value) - set(properties)
+            assert not extra, f"{where}: undocumented {sorted(extra)}"
+        for name, item in value.items():
+            if name in properties:
+                validate(spec, properties[name], item, f"{where}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            validate(spec, schema["items"], item, f"{where}[{index}]")
+
+
+_ref_status = {"$ref": "#/components/schemas/Status"}
+
+
+async def conforms(response, method, path):
+    """Check a real answer against the operation the spec gives for it."""
+    spec = torrentflow.OPENAPI
+    responses = spec["paths"][path][method]["responses"]
+    assert str(response.status) in responses, (method, path, response.status)
+    documented = _resolve(spec, responses[str(response.status)])
+    assert response.content_type == "application/json"
+    for header, rule in documented.get("headers", {}).items():
+        assert not rule.get("required") or header in response.headers, header
+    body = await response.json()
+    validate(spec, documented["content"]["application/json"]["schema"], body)
+    return body
+
+
+async def test_real_answers_match_the_spec(daemon, swarm, payload, tmp_path):
+    source, layout = payload
+    torrent = make_torrent(source / "single.bin", tracker=swarm.url("/announce"),
+                           comment="hello")
+    swarm.seeder.seed(torrent, source)
+    form = FormData()
+    form.add_field("torrent_file", torrent, filename="x.torrent")
+    added = await conforms(await daemon.post("/torrents", data=form), "post", "/torrents")
+    complete = await wait_complete(daemon, added["infohash"])
+    assert complete["files"] and complete["has_metadata"]
+    await conforms(await daemon.get(f"/torrents/{added['infohash']}"), "get",
+                   "/torrents/{infohash}")
+    nobody = "magnet:?xt=urn:btih:" + "ef" * 20
+    magnet = await conforms(await daemon.post("/torrents", json={"torrent_url": nobody}),
+                            "post", "/torrents")
+    bare = await conforms(await daemon.get(f"/torrents/{magnet['infohash']}"), "get",
+                          "/torrents/{infohash}")
+    assert bare["has_metadata"] is False and bare["files"] is None
+    listing = await conforms(await daemon.get("/torrents"), "get", "/torrents")
+    assert len(listing["torrents"]) == 2
+    for status in listing["torrents"]:
+        validate(torrentflow.OPENAPI, _ref_status, status)
+    trimmed = await conforms(await daemon.get("/torrents?fields=name,files&sort=-progress"
+                                              "&limit=1"), "get", "/torrents")
+    assert [set(t) for t in trimmed["torrents"]] == [{"name", "files"}]
+    await conforms(await daemon.get("/health"), "get", "/health")
+    for action in ("pause", "resume"):
+        await conforms(await daemon.put(f"/torrents/{magnet['infohash']}/{action}"), "put",
+                       f"/torrents/{{infohash}}/{action}")
+    await conforms(await daemon.delete(f"/torrents/{magnet['infohash']}"), "delete",
+                   "/torrents/{infohash}")
+    # Errors: every one has the {"detail"} shape and a documented status.
+    await conforms(await daemon.get("/torrents/nothex"), "get", "/torrents/{infohash}")
+    await conforms(await daemon.get("/torrents/" + "0" * 40), "get", "/torrents/{infohash}")
+    await conforms(await daemon.post("/torrents", data=b"x", headers={
+        "Content-Type": "text/plain"}), "post", "/torrents")
+    await conforms(await daemon.post("/torrents", json={"bogus": 1}), "post", "/torrents")
+    form = FormData()
+    form.add_field("torrent_file", b"not bencode", filename="x.torrent")
+    await conforms(await daemon.post("/torrents", data=form), "post", "/torrents")
+    await conforms(await daemon.get("/torrents", headers={"Origin": "http://evil.example"}),
+                   "get", "/torrents")
+
+
+async def test_auth_errors_match_the_spec(guarded):
+    await conforms(await guarded.get("/torrents"), "get", "/torrents")
+    await conforms(await guarded.delete("/torrents/" + "ab" * 20), "delete",
+                   "/torrents/{infohash}")
+
+
+# --------------------------------------------------------------------------- #
+# A burst of bad requests leaves the daemon working
+# --------------------------------------------------------------------------- #
+
+async def _raw_exchange(port, data):
+    """Send raw bytes over a fresh connection; return the status line (or b"")."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        with_eof = data.endswith(b"\r\n\r\n")
+        if not with_eof:
+            writer.write_eof()
+        return await asyncio.wait_for(reader.readline(), 10)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_burst_of_bad_requests_leaves_the_daemon_working(daemon, swarm, payload,
+                                                                  tmp_path):
+    rng = random.Random(4)
+    valid = FormData()
+    valid.add_field("torrent_url", MAGNET)
+    valid.add_field("save_path", "fuzz")
+    payload_bytes = valid()
+    multipart = b"".join([part async for part in _iterate(payload_bytes)])
+    content_type = payload_bytes.content_type
+    statuses = []
+    for round_number in range(60):
+        kind = round_number % 6
+        if kind == 0:  # random bytes under a random content type
+            body = rng.randbytes(rng.randrange(0, 3000))
+            ctype = rng.choice(["application/json", "multipart/form-data; boundary=zz",
+                                "application/x-www-form-urlencoded", "application/x-bittorrent",
+                                "multipart/form-data", ""])
+            response = await daemon.post("/torrents", data=body, headers={"Content-Type": ctype})
+        elif kind == 1:  # truncated multipart
+            cut = rng.randrange(0, len(multipart))
+            response = await daemon.post("/torrents", data=multipart[:cut],
+                                         headers={"Content-Type": content_type})
+        elif kind == 2:  # wrong methods and odd paths
+            method = rng.choice(["PATCH", "POST", "PUT", "DELETE", "OPTIONS", "TRACE"])
+            path = rng.choice(["/health", "/torrents", "/openapi.json", "/torrents/x/pause",
+                               "/torrents/" + rng.randbytes(8).hex(), "/%00", "/torrents/%2e%2e"])
+            response = await daemon.request(method, path)
+        elif kind == 3:  # hostile torrents and JSON
+            form = FormData()
+            form.add_field("torrent_file", rng.choice(list(HOSTILE.values()))[:rng.randrange(
+                1, 5000)], filename="x.torrent")
+            response = await daemon.post("/torrents", data=form)
+        elif kind == 4:  # huge headers and many headers
+            headers = {"X-Big": "a" * rng.choice([9000, 20000])} if rng.random() < 0.5 else {
+                f"X-{i}": "b" * 100 for i in range(200)}
+            response = await daemon.get("/torrents", headers=headers)
+        else:  # raw garbage on the socket
+            junk = rng.choice([rng.randbytes(200), b"GET / HTTP/9.9\r\n\r\n",
+                               b"POST /torrents HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+                               b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+                               b"POST /torrents HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                               b"Content-Type: application/json\r\n\r\nzz\r\n"])
+            line = await _raw_exchange(daemon.server.port, junk)
+            status = int(line.split()[1]) if line.startswith(b"HTTP/") else 400
+            statuses.append(status)
+            continue
+        statuses.append(response.status)
+        await response.read()
+    assert all(status < 500 for status in statuses), statuses
+    # ...and then a normal add, download and delete still work.
+    source, layout = payload
+    torrent = make_torrent(source / "single.bin", tracker=swarm.url("/announce"))
+    swarm.seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_file=torrent)
+    await wait_complete(daemon, body["infohash"])
+    assert same_tree(source, tmp_path / "downloads", layout)
+    response = await daemon.delete(f"/torrents/{body['infohash']}?delete_files=true")
+    assert response.status == 200
+    listing = await (await daemon.get("/torrents")).json()
+    assert body["infohash"] not in [t["infohash"] for t in listing["torrents"]]
+
+
+async def _iterate(payload):
+    """The bytes an aiohttp payload would send."""
+    chunks = []
+
+    class Sink:
+        async def write(self, data):
+            chunks.append(bytes(data))
+
+    await payload.write(Sink())
+    for chunk in chunks:
+        yield chunk
+
+
+async def test_local_only_sends_nothing_off_the_host(daemon, swarm, payload):
+    """No fetch, tracker announce or web seed may name a host outside loopback."""
+    response = await daemon.post("/torrents", json={"torrent_url": "http://example.com/x"})
+    await assert_error(response, 400, "--local-only")
+    source, _ = payload
+    recipe = lt.create_torrent(lt.list_files(str(source / "single.bin")), 16384,
+                               lt.create_torrent.v1_only)
+    for url in ("http://tracker.example/announce", "udp://10.0.0.1:6969/announce",
+                swarm.url("/announce")):
+        recipe.add_tracker(url)
+    recipe.add_url_seed("http://seed.example/single.bin")
+    lt.set_piece_hashes(recipe, str(source))
+    _, body = await add(daemon, torrent_file=lt.bencode(recipe.generate()))
+    handle = daemon.app[torrentflow.ENGINE].lookup(body["infohash"]).handle
+    assert [tracker["url"] for tracker in handle.trackers()] == [swarm.url("/announce")]
+    assert handle.url_seeds() == []

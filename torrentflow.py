@@ -9,6 +9,7 @@ One process runs one libtorrent session and serves a small REST API over it:
     PUT    /torrents/{infohash}/resume    back to normal operation
     DELETE /torrents/{infohash}           remove it (?delete_files=true also removes the data)
     GET    /health                        liveness for container health checks
+    GET    /openapi.json                  this API as an OpenAPI 3.1 document
 
 Run it with ``python torrentflow.py`` (``--help`` lists every option). Each option
 can also be set through an environment variable; the command line wins:
@@ -16,7 +17,14 @@ can also be set through an environment variable; the command line wins:
     TORRENTFLOW_HOST, TORRENTFLOW_PORT, TORRENTFLOW_DOWNLOAD_DIR, TORRENTFLOW_STATE_DIR,
     TORRENTFLOW_LISTEN_INTERFACES, TORRENTFLOW_DHT, TORRENTFLOW_LSD, TORRENTFLOW_UPNP,
     TORRENTFLOW_NATPMP, TORRENTFLOW_LOCAL_ONLY, TORRENTFLOW_LOG_LEVEL,
-    TORRENTFLOW_SAVE_INTERVAL, TORRENTFLOW_SHUTDOWN_TIMEOUT, TORRENTFLOW_FETCH_TIMEOUT
+    TORRENTFLOW_SAVE_INTERVAL, TORRENTFLOW_SHUTDOWN_TIMEOUT, TORRENTFLOW_FETCH_TIMEOUT,
+    TORRENTFLOW_TOKEN, TORRENTFLOW_TOKEN_FILE, TORRENTFLOW_INSECURE_NO_AUTH,
+    TORRENTFLOW_ALLOWED_SAVE_ROOTS
+
+With a token set, every request but GET /health and GET /openapi.json must carry
+``Authorization: Bearer <token>``. Without one the daemon refuses to listen beyond
+loopback, and answers only requests addressed to localhost. Requests a browser sends
+on behalf of another site are always refused.
 
 Every torrent is written to the state directory before the API confirms it, and
 again whenever it changes, so a crash loses nothing but the last few seconds of
@@ -31,6 +39,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import hmac
 import ipaddress
 import json
 import logging
@@ -60,6 +69,18 @@ log = logging.getLogger("torrentflow")
 MAX_TORRENT_BYTES = 10 * 1024 * 1024
 #: Request bodies may carry one .torrent plus form overhead, nothing more.
 MAX_REQUEST_BYTES = MAX_TORRENT_BYTES + 64 * 1024
+#: JSON and urlencoded bodies hold a URL and a path: a 10 MB one is only there to make
+#: the parser build millions of objects.
+MAX_FORM_BYTES = 64 * 1024
+#: More files than any real torrent has; every status answer lists them all, so a
+#: torrent with millions of tiny files would make each GET cost megabytes.
+MAX_TORRENT_FILES = 100_000
+#: Shorter tokens can be guessed by a client that is free to try as often as it likes.
+MIN_TOKEN_LENGTH = 16
+#: Requests anyone may make: a health check cannot carry a secret, and the API
+#: description holds none.
+PUBLIC_ROUTES = {("GET", "/health"), ("HEAD", "/health"),
+                 ("GET", "/openapi.json"), ("HEAD", "/openapi.json")}
 #: Limits handed to libtorrent's bdecoder, so a crafted file cannot exhaust memory or stack.
 TORRENT_LIMITS = {
     "max_buffer_size": MAX_TORRENT_BYTES,
@@ -128,6 +149,11 @@ class Config:
     #: A torrent_url fetch must finish within this many seconds, connection included,
     #: so a silent server cannot hold a request (and its memory) forever.
     fetch_timeout: float = 30.0
+    #: The API bearer token, or None. Kept out of repr() so no log line can show it.
+    token: str | None = dataclasses.field(default=None, repr=False)
+    insecure_no_auth: bool = False
+    #: Directories besides download_dir that an absolute save_path may point into.
+    allowed_save_roots: tuple[Path, ...] = ()
 
 
 def _env_bool(parser, environ, name):
@@ -176,6 +202,39 @@ def _is_loopback_interfaces(text):
         except ValueError:  # a device name such as eth0
             return False
     return True
+
+
+def _is_loopback_name(host):
+    """True for "localhost" and loopback addresses: the only names a browser on another
+    machine can never reach, and a DNS-rebinding page can never use."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_token(parser, args):
+    """The API token from --token or --token-file (read here, once), or None."""
+    if args.token is not None and args.token_file is not None:
+        parser.error("give --token or --token-file, not both")
+    token = args.token
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"cannot read the token file {args.token_file}: "
+                         f"{getattr(error, 'strerror', None) or error}")
+        if not token:
+            parser.error(f"the token file {args.token_file} is empty")
+    if token is None:
+        return None
+    # The token travels in an HTTP header: visible ASCII only, so no client mangles it.
+    if len(token) < MIN_TOKEN_LENGTH or not all("!" <= c <= "~" for c in token):
+        parser.error(f"the token must be at least {MIN_TOKEN_LENGTH} visible ASCII characters "
+                     "without spaces; `openssl rand -hex 32` makes a good one")
+    return token
 
 
 def parse_config(argv=None, environ=None):
@@ -235,6 +294,20 @@ def parse_config(argv=None, environ=None):
                         default=env("FETCH_TIMEOUT", str(Config.fetch_timeout)),
                         help="seconds allowed for downloading a torrent_url, redirects "
                         "included (default %(default)s)")
+    parser.add_argument("--token", default=env("TOKEN", None),
+                        help="API token: every request but GET /health and /openapi.json "
+                        "must send 'Authorization: Bearer TOKEN'. Other users can read "
+                        "command lines, so prefer TORRENTFLOW_TOKEN or --token-file")
+    parser.add_argument("--token-file", type=Path, default=env("TOKEN_FILE", None),
+                        help="read the API token from this file at start, for example "
+                        "a Docker secret (/run/secrets/...)")
+    parser.add_argument("--insecure-no-auth", action="store_const", const=True, default=None,
+                        help="serve the API without a token on a non-loopback --host; only "
+                        "when something else guards the port (TORRENTFLOW_INSECURE_NO_AUTH=1)")
+    parser.add_argument("--allowed-save-root", type=Path, action="append", default=None,
+                        metavar="DIR", help="a directory an absolute save_path may point "
+                        "into, besides --download-dir; repeat for more (TORRENTFLOW_ALLOWED_"
+                        "SAVE_ROOTS, ':'-separated)")
     args = parser.parse_args(argv)
 
     def flag(name):
@@ -254,6 +327,22 @@ def parse_config(argv=None, environ=None):
             parser.error("--local-only needs loopback --listen-interfaces, "
                          f"not {interfaces!r}")
         switches = dict.fromkeys(switches, False)
+    token = _read_token(parser, args)
+    insecure_no_auth = bool(flag("insecure_no_auth"))
+    if token is None and not insecure_no_auth and not _is_loopback_name(args.host):
+        parser.error(
+            f"refusing to serve the API on {args.host or 'every interface'} without a token: "
+            "anyone who can reach the port could download anything and write files. Set "
+            "TORRENTFLOW_TOKEN (or --token-file / TORRENTFLOW_TOKEN_FILE, e.g. a Docker "
+            "secret) to a random string such as the output of `openssl rand -hex 32`, or "
+            "pass --insecure-no-auth if something else guards the port")
+    save_roots = args.allowed_save_root
+    if save_roots is None:
+        save_roots = [Path(part) for part in
+                      environ.get("TORRENTFLOW_ALLOWED_SAVE_ROOTS", "").split(":") if part]
+    relative = [str(root) for root in save_roots if not root.is_absolute()]
+    if relative:
+        parser.error(f"--allowed-save-root must be absolute, not {relative[0]!r}")
     return Config(
         host=args.host,
         port=args.port,
@@ -265,6 +354,9 @@ def parse_config(argv=None, environ=None):
         save_interval=args.save_interval,
         shutdown_timeout=args.shutdown_timeout,
         fetch_timeout=args.fetch_timeout,
+        token=token,
+        insecure_no_auth=insecure_no_auth,
+        allowed_save_roots=tuple(save_roots),
         **{name: getattr(Config, name) if value is None else value
            for name, value in switches.items()},
     )
@@ -287,6 +379,8 @@ def session_settings(config):
         "peer_fingerprint": lt.generate_fingerprint("TF", *map(int, __version__.split(".")), 0),
         # Verifying pieces is the CPU bottleneck of a fast download; use both cores.
         "hashing_threads": 2,
+        # A magnet's metadata comes from a stranger: hold it to the upload size cap.
+        "max_metadata_size": MAX_TORRENT_BYTES,
     }
     if config.local_only:
         settings["dht_bootstrap_nodes"] = ""
@@ -301,16 +395,17 @@ def session_settings(config):
 
 
 # --------------------------------------------------------------------------- #
-# Errors
+# Errors and access control
 # --------------------------------------------------------------------------- #
 
 class ApiError(Exception):
     """A failure the client caused or must know about; becomes {"detail": ...}."""
 
-    def __init__(self, status, detail):
+    def __init__(self, status, detail, headers=None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers
 
 
 def _error_response(status, detail, headers=None):
@@ -323,7 +418,7 @@ async def error_middleware(request, handler):
     try:
         return await handler(request)
     except ApiError as error:
-        return _error_response(error.status, error.detail)
+        return _error_response(error.status, error.detail, error.headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -333,6 +428,91 @@ async def error_middleware(request, handler):
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return _error_response(500, "internal server error")
+
+
+def _host_and_port(netloc):
+    """(hostname, port or None) of a Host header or an origin, or None if malformed."""
+    if not netloc or any(c in netloc for c in "@/?#\\ "):
+        return None
+    try:
+        parts = urllib.parse.urlsplit("//" + netloc)
+        return parts.hostname, parts.port
+    except ValueError:
+        return None
+
+
+def _cross_site(request):
+    """Why a browser sent this request on behalf of another site, or None if it did not."""
+    if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+        return "Sec-Fetch-Site is cross-site"
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None  # not a browser, or a same-origin GET
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        origin_host, origin_port = parts.hostname, parts.port
+    except ValueError:
+        return f"Origin {origin!r} is malformed"
+    # A TLS proxy in front changes the scheme, not the name: compare names and ports,
+    # an absent port meaning the origin scheme's default.
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    host = _host_and_port(request.headers.get("Host", ""))
+    if (default is None or host is None or origin_host != host[0]
+            or (origin_port or default) != (host[1] or default)):
+        return f"Origin {origin!r} is another site"
+    return None
+
+
+def _host_allowed(host_header, insecure_no_auth):
+    """Without a token, only names a DNS-rebinding page cannot use may reach the API."""
+    if host_header is None:
+        return True  # HTTP/1.0 without Host is not a browser
+    host = _host_and_port(host_header)
+    if host is None or host[0] is None:
+        return False
+    if _is_loopback_name(host[0]):
+        return True
+    # Rebinding needs a name the attacker controls; an address typed by the operator of
+    # an --insecure-no-auth daemon on the LAN is not one.
+    try:
+        ipaddress.ip_address(host[0])
+    except ValueError:
+        return False
+    return insecure_no_auth
+
+
+def _bearer_error(request, token):
+    """Why the Authorization header does not carry the token, or None if it does."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return "this API needs the header Authorization: Bearer <token>", \
+            'Bearer realm="torrentflow"'
+    # Constant time, so response timing does not reveal how much of a guess was right.
+    if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                           token.encode()):
+        return None
+    return "invalid bearer token", 'Bearer realm="torrentflow", error="invalid_token"'
+
+
+@web.middleware
+async def access_middleware(request, handler):
+    """Refuse cross-site browser requests, foreign Host names without a token, and
+    requests without the token when one is set."""
+    config = request.app[CONFIG]
+    reason = _cross_site(request)
+    if reason:
+        raise ApiError(403, f"cross-site request refused: {reason}")
+    if config.token is None and not _host_allowed(request.headers.get("Host"),
+                                                  config.insecure_no_auth):
+        raise ApiError(403, "without an API token only requests to localhost or a loopback "
+                       "address are served (this blocks DNS rebinding); set a token to "
+                       "use another name")
+    if config.token is not None and (request.method, request.path) not in PUBLIC_ROUTES:
+        failure = _bearer_error(request, config.token)
+        if failure:
+            detail, challenge = failure
+            raise ApiError(401, detail, {"WWW-Authenticate": challenge})
+    return await handler(request)
 
 
 # --------------------------------------------------------------------------- #
@@ -357,11 +537,13 @@ def _hash_ids(info_hashes):
     return ids
 
 
-def resolve_save_path(download_dir, requested):
-    """Map a requested save_path onto a real directory inside download_dir, creating it.
+def resolve_save_path(download_dir, requested, allowed_roots=()):
+    """Map a requested save_path onto a real directory inside an allowed root, creating it.
 
-    Runs in a thread: it touches the disk. Symlinks and ``..`` are resolved before the
-    containment check, and again after creation in case a link appeared meanwhile.
+    A relative path lies under download_dir; an absolute one may also name a directory
+    inside one of allowed_roots. Runs in a thread: it touches the disk. Symlinks and
+    ``..`` are resolved before the containment check, and again after creation in case
+    a link appeared meanwhile.
     """
     root = download_dir.resolve()
     if not requested:
@@ -369,10 +551,19 @@ def resolve_save_path(download_dir, requested):
         return str(root)
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
+    if os.path.isabs(requested):
+        roots = [root, *(Path(other).resolve() for other in allowed_roots)]
+        where = "the download directory or an allowed save root"
+    else:
+        roots = [root]
+        where = f"the download directory {root}"
     for attempt in ("before", "after"):
-        target = (root / requested).resolve()
-        if not target.is_relative_to(root):
-            raise ApiError(400, f"save_path must stay inside the download directory {root}")
+        try:
+            target = (root / requested).resolve()
+        except (OSError, RuntimeError) as error:  # a path too long, a symlink loop
+            raise ApiError(400, f"save_path cannot be resolved: {error}") from None
+        if not any(target.is_relative_to(allowed) for allowed in roots):
+            raise ApiError(400, f"save_path must stay inside {where}")
         if attempt == "before":
             try:
                 target.mkdir(parents=True, exist_ok=True)
@@ -395,18 +586,82 @@ def params_from_magnet(uri):
 
 
 def params_from_torrent(data):
-    """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread."""
+    """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread.
+
+    libtorrent would sanitise hostile file names and write inside save_path anyway;
+    refusing them tells the client the file is hostile instead of renaming quietly.
+    """
+    if len(data) > MAX_TORRENT_BYTES:
+        raise ApiError(413, f"a .torrent may be at most {MAX_TORRENT_BYTES} bytes")
     try:
-        return lt.load_torrent_buffer(data, TORRENT_LIMITS)
+        params = lt.load_torrent_buffer(data, TORRENT_LIMITS)
     except RuntimeError as error:
         raise ApiError(422, f"not a valid torrent file: {error}") from None
+    info = params.ti
+    piece_length = info.piece_length()
+    if piece_length & (piece_length - 1):
+        raise ApiError(422, f"not a valid torrent file: piece length {piece_length} "
+                       "is not a power of two")
+    if info.num_files() > MAX_TORRENT_FILES:
+        raise ApiError(422, f"not a valid torrent file: more than {MAX_TORRENT_FILES} files")
+    unsafe = _unsafe_file_name(lt.bdecode(info.info_section()))
+    if unsafe is not None:
+        raise ApiError(422, f"not a valid torrent file: unsafe file name {unsafe!r}")
+    return params
 
 
-async def fetch_torrent_url(client, url, timeout):
+def _unsafe_file_name(info):
+    """The first file name element in a raw info dict that could leave save_path:
+    empty, ".", "..", or holding a separator or NUL; None if all are safe."""
+    paths = [[info.get(b"name", b"")]]
+    for entry in info.get(b"files") or ():  # v1 multi-file
+        if isinstance(entry, dict):
+            paths += [entry.get(b"path") or [b""], entry.get(b"symlink path") or []]
+    pending = [info.get(b"file tree") or {}]  # v2, nested: {element: {...}, b"": leaf}
+    while pending:  # depth is bounded by the decoder's max_decode_depth
+        tree = pending.pop()
+        for element, subtree in tree.items() if isinstance(tree, dict) else ():
+            if element == b"":
+                if isinstance(subtree, dict) and subtree.get(b"symlink path"):
+                    paths.append(subtree[b"symlink path"])
+                continue
+            paths.append([element])
+            pending.append(subtree)
+    for path in paths:
+        for element in path if isinstance(path, list) else [path]:
+            if isinstance(element, bytes) and (
+                    element in (b"", b".", b"..") or any(c in element for c in b"/\\\x00")):
+                return element.decode("utf-8", "replace")
+    return None
+
+
+def _is_local_url(url):
+    """True when a URL names a loopback address or localhost, so no lookup leaves the host."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host is not None and _is_loopback_name(host)
+
+
+def keep_local(params):
+    """Drop trackers and web seeds outside loopback: --local-only sends nothing off the host.
+
+    The IP filter already blocks such peers and trackers, but only after a DNS lookup.
+    """
+    params.trackers = [url for url in params.trackers if _is_local_url(url)]
+    params.url_seeds = [url for url in params.url_seeds if _is_local_url(url)]
+    return params
+
+
+async def fetch_torrent_url(client, url, timeout, local_only=False):
     """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to."""
     for _ in range(FETCH_MAX_REDIRECTS + 1):
         if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
             raise ApiError(400, "torrent_url must be a magnet link or an http(s) URL")
+        if local_only and not _is_local_url(url):
+            raise ApiError(400, "with --local-only, torrent_url must name localhost or a "
+                           "loopback address")
         try:
             async with client.get(url, allow_redirects=False) as response:
                 if response.status in (301, 302, 303, 307, 308):
@@ -775,6 +1030,8 @@ class TorrentEngine:
     # -- internals: requests that wait on alerts ----------------------------- #
 
     def _add_async(self, params):
+        if self.config.local_only:
+            keep_local(params)
         info_hashes = params.ti.info_hashes() if params.ti else params.info_hashes
         self._creation_info[_hash_ids(info_hashes)[0]] = _creation_info(params)
         self._session.async_add_torrent(params)
@@ -1162,33 +1419,77 @@ def _json(data, status=200, headers=None):
     return web.json_response(data, status=status, headers=headers)
 
 
+def _require_utf8(charset, what):
+    # Every text field is UTF-8; guessing another charset would turn bytes into paths.
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise ApiError(400, f"{what} must be UTF-8, not {charset!r}")
+
+
+async def _read_limited(read_chunk, limit, already=0):
+    """Read a body or a multipart part to its end, or raise 413 once the total passes
+    limit. Counts the bytes itself: a chunked body announces no length."""
+    data = bytearray()
+    while chunk := await read_chunk(64 * 1024):
+        data += chunk
+        if already + len(data) > limit:
+            raise ApiError(413, f"request body too large: more than {limit} bytes")
+    return bytes(data)
+
+
+async def _read_multipart(request):
+    fields, size = {}, 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if part.name not in ADD_FIELDS or part.name in fields:
+                raise ApiError(400, f"unexpected or repeated form field {part.name!r}")
+            data = await _read_limited(part.read_chunk, MAX_REQUEST_BYTES, size)
+            size += len(data)
+            if part.name != "torrent_file":
+                _require_utf8(part.get_charset(None), f"form field {part.name}")
+                data = data.decode()
+            fields[part.name] = data
+    except (ValueError, AssertionError, UnicodeDecodeError, aiohttp.ClientError,
+            aiohttp.http_exceptions.HttpProcessingError) as error:
+        raise ApiError(400, f"malformed multipart body: {error}") from None
+    return fields
+
+
+def _parse_urlencoded(body):
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True,
+                                       strict_parsing=True, errors="strict",
+                                       max_num_fields=len(ADD_FIELDS))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"malformed form body: {error}") from None
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise ApiError(400, "repeated form field")
+    return fields
+
+
+def _parse_json(body):
+    try:
+        return json.loads(body.decode())
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ApiError(400, f"malformed JSON body: {error}") from None
+
+
 async def _read_add_form(request):
     """The POST /torrents fields from multipart, urlencoded or JSON, with unknown ones refused."""
     content_type = request.content_type
+    # Refuse early what aiohttp would otherwise receive in full before refusing.
+    limit = MAX_REQUEST_BYTES if content_type == "multipart/form-data" else MAX_FORM_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body too large: more than {limit} bytes")
     if content_type == "multipart/form-data":
-        fields = {}
-        try:
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if part.name not in ADD_FIELDS or part.name in fields:
-                    raise ApiError(400, f"unexpected or repeated form field {part.name!r}")
-                data = await part.read()
-                fields[part.name] = data if part.name == "torrent_file" else data.decode()
-        except (ValueError, AssertionError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"malformed multipart body: {error}") from None
+        fields = await _read_multipart(request)
     elif content_type == "application/x-www-form-urlencoded":
-        try:
-            form = await request.post()
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"malformed form body: {error}") from None
-        fields = {key: value for key, value in form.items()}
-        if len(fields) != len(form):
-            raise ApiError(400, "repeated form field")
+        _require_utf8(request.charset, "the form body")
+        fields = _parse_urlencoded(await _read_limited(request.content.read, MAX_FORM_BYTES))
     elif content_type == "application/json":
-        try:
-            fields = await request.json()
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"malformed JSON body: {error}") from None
+        _require_utf8(request.charset, "the JSON body")
+        fields = _parse_json(await _read_limited(request.content.read, MAX_FORM_BYTES))
         if not isinstance(fields, dict):
             raise ApiError(400, "the JSON body must be an object")
         if "torrent_file" in fields:
@@ -1215,8 +1516,9 @@ async def _params_from_source(request, fields):
     if url:
         if url.lower().startswith("magnet:"):
             return params_from_magnet(url)
+        config = request.app[CONFIG]
         fetched = await fetch_torrent_url(request.app[HTTP_CLIENT], url,
-                                          request.app[CONFIG].fetch_timeout)
+                                          config.fetch_timeout, config.local_only)
         if isinstance(fetched, str):
             return params_from_magnet(fetched)
         upload = fetched
@@ -1228,8 +1530,10 @@ async def add_torrent(request):
     """Add a torrent; 201 when new, 200 when it was already there."""
     fields = await _read_add_form(request)
     params = await _params_from_source(request, fields)
+    config = request.app[CONFIG]
     params.save_path = await asyncio.to_thread(
-        resolve_save_path, request.app[CONFIG].download_dir, fields.get("save_path"))
+        resolve_save_path, config.download_dir, fields.get("save_path"),
+        config.allowed_save_roots)
     infohash, created = await request.app[ENGINE].add(params)
     return _json({"infohash": infohash}, status=201 if created else 200,
                  headers={"Location": f"/torrents/{infohash}"})
@@ -1349,13 +1653,217 @@ async def health(request):
                   "listen_port": engine.listen_port})
 
 
+@routes.get("/openapi.json")
+async def openapi(request):
+    """This API as an OpenAPI 3.1 document."""
+    return _json(OPENAPI)
+
+
+def _typed(kind, nullable=False, **extra):
+    return {"type": [kind, "null"] if nullable else kind, **extra}
+
+
+def _ref(name, kind="schemas"):
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _object(properties):
+    """A closed object: every property required, nothing else allowed."""
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+def _answer(description, schema, headers=None, links=None):
+    response = {"description": description,
+                "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    if links:
+        response["links"] = links
+    return response
+
+
+def _operation(operation_id, summary, responses, errors=(), **extra):
+    """A protected operation: the token, and the refusals every protected route gives."""
+    codes = (400, *errors, 401, 403)
+    return {"operationId": operation_id, "summary": summary, **extra, "responses": {
+        **responses, **{str(code): _ref(str(code), "responses") for code in codes}}}
+
+
+def _public(operation_id, summary, schema):
+    """An operation anyone may call; only the browser defences apply."""
+    return {"operationId": operation_id, "summary": summary, "security": [], "responses": {
+        "200": _answer(summary, schema), "403": _ref("403", "responses")}}
+
+
+def _query(name, description, **schema):
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": _typed("string", **schema)}
+
+
+def _torrent_action(operation_id, summary, *query):
+    return _operation(operation_id, summary, {"200": _answer("done", _ref("Message"))},
+                      (404,), parameters=[_INFOHASH_PARAMETER, *query])
+
+
+_COUNT = _typed("integer", minimum=0)
+_EPOCH = _typed("integer", nullable=True, description="Unix time, or null if never")
+_NULLABLE_COUNT = _typed("integer", nullable=True, minimum=0)
+_TORRENT_ID = _typed("string", pattern="^[0-9a-f]{40}([0-9a-f]{24})?$",
+                     description="v1 infohash (40 hex digits), or v2 (64) if it has no v1")
+_INFOHASH_PARAMETER = {
+    "name": "infohash", "in": "path", "required": True,
+    "description": "v1 or v2 infohash, any case",
+    "schema": _typed("string", pattern="^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$")}
+_ADD_FIELDS = {
+    "torrent_url": _typed("string", description="a magnet link or an http(s) URL of a "
+                          ".torrent; give this or torrent_file"),
+    "save_path": _typed("string", description="relative to the download directory, or "
+                        "absolute inside it or an --allowed-save-root"),
+}
+_ADD_FORM = {"type": "object", "properties": _ADD_FIELDS, "additionalProperties": False}
+_ADD_UPLOAD = {**_ADD_FORM, "properties": {**_ADD_FIELDS, "torrent_file": _typed(
+    "string", contentMediaType="application/x-bittorrent",
+    description=f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes")}}
+#: What a client can do next with the infohash that POST /torrents answers.
+_ADDED_LINKS = {name: {"operationId": name,
+                       "parameters": {"infohash": "$response.body#/infohash"}}
+                for name in ("getTorrent", "pauseTorrent", "resumeTorrent", "deleteTorrent")}
+_ADDED_HEADERS = {"Location": {"required": True, "schema": _typed("string")}}
+#: Every field of a torrent's status, as status_fields, _Torrent.update and
+#: _metadata_fields produce it; the metadata ones are null until metadata arrives.
+_STATUS = _object({
+    "infohash": _TORRENT_ID,
+    **{name: _typed("boolean") for name in (*FLAG_FIELDS, "queued")},
+    "state": _typed("string", enum=sorted(
+        str(state) for state in lt.torrent_status.states.values.values())),
+    **{name: _typed("boolean") for name in ("is_seeding", "is_finished", "has_metadata")},
+    "progress": _typed("number", minimum=0, maximum=100, description="percent"),
+    "error": _typed("string", description="empty when there is none"),
+    **{name: _COUNT for name in (
+        "download_rate", "upload_rate", "total_download", "total_upload",
+        "all_time_download", "all_time_upload", "num_peers", "list_peers", "list_seeds",
+        "connect_candidates", "num_pieces", "total_done", "total_wanted_done",
+        "total_wanted")},
+    "distributed_copies": _typed("number", description="-1 while seeding"),
+    **{name: _typed("integer", description="-1 when unknown")
+       for name in ("num_seeds", "num_complete", "num_incomplete")},
+    "last_seen_complete": _EPOCH,
+    "last_scrape": _typed("integer", nullable=True, minimum=0,
+                          description="seconds since a tracker last reported swarm counts"),
+    "time_since_upload": _NULLABLE_COUNT, "time_since_download": _NULLABLE_COUNT,
+    **{name: _COUNT for name in ("active_time", "finished_time", "seeding_time")},
+    "seed_rank": _typed("integer"), "has_incoming": _typed("boolean"),
+    "priority": _typed("integer", description="same as queue_position"),
+    "queue_position": _typed("integer", description="-1 for seeds"),
+    "added_time": _EPOCH, "completed_time": _EPOCH,
+    "storage_mode": _typed("string", enum=["allocate", "sparse"]),
+    "save_path": _typed("string"), "name": _typed("string"),
+    "info_hash_v1": _typed("string", nullable=True),
+    "info_hash_v2": _typed("string", nullable=True),
+    **{name: _NULLABLE_COUNT
+       for name in ("total_size", "num_files", "total_pieces", "piece_length")},
+    "creation_date": _EPOCH,
+    "creator": _typed("string", nullable=True), "comment": _typed("string", nullable=True),
+    "files": _typed("array", nullable=True, items=_ref("FileEntry")),
+})
+
+#: The API description served at /openapi.json. test_security_draft.py checks that it
+#: names every route, and that real answers match its schemas.
+OPENAPI = {
+    "openapi": "3.1.0",
+    "info": {"title": "TorrentFlow", "version": __version__, "description":
+             "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
+             "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
+    "security": [{"bearerAuth": []}],
+    "paths": {
+        "/torrents": {
+            "post": _operation(
+                "addTorrent", "Add a magnet link, an http(s) .torrent URL or an upload",
+                {"201": _answer("added", _ref("Added"), _ADDED_HEADERS, _ADDED_LINKS),
+                 "200": _answer("already present", _ref("Added"), _ADDED_HEADERS,
+                                _ADDED_LINKS)},
+                (413, 415, 422, 502),
+                requestBody={"required": True, "content": {
+                    "multipart/form-data": {"schema": _ADD_UPLOAD},
+                    "application/x-www-form-urlencoded": {"schema": _ADD_FORM},
+                    "application/json": {"schema": _ADD_FORM, "example": {
+                        "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4,
+                        "save_path": "example"}},
+                }}),
+            "get": _operation(
+                "listTorrents", "Torrents' status: filtered, sorted, paged, trimmed",
+                {"200": _answer("the torrents", _ref("TorrentList"))},
+                parameters=[_query("state", "only these states, comma-separated"),
+                            _query("paused", "only paused (true) or running (false) ones",
+                                   enum=["true", "false"]),
+                            _query("sort", "a status field; a leading - sorts descending"),
+                            _query("limit", "at most this many", pattern="^[0-9]+$"),
+                            _query("offset", "skip this many first", pattern="^[0-9]+$"),
+                            _query("fields", "only these status fields, comma-separated")]),
+        },
+        "/torrents/{infohash}": {
+            "get": _operation("getTorrent", "One torrent's status",
+                              {"200": _answer("its status", _ref("Status"))}, (404,),
+                              parameters=[_INFOHASH_PARAMETER]),
+            "delete": _torrent_action(
+                "deleteTorrent", "Remove a torrent, and its data with delete_files=true",
+                _query("delete_files", "true also deletes the data; case-insensitive",
+                       enum=["true", "false", "1", "0"], default="false")),
+        },
+        "/torrents/{infohash}/pause": {"put": _torrent_action("pauseTorrent", "Pause it")},
+        "/torrents/{infohash}/resume": {"put": _torrent_action("resumeTorrent", "Resume it")},
+        "/health": {"get": _public("health", "Liveness; needs no token", _ref("Health"))},
+        "/openapi.json": {"get": _public("openapi", "This document; needs no token",
+                                         {"type": "object"})},
+    },
+    "components": {
+        "securitySchemes": {"bearerAuth": {
+            "type": "http", "scheme": "bearer",
+            "description": "--token, --token-file or TORRENTFLOW_TOKEN. Without one no "
+            "token is asked for, but only requests addressed to localhost are served."}},
+        "schemas": {
+            "Error": _object({"detail": _typed("string")}),
+            "Message": _object({"detail": _typed("string")}),
+            "Added": _object({"infohash": _TORRENT_ID}),
+            "Health": _object({"status": _typed("string", enum=["ok"]), "torrents": _COUNT,
+                               "loading": _typed("boolean"), "listen_port": _COUNT}),
+            "TorrentList": _object({"torrents": _typed("array", items=_ref("StatusFields")),
+                                    "total": _typed("integer", minimum=0, description=
+                                                    "matching torrents before paging")}),
+            "Status": _STATUS,
+            "StatusFields": {**_STATUS, "required": [], "description":
+                             "every Status field, or those named by ?fields="},
+            "FileEntry": _object({
+                "index": _COUNT, "path": _typed("string"), "size": _COUNT,
+                "downloaded": _COUNT, "progress": _typed("number", minimum=0, maximum=100),
+                "priority": _typed("integer", minimum=0, maximum=7)}),
+        },
+        "responses": {str(code): _answer(description, _ref("Error"), headers)
+                      for code, description, headers in (
+            (400, "malformed request, unknown field or bad value", None),
+            (401, "missing or wrong bearer token",
+             {"WWW-Authenticate": {"required": True, "schema": _typed("string")}}),
+            (403, "a cross-site browser request, or a Host other than localhost while "
+                  "no token is set", None),
+            (404, "no such torrent", None),
+            (413, "body, upload or fetched .torrent too large", None),
+            (415, "unsupported Content-Type", None),
+            (422, "not a valid, or not a safe, .torrent", None),
+            (502, "fetching torrent_url failed", None),
+        )},
+    },
+}
+
+
 # --------------------------------------------------------------------------- #
 # Application
 # --------------------------------------------------------------------------- #
 
 def make_app(config):
     """Build the aiohttp application; the engine starts and stops with it."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(middlewares=[error_middleware, access_middleware],
+                          client_max_size=MAX_REQUEST_BYTES)
     app[CONFIG] = config
     app.add_routes(routes)
 
@@ -1405,6 +1913,10 @@ def main(argv=None):
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.log_level != "debug":
+        # aiohttp logs every malformed request with a traceback at ERROR: anyone who
+        # can connect could fill the log. Handler errors are logged by error_middleware.
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     try:
         asyncio.run(serve(config))
     except OSError as error:
