@@ -12,7 +12,9 @@ COPY torrentflow.py /app/torrentflow.py
 WORKDIR /app
 USER torrentflow
 
-# Inside the container the API must listen on every interface to be reachable.
+# Inside the container the API must listen on every interface to be reachable, so the
+# daemon refuses to start without a token: pass TORRENTFLOW_TOKEN_FILE (a secret) or
+# TORRENTFLOW_TOKEN, as README.md shows.
 ENV TORRENTFLOW_HOST=0.0.0.0 \
     TORRENTFLOW_PORT=8080 \
     TORRENTFLOW_DOWNLOAD_DIR=/data/downloads \
