@@ -262,6 +262,10 @@ async def test_upload_downloads_the_exact_bytes(daemon, swarm, payload, tmp_path
     infohash = infohash_of(torrent)
     assert body == {"infohash": infohash}
     assert response.headers["Location"] == f"/torrents/{infohash}"
+    # 201 promises the torrent survives a crash: it is on disk before the answer.
+    saved = lt.read_resume_data((tmp_path / "state" / "resume" / f"{infohash}.resume")
+                                .read_bytes())
+    assert str(saved.info_hashes.v1) == infohash and saved.ti is not None
     status = await wait_complete(daemon, infohash)
     assert same_tree(source, tmp_path / "downloads", layout)
     assert swarm.announces >= 1
