@@ -1447,3 +1447,21 @@ async def test_local_only_sends_nothing_off_the_host(daemon, swarm, payload):
     handle = daemon.app[torrentflow.ENGINE].lookup(body["infohash"]).handle
     assert [tracker["url"] for tracker in handle.trackers()] == [swarm.url("/announce")]
     assert handle.url_seeds() == []
+
+
+async def test_finished_means_every_byte_is_in_the_file(daemon, seeder, tmp_path):
+    """The moment the API first says finished, the file already holds the source bytes."""
+    layout = {"big.bin": 128 * 1024 * 1024}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "big.bin", piece_size=1024 * 1024)
+    seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+
+    async def finished():
+        return (await status_of(daemon, body["infohash"]))["is_finished"]
+    await wait_until(finished, interval=0.005, what="the download to finish")
+    # The file is sparse: a block still in libtorrent's write buffer is a hole on disk.
+    # Checking the allocation is instant, where reading it all would give writes time.
+    on_disk = os.stat(tmp_path / "downloads" / "big.bin")
+    assert on_disk.st_blocks * 512 >= layout["big.bin"]
+    assert same_tree(source, tmp_path / "downloads", layout)

@@ -100,6 +100,9 @@ REQUEST_DRAIN_SECONDS = 1.0
 #: Seconds the session waits for trackers to acknowledge "stopped" at shutdown. The
 #: session's destructor holds the GIL for that long, freezing everything else.
 STOP_TRACKER_TIMEOUT = 1
+#: Seconds a finished torrent may keep showing as unfinished while its writes are flushed;
+#: flushing takes milliseconds, so this only bounds a flush that never reports back.
+FLUSH_WAIT = 10.0
 #: libtorrent's error for "resume data not modified since the last save": not a failure.
 RESUME_NOT_MODIFIED = 143
 
@@ -814,6 +817,7 @@ class _Torrent:
         self.total_done = -1          # bytes done when file progress was last asked for
         self.updated = 0.0            # when the last status arrived
         self.last_scrape = None       # when a tracker last reported swarm counts
+        self.flushing_since = None    # when a flush of its finished download was asked for
         self.saved_as = None          # the id its resume file carries
         self.status_waiters = []      # futures for "the next status of this torrent"
         self.save_waiters = collections.deque()  # one future per save_resume_data call
@@ -1083,7 +1087,7 @@ class TorrentEngine:
         now = time.time()
         for status in alert.status:
             torrent = self._by_handle.get(status.handle)
-            if torrent is None:
+            if torrent is None or self._holding_back(torrent, status, now):
                 continue
             old = torrent.update(status, now)
             if old:
@@ -1102,6 +1106,17 @@ class TorrentEngine:
             for future in waiters:
                 if not future.done():
                     future.set_result(None)
+
+    @staticmethod
+    def _holding_back(torrent, status, now):
+        """Serve the previous status while a just-finished torrent's writes are flushed.
+
+        A script that sees "finished" reads the files next; they must be complete by
+        then. A flush that never reports back is not waited for beyond FLUSH_WAIT.
+        """
+        return (torrent.flushing_since is not None and now - torrent.flushing_since < FLUSH_WAIT
+                and status.is_finished and torrent.status is not None
+                and not torrent.status["is_finished"])
 
     def _on_add(self, alert):
         ids = _hash_ids(alert.params.ti.info_hashes() if alert.params.ti
@@ -1194,6 +1209,14 @@ class TorrentEngine:
             self._disk, self._delete_resume, torrent.saved_as or torrent.infohash)
         _chain(delete, torrent.removal, None)
 
+    def _on_flushed(self, alert):
+        """The finished torrent's bytes are in its files: now it may show as finished."""
+        torrent = self._by_handle.get(alert.handle)
+        if torrent is not None and torrent.flushing_since:
+            torrent.flushing_since = None
+            with contextlib.suppress(RuntimeError):
+                torrent.handle.post_status()
+
     def _on_tracker_reply(self, alert):
         torrent = self._by_handle.get(alert.handle)
         if torrent is not None:
@@ -1212,6 +1235,10 @@ class TorrentEngine:
                       alert.error.message())
         elif not isinstance(alert, lt.state_changed_alert):
             log.info("%s %s (%s)", self._EVENT_WORDS[type(alert)], name, torrent.infohash)
+        if isinstance(alert, lt.torrent_finished_alert):
+            # The last pieces may still sit in libtorrent's write buffer; see _on_flushed.
+            torrent.handle.flush_cache()
+            torrent.flushing_since = time.time()
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert,
                               lt.storage_moved_alert)):
             self._save(torrent, SAVE_FULL)
@@ -1234,6 +1261,7 @@ class TorrentEngine:
         lt.torrent_removed_alert: _on_removed,
         lt.torrent_deleted_alert: _on_deleted,
         lt.torrent_delete_failed_alert: _on_deleted,
+        lt.cache_flushed_alert: _on_flushed,
         lt.tracker_reply_alert: _on_tracker_reply,
         lt.scrape_reply_alert: _on_tracker_reply,
         lt.alerts_dropped_alert: lambda self, alert: log.warning(
