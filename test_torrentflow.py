@@ -11,8 +11,15 @@ import json
 import os
 import random
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.parse
+from pathlib import Path
 
+import aiohttp
 import libtorrent as lt
 import pytest
 from aiohttp import FormData, web
@@ -1465,3 +1472,491 @@ async def test_finished_means_every_byte_is_in_the_file(daemon, seeder, tmp_path
     on_disk = os.stat(tmp_path / "downloads" / "big.bin")
     assert on_disk.st_blocks * 512 >= layout["big.bin"]
     assert same_tree(source, tmp_path / "downloads", layout)
+
+
+# --------------------------------------------------------------------------- #
+# Persistence: the daemon as a child process, real signals
+# --------------------------------------------------------------------------- #
+
+HERE = Path(__file__).resolve().parent
+LISTENING = re.compile(rb"API listening on http://127\.0\.0\.1:(\d+)")
+#: Container runtimes give 10 s between SIGTERM and SIGKILL.
+STOP_GRACE = 10.0
+#: Seconds between the daemon's periodic saves in these tests.
+SAVE_INTERVAL = 1.0
+PIECE = 16384
+
+
+# --------------------------------------------------------------------------- #
+# Helpers
+# --------------------------------------------------------------------------- #
+
+class DaemonProcess:
+    """torrentflow.py as a child process on fixed directories, with an HTTP client on it."""
+
+    def __init__(self, root, download_dir=None, save_interval=SAVE_INTERVAL):
+        self.root = root
+        self.download_dir = download_dir or root / "downloads"
+        self.state_dir = root / "state"
+        self.save_interval = save_interval
+        self.runs = 0
+        self.process = None
+        self.client = None
+        self.log_path = None
+
+    async def start(self):
+        """Start it, wait for the API port and for the saved torrents to be handed over."""
+        assert self.process is None or self.process.poll() is not None
+        self.runs += 1
+        self.log_path = self.root / f"daemon-{self.runs}.log"
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, str(HERE / "torrentflow.py"), "--local-only",
+                 "--listen-interfaces", "127.0.0.1:0", "--port", "0",
+                 "--download-dir", str(self.download_dir), "--state-dir", str(self.state_dir),
+                 "--save-interval", str(self.save_interval)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd=self.root)
+        port = await wait_until(self._port, deadline=30, what="the API port")
+        self.client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
+
+        async def loaded():
+            async with self.client.get("/health") as response:
+                return not (await response.json())["loading"]
+        await wait_until(loaded, deadline=30, what="saved torrents to load")
+        return self
+
+    def _port(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+        match = LISTENING.search(self.log_path.read_bytes())
+        return int(match[1]) if match else None
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    async def stop(self, signum=signal.SIGTERM):
+        """Send signum to our child and wait for it; return (exit code, seconds taken)."""
+        await self.client.close()
+        self.client = None
+        started = time.monotonic()
+        os.kill(self.process.pid, signum)
+        await wait_until(lambda: self.process.poll() is not None, deadline=30,
+                         what="the daemon to exit")
+        return self.process.returncode, time.monotonic() - started
+
+    async def restart(self, signum=signal.SIGTERM):
+        code, _ = await self.stop(signum)
+        expected = 0 if signum in (signal.SIGTERM, signal.SIGINT) else -signum
+        assert code == expected, self.log()
+        return await self.start()
+
+    async def close(self):
+        if self.client is not None:
+            await self.client.close()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    async def status(self, infohash):
+        return await status_of(self.client, infohash)
+
+    async def infohashes(self):
+        async with self.client.get("/torrents") as response:
+            assert response.status == 200
+            return {t["infohash"] for t in (await response.json())["torrents"]}
+
+    async def put(self, infohash, action):
+        async with self.client.put(f"/torrents/{infohash}/{action}") as response:
+            assert response.status == 200, await response.text()
+
+    async def wait_listed(self, infohash):
+        """The status of a torrent that must come back, once it finished checking."""
+        async def listed():
+            async with self.client.get(f"/torrents/{infohash}") as response:
+                if response.status != 200:
+                    return None
+                status = await response.json()
+                return status if not status["state"].startswith("checking") else None
+        return await wait_until(listed, deadline=30, what=f"{infohash} to come back")
+
+
+class Tracker(Web):
+    """The test web server; its tracker knows no peer until a seeder is set."""
+
+    async def announce(self, request):
+        if self.seeder is None:
+            self.announces += 1
+            return web.Response(body=lt.bencode({"interval": 1800, "peers": b""}),
+                                content_type="text/plain")
+        return await super().announce(request)
+
+
+def unlimit(seeder):
+    seeder.session.set_peer_class(seeder.session.local_peer_class_id,
+                                  {"upload_limit": 0, "download_limit": 0})
+
+
+def payload_sent(seeder):
+    """Payload bytes the seeder sent, counted at once (all_time_upload lags a second)."""
+    return sum(handle.status().total_payload_upload for handle in seeder.handles)
+
+
+def kept(status):
+    """The fields a restart must not change."""
+    return {name: status[name] for name in ("infohash", "save_path", "added_time", "name",
+                                            "total_size")}
+
+
+@pytest.fixture
+async def process(tmp_path):
+    process = DaemonProcess(tmp_path)
+    yield process
+    await process.close()
+
+
+@pytest.fixture
+def seeders():
+    """A factory of Seeders, all dropped at the end of the test."""
+    made = []
+
+    def make(rate_limit=0):
+        made.append(Seeder(rate_limit))
+        return made[-1]
+    yield make
+    for seeder in made:
+        del seeder.session
+
+
+@pytest.fixture
+async def tracker(aiohttp_server):
+    site = Tracker(None)
+    site.server = await aiohttp_server(site.app)
+    return site
+
+
+def swarm_torrent(tmp_path, tracker, seeder, size, name="data.bin"):
+    """Random payload of size bytes, its .torrent announcing to tracker, seeded by seeder."""
+    layout = {name: size}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / name, piece_size=PIECE, tracker=tracker.url("/announce"))
+    seeder.seed(torrent, source)
+    tracker.seeder = seeder
+    return torrent, source, layout
+
+
+def idle_torrent(tmp_path, name):
+    """A .torrent nobody seeds (its payload lives outside the daemon's download dir)."""
+    source = make_payload(tmp_path / "idle", {name: 40000})
+    return make_torrent(source / name, piece_size=PIECE)
+
+
+# --------------------------------------------------------------------------- #
+# Shutdown and crashes mid-download
+# --------------------------------------------------------------------------- #
+
+async def test_sigterm_mid_download_stops_fast_and_resumes(seeders, tracker, tmp_path):
+    # No periodic save in this test: whatever comes back was saved at shutdown.
+    process = DaemonProcess(tmp_path, save_interval=600)
+    try:
+        seeder = seeders(512 * 1024)
+        torrent, source, layout = swarm_torrent(tmp_path, tracker, seeder, 3 * 1024 * 1024)
+        infohash = infohash_of(torrent)
+        await process.start()
+        await add(process.client, torrent_file=torrent)
+        before = await wait_until(lambda: _done_at_least(process, infohash, 1024 * 1024),
+                                  what="a third downloaded")
+
+        code, seconds = await process.stop(signal.SIGTERM)
+        print(f"SIGTERM stop took {seconds:.2f} s")
+        assert code == 0, process.log()
+        assert seconds < STOP_GRACE / 2, f"SIGTERM took {seconds:.2f} s"
+        assert "saved 1 changed torrents of 1 at shutdown" in process.log()
+        on_disk = pieces_on_disk(source / "data.bin", process.download_dir / "data.bin")
+        saved = saved_pieces(process, infohash)
+        print(f"SIGTERM: {on_disk} pieces on disk, {saved} in the resume file")
+        # A clean stop keeps every piece that reached the disk (one may be mid-check).
+        assert before["num_pieces"] <= saved and on_disk - 1 <= saved <= on_disk
+
+        await process.start()
+        after = await process.wait_listed(infohash)
+        assert kept(after) == kept(before)
+        assert not after["is_finished"]
+        # Pausing the session at shutdown must not bring the torrent back paused.
+        await wait_until(lambda: _not_paused(process, infohash), deadline=5, what="it to run")
+        assert after["num_pieces"] >= saved
+        unlimit(seeder)
+        await wait_complete(process.client, infohash)
+        assert same_tree(source, process.download_dir, layout)
+        redownloaded = payload_sent(seeder) - layout["data.bin"]
+        print(f"seeder sent {redownloaded} bytes twice after SIGTERM")
+    finally:
+        await process.close()
+
+
+async def _done_at_least(process, infohash, amount):
+    status = await process.status(infohash)
+    return status if status["total_done"] >= amount else None
+
+
+async def test_sigkill_mid_download_loses_at_most_a_save_interval(process, seeders, tracker,
+                                                                 tmp_path):
+    rate = 512 * 1024
+    size = 4 * 1024 * 1024
+    seeder = seeders(rate)
+    torrent, source, layout = swarm_torrent(tmp_path, tracker, seeder, size)
+    infohash = infohash_of(torrent)
+    await process.start()
+    await add(process.client, torrent_file=torrent)
+    first = await wait_until(lambda: _done_at_least(process, infohash, PIECE),
+                             what="the first piece")
+    lost = []
+    # Each run downloads well over a save interval's worth before it is killed. The
+    # seeder's count picks the moment, so it falls anywhere in the daemon's save cycle.
+    for kill_at in (1536 * 1024, 3072 * 1024):
+        await wait_until(lambda: payload_sent(seeder) >= kill_at, what=f"{kill_at} bytes sent")
+        code, _ = await process.stop(signal.SIGKILL)
+        assert code == -signal.SIGKILL
+        on_disk = pieces_on_disk(source / "data.bin", process.download_dir / "data.bin")
+        saved = saved_pieces(process, infohash)
+        lost.append((on_disk - saved) * PIECE)
+        await process.start()
+        after = await process.wait_listed(infohash)
+        assert kept(after) == kept(first)
+        assert after["num_pieces"] >= saved
+    unlimit(seeder)
+    status = await wait_complete(process.client, infohash)
+    assert same_tree(source, process.download_dir, layout)
+    print(f"SIGKILL: bytes on disk but forgotten per kill: {lost}; last run downloaded "
+          f"{status['total_download']} bytes for {size - after['total_done']} missing; "
+          f"seeder sent {payload_sent(seeder) - size} bytes twice")
+    # A kill can fall anywhere in a save interval; allow one more second of slack.
+    bound = rate * (SAVE_INTERVAL + 1.0)
+    assert all(amount <= bound for amount in lost), (lost, bound)
+    assert status["total_download"] <= (size - after["total_done"]) * 1.05 + 16 * PIECE
+
+
+def saved_pieces(process, infohash):
+    """How many pieces the resume file says are done: what a restart will keep."""
+    data = (process.state_dir / "resume" / f"{infohash}.resume").read_bytes()
+    return sum(lt.read_resume_data(data).have_pieces)
+
+
+def pieces_on_disk(source, target):
+    """How many whole pieces of target already hold the source's bytes."""
+    count = 0
+    with open(source, "rb") as expected, open(target, "rb") as actual:
+        while chunk := expected.read(PIECE):
+            count += actual.read(PIECE) == chunk
+    return count
+
+
+# --------------------------------------------------------------------------- #
+# What comes back: paused torrents, magnets, removals
+# --------------------------------------------------------------------------- #
+
+async def test_paused_torrent_comes_back_paused(process, tmp_path):
+    paused, running = idle_torrent(tmp_path, "paused.bin"), idle_torrent(tmp_path, "running.bin")
+    paused_id, running_id = infohash_of(paused), infohash_of(running)
+    await process.start()
+    for torrent in (paused, running):
+        await add(process.client, torrent_file=torrent)
+    await process.put(paused_id, "pause")
+    before = {i: await process.status(i) for i in (paused_id, running_id)}
+    assert before[paused_id]["paused"] and not before[paused_id]["auto_managed"]
+
+    # PUT /pause answers once saved, so a crash right after keeps it; and pausing the
+    # session at a clean shutdown must not leave the running one paused.
+    for signum in (signal.SIGKILL, signal.SIGTERM):
+        await process.restart(signum)
+        for infohash in (paused_id, running_id):
+            assert kept(await process.wait_listed(infohash)) == kept(before[infohash])
+        status = await process.status(paused_id)
+        assert status["paused"] and not status["auto_managed"], signum
+        await wait_until(lambda: _not_paused(process, running_id), deadline=5,
+                         what="the running torrent to start")
+
+    await process.put(paused_id, "resume")
+    await process.restart(signal.SIGKILL)
+    await process.wait_listed(paused_id)
+    status = await wait_until(lambda: _not_paused(process, paused_id), deadline=5,
+                              what="the resumed torrent to start")
+    assert status["auto_managed"]
+
+
+async def _not_paused(process, infohash):
+    status = await process.status(infohash)
+    return None if status["paused"] else status
+
+
+@pytest.mark.parametrize("found_by", ["tracker", "x.pe", "x.pe-closed"])
+async def test_magnet_without_metadata_comes_back_and_completes(found_by, process, seeders,
+                                                                tracker, tmp_path):
+    layout = {"magnet.bin": 1024 * 1024 + 7}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "magnet.bin", piece_size=PIECE)
+    infohash = infohash_of(torrent)
+    seeder = seeders()  # it does not have the torrent yet
+    if found_by == "x.pe-closed":  # nobody listens there until after the crash
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        seeder = None
+        magnet = f"magnet:?xt=urn:btih:{infohash}&x.pe=127.0.0.1:{port}"
+    elif found_by == "tracker":
+        magnet = (f"magnet:?xt=urn:btih:{infohash}"
+                  f"&tr={urllib.parse.quote(tracker.url('/announce'), safe='')}")
+    else:
+        magnet = seeder.magnet(torrent)
+    await process.start()
+    await add(process.client, torrent_url=magnet)
+    await wait_until(lambda: _not_paused(process, infohash), what="it to look for peers")
+    # Pausing and resuming saves it again, after its peer let it down.
+    await process.put(infohash, "pause")
+    await process.put(infohash, "resume")
+    before = await process.status(infohash)
+    assert not before["has_metadata"]
+
+    # No peer has it; the daemon crashes; then the seeder gets it.
+    await process.stop(signal.SIGKILL)
+    if seeder is None:
+        seeder = seeders()
+        seeder.session.apply_settings({"listen_interfaces": f"127.0.0.1:{port}"})
+        await wait_until(lambda: seeder.port == port, deadline=10,
+                         what="the seeder on the x.pe port")
+    seeder.seed(torrent, source)
+    tracker.seeder = seeder
+    await process.start()
+    after = await process.wait_listed(infohash)
+    assert {k: after[k] for k in ("infohash", "save_path", "added_time")} == \
+        {k: before[k] for k in ("infohash", "save_path", "added_time")}
+    await wait_complete(process.client, infohash, deadline=20)
+    assert same_tree(source, process.download_dir, layout)
+
+    # With its metadata saved, it restarts as a complete torrent with no peer at all.
+    tracker.seeder = None
+    await process.restart(signal.SIGTERM)
+    status = await process.wait_listed(infohash)
+    assert status["has_metadata"] and status["progress"] == 100
+
+
+async def test_removal_survives_restart(process, tmp_path):
+    names = ("gone", "gone_with_files", "stays")
+    torrents = {name: idle_torrent(tmp_path, f"{name}.bin") for name in names}
+    ids = {name: infohash_of(torrent) for name, torrent in torrents.items()}
+    await process.start()
+    for torrent in torrents.values():
+        await add(process.client, torrent_file=torrent)
+    for name, query in (("gone", ""), ("gone_with_files", "?delete_files=true")):
+        async with process.client.delete(f"/torrents/{ids[name]}{query}") as response:
+            assert response.status == 200, await response.text()
+    # DELETE answered: the removal must hold even if the daemon dies right now.
+    for signum in (signal.SIGKILL, signal.SIGINT):
+        await process.restart(signum)
+        await process.wait_listed(ids["stays"])
+        assert await process.infohashes() == {ids["stays"]}
+    resume_files = {path.name.split(".")[0] for path in (process.state_dir / "resume").iterdir()}
+    assert resume_files == {ids["stays"]}
+
+
+# --------------------------------------------------------------------------- #
+# Disk faults
+# --------------------------------------------------------------------------- #
+
+async def test_corrupt_resume_files_are_quarantined(process, tmp_path):
+    # name: (what becomes of the main file, whether a good .bak sits beside it)
+    cases = {"good": ("keep", False), "truncated": ("truncate", False),
+             "garbage": ("garbage", False), "truncated_bak": ("truncate", True),
+             "garbage_bak": ("garbage", True), "only_bak": ("delete", True)}
+    torrents = {name: idle_torrent(tmp_path, f"{name}.bin") for name in cases}
+    ids = {name: infohash_of(torrent) for name, torrent in torrents.items()}
+    await process.start()
+    for torrent in torrents.values():
+        await add(process.client, torrent_file=torrent)
+    before = {name: await process.status(ids[name]) for name in cases}
+    await process.stop(signal.SIGTERM)
+
+    resume = process.state_dir / "resume"
+    for name, (damage, backup) in cases.items():
+        main, bak = resume / f"{ids[name]}.resume", resume / f"{ids[name]}.bak"
+        good = main.read_bytes()
+        bak.unlink(missing_ok=True)
+        if backup:
+            bak.write_bytes(good)
+        if damage == "truncate":
+            main.write_bytes(good[:len(good) // 2])
+        elif damage == "garbage":
+            main.write_bytes(os.urandom(len(good)))
+        elif damage == "delete":
+            main.unlink()
+
+    await process.start()
+    survivors = {name for name, (damage, backup) in cases.items() if damage == "keep" or backup}
+    for name in survivors:
+        assert kept(await process.wait_listed(ids[name])) == kept(before[name])
+    assert await process.infohashes() == {ids[name] for name in survivors}
+    # Every unreadable file is moved aside, also one whose good .bak took its place.
+    quarantined = {path.name.rsplit(".", 1)[0]
+                   for path in (process.state_dir / "quarantine").iterdir()}
+    assert quarantined == {f"{ids[name]}.resume" for name, (damage, _) in cases.items()
+                           if damage in ("truncate", "garbage")}
+    assert process.log().count("moved unreadable resume file") == len(quarantined)
+
+    # The next start finds nothing wrong and loses nothing.
+    await process.restart(signal.SIGTERM)
+    for name in survivors:
+        await process.wait_listed(ids[name])
+    assert await process.infohashes() == {ids[name] for name in survivors}
+    assert "unreadable" not in process.log()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+#: fault: (payload size, remount options that cause it, remount options that fix it)
+DISK_FAULTS = {
+    "full": (6 * 1024 * 1024, None, "remount,size=64m"),
+    "read_only": (1024 * 1024, "remount,ro", "remount,rw"),
+}
+
+
+@pytest.mark.parametrize("fault", DISK_FAULTS)
+async def test_disk_fault_reports_error_and_recovers(fault, small_disk, seeders, tracker,
+                                                     tmp_path):
+    size, cause, fix = DISK_FAULTS[fault]
+    process = DaemonProcess(tmp_path, download_dir=small_disk)
+    try:
+        seeder = seeders()
+        torrent, source, layout = swarm_torrent(tmp_path, tracker, seeder, size)
+        infohash = infohash_of(torrent)
+        await process.start()
+        if cause:
+            subprocess.run(["mount", "-o", cause, str(small_disk)], check=True)
+        await add(process.client, torrent_file=torrent)
+
+        async def failed():
+            status = await process.status(infohash)
+            return status if status["error"] else None
+        status = await wait_until(failed, deadline=30, what=f"the {fault} disk error")
+        print(f"{fault} disk error: {status['error']} ({status['state']})")
+        async with process.client.get("/health") as response:
+            assert response.status == 200
+        assert (await process.status(infohash))["error"]
+
+        subprocess.run(["mount", "-o", fix, str(small_disk)], check=True)
+        await process.put(infohash, "resume")
+        await wait_complete(process.client, infohash)
+        assert (await process.status(infohash))["error"] == ""
+        assert same_tree(source, small_disk, layout)
+    finally:
+        await process.close()

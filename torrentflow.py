@@ -819,6 +819,8 @@ class _Torrent:
         self.last_scrape = None       # when a tracker last reported swarm counts
         self.flushing_since = None    # when a flush of its finished download was asked for
         self.saved_as = None          # the id its resume file carries
+        self.magnet_peers = []        # its x.pe= peers, saved until the metadata is here
+        self.disk_error = ""          # the last file error, while it keeps the torrent stuck
         self.status_waiters = []      # futures for "the next status of this torrent"
         self.save_waiters = collections.deque()  # one future per save_resume_data call
         self.removal = None           # future for DELETE, once requested
@@ -832,6 +834,10 @@ class _Torrent:
         if self.metadata is None and status.has_metadata:
             self.metadata = _metadata_fields(status.torrent_file, self.params)
         fields = status_fields(status, now)
+        if not fields["upload_mode"]:
+            self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
+        # libtorrent meets a full disk with upload mode, not an error: report it as one.
+        fields["error"] = fields["error"] or self.disk_error
         fields["last_scrape"] = _seconds_since(self.last_scrape, now)
         fields["info_hash_v1"] = next((i for i in ids if len(i) == 40), None)
         fields["info_hash_v2"] = next((i for i in ids if len(i) == 64), None)
@@ -885,7 +891,7 @@ class TorrentEngine:
         self._by_handle = {}          # handle -> _Torrent, every torrent libtorrent holds
         self._by_id = {}              # hex id -> _Torrent, those with a status to serve
         self._pending_adds = {}       # hex id -> future of (_Torrent, created)
-        self._creation_info = {}      # hex id -> _creation_info() of a torrent being added
+        self._adding = {}             # hex id -> (_creation_info(), x.pe peers) until added
         self._removing = {}           # hex id -> _Torrent awaiting removal/deletion alerts
         self._dirty = set()           # torrents that changed since the last periodic save
         self._progressed = set()      # torrents whose per-file progress is out of date
@@ -1010,9 +1016,16 @@ class TorrentEngine:
         await self._save(torrent, SAVE_FULL)
 
     async def resume(self, torrent):
-        """Resume and hand it back to the queue."""
+        """Resume and hand it back to the queue; after an error, recheck and retry."""
         with _handle_call():
             torrent.handle.set_flags(lt.torrent_flags.auto_managed)
+            if torrent.disk_error or (torrent.status and torrent.status["error"]):
+                # Resuming says the fault is fixed. A piece can pass its hash check in
+                # memory and then fail to be written, so check what reached the disk.
+                torrent.disk_error = ""
+                torrent.handle.clear_error()
+                torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
+                torrent.handle.force_recheck()
             torrent.handle.resume()
         await self._refresh(torrent)
         await self._save(torrent, SAVE_FULL)
@@ -1034,10 +1047,17 @@ class TorrentEngine:
     # -- internals: requests that wait on alerts ----------------------------- #
 
     def _add_async(self, params):
+        """Add without waiting, keeping what add_torrent_alert will not carry back.
+
+        That is the .torrent's fields outside the info dict, and a magnet's x.pe peers:
+        libtorrent saves no peer that failed to connect, yet with no tracker and no DHT
+        they may be the only way to the metadata, so a restart must not forget them.
+        """
         if self.config.local_only:
             keep_local(params)
         info_hashes = params.ti.info_hashes() if params.ti else params.info_hashes
-        self._creation_info[_hash_ids(info_hashes)[0]] = _creation_info(params)
+        magnet_peers = list(params.peers) if params.ti is None else []
+        self._adding[_hash_ids(info_hashes)[0]] = (_creation_info(params), magnet_peers)
         self._session.async_add_torrent(params)
 
     def _refresh(self, torrent):
@@ -1122,7 +1142,7 @@ class TorrentEngine:
         ids = _hash_ids(alert.params.ti.info_hashes() if alert.params.ti
                         else alert.params.info_hashes)
         future = next((self._pending_adds[i] for i in ids if i in self._pending_adds), None)
-        creation_info = self._creation_info.pop(ids[0], None) if ids else None
+        creation_info, magnet_peers = self._adding.pop(ids[0], (None, [])) if ids else (None, [])
         if alert.error.value():
             log.warning("could not add torrent %s: %s", ids[0] if ids else "?",
                         alert.error.message())
@@ -1135,6 +1155,7 @@ class TorrentEngine:
         created = torrent is None
         if created:
             torrent = _Torrent(handle, alert.params, creation_info or _creation_info(alert.params))
+            torrent.magnet_peers = magnet_peers
             self._by_handle[handle] = torrent
             torrent.saved_as = None if future is not None else torrent.infohash
             log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
@@ -1147,8 +1168,11 @@ class TorrentEngine:
         if torrent is None or not torrent.save_waiters:
             return
         future = torrent.save_waiters.popleft()
-        torrent.file_priorities = list(alert.params.file_priorities)
-        data = lt.write_resume_data_buf(alert.params)  # copy now: the alert dies at the next pop
+        params = alert.params
+        torrent.file_priorities = list(params.file_priorities)
+        if params.ti is None and torrent.magnet_peers:
+            params.peers = list(dict.fromkeys([*params.peers, *torrent.magnet_peers]))
+        data = lt.write_resume_data_buf(params)  # copy now: the alert dies at the next pop
         old_name, torrent.saved_as = torrent.saved_as, torrent.infohash
         write = asyncio.get_running_loop().run_in_executor(
             self._disk, self._write_resume, torrent.infohash, data,
@@ -1231,8 +1255,10 @@ class TorrentEngine:
         if isinstance(alert, lt.torrent_error_alert):
             log.error("error in %s (%s): %s", name, torrent.infohash, alert.error.message())
         elif isinstance(alert, lt.file_error_alert):
-            log.error("file error in %s (%s): %s: %s", name, torrent.infohash, alert.filename(),
-                      alert.error.message())
+            error = f"{alert.error.message()}: {alert.filename()}"
+            if error != torrent.disk_error:  # every block that failed to write says it again
+                log.error("file error in %s (%s): %s", name, torrent.infohash, error)
+            torrent.disk_error = error
         elif not isinstance(alert, lt.state_changed_alert):
             log.info("%s %s (%s)", self._EVENT_WORDS[type(alert)], name, torrent.infohash)
         if isinstance(alert, lt.torrent_finished_alert):
@@ -1351,7 +1377,7 @@ class TorrentEngine:
         loaded = []
         for name in sorted(names):
             path = self._resume_path(name)
-            params = None
+            params, unreadable = None, []
             for candidate in (path, path.with_suffix(".bak")):
                 try:
                     params = lt.read_resume_data(candidate.read_bytes())
@@ -1359,29 +1385,33 @@ class TorrentEngine:
                     continue
                 except (OSError, RuntimeError) as error:
                     log.warning("resume file %s is unreadable: %s", candidate, error)
+                    unreadable.append(candidate)
                     continue
                 if not _hash_ids(params.info_hashes):
                     log.warning("resume file %s names no torrent", candidate)
+                    unreadable.append(candidate)
                     params = None
                     continue
                 if candidate is not path:
                     log.warning("using the backup %s", candidate)
                 break
-            if params is None:
-                self._quarantine(path)
-            else:
+            # A bad main file goes even when its .bak is good: the next save would
+            # otherwise rotate it over that good .bak.
+            self._quarantine(unreadable)
+            if params is not None:
                 params.flags &= ~lt.torrent_flags.duplicate_is_error
                 loaded.append(params)
         return loaded
 
-    def _quarantine(self, path):
+    def _quarantine(self, files):
+        if not files:
+            return
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        for file in (path, path.with_suffix(".bak")):
-            if file.exists():
-                target = self.quarantine_dir / f"{file.name}.{stamp}"
-                os.replace(file, target)
-                log.warning("moved unreadable resume file %s to %s", file, target)
+        for file in files:
+            target = self.quarantine_dir / f"{file.name}.{stamp}"
+            os.replace(file, target)
+            log.warning("moved unreadable resume file %s to %s", file, target)
         _fsync_dir(self.resume_dir)
 
 
