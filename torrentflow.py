@@ -795,6 +795,11 @@ def status_fields(status, now):
 # The session owner
 # --------------------------------------------------------------------------- #
 
+def _listing_body(items, total):
+    """{"torrents": [items], "total": total} from already serialised items."""
+    return b"".join((b'{"torrents":[', items, b'],"total":%d}' % total))
+
+
 def _creation_info(params):
     """The .torrent's fields outside the info dict, which add_torrent_alert does not carry."""
     return {"creation_date": params.creation_date, "creator": params.created_by,
@@ -896,6 +901,7 @@ class TorrentEngine:
         self._dirty = set()           # torrents that changed since the last periodic save
         self._progressed = set()      # torrents whose per-file progress is out of date
         self._moving = set()          # torrents whose cached rates are not zero
+        self._listing = None          # listing() until a status changes
         self._tasks = []
         self._wakeup = asyncio.Event()
         self._alert_socket = None
@@ -974,6 +980,13 @@ class TorrentEngine:
 
     def torrents(self):
         return (t for t in self._by_handle.values() if t.status is not None)
+
+    def listing(self):
+        """The body of a plain GET /torrents, rebuilt only after something changed."""
+        if self._listing is None:
+            bodies = [t.body for t in self.torrents()]
+            self._listing = _listing_body(b",".join(bodies), len(bodies))
+        return self._listing
 
     def count(self):
         return len(self._by_handle)
@@ -1105,6 +1118,7 @@ class TorrentEngine:
 
     def _on_state_update(self, alert):
         now = time.time()
+        self._listing = None
         for status in alert.status:
             torrent = self._by_handle.get(status.handle)
             if torrent is None or self._holding_back(torrent, status, now):
@@ -1199,6 +1213,7 @@ class TorrentEngine:
         if torrent is None:
             return
         self._by_handle.pop(torrent.handle, None)
+        self._listing = None
         for tracked in (self._dirty, self._progressed, self._moving):
             tracked.discard(torrent)
         for infohash in torrent.ids:
@@ -1315,6 +1330,7 @@ class TorrentEngine:
                     if files is not None and torrent.removal is None:
                         torrent.file_progress = files
                         torrent.render()
+                self._listing = None
 
     async def _save_loop(self):
         """Save torrents that changed, so a crash loses at most one interval."""
@@ -1640,8 +1656,11 @@ def _sort_key(name):
 @routes.get("/torrents")
 async def list_torrents(request):
     """Statuses as {"torrents": [...], "total": N}: filtered, sorted, paged, trimmed."""
+    engine = request.app[ENGINE]
+    if not request.query:
+        return web.Response(body=engine.listing(), content_type="application/json")
     query = _list_query(request.query)
-    torrents = list(request.app[ENGINE].torrents())
+    torrents = list(engine.torrents())
     if query["states"] is not None:
         torrents = [t for t in torrents if t.status["state"] in query["states"]]
     if query["paused"] is not None:
@@ -1659,8 +1678,7 @@ async def list_torrents(request):
         fields = query["fields"]
         items = json.dumps([{name: t.status[name] for name in fields} for t in torrents],
                            separators=(",", ":")).encode()[1:-1]
-    return web.Response(body=b'{"torrents":[%s],"total":%d}' % (items, total),
-                        content_type="application/json")
+    return web.Response(body=_listing_body(items, total), content_type="application/json")
 
 
 def _requested_torrent(request):
