@@ -1,0 +1,1366 @@
+"""Benchmark TorrentFlow against raw libtorrent, all on 127.0.0.1.
+
+One run measures, side by side:
+
+1. Download throughput: the daemon (a subprocess, torrent added by upload, progress
+   polled through GET) against raw libtorrent, also in a process of its own, with
+   the daemon's own settings ("raw") and tuned as ANCHORS.md's lt-tuned ("tuned":
+   high_performance_seed, hashing_threads=2, aio_threads=4, default disk backend),
+   all fetching from one loopback seeder in this process over TCP, in alternating
+   runs. MB/s runs from the add to "every piece verified"; the seeder's peer
+   counters split that into the wait for the first byte and the transfer. The file
+   is checked with sha1 twice: at that moment (libtorrent may still be writing it)
+   and after a graceful stop. --contenders also offers raw-default-disk and
+   tuned-pread, to tell settings from disk backends, and --try races the daemon's
+   settings plus any you name. One more daemon run polls GET /health every 10 ms:
+   its slowest answer is the longest event-loop stall during a download.
+2. Status API: req/s, p50 and p99 of GET /torrents/{infohash} and GET /torrents
+   with 1, 1000 (and, with --counts, 10000) torrents loaded, via wrk when it is
+   installed, else a bounded aiohttp load generator. With --anchors transmission, a
+   transmission-daemon holding the same torrents answers the same requests as
+   torrent-get POSTs (40 fields), each right after the daemon's, and the table shows
+   TorrentFlow's req/s divided by Transmission's.
+3. Memory: VmRSS of the idle daemon, empty and with each count; KiB per torrent.
+4. Restart: with the torrents saved, the time from process start until GET /health
+   answers and until GET /torrents lists them all.
+
+Run it beside torrentflow.py:
+
+    python bench_torrentflow.py                      # 1 GiB, 3 runs, 1 and 1000 torrents
+    python bench_torrentflow.py --size-mib 128 --duration 2 --counts 1,100
+    python bench_torrentflow.py --counts 1,1000,10000 --out bench.json
+    python bench_torrentflow.py --sections api --anchors transmission
+
+Every peer listens on 127.0.0.1 with DHT, LSD, UPnP and NAT-PMP off and uTP off.
+The benchmark only starts and stops processes it started, and removes its temp dir.
+MB means 10**6 bytes; KiB and MiB mean 1024 and 1024**2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import libtorrent as lt
+from aiohttp import web
+
+
+# --------------------------------------------------------------------------- #
+# Constants
+# --------------------------------------------------------------------------- #
+
+#: Every peer the benchmark runs itself: loopback only, no discovery, TCP only.
+LOOPBACK_SETTINGS = {
+    "listen_interfaces": "127.0.0.1:0",
+    "enable_dht": False,
+    "enable_lsd": False,
+    "enable_upnp": False,
+    "enable_natpmp": False,
+    "dht_bootstrap_nodes": "",
+    "enable_outgoing_utp": False,
+    "enable_incoming_utp": False,
+    "allow_multiple_connections_per_ip": True,
+    "stop_tracker_timeout": 0,
+}
+#: The seeder: libtorrent's defaults otherwise, as in ANCHORS.md.
+SEEDER_SETTINGS = {**LOOPBACK_SETTINGS, "alert_mask": 0}
+#: ANCHORS.md's lt-tuned, a fixed reference that does not follow torrentflow.py:
+#: high_performance_seed(), uTP off, hashing_threads=2, aio_threads=4.
+TUNED_SETTINGS = {**lt.high_performance_seed(), **LOOPBACK_SETTINGS,
+                  "hashing_threads": 2, "aio_threads": 4, "alert_queue_size": 10000}
+PREAD = "pread_disk_io_constructor"
+#: Raw libtorrent downloaders: name -> (settings, or None for the daemon's own
+#: settings, and the disk I/O backend, None being libtorrent's default: mmap on
+#: 64-bit Linux). "raw" is the daemon's exact setup; --try adds "raw+try".
+RAW_CONTENDERS = {
+    "raw": (None, PREAD),
+    "raw-default-disk": (None, None),
+    "tuned": (TUNED_SETTINGS, None),
+    "tuned-pread": (TUNED_SETTINGS, PREAD),
+}
+#: How often a download's progress and GET /health are polled.
+POLL_INTERVAL = 0.01
+#: A download slower than this (MB/s) counts as hung and is abandoned.
+MIN_RATE = 5e6
+#: Daemon start-up, loading and shutdown must finish within this many seconds.
+PROCESS_DEADLINE = 120.0
+#: Tiny torrents: one file of this many bytes, a single piece.
+TINY_SIZE = 4096
+#: Upper bound on requests made by the Python load generator in one measurement.
+MAX_PYTHON_REQUESTS = 2_000_000
+#: wrk prints one JSON line through this Lua hook (latency figures are in microseconds).
+WRK_SCRIPT = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,"errors":%d,"non2xx":%d,' ..
+    '"p50_us":%d,"p99_us":%d,"max_us":%d}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+#: The status loads measured: name, which request ("one" torrent or "all"), and the
+#: connections (None: --connections). "all, 1 connection": one full listing alone.
+STATUS_SCENARIOS = (("one", "one", None), ("all", "all", None),
+                    ("all, 1 connection", "all", 1))
+#: Same-run peers that --anchors can start: name -> (program, how to install it).
+ANCHOR_PROGRAMS = {"transmission": ("transmission-daemon",
+                                    "apt-get install -y transmission-daemon")}
+#: Anchors' names in the table's ratio columns, which are 10 characters wide.
+ANCHOR_SHORT_NAMES = {"transmission": "Transm"}
+#: The figures of one status load, as the table's columns (see _load_cells).
+LOAD_COLUMNS = ("req/s", "p50 ms", "p99 ms", "max ms", "errors", "body KiB")
+#: The torrent-get fields asked of Transmission: 40, as in ANCHORS.md, picked to match
+#: TorrentFlow's status fields (identity, state, progress, rates, counters, peers,
+#: sizes, dates, times, queue, path and the .torrent's metadata).
+TRANSMISSION_FIELDS = (
+    "id", "hashString", "name", "status", "error", "errorString", "percentDone",
+    "rateDownload", "rateUpload", "downloadedEver", "uploadedEver", "corruptEver",
+    "peersConnected", "peersSendingToUs", "peersGettingFromUs", "sizeWhenDone",
+    "leftUntilDone", "haveValid", "haveUnchecked", "totalSize", "pieceCount", "pieceSize",
+    "addedDate", "doneDate", "activityDate", "startDate", "secondsDownloading",
+    "secondsSeeding", "queuePosition", "downloadDir", "isFinished", "isStalled",
+    "metadataPercentComplete", "recheckProgress", "eta", "uploadRatio", "desiredAvailable",
+    "dateCreated", "creator", "comment",
+)
+#: Transmission's CSRF token: a 409 answer hands it out, every request must carry it.
+TRANSMISSION_SESSION_HEADER = "X-Transmission-Session-Id"
+#: First argument of the benchmark re-run as a raw libtorrent downloader (raw_child).
+RAW_CHILD = "--raw-child"
+MB = 1e6
+MIB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- #
+# Command line
+# --------------------------------------------------------------------------- #
+
+def parse_args(argv=None):
+    """The benchmark's options; sizes and counts are flags, defaults take a few minutes."""
+    here = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(
+        description="Benchmark TorrentFlow's downloads, status API, memory and restart "
+        "against raw libtorrent, all on 127.0.0.1.")
+    parser.add_argument("--daemon", type=Path, default=here / "torrentflow.py",
+                        help="torrentflow.py to benchmark (default: the one beside this file)")
+    parser.add_argument("--sections", default="download,api",
+                        help="download and/or api (api includes memory and restart); "
+                        "default %(default)s")
+    parser.add_argument("--size-mib", type=int, default=1024,
+                        help="download payload in MiB (default %(default)s)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="alternating download runs per contender (default %(default)s)")
+    parser.add_argument("--contenders", default="daemon,raw,tuned",
+                        help="download contenders: daemon, then any of "
+                        f"{', '.join(RAW_CONTENDERS)} (default %(default)s)")
+    parser.add_argument("--try", dest="try_settings", type=json.loads, default=None,
+                        metavar="JSON", help="also race contender raw+try: the daemon's "
+                        "settings and disk backend plus these, e.g. '{\"tick_interval\": 100}'")
+    parser.add_argument("--counts", default="1,1000",
+                        help="torrent counts for the API, memory and restart figures; "
+                        "add 10000 for the large library (default %(default)s)")
+    parser.add_argument("--restart-min", type=int, default=1000,
+                        help="measure restart for counts at least this big (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds per load measurement (default %(default)s)")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="concurrent connections for the load (default %(default)s)")
+    parser.add_argument("--add-concurrency", type=int, default=16,
+                        help="parallel POST /torrents while loading (default %(default)s)")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="idle seconds before reading RSS (default %(default)s)")
+    parser.add_argument("--anchors", default="",
+                        help="same-run peers for the status API, started beside the daemon "
+                        f"with the same torrents: any of {', '.join(ANCHOR_PROGRAMS)} "
+                        "(default: none)")
+    parser.add_argument("--no-wrk", action="store_true",
+                        help="use the Python load generator even when wrk is installed")
+    parser.add_argument("--out", type=Path, default=Path("bench_torrentflow.json"),
+                        help="where to write the JSON results (default %(default)s)")
+    parser.add_argument("--tmp", type=Path, default=None,
+                        help="parent of the temp dir (default: the system's)")
+    args = parser.parse_args(argv)
+    args.sections = _choices(parser, "--sections", args.sections, ("download", "api"))
+    args.contenders = _choices(parser, "--contenders", args.contenders,
+                               ("daemon", *RAW_CONTENDERS))
+    args.anchors = (_choices(parser, "--anchors", args.anchors, tuple(ANCHOR_PROGRAMS))
+                    if args.anchors else [])
+    if args.try_settings is not None:
+        if not isinstance(args.try_settings, dict):
+            parser.error("--try takes a JSON object of libtorrent settings")
+        args.contenders.append("raw+try")
+    try:
+        args.counts = [int(count) for count in args.counts.split(",")]
+    except ValueError:
+        parser.error("--counts takes comma-separated integers")
+    if not args.daemon.is_file():
+        parser.error(f"--daemon {args.daemon} does not exist")
+    if args.size_mib < 1 or args.runs < 1 or min(args.counts) < 1:
+        parser.error("--size-mib, --runs and every count must be positive")
+    return args
+
+
+def _choices(parser, option, text, allowed):
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in chosen if item not in allowed]
+    if bad or not chosen:
+        parser.error(f"{option} takes a comma-separated subset of {', '.join(allowed)}")
+    return chosen
+
+
+def main(argv=None):
+    """Run the chosen sections, print the table and write the JSON."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [RAW_CHILD]:
+        return raw_child(argv[1])
+    args = parse_args(argv)
+    torrentflow = import_daemon(args.daemon)
+    workdir = Path(tempfile.mkdtemp(prefix="tf-bench-", dir=args.tmp))
+    try:
+        results = asyncio.run(run_benchmark(args, torrentflow, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(render_table(results))
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nJSON written to {args.out}")
+    return 0
+
+
+def import_daemon(path):
+    """Import the torrentflow.py under test, for its settings: "raw" is then like-for-like."""
+    spec = importlib.util.spec_from_file_location("torrentflow", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["torrentflow"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+async def run_benchmark(args, torrentflow, workdir):
+    """Every section in order, with a CPU probe before and after to show machine drift."""
+    results = {"machine": machine_info(), "args": _jsonable(vars(args)),
+               "daemon_sha1": sha1_file(args.daemon),
+               "cpu_probe_before_mb_s": cpu_probe()}
+    if "download" in args.sections:
+        results["download"] = await bench_downloads(args, torrentflow, workdir / "download")
+    if "api" in args.sections:
+        args.anchors, results["anchors"] = available_anchors(args.anchors)
+        results["api"] = [await bench_library_beside_anchors(args, count,
+                                                             workdir / f"api-{count}")
+                          for count in args.counts]
+    results["cpu_probe_after_mb_s"] = cpu_probe()
+    return results
+
+
+
+# --------------------------------------------------------------------------- #
+# Section 1: download throughput
+# --------------------------------------------------------------------------- #
+
+async def bench_downloads(args, torrentflow, root):
+    """Alternate the contenders, each downloading one payload from one seeder.
+
+    The daemon's runs poll only its progress. One extra daemon run afterwards also
+    polls GET /health every 10 ms, whose slowest answer shows the longest loop stall.
+    """
+    payload = make_payload(root / "source" / "payload.bin", args.size_mib * MIB)
+    torrent = make_torrent(payload)
+    seeder = Seeder().seed(torrent, payload.parent)
+    runs = {name: [] for name in args.contenders}
+    try:
+        async with Tracker(seeder) as tracker, aiohttp.ClientSession() as client:
+            race = DownloadRace(args, torrentflow, client, seeder, payload,
+                                with_tracker(torrent, tracker.url), root)
+            for run in range(args.runs):
+                shift = run % len(args.contenders)  # nobody always goes first
+                for name in args.contenders[shift:] + args.contenders[:shift]:
+                    runs[name].append(await race.run(name, f"run {run + 1}"))
+            probed = None
+            if "daemon" in runs:
+                probed = await race.run("daemon", "probe run", with_probe=True)
+    finally:
+        seeder.close()
+        shutil.rmtree(payload.parent, ignore_errors=True)
+    return summarise_downloads(args, runs, probed)
+
+
+class DownloadRace:
+    """Runs one download of the payload by one contender and checks the bytes."""
+
+    def __init__(self, args, torrentflow, client, seeder, payload, torrent, root):
+        self.args = args
+        self.seeder = seeder
+        self.torrentflow = torrentflow
+        self.client = client
+        self.payload = payload
+        self.source_sha1 = sha1_file(payload)
+        self.torrent = torrent
+        self.root = root
+        self.deadline = 30 + payload.stat().st_size / MIN_RATE
+
+    def raw_setup(self, name):
+        """(settings, disk backend) of a raw contender."""
+        if name == "raw+try":
+            return {**daemon_settings(self.torrentflow), **self.args.try_settings}, PREAD
+        settings, backend = RAW_CONTENDERS[name]
+        return settings or daemon_settings(self.torrentflow), backend
+
+    async def run(self, name, label, with_probe=False):
+        """Download with contender name; return the run's figures.
+
+        with_probe: a daemon run also polls GET /health every 10 ms (see HealthProbe).
+        """
+        target = self.root / f"{name}-{label.replace(' ', '-')}"
+        downloaded = target / "downloads" / self.payload.name
+
+        probe = HealthProbe(self.client) if with_probe else None
+        async with self.seeder.watching() as upload:
+            if name == "daemon":
+                started, seconds, cpu, at_done = await daemon_download(
+                    self.client, self.args.daemon, self.torrent, target, downloaded,
+                    self.deadline, self.source_sha1, probe)
+            else:
+                started, seconds, cpu, at_done = await raw_download(
+                    *self.raw_setup(name), self.torrent, downloaded, self.deadline,
+                    self.source_sha1)
+        size = self.payload.stat().st_size
+        result = {"seconds": round(seconds, 3), "mb_s": round(size / MB / seconds, 1),
+                  "cpu_s": round(cpu, 2), **upload.phases(started, size),
+                  "sha1_at_done": at_done,
+                  "sha1_after_stop": sha1_file(downloaded) == self.source_sha1}
+        if probe is not None:
+            result["health"] = probe.summary()
+        progress(f"download {label} {name}: {result['mb_s']:.0f} MB/s in {seconds:.2f} s "
+                 f"(first byte {result['first_byte_s']} s, 99% sent "
+                 f"{result['sent_99_s']} s), {cpu:.2f} CPU s, sha1 at done {_ok(at_done)}, "
+                 f"after stop {_ok(result['sha1_after_stop'])}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.sync()  # the next run should not pay for this one's writeback
+        return result
+
+
+async def daemon_download(client, script, torrent, root, downloaded, deadline, source_sha1,
+                          probe=None):
+    """Add by upload and poll GET until verified, check the file, then stop gracefully.
+
+    Returns (start time, seconds, CPU seconds the daemon used meanwhile, whether the
+    file matched when the API first reported it complete). A HealthProbe runs
+    alongside if given.
+    """
+    async with Daemon(script, root) as daemon:
+        await daemon.start(client)
+        async with probe.watching(daemon.url) if probe else contextlib.nullcontext():
+            cpu_before = daemon.cpu_seconds()
+            started = time.perf_counter()
+            infohash = await api_add(client, daemon.url, torrent)
+
+            async def finished():
+                async with client.get(f"{daemon.url}/torrents/{infohash}") as response:
+                    status = await response.json()
+                return status["progress"] == 100 and status["is_seeding"]
+
+            await poll_until(finished, deadline, "the daemon's download")
+            seconds = time.perf_counter() - started
+            cpu = daemon.cpu_seconds() - cpu_before
+        at_done = sha1_file(downloaded) == source_sha1
+        await daemon.stop()
+        return started, seconds, cpu, at_done
+
+
+async def raw_download(settings, backend, torrent, downloaded, deadline, source_sha1):
+    """Download in a fresh libtorrent process (see raw_child), as the daemon does.
+
+    A separate process, not this one: a downloader sharing the seeder's process ran
+    about 15% faster than the same settings in a process of its own.
+    Returns (start time, seconds, CPU seconds, whether the file matched when complete).
+    """
+    torrent_path = downloaded.parent.parent / "raw.torrent"
+    torrent_path.parent.mkdir(parents=True, exist_ok=True)
+    torrent_path.write_bytes(torrent)
+    spec = {"settings": settings, "backend": backend, "torrent": str(torrent_path),
+            "file": str(downloaded), "sha1": source_sha1, "deadline": deadline}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).resolve()), RAW_CHILD, json.dumps(spec),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.wait_for(process.stdout.readline(), PROCESS_DEADLINE)  # "ready"
+        started = time.perf_counter()
+        process.stdin.write(b"go\n")
+        await process.stdin.drain()
+        line = await asyncio.wait_for(process.stdout.readline(), deadline + PROCESS_DEADLINE)
+        if not line:
+            raise RuntimeError(f"the raw downloader exited with {await process.wait()}")
+        result = json.loads(line)
+        await asyncio.wait_for(process.wait(), PROCESS_DEADLINE)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return started, result["seconds"], result["cpu_s"], result["sha1_at_done"]
+
+
+def raw_child(spec_text):
+    """Child mode: one download in a libtorrent session, started by a line on stdin.
+
+    Prints "ready" once the session is up, then one JSON line with the seconds from
+    the add until every piece was verified, the CPU seconds spent meanwhile, and
+    whether the file already matched the source at that moment.
+    """
+    spec = json.loads(spec_text)
+    params = lt.session_params(spec["settings"])
+    if spec["backend"]:
+        params.disk_io_constructor = spec["backend"]
+    session = lt.session(params)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    cpu_before = _stat_cpu_seconds(Path("/proc/self/stat"))
+    started = time.perf_counter()
+    add_params = lt.load_torrent_buffer(Path(spec["torrent"]).read_bytes())
+    add_params.save_path = str(Path(spec["file"]).parent)
+    handle = session.add_torrent(add_params)
+    while not _is_complete(handle.status()):
+        if time.perf_counter() - started > spec["deadline"]:
+            raise TimeoutError("the raw download did not finish")
+        time.sleep(POLL_INTERVAL)
+    seconds = time.perf_counter() - started
+    cpu = _stat_cpu_seconds(Path("/proc/self/stat")) - cpu_before
+    matched = sha1_file(spec["file"]) == spec["sha1"]
+    print(json.dumps({"seconds": seconds, "cpu_s": cpu, "sha1_at_done": matched}), flush=True)
+    session.apply_settings({"stop_tracker_timeout": 0})
+    return 0
+
+
+def _is_complete(status):
+    """Every piece downloaded and verified: what the daemon reports as 100 and seeding."""
+    return status.progress == 1 and status.is_seeding
+
+
+def _stat_cpu_seconds(stat_path):
+    """utime + stime from a /proc .../stat file, in seconds."""
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_settings(torrentflow):
+    """The settings_pack the daemon builds for --local-only."""
+    config = torrentflow.parse_config(
+        ["--local-only", "--listen-interfaces", "127.0.0.1:0"], environ={})
+    return torrentflow.session_settings(config)
+
+
+def summarise_downloads(args, runs, probed):
+    """Median, range and ratios of the download runs, and the probe run's stalls."""
+    summary = {"size_mib": args.size_mib, "runs": runs, "contenders": {}}
+    for name, results in runs.items():
+        rates = [result["mb_s"] for result in results]
+        summary["contenders"][name] = {
+            "median_mb_s": statistics.median(rates), "min_mb_s": min(rates),
+            "max_mb_s": max(rates),
+            "median_cpu_s": round(statistics.median(r["cpu_s"] for r in results), 2),
+            **_phase_medians(results, args.size_mib * MIB),
+            "sha1_at_done": sum(bool(r["sha1_at_done"]) for r in results),
+            "sha1_after_stop": sum(bool(r["sha1_after_stop"]) for r in results)}
+    medians = {name: figures["median_mb_s"] for name, figures in summary["contenders"].items()}
+    for name in medians:
+        for baseline in ("raw", "tuned"):
+            if baseline in medians:
+                summary["contenders"][name][f"ratio_to_{baseline}"] = round(
+                    medians[name] / medians[baseline], 3)
+    if probed:
+        summary["probe_run"] = probed
+    return summary
+
+
+def _phase_medians(results, size):
+    """Median first-byte time and transfer rate (first byte to 99% sent), where known."""
+    first = [r["first_byte_s"] for r in results if r["first_byte_s"] is not None]
+    transfer = [0.99 * size / MB / (r["sent_99_s"] - r["first_byte_s"]) for r in results
+                if r["first_byte_s"] is not None and r["sent_99_s"] is not None
+                and r["sent_99_s"] > r["first_byte_s"]]
+    return {"median_first_byte_s": round(statistics.median(first), 2) if first else None,
+            "median_transfer_mb_s": round(statistics.median(transfer)) if transfer else None}
+
+
+class HealthProbe:
+    """GET /health every POLL_INTERVAL in the background; its latency shows loop stalls."""
+
+    def __init__(self, client):
+        self.client = client
+        self.latencies = []
+
+    @contextlib.asynccontextmanager
+    async def watching(self, url):
+        """Probe url's /health for as long as the block runs."""
+        task = asyncio.create_task(self._run(f"{url}/health"))
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, url):
+        while len(self.latencies) < MAX_PYTHON_REQUESTS:
+            started = time.perf_counter()
+            async with self.client.get(url) as response:
+                await response.read()
+            self.latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(POLL_INTERVAL)
+
+    def summary(self):
+        return {"samples": len(self.latencies), **latency_summary(self.latencies)}
+
+
+# --------------------------------------------------------------------------- #
+# Sections 2-4: status API, memory and restart with a library of torrents
+# --------------------------------------------------------------------------- #
+
+def available_anchors(names):
+    """(the anchors whose program is installed, what the JSON says of each); say how
+    to install the missing ones, which are skipped."""
+    usable, facts = [], {}
+    for name in names:
+        program, install = ANCHOR_PROGRAMS[name]
+        if shutil.which(program) is None:
+            progress(f"--anchors {name}: {program} is not installed, skipping it "
+                     f"(install it with: {install})")
+            facts[name] = {"skipped": f"{program} is not installed; {install}"}
+        else:
+            usable.append(name)
+            facts[name] = {"version": program_version(program)}
+    return usable, facts
+
+
+async def bench_library_beside_anchors(args, count, root):
+    """bench_library, with each anchor running the same library of torrents beside it.
+
+    The anchors are loaded first and then idle (their torrents are paused) while the
+    daemon is loaded and measured, so their status requests interleave with the daemon's.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        anchors = []
+        for name in args.anchors:
+            anchor = await stack.enter_async_context(Transmission(root / name))
+            await anchor.start()
+            await anchor.load(library_torrents(count), args.add_concurrency)
+            progress(f"{count} torrents: {name} loaded in {anchor.facts['add_s']:.1f} s")
+            anchors.append(anchor)
+        return await bench_library(args, count, root / "torrentflow", anchors)
+
+
+async def bench_library(args, count, root, anchors=()):
+    """Load count tiny torrents into a fresh daemon; measure RSS, the API, then restart.
+
+    anchors: started peers holding the same torrents, measured beside the daemon's API.
+    """
+    connector = aiohttp.TCPConnector(limit=args.add_concurrency)
+    async with aiohttp.ClientSession(connector=connector) as client, \
+            Daemon(args.daemon, root) as daemon:
+        result = {"count": count, "start_s": round(await daemon.start(client), 3)}
+        await asyncio.sleep(args.settle)
+        result["rss_empty_kib"] = daemon.rss_kib()
+        started = time.perf_counter()
+        infohashes = await add_many(lambda torrent: api_add(client, daemon.url, torrent),
+                                    library_torrents(count), args.add_concurrency)
+        await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
+                         f"{count} torrents to be listed", interval=0.1)
+        result["add_s"] = round(time.perf_counter() - started, 3)
+        progress(f"{count} torrents: added and listed in {result['add_s']:.1f} s")
+        result["idle_cpu_pct"] = await idle_cpu_percent(daemon, args.settle)
+        result["rss_loaded_kib"] = daemon.rss_kib()
+        result["kib_per_torrent"] = round(
+            (result["rss_loaded_kib"] - result["rss_empty_kib"]) / count, 1)
+        result["load"], anchor_loads = await measure_status_api(
+            args, client, daemon_requests(daemon.url, infohashes[0]),
+            {anchor.name: anchor.status_requests(infohashes[0]) for anchor in anchors})
+        if anchors:
+            result["anchors"] = {anchor.name: {**anchor.facts, "load": anchor_loads[anchor.name]}
+                                 for anchor in anchors}
+            result["ratios"] = {anchor.name: {figures["request"]: figures[f"ratio_to_{anchor.name}"]
+                                              for figures in result["load"]}
+                                for anchor in anchors}
+        result["rss_after_load_kib"] = daemon.rss_kib()
+        if count >= args.restart_min:
+            result["restart"] = await measure_restart(args, client, daemon, count)
+    return result
+
+
+async def idle_cpu_percent(daemon, seconds):
+    """The daemon's CPU use while nobody talks to it, as % of one core."""
+    before, started = daemon.cpu_seconds(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    return round(100 * (daemon.cpu_seconds() - before) / (time.perf_counter() - started), 1)
+
+
+def library_torrents(count):
+    """count distinct tiny torrents: the same library for the same count, run after run."""
+    rng = random.Random(count)
+    return [tiny_torrent(index, rng) for index in range(count)]
+
+
+async def add_many(add, torrents, concurrency):
+    """Await add(torrent) for each torrent, concurrency at a time; return what they return."""
+    pending = iter(torrents)
+    infohashes = []
+
+    async def worker():
+        for torrent in pending:
+            infohashes.append(await add(torrent))
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(torrents)))))
+    return infohashes
+
+
+async def listed(client, url, count):
+    """True once GET /torrents lists at least count torrents."""
+    async with client.get(f"{url}/torrents") as response:
+        body = await response.read()
+    # Every status has one "infohash" key; counting it is much cheaper than parsing
+    # megabytes of JSON, which would slow this poller and so the timing.
+    return response.status == 200 and body.count(b'"infohash":') >= count
+
+
+def daemon_requests(url, infohash):
+    """The daemon's status requests: one torrent's (infohash) and all of them."""
+    return {"one": StatusRequest(f"{url}/torrents/{infohash}"),
+            "all": StatusRequest(f"{url}/torrents")}
+
+
+async def measure_status_api(args, client, requests, anchor_requests=None):
+    """req/s and latency of one status, all statuses, and all statuses one at a time.
+
+    requests: the daemon's, as daemon_requests builds them. anchor_requests: name ->
+    the same requests to a same-run peer, each measured right after the daemon's;
+    the daemon's figures then carry ratio_to_NAME, its req/s divided by the peer's.
+    Returns (the daemon's figures, name -> the peer's figures).
+    """
+    anchor_requests = anchor_requests or {}
+    tool = "wrk" if shutil.which("wrk") and not args.no_wrk else "python"
+    results, anchor_results = [], {name: [] for name in anchor_requests}
+    for name, which, connections in STATUS_SCENARIOS:
+        connections = connections or args.connections
+        figures = await measure_request(args, tool, client, requests[which], name, connections)
+        progress(f"  GET {name}: {_load_summary(figures)}")
+        for anchor, their_requests in anchor_requests.items():
+            theirs = await measure_request(args, tool, client, their_requests[which], name,
+                                           connections)
+            anchor_results[anchor].append(theirs)
+            figures[f"ratio_to_{anchor}"] = (round(figures["req_s"] / theirs["req_s"], 2)
+                                             if theirs["req_s"] else None)
+            progress(f"  {anchor} {name}: {_load_summary(theirs)}; TorrentFlow / {anchor} "
+                     f"{figures[f'ratio_to_{anchor}']}")
+        results.append(figures)
+    return results, anchor_results
+
+
+async def measure_request(args, tool, client, request, name, connections):
+    """Load one StatusRequest with wrk or Python; the figures, named name."""
+    status, body = await request.send(client)
+    if status != 200:
+        raise RuntimeError(f"{request.method} {request.url} answered {status}: {body[:300]!r}")
+    load = wrk_load if tool == "wrk" else python_load
+    figures = await load(request, connections, args.duration)
+    figures.update(request=name, connections=connections, response_bytes=len(body), tool=tool)
+    return figures
+
+
+def _load_summary(figures):
+    return (f"{figures['req_s']:.0f} req/s, p50 {figures['p50_ms']} ms, "
+            f"p99 {figures['p99_ms']} ms, {figures['errors'] + figures['non2xx']} errors")
+
+
+async def measure_restart(args, client, daemon, count):
+    """Stop gracefully, start again on the same state dir, time /health and the full list."""
+    result = {"stop_s": round(await daemon.stop(), 3)}
+    result["health_s"] = round(await daemon.start(client), 3)
+    await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
+                     f"{count} torrents to be listed after the restart", interval=0.02)
+    result["all_listed_s"] = round(time.perf_counter() - daemon.started_at, 3)
+    await asyncio.sleep(args.settle)
+    result["rss_kib"] = daemon.rss_kib()
+    progress(f"{count} torrents: restart /health {result['health_s']} s, "
+             f"all listed {result['all_listed_s']} s")
+    return result
+
+
+# --------------------------------------------------------------------------- #
+# Load generators
+# --------------------------------------------------------------------------- #
+
+class StatusRequest:
+    """One request to put under load: a GET, or a POST with a body, plus headers."""
+
+    def __init__(self, url, method="GET", body=None, headers=None):
+        self.url = url
+        self.method = method
+        self.body = body
+        self.headers = headers or {}
+
+    async def send(self, client):
+        """Make the request once, as wrk does (no Accept-Encoding); (status, body bytes)."""
+        async with client.request(self.method, self.url, data=self.body, headers=self.headers,
+                                  skip_auto_headers=("Accept-Encoding",)) as response:
+            return response.status, await response.read()
+
+    def wrk_lua(self):
+        """Lua that makes wrk send this request instead of its default GET."""
+        lines = [f'wrk.method = "{self.method}"']
+        if self.body is not None:
+            lines.append(f"wrk.body = [==[{self.body}]==]")  # a long string: no escaping
+        lines += [f'wrk.headers["{name}"] = "{value}"' for name, value in self.headers.items()]
+        return "\n".join(lines) + "\n"
+
+
+async def wrk_load(request, connections, duration):
+    """Run wrk with a Lua hook that prints its figures as one JSON line."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(request.wrk_lua() + WRK_SCRIPT)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration:g}s",
+            "--timeout", "30s", "-s", script.name, request.url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), duration + 60)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+    finally:
+        os.unlink(script.name)
+    line = next((line for line in output.decode().splitlines()
+                 if line.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no figures:\n{output.decode()}")
+    raw = json.loads(line.removeprefix("WRKJSON "))
+    return {"req_s": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
+            "requests": raw["requests"], "errors": raw["errors"], "non2xx": raw["non2xx"],
+            "p50_ms": round(raw["p50_us"] / 1000, 2), "p99_ms": round(raw["p99_us"] / 1000, 2),
+            "max_ms": round(raw["max_us"] / 1000, 2)}
+
+
+async def python_load(request, connections, duration):
+    """A bounded aiohttp load generator: connections workers for duration seconds."""
+    latencies = []
+    errors = non2xx = 0
+    end = time.monotonic() + duration
+    connector = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
+
+        async def worker():
+            nonlocal errors, non2xx
+            while time.monotonic() < end and len(latencies) < MAX_PYTHON_REQUESTS:
+                started = time.perf_counter()
+                try:
+                    status, _ = await request.send(client)
+                    non2xx += status >= 300
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return {"req_s": round(len(latencies) / elapsed, 1), "requests": len(latencies),
+            "errors": errors, "non2xx": non2xx, **latency_summary(latencies)}
+
+
+def latency_summary(latencies):
+    """p50, p99 and max of latencies in seconds, as milliseconds."""
+    if not latencies:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    ordered = sorted(latencies)
+
+    def milliseconds(fraction):
+        return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000, 2)
+
+    return {"p50_ms": milliseconds(0.50), "p99_ms": milliseconds(0.99),
+            "max_ms": milliseconds(1.0)}
+
+
+# --------------------------------------------------------------------------- #
+# Peers: the daemon process, the seeder, the tracker and Transmission
+# --------------------------------------------------------------------------- #
+
+class Daemon:
+    """One torrentflow.py process on 127.0.0.1, started and stopped by its own PID."""
+
+    def __init__(self, script, root):
+        self.script = script
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+        self.started_at = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=PROCESS_DEADLINE)
+
+    def command(self):
+        return [sys.executable, str(self.script), "--local-only",
+                "--listen-interfaces", "127.0.0.1:0", "--host", "127.0.0.1",
+                "--port", str(self.port), "--download-dir", str(self.root / "downloads"),
+                "--state-dir", str(self.root / "state")]
+
+    async def start(self, client):
+        """Spawn it; return the seconds from spawn until GET /health answered 200."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        # The environment must not override the command line's loopback-only setup.
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("TORRENTFLOW_")}
+        with open(self.root / "daemon.log", "ab") as log:  # a file: a pipe could fill up
+            self.started_at = time.perf_counter()
+            self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=log, env=environ)
+        await poll_until(lambda: self._healthy(client), PROCESS_DEADLINE, "GET /health",
+                         interval=0.002)
+        return time.perf_counter() - self.started_at
+
+    async def _healthy(self, client):
+        if self.process.poll() is not None:
+            log = (self.root / "daemon.log").read_text(errors="replace")
+            raise RuntimeError(f"the daemon exited with {self.process.returncode}:\n{log[-2000:]}")
+        try:
+            async with client.get(f"{self.url}/health",
+                                  timeout=aiohttp.ClientTimeout(total=5)) as response:
+                return response.status == 200
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+            return False
+
+    async def stop(self):
+        """SIGTERM, then wait for the exit; return the seconds the shutdown took."""
+        started = time.perf_counter()
+        self.process.send_signal(signal.SIGTERM)
+        await poll_until(lambda: self.process.poll() is not None, PROCESS_DEADLINE,
+                         "the daemon to exit")
+        return time.perf_counter() - started
+
+    def cpu_seconds(self):
+        return _stat_cpu_seconds(Path(f"/proc/{self.process.pid}/stat"))
+
+    def rss_kib(self):
+        """VmRSS from /proc, in KiB."""
+        return _vm_rss_kib(self.process.pid)
+
+
+def _vm_rss_kib(pid):
+    """A process's VmRSS from /proc, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+class Transmission:
+    """transmission-daemon in the foreground, a same-run anchor for the status API.
+
+    Its own config dir gets a settings.json before the start: RPC on a free port of
+    127.0.0.1 without auth, whitelisted to 127.0.0.1; peers on 127.0.0.1; DHT, LPD,
+    PEX, uTP and port forwarding off; added torrents stay paused. It is stopped by
+    its own PID. It owns an aiohttp session for its RPC calls.
+    """
+
+    name = "transmission"
+
+    def __init__(self, root):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/transmission/rpc"
+        self.session_id = ""
+        self.process = None
+        self.client = None
+        self.infohashes = set()
+        self.facts = {}
+
+    async def __aenter__(self):
+        self.client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        return self
+
+    async def __aexit__(self, *exc_info):
+        try:
+            if self.process is not None and self.process.poll() is None:
+                await self.stop()
+        finally:
+            await self.client.close()
+
+    def settings(self):
+        """settings.json: loopback only, no discovery, no auth, nothing starts by itself."""
+        return {
+            "rpc-enabled": True, "rpc-bind-address": "127.0.0.1", "rpc-port": self.port,
+            "rpc-authentication-required": False, "rpc-whitelist-enabled": True,
+            "rpc-whitelist": "127.0.0.1", "bind-address-ipv4": "127.0.0.1",
+            "bind-address-ipv6": "::1", "peer-port": free_port(),
+            "peer-port-random-on-start": False, "dht-enabled": False, "lpd-enabled": False,
+            "pex-enabled": False, "utp-enabled": False, "port-forwarding-enabled": False,
+            "blocklist-enabled": False, "start-added-torrents": False,
+            "download-dir": str(self.root / "downloads"), "incomplete-dir-enabled": False,
+            "watch-dir-enabled": False, "scrape-paused-torrents-enabled": False,
+            "message-level": 1,
+        }
+
+    async def start(self):
+        """Write the settings, spawn it, wait until its RPC answers; return the seconds."""
+        config = self.root / "config"
+        config.mkdir(parents=True, exist_ok=True)
+        (config / "settings.json").write_text(json.dumps(self.settings(), indent=1))
+        with open(self.root / "transmission.log", "ab") as log:  # a file: a pipe could fill up
+            started = time.perf_counter()
+            self.process = subprocess.Popen(
+                ["transmission-daemon", "-f", "-g", str(config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        await poll_until(self._answers, PROCESS_DEADLINE, "transmission's RPC", interval=0.01)
+        self.facts["start_s"] = round(time.perf_counter() - started, 3)
+        return self.facts["start_s"]
+
+    async def _answers(self):
+        if self.process.poll() is not None:
+            log = (self.root / "transmission.log").read_text(errors="replace")
+            raise RuntimeError(f"transmission-daemon exited with {self.process.returncode}:"
+                               f"\n{log[-2000:]}")
+        try:
+            await self.rpc("session-get", {"fields": ["version"]})
+        except aiohttp.ClientConnectionError:
+            return False
+        return True
+
+    async def rpc(self, method, arguments=None):
+        """One RPC call; made again once with the session id a 409 answer hands out."""
+        body = json.dumps({"method": method, "arguments": arguments or {}})
+        for _ in range(2):
+            async with self.client.post(
+                    self.url, data=body,
+                    headers={TRANSMISSION_SESSION_HEADER: self.session_id}) as response:
+                if response.status == 409:
+                    self.session_id = response.headers[TRANSMISSION_SESSION_HEADER]
+                    continue
+                reply = await response.json(content_type=None)
+            if response.status != 200 or reply.get("result") != "success":
+                raise RuntimeError(f"transmission {method} answered {response.status}: "
+                                   f"{str(reply)[:300]}")
+            return reply["arguments"]
+        raise RuntimeError(f"transmission {method}: still 409 after the session id handshake")
+
+    async def add(self, torrent):
+        """torrent-add one .torrent, paused; return its infohash."""
+        reply = await self.rpc("torrent-add", {
+            "metainfo": base64.b64encode(torrent).decode(), "paused": True})
+        added = reply.get("torrent-added") or reply.get("torrent-duplicate")
+        return added["hashString"]
+
+    async def load(self, torrents, concurrency):
+        """Add the torrents, wait until torrent-get lists them all; note time and RSS."""
+        started = time.perf_counter()
+        self.infohashes.update(await add_many(self.add, torrents, concurrency))
+
+        async def listed():
+            reply = await self.rpc("torrent-get", {"fields": ["id"]})
+            return len(reply["torrents"]) >= len(torrents)
+
+        await poll_until(listed, PROCESS_DEADLINE, f"transmission to list {len(torrents)} "
+                         "torrents", interval=0.1)
+        self.facts["add_s"] = round(time.perf_counter() - started, 3)
+        self.facts["rss_loaded_kib"] = _vm_rss_kib(self.process.pid)
+        self.facts["fields"] = len(TRANSMISSION_FIELDS)
+
+    def status_requests(self, infohash):
+        """torrent-get POSTs for one torrent (by infohash) and for all, as StatusRequests."""
+        if infohash not in self.infohashes:  # it would answer 200 with no torrent
+            raise RuntimeError(f"transmission does not hold torrent {infohash}")
+        headers = {TRANSMISSION_SESSION_HEADER: self.session_id,
+                   "Content-Type": "application/json"}
+
+        def torrent_get(**ids):
+            return json.dumps({"method": "torrent-get",
+                               "arguments": {"fields": list(TRANSMISSION_FIELDS), **ids}})
+
+        return {"one": StatusRequest(self.url, "POST", torrent_get(ids=[infohash]), headers),
+                "all": StatusRequest(self.url, "POST", torrent_get(), headers)}
+
+    async def stop(self):
+        """SIGTERM its PID, then SIGKILL if it has not exited within PROCESS_DEADLINE."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await poll_until(lambda: self.process.poll() is not None, PROCESS_DEADLINE,
+                             "transmission-daemon to exit")
+        except TimeoutError:
+            self.process.kill()
+            self.process.wait(timeout=PROCESS_DEADLINE)
+
+
+class Seeder:
+    """A libtorrent session on 127.0.0.1 seeding known-good data (seed_mode, TCP only)."""
+
+    def __init__(self):
+        self.session = lt.session(SEEDER_SETTINGS)
+
+    @property
+    def port(self):
+        return self.session.listen_port()
+
+    def seed(self, torrent, data_root):
+        params = lt.load_torrent_buffer(torrent)
+        params.save_path = str(data_root)
+        params.flags |= lt.torrent_flags.seed_mode  # data is known good: skip hashing
+        params.flags &= ~(lt.torrent_flags.paused | lt.torrent_flags.auto_managed)
+        self.handle = self.session.add_torrent(params)
+        return self
+
+    @contextlib.asynccontextmanager
+    async def watching(self):
+        """Sample the bytes this seeder sends while the block runs."""
+        watch = UploadWatch(self.handle)
+        task = asyncio.create_task(watch.run())
+        try:
+            yield watch
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def close(self):
+        del self.session
+
+
+class UploadWatch:
+    """The seeder's payload upload, sampled every POLL_INTERVAL: when bytes flowed.
+
+    Seen from the seeder, the same for every contender, it splits add-to-verified
+    into waiting for the first byte, the transfer, and the tail after the last byte.
+    It reads the peers' counters, which move with every send; the torrent's own
+    counter only moves once per libtorrent tick.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.samples = []  # (perf_counter, bytes sent to peers connected now)
+
+    async def run(self):
+        for _ in range(int(PROCESS_DEADLINE * 10 / POLL_INTERVAL)):  # bounded
+            sent = sum(peer.total_upload for peer in self.handle.get_peer_info())
+            self.samples.append((time.perf_counter(), sent))
+            await asyncio.sleep(POLL_INTERVAL)
+
+    def phases(self, started, size):
+        """Seconds from started until the first byte and until 99% of size was sent.
+
+        99%, because the run may end before a sample sees the very last byte.
+        """
+        first = next((moment for moment, sent in self.samples if sent > 0), None)
+        most = next((moment for moment, sent in self.samples if sent >= 0.99 * size), None)
+        return {"first_byte_s": None if first is None else round(first - started, 3),
+                "sent_99_s": None if most is None else round(most - started, 3)}
+
+
+class Tracker:
+    """A loopback HTTP tracker that answers every announce with the seeder."""
+
+    def __init__(self, seeder):
+        self.seeder = seeder
+        self.url = None
+        self._runner = None
+
+    async def __aenter__(self):
+        app = web.Application()
+        app.router.add_get("/announce", self._announce)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}/announce"
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self._runner.cleanup()
+
+    async def _announce(self, request):
+        peer = bytes([127, 0, 0, 1]) + self.seeder.port.to_bytes(2, "big")
+        return web.Response(body=lt.bencode({b"interval": 1800, b"peers": peer}),
+                            content_type="text/plain")
+
+
+async def api_add(client, url, torrent):
+    """POST /torrents with torrent_file as a multipart upload; return the infohash."""
+    form = aiohttp.FormData()
+    form.add_field("torrent_file", torrent, filename="bench.torrent",
+                   content_type="application/x-bittorrent")
+    async with client.post(f"{url}/torrents", data=form) as response:
+        body = await response.json()
+        if response.status not in (200, 201):
+            raise RuntimeError(f"POST /torrents answered {response.status}: {body}")
+    return body["infohash"]
+
+
+# --------------------------------------------------------------------------- #
+# Helpers: payloads, torrents, polling, machine facts
+# --------------------------------------------------------------------------- #
+
+def make_payload(path, size):
+    """Write size random bytes to path; return path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunk = 4 * MIB
+    with open(path, "wb") as file:
+        for offset in range(0, size, chunk):
+            file.write(os.urandom(min(chunk, size - offset)))
+    return path
+
+
+def make_torrent(path):
+    """A v1 .torrent for one file, libtorrent choosing the piece size, no tracker."""
+    torrent = lt.create_torrent(lt.list_files(str(path)), 0, lt.create_torrent.v1_only)
+    lt.set_piece_hashes(torrent, str(path.parent))
+    return lt.bencode(torrent.generate())
+
+
+def with_tracker(torrent, url):
+    """The same torrent (same infohash) with an announce URL."""
+    decoded = lt.bdecode(torrent)
+    decoded[b"announce"] = url.encode()
+    return lt.bencode(decoded)
+
+
+def tiny_torrent(index, rng):
+    """A distinct single-piece torrent of TINY_SIZE bytes whose data nobody has."""
+    content = rng.randbytes(TINY_SIZE)
+    info = {b"name": b"tiny-%05d.bin" % index, b"length": TINY_SIZE, b"piece length": 16384,
+            b"pieces": hashlib.sha1(content).digest()}
+    return lt.bencode({b"info": info})
+
+
+def sha1_file(path):
+    """Hex sha1 of a file, or None when it is missing."""
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as file:
+            while block := file.read(4 * MIB):
+                digest.update(block)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
+
+
+async def poll_until(condition, deadline, what, interval=POLL_INTERVAL):
+    """Call a sync or async condition until it is truthy, or raise after deadline seconds."""
+    end = time.monotonic() + deadline
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {deadline:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_probe(size=64 * MIB, repeats=3):
+    """sha1 MB/s over a buffer in RAM: shows how fast this machine is right now."""
+    buffer = os.urandom(size)
+    best = min(_timed(hashlib.sha1, buffer) for _ in range(repeats))
+    return round(size / MB / best, 1)
+
+
+def _timed(function, *args):
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
+
+
+def machine_info():
+    """What the figures depend on: CPUs, load, versions."""
+    wrk = shutil.which("wrk")
+    return {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "libtorrent": lt.__version__, "aiohttp": aiohttp.__version__,
+            "wrk": wrk is not None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def program_version(program):
+    """The first line a program prints for --version (transmission writes it to stderr)."""
+    try:
+        done = subprocess.run([program, "--version"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unknown ({error})"
+    return (done.stdout or done.stderr).strip().split("\n")[0]
+
+
+def _or_dash(value):
+    return "-" if value is None else value
+
+
+def _ok(flag):
+    return "ok" if flag else "MISMATCH"
+
+
+def progress(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def _jsonable(mapping):
+    return {key: str(value) if isinstance(value, Path) else value
+            for key, value in mapping.items()}
+
+
+# --------------------------------------------------------------------------- #
+# Report
+# --------------------------------------------------------------------------- #
+
+def render_table(results):
+    """The human-readable report."""
+    lines = [f"TorrentFlow benchmark, {results['machine']['time']}, "
+             f"{results['machine']['cpus']} CPUs, libtorrent {results['machine']['libtorrent']}",
+             f"CPU probe (sha1 in RAM): {results['cpu_probe_before_mb_s']} MB/s before, "
+             f"{results['cpu_probe_after_mb_s']} after"]
+    if "download" in results:
+        lines += _download_table(results["download"])
+    for name, facts in results.get("anchors", {}).items():
+        lines.append(f"Anchor {name}: {facts.get('version') or facts['skipped']}")
+    if "api" in results:
+        lines += _api_table(results["api"])
+        lines += _memory_table(results["api"])
+        lines += _restart_table(results["api"])
+    return "\n".join(lines)
+
+
+def _download_table(download):
+    runs = len(next(iter(download["runs"].values())))
+    lines = ["", f"Download {download['size_mib']} MiB over TCP on 127.0.0.1, {runs} "
+             "alternating runs; MB/s from add to every piece verified",
+             _row("contender", "median", "min-max", "/ raw", "/ tuned", "1st byte s",
+                  "transfer", "CPU s", "sha1 done", "sha1 stop", widths=(17,))]
+    for name, figures in download["contenders"].items():
+        lines.append(_row(name, f"{figures['median_mb_s']:.0f}",
+                          f"{figures['min_mb_s']:.0f}-{figures['max_mb_s']:.0f}",
+                          figures.get("ratio_to_raw", "-"), figures.get("ratio_to_tuned", "-"),
+                          _or_dash(figures["median_first_byte_s"]),
+                          _or_dash(figures["median_transfer_mb_s"]), figures["median_cpu_s"],
+                          f"{figures['sha1_at_done']}/{runs}",
+                          f"{figures['sha1_after_stop']}/{runs}", widths=(17,)))
+    lines += ["Medians. 1st byte: seconds from the add until the seeder sent a byte; "
+              "transfer: MB/s from the",
+              "first byte to 99% sent; CPU s: the downloader process's own;",
+              "sha1 done: runs whose file already matched when reported complete; "
+              "sha1 stop: after a graceful stop."]
+    if "probe_run" in download:
+        probed = download["probe_run"]
+        health = probed["health"]
+        lines.append(f"Loop stall: one more daemon download ({probed['mb_s']:.0f} MB/s) with "
+                     f"GET /health every 10 ms: max {health['max_ms']} ms, p99 "
+                     f"{health['p99_ms']} ms, p50 {health['p50_ms']} ms "
+                     f"({health['samples']} samples)")
+    return lines
+
+
+def _api_table(libraries):
+    """Without anchors, one row per request; with them, a server column, each anchor's
+    row under the daemon's, and a ratio column per anchor: TorrentFlow's req/s / theirs."""
+    first = libraries[0]["load"][0]
+    anchors = sorted({name for library in libraries for name in library.get("anchors", {})})
+    lines = ["", f"Status API ({first['tool']}, {first['connections']} connections unless noted)"]
+    if not anchors:
+        lines.append(_row("torrents", "request", *LOAD_COLUMNS, widths=(9, 24)))
+        for library in libraries:
+            lines += [_row(library["count"], figures["request"], *_load_cells(figures),
+                           widths=(9, 24)) for figures in library["load"]]
+        return lines
+    widths = (9, 13, 18)
+    lines.append(_row("torrents", "server", "request", *LOAD_COLUMNS,
+                      *(f"TF/{ANCHOR_SHORT_NAMES[name]}" for name in anchors), widths=widths))
+    for library in libraries:
+        theirs = library.get("anchors", {})
+        for index, figures in enumerate(library["load"]):
+            lines.append(_row(library["count"], "torrentflow", figures["request"],
+                              *_load_cells(figures),
+                              *(_or_dash(figures.get(f"ratio_to_{name}")) for name in anchors),
+                              widths=widths))
+            lines += [_row(library["count"], name, theirs[name]["load"][index]["request"],
+                           *_load_cells(theirs[name]["load"][index]), widths=widths)
+                      for name in anchors if name in theirs]
+    for name in anchors:
+        lines.append(f"TF/{ANCHOR_SHORT_NAMES[name]}: TorrentFlow's req/s divided by "
+                     f"{name}'s for the same request in this run; {name} answers "
+                     f"torrent-get POSTs with {len(TRANSMISSION_FIELDS)} fields.")
+    return lines
+
+
+def _load_cells(figures):
+    return (f"{figures['req_s']:.0f}", figures["p50_ms"], figures["p99_ms"], figures["max_ms"],
+            figures["errors"] + figures["non2xx"], f"{figures['response_bytes'] / 1024:.1f}")
+
+
+def _memory_table(libraries):
+    lines = ["", "Memory (VmRSS) and CPU, idle with the torrents loaded; 'after load': "
+             "after the status API runs",
+             _row("torrents", "empty MiB", "loaded MiB", "KiB/torrent", "idle CPU %",
+                  "after load MiB", "add+list s", widths=(9, 11))]
+    for library in libraries:
+        lines.append(_row(library["count"], f"{library['rss_empty_kib'] / 1024:.1f}",
+                          f"{library['rss_loaded_kib'] / 1024:.1f}", library["kib_per_torrent"],
+                          library["idle_cpu_pct"], f"{library['rss_after_load_kib'] / 1024:.1f}",
+                          library["add_s"], widths=(9, 11)))
+    for library in libraries:
+        for name, facts in library.get("anchors", {}).items():
+            lines.append(f"{name} beside it, {library['count']} paused torrents: "
+                         f"{facts['rss_loaded_kib'] / 1024:.1f} MiB, added and listed in "
+                         f"{facts['add_s']} s")
+    return lines
+
+
+def _restart_table(libraries):
+    restarts = [library for library in libraries if "restart" in library]
+    if not restarts:
+        return []
+    lines = ["", "Restart with the torrents saved (seconds from process start)",
+             _row("torrents", "stop s", "/health s", "all listed s", "RSS MiB")]
+    for library in restarts:
+        restart = library["restart"]
+        lines.append(_row(library["count"], restart["stop_s"], restart["health_s"],
+                          restart["all_listed_s"], f"{restart['rss_kib'] / 1024:.1f}"))
+    return lines
+
+
+def _row(*cells, widths=(9,)):
+    """Left-align the first cells to widths, right-align the rest to 10 characters."""
+    out = []
+    for index, cell in enumerate(cells):
+        if index < len(widths):
+            out.append(str(cell).ljust(widths[index]))
+        else:
+            out.append(str(cell).rjust(10))
+    return " ".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
