@@ -315,7 +315,9 @@ def parse_config(argv=None, environ=None):
 
     def flag(name):
         given = getattr(args, name)
-        return given if given is not None else _env_bool(parser, environ, f"TORRENTFLOW_{name.upper()}")
+        if given is not None:
+            return given
+        return _env_bool(parser, environ, f"TORRENTFLOW_{name.upper()}")
 
     local_only = bool(flag("local_only"))
     switches = {name: flag(name) for name in ("dht", "lsd", "upnp", "natpmp")}
@@ -1157,7 +1159,7 @@ class TorrentEngine:
         ids = _hash_ids(alert.params.ti.info_hashes() if alert.params.ti
                         else alert.params.info_hashes)
         future = next((self._pending_adds[i] for i in ids if i in self._pending_adds), None)
-        creation_info, magnet_peers = self._adding.pop(ids[0], (None, [])) if ids else (None, [])
+        creation_info, magnet_peers = self._adding.pop(ids[0] if ids else None, (None, []))
         if alert.error.value():
             log.warning("could not add torrent %s: %s", ids[0] if ids else "?",
                         alert.error.message())
@@ -1169,7 +1171,8 @@ class TorrentEngine:
         torrent = self._by_handle.get(handle)
         created = torrent is None
         if created:
-            torrent = _Torrent(handle, alert.params, creation_info or _creation_info(alert.params))
+            torrent = _Torrent(handle, alert.params,
+                               creation_info or _creation_info(alert.params))
             torrent.magnet_peers = magnet_peers
             self._by_handle[handle] = torrent
             torrent.saved_as = None if future is not None else torrent.infohash
