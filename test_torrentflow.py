@@ -232,6 +232,15 @@ async def wait_complete(client, infohash, deadline=DEADLINE):
     return await wait_until(done, deadline, what=f"{infohash} to complete")
 
 
+async def downloaded(client, seeder, source):
+    """Seed source/single.bin, download it through the API by magnet; its infohash."""
+    torrent = make_torrent(source / "single.bin")
+    seeder.seed(torrent, source)
+    _, body = await add(client, torrent_url=seeder.magnet(torrent))
+    await wait_complete(client, body["infohash"])
+    return body["infohash"]
+
+
 @pytest.fixture
 def payload(tmp_path):
     layout = {"single.bin": 3 * 1024 * 1024 + 123}
@@ -411,12 +420,7 @@ async def _progress_above(client, infohash, percent):
 @pytest.mark.parametrize("delete_files", [False, True])
 async def test_delete_removes_the_torrent_and_optionally_its_files(
         daemon, seeder, payload, tmp_path, delete_files):
-    source, layout = payload
-    torrent = make_torrent(source / "single.bin")
-    seeder.seed(torrent, source)
-    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
-    infohash = body["infohash"]
-    await wait_complete(daemon, infohash)
+    infohash = await downloaded(daemon, seeder, payload[0])
     query = "?delete_files=true" if delete_files else ""
     response = await daemon.delete(f"/torrents/{infohash.upper()}{query}")
     assert response.status == 200, await response.text()
@@ -737,12 +741,7 @@ async def test_adding_during_a_delete_waits_and_adds_afresh(daemon, payload, tmp
 async def test_lifecycle_events_are_logged_with_name_and_infohash(daemon, seeder, payload,
                                                                   caplog):
     caplog.set_level("INFO", logger="torrentflow")
-    source, _ = payload
-    torrent = make_torrent(source / "single.bin")
-    seeder.seed(torrent, source)
-    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
-    infohash = body["infohash"]
-    await wait_complete(daemon, infohash)
+    infohash = await downloaded(daemon, seeder, payload[0])
     await daemon.put(f"/torrents/{infohash}/pause")
     await daemon.put(f"/torrents/{infohash}/resume")
     await daemon.delete(f"/torrents/{infohash}")
