@@ -594,9 +594,10 @@ async def bench_library(args, count, root, anchors=()):
         if anchors:
             result["anchors"] = {anchor.name: {**anchor.facts, "load": anchor_loads[anchor.name]}
                                  for anchor in anchors}
-            result["ratios"] = {anchor.name: {figures["request"]: figures[f"ratio_to_{anchor.name}"]
-                                              for figures in result["load"]}
-                                for anchor in anchors}
+            result["ratios"] = {
+                anchor.name: {figures["request"]: figures[f"ratio_to_{anchor.name}"]
+                              for figures in result["load"]}
+                for anchor in anchors}
         result["rss_after_load_kib"] = daemon.rss_kib()
         if count >= args.restart_min:
             result["restart"] = await measure_restart(args, client, daemon, count)
