@@ -727,9 +727,10 @@ async def test_adding_during_a_delete_waits_and_adds_afresh(daemon, payload, tmp
     infohash = body["infohash"]
     # Drive the engine directly: over HTTP the removal may finish before the add arrives.
     engine = daemon.app[torrentflow.ENGINE]
-    removing = asyncio.ensure_future(engine.remove(engine.lookup(infohash), False))
-    await asyncio.sleep(0)  # let the removal post its request to libtorrent
-    assert engine.lookup(infohash).removal is not None
+    entry = engine.lookup(infohash)
+    removing = asyncio.ensure_future(engine.remove(entry, False))
+    await asyncio.sleep(0)  # one step of the event loop: remove() posts before it awaits
+    assert entry.removal is not None and not removing.done()
     params = torrentflow.params_from_torrent(torrent)
     params.save_path = str(tmp_path / "downloads")
     assert await engine.add(params) == (infohash, True)
@@ -1959,3 +1960,122 @@ async def test_disk_fault_reports_error_and_recovers(fault, small_disk, seeders,
         assert same_tree(source, small_disk, layout)
     finally:
         await process.close()
+
+
+# --------------------------------------------------------------------------- #
+# Edge cases found in review
+# --------------------------------------------------------------------------- #
+
+async def test_odd_but_well_formed_input_is_a_400_not_a_500(daemon, tmp_path):
+    root = make_payload(tmp_path / "src", {"f.bin": 20_000})
+    _, body = await add(daemon, torrent_file=make_torrent(root / "f.bin"))
+    await wait_until(lambda: _has_files(daemon, body["infohash"]), what="metadata in the cache")
+    for query, words in (("sort=files", "sort"), ("sort=-files", "sort"),
+                         ("limit=%C2%B2", "whole number"), ("offset=%D9%A3", "whole number")):
+        await assert_error(await daemon.get(f"/torrents?{query}"), 400, words)
+    magnet = "magnet:?xt=urn:btih:" + "ab" * 20
+    for raw_json, words in (
+            ('{"torrent_url": "http://[::1/x.torrent"}', "not a valid url"),
+            ('{"torrent_url": "%s", "save_path": "\\ud800"}' % magnet, "not valid unicode"),
+            ('{"torrent_url": "%s&dn=\\ud800"}' % magnet, "not valid unicode")):
+        response = await daemon.post("/torrents", data=raw_json,
+                                     headers={"Content-Type": "application/json"})
+        await assert_error(response, 400, words)
+
+
+async def _has_files(client, infohash):
+    return (await status_of(client, infohash))["files"]
+
+
+async def test_concurrent_deletes_answer_once_and_truthfully(daemon, tmp_path):
+    root = make_payload(tmp_path / "src", {"seeded.bin": 40_000})
+    (tmp_path / "downloads").mkdir(exist_ok=True)
+    (tmp_path / "downloads" / "seeded.bin").write_bytes((root / "seeded.bin").read_bytes())
+    _, body = await add(daemon, torrent_file=make_torrent(root / "seeded.bin"))
+    infohash = body["infohash"]
+    await wait_until(lambda: _seeding(daemon, infohash), what="it to check its data")
+    keep, delete = await asyncio.gather(
+        daemon.delete(f"/torrents/{infohash}"),
+        daemon.delete(f"/torrents/{infohash}?delete_files=true"))
+    # The one that came second finds the torrent already going: 404.
+    assert sorted((keep.status, delete.status)) == [200, 404]
+    files_deleted = delete.status == 200
+    said = (await (delete if files_deleted else keep).json())["detail"]
+    assert ("and its files" in said) is files_deleted
+    assert (tmp_path / "downloads" / "seeded.bin").exists() is not files_deleted
+
+
+async def _seeding(client, infohash):
+    return (await status_of(client, infohash))["is_seeding"]
+
+
+async def test_pause_racing_a_removal_does_not_hang(daemon, payload):
+    source, _ = payload
+    _, body = await add(daemon, torrent_file=make_torrent(source / "single.bin"))
+    engine = daemon.app[torrentflow.ENGINE]
+    entry = engine.lookup(body["infohash"])
+    # Over HTTP the pause would meet a 404; the engine is called directly to race them.
+    removing = asyncio.ensure_future(engine.remove(entry, False))
+    pausing = asyncio.ensure_future(engine.pause(entry))
+    await asyncio.wait_for(asyncio.gather(removing, pausing, return_exceptions=True), 10)
+    assert removing.exception() is None
+    assert pausing.exception() is None or pausing.exception().status == 404
+    assert (await daemon.get(f"/torrents/{body['infohash']}")).status == 404
+
+
+async def test_a_resume_file_without_save_path_does_not_stop_loading(tmp_path, aiohttp_client):
+    resume = tmp_path / "state" / "resume"
+    resume.mkdir(parents=True)
+    bad, good = "01" * 20, "ff" * 20  # the bad one loads first
+    for infohash, extra in ((bad, {}), (good, {b"save_path": str(tmp_path).encode()})):
+        resume.joinpath(f"{infohash}.resume").write_bytes(lt.bencode({
+            b"file-format": b"libtorrent resume file", b"file-version": 1,
+            b"info-hash": bytes.fromhex(infohash), **extra}))
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path)))
+
+    async def loaded():
+        health = await (await client.get("/health")).json()
+        return not health["loading"] and (await client.get(f"/torrents/{good}")).status == 200
+    await wait_until(loaded, what="the good resume file to load")
+    assert [p.name.split(".")[0] for p in (tmp_path / "state" / "quarantine").iterdir()] == [bad]
+
+
+def hybrid_swarm(tmp_path, seeder):
+    layout = {"pack/a.bin": 300_000, "pack/b.bin": 200_000}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "pack", version=0)
+    seeder.seed(torrent, source)
+    return lt.load_torrent_buffer(torrent).ti.info_hashes(), source, layout
+
+
+async def test_a_v2_magnet_of_a_hybrid_takes_its_v1_id_with_the_metadata(
+        daemon, seeder, tmp_path):
+    hashes, source, layout = hybrid_swarm(tmp_path, seeder)
+    magnet = f"magnet:?xt=urn:btmh:1220{hashes.v2}&x.pe=127.0.0.1:{seeder.port}"
+    _, body = await add(daemon, torrent_url=magnet)
+    assert body["infohash"] == str(hashes.v2)
+
+    async def renamed():
+        status = await status_of(daemon, str(hashes.v2))
+        names = sorted(p.name for p in (tmp_path / "state" / "resume").iterdir())
+        return status["infohash"] == str(hashes.v1) and names == [f"{hashes.v1}.resume"]
+    await wait_until(renamed, what="the v1 id and its resume file")
+    await wait_complete(daemon, str(hashes.v1))
+    assert same_tree(source, tmp_path / "downloads", layout)
+
+
+async def test_v1_and_v2_magnets_of_one_hybrid_end_as_one_torrent(daemon, seeder, tmp_path):
+    hashes, source, layout = hybrid_swarm(tmp_path, seeder)
+    await add(daemon, torrent_url=f"magnet:?xt=urn:btmh:1220{hashes.v2}")  # no peer yet
+    await add(daemon, torrent_url=f"magnet:?xt=urn:btih:{hashes.v1}&x.pe=127.0.0.1:{seeder.port}")
+
+    async def one_healthy_torrent():
+        listing = await (await daemon.get("/torrents")).json()
+        return (listing["total"] == 1 and listing["torrents"][0]["error"] == ""
+                and listing["torrents"][0]["is_seeding"])
+    await wait_until(one_healthy_torrent, what="the two magnets to become one torrent")
+    for infohash in (str(hashes.v1), str(hashes.v2)):
+        assert (await status_of(daemon, infohash))["infohash"] == str(hashes.v1)
+    assert same_tree(source, tmp_path / "downloads", layout)
+    names = sorted(p.name for p in (tmp_path / "state" / "resume").glob("*.resume"))
+    assert names == [f"{hashes.v1}.resume"]

@@ -100,6 +100,9 @@ REQUEST_DRAIN_SECONDS = 1.0
 #: Seconds the session waits for trackers to acknowledge "stopped" at shutdown. The
 #: session's destructor holds the GIL for that long, freezing everything else.
 STOP_TRACKER_TIMEOUT = 1
+#: Longest wait for libtorrent to confirm a request (add, pause, save...). It answers in
+#: milliseconds; an alert lost in a full queue must not hang the request for ever.
+ALERT_WAIT = 30.0
 #: Seconds a finished torrent may keep showing as unfinished while its writes are flushed;
 #: flushing takes milliseconds, so this only bounds a flush that never reports back.
 FLUSH_WAIT = 10.0
@@ -662,7 +665,11 @@ def keep_local(params):
 async def fetch_torrent_url(client, url, timeout, local_only=False):
     """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to."""
     for _ in range(FETCH_MAX_REDIRECTS + 1):
-        if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+        try:
+            scheme = urllib.parse.urlsplit(url).scheme.lower()
+        except ValueError as error:  # a malformed address, such as http://[::1/x
+            raise ApiError(400, f"torrent_url is not a valid URL: {error}") from None
+        if scheme not in ("http", "https"):
             raise ApiError(400, "torrent_url must be a magnet link or an http(s) URL")
         if local_only and not _is_local_url(url):
             raise ApiError(400, "with --local-only, torrent_url must name localhost or a "
@@ -802,10 +809,47 @@ def _listing_body(items, total):
     return b"".join((b'{"torrents":[', items, b'],"total":%d}' % total))
 
 
-def _creation_info(params):
-    """The .torrent's fields outside the info dict, which add_torrent_alert does not carry."""
-    return {"creation_date": params.creation_date, "creator": params.created_by,
-            "comment": params.comment}
+def _params_hashes(params):
+    """The info_hash_t of add_torrent_params, from its torrent_info when it has one."""
+    return params.ti.info_hashes() if params.ti else params.info_hashes
+
+
+class _Adding:
+    """What an add must remember until its add_torrent_alert, which does not carry it.
+
+    That is the request waiting for the outcome, the .torrent's fields outside the info
+    dict, and a magnet's x.pe peers: libtorrent saves no peer that failed to connect,
+    yet with no tracker and no DHT they may be the only way to the metadata.
+    """
+
+    def __init__(self, params, future=None):
+        self.future = future
+        self.creation_info = {"creation_date": params.creation_date,
+                              "creator": params.created_by, "comment": params.comment}
+        self.magnet_peers = list(params.peers) if params.ti is None else []
+
+
+async def _confirmed(future, what):
+    """Await a future the alert loop resolves, but not forever: libtorrent may drop alerts."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), ALERT_WAIT)
+    except asyncio.TimeoutError:
+        raise ApiError(503, f"libtorrent did not confirm {what} within {ALERT_WAIT:g} s; "
+                       "try again") from None
+
+
+def _paused_by_user(status):
+    return status["paused"] and not status["auto_managed"]
+
+
+def _handed_to_queue(status):
+    return status["auto_managed"]
+
+
+def _log_crash(task):
+    """Report a background task that died: its work (saves, status) would stop silently."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
 class _Torrent:
@@ -815,7 +859,7 @@ class _Torrent:
         self.handle = handle
         self.ids = _hash_ids(params.info_hashes)
         self.infohash = self.ids[0]
-        self.params = creation_info
+        self.creation_info = creation_info
         self.file_priorities = list(params.file_priorities)
         self.metadata = None          # _metadata_fields() once known
         self.file_progress = None     # bytes downloaded per file index
@@ -839,7 +883,7 @@ class _Torrent:
         old = self.infohash if ids[0] != self.infohash else None
         self.ids, self.infohash, self.updated = ids, ids[0], now
         if self.metadata is None and status.has_metadata:
-            self.metadata = _metadata_fields(status.torrent_file, self.params)
+            self.metadata = _metadata_fields(status.torrent_file, self.creation_info)
         fields = status_fields(status, now)
         if not fields["upload_mode"]:
             self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
@@ -897,8 +941,8 @@ class TorrentEngine:
         self._session = None
         self._by_handle = {}          # handle -> _Torrent, every torrent libtorrent holds
         self._by_id = {}              # hex id -> _Torrent, those with a status to serve
-        self._pending_adds = {}       # hex id -> future of (_Torrent, created)
-        self._adding = {}             # hex id -> (_creation_info(), x.pe peers) until added
+        self._adds = {}               # hex id -> task of an API add under way
+        self._adding = {}             # hex id -> _Adding, until its add_torrent_alert
         self._removing = {}           # hex id -> _Torrent awaiting removal/deletion alerts
         self._dirty = set()           # torrents that changed since the last periodic save
         self._progressed = set()      # torrents whose per-file progress is out of date
@@ -936,52 +980,59 @@ class TorrentEngine:
             ("tf-save", self._save_loop()),
             ("tf-load", self._load_saved()),
         )]
+        for task in self._tasks:
+            task.add_done_callback(_log_crash)
         log.info("BitTorrent listening on %s, port %d (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
                  self.config.listen_interfaces, self.listen_port,
                  *("on" if flag else "off" for flag in (
                      self.config.dht, self.config.lsd, self.config.upnp, self.config.natpmp)))
 
     async def close(self):
-        """Pause, save every torrent that changed, and drop the session."""
+        """Finish adds under way, pause, save every torrent that changed, drop the session."""
         if self._session is None:
             return
         for task in self._tasks[1:]:
             task.cancel()
         await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        if self._adds:
+            # An add whose request was cut off by the shutdown still ends saved.
+            await asyncio.wait(set(self._adds.values()), timeout=self.config.shutdown_timeout)
         self._session.pause()
         torrents = [t for t in self._by_handle.values() if t.removal is None]
-        saves = [self._save(torrent, SAVE_IF_MODIFIED) for torrent in torrents]
         saved = 0
-        if saves:
+        if torrents:
+            saves = [self._save(torrent, SAVE_IF_MODIFIED) for torrent in torrents]
             done, pending = await asyncio.wait(
-                [asyncio.ensure_future(save) for save in saves],
-                timeout=self.config.shutdown_timeout)
+                saves, timeout=max(0.1, deadline - time.monotonic()))
             saved = sum(1 for f in done if not f.exception() and f.result())
-            for future in pending:
-                future.cancel()
             if pending:
                 log.warning("shutdown deadline: %d torrents were not saved", len(pending))
         log.info("saved %d changed torrents of %d at shutdown", saved, len(torrents))
         self._tasks[0].cancel()
         await asyncio.gather(self._tasks[0], return_exceptions=True)
-        asyncio.get_running_loop().remove_reader(self._alert_socket.fileno())
-        await asyncio.get_running_loop().run_in_executor(None, self._disk.shutdown)
-        session, self._session = self._session, None
-        # The destructor waits for tracker "stopped" announces while holding the GIL.
-        await asyncio.to_thread(_drop, session)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._alert_socket.fileno())
+        await loop.run_in_executor(None, self._disk.shutdown)
+        # The session's destructor waits up to STOP_TRACKER_TIMEOUT for trackers to
+        # acknowledge "stopped", holding the GIL: let the last reference go in a thread.
+        last_reference = [self._session]
+        self._session = None
+        await asyncio.to_thread(last_reference.clear)
         self._alert_socket.close()
         self._notify_socket.close()
 
     # -- requests ----------------------------------------------------------- #
 
     def lookup(self, infohash):
-        """The torrent with this v1 or v2 id, or 404."""
+        """The torrent with this v1 or v2 id, or 404 (also while it is being removed)."""
         torrent = self._by_id.get(infohash)
-        if torrent is None:
+        if torrent is None or torrent.removal is not None:
             raise ApiError(404, f"no torrent with infohash {infohash}")
         return torrent
 
     def torrents(self):
+        """Every torrent that has a status to serve, in the order they were added."""
         return (t for t in self._by_handle.values() if t.status is not None)
 
     def listing(self):
@@ -992,35 +1043,43 @@ class TorrentEngine:
         return self._listing
 
     def count(self):
+        """How many torrents libtorrent holds, those still loading included."""
         return len(self._by_handle)
 
     async def add(self, params):
         """Add a torrent; return (infohash, created) once it is saved and has a status."""
-        ids = _hash_ids(params.ti.info_hashes() if params.ti else params.info_hashes)
+        ids = _hash_ids(_params_hashes(params))
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removal is not None:
             # Being deleted: let that finish, then add it afresh.
-            await asyncio.shield(existing.removal)
+            await _confirmed(existing.removal, "the removal of the earlier copy")
             existing = None
         if existing is not None:
             return existing.infohash, False
-        pending = next((self._pending_adds[i] for i in ids if i in self._pending_adds), None)
-        if pending is not None:
-            torrent, _ = await asyncio.shield(pending)
-            return torrent.infohash, False
-        future = asyncio.get_running_loop().create_future()
-        self._pending_adds.update(dict.fromkeys(ids, future))
-        try:
-            self._add_async(params)
-            torrent, created = await future
-            if created:
-                # The answer promises the torrent survives a crash: write it first.
-                await self._save(torrent, SAVE_FULL)
-            if torrent.status is None:
-                await self._refresh(torrent)
-        finally:
+        running = next((self._adds[i] for i in ids if i in self._adds), None)
+        if running is not None:
+            # Asked for twice at once: answer when the first add is saved, as it does.
+            infohash, _ = await asyncio.shield(running)
+            return infohash, False
+        task = asyncio.ensure_future(self._add(params, ids))
+
+        def forget(_task):
             for infohash in ids:
-                self._pending_adds.pop(infohash, None)
+                self._adds.pop(infohash, None)
+        self._adds.update(dict.fromkeys(ids, task))
+        task.add_done_callback(forget)
+        # Shielded: a client that hangs up must not leave a torrent added but unsaved.
+        return await asyncio.shield(task)
+
+    async def _add(self, params, ids):
+        added = asyncio.get_running_loop().create_future()
+        self._add_async(params, added)
+        torrent, created = await _confirmed(added, "the add")
+        if created:
+            # The answer promises the torrent survives a crash: write it first.
+            await _confirmed(self._save(torrent, SAVE_FULL), "saving the torrent")
+        if torrent.status is None:
+            await _confirmed(self._refresh(torrent), "the first status")
         return torrent.infohash, created
 
     async def pause(self, torrent):
@@ -1028,8 +1087,8 @@ class TorrentEngine:
         with _handle_call():
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
-        await self._refresh(torrent)
-        await self._save(torrent, SAVE_FULL)
+        await _confirmed(self._refresh(torrent, _paused_by_user), "the pause")
+        await _confirmed(self._save(torrent, SAVE_FULL), "saving the pause")
 
     async def resume(self, torrent):
         """Resume and hand it back to the queue; after an error, recheck and retry."""
@@ -1043,45 +1102,41 @@ class TorrentEngine:
                 torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
                 torrent.handle.force_recheck()
             torrent.handle.resume()
-        await self._refresh(torrent)
-        await self._save(torrent, SAVE_FULL)
+        await _confirmed(self._refresh(torrent, _handed_to_queue), "the resume")
+        await _confirmed(self._save(torrent, SAVE_FULL), "saving the resume")
 
     async def remove(self, torrent, delete_files):
         """Remove it; return once libtorrent confirmed and its resume file is gone."""
-        if torrent.removal is None:
-            torrent.removal = asyncio.get_running_loop().create_future()
-            # Deleting needs storage; a magnet without metadata has nothing on disk.
-            torrent.removal_steps = ({"removed", "deleted"} if delete_files
-                                     and torrent.metadata is not None else {"removed"})
-            for infohash in torrent.ids:
-                self._removing[infohash] = torrent
-            with _handle_call():
-                self._session.remove_torrent(
-                    torrent.handle, lt.session.delete_files if delete_files else 0)
-        await asyncio.shield(torrent.removal)
+        self._start_removal(torrent, delete_files)
+        await _confirmed(torrent.removal, "the removal")
+
+    def _start_removal(self, torrent, delete_files):
+        with _handle_call():
+            self._session.remove_torrent(
+                torrent.handle, lt.session.delete_files if delete_files else 0)
+        torrent.removal = asyncio.get_running_loop().create_future()
+        # Deleting needs storage; a magnet without metadata has nothing on disk.
+        torrent.removal_steps = ({"removed", "deleted"} if delete_files
+                                 and torrent.metadata is not None else {"removed"})
+        for infohash in torrent.ids:
+            self._removing[infohash] = torrent
 
     # -- internals: requests that wait on alerts ----------------------------- #
 
-    def _add_async(self, params):
-        """Add without waiting, keeping what add_torrent_alert will not carry back.
-
-        That is the .torrent's fields outside the info dict, and a magnet's x.pe peers:
-        libtorrent saves no peer that failed to connect, yet with no tracker and no DHT
-        they may be the only way to the metadata, so a restart must not forget them.
-        """
+    def _add_async(self, params, added=None):
+        """Add without waiting; _on_add resolves added with (_Torrent, created)."""
         if self.config.local_only:
             keep_local(params)
-        info_hashes = params.ti.info_hashes() if params.ti else params.info_hashes
-        magnet_peers = list(params.peers) if params.ti is None else []
-        self._adding[_hash_ids(info_hashes)[0]] = (_creation_info(params), magnet_peers)
+        self._adding[_hash_ids(_params_hashes(params))[0]] = _Adding(params, added)
         self._session.async_add_torrent(params)
 
-    def _refresh(self, torrent):
-        """Ask for this torrent's status; the future resolves when it is cached."""
+    def _refresh(self, torrent, until=None):
+        """Ask for this torrent's status; the future resolves once the cache holds one
+        that satisfies until(status). A status posted before the change may come first."""
         future = asyncio.get_running_loop().create_future()
         with _handle_call():
             torrent.handle.post_status()
-        torrent.status_waiters.append(future)
+        torrent.status_waiters.append((future, until))
         return future
 
     def _save(self, torrent, flags):
@@ -1115,34 +1170,46 @@ class TorrentEngine:
                     log.exception("error while handling %s", type(alert).__name__)
 
     def _dispatch(self, alert):
+        """Hand an alert to its _on_* handler, if the daemon acts on that kind."""
         handler = self._ALERT_HANDLERS.get(type(alert))
         if handler is not None:
             handler(self, alert)
 
     def _on_state_update(self, alert):
+        """Cache each changed torrent's status and wake requests waiting for it."""
         now = time.time()
         self._listing = None
         for status in alert.status:
             torrent = self._by_handle.get(status.handle)
             if torrent is None or self._holding_back(torrent, status, now):
                 continue
-            old = torrent.update(status, now)
-            if old:
-                log.info("%s is now known by its v1 id %s", old, torrent.infohash)
-            if torrent.removal is None:
-                self._by_id.update(dict.fromkeys(torrent.ids, torrent))
-            self._dirty.add(torrent)
-            if torrent.metadata is not None and torrent.total_done != status.total_done:
-                torrent.total_done = status.total_done
-                self._progressed.add(torrent)
-            if status.download_rate or status.upload_rate:
-                self._moving.add(torrent)
-            else:
-                self._moving.discard(torrent)
-            waiters, torrent.status_waiters = torrent.status_waiters, []
-            for future in waiters:
+            try:
+                self._take_status(torrent, status, now)
+            except Exception:  # one bad status must not keep the others from the cache
+                log.exception("could not take the status of %s", torrent.infohash)
+
+    def _take_status(self, torrent, status, now):
+        old = torrent.update(status, now)
+        if old:
+            log.info("%s is now known by its v1 id %s", old, torrent.infohash)
+        if torrent.removal is None:
+            self._by_id.update(dict.fromkeys(torrent.ids, torrent))
+        self._dirty.add(torrent)
+        if torrent.metadata is not None and torrent.total_done != status.total_done:
+            torrent.total_done = status.total_done
+            self._progressed.add(torrent)
+        if status.download_rate or status.upload_rate:
+            self._moving.add(torrent)
+        else:
+            self._moving.discard(torrent)
+        waiting = []
+        for future, until in torrent.status_waiters:
+            if until is None or until(torrent.status):
                 if not future.done():
                     future.set_result(None)
+            else:
+                waiting.append((future, until))
+        torrent.status_waiters = waiting
 
     @staticmethod
     def _holding_back(torrent, status, now):
@@ -1156,10 +1223,10 @@ class TorrentEngine:
                 and not torrent.status["is_finished"])
 
     def _on_add(self, alert):
-        ids = _hash_ids(alert.params.ti.info_hashes() if alert.params.ti
-                        else alert.params.info_hashes)
-        future = next((self._pending_adds[i] for i in ids if i in self._pending_adds), None)
-        creation_info, magnet_peers = self._adding.pop(ids[0] if ids else None, (None, []))
+        """Register a torrent libtorrent added, or fail the request that asked for it."""
+        ids = _hash_ids(_params_hashes(alert.params))
+        adding = self._adding.pop(ids[0] if ids else None, None) or _Adding(alert.params)
+        future = adding.future
         if alert.error.value():
             log.warning("could not add torrent %s: %s", ids[0] if ids else "?",
                         alert.error.message())
@@ -1171,9 +1238,8 @@ class TorrentEngine:
         torrent = self._by_handle.get(handle)
         created = torrent is None
         if created:
-            torrent = _Torrent(handle, alert.params,
-                               creation_info or _creation_info(alert.params))
-            torrent.magnet_peers = magnet_peers
+            torrent = _Torrent(handle, alert.params, adding.creation_info)
+            torrent.magnet_peers = adding.magnet_peers
             self._by_handle[handle] = torrent
             torrent.saved_as = None if future is not None else torrent.infohash
             log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
@@ -1223,9 +1289,11 @@ class TorrentEngine:
         for infohash in torrent.ids:
             if self._by_id.get(infohash) is torrent:
                 del self._by_id[infohash]
-        for future in torrent.save_waiters:
+        for future in [*torrent.save_waiters, *(f for f, _ in torrent.status_waiters)]:
             if not future.done():
                 future.set_result(False)
+        torrent.save_waiters.clear()
+        torrent.status_waiters.clear()
         log.info("removed %s (%s)", torrent.status and torrent.status["name"], torrent.infohash)
         self._removal_step(torrent, "removed")
 
@@ -1248,9 +1316,34 @@ class TorrentEngine:
             return
         for infohash in torrent.ids:
             self._removing.pop(infohash, None)
+        name = torrent.saved_as
+        # After a hybrid conflict the survivor may already keep its file under this name.
+        if name is None or any(t.saved_as == name for t in self._by_handle.values()):
+            torrent.removal.set_result(None)
+            return
         delete = asyncio.get_running_loop().run_in_executor(
-            self._disk, self._delete_resume, torrent.saved_as or torrent.infohash)
+            self._disk, self._delete_resume, name)
         _chain(delete, torrent.removal, None)
+
+    def _on_conflict(self, alert):
+        """Two magnets, one by v1 and one by v2 hash, turned out to be one hybrid torrent.
+
+        libtorrent stops both with an error. Keep the one that has the metadata, drop the
+        other (its data, if any, stays), and let the survivor answer to both hashes.
+        """
+        keep = self._by_handle.get(alert.handle)
+        drop = self._by_handle.get(alert.conflicting_torrent)
+        if keep is None or drop is None or drop.removal is not None:
+            return
+        log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
+                    drop.infohash, keep.infohash)
+        with contextlib.suppress(ApiError):
+            self._start_removal(drop, delete_files=False)
+        with contextlib.suppress(RuntimeError):
+            keep.handle.clear_error()
+            if keep.status is None or keep.status["auto_managed"]:
+                keep.handle.resume()
+            keep.handle.post_status()
 
     def _on_flushed(self, alert):
         """The finished torrent's bytes are in its files: now it may show as finished."""
@@ -1282,8 +1375,9 @@ class TorrentEngine:
             log.info("%s %s (%s)", self._EVENT_WORDS[type(alert)], name, torrent.infohash)
         if isinstance(alert, lt.torrent_finished_alert):
             # The last pieces may still sit in libtorrent's write buffer; see _on_flushed.
-            torrent.handle.flush_cache()
-            torrent.flushing_since = time.time()
+            with contextlib.suppress(RuntimeError):
+                torrent.handle.flush_cache()
+                torrent.flushing_since = time.time()
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert,
                               lt.storage_moved_alert)):
             self._save(torrent, SAVE_FULL)
@@ -1307,6 +1401,7 @@ class TorrentEngine:
         lt.torrent_deleted_alert: _on_deleted,
         lt.torrent_delete_failed_alert: _on_deleted,
         lt.cache_flushed_alert: _on_flushed,
+        lt.torrent_conflict_alert: _on_conflict,
         lt.tracker_reply_alert: _on_tracker_reply,
         lt.scrape_reply_alert: _on_tracker_reply,
         lt.alerts_dropped_alert: lambda self, alert: log.warning(
@@ -1352,7 +1447,11 @@ class TorrentEngine:
             saved = await loop.run_in_executor(self._disk, self._read_all_resume)
             for start in range(0, len(saved), LOAD_BATCH):
                 for params in saved[start:start + LOAD_BATCH]:
-                    self._add_async(params)
+                    try:
+                        self._add_async(params)
+                    except (ValueError, RuntimeError) as error:
+                        log.error("could not load saved torrent %s: %s",
+                                  _hash_ids(_params_hashes(params))[0], error)
                 await asyncio.sleep(0)
             if saved:
                 log.info("loading %d saved torrents", len(saved))
@@ -1407,8 +1506,8 @@ class TorrentEngine:
                     log.warning("resume file %s is unreadable: %s", candidate, error)
                     unreadable.append(candidate)
                     continue
-                if not _hash_ids(params.info_hashes):
-                    log.warning("resume file %s names no torrent", candidate)
+                if not _hash_ids(params.info_hashes) or not params.save_path:
+                    log.warning("resume file %s names no torrent or no save path", candidate)
                     unreadable.append(candidate)
                     params = None
                     continue
@@ -1465,10 +1564,6 @@ def _file_progress(handles):
         except RuntimeError:
             result.append(None)
     return result
-
-
-def _drop(session):
-    del session
 
 
 def _loopback_only_filter():
@@ -1579,8 +1674,14 @@ async def _read_add_form(request):
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(ADD_FIELDS)}")
     for name in ("torrent_url", "save_path"):
-        if not isinstance(fields.get(name, ""), str):
+        value = fields.get(name, "")
+        if not isinstance(value, str):
             raise ApiError(400, f"{name} must be a string")
+        if not value.isascii():
+            try:  # JSON can carry lone surrogates, which no path or URL can hold
+                value.encode()
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{name} is not valid Unicode") from None
     if isinstance(fields.get("torrent_file"), str):
         raise ApiError(400, "torrent_file must be a file upload")
     return fields
@@ -1626,7 +1727,8 @@ def _list_query(query):
     def names(text, what, signed=False):
         chosen = [name.strip() for name in text.split(",") if name.strip()]
         bad = [name for name in chosen
-               if (name.removeprefix("-") if signed else name) not in STATUS_FIELDS]
+               if (name.removeprefix("-") if signed else name) not in STATUS_FIELDS
+               or signed and name.removeprefix("-") == "files"]  # lists do not sort
         if bad or not chosen:
             raise ApiError(400, f"{what}: unknown status field {(bad or [''])[0]!r}")
         return chosen
@@ -1635,7 +1737,7 @@ def _list_query(query):
         text = query.get(name)
         if text is None:
             return default
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):  # "²".isdigit() is True
             raise ApiError(400, f"{name} must be a whole number")
         return int(text)
 
@@ -1969,10 +2071,10 @@ def make_app(config):
 
 async def serve(config):
     """Run until SIGTERM or SIGINT, then shut down in order: requests, torrents, session."""
-    runner = web.AppRunner(make_app(config), access_log=None)
+    runner = web.AppRunner(make_app(config), access_log=None,
+                           shutdown_timeout=REQUEST_DRAIN_SECONDS)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port,
-                       shutdown_timeout=REQUEST_DRAIN_SECONDS)
+    site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     for host, port, *_ in runner.addresses:
         log.info("TorrentFlow %s API listening on http://%s:%d", __version__,
