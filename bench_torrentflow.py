@@ -429,6 +429,9 @@ def raw_child(spec_text):
     if spec["backend"]:
         params.disk_io_constructor = spec["backend"]
     session = lt.session(params)
+    # cache_flushed_alert, awaited below, is in the storage category.
+    mask = session.get_settings()["alert_mask"] | int(lt.alert_category.storage)
+    session.apply_settings({"alert_mask": mask})
     print("ready", flush=True)
     sys.stdin.readline()
     cpu_before = _stat_cpu_seconds(Path("/proc/self/stat"))
@@ -440,6 +443,13 @@ def raw_child(spec_text):
         if time.perf_counter() - started > spec["deadline"]:
             raise TimeoutError("the raw download did not finish")
         time.sleep(POLL_INTERVAL)
+    # The daemon calls a download complete only once its writes reached the file; so
+    # must raw libtorrent, or the race compares different finish lines.
+    handle.flush_cache()
+    while not any(isinstance(alert, lt.cache_flushed_alert) for alert in session.pop_alerts()):
+        if time.perf_counter() - started > spec["deadline"]:
+            raise TimeoutError("the raw download's writes were not flushed")
+        session.wait_for_alert(int(POLL_INTERVAL * 1000))
     seconds = time.perf_counter() - started
     cpu = _stat_cpu_seconds(Path("/proc/self/stat")) - cpu_before
     matched = sha1_file(spec["file"]) == spec["sha1"]

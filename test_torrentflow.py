@@ -1516,7 +1516,7 @@ class DaemonProcess:
                  "--download-dir", str(self.download_dir), "--state-dir", str(self.state_dir),
                  "--save-interval", str(self.save_interval)],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd=self.root)
-        port = await wait_until(self._port, deadline=30, what="the API port")
+        port = self.port = await wait_until(self._port, deadline=30, what="the API port")
         self.client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
 
         async def loaded():
@@ -2079,3 +2079,20 @@ async def test_v1_and_v2_magnets_of_one_hybrid_end_as_one_torrent(daemon, seeder
     assert same_tree(source, tmp_path / "downloads", layout)
     names = sorted(p.name for p in (tmp_path / "state" / "resume").glob("*.resume"))
     assert names == [f"{hashes.v1}.resume"]
+
+
+async def test_malformed_http_is_refused_without_filling_the_log(process):
+    """aiohttp logs each malformed request with a traceback unless --log-level debug."""
+    await process.start()
+    for garbage in (b"\x16\x03\x01\x00\xa5garbage\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                    b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"y" * 70000 + b"\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
+        writer.write(garbage)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(200), 10)
+        assert answer.split(b"\r\n")[0].split()[1] == b"400", answer
+        writer.close()
+    async with process.client.get("/health") as response:
+        assert response.status == 200
+    await process.stop(signal.SIGTERM)
+    assert "Traceback" not in process.log() and "Error handling request" not in process.log()
