@@ -866,6 +866,49 @@ def _log_crash(task):
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
+def _chain(source, target, result):
+    """Complete target when source does: with result, or source's exception."""
+    def done(future):
+        if target.done():
+            return
+        if future.exception() is not None:
+            log.error("state directory I/O failed: %s", future.exception())
+            target.set_exception(future.exception())
+        else:
+            target.set_result(result)
+    source.add_done_callback(done)
+
+
+def _fsync_dir(path):
+    """Make a rename in this directory durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_progress(handles):
+    """Bytes per file for each handle (None if it is gone). Blocking: run in a thread."""
+    result = []
+    for handle in handles:
+        try:
+            result.append(handle.file_progress(lt.torrent_handle.piece_granularity))
+        except RuntimeError:
+            result.append(None)
+    return result
+
+
+def _loopback_only_filter():
+    """An IP filter that blocks every peer and tracker outside loopback."""
+    ip_filter = lt.ip_filter()
+    ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
+    ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
+    ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
+    ip_filter.add_rule("::1", "::1", 0)
+    return ip_filter
+
+
 class _Torrent:
     """What the daemon knows about one torrent: its handle and its cached status."""
 
@@ -1561,49 +1604,6 @@ class TorrentEngine:
         _fsync_dir(self.resume_dir)
 
 
-def _chain(source, target, result):
-    """Complete target when source does: with result, or source's exception."""
-    def done(future):
-        if target.done():
-            return
-        if future.exception() is not None:
-            log.error("state directory I/O failed: %s", future.exception())
-            target.set_exception(future.exception())
-        else:
-            target.set_result(result)
-    source.add_done_callback(done)
-
-
-def _fsync_dir(path):
-    """Make a rename in this directory durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _file_progress(handles):
-    """Bytes per file for each handle (None if it is gone). Blocking: run in a thread."""
-    result = []
-    for handle in handles:
-        try:
-            result.append(handle.file_progress(lt.torrent_handle.piece_granularity))
-        except RuntimeError:
-            result.append(None)
-    return result
-
-
-def _loopback_only_filter():
-    """An IP filter that blocks every peer and tracker outside loopback."""
-    ip_filter = lt.ip_filter()
-    ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
-    ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
-    ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
-    ip_filter.add_rule("::1", "::1", 0)
-    return ip_filter
-
-
 # --------------------------------------------------------------------------- #
 # HTTP handlers and routes
 # --------------------------------------------------------------------------- #
@@ -1874,6 +1874,10 @@ async def openapi(request):
     """This API as an OpenAPI 3.1 document."""
     return _json(OPENAPI)
 
+
+# --------------------------------------------------------------------------- #
+# API description (OpenAPI)
+# --------------------------------------------------------------------------- #
 
 def _typed(kind, nullable=False, **extra):
     return {"type": [kind, "null"] if nullable else kind, **extra}
