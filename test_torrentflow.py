@@ -578,27 +578,6 @@ async def assert_error(response, status, words):
     assert response.content_type == "application/json"
 
 
-async def test_save_path_escapes_are_refused(daemon, payload, tmp_path):
-    source, _ = payload
-    torrent = make_torrent(source / "single.bin")
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (tmp_path / "downloads").mkdir(exist_ok=True)
-    (tmp_path / "downloads" / "link").symlink_to(outside)
-    for save_path in ("../outside", "a/../../outside", str(outside), "/etc", "link",
-                      "link/deeper"):
-        response, _ = await add(daemon, expect=(400,), torrent_file=torrent,
-                                save_path=save_path)
-        await assert_error(response, 400, "inside the download directory")
-    assert not any(outside.iterdir()) and not (tmp_path / "downloads" / "link").resolve() \
-        .joinpath("deeper").exists()
-    assert (await (await daemon.get("/torrents")).json()) == {"torrents": [], "total": 0}
-    # Inside is fine, absolute or relative, and missing directories are created.
-    inside = tmp_path / "downloads" / "x" / "y"
-    response, body = await add(daemon, torrent_file=torrent, save_path=str(inside))
-    assert (await status_of(daemon, body["infohash"]))["save_path"] == str(inside.resolve())
-
-
 async def test_bad_add_requests_are_4xx(daemon, swarm, payload, tmp_path):
     source, _ = payload
     torrent = make_torrent(source / "single.bin")
@@ -1090,6 +1069,10 @@ async def test_every_save_path_escape_is_refused(daemon, tmp_path):
         assert "save_path" in body["detail"], (save_path, body)
     assert files_under(tmp_path) == before
     assert (await (await daemon.get("/torrents")).json())["torrents"] == []
+    # Inside is fine, absolute or relative, and missing directories are created.
+    inside = tmp_path / "downloads" / "x" / "y"
+    _, body = await add(daemon, torrent_url=MAGNET, save_path=str(inside))
+    assert (await status_of(daemon, body["infohash"]))["save_path"] == str(inside.resolve())
 
 
 async def test_allowed_save_roots(tmp_path, aiohttp_client):
@@ -1142,10 +1125,6 @@ async def test_oversized_bodies_get_413(daemon):
         response = await daemon.post("/torrents", data=chunked(small),
                                      headers={"Content-Type": content_type})
         await detail_of(response, 413)
-
-
-async def test_an_oversized_chunked_url_reply_gets_413(daemon, swarm):
-    response, body = await add(daemon, expect=(413,), torrent_url=swarm.url("/huge"))
 
 
 async def test_malformed_bodies_get_400(daemon):
