@@ -2075,3 +2075,12 @@ async def test_malformed_http_is_refused_without_filling_the_log(process):
         assert response.status == 200
     await process.stop(signal.SIGTERM)
     assert "Traceback" not in process.log() and "Error handling request" not in process.log()
+
+
+async def test_an_unanswered_request_to_libtorrent_becomes_a_503():
+    """A lost alert cannot be provoked on demand, so a future nobody resolves stands in."""
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(torrentflow.ApiError) as error:
+        await torrentflow._confirmed(never, "the test", timeout=0.05)
+    assert error.value.status == 503 and "the test" in error.value.detail
+    assert not never.cancelled()  # shielded: the alert may still come and be handled

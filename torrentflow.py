@@ -841,12 +841,12 @@ class _Adding:
         self.magnet_peers = list(params.peers) if params.ti is None else []
 
 
-async def _confirmed(future, what):
+async def _confirmed(future, what, timeout=ALERT_WAIT):
     """Await a future the alert loop resolves, but not forever: libtorrent may drop alerts."""
     try:
-        return await asyncio.wait_for(asyncio.shield(future), ALERT_WAIT)
+        return await asyncio.wait_for(asyncio.shield(future), timeout)
     except asyncio.TimeoutError:
-        raise ApiError(503, f"libtorrent did not confirm {what} within {ALERT_WAIT:g} s; "
+        raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
                        "try again") from None
 
 
@@ -1922,8 +1922,9 @@ def _query(name, description, **schema):
 
 
 def _torrent_action(operation_id, summary, *query):
+    """PUT pause/resume and DELETE: they name a torrent and wait for libtorrent."""
     return _operation(operation_id, summary, {"200": _answer("done", _ref("Message"))},
-                      (404,), parameters=[_INFOHASH_PARAMETER, *query])
+                      (404, 503), parameters=[_INFOHASH_PARAMETER, *query])
 
 
 _COUNT = _typed("integer", minimum=0)
@@ -2003,7 +2004,7 @@ OPENAPI = {
                 {"201": _answer("added", _ref("Added"), _ADDED_HEADERS, _ADDED_LINKS),
                  "200": _answer("already present", _ref("Added"), _ADDED_HEADERS,
                                 _ADDED_LINKS)},
-                (413, 415, 422, 502),
+                (413, 415, 422, 502, 503),
                 requestBody={"required": True, "content": {
                     "multipart/form-data": {"schema": _ADD_UPLOAD},
                     "application/x-www-form-urlencoded": {"schema": _ADD_FORM},
@@ -2071,6 +2072,7 @@ OPENAPI = {
             (415, "unsupported Content-Type", None),
             (422, "not a valid, or not a safe, .torrent", None),
             (502, "fetching torrent_url failed", None),
+            (503, "libtorrent did not confirm the change in time (a lost alert); retry", None),
         )},
     },
 }
