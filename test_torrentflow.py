@@ -2036,7 +2036,7 @@ async def test_a_v2_magnet_of_a_hybrid_takes_its_v1_id_with_the_metadata(
 
     async def renamed():
         status = await status_of(daemon, str(hashes.v2))
-        names = sorted(p.name for p in (tmp_path / "state" / "resume").iterdir())
+        names = sorted(p.name for p in (tmp_path / "state" / "resume").glob("*.resume"))
         return status["infohash"] == str(hashes.v1) and names == [f"{hashes.v1}.resume"]
     await wait_until(renamed, what="the v1 id and its resume file")
     await wait_complete(daemon, str(hashes.v1))
