@@ -119,7 +119,10 @@ ALERT_MASK = (
     | lt.alert_category.storage
     | lt.alert_category.tracker
 )
+#: Resume data with the info dict, so a magnet's metadata survives, written after the
+#: torrent's pending writes reach the disk, so the saved pieces are really there.
 SAVE_FULL = lt.save_resume_flags_t.save_info_dict | lt.save_resume_flags_t.flush_disk_cache
+#: The same, skipped (error 143) when nothing changed since the last save.
 SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
 
 #: torrent_status.flags bits exposed as booleans (the bool attributes are deprecated).
@@ -748,7 +751,7 @@ EMPTY_METADATA = dict.fromkeys(
     ("total_size", "num_files", "total_pieces", "piece_length", "creation_date", "creator",
      "comment", "files"))
 
-#: Every field of the status object, in the order it is served (README has the table).
+#: Every field of the status object (README has the table, /openapi.json the schema).
 STATUS_FIELDS = (
     "infohash", "paused", "auto_managed", "sequential_download", "seed_mode", "upload_mode",
     "share_mode", "super_seeding", "queued", "state", "is_seeding", "is_finished",
@@ -929,7 +932,7 @@ class _Torrent:
         self.saved_as = None          # the id its resume file carries
         self.magnet_peers = []        # its x.pe= peers, saved until the metadata is here
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
-        self.status_waiters = []      # futures for "the next status of this torrent"
+        self.status_waiters = []      # (future, until) pairs, for a status to come
         self.save_waiters = collections.deque()  # one future per save_resume_data call
         self.removal = None           # future for DELETE, once requested
         self.removal_steps = set()    # alerts that removal still waits for
