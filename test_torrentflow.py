@@ -2084,3 +2084,36 @@ async def test_an_unanswered_request_to_libtorrent_becomes_a_503():
         await torrentflow._confirmed(never, "the test", timeout=0.05)
     assert error.value.status == 503 and "the test" in error.value.detail
     assert not never.cancelled()  # shielded: the alert may still come and be handled
+
+
+async def test_text_that_is_not_utf8_once_decoded_is_refused_at_once(daemon):
+    # %ff is plain ASCII in the request but libtorrent keeps the decoded byte; Python
+    # cannot read it back, so the torrent would never get a status (503, stuck unseen).
+    magnet = "magnet:?xt=urn:btih:" + "cd" * 20
+    for extra in ("&dn=%ff%fe", "&tr=http%3A%2F%2F127.0.0.1%3A1%2F%ff"):
+        response = await asyncio.wait_for(daemon.post(
+            "/torrents", data=json.dumps({"torrent_url": magnet + extra}),
+            headers={"Content-Type": "application/json"}), 5)
+        await assert_error(response, 400, "not UTF-8")
+    torrent = lt.bencode({b"announce": b"http://127.0.0.1:1/\xff", b"info": _single()})
+    _, body = await add(daemon, expect=(422,), torrent_file=torrent)
+    assert "not UTF-8" in body["detail"]
+    assert daemon.app[torrentflow.ENGINE].count() == 0
+
+
+async def test_a_resume_file_with_a_save_path_that_is_not_utf8_is_quarantined(
+        tmp_path, aiohttp_client):
+    resume = tmp_path / "state" / "resume"
+    resume.mkdir(parents=True)
+    bad, good = "01" * 20, "ff" * 20
+    for infohash, save_path in ((bad, b"/tmp/\xff"), (good, str(tmp_path).encode())):
+        resume.joinpath(f"{infohash}.resume").write_bytes(lt.bencode({
+            b"file-format": b"libtorrent resume file", b"file-version": 1,
+            b"info-hash": bytes.fromhex(infohash), b"save_path": save_path}))
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path)))
+
+    async def loaded():
+        health = await (await client.get("/health")).json()
+        return not health["loading"] and (await client.get(f"/torrents/{good}")).status == 200
+    await wait_until(loaded, deadline=10, what="the good resume file to load")
+    assert [p.name.split(".")[0] for p in (tmp_path / "state" / "quarantine").iterdir()] == [bad]

@@ -595,6 +595,20 @@ def resolve_save_path(download_dir, requested, allowed_roots=()):
     return str(target)
 
 
+def _readable(params):
+    """False if a name, path or URL in params is not UTF-8.
+
+    libtorrent keeps a magnet's %-decoded dn= and tr=, a .torrent's announce and a resume
+    file's save_path as raw bytes; Python raises on every later read of them, in the
+    add, in each status and in each alert, so such a torrent could never be served.
+    """
+    try:
+        params.name, params.save_path, params.trackers, params.url_seeds
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def params_from_magnet(uri):
     """Parse a magnet link (honouring tr= trackers and x.pe= peers), or raise 400."""
     try:
@@ -603,6 +617,8 @@ def params_from_magnet(uri):
         raise ApiError(400, f"invalid magnet link: {error}") from None
     if not _hash_ids(params.info_hashes):
         raise ApiError(400, "invalid magnet link: no btih or btmh infohash")
+    if not _readable(params):
+        raise ApiError(400, "invalid magnet link: dn= or tr= is not UTF-8 once decoded")
     return params
 
 
@@ -618,6 +634,8 @@ def params_from_torrent(data):
         params = lt.load_torrent_buffer(data, TORRENT_LIMITS)
     except RuntimeError as error:
         raise ApiError(422, f"not a valid torrent file: {error}") from None
+    if not _readable(params):
+        raise ApiError(422, "not a valid torrent file: a tracker URL is not UTF-8")
     info = params.ti
     piece_length = info.piece_length()
     if piece_length & (piece_length - 1):
@@ -1190,8 +1208,13 @@ class TorrentEngine:
         """Add without waiting; _on_add resolves added with (_Torrent, created)."""
         if self.config.local_only:
             keep_local(params)
-        self._adding[_hash_ids(_params_hashes(params))[0]] = _Adding(params, added)
-        self._session.async_add_torrent(params)
+        key = _hash_ids(_params_hashes(params))[0]
+        self._adding[key] = _Adding(params, added)
+        try:
+            self._session.async_add_torrent(params)
+        except BaseException:
+            del self._adding[key]
+            raise
 
     def _refresh(self, torrent, until=None):
         """Ask for this torrent's status; the future resolves once the cache holds one
@@ -1307,10 +1330,11 @@ class TorrentEngine:
             torrent.magnet_peers = adding.magnet_peers
             self._by_handle[handle] = torrent
             torrent.saved_as = None if future is not None else torrent.infohash
-            log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
-                     torrent.infohash)
         if future is not None and not future.done():
             future.set_result((torrent, created))
+        if created:
+            log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
+                     torrent.infohash)
 
     def _on_save(self, alert):
         """Write the resume data of a save_resume_data call, in order, off the loop."""
@@ -1578,8 +1602,10 @@ class TorrentEngine:
                     log.warning("resume file %s is unreadable: %s", candidate, error)
                     unreadable.append(candidate)
                     continue
-                if not _hash_ids(params.info_hashes) or not params.save_path:
-                    log.warning("resume file %s names no torrent or no save path", candidate)
+                if (not _hash_ids(params.info_hashes) or not _readable(params)
+                        or not params.save_path):
+                    log.warning("resume file %s names no torrent or no save path, or holds "
+                                "text that is not UTF-8", candidate)
                     unreadable.append(candidate)
                     params = None
                     continue
