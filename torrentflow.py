@@ -895,6 +895,9 @@ def _chain(source, target, result):
         if future.exception() is not None:
             log.error("state directory I/O failed: %s", future.exception())
             target.set_exception(future.exception())
+            # Logged just above; periodic saves have nobody awaiting them, and asyncio
+            # would log it again as "never retrieved". Awaiters still get the error.
+            target.exception()
         else:
             target.set_result(result)
     source.add_done_callback(done)
@@ -1427,8 +1430,8 @@ class TorrentEngine:
         """
         keep = self._by_handle.get(alert.handle)
         drop = self._by_handle.get(alert.conflicting_torrent)
-        if keep is None or drop is None or drop.removal is not None:
-            return
+        if keep is None or drop is None or keep.removal or drop.removal:
+            return  # a DELETE under way settles it
         log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
                     drop.infohash, keep.infohash)
         with contextlib.suppress(ApiError):
