@@ -1430,7 +1430,7 @@ class TorrentEngine:
         """
         keep = self._by_handle.get(alert.handle)
         drop = self._by_handle.get(alert.conflicting_torrent)
-        if keep is None or drop is None or keep.removal or drop.removal:
+        if None in (keep, drop) or keep.removal is not None or drop.removal is not None:
             return  # a DELETE under way settles it
         log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
                     drop.infohash, keep.infohash)
