@@ -2,7 +2,14 @@
 
 Every download test starts a seeding libtorrent session on 127.0.0.1 (TCP only,
 discovery off), drives the daemon through its HTTP API, and compares the bytes on
-disk with the source. Waits poll a condition under a deadline; nothing sleeps blindly.
+disk with the source. Most tests run the app in-process (make_app with aiohttp's test
+client); the persistence tests run ``python torrentflow.py`` as a child process and
+send it real signals. Waits poll a condition under a deadline; nothing sleeps blindly.
+The one stand-in, for an alert libtorrent loses, says so in its test.
+
+Sections: downloads, pause/resume/delete, status fields, bad input, configuration,
+security (token, browser defences, hostile input, OpenAPI), persistence, review edge
+cases.
 """
 
 import asyncio
