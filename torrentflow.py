@@ -200,26 +200,29 @@ def _positive_seconds(text):
     return seconds
 
 
+def _interfaces(text):
+    """(address, port) of each ADDRESS:PORT entry of a listen_interfaces string."""
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        address, _, port = item.rpartition(":")
+        yield address.strip("[]"), port
+
+
 def _listen_interfaces(text):
     """Check that every entry is ADDRESS:PORT, the form libtorrent expects."""
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        address, sep, port = item.rpartition(":")
-        if not sep or not address:
+    for address, port in _interfaces(text):
+        if not address:
             raise ValueError(text)
         _port(port.rstrip("sS"))  # a trailing s asks libtorrent for TLS on that port
     return text
 
 
 def _is_loopback_interfaces(text):
-    """True when every listen interface is a loopback address."""
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        address = item.rpartition(":")[0].strip("[]")
-        try:
-            if not ipaddress.ip_address(address).is_loopback:
-                return False
-        except ValueError:  # a device name such as eth0
-            return False
-    return True
+    """True when every listen interface is a loopback address (not a device name)."""
+    try:
+        return all(ipaddress.ip_address(address).is_loopback
+                   for address, _ in _interfaces(text))
+    except ValueError:  # a device name such as eth0
+        return False
 
 
 def _is_loopback_name(host):
