@@ -716,7 +716,7 @@ async def test_adding_during_a_delete_waits_and_adds_afresh(daemon, payload, tmp
     entry = engine.lookup(infohash)
     removing = asyncio.ensure_future(engine.remove(entry, False))
     await asyncio.sleep(0)  # one step of the event loop: remove() posts before it awaits
-    assert entry.removal is not None and not removing.done()
+    assert entry.removing and not removing.done()
     params = torrentflow.params_from_torrent(torrent)
     params.save_path = str(tmp_path / "downloads")
     assert await engine.add(params) == (infohash, True)
@@ -866,13 +866,25 @@ def test_bad_tokens_stop_the_start(argv, tmp_path):
         torrentflow.parse_config([a.replace("{empty}", str(empty)) for a in argv], {})
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.0.2.1", "example.com"])
+@pytest.mark.parametrize("host", ["", "example.com", "localhost.", "127.0.0.1.nip.io"])
+def test_host_must_be_an_address_or_localhost(host, capsys):
+    """A name that DNS resolves could point anywhere, so it is never a --host."""
+    for argv, environ in ((["--host", host, "--token", TOKEN], {}),
+                          ([], {"TORRENTFLOW_HOST": host or " "})):
+        with pytest.raises(SystemExit) as exit_info:
+            torrentflow.parse_config(argv, environ)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "--host" in error and "TORRENTFLOW_HOST" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1"])
 def test_no_token_on_a_public_address_refuses_to_start(host, capsys):
     with pytest.raises(SystemExit):
         torrentflow.parse_config(["--host", host], {})
     assert "TORRENTFLOW_TOKEN" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        torrentflow.parse_config([], {"TORRENTFLOW_HOST": host or "0.0.0.0"})
+        torrentflow.parse_config([], {"TORRENTFLOW_HOST": host})
     assert torrentflow.parse_config(["--host", host, "--token", TOKEN], {}).token == TOKEN
     assert torrentflow.parse_config(["--host", host, "--insecure-no-auth"], {}).insecure_no_auth
     assert torrentflow.parse_config(["--host", host], {"TORRENTFLOW_INSECURE_NO_AUTH": "1"})
@@ -2084,13 +2096,15 @@ async def test_malformed_http_is_refused_without_filling_the_log(process):
     assert "Traceback" not in process.log() and "Error handling request" not in process.log()
 
 
-async def test_an_unanswered_request_to_libtorrent_becomes_a_503():
-    """A lost alert cannot be provoked on demand, so a future nobody resolves stands in."""
-    never = asyncio.get_running_loop().create_future()
+async def test_an_unanswered_request_to_libtorrent_becomes_a_503(daemon):
+    """A lost alert cannot be provoked on demand: a wait for an alert that never comes
+    (the removal of a torrent nobody removes) stands in for one."""
+    engine = daemon.app[torrentflow.ENGINE]
     with pytest.raises(torrentflow.ApiError) as error:
-        await torrentflow._confirmed(never, "the test", timeout=0.05)
+        await engine.expect(["0" * 40], lt.torrent_removed_alert, "the test", timeout=0.05)
     assert error.value.status == 503 and "the test" in error.value.detail
-    assert not never.cancelled()  # shielded: the alert may still come and be handled
+    assert error.value.headers == {"Retry-After": "1"}
+    assert not engine._waiters  # the wait left nothing behind
 
 
 async def test_text_that_is_not_utf8_once_decoded_is_refused_at_once(daemon):

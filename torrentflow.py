@@ -11,15 +11,10 @@ One process runs one libtorrent session and serves a small REST API over it:
     GET    /health                        liveness for container health checks
     GET    /openapi.json                  this API as an OpenAPI 3.1 document
 
-Run it with ``python torrentflow.py`` (``--help`` lists every option). Each option
-can also be set through an environment variable; the command line wins:
-
-    TORRENTFLOW_HOST, TORRENTFLOW_PORT, TORRENTFLOW_DOWNLOAD_DIR, TORRENTFLOW_STATE_DIR,
-    TORRENTFLOW_LISTEN_INTERFACES, TORRENTFLOW_DHT, TORRENTFLOW_LSD, TORRENTFLOW_UPNP,
-    TORRENTFLOW_NATPMP, TORRENTFLOW_LOCAL_ONLY, TORRENTFLOW_LOG_LEVEL,
-    TORRENTFLOW_SAVE_INTERVAL, TORRENTFLOW_SHUTDOWN_TIMEOUT, TORRENTFLOW_FETCH_TIMEOUT,
-    TORRENTFLOW_TOKEN, TORRENTFLOW_TOKEN_FILE, TORRENTFLOW_INSECURE_NO_AUTH,
-    TORRENTFLOW_ALLOWED_SAVE_ROOTS
+Run it with ``python torrentflow.py`` (``--help`` lists every option). Each option can
+also be set through an environment variable, TORRENTFLOW_<OPTION> (for example
+TORRENTFLOW_PORT or TORRENTFLOW_DOWNLOAD_DIR); the command line wins. The OPTIONS
+table below lists them all.
 
 With a token set, every request but GET /health and GET /openapi.json must carry
 ``Authorization: Bearer <token>``. Without one the daemon refuses to listen beyond
@@ -29,6 +24,23 @@ on behalf of another site are always refused.
 Every torrent is written to the state directory before the API confirms it, and
 again whenever it changes, so a crash loses nothing but the last few seconds of
 progress. README.md documents every field, error and option.
+
+How this file reads, top to bottom:
+
+    Constants        limits, each with the reason for its value
+    Configuration    the OPTIONS table -> argparse, environment, Config
+    Errors, access   ApiError and the middlewares that give every answer its shape
+    Torrent input    hashes, save paths, magnets, .torrent files, URL fetches
+    Status fields    the STATUS table -> status dicts, OpenAPI schema, fields=
+    State directory  StateStore: resume files, written in order on one thread
+    Engine           TorrentEngine, the owner of the libtorrent session
+    HTTP API         handlers, each declared with its route and OpenAPI operation
+    Application      make_app, serve, main
+
+A request flows middleware -> handler -> engine method; the engine posts work to
+libtorrent and awaits TorrentEngine.expect(), which the alert loop resolves. Alerts
+flow the other way: the alert loop pops them, an _on_* method updates the status
+cache, and expect() wakes whatever request waited for that alert.
 """
 
 from __future__ import annotations
@@ -44,9 +56,12 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import signal
 import socket
+import stat
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -55,7 +70,7 @@ import aiohttp
 import libtorrent as lt
 from aiohttp import web
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 log = logging.getLogger("torrentflow")
 
@@ -77,10 +92,6 @@ MAX_FORM_BYTES = 64 * 1024
 MAX_TORRENT_FILES = 100_000
 #: Shorter tokens can be guessed by a client that is free to try as often as it likes.
 MIN_TOKEN_LENGTH = 16
-#: Requests anyone may make: a health check cannot carry a secret, and the API
-#: description holds none.
-PUBLIC_ROUTES = {("GET", "/health"), ("HEAD", "/health"),
-                 ("GET", "/openapi.json"), ("HEAD", "/openapi.json")}
 #: Limits handed to libtorrent's bdecoder, so a crafted file cannot exhaust memory or stack.
 TORRENT_LIMITS = {
     "max_buffer_size": MAX_TORRENT_BYTES,
@@ -109,6 +120,8 @@ ALERT_WAIT = 30.0
 #: Seconds a finished torrent may keep showing as unfinished while its writes are flushed;
 #: flushing takes milliseconds, so this only bounds a flush that never reports back.
 FLUSH_WAIT = 10.0
+#: What a 503 tells the client: libtorrent normally answers in milliseconds.
+RETRY_AFTER = {"Retry-After": "1"}
 #: libtorrent's error for "resume data not modified since the last save": not a failure.
 RESUME_NOT_MODIFIED = 143
 
@@ -125,79 +138,62 @@ SAVE_FULL = lt.save_resume_flags_t.save_info_dict | lt.save_resume_flags_t.flush
 #: The same, skipped (error 143) when nothing changed since the last save.
 SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
 
-#: torrent_status.flags bits exposed as booleans (the bool attributes are deprecated).
-FLAG_FIELDS = {
-    "paused": lt.torrent_flags.paused,
-    "auto_managed": lt.torrent_flags.auto_managed,
-    "sequential_download": lt.torrent_flags.sequential_download,
-    "seed_mode": lt.torrent_flags.seed_mode,
-    "upload_mode": lt.torrent_flags.upload_mode,
-    "share_mode": lt.torrent_flags.share_mode,
-    "super_seeding": lt.torrent_flags.super_seeding,
-}
-
 
 # --------------------------------------------------------------------------- #
 # Configuration
 # --------------------------------------------------------------------------- #
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything the daemon reads from the outside world, read once at start."""
-
-    #: The API answers on loopback unless told otherwise; beyond it, a token is required.
-    host: str = "127.0.0.1"
-    port: int = 8080
-    download_dir: Path = Path("downloads")
-    state_dir: Path = Path("state")
-    listen_interfaces: str = "0.0.0.0:6881,[::]:6881"
-    dht: bool = True
-    lsd: bool = False
-    upnp: bool = False
-    natpmp: bool = False
-    local_only: bool = False
-    log_level: str = "info"
-    #: A crash loses at most this much progress; libtorrent's own example saves as often.
-    save_interval: float = 30.0
-    #: Saving at SIGTERM must end inside the 10 s that Docker and Kubernetes allow.
-    shutdown_timeout: float = 8.0
-    #: A torrent_url fetch must finish within this many seconds, connection included,
-    #: so a silent server cannot hold a request (and its memory) forever.
-    fetch_timeout: float = 30.0
-    #: The API bearer token, or None. Kept out of repr() so no log line can show it.
-    token: str | None = dataclasses.field(default=None, repr=False)
-    insecure_no_auth: bool = False
-    #: Directories besides download_dir that an absolute save_path may point into.
-    allowed_save_roots: tuple[Path, ...] = ()
+def _port(text):
+    """A TCP port, 0 to 65535."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("a port is a number from 0 to 65535")
+    return port
 
 
-def _env_bool(parser, environ, name):
-    """Read a 1/0 style environment variable, or None when it is unset."""
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return None
-    value = raw.strip().lower()
+def _seconds(text):
+    """A number of seconds above 0 and under a day."""
+    seconds = float(text)
+    if not 0 < seconds < 86400:
+        raise ValueError("give a number of seconds above 0 and under 86400")
+    return seconds
+
+
+def _host(text):
+    """An IP address or localhost: a name that DNS resolves could point anywhere."""
+    if text.lower() == "localhost":
+        return "localhost"
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise ValueError("give an IP address (0.0.0.0 or :: for every interface) or "
+                         "localhost") from None
+
+
+def _boolean(text):
+    """1/0, true/false, yes/no or on/off."""
+    value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    parser.error(f"{name} must be 1 or 0, not {raw!r}")
+    raise ValueError("give 1 or 0")
 
 
-def _port(text):
-    """Parse a TCP port, 0 to 65535."""
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(text)
-    return port
+def _choice(*names):
+    """One of names, case-insensitive."""
+    def parse(text):
+        if text.lower() not in names:
+            raise ValueError(f"give one of {', '.join(names)}")
+        return text.lower()
+    return parse
 
 
-def _positive_seconds(text):
-    """Parse a number of seconds above 0 and under a day."""
-    seconds = float(text)
-    if not 0 < seconds < 86400:
-        raise ValueError(text)
-    return seconds
+def _absolute_path(text):
+    """An absolute directory path."""
+    if not os.path.isabs(text):
+        raise ValueError("give an absolute path")
+    return Path(text)
 
 
 def _interfaces(text):
@@ -208,10 +204,10 @@ def _interfaces(text):
 
 
 def _listen_interfaces(text):
-    """Check that every entry is ADDRESS:PORT, the form libtorrent expects."""
+    """ADDRESS:PORT,... as libtorrent expects it."""
     for address, port in _interfaces(text):
         if not address:
-            raise ValueError(text)
+            raise ValueError("give ADDRESS:PORT entries separated by commas")
         _port(port.rstrip("sS"))  # a trailing s asks libtorrent for TLS on that port
     return text
 
@@ -228,7 +224,7 @@ def _is_loopback_interfaces(text):
 def _is_loopback_name(host):
     """True for "localhost" and loopback addresses: the only names a browser on another
     machine can never reach, and a DNS-rebinding page can never use."""
-    if host.lower().rstrip(".") == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -236,153 +232,176 @@ def _is_loopback_name(host):
         return False
 
 
-def _read_token(parser, args):
-    """The API token from --token or --token-file (read here, once), or None."""
-    if args.token is not None and args.token_file is not None:
-        parser.error("give --token or --token-file, not both")
-    token = args.token
-    if args.token_file is not None:
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One configuration option: a flag, an environment variable and a Config field."""
+
+    name: str
+    parse: object          # text -> value; raises ValueError with a plain message
+    default: object
+    help: str
+    repeat: str = ""       # for repeatable options, the separator in the environment
+    flag_name: str = ""    # the flag, when not --<name> (one flag of a repeatable list)
+    secret: bool = False   # kept out of repr(), so no log line can show it
+
+    @property
+    def flag(self):
+        return "--" + (self.flag_name or self.name.replace("_", "-"))
+
+    @property
+    def env(self):
+        return "TORRENTFLOW_" + self.name.upper()
+
+
+#: Every option of the daemon. argparse, the environment lookup, Config and the README's
+#: configuration table all come from here; a test holds the README to it.
+OPTIONS = (
+    Option("host", _host, "127.0.0.1", "address the API listens on; beyond loopback a token "
+           "is required"),
+    Option("port", _port, 8080, "API port; 0 picks a free one"),
+    Option("download_dir", Path, Path("downloads"), "where torrents are saved; every "
+           "save_path must stay inside it or an allowed save root"),
+    Option("state_dir", Path, Path("state"), "where resume data is kept"),
+    Option("listen_interfaces", _listen_interfaces, "0.0.0.0:6881,[::]:6881", "BitTorrent "
+           "listen addresses, ADDRESS:PORT,... (127.0.0.1:6881 with --local-only)"),
+    Option("dht", _boolean, True, "the distributed hash table, for trackerless torrents "
+           "and magnets"),
+    Option("lsd", _boolean, False, "local service discovery (multicast on the LAN)"),
+    Option("upnp", _boolean, False, "UPnP port mapping on the router"),
+    Option("natpmp", _boolean, False, "NAT-PMP port mapping on the router"),
+    Option("local_only", _boolean, False, "keep all BitTorrent traffic on loopback: DHT, "
+           "LSD, UPnP and NAT-PMP off, listen on 127.0.0.1, peers and trackers outside "
+           "127.0.0.0/8 and ::1 blocked"),
+    Option("log_level", _choice("debug", "info", "warning", "error"), "info",
+           "log verbosity on stderr"),
+    #: A crash loses at most this much progress; libtorrent's own example saves as often.
+    Option("save_interval", _seconds, 30.0, "seconds between saves of changed torrents"),
+    #: Saving at SIGTERM must end inside the 10 s that Docker and Kubernetes allow.
+    Option("shutdown_timeout", _seconds, 8.0, "seconds allowed for saving every torrent "
+           "on SIGTERM; keep it under your container's stop grace"),
+    #: A fetch must end in this time, redirects included, so a silent server cannot hold
+    #: a request (and its memory) forever.
+    Option("fetch_timeout", _seconds, 30.0, "seconds allowed for downloading a "
+           "torrent_url, redirects included"),
+    Option("token", str, None, "API token: every request but GET /health and "
+           "/openapi.json must send 'Authorization: Bearer TOKEN'. Other users can read "
+           "command lines, so prefer the environment or --token-file", secret=True),
+    Option("token_file", Path, None, "read the API token from this file at start, for "
+           "example a Docker secret (/run/secrets/...)"),
+    Option("insecure_no_auth", _boolean, False, "serve the API without a token on a "
+           "non-loopback --host; only when something else guards the port"),
+    Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
+           "may point into, besides --download-dir; repeat for more", repeat=":",
+           flag_name="allowed-save-root"),
+)
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(option.name, object, dataclasses.field(default=option.default, repr=not option.secret))
+     for option in OPTIONS],
+    frozen=True,
+    namespace={"__doc__": "Everything the daemon reads from the outside world, read once "
+               "at start; one field per entry of OPTIONS."},
+)
+
+
+def _option_parser():
+    """argparse for OPTIONS; values stay text here and are parsed once, in parse_config."""
+    parser = argparse.ArgumentParser(
+        prog="torrentflow.py",
+        description="TorrentFlow: a BitTorrent daemon with an HTTP JSON API.",
+        epilog="Every option also reads TORRENTFLOW_<NAME> from the environment (for "
+        "example TORRENTFLOW_PORT); the command line wins. See README.md.")
+    parser.add_argument("--version", action="version", version=f"TorrentFlow {__version__}")
+    for option in OPTIONS:
+        default = option.default if option.default not in (None, ()) else "none"
+        text = f"{option.help} (default {default}; {option.env})"
+        if option.parse is _boolean:
+            parser.add_argument(option.flag, action=argparse.BooleanOptionalAction,
+                                help=text)
+        else:
+            parser.add_argument(option.flag, action="append" if option.repeat else None,
+                                dest=option.name, metavar=option.name.upper(), help=text)
+    return parser
+
+
+def _option_values(parser, args, environ):
+    """Each option's value: the flag, else the environment, else the default; and the
+    names of the options given either way."""
+    values, given_names = {}, set()
+    for option in OPTIONS:
+        given, source = getattr(args, option.name), option.flag
+        if given is None and environ.get(option.env):
+            given, source = environ[option.env], option.env
+            if option.repeat:
+                given = [part for part in given.split(option.repeat) if part]
+        if given is None:
+            values[option.name] = option.default
+            continue
+        given_names.add(option.name)
         try:
-            token = args.token_file.read_text(encoding="utf-8").strip()
+            if isinstance(given, bool):
+                values[option.name] = given
+            elif option.repeat:
+                values[option.name] = tuple(option.parse(part) for part in given)
+            else:
+                values[option.name] = option.parse(given)
+        except (ValueError, TypeError) as error:
+            parser.error(f"{source} ({option.flag} / {option.env}): {given!r} is not "
+                         f"valid: {error}")
+    return values, given_names
+
+
+def _read_token(parser, values):
+    """The API token from --token or --token-file (read here, once), or None."""
+    token, token_file = values["token"], values["token_file"]
+    if token is not None and token_file is not None:
+        parser.error("give --token or --token-file (TORRENTFLOW_TOKEN or "
+                     "TORRENTFLOW_TOKEN_FILE), not both")
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
-            parser.error(f"cannot read the token file {args.token_file}: "
+            parser.error(f"--token-file (TORRENTFLOW_TOKEN_FILE): cannot read {token_file}: "
                          f"{getattr(error, 'strerror', None) or error}")
         if not token:
-            parser.error(f"the token file {args.token_file} is empty")
+            parser.error(f"--token-file (TORRENTFLOW_TOKEN_FILE): {token_file} is empty")
     if token is None:
         return None
     # The token travels in an HTTP header: visible ASCII only, so no client mangles it.
     if len(token) < MIN_TOKEN_LENGTH or not all("!" <= c <= "~" for c in token):
-        parser.error(f"the token must be at least {MIN_TOKEN_LENGTH} visible ASCII characters "
-                     "without spaces; `openssl rand -hex 32` makes a good one")
+        parser.error(f"--token (TORRENTFLOW_TOKEN): the token must be at least "
+                     f"{MIN_TOKEN_LENGTH} visible ASCII characters without spaces; "
+                     "`openssl rand -hex 32` makes a good one")
     return token
 
 
 def parse_config(argv=None, environ=None):
-    """Build the Config from argv and the environment; bad values exit with usage."""
+    """Build the Config from argv and the environment; a bad value exits with status 2."""
     environ = os.environ if environ is None else environ
-
-    def env(name, default):
-        return environ.get("TORRENTFLOW_" + name) or default
-
-    parser = argparse.ArgumentParser(
-        prog="torrentflow.py",
-        description="TorrentFlow: a BitTorrent daemon with an HTTP JSON API.",
-        epilog="Every option also reads TORRENTFLOW_<NAME> from the environment "
-        "(for example TORRENTFLOW_PORT); the command line wins. See README.md.",
-    )
-    parser.add_argument("--host", default=env("HOST", Config.host),
-                        help="address the API listens on (default %(default)s)")
-    parser.add_argument("--port", type=_port, default=env("PORT", str(Config.port)),
-                        help="API port; 0 picks a free one (default %(default)s)")
-    parser.add_argument("--download-dir", type=Path,
-                        default=env("DOWNLOAD_DIR", str(Config.download_dir)),
-                        help="where torrents are saved; every save_path must stay inside "
-                        "it (default %(default)s)")
-    parser.add_argument("--state-dir", type=Path,
-                        default=env("STATE_DIR", str(Config.state_dir)),
-                        help="where resume data is kept (default %(default)s)")
-    parser.add_argument("--listen-interfaces", type=_listen_interfaces,
-                        default=env("LISTEN_INTERFACES", None),
-                        help="BitTorrent listen addresses, ADDRESS:PORT,... (default "
-                        f"{Config.listen_interfaces}; 127.0.0.1:6881 with --local-only)")
-    for name, help_text in (
-        ("dht", "the distributed hash table, for trackerless torrents and magnets"),
-        ("lsd", "local service discovery (multicast on the LAN)"),
-        ("upnp", "UPnP port mapping on the router"),
-        ("natpmp", "NAT-PMP port mapping on the router"),
-    ):
-        default = "on" if getattr(Config, name) else "off"
-        parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
-                            help=f"{help_text} (default {default}; "
-                            f"TORRENTFLOW_{name.upper()}=1|0)")
-    parser.add_argument("--local-only", action=argparse.BooleanOptionalAction, default=None,
-                        help="keep all BitTorrent traffic on loopback: DHT, LSD, UPnP and "
-                        "NAT-PMP off, listen on 127.0.0.1, peers and trackers outside "
-                        "127.0.0.0/8 and ::1 blocked (TORRENTFLOW_LOCAL_ONLY=1)")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                        default=env("LOG_LEVEL", Config.log_level).lower(),
-                        help="log verbosity on stderr (default %(default)s)")
-    parser.add_argument("--save-interval", type=_positive_seconds,
-                        default=env("SAVE_INTERVAL", str(Config.save_interval)),
-                        help="seconds between saves of changed torrents; a crash loses at "
-                        "most this much progress (default %(default)s)")
-    parser.add_argument("--shutdown-timeout", type=_positive_seconds,
-                        default=env("SHUTDOWN_TIMEOUT", str(Config.shutdown_timeout)),
-                        help="seconds allowed for saving every torrent on SIGTERM; keep "
-                        "it under your container's stop grace (default %(default)s)")
-    parser.add_argument("--fetch-timeout", type=_positive_seconds,
-                        default=env("FETCH_TIMEOUT", str(Config.fetch_timeout)),
-                        help="seconds allowed for downloading a torrent_url, redirects "
-                        "included (default %(default)s)")
-    parser.add_argument("--token", default=env("TOKEN", None),
-                        help="API token: every request but GET /health and /openapi.json "
-                        "must send 'Authorization: Bearer TOKEN'. Other users can read "
-                        "command lines, so prefer TORRENTFLOW_TOKEN or --token-file")
-    parser.add_argument("--token-file", type=Path, default=env("TOKEN_FILE", None),
-                        help="read the API token from this file at start, for example "
-                        "a Docker secret (/run/secrets/...)")
-    parser.add_argument("--insecure-no-auth", action="store_const", const=True, default=None,
-                        help="serve the API without a token on a non-loopback --host; only "
-                        "when something else guards the port (TORRENTFLOW_INSECURE_NO_AUTH=1)")
-    parser.add_argument("--allowed-save-root", type=Path, action="append", default=None,
-                        metavar="DIR", help="a directory an absolute save_path may point "
-                        "into, besides --download-dir; repeat for more (TORRENTFLOW_ALLOWED_"
-                        "SAVE_ROOTS, ':'-separated)")
-    args = parser.parse_args(argv)
-
-    def flag(name):
-        given = getattr(args, name)
-        if given is not None:
-            return given
-        return _env_bool(parser, environ, f"TORRENTFLOW_{name.upper()}")
-
-    local_only = bool(flag("local_only"))
-    switches = {name: flag(name) for name in ("dht", "lsd", "upnp", "natpmp")}
-    interfaces = args.listen_interfaces
-    if local_only:
-        enabled = [name for name, value in switches.items() if value]
+    parser = _option_parser()
+    values, given = _option_values(parser, parser.parse_args(argv), environ)
+    if values["local_only"]:
+        enabled = [name for name in ("dht", "lsd", "upnp", "natpmp")
+                   if name in given and values[name]]
         if enabled:
             parser.error(f"--local-only cannot be combined with --{enabled[0]}")
-        if interfaces is None:
-            interfaces = "127.0.0.1:6881"
-        elif not _is_loopback_interfaces(interfaces):
+        values.update(dict.fromkeys(("dht", "lsd", "upnp", "natpmp"), False))
+        if values["listen_interfaces"] == Config.listen_interfaces:
+            values["listen_interfaces"] = "127.0.0.1:6881"
+        elif not _is_loopback_interfaces(values["listen_interfaces"]):
             parser.error("--local-only needs loopback --listen-interfaces, "
-                         f"not {interfaces!r}")
-        switches = dict.fromkeys(switches, False)
-    token = _read_token(parser, args)
-    insecure_no_auth = bool(flag("insecure_no_auth"))
-    if token is None and not insecure_no_auth and not _is_loopback_name(args.host):
+                         f"not {values['listen_interfaces']!r}")
+    values["token"] = _read_token(parser, values)
+    if (values["token"] is None and not values["insecure_no_auth"]
+            and not _is_loopback_name(values["host"])):
         parser.error(
-            f"refusing to serve the API on {args.host or 'every interface'} without a token: "
-            "anyone who can reach the port could download anything and write files. Set "
-            "TORRENTFLOW_TOKEN (or --token-file / TORRENTFLOW_TOKEN_FILE, e.g. a Docker "
+            f"refusing to serve the API on {values['host'] or 'every interface'} without a "
+            "token: anyone who can reach the port could download anything and write files. "
+            "Set TORRENTFLOW_TOKEN (or --token-file / TORRENTFLOW_TOKEN_FILE, e.g. a Docker "
             "secret) to a random string such as the output of `openssl rand -hex 32`, or "
             "pass --insecure-no-auth if something else guards the port")
-    save_roots = args.allowed_save_root
-    if save_roots is None:
-        save_roots = [Path(part) for part in
-                      environ.get("TORRENTFLOW_ALLOWED_SAVE_ROOTS", "").split(":") if part]
-    relative = [str(root) for root in save_roots if not root.is_absolute()]
-    if relative:
-        parser.error(f"--allowed-save-root must be absolute, not {relative[0]!r}")
-    return Config(
-        host=args.host,
-        port=args.port,
-        download_dir=args.download_dir,
-        state_dir=args.state_dir,
-        listen_interfaces=interfaces or Config.listen_interfaces,
-        local_only=local_only,
-        log_level=args.log_level,
-        save_interval=args.save_interval,
-        shutdown_timeout=args.shutdown_timeout,
-        fetch_timeout=args.fetch_timeout,
-        token=token,
-        insecure_no_auth=insecure_no_auth,
-        allowed_save_roots=tuple(save_roots),
-        **{name: getattr(Config, name) if value is None else value
-           for name, value in switches.items()},
-    )
+    return Config(**values)
 
 
 def session_settings(config):
@@ -431,7 +450,7 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def _error_response(status, detail, headers=None):
+def error_response(status, detail, headers=None):
     """The one error shape: {"detail": ...} with its status code."""
     return web.json_response({"detail": detail}, status=status, headers=headers)
 
@@ -442,16 +461,16 @@ async def error_middleware(request, handler):
     try:
         return await handler(request)
     except ApiError as error:
-        return _error_response(error.status, error.detail, error.headers)
+        return error_response(error.status, error.detail, error.headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         # Keep headers that carry meaning (Allow on 405), not the text body's type.
         headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
-        return _error_response(error.status, error.reason, headers)
+        return error_response(error.status, error.reason, headers)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return _error_response(500, "internal server error")
+        return error_response(500, "internal server error")
 
 
 def _host_and_port(netloc):
@@ -540,7 +559,7 @@ async def access_middleware(request, handler):
 
 
 # --------------------------------------------------------------------------- #
-# Helpers: hashes, paths, torrent sources, status fields
+# Torrent input: hashes, save paths, magnets, .torrent files, URL fetches
 # --------------------------------------------------------------------------- #
 
 def parse_infohash(text):
@@ -559,6 +578,11 @@ def _hash_ids(info_hashes):
     if info_hashes.has_v2():
         ids.append(str(info_hashes.v2))
     return ids
+
+
+def _params_ids(params):
+    """The hex ids of add_torrent_params, from its torrent_info when it has one."""
+    return _hash_ids(params.ti.info_hashes() if params.ti else params.info_hashes)
 
 
 def resolve_save_path(download_dir, requested, allowed_roots=()):
@@ -639,17 +663,22 @@ def params_from_torrent(data):
         raise ApiError(422, f"not a valid torrent file: {error}") from None
     if not _readable(params):
         raise ApiError(422, "not a valid torrent file: a tracker URL is not UTF-8")
-    info = params.ti
+    problem = _unsafe_info(params.ti)
+    if problem:
+        raise ApiError(422, f"not a valid torrent file: {problem}")
+    return params
+
+
+def _unsafe_info(info):
+    """Why a torrent's info dict must not be served, or None: a piece length that is not
+    a power of two, too many files, or a file name that could leave save_path."""
     piece_length = info.piece_length()
     if piece_length & (piece_length - 1):
-        raise ApiError(422, f"not a valid torrent file: piece length {piece_length} "
-                       "is not a power of two")
+        return f"piece length {piece_length} is not a power of two"
     if info.num_files() > MAX_TORRENT_FILES:
-        raise ApiError(422, f"not a valid torrent file: more than {MAX_TORRENT_FILES} files")
+        return f"more than {MAX_TORRENT_FILES} files"
     unsafe = _unsafe_file_name(lt.bdecode(info.info_section()))
-    if unsafe is not None:
-        raise ApiError(422, f"not a valid torrent file: unsafe file name {unsafe!r}")
-    return params
+    return None if unsafe is None else f"unsafe file name {unsafe!r}"
 
 
 def _unsafe_file_name(info):
@@ -719,13 +748,8 @@ async def fetch_torrent_url(client, url, timeout, local_only=False):
                 if response.status != 200:
                     raise ApiError(502, f"fetching torrent_url failed: HTTP {response.status}")
                 # Content-Length may be absent (chunked) or lie: count while streaming.
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    body += chunk
-                    if len(body) > MAX_TORRENT_BYTES:
-                        raise ApiError(413, f"torrent_url served more than "
-                                       f"{MAX_TORRENT_BYTES} bytes")
-                return bytes(body)
+                return await _read_limited(response.content.read, MAX_TORRENT_BYTES,
+                                           "torrent_url served")
         except asyncio.TimeoutError:
             raise ApiError(502, f"fetching torrent_url timed out after {timeout:g} s") from None
         except (aiohttp.ClientError, ValueError) as error:
@@ -734,177 +758,219 @@ async def fetch_torrent_url(client, url, timeout, local_only=False):
                    f"{FETCH_MAX_REDIRECTS} redirects")
 
 
+async def _read_limited(read_chunk, limit, what="request body", already=0):
+    """Read a stream to its end, or raise 413 once the total passes limit. Counts the
+    bytes itself: a chunked body announces no length, and a length may lie."""
+    data = bytearray()
+    while chunk := await read_chunk(64 * 1024):
+        data += chunk
+        if already + len(data) > limit:
+            raise ApiError(413, f"{what} too large: more than {limit} bytes")
+    return bytes(data)
+
+
+# --------------------------------------------------------------------------- #
+# Status fields
+# --------------------------------------------------------------------------- #
+
 def _epoch_or_none(value):
     """A Unix time as an int, or None for libtorrent's 0 (never)."""
     return int(value) if value and value > 0 else None
 
 
-def _seconds_since(moment, now):
+def _seconds_since(moment):
     """Whole seconds since a naive local datetime or a Unix time, or None if never."""
     if moment is None:
         return None
-    return max(0, int(now - (moment if isinstance(moment, float) else moment.timestamp())))
+    then = moment if isinstance(moment, float) else moment.timestamp()
+    return max(0, int(time.time() - then))
 
 
-def _metadata_fields(torrent_info, params):
+def _metadata(torrent_info, creation):
     """Fields that need metadata; computed once, when metadata first arrives."""
     layout = torrent_info.layout()
     files = []
     for index in range(layout.num_files()):
         if layout.file_flags(index) & lt.file_storage.flag_pad_file:
             continue
-        files.append({"index": index, "path": layout.file_path(index),
-                      "size": layout.file_size(index)})
+        files.append((index, layout.file_path(index), layout.file_size(index)))
     return {
         "total_size": torrent_info.total_size(),
         "num_files": len(files),
         "total_pieces": torrent_info.num_pieces(),
         "piece_length": torrent_info.piece_length(),
-        "creation_date": _epoch_or_none(params["creation_date"] or torrent_info.creation_date()),
-        "creator": params["creator"] or None,
-        "comment": params["comment"] or None,
+        "creation_date": _epoch_or_none(creation[0] or torrent_info.creation_date()),
+        "creator": creation[1] or None,
+        "comment": creation[2] or None,
         "files": files,
     }
 
 
-#: The fields that need metadata, null until a magnet's metadata arrives.
-EMPTY_METADATA = dict.fromkeys(
-    ("total_size", "num_files", "total_pieces", "piece_length", "creation_date", "creator",
-     "comment", "files"))
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of a torrent's status: its JSON type, meaning and source."""
 
-#: Every field of the status object (README has the table, /openapi.json the schema).
-STATUS_FIELDS = (
-    "infohash", "paused", "auto_managed", "sequential_download", "seed_mode", "upload_mode",
-    "share_mode", "super_seeding", "queued", "state", "is_seeding", "is_finished",
-    "has_metadata", "progress", "error", "download_rate", "upload_rate", "total_download",
-    "total_upload", "all_time_download", "all_time_upload", "num_peers", "list_peers",
-    "list_seeds", "connect_candidates", "num_pieces", "total_done", "total_wanted_done",
-    "total_wanted", "distributed_copies", "num_seeds", "num_complete", "num_incomplete",
-    "last_seen_complete", "time_since_upload", "time_since_download", "active_time",
-    "finished_time", "seeding_time", "seed_rank", "has_incoming", "priority",
-    "queue_position", "added_time", "completed_time", "storage_mode", "save_path", "name",
-    "last_scrape", "info_hash_v1", "info_hash_v2", *EMPTY_METADATA,
+    name: str
+    type: object           # a JSON type name, or a JSON schema
+    nullable: bool
+    description: str
+    value: object          # (torrent, torrent_status) -> the JSON value
+
+    @property
+    def schema(self):
+        schema = self.type if isinstance(self.type, dict) else {"type": self.type}
+        if self.nullable:
+            schema = {**schema, "type": [schema["type"], "null"]}
+        return {**schema, "description": self.description}
+
+
+def _flag(bit):
+    return lambda torrent, status: bool(status.flags & bit)
+
+
+def _info(name):
+    return lambda torrent, status: torrent.info and torrent.info[name]
+
+
+def _attribute(name):
+    return lambda torrent, status: getattr(status, name)
+
+
+_QUEUED = lt.torrent_flags.paused | lt.torrent_flags.auto_managed
+_FILE_ENTRY = {"type": "object", "additionalProperties": False,
+               "required": ["index", "path", "size", "downloaded", "progress", "priority"],
+               "properties": {
+                   "index": {"type": "integer", "minimum": 0},
+                   "path": {"type": "string"},
+                   "size": {"type": "integer", "minimum": 0},
+                   "downloaded": {"type": "integer", "minimum": 0},
+                   "progress": {"type": "number", "minimum": 0, "maximum": 100},
+                   "priority": {"type": "integer", "minimum": 0, "maximum": 7}}}
+
+#: Every field of a torrent's status. The status dicts, the OpenAPI schema and the
+#: names that fields= and sort= accept all come from this table; README.md documents
+#: each row, and a test holds it to this table.
+STATUS = (
+    Field("infohash", "string", False, "the id: v1 hash if there is one, else v2 hash",
+          lambda torrent, status: torrent.infohash),
+    Field("info_hash_v1", "string", True, "the v1 (SHA-1) hash",
+          lambda torrent, status: next((i for i in torrent.ids if len(i) == 40), None)),
+    Field("info_hash_v2", "string", True, "the v2 (SHA-256) hash",
+          lambda torrent, status: next((i for i in torrent.ids if len(i) == 64), None)),
+    Field("state", {"type": "string", "enum": sorted(
+        str(state) for state in lt.torrent_status.states.values.values())}, False,
+        "libtorrent's state; paused and queued torrents keep theirs",
+        lambda torrent, status: str(status.state)),
+    Field("paused", "boolean", False, "paused, by the API or by the queue",
+          _flag(lt.torrent_flags.paused)),
+    Field("queued", "boolean", False, "paused by libtorrent's queue, not by you",
+          lambda torrent, status: status.flags & _QUEUED == _QUEUED),
+    Field("auto_managed", "boolean", False, "libtorrent's queue may start and stop it",
+          _flag(lt.torrent_flags.auto_managed)),
+    Field("sequential_download", "boolean", False, "pieces are fetched in order",
+          _flag(lt.torrent_flags.sequential_download)),
+    Field("seed_mode", "boolean", False, "seeding without having checked the data",
+          _flag(lt.torrent_flags.seed_mode)),
+    Field("upload_mode", "boolean", False, "not downloading, after a disk error",
+          _flag(lt.torrent_flags.upload_mode)),
+    Field("share_mode", "boolean", False, "downloading only to upload",
+          _flag(lt.torrent_flags.share_mode)),
+    Field("super_seeding", "boolean", False, "super-seeding is on",
+          _flag(lt.torrent_flags.super_seeding)),
+    Field("is_seeding", "boolean", False, "it has every piece", _attribute("is_seeding")),
+    Field("is_finished", "boolean", False, "it has every wanted piece",
+          _attribute("is_finished")),
+    Field("has_metadata", "boolean", False, "the info dict is known",
+          _attribute("has_metadata")),
+    Field("has_incoming", "boolean", False, "a peer has connected to us for it",
+          _attribute("has_incoming")),
+    Field("progress", {"type": "number", "minimum": 0, "maximum": 100}, False,
+          "percent done", lambda torrent, status: round(status.progress * 100, 4)),
+    Field("error", "string", False, "empty, or why the torrent stopped",
+          lambda torrent, status: torrent.error(status)),
+    Field("download_rate", "integer", False, "bytes/s received",
+          _attribute("download_rate")),
+    Field("upload_rate", "integer", False, "bytes/s sent", _attribute("upload_rate")),
+    Field("total_download", "integer", False, "bytes received this run",
+          _attribute("total_download")),
+    Field("total_upload", "integer", False, "bytes sent this run",
+          _attribute("total_upload")),
+    Field("all_time_download", "integer", False, "bytes received over its life",
+          _attribute("all_time_download")),
+    Field("all_time_upload", "integer", False, "bytes sent over its life",
+          _attribute("all_time_upload")),
+    Field("num_peers", "integer", False, "connected peers, seeds included",
+          _attribute("num_peers")),
+    Field("num_seeds", "integer", False, "connected seeds", _attribute("num_seeds")),
+    Field("list_peers", "integer", False, "peers known", _attribute("list_peers")),
+    Field("list_seeds", "integer", False, "seeds known", _attribute("list_seeds")),
+    Field("connect_candidates", "integer", False, "known peers we could still connect to",
+          _attribute("connect_candidates")),
+    Field("num_pieces", "integer", False, "pieces we have", _attribute("num_pieces")),
+    Field("total_pieces", "integer", True, "pieces in the torrent", _info("total_pieces")),
+    Field("total_done", "integer", False, "bytes we have, of all files",
+          _attribute("total_done")),
+    Field("total_wanted_done", "integer", False, "bytes we have, of wanted files",
+          _attribute("total_wanted_done")),
+    Field("total_wanted", "integer", False, "bytes wanted", _attribute("total_wanted")),
+    Field("distributed_copies", "number", False, "copies among peers; -1 when a seed",
+          lambda torrent, status: round(status.distributed_copies, 4)),
+    Field("num_complete", "integer", False, "seeds the tracker reports; -1 if unknown",
+          _attribute("num_complete")),
+    Field("num_incomplete", "integer", False, "leechers the tracker reports; -1 if unknown",
+          _attribute("num_incomplete")),
+    Field("last_seen_complete", "integer", True, "when a complete copy was last seen",
+          lambda torrent, status: _epoch_or_none(status.last_seen_complete)),
+    Field("time_since_upload", "integer", True, "seconds since payload was last sent",
+          lambda torrent, status: _seconds_since(status.last_upload)),
+    Field("time_since_download", "integer", True, "seconds since payload was last received",
+          lambda torrent, status: _seconds_since(status.last_download)),
+    Field("active_time", "integer", False, "seconds active, over its life",
+          lambda torrent, status: int(status.active_duration.total_seconds())),
+    Field("finished_time", "integer", False, "seconds finished, over its life",
+          lambda torrent, status: int(status.finished_duration.total_seconds())),
+    Field("seeding_time", "integer", False, "seconds seeding, over its life",
+          lambda torrent, status: int(status.seeding_duration.total_seconds())),
+    Field("seed_rank", "integer", False, "libtorrent's rank of its need for seeding",
+          _attribute("seed_rank")),
+    Field("last_scrape", "integer", True, "seconds since a tracker last reported counts",
+          lambda torrent, status: _seconds_since(torrent.last_scrape)),
+    Field("priority", "integer", False, "same as queue_position",
+          _attribute("queue_position")),
+    Field("queue_position", "integer", False, "position in the queue; -1 for seeds",
+          _attribute("queue_position")),
+    Field("added_time", "integer", False, "when it was added (Unix time)",
+          lambda torrent, status: int(status.added_time)),
+    Field("completed_time", "integer", True, "when it completed",
+          lambda torrent, status: _epoch_or_none(status.completed_time)),
+    Field("storage_mode", {"type": "string", "enum": ["allocate", "sparse"]}, False,
+          "how files are allocated",
+          lambda torrent, status: str(status.storage_mode).removeprefix("storage_mode_")),
+    Field("save_path", "string", False, "the real directory the files go into",
+          _attribute("save_path")),
+    Field("name", "string", False, "the torrent's name", _attribute("name")),
+    Field("total_size", "integer", True, "size of all files", _info("total_size")),
+    Field("num_files", "integer", True, "number of files, padding not counted",
+          _info("num_files")),
+    Field("piece_length", "integer", True, "bytes per piece", _info("piece_length")),
+    Field("creation_date", "integer", True, "from the .torrent", _info("creation_date")),
+    Field("creator", "string", True, "from the .torrent", _info("creator")),
+    Field("comment", "string", True, "from the .torrent", _info("comment")),
+    Field("files", {"type": "array", "items": _FILE_ENTRY}, True,
+          "one entry per file: index, path, size, downloaded, progress, priority",
+          lambda torrent, status: torrent.files()),
 )
+STATUS_FIELDS = tuple(field.name for field in STATUS)
 
 
-def status_fields(status, now):
-    """The JSON fields of one libtorrent torrent_status (metadata fields excluded)."""
-    flags = status.flags
-    fields = {name: bool(flags & bit) for name, bit in FLAG_FIELDS.items()}
-    fields["queued"] = fields["paused"] and fields["auto_managed"]
-    fields.update(
-        state=str(status.state),
-        is_seeding=status.is_seeding,
-        is_finished=status.is_finished,
-        has_metadata=status.has_metadata,
-        progress=round(status.progress * 100, 4),
-        error=status.errc.message() if status.errc.value() else "",
-        download_rate=status.download_rate,
-        upload_rate=status.upload_rate,
-        total_download=status.total_download,
-        total_upload=status.total_upload,
-        all_time_download=status.all_time_download,
-        all_time_upload=status.all_time_upload,
-        num_peers=status.num_peers,
-        list_peers=status.list_peers,
-        list_seeds=status.list_seeds,
-        connect_candidates=status.connect_candidates,
-        num_pieces=status.num_pieces,
-        total_done=status.total_done,
-        total_wanted_done=status.total_wanted_done,
-        total_wanted=status.total_wanted,
-        distributed_copies=round(status.distributed_copies, 4),
-        num_seeds=status.num_seeds,
-        num_complete=status.num_complete,
-        num_incomplete=status.num_incomplete,
-        last_seen_complete=_epoch_or_none(status.last_seen_complete),
-        time_since_upload=_seconds_since(status.last_upload, now),
-        time_since_download=_seconds_since(status.last_download, now),
-        active_time=int(status.active_duration.total_seconds()),
-        finished_time=int(status.finished_duration.total_seconds()),
-        seeding_time=int(status.seeding_duration.total_seconds()),
-        seed_rank=status.seed_rank,
-        has_incoming=status.has_incoming,
-        priority=status.queue_position,
-        queue_position=status.queue_position,
-        added_time=int(status.added_time),
-        completed_time=_epoch_or_none(status.completed_time),
-        storage_mode=str(status.storage_mode).removeprefix("storage_mode_"),
-        save_path=status.save_path,
-        name=status.name,
-    )
-    return fields
+def _status_dict(torrent, status):
+    """The JSON status of one torrent from a libtorrent torrent_status."""
+    return {field.name: field.value(torrent, status) for field in STATUS}
 
 
 # --------------------------------------------------------------------------- #
-# The session owner
+# State directory
 # --------------------------------------------------------------------------- #
-
-def _listing_body(items, total):
-    """{"torrents": [items], "total": total} from already serialised items."""
-    return b"".join((b'{"torrents":[', items, b'],"total":%d}' % total))
-
-
-def _params_hashes(params):
-    """The info_hash_t of add_torrent_params, from its torrent_info when it has one."""
-    return params.ti.info_hashes() if params.ti else params.info_hashes
-
-
-class _Adding:
-    """What an add must remember until its add_torrent_alert, which does not carry it.
-
-    That is the request waiting for the outcome, the .torrent's fields outside the info
-    dict, and a magnet's x.pe peers: libtorrent saves no peer that failed to connect,
-    yet with no tracker and no DHT they may be the only way to the metadata.
-    """
-
-    def __init__(self, params, future=None):
-        self.future = future
-        self.creation_info = {"creation_date": params.creation_date,
-                              "creator": params.created_by, "comment": params.comment}
-        self.magnet_peers = list(params.peers) if params.ti is None else []
-
-
-async def _confirmed(future, what, timeout=ALERT_WAIT):
-    """Await a future the alert loop resolves, but not forever: libtorrent may drop alerts."""
-    try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout)
-    except asyncio.TimeoutError:
-        raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
-                       "try again") from None
-
-
-def _paused_by_user(status):
-    """The status a pause through the API must lead to."""
-    return status["paused"] and not status["auto_managed"]
-
-
-def _handed_to_queue(status):
-    """The status a resume through the API must lead to."""
-    return status["auto_managed"]
-
-
-def _log_crash(task):
-    """Report a background task that died: its work (saves, status) would stop silently."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
-
-
-def _chain(source, target, result):
-    """Complete target when source does: with result, or source's exception."""
-    def done(future):
-        if target.done():
-            return
-        if future.exception() is not None:
-            log.error("state directory I/O failed: %s", future.exception())
-            target.set_exception(future.exception())
-            # Logged just above; periodic saves have nobody awaiting them, and asyncio
-            # would log it again as "never retrieved". Awaiters still get the error.
-            target.exception()
-        else:
-            target.set_result(result)
-    source.add_done_callback(done)
-
 
 def _fsync_dir(path):
     """Make a rename in this directory durable."""
@@ -913,6 +979,254 @@ def _fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class StateStore:
+    """The state directory: one resume file per torrent, written atomically.
+
+    Every read and write runs on one thread of its own, in the order asked, so a write
+    and a delete of one file never cross, and the event loop never waits on the disk.
+    The thread is a daemon: a disk that hangs cannot keep the process from exiting.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.resume_dir = root / "resume"
+        self.quarantine_dir = root / "quarantine"
+        self._jobs = queue.SimpleQueue()
+        self._renamed = False  # whether the batch under way renamed or deleted a file
+        self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
+        self._thread.start()
+
+    def _submit(self, function, *args):
+        """Run function(*args) on the state thread; an awaitable of its result."""
+        future = concurrent.futures.Future()
+        self._jobs.put((function, args, future))
+        return asyncio.wrap_future(future)
+
+    def _run(self):
+        """Run jobs in order; a batch's directory is fsynced once, before any answer."""
+        while True:
+            batch = [self._jobs.get()]
+            while not self._jobs.empty() and len(batch) < 1000:
+                batch.append(self._jobs.get_nowait())
+            done, synced, self._renamed = [], None, False
+            for function, args, future in batch:
+                if function is None:
+                    return
+                try:
+                    done.append((future, function(*args), None))
+                except BaseException as error:
+                    done.append((future, None, error))
+            try:
+                if self._renamed:
+                    _fsync_dir(self.resume_dir)
+            except OSError as error:
+                synced = error
+            for future, result, error in done:
+                error = error or synced
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+    def close(self):
+        """Let the thread end once the jobs before this one are done."""
+        self._jobs.put((None, (), None))
+
+    def _path(self, name):
+        return self.resume_dir / f"{name}.resume"
+
+    async def prepare(self, download_dir):
+        """Create the directories and clear writes a crash interrupted."""
+        def prepare():
+            download_dir.mkdir(parents=True, exist_ok=True)
+            self.resume_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in self.resume_dir.glob("*.tmp"):
+                leftover.unlink()  # a write that a crash interrupted; the old file stands
+        await self._submit(prepare)
+
+    async def write(self, name, data, old_name=None):
+        """Write a resume file durably, the previous copy kept as .bak; drop old_name's."""
+        await self._submit(self._write, name, data, old_name)
+
+    def _write(self, name, data, old_name):
+        path = self._path(name)
+        temp = path.with_suffix(".tmp")
+        with open(temp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if path.exists():
+            os.replace(path, path.with_suffix(".bak"))
+        os.replace(temp, path)
+        self._renamed = True
+        if old_name:  # a v2-only magnet that gained its v1 id with the metadata
+            self._delete(old_name)
+
+    async def delete(self, name):
+        """Delete a torrent's resume file and its backup, durably."""
+        await self._submit(self._delete, name)
+
+    def _delete(self, name):
+        path = self._path(name)
+        for file in (path, path.with_suffix(".bak")):
+            file.unlink(missing_ok=True)
+        self._renamed = True
+
+    async def load(self):
+        """Every saved torrent's add_torrent_params, oldest first."""
+        return await self._submit(self._load)
+
+    def _load(self):
+        names = {p.stem for p in self.resume_dir.iterdir() if p.suffix in (".resume", ".bak")}
+        loaded = [params for params in map(self._read, sorted(names)) if params is not None]
+        loaded.sort(key=lambda params: params.added_time)
+        return loaded
+
+    def _read(self, name):
+        """One torrent's params from its file, else its .bak; unreadable files quarantined."""
+        path = self._path(name)
+        params, unreadable = None, []
+        for candidate in (path, path.with_suffix(".bak")):
+            try:
+                params = lt.read_resume_data(candidate.read_bytes())
+            except FileNotFoundError:
+                continue
+            except (OSError, RuntimeError) as error:
+                log.warning("resume file %s is unreadable: %s", candidate, error)
+                unreadable.append(candidate)
+                continue
+            if (not _hash_ids(params.info_hashes) or not _readable(params)
+                    or not params.save_path):
+                log.warning("resume file %s names no torrent or no save path, or holds "
+                            "text that is not UTF-8", candidate)
+                unreadable.append(candidate)
+                params = None
+                continue
+            if candidate is not path:
+                log.warning("using the backup %s", candidate)
+            break
+        # A bad main file goes even when its .bak is good: the next save would
+        # otherwise rotate it over that good .bak.
+        self._quarantine(unreadable)
+        if params is not None:
+            params.flags &= ~lt.torrent_flags.duplicate_is_error
+        return params
+
+    def _quarantine(self, files):
+        """Move unreadable resume files aside, so they are kept but never loaded."""
+        if not files:
+            return
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for file in files:
+            target = self.quarantine_dir / f"{file.name}.{stamp}"
+            os.replace(file, target)
+            log.warning("moved unreadable resume file %s to %s", file, target)
+        self._renamed = True
+
+
+# --------------------------------------------------------------------------- #
+# Engine: the owner of the libtorrent session
+# --------------------------------------------------------------------------- #
+
+#: The key of waits on alerts that concern the session rather than one torrent.
+SESSION = "session"
+
+
+class _Torrent:
+    """What the daemon knows about one torrent: its handle, its cached status, and
+    what libtorrent does not keep (the .torrent's own fields, a magnet's x.pe peers)."""
+
+    def __init__(self, params, loaded):
+        self.handle = None            # once libtorrent has added it
+        self.ids = _params_ids(params)
+        self.infohash = self.ids[0]
+        self.loaded = loaded          # read from the state directory, so already saved
+        # libtorrent drops the .torrent's fields outside the info dict, and every
+        # x.pe peer that failed to connect, yet they may be a magnet's only source.
+        self.creation = (params.creation_date, params.created_by, params.comment)
+        self.magnet_peers = list(params.peers) if params.ti is None else []
+        self.file_priorities = list(params.file_priorities)
+        self.info = None              # _metadata() once known
+        self.file_progress = None     # bytes downloaded per file index
+        self.status = None            # the dict served by GET, once a status arrived
+        self._body = None             # that dict serialised, made on first demand
+        self.total_done = -1          # bytes done when file progress was last asked for
+        self.progress_stale = False   # whether file_progress lags total_done
+        self.moving = False           # whether its cached rates are not zero
+        self.updated = 0.0            # when the last status arrived
+        self.last_scrape = None       # when a tracker last reported swarm counts
+        self.flushing_since = None    # when a flush of its finished download was asked for
+        self.saved_as = self.infohash if loaded else None  # its resume file's name
+        self.disk_error = ""          # the last file error, while it keeps the torrent stuck
+        self.added = None             # the task of its add, until it is saved
+        self.saving = None            # the save in flight
+        self.next_save = None         # the save that follows it, shared by all who ask
+        self.force_save = False       # whether that one must write even if unchanged
+        self.removing = False
+
+    def error(self, status):
+        """libtorrent's error, or the disk error it meets with upload mode instead."""
+        if status.errc.value():
+            return status.errc.message()
+        return self.disk_error
+
+    def files(self):
+        """The files list of the status, with progress and priority, or None."""
+        if self.info is None:
+            return None
+        entries = []
+        for index, path, size in self.info["files"]:
+            progress = self.file_progress
+            downloaded = progress[index] if progress and index < len(progress) else 0
+            priority = (self.file_priorities[index] if index < len(self.file_priorities)
+                        else 4)
+            entries.append({"index": index, "path": path, "size": size,
+                            "downloaded": downloaded,
+                            "progress": round(100 * downloaded / size, 4) if size else 100.0,
+                            "priority": int(priority)})
+        return entries
+
+    def update(self, status):
+        """Take a fresh torrent_status; return the old id if the canonical one changed."""
+        ids = _hash_ids(status.info_hashes) or self.ids
+        old = self.infohash if ids[0] != self.infohash else None
+        self.ids, self.infohash, self.updated = ids, ids[0], time.time()
+        if self.info is None and status.has_metadata:
+            self.info = _metadata(status.torrent_file, self.creation)
+        if not status.flags & lt.torrent_flags.upload_mode:
+            self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
+        self.status = _status_dict(self, status)
+        self._body = None
+        return old
+
+    def refreshed_files(self):
+        """The per-file progress changed: render again."""
+        self.status["files"] = self.files()
+        self._body = None
+
+    @property
+    def body(self):
+        """The status serialised once per change, so every GET serves the same bytes."""
+        if self._body is None:
+            self._body = json.dumps(self.status, separators=(",", ":")).encode()
+        return self._body
+
+
+@contextlib.contextmanager
+def _handle_call():
+    """A handle that libtorrent already dropped means the torrent is gone: 404."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise ApiError(404, f"torrent not found ({error})") from None
+
+
+def _listing_body(items, total):
+    """{"torrents": [items], "total": total} from already serialised items."""
+    return b"".join((b'{"torrents":[', items, b'],"total":%d}' % total))
 
 
 def _file_progress(handles):
@@ -936,116 +1250,47 @@ def _loopback_only_filter():
     return ip_filter
 
 
-class _Torrent:
-    """What the daemon knows about one torrent: its handle and its cached status."""
-
-    def __init__(self, handle, params, creation_info):
-        self.handle = handle
-        self.ids = _hash_ids(params.info_hashes)
-        self.infohash = self.ids[0]
-        self.creation_info = creation_info
-        self.file_priorities = list(params.file_priorities)
-        self.metadata = None          # _metadata_fields() once known
-        self.file_progress = None     # bytes downloaded per file index
-        self.status = None            # the dict served by GET, once the first status arrived
-        self.body = b""               # that dict, serialised once per change
-        self.total_done = -1          # bytes done when file progress was last asked for
-        self.updated = 0.0            # when the last status arrived
-        self.last_scrape = None       # when a tracker last reported swarm counts
-        self.flushing_since = None    # when a flush of its finished download was asked for
-        self.saved_as = None          # the id its resume file carries
-        self.magnet_peers = []        # its x.pe= peers, saved until the metadata is here
-        self.disk_error = ""          # the last file error, while it keeps the torrent stuck
-        self.status_waiters = []      # (future, until) pairs, for a status to come
-        self.save_waiters = collections.deque()  # one future per save_resume_data call
-        self.removal = None           # future for DELETE, once requested
-        self.removal_steps = set()    # alerts that removal still waits for
-
-    def update(self, status, now):
-        """Take a fresh torrent_status; return the old id if the canonical one changed."""
-        ids = _hash_ids(status.info_hashes) or self.ids
-        old = self.infohash if ids[0] != self.infohash else None
-        self.ids, self.infohash, self.updated = ids, ids[0], now
-        if self.metadata is None and status.has_metadata:
-            self.metadata = _metadata_fields(status.torrent_file, self.creation_info)
-        fields = status_fields(status, now)
-        if not fields["upload_mode"]:
-            self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
-        # libtorrent meets a full disk with upload mode, not an error: report it as one.
-        fields["error"] = fields["error"] or self.disk_error
-        fields["last_scrape"] = _seconds_since(self.last_scrape, now)
-        fields["info_hash_v1"] = next((i for i in ids if len(i) == 40), None)
-        fields["info_hash_v2"] = next((i for i in ids if len(i) == 64), None)
-        self.status = {"infohash": self.infohash, **fields}
-        self.render()
-        return old
-
-    def render(self):
-        """Serialise the status once, so every GET serves the same bytes."""
-        if self.metadata is None:
-            self.status.update(EMPTY_METADATA)
+def _log_failure(task):
+    """Report a task nobody awaits that failed: its work would stop silently."""
+    if not task.cancelled() and task.exception() is not None:
+        error = task.exception()
+        if isinstance(error, ApiError):
+            log.error("%s: %s", task.get_name(), error.detail)
         else:
-            self.status.update(self.metadata, files=[self._file_entry(f)
-                                                      for f in self.metadata["files"]])
-        self.body = json.dumps(self.status, separators=(",", ":")).encode()
-
-    def _file_entry(self, file):
-        """One entry of the files list, with its progress and priority."""
-        index, size = file["index"], file["size"]
-        downloaded = (self.file_progress[index] if self.file_progress
-                      and index < len(self.file_progress) else 0)
-        priority = (self.file_priorities[index] if index < len(self.file_priorities) else 4)
-        return {**file, "downloaded": downloaded,
-                "progress": round(100 * downloaded / size, 4) if size else 100.0,
-                "priority": int(priority)}
-
-
-@contextlib.contextmanager
-def _handle_call():
-    """A handle that libtorrent already dropped means the torrent is gone: 404."""
-    try:
-        yield
-    except RuntimeError as error:
-        raise ApiError(404, f"torrent not found ({error})") from None
+            log.error("%s failed", task.get_name(), exc_info=error)
 
 
 class TorrentEngine:
     """Owns the libtorrent session, its alert loop, the status cache and the state dir.
 
-    Only the alert loop calls pop_alerts(); every request either reads the cache or
-    posts work to libtorrent and awaits a future that the alert loop resolves.
+    Only the alert loop calls pop_alerts(). A request either reads the cache, or posts
+    work to libtorrent and awaits expect(), which the alert loop resolves.
     """
 
     def __init__(self, config):
         self.config = config
-        self.download_dir = config.download_dir
-        self.resume_dir = config.state_dir / "resume"
-        self.quarantine_dir = config.state_dir / "quarantine"
-        self.loading = True
+        self.store = StateStore(config.state_dir)
         self.listen_port = None
         self._session = None
-        self._by_handle = {}          # handle -> _Torrent, every torrent libtorrent holds
-        self._by_id = {}              # hex id -> _Torrent, those with a status to serve
-        self._adds = {}               # hex id -> task of an API add under way
-        self._adding = {}             # hex id -> _Adding, until its add_torrent_alert
-        self._removing = {}           # hex id -> _Torrent awaiting removal/deletion alerts
-        self._dirty = set()           # torrents that changed since the last periodic save
-        self._progressed = set()      # torrents whose per-file progress is out of date
-        self._moving = set()          # torrents whose cached rates are not zero
-        self._listing = None          # listing() until a status changes
-        self._tasks = []
+        self._torrents = {}           # _Torrent -> None: every torrent, in added order
+        self._by_id = {}              # hex id -> _Torrent
+        self._by_handle = {}          # libtorrent handle -> _Torrent
+        self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
+        self._unlisted = 0            # torrents without a status yet
+        self._loaded = False          # whether every saved torrent was handed over
+        self._listing = None          # the plain listing body, until a status changes
+        self._tasks = {}              # name -> the engine's long-running tasks
+        self._background = set()      # short tasks nobody awaits (saves, removals)
         self._wakeup = asyncio.Event()
         self._alert_socket = None
         self._notify_socket = None
-        # One thread writes the state dir, so writes and deletes of a file stay in order.
-        self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tf-state")
 
     # -- lifecycle ---------------------------------------------------------- #
 
     async def start(self):
         """Create the session, start the alert loop, and begin loading saved torrents."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._disk, self._prepare_dirs)
+        await self.store.prepare(self.config.download_dir)
         params = lt.session_params(session_settings(self.config))
         # pread avoids the RSS growth of memory-mapped I/O on large torrents.
         params.disk_io_constructor = "pread_disk_io_constructor"
@@ -1059,14 +1304,10 @@ class TorrentEngine:
         self._notify_socket.setblocking(False)
         self._session.set_alert_fd(self._notify_socket.fileno())
         loop.add_reader(self._alert_socket.fileno(), self._on_alert_fd)
-        self._tasks = [asyncio.create_task(coro, name=name) for name, coro in (
-            ("tf-alerts", self._alert_loop()),
-            ("tf-status", self._status_loop()),
-            ("tf-save", self._save_loop()),
-            ("tf-load", self._load_saved()),
-        )]
-        for task in self._tasks:
-            task.add_done_callback(_log_crash)
+        for name, work in (("alerts", self._alert_loop), ("status", self._status_loop),
+                           ("save", self._save_loop), ("load", self._load_saved)):
+            self._tasks[name] = asyncio.create_task(work(), name=f"tf-{name}")
+            self._tasks[name].add_done_callback(_log_failure)
         log.info("BitTorrent listening on %s, port %d (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
                  self.config.listen_interfaces, self.listen_port,
                  *("on" if flag else "off" for flag in (
@@ -1076,29 +1317,31 @@ class TorrentEngine:
         """Finish adds under way, pause, save every torrent that changed, drop the session."""
         if self._session is None:
             return
-        for task in self._tasks[1:]:
-            task.cancel()
-        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        for name in ("status", "save", "load"):
+            self._tasks[name].cancel()
+        await asyncio.gather(*(self._tasks[n] for n in ("status", "save", "load")),
+                             return_exceptions=True)
         deadline = time.monotonic() + self.config.shutdown_timeout
-        if self._adds:
+        adding = [t.added for t in self._torrents if t.added and not t.added.done()]
+        if adding:
             # An add whose request was cut off by the shutdown still ends saved.
-            await asyncio.wait(set(self._adds.values()), timeout=self.config.shutdown_timeout)
+            await asyncio.wait(adding, timeout=self.config.shutdown_timeout)
         self._session.pause()
-        torrents = [t for t in self._by_handle.values() if t.removal is None]
+        torrents = [t for t in self._torrents if t.handle is not None and not t.removing]
         saved = 0
         if torrents:
-            saves = [self._save(torrent, SAVE_IF_MODIFIED) for torrent in torrents]
+            saves = [self.save(torrent, force=False) for torrent in torrents]
             done, pending = await asyncio.wait(
                 saves, timeout=max(0.1, deadline - time.monotonic()))
             saved = sum(1 for f in done if not f.exception() and f.result())
             if pending:
                 log.warning("shutdown deadline: %d torrents were not saved", len(pending))
         log.info("saved %d changed torrents of %d at shutdown", saved, len(torrents))
-        self._tasks[0].cancel()
-        await asyncio.gather(self._tasks[0], return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._alert_socket.fileno())
-        await loop.run_in_executor(None, self._disk.shutdown)
+        for task in [self._tasks["alerts"], *self._background]:
+            task.cancel()
+        await asyncio.gather(self._tasks["alerts"], *self._background, return_exceptions=True)
+        asyncio.get_running_loop().remove_reader(self._alert_socket.fileno())
+        self.store.close()
         # The session's destructor waits up to STOP_TRACKER_TIMEOUT for trackers to
         # acknowledge "stopped", holding the GIL: let the last reference go in a thread.
         last_reference = [self._session]
@@ -1107,18 +1350,85 @@ class TorrentEngine:
         self._alert_socket.close()
         self._notify_socket.close()
 
+    @property
+    def loading(self):
+        """True until every saved torrent is back and listed."""
+        return not self._loaded or self._unlisted > 0
+
+    # -- waiting on libtorrent ------------------------------------------------ #
+
+    async def expect(self, ids, kinds, what, match=None, timeout=ALERT_WAIT):
+        """Wait for the alert loop to see an alert of these kinds about the torrent with
+        these ids (or SESSION) for which match(alert) is not None; return that value.
+
+        The one way a request waits on libtorrent. Alerts die at the next pop, so match
+        copies what the caller needs. An alert that does not come within timeout (one
+        lost in an overflowing queue) becomes a 503; a removal fails the wait with 404.
+        """
+        future = asyncio.get_running_loop().create_future()
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        waiter = (kinds, match or (lambda alert: True), future)
+        self._waiters[ids[0]].append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
+                           "try again", RETRY_AFTER) from None
+        finally:
+            waiters = self._waiters.get(ids[0])
+            if waiters and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[ids[0]]
+
+    def _settle(self, ids, alert):
+        """Resolve the waits this alert answers."""
+        for key in ids:
+            for kinds, match, future in self._waiters.get(key, ()):
+                if isinstance(alert, kinds) and not future.done():
+                    value = match(alert)
+                    if value is not None:
+                        future.set_result(value)
+
+    def _fail_waits(self, torrent, error, unless=()):
+        """Fail every wait on a torrent that is gone, except waits for the kinds unless."""
+        for key in torrent.ids:
+            for kinds, _, future in self._waiters.get(key, ()):
+                if not future.done() and not any(kind in unless for kind in kinds):
+                    future.set_exception(error)
+
+    def _spawn(self, coroutine, name):
+        """Run work nobody awaits; kept referenced, and its failure logged."""
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+        return task
+
+    async def _confirm(self, torrent, predicate, what):
+        """Ask for a fresh status and wait until one satisfies predicate(status dict)."""
+        with _handle_call():
+            torrent.handle.post_status()
+        await self.expect(torrent.ids, lt.state_update_alert, what,
+                          lambda alert: True if predicate(torrent.status) else None)
+
     # -- requests ----------------------------------------------------------- #
 
     def lookup(self, infohash):
-        """The torrent with this v1 or v2 id, or 404 (also while it is being removed)."""
+        """The torrent with this v1 or v2 id: 404 if unknown or being removed, 503 while
+        it is still loading from the state directory."""
         torrent = self._by_id.get(infohash)
-        if torrent is None or torrent.removal is not None:
+        if torrent is None or torrent.removing:
             raise ApiError(404, f"no torrent with infohash {infohash}")
+        if torrent.status is None:
+            raise ApiError(503, f"torrent {infohash} is still being added; try again",
+                           RETRY_AFTER)
         return torrent
 
     def torrents(self):
         """Every torrent that has a status to serve, in the order they were added."""
-        return (t for t in self._by_handle.values() if t.status is not None)
+        return (t for t in self._torrents if t.status is not None and not t.removing)
 
     def listing(self):
         """The body of a plain GET /torrents, rebuilt only after something changed."""
@@ -1128,59 +1438,63 @@ class TorrentEngine:
         return self._listing
 
     def count(self):
-        """How many torrents libtorrent holds, those still loading included."""
-        return len(self._by_handle)
+        """How many torrents the daemon holds, those still loading included."""
+        return len(self._torrents)
 
     async def add(self, params):
         """Add a torrent; return (infohash, created) once it is saved and has a status."""
-        ids = _hash_ids(_params_hashes(params))
+        ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
-        if existing is not None and existing.removal is not None:
+        if existing is not None and existing.removing:
             # Being deleted: let that finish, then add it afresh.
-            await _confirmed(existing.removal, "the removal of the earlier copy")
+            await self.expect(existing.ids, lt.torrent_removed_alert,
+                              "the removal of the earlier copy")
             existing = None
         if existing is not None:
+            if existing.added is not None:
+                # Asked for twice, maybe at once: answer when the first add is saved.
+                await asyncio.shield(existing.added)
             return existing.infohash, False
-        running = next((self._adds[i] for i in ids if i in self._adds), None)
-        if running is not None:
-            # Asked for twice at once: answer when the first add is saved, as it does.
-            infohash, _ = await asyncio.shield(running)
-            return infohash, False
-        task = asyncio.ensure_future(self._add(params, ids))
-
-        def forget(_task):
-            for infohash in ids:
-                self._adds.pop(infohash, None)
-        self._adds.update(dict.fromkeys(ids, task))
-        task.add_done_callback(forget)
+        if self.config.local_only:
+            keep_local(params)
+        torrent = _Torrent(params, loaded=False)
+        self._register(torrent)
+        torrent.added = self._spawn(self._add(torrent, params), f"add {torrent.infohash}")
         # Shielded: a client that hangs up must not leave a torrent added but unsaved.
-        return await asyncio.shield(task)
+        await asyncio.shield(torrent.added)
+        return torrent.infohash, True
 
-    async def _add(self, params, ids):
-        """Post the add, then save it and wait for its first status."""
-        added = asyncio.get_running_loop().create_future()
-        self._add_async(params, added)
-        torrent, created = await _confirmed(added, "the add")
-        if created:
-            # The answer promises the torrent survives a crash: write it first.
-            await _confirmed(self._save(torrent, SAVE_FULL), "saving the torrent")
+    async def _add(self, torrent, params):
+        """Post the add; once libtorrent has it, save it and wait for its first status."""
+        try:
+            self._session.async_add_torrent(params)
+        except (ValueError, RuntimeError) as error:
+            self._forget(torrent)
+            raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
+        refusal = await self.expect(torrent.ids, lt.add_torrent_alert, "the add",
+                                    lambda alert: alert.error.message()
+                                    if alert.error.value() else "")
+        if refusal:
+            raise ApiError(422, f"libtorrent refused the torrent: {refusal}")
+        # The answer promises the torrent survives a crash: write it first.
+        await self.save(torrent)
         if torrent.status is None:
-            await _confirmed(self._refresh(torrent), "the first status")
-        return torrent.infohash, created
+            await self._confirm(torrent, lambda status: True, "the first status")
 
     async def pause(self, torrent):
         """Pause and take it out of the queue, so libtorrent does not restart it."""
         with _handle_call():
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
-        await _confirmed(self._refresh(torrent, _paused_by_user), "the pause")
-        await _confirmed(self._save(torrent, SAVE_FULL), "saving the pause")
+        await self._confirm(torrent, lambda status: status["paused"]
+                            and not status["auto_managed"], "the pause")
+        await self.save(torrent)
 
     async def resume(self, torrent):
         """Resume and hand it back to the queue; after an error, recheck and retry."""
         with _handle_call():
             torrent.handle.set_flags(lt.torrent_flags.auto_managed)
-            if torrent.disk_error or (torrent.status and torrent.status["error"]):
+            if torrent.disk_error or torrent.status["error"]:
                 # Resuming says the fault is fixed. A piece can pass its hash check in
                 # memory and then fail to be written, so check what reached the disk.
                 torrent.disk_error = ""
@@ -1188,61 +1502,101 @@ class TorrentEngine:
                 torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
                 torrent.handle.force_recheck()
             torrent.handle.resume()
-        await _confirmed(self._refresh(torrent, _handed_to_queue), "the resume")
-        await _confirmed(self._save(torrent, SAVE_FULL), "saving the resume")
+        await self._confirm(torrent, lambda status: status["auto_managed"], "the resume")
+        await self.save(torrent)
 
     async def remove(self, torrent, delete_files):
         """Remove it; return once libtorrent confirmed and its resume file is gone."""
-        self._start_removal(torrent, delete_files)
-        await _confirmed(torrent.removal, "the removal")
-
-    def _start_removal(self, torrent, delete_files):
-        """Post the removal and note which alerts will confirm it."""
-        with _handle_call():
-            self._session.remove_torrent(
-                torrent.handle, lt.session.delete_files if delete_files else 0)
-        torrent.removal = asyncio.get_running_loop().create_future()
+        if torrent.removing:
+            raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
         # Deleting needs storage; a magnet without metadata has nothing on disk.
-        torrent.removal_steps = ({"removed", "deleted"} if delete_files
-                                 and torrent.metadata is not None else {"removed"})
-        for infohash in torrent.ids:
-            self._removing[infohash] = torrent
+        delete_files = delete_files and torrent.info is not None
+        torrent.removing = True
+        self._listing = None
+        steps = {lt.torrent_removed_alert, lt.torrent_deleted_alert} if delete_files else {
+            lt.torrent_removed_alert}
 
-    # -- internals: requests that wait on alerts ----------------------------- #
-
-    def _add_async(self, params, added=None):
-        """Add without waiting; _on_add resolves added with (_Torrent, created)."""
-        if self.config.local_only:
-            keep_local(params)
-        key = _hash_ids(_params_hashes(params))[0]
-        self._adding[key] = _Adding(params, added)
-        try:
-            self._session.async_add_torrent(params)
-        except BaseException:
-            del self._adding[key]
-            raise
-
-    def _refresh(self, torrent, until=None):
-        """Ask for this torrent's status; the future resolves once the cache holds one
-        that satisfies until(status). A status posted before the change may come first."""
-        future = asyncio.get_running_loop().create_future()
+        def step(alert):
+            if isinstance(alert, lt.torrent_delete_failed_alert):
+                log.warning("could not delete the files of %s: %s", torrent.infohash,
+                            alert.error.message())
+            steps.discard(lt.torrent_removed_alert if isinstance(
+                alert, lt.torrent_removed_alert) else lt.torrent_deleted_alert)
+            return None if steps else True
         with _handle_call():
-            torrent.handle.post_status()
-        torrent.status_waiters.append((future, until))
-        return future
+            self._session.remove_torrent(torrent.handle,
+                                         lt.session.delete_files if delete_files else 0)
+        await self.expect(torrent.ids, (lt.torrent_removed_alert, lt.torrent_deleted_alert,
+                                        lt.torrent_delete_failed_alert), "the removal", step)
+        name = torrent.saved_as
+        # After a hybrid conflict the survivor may already keep its file under this name.
+        if name is not None and not any(t.saved_as == name for t in self._torrents):
+            await self.store.delete(name)
 
-    def _save(self, torrent, flags):
-        """Ask for resume data; the future gives True once written, False if unchanged."""
-        future = asyncio.get_running_loop().create_future()
+    # -- saving ------------------------------------------------------------- #
+
+    def save(self, torrent, force=True):
+        """A future of a save of the torrent as it is now: True once written, False if
+        nothing needed writing (or it is gone).
+
+        One save per torrent is in flight at a time. A request joins the save waiting to
+        follow it, so the data written always holds every change made before the call,
+        and a backlog never grows beyond one waiting save per torrent.
+        """
+        torrent.force_save |= force
+        if torrent.next_save is None:
+            torrent.next_save = self._spawn(self._save(torrent, torrent.saving),
+                                            f"save {torrent.infohash}")
+        return torrent.next_save
+
+    async def _save(self, torrent, previous):
+        """Ask libtorrent for the resume data once the previous save is done; write it."""
+        if previous is not None:
+            await asyncio.wait([previous])
+        torrent.saving, torrent.next_save = torrent.next_save, None
+        flags = SAVE_FULL if torrent.force_save else SAVE_IF_MODIFIED
+        torrent.force_save = False
         try:
-            torrent.handle.save_resume_data(flags)
-        except RuntimeError:  # already removed: nothing left to save
-            future.set_result(False)
-            return future
-        torrent.save_waiters.append(future)
-        return future
+            if torrent.handle is None or torrent.removing:
+                return False
+            try:
+                torrent.handle.save_resume_data(flags)
+            except RuntimeError:  # already removed: nothing left to save
+                return False
+            data = await self.expect(torrent.ids, (lt.save_resume_data_alert,
+                                                   lt.save_resume_data_failed_alert),
+                                     "saving the torrent", self._resume_data(torrent))
+            if not data:
+                return False
+            old_name, torrent.saved_as = torrent.saved_as, torrent.infohash
+            try:
+                await self.store.write(torrent.infohash, data,
+                                       old_name if old_name != torrent.infohash else None)
+            except OSError as error:
+                torrent.saved_as = old_name
+                raise ApiError(503, f"could not save {torrent.infohash} in the state "
+                               f"directory: {error.strerror or error}", RETRY_AFTER) from None
+            return True
+        finally:
+            if torrent.saving is asyncio.current_task():
+                torrent.saving = None
 
-    # -- internals: the alert loop ------------------------------------------ #
+    def _resume_data(self, torrent):
+        """A match for a save's alert: the bytes to write, or b"" if there are none."""
+        def take(alert):
+            if isinstance(alert, lt.save_resume_data_failed_alert):
+                if alert.error.value() != RESUME_NOT_MODIFIED and not torrent.removing:
+                    log.warning("could not save resume data for %s: %s", torrent.infohash,
+                                alert.error.message())
+                return b""
+            params = alert.params
+            torrent.file_priorities = list(params.file_priorities)
+            if params.ti is None and torrent.magnet_peers:
+                params.peers = list(dict.fromkeys([*params.peers, *torrent.magnet_peers]))
+            return lt.write_resume_data_buf(params)  # a copy: the alert dies at the next pop
+        return take
+
+    # -- the alert loop ----------------------------------------------------- #
 
     def _on_alert_fd(self):
         """libtorrent wrote to the alert socket: drain it and wake the alert loop."""
@@ -1258,172 +1612,111 @@ class TorrentEngine:
             self._wakeup.clear()
             for alert in self._session.pop_alerts():
                 try:
-                    self._dispatch(alert)
+                    if self._waiters:
+                        self._settle(self._alert_ids(alert), alert)
+                    handler = self._ALERT_HANDLERS.get(type(alert))
+                    if handler is not None:
+                        handler(self, alert)
                 except Exception:
                     log.exception("error while handling %s", type(alert).__name__)
 
-    def _dispatch(self, alert):
-        """Hand an alert to its _on_* handler, if the daemon acts on that kind."""
-        handler = self._ALERT_HANDLERS.get(type(alert))
-        if handler is not None:
-            handler(self, alert)
+    def _alert_ids(self, alert):
+        """The ids of the torrent an alert is about, or (SESSION,)."""
+        if isinstance(alert, lt.add_torrent_alert):
+            return _params_ids(alert.params)
+        torrent = self._by_handle.get(alert.handle) if isinstance(alert, lt.torrent_alert) \
+            else None
+        if torrent is not None:
+            return torrent.ids
+        hashes = getattr(alert, "info_hashes", None)
+        return _hash_ids(hashes) if hashes is not None else (SESSION,)
+
+    def _torrent_of(self, alert):
+        return self._by_handle.get(alert.handle)
 
     def _on_state_update(self, alert):
         """Cache each changed torrent's status and wake requests waiting for it."""
-        now = time.time()
         self._listing = None
         for status in alert.status:
             torrent = self._by_handle.get(status.handle)
-            if torrent is None or self._holding_back(torrent, status, now):
+            if torrent is None or self._holding_back(torrent, status):
                 continue
             try:
-                self._take_status(torrent, status, now)
+                self._take_status(torrent, status)
+                self._settle(torrent.ids, alert)
             except Exception:  # one bad status must not keep the others from the cache
                 log.exception("could not take the status of %s", torrent.infohash)
 
-    def _take_status(self, torrent, status, now):
+    def _take_status(self, torrent, status):
         """Cache one torrent's status and do the bookkeeping that follows it."""
-        old = torrent.update(status, now)
+        first = torrent.status is None
+        old = torrent.update(status)
         if old:
             log.info("%s is now known by its v1 id %s", old, torrent.infohash)
-        if torrent.removal is None:
-            self._by_id.update(dict.fromkeys(torrent.ids, torrent))
-        self._dirty.add(torrent)
-        if torrent.metadata is not None and torrent.total_done != status.total_done:
+            self._waiters[torrent.infohash].extend(self._waiters.pop(old, ()))
+        self._by_id.update(dict.fromkeys(torrent.ids, torrent))
+        if first:
+            self._unlisted -= 1
+        if torrent.info is not None and torrent.total_done != status.total_done:
             torrent.total_done = status.total_done
-            self._progressed.add(torrent)
-        if status.download_rate or status.upload_rate:
-            self._moving.add(torrent)
-        else:
-            self._moving.discard(torrent)
-        waiting = []
-        for future, until in torrent.status_waiters:
-            if until is None or until(torrent.status):
-                if not future.done():
-                    future.set_result(None)
-            else:
-                waiting.append((future, until))
-        torrent.status_waiters = waiting
+            torrent.progress_stale = True
+        torrent.moving = bool(status.download_rate or status.upload_rate)
 
     @staticmethod
-    def _holding_back(torrent, status, now):
+    def _holding_back(torrent, status):
         """Serve the previous status while a just-finished torrent's writes are flushed.
 
         A script that sees "finished" reads the files next; they must be complete by
         then. A flush that never reports back is not waited for beyond FLUSH_WAIT.
         """
-        return (torrent.flushing_since is not None and now - torrent.flushing_since < FLUSH_WAIT
+        return (torrent.flushing_since is not None
+                and time.time() - torrent.flushing_since < FLUSH_WAIT
                 and status.is_finished and torrent.status is not None
                 and not torrent.status["is_finished"])
 
-    def _on_add(self, alert):
-        """Register a torrent libtorrent added, or fail the request that asked for it."""
-        ids = _hash_ids(_params_hashes(alert.params))
-        adding = self._adding.pop(ids[0] if ids else None, None) or _Adding(alert.params)
-        future = adding.future
-        if alert.error.value():
-            log.warning("could not add torrent %s: %s", ids[0] if ids else "?",
-                        alert.error.message())
-            if future is not None and not future.done():
-                future.set_exception(ApiError(422, f"libtorrent refused the torrent: "
-                                              f"{alert.error.message()}"))
-            return
-        handle = alert.handle
-        torrent = self._by_handle.get(handle)
-        created = torrent is None
-        if created:
-            torrent = _Torrent(handle, alert.params, adding.creation_info)
-            torrent.magnet_peers = adding.magnet_peers
-            self._by_handle[handle] = torrent
-            torrent.saved_as = None if future is not None else torrent.infohash
-        if future is not None and not future.done():
-            future.set_result((torrent, created))
-        if created:
-            log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
-                     torrent.infohash)
+    def _register(self, torrent):
+        """Make a torrent known by its ids, before libtorrent has it."""
+        self._torrents[torrent] = None
+        self._by_id.update(dict.fromkeys(torrent.ids, torrent))
+        self._unlisted += 1
 
-    def _on_save(self, alert):
-        """Write the resume data of a save_resume_data call, in order, off the loop."""
-        torrent = self._by_handle.get(alert.handle)
-        if torrent is None or not torrent.save_waiters:
+    def _forget(self, torrent):
+        """Drop every trace of a torrent libtorrent no longer holds."""
+        if self._torrents.pop(torrent, False) is False:
             return
-        future = torrent.save_waiters.popleft()
-        params = alert.params
-        torrent.file_priorities = list(params.file_priorities)
-        if params.ti is None and torrent.magnet_peers:
-            params.peers = list(dict.fromkeys([*params.peers, *torrent.magnet_peers]))
-        data = lt.write_resume_data_buf(params)  # copy now: the alert dies at the next pop
-        old_name, torrent.saved_as = torrent.saved_as, torrent.infohash
-        write = asyncio.get_running_loop().run_in_executor(
-            self._disk, self._write_resume, torrent.infohash, data,
-            old_name if old_name != torrent.infohash else None)
-        _chain(write, future, True)
-
-    def _on_save_failed(self, alert):
-        """A save that did not happen: normal when nothing changed, logged otherwise."""
-        torrent = self._by_handle.get(alert.handle)
-        if torrent is None or not torrent.save_waiters:
-            return
-        if alert.error.value() != RESUME_NOT_MODIFIED and torrent.removal is None:
-            log.warning("could not save resume data for %s: %s", torrent.infohash,
-                        alert.error.message())
-        future = torrent.save_waiters.popleft()
-        if not future.done():
-            future.set_result(False)
-
-    def _torrent_for_hashes(self, info_hashes):
-        """The torrent being removed that these hashes name, if any."""
-        return next((self._removing[i] for i in _hash_ids(info_hashes) if i in self._removing),
-                    None)
-
-    def _on_removed(self, alert):
-        """libtorrent dropped the torrent: forget it and settle what waited on it."""
-        torrent = self._torrent_for_hashes(alert.info_hashes)
-        if torrent is None:
-            return
-        self._by_handle.pop(torrent.handle, None)
         self._listing = None
-        for tracked in (self._dirty, self._progressed, self._moving):
-            tracked.discard(torrent)
+        self._by_handle.pop(torrent.handle, None)
         for infohash in torrent.ids:
             if self._by_id.get(infohash) is torrent:
                 del self._by_id[infohash]
-        for future in [*torrent.save_waiters, *(f for f, _ in torrent.status_waiters)]:
-            if not future.done():
-                future.set_result(False)
-        torrent.save_waiters.clear()
-        torrent.status_waiters.clear()
-        log.info("removed %s (%s)", torrent.status and torrent.status["name"], torrent.infohash)
-        self._removal_step(torrent, "removed")
+        if torrent.status is None:
+            self._unlisted -= 1
+        self._fail_waits(torrent, ApiError(404, f"torrent {torrent.infohash} was removed"),
+                         unless=(lt.torrent_deleted_alert,))
 
-    def _on_deleted(self, alert):
-        """The data of a DELETE ?delete_files=true is gone (or could not be)."""
-        torrent = self._torrent_for_hashes(alert.info_hashes)
-        if torrent is None:
+    def _on_add(self, alert):
+        """Attach the handle of a torrent libtorrent added, or forget a refused one."""
+        ids = _params_ids(alert.params)
+        torrent = next((self._by_id[i] for i in ids if i in self._by_id), None)
+        if torrent is None or torrent.handle is not None:
             return
-        if isinstance(alert, lt.torrent_delete_failed_alert):
-            log.warning("could not delete the files of %s: %s", torrent.infohash,
-                        alert.error.message())
-        self._removal_step(torrent, "deleted")
+        if alert.error.value():
+            log.warning("could not add torrent %s: %s", ids[0], alert.error.message())
+            self._forget(torrent)
+            return
+        torrent.handle = alert.handle
+        self._by_handle[alert.handle] = torrent
+        if not torrent.loaded:
+            log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
+                     torrent.infohash)
 
-    def _removal_step(self, torrent, step):
-        """Count off the alerts a removal waits for (their order varies), then forget it.
-
-        The resume file goes before the DELETE is answered: a removal must survive a crash.
-        """
-        torrent.removal_steps.discard(step)
-        if torrent.removal_steps:
-            return
-        for infohash in torrent.ids:
-            self._removing.pop(infohash, None)
-        name = torrent.saved_as
-        # After a hybrid conflict the survivor may already keep its file under this name.
-        if name is None or any(t.saved_as == name for t in self._by_handle.values()):
-            torrent.removal.set_result(None)
-            return
-        delete = asyncio.get_running_loop().run_in_executor(
-            self._disk, self._delete_resume, name)
-        _chain(delete, torrent.removal, None)
+    def _on_removed(self, alert):
+        """libtorrent dropped the torrent: forget it."""
+        torrent = self._torrent_of(alert)
+        if torrent is not None:
+            log.info("removed %s (%s)", torrent.status and torrent.status["name"],
+                     torrent.infohash)
+            self._forget(torrent)
 
     def _on_conflict(self, alert):
         """Two magnets, one by v1 and one by v2 hash, turned out to be one hybrid torrent.
@@ -1431,14 +1724,12 @@ class TorrentEngine:
         libtorrent stops both with an error. Keep the one that has the metadata, drop the
         other (its data, if any, stays), and let the survivor answer to both hashes.
         """
-        keep = self._by_handle.get(alert.handle)
-        drop = self._by_handle.get(alert.conflicting_torrent)
-        if None in (keep, drop) or keep.removal is not None or drop.removal is not None:
+        keep, drop = self._torrent_of(alert), self._by_handle.get(alert.conflicting_torrent)
+        if None in (keep, drop) or keep.removing or drop.removing:
             return  # a DELETE under way settles it
         log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
                     drop.infohash, keep.infohash)
-        with contextlib.suppress(ApiError):
-            self._start_removal(drop, delete_files=False)
+        self._spawn(self.remove(drop, delete_files=False), f"drop {drop.infohash}")
         with contextlib.suppress(RuntimeError):
             keep.handle.clear_error()
             if keep.status is None or keep.status["auto_managed"]:
@@ -1447,7 +1738,7 @@ class TorrentEngine:
 
     def _on_flushed(self, alert):
         """The finished torrent's bytes are in its files: now it may show as finished."""
-        torrent = self._by_handle.get(alert.handle)
+        torrent = self._torrent_of(alert)
         if torrent is not None and torrent.flushing_since:
             torrent.flushing_since = None
             with contextlib.suppress(RuntimeError):
@@ -1455,13 +1746,13 @@ class TorrentEngine:
 
     def _on_tracker_reply(self, alert):
         """Note when a tracker last reported on the swarm, for last_scrape."""
-        torrent = self._by_handle.get(alert.handle)
+        torrent = self._torrent_of(alert)
         if torrent is not None:
             torrent.last_scrape = time.time()
 
     def _on_event(self, alert):
         """Log lifecycle events, refresh the cache at once and save what must be saved."""
-        torrent = self._by_handle.get(alert.handle)
+        torrent = self._torrent_of(alert)
         if torrent is None:
             return
         name = alert.torrent_name
@@ -1480,7 +1771,7 @@ class TorrentEngine:
                 torrent.handle.flush_cache()
                 torrent.flushing_since = time.time()
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
-            self._save(torrent, SAVE_FULL)
+            self.save(torrent)
         # A finished download should not wait for the next tick to show as finished.
         with contextlib.suppress(RuntimeError):
             torrent.handle.post_status()
@@ -1494,11 +1785,7 @@ class TorrentEngine:
     _ALERT_HANDLERS = {
         lt.state_update_alert: _on_state_update,
         lt.add_torrent_alert: _on_add,
-        lt.save_resume_data_alert: _on_save,
-        lt.save_resume_data_failed_alert: _on_save_failed,
         lt.torrent_removed_alert: _on_removed,
-        lt.torrent_deleted_alert: _on_deleted,
-        lt.torrent_delete_failed_alert: _on_deleted,
         lt.cache_flushed_alert: _on_flushed,
         lt.torrent_conflict_alert: _on_conflict,
         lt.tracker_reply_alert: _on_tracker_reply,
@@ -1509,7 +1796,7 @@ class TorrentEngine:
                          lt.file_error_alert), _on_event),
     }
 
-    # -- internals: periodic work -------------------------------------------- #
+    # -- periodic work ------------------------------------------------------ #
 
     async def _status_loop(self):
         """Feed the cache: changed torrents' status, then their per-file progress."""
@@ -1518,141 +1805,122 @@ class TorrentEngine:
             await asyncio.sleep(STATUS_INTERVAL)
             # libtorrent stops reporting torrents that went idle, rates and all: ask.
             quiet = time.time() - 2 * STATUS_INTERVAL
-            for torrent in [t for t in self._moving if t.updated < quiet]:
-                with contextlib.suppress(RuntimeError):
-                    torrent.handle.post_status()
-            stale, self._progressed = list(self._progressed), set()
+            stale = []
+            for torrent in self._torrents:
+                if torrent.moving and torrent.updated < quiet:
+                    with contextlib.suppress(RuntimeError):
+                        torrent.handle.post_status()
+                if torrent.progress_stale:
+                    torrent.progress_stale = False
+                    stale.append(torrent)
             if stale:
                 progress = await asyncio.to_thread(_file_progress, [t.handle for t in stale])
                 for torrent, files in zip(stale, progress):
-                    if files is not None and torrent.removal is None:
+                    if files is not None and not torrent.removing:
                         torrent.file_progress = files
-                        torrent.render()
+                        torrent.refreshed_files()
                 self._listing = None
 
     async def _save_loop(self):
         """Save torrents that changed, so a crash loses at most one interval."""
         while True:
             await asyncio.sleep(self.config.save_interval)
-            dirty, self._dirty = self._dirty, set()
-            for torrent in dirty:
-                if torrent.removal is None:
-                    self._save(torrent, SAVE_IF_MODIFIED)
+            for torrent in self._torrents:
+                if (torrent.handle is not None and not torrent.removing
+                        and torrent.saving is None and torrent.next_save is None):
+                    self.save(torrent, force=False)
 
     async def _load_saved(self):
         """Add every saved torrent back, in batches, while the API already answers."""
-        loop = asyncio.get_running_loop()
         try:
-            saved = await loop.run_in_executor(self._disk, self._read_all_resume)
+            saved = await self.store.load()
             for start in range(0, len(saved), LOAD_BATCH):
                 for params in saved[start:start + LOAD_BATCH]:
+                    torrent = _Torrent(params, loaded=True)
+                    self._register(torrent)
                     try:
-                        self._add_async(params)
+                        self._session.async_add_torrent(params)
                     except (ValueError, RuntimeError) as error:
-                        log.error("could not load saved torrent %s: %s",
-                                  _hash_ids(_params_hashes(params))[0], error)
+                        log.error("could not load saved torrent %s: %s", torrent.infohash,
+                                  error)
+                        self._forget(torrent)
                 await asyncio.sleep(0)
             if saved:
                 log.info("loading %d saved torrents", len(saved))
         finally:
-            self.loading = False
-
-    # -- internals: the state directory (run on the state thread) ------------ #
-
-    def _prepare_dirs(self):
-        """Create the directories and clear writes a crash interrupted."""
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        self.resume_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.resume_dir.glob("*.tmp"):
-            leftover.unlink()  # a write that a crash interrupted; the old file stands
-
-    def _resume_path(self, infohash):
-        """Where a torrent's resume file lives."""
-        return self.resume_dir / f"{infohash}.resume"
-
-    def _write_resume(self, infohash, data, old_infohash=None):
-        """Write atomically and durably, keeping the previous good copy as .bak."""
-        path = self._resume_path(infohash)
-        temp = path.with_suffix(".tmp")
-        with open(temp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        if path.exists():
-            os.replace(path, path.with_suffix(".bak"))
-        os.replace(temp, path)
-        _fsync_dir(self.resume_dir)
-        if old_infohash:  # a v2-only magnet that gained its v1 id with the metadata
-            self._delete_resume(old_infohash)
-
-    def _delete_resume(self, infohash):
-        """Delete a torrent's resume file and its backup, durably."""
-        path = self._resume_path(infohash)
-        for file in (path, path.with_suffix(".bak")):
-            file.unlink(missing_ok=True)
-        _fsync_dir(self.resume_dir)
-
-    def _read_all_resume(self):
-        """Parse every resume file, falling back to .bak and quarantining what is unreadable."""
-        names = {p.stem for p in self.resume_dir.iterdir() if p.suffix in (".resume", ".bak")}
-        loaded = []
-        for name in sorted(names):
-            path = self._resume_path(name)
-            params, unreadable = None, []
-            for candidate in (path, path.with_suffix(".bak")):
-                try:
-                    params = lt.read_resume_data(candidate.read_bytes())
-                except FileNotFoundError:
-                    continue
-                except (OSError, RuntimeError) as error:
-                    log.warning("resume file %s is unreadable: %s", candidate, error)
-                    unreadable.append(candidate)
-                    continue
-                if (not _hash_ids(params.info_hashes) or not _readable(params)
-                        or not params.save_path):
-                    log.warning("resume file %s names no torrent or no save path, or holds "
-                                "text that is not UTF-8", candidate)
-                    unreadable.append(candidate)
-                    params = None
-                    continue
-                if candidate is not path:
-                    log.warning("using the backup %s", candidate)
-                break
-            # A bad main file goes even when its .bak is good: the next save would
-            # otherwise rotate it over that good .bak.
-            self._quarantine(unreadable)
-            if params is not None:
-                params.flags &= ~lt.torrent_flags.duplicate_is_error
-                loaded.append(params)
-        return loaded
-
-    def _quarantine(self, files):
-        """Move unreadable resume files aside, so they are kept but never loaded."""
-        if not files:
-            return
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for file in files:
-            target = self.quarantine_dir / f"{file.name}.{stamp}"
-            os.replace(file, target)
-            log.warning("moved unreadable resume file %s to %s", file, target)
-        _fsync_dir(self.resume_dir)
+            self._loaded = True
 
 
 # --------------------------------------------------------------------------- #
-# HTTP handlers and routes
+# HTTP API: each handler is declared with its route and its OpenAPI operation
 # --------------------------------------------------------------------------- #
 
 ENGINE = web.AppKey("engine", TorrentEngine)
 CONFIG = web.AppKey("config", Config)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 
-ADD_FIELDS = ("torrent_url", "torrent_file", "save_path")
-routes = web.RouteTableDef()
+#: (method, path, handler, OpenAPI operation) of every route; make_app and the
+#: OpenAPI document both come from it.
+ROUTES = []
+#: Error answers every protected route can give.
+COMMON_ERRORS = (400, 401, 403)
+
+
+def _ref(name, kind="schemas"):
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _object(properties, required=None):
+    """A closed object: every property required unless told otherwise."""
+    return {"type": "object", "properties": properties,
+            "required": list(properties) if required is None else required,
+            "additionalProperties": False}
+
+
+def _answer(description, schema, headers=None, links=None, media="application/json"):
+    """An OpenAPI response."""
+    response = {"description": description, "content": {media: {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    if links:
+        response["links"] = links
+    return response
+
+
+def _query(name, description, **schema):
+    """An optional query parameter."""
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", **schema}}
+
+
+INFOHASH_PARAMETER = {
+    "name": "infohash", "in": "path", "required": True,
+    "description": "v1 or v2 infohash, any case",
+    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$"}}
+DONE = _answer("done", _ref("Message"))
+
+
+def api(method, path, operation_id, responses, errors=(), parameters=(), public=False,
+        **extra):
+    """Declare a handler's route and its OpenAPI operation together.
+
+    A public route needs no token; every other one can answer 400, 401 and 403 besides
+    the errors named here. The handler's docstring is the operation's summary.
+    """
+    def register(handler):
+        codes = (403,) if public else (*COMMON_ERRORS, *errors)
+        operation = {
+            "operationId": operation_id, "summary": handler.__doc__.split("\n")[0],
+            **({"parameters": list(parameters)} if parameters else {}), **extra,
+            **({"security": []} if public else {}),
+            "responses": {**responses, **{str(code): _ref(str(code), "responses")
+                                          for code in sorted(codes)}}}
+        ROUTES.append((method, path, handler, operation))
+        return handler
+    return register
 
 
 def _json(data, status=200, headers=None):
-    """A JSON response."""
     return web.json_response(data, status=status, headers=headers)
 
 
@@ -1663,28 +1931,60 @@ def _require_utf8(charset, what):
         raise ApiError(400, f"{what} must be UTF-8, not {charset!r}")
 
 
-async def _read_limited(read_chunk, limit, already=0):
-    """Read a body or a multipart part to its end, or raise 413 once the total passes
-    limit. Counts the bytes itself: a chunked body announces no length."""
-    data = bytearray()
-    while chunk := await read_chunk(64 * 1024):
-        data += chunk
-        if already + len(data) > limit:
-            raise ApiError(413, f"request body too large: more than {limit} bytes")
-    return bytes(data)
+async def read_fields(request, names, upload=None):
+    """The fields of a form (multipart or urlencoded) or JSON object body.
+
+    Only names are accepted, each once; upload names the one multipart field that
+    carries a file (bytes). Bodies are counted while read and capped.
+    """
+    content_type = request.content_type
+    multipart = content_type == "multipart/form-data"
+    # Refuse early what aiohttp would otherwise receive in full before refusing.
+    limit = MAX_REQUEST_BYTES if multipart else MAX_FORM_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body too large: more than {limit} bytes")
+    if multipart:
+        fields = await _multipart_fields(request, names, upload)
+    elif content_type in ("application/x-www-form-urlencoded", "application/json"):
+        _require_utf8(request.charset, "the body")
+        body = await _read_limited(request.content.read, MAX_FORM_BYTES)
+        try:
+            if content_type == "application/json":
+                fields = json.loads(body.decode())
+            else:
+                pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True,
+                                               strict_parsing=True, errors="strict",
+                                               max_num_fields=len(names))
+                fields = dict(pairs)
+                if len(fields) != len(pairs):
+                    raise ValueError("a field is repeated")
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:
+            kind = "JSON" if content_type == "application/json" else "form"
+            raise ApiError(400, f"malformed {kind} body: {error}") from None
+        if not isinstance(fields, dict):
+            raise ApiError(400, "the JSON body must be an object")
+    else:
+        raise ApiError(415, "send multipart/form-data, application/x-www-form-urlencoded "
+                       "or application/json")
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(names)}")
+    if upload in fields and not isinstance(fields[upload], bytes):
+        raise ApiError(400, f"{upload} must be uploaded as a file in multipart/form-data")
+    return fields
 
 
-async def _read_multipart(request):
+async def _multipart_fields(request, names, upload):
     """The fields of a multipart body, each read under the size cap."""
     fields, size = {}, 0
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
-            if part.name not in ADD_FIELDS or part.name in fields:
+            if part.name not in names or part.name in fields:
                 raise ApiError(400, f"unexpected or repeated form field {part.name!r}")
-            data = await _read_limited(part.read_chunk, MAX_REQUEST_BYTES, size)
+            data = await _read_limited(part.read_chunk, MAX_REQUEST_BYTES, already=size)
             size += len(data)
-            if part.name != "torrent_file":
+            if part.name != upload:
                 _require_utf8(part.get_charset(None), f"form field {part.name}")
                 data = data.decode()
             fields[part.name] = data
@@ -1694,70 +1994,20 @@ async def _read_multipart(request):
     return fields
 
 
-def _parse_urlencoded(body):
-    """The fields of an urlencoded body, strictly parsed."""
-    try:
-        pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True,
-                                       strict_parsing=True, errors="strict",
-                                       max_num_fields=len(ADD_FIELDS))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"malformed form body: {error}") from None
-    fields = dict(pairs)
-    if len(fields) != len(pairs):
-        raise ApiError(400, "repeated form field")
-    return fields
+def _text(fields, name):
+    """A text field as a string that any path or URL can hold, or "" if absent."""
+    value = fields.get(name, "")
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    try:  # JSON can carry lone surrogates, which no path or URL can hold
+        value.encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{name} is not valid Unicode") from None
+    return value
 
 
-def _parse_json(body):
-    """A JSON body, or 400."""
-    try:
-        return json.loads(body.decode())
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        raise ApiError(400, f"malformed JSON body: {error}") from None
-
-
-async def _read_add_form(request):
-    """The POST /torrents fields from multipart, urlencoded or JSON, with unknown ones refused."""
-    content_type = request.content_type
-    # Refuse early what aiohttp would otherwise receive in full before refusing.
-    limit = MAX_REQUEST_BYTES if content_type == "multipart/form-data" else MAX_FORM_BYTES
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body too large: more than {limit} bytes")
-    if content_type == "multipart/form-data":
-        fields = await _read_multipart(request)
-    elif content_type == "application/x-www-form-urlencoded":
-        _require_utf8(request.charset, "the form body")
-        fields = _parse_urlencoded(await _read_limited(request.content.read, MAX_FORM_BYTES))
-    elif content_type == "application/json":
-        _require_utf8(request.charset, "the JSON body")
-        fields = _parse_json(await _read_limited(request.content.read, MAX_FORM_BYTES))
-        if not isinstance(fields, dict):
-            raise ApiError(400, "the JSON body must be an object")
-        if "torrent_file" in fields:
-            raise ApiError(400, "torrent_file must be uploaded as multipart/form-data")
-    else:
-        raise ApiError(415, "send multipart/form-data, application/x-www-form-urlencoded "
-                       "or application/json")
-    unknown = sorted(set(fields) - set(ADD_FIELDS))
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(ADD_FIELDS)}")
-    for name in ("torrent_url", "save_path"):
-        value = fields.get(name, "")
-        if not isinstance(value, str):
-            raise ApiError(400, f"{name} must be a string")
-        if not value.isascii():
-            try:  # JSON can carry lone surrogates, which no path or URL can hold
-                value.encode()
-            except UnicodeEncodeError:
-                raise ApiError(400, f"{name} is not valid Unicode") from None
-    if isinstance(fields.get("torrent_file"), str):
-        raise ApiError(400, "torrent_file must be a file upload")
-    return fields
-
-
-async def _params_from_source(request, fields):
+async def _params_from_source(request, url, upload):
     """Turn torrent_url or torrent_file into libtorrent add_torrent_params."""
-    url, upload = fields.get("torrent_url"), fields.get("torrent_file")
     if bool(url) == bool(upload):
         raise ApiError(400, "give exactly one of torrent_url or torrent_file")
     if url:
@@ -1772,85 +2022,116 @@ async def _params_from_source(request, fields):
     return await asyncio.to_thread(params_from_torrent, upload)
 
 
-@routes.post("/torrents")
+_ADD_FIELDS = {
+    "torrent_url": {"type": "string", "description": "a magnet link or an http(s) URL of "
+                    "a .torrent; give this or torrent_file"},
+    "save_path": {"type": "string", "description": "relative to the download directory, "
+                  "or absolute inside it or an --allowed-save-root"},
+}
+_ADD_FORM = {"type": "object", "properties": _ADD_FIELDS, "additionalProperties": False}
+_ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+          "links": {name: {"operationId": name,
+                           "parameters": {"infohash": "$response.body#/infohash"}}
+                    for name in ("getTorrent", "pauseTorrent", "resumeTorrent",
+                                 "deleteTorrent")}}
+
+
+@api("POST", "/torrents", "addTorrent", {
+    "201": _answer("added", _ref("Added"), **_ADDED),
+    "200": _answer("already present", _ref("Added"), **_ADDED)},
+    (413, 415, 422, 502, 503), requestBody={"required": True, "content": {
+        "multipart/form-data": {"schema": {**_ADD_FORM, "properties": {
+            **_ADD_FIELDS, "torrent_file": {
+                "type": "string", "contentMediaType": "application/x-bittorrent",
+                "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}}}},
+        "application/x-www-form-urlencoded": {"schema": _ADD_FORM},
+        "application/json": {"schema": _ADD_FORM, "example": {
+            "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4,
+            "save_path": "example"}}}})
 async def add_torrent(request):
-    """Add a torrent; 201 when new, 200 when it was already there."""
-    fields = await _read_add_form(request)
-    params = await _params_from_source(request, fields)
+    """Add a magnet link, an http(s) .torrent URL or an upload"""
+    fields = await read_fields(request, ("torrent_url", "torrent_file", "save_path"),
+                               upload="torrent_file")
+    params = await _params_from_source(request, _text(fields, "torrent_url"),
+                                       fields.get("torrent_file"))
     config = request.app[CONFIG]
     params.save_path = await asyncio.to_thread(
-        resolve_save_path, config.download_dir, fields.get("save_path"),
+        resolve_save_path, config.download_dir, _text(fields, "save_path"),
         config.allowed_save_roots)
     infohash, created = await request.app[ENGINE].add(params)
     return _json({"infohash": infohash}, status=201 if created else 200,
                  headers={"Location": f"/torrents/{infohash}"})
 
 
-def _list_query(query):
-    """Validate GET /torrents' filter, sort, paging and field selection parameters."""
-    unknown = sorted(set(query) - {"state", "paused", "sort", "limit", "offset", "fields"})
+def _names(text, what, allowed):
+    """A comma-separated list of names from allowed, or 400."""
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in chosen if name not in allowed]
+    if bad or not chosen:
+        raise ApiError(400, f"{what}: unknown name {(bad or [''])[0]!r}")
+    return chosen
+
+
+def _count(query, name, default):
+    """A whole number from the query string, or default."""
+    text = query.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is True
+        raise ApiError(400, f"{name} must be a whole number")
+    return int(text)
+
+
+#: Status fields a listing can sort by: lists do not sort.
+SORTABLE = tuple(name for name in STATUS_FIELDS if name != "files")
+LIST_PARAMETERS = {"state", "paused", "sort", "limit", "offset", "fields"}
+
+
+def _select(engine, query):
+    """The torrents GET /torrents' filter, sort and paging parameters choose; and the
+    total before paging."""
+    unknown = sorted(set(query) - LIST_PARAMETERS)
     if unknown:
         raise ApiError(400, f"unknown query parameter {unknown[0]!r}")
-
-    def names(text, what, signed=False):
-        chosen = [name.strip() for name in text.split(",") if name.strip()]
-        bad = [name for name in chosen
-               if (name.removeprefix("-") if signed else name) not in STATUS_FIELDS
-               or signed and name.removeprefix("-") == "files"]  # lists do not sort
-        if bad or not chosen:
-            raise ApiError(400, f"{what}: unknown status field {(bad or [''])[0]!r}")
-        return chosen
-
-    def count(name, default):
-        text = query.get(name)
-        if text is None:
-            return default
-        if not (text.isascii() and text.isdigit()):  # "²".isdigit() is True
-            raise ApiError(400, f"{name} must be a whole number")
-        return int(text)
-
     paused = query.get("paused")
     if paused not in (None, "true", "false"):
         raise ApiError(400, "paused must be true or false")
-    return {
-        "states": set(query["state"].split(",")) if "state" in query else None,
-        "paused": None if paused is None else paused == "true",
-        "sort": names(query["sort"], "sort", signed=True)[0] if "sort" in query else None,
-        "limit": count("limit", None),
-        "offset": count("offset", 0),
-        "fields": names(query["fields"], "fields") if "fields" in query else None,
-    }
+    torrents = list(engine.torrents())
+    if "state" in query:
+        states = set(query["state"].split(","))
+        torrents = [t for t in torrents if t.status["state"] in states]
+    if paused is not None:
+        torrents = [t for t in torrents if t.status["paused"] is (paused == "true")]
+    if "sort" in query:
+        sort = _names(query["sort"], "sort", [*SORTABLE, *("-" + n for n in SORTABLE)])[0]
+        name = sort.removeprefix("-")
+        # null sorts first ascending; tuples keep None away from comparisons with numbers.
+        torrents.sort(key=lambda t: (t.status[name] is not None, t.status[name]),
+                      reverse=sort.startswith("-"))
+    offset, limit = _count(query, "offset", 0), _count(query, "limit", None)
+    return torrents[offset:None if limit is None else offset + limit], len(torrents)
 
 
-def _sort_key(name):
-    """A sort key for one status field that copes with null."""
-    # null sorts first ascending; tuples keep None away from comparisons with numbers.
-    return lambda torrent: (torrent.status[name] is not None, torrent.status[name])
-
-
-@routes.get("/torrents")
+@api("GET", "/torrents", "listTorrents", {
+    "200": _answer("the torrents", _ref("TorrentList"))}, parameters=[
+        _query("state", "only these states, comma-separated"),
+        _query("paused", "only paused (true) or running (false) ones",
+               enum=["true", "false"]),
+        _query("sort", "a status field; a leading - sorts descending"),
+        _query("limit", "at most this many", pattern="^[0-9]+$"),
+        _query("offset", "skip this many first", pattern="^[0-9]+$"),
+        _query("fields", "only these status fields, comma-separated")])
 async def list_torrents(request):
-    """Statuses as {"torrents": [...], "total": N}: filtered, sorted, paged, trimmed."""
+    """Torrents' status: filtered, sorted, paged, trimmed"""
     engine = request.app[ENGINE]
     if not request.query:
         return web.Response(body=engine.listing(), content_type="application/json")
-    query = _list_query(request.query)
-    torrents = list(engine.torrents())
-    if query["states"] is not None:
-        torrents = [t for t in torrents if t.status["state"] in query["states"]]
-    if query["paused"] is not None:
-        torrents = [t for t in torrents if t.status["paused"] is query["paused"]]
-    if query["sort"]:
-        name = query["sort"].removeprefix("-")
-        torrents.sort(key=_sort_key(name), reverse=query["sort"].startswith("-"))
-    total = len(torrents)
-    end = None if query["limit"] is None else query["offset"] + query["limit"]
-    torrents = torrents[query["offset"]:end]
-    if query["fields"] is None:
+    torrents, total = _select(engine, request.query)
+    if "fields" not in request.query:
         # The common case, polling everything, joins bytes serialised at status changes.
         items = b",".join(t.body for t in torrents)
     else:
-        fields = query["fields"]
+        fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
         items = json.dumps([{name: t.status[name] for name in fields} for t in torrents],
                            separators=(",", ":")).encode()[1:-1]
     return web.Response(body=_listing_body(items, total), content_type="application/json")
@@ -1861,15 +2142,21 @@ def _requested_torrent(request):
     return request.app[ENGINE].lookup(parse_infohash(request.match_info["infohash"]))
 
 
-@routes.get("/torrents/{infohash}")
+@api("GET", "/torrents/{infohash}", "getTorrent", {
+    "200": _answer("its status", _ref("Status"))}, (404, 503),
+    parameters=[INFOHASH_PARAMETER])
 async def get_torrent(request):
-    """One torrent's full status, from the cache."""
-    return web.Response(body=_requested_torrent(request).body, content_type="application/json")
+    """One torrent's status"""
+    return web.Response(body=_requested_torrent(request).body,
+                        content_type="application/json")
 
 
-@routes.delete("/torrents/{infohash}")
+@api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 503),
+     parameters=[INFOHASH_PARAMETER, _query(
+         "delete_files", "true also deletes the data; case-insensitive",
+         enum=["true", "false", "1", "0"], default="false")])
 async def delete_torrent(request):
-    """Remove a torrent, and its data with ?delete_files=true."""
+    """Remove a torrent, and its data with delete_files=true"""
     torrent = _requested_torrent(request)
     flag = request.query.get("delete_files", "false").lower()
     if flag not in ("true", "false", "1", "0"):
@@ -1880,241 +2167,103 @@ async def delete_torrent(request):
                   + (" and its files" if delete_files else "")})
 
 
-@routes.put("/torrents/{infohash}/pause")
+@api("PUT", "/torrents/{infohash}/pause", "pauseTorrent", {"200": DONE}, (404, 503),
+     parameters=[INFOHASH_PARAMETER])
 async def pause_torrent(request):
-    """Pause a torrent; pausing a paused torrent is fine."""
+    """Pause it"""
     torrent = _requested_torrent(request)
     await request.app[ENGINE].pause(torrent)
     return _json({"detail": f"paused {torrent.infohash}"})
 
 
-@routes.put("/torrents/{infohash}/resume")
+@api("PUT", "/torrents/{infohash}/resume", "resumeTorrent", {"200": DONE}, (404, 503),
+     parameters=[INFOHASH_PARAMETER])
 async def resume_torrent(request):
-    """Resume a torrent; resuming a running torrent is fine."""
+    """Resume it"""
     torrent = _requested_torrent(request)
     await request.app[ENGINE].resume(torrent)
     return _json({"detail": f"resumed {torrent.infohash}"})
 
 
-@routes.get("/health")
+@api("GET", "/health", "health", {"200": _answer("alive", _ref("Health"))}, public=True)
 async def health(request):
-    """Liveness: answers as soon as the API is up, even while torrents load."""
+    """Liveness; needs no token"""
     engine = request.app[ENGINE]
     return _json({"status": "ok", "torrents": engine.count(), "loading": engine.loading,
                   "listen_port": engine.listen_port})
 
 
-@routes.get("/openapi.json")
+@api("GET", "/openapi.json", "openapi", {"200": _answer("this document", {"type": "object"})},
+     public=True)
 async def openapi(request):
-    """This API as an OpenAPI 3.1 document."""
+    """This document; needs no token"""
     return _json(OPENAPI)
 
 
-# --------------------------------------------------------------------------- #
-# API description (OpenAPI)
-# --------------------------------------------------------------------------- #
+#: Requests anyone may make: a health check cannot carry a secret, and the API
+#: description holds none.
+PUBLIC_ROUTES = {(method, path) for method, path, _, operation in ROUTES
+                 if operation.get("security") == []}
+PUBLIC_ROUTES |= {("HEAD", path) for method, path in PUBLIC_ROUTES if method == "GET"}
 
-def _typed(kind, nullable=False, **extra):
-    return {"type": [kind, "null"] if nullable else kind, **extra}
-
-
-def _ref(name, kind="schemas"):
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _object(properties):
-    """A closed object: every property required, nothing else allowed."""
-    return {"type": "object", "properties": properties, "required": list(properties),
-            "additionalProperties": False}
-
-
-def _answer(description, schema, headers=None, links=None):
-    response = {"description": description,
-                "content": {"application/json": {"schema": schema}}}
-    if headers:
-        response["headers"] = headers
-    if links:
-        response["links"] = links
-    return response
-
-
-def _operation(operation_id, summary, responses, errors=(), **extra):
-    """A protected operation: the token, and the refusals every protected route gives."""
-    codes = (400, *errors, 401, 403)
-    return {"operationId": operation_id, "summary": summary, **extra, "responses": {
-        **responses, **{str(code): _ref(str(code), "responses") for code in codes}}}
-
-
-def _public(operation_id, summary, schema):
-    """An operation anyone may call; only the browser defences apply."""
-    return {"operationId": operation_id, "summary": summary, "security": [], "responses": {
-        "200": _answer(summary, schema), "403": _ref("403", "responses")}}
-
-
-def _query(name, description, **schema):
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": _typed("string", **schema)}
-
-
-def _torrent_action(operation_id, summary, *query):
-    """PUT pause/resume and DELETE: they name a torrent and wait for libtorrent."""
-    return _operation(operation_id, summary, {"200": _answer("done", _ref("Message"))},
-                      (404, 503), parameters=[_INFOHASH_PARAMETER, *query])
-
-
-_COUNT = _typed("integer", minimum=0)
-_EPOCH = _typed("integer", nullable=True, description="Unix time, or null if never")
-_NULLABLE_COUNT = _typed("integer", nullable=True, minimum=0)
-_TORRENT_ID = _typed("string", pattern="^[0-9a-f]{40}([0-9a-f]{24})?$",
-                     description="v1 infohash (40 hex digits), or v2 (64) if it has no v1")
-_INFOHASH_PARAMETER = {
-    "name": "infohash", "in": "path", "required": True,
-    "description": "v1 or v2 infohash, any case",
-    "schema": _typed("string", pattern="^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$")}
-_ADD_FIELDS = {
-    "torrent_url": _typed("string", description="a magnet link or an http(s) URL of a "
-                          ".torrent; give this or torrent_file"),
-    "save_path": _typed("string", description="relative to the download directory, or "
-                        "absolute inside it or an --allowed-save-root"),
+_STATUS_SCHEMA = _object({field.name: field.schema for field in STATUS})
+_ERRORS = {
+    400: "malformed request, unknown field or bad value",
+    401: "missing or wrong bearer token",
+    403: "a cross-site browser request, or a Host other than localhost while no token "
+         "is set",
+    404: "no such torrent",
+    413: "body, upload or fetched .torrent too large",
+    415: "unsupported Content-Type",
+    422: "not a valid, or not a safe, .torrent",
+    502: "fetching torrent_url failed",
+    503: "libtorrent did not confirm the change in time, or the torrent is still being "
+         "added; retry",
 }
-_ADD_FORM = {"type": "object", "properties": _ADD_FIELDS, "additionalProperties": False}
-_ADD_UPLOAD = {**_ADD_FORM, "properties": {**_ADD_FIELDS, "torrent_file": _typed(
-    "string", contentMediaType="application/x-bittorrent",
-    description=f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes")}}
-#: What a client can do next with the infohash that POST /torrents answers.
-_ADDED_LINKS = {name: {"operationId": name,
-                       "parameters": {"infohash": "$response.body#/infohash"}}
-                for name in ("getTorrent", "pauseTorrent", "resumeTorrent", "deleteTorrent")}
-_ADDED_HEADERS = {"Location": {"required": True, "schema": _typed("string")}}
-#: Every field of a torrent's status, as status_fields, _Torrent.update and
-#: _metadata_fields produce it; the metadata ones are null until metadata arrives.
-_STATUS = _object({
-    "infohash": _TORRENT_ID,
-    **{name: _typed("boolean") for name in (*FLAG_FIELDS, "queued")},
-    "state": _typed("string", enum=sorted(
-        str(state) for state in lt.torrent_status.states.values.values())),
-    **{name: _typed("boolean") for name in ("is_seeding", "is_finished", "has_metadata")},
-    "progress": _typed("number", minimum=0, maximum=100, description="percent"),
-    "error": _typed("string", description="empty when there is none"),
-    **{name: _COUNT for name in (
-        "download_rate", "upload_rate", "total_download", "total_upload",
-        "all_time_download", "all_time_upload", "num_peers", "list_peers", "list_seeds",
-        "connect_candidates", "num_pieces", "total_done", "total_wanted_done",
-        "total_wanted")},
-    "distributed_copies": _typed("number", description="-1 while seeding"),
-    **{name: _typed("integer", description="-1 when unknown")
-       for name in ("num_seeds", "num_complete", "num_incomplete")},
-    "last_seen_complete": _EPOCH,
-    "last_scrape": _typed("integer", nullable=True, minimum=0,
-                          description="seconds since a tracker last reported swarm counts"),
-    "time_since_upload": _NULLABLE_COUNT, "time_since_download": _NULLABLE_COUNT,
-    **{name: _COUNT for name in ("active_time", "finished_time", "seeding_time")},
-    "seed_rank": _typed("integer"), "has_incoming": _typed("boolean"),
-    "priority": _typed("integer", description="same as queue_position"),
-    "queue_position": _typed("integer", description="-1 for seeds"),
-    "added_time": _typed("integer", description="Unix time"), "completed_time": _EPOCH,
-    "storage_mode": _typed("string", enum=["allocate", "sparse"]),
-    "save_path": _typed("string"), "name": _typed("string"),
-    "info_hash_v1": _typed("string", nullable=True),
-    "info_hash_v2": _typed("string", nullable=True),
-    **{name: _NULLABLE_COUNT
-       for name in ("total_size", "num_files", "total_pieces", "piece_length")},
-    "creation_date": _EPOCH,
-    "creator": _typed("string", nullable=True), "comment": _typed("string", nullable=True),
-    "files": _typed("array", nullable=True, items=_ref("FileEntry")),
-})
 
-#: The API description served at /openapi.json. test_torrentflow.py checks that it
-#: names every route, and that real answers match its schemas.
+#: The API description served at /openapi.json, built from ROUTES and STATUS.
+#: test_torrentflow.py checks that it names every route, and that real answers match.
 OPENAPI = {
     "openapi": "3.1.0",
     "info": {"title": "TorrentFlow", "version": __version__, "description":
              "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
              "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
     "security": [{"bearerAuth": []}],
-    "paths": {
-        "/torrents": {
-            "post": _operation(
-                "addTorrent", "Add a magnet link, an http(s) .torrent URL or an upload",
-                {"201": _answer("added", _ref("Added"), _ADDED_HEADERS, _ADDED_LINKS),
-                 "200": _answer("already present", _ref("Added"), _ADDED_HEADERS,
-                                _ADDED_LINKS)},
-                (413, 415, 422, 502, 503),
-                requestBody={"required": True, "content": {
-                    "multipart/form-data": {"schema": _ADD_UPLOAD},
-                    "application/x-www-form-urlencoded": {"schema": _ADD_FORM},
-                    "application/json": {"schema": _ADD_FORM, "example": {
-                        "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4,
-                        "save_path": "example"}},
-                }}),
-            "get": _operation(
-                "listTorrents", "Torrents' status: filtered, sorted, paged, trimmed",
-                {"200": _answer("the torrents", _ref("TorrentList"))},
-                parameters=[_query("state", "only these states, comma-separated"),
-                            _query("paused", "only paused (true) or running (false) ones",
-                                   enum=["true", "false"]),
-                            _query("sort", "a status field; a leading - sorts descending"),
-                            _query("limit", "at most this many", pattern="^[0-9]+$"),
-                            _query("offset", "skip this many first", pattern="^[0-9]+$"),
-                            _query("fields", "only these status fields, comma-separated")]),
-        },
-        "/torrents/{infohash}": {
-            "get": _operation("getTorrent", "One torrent's status",
-                              {"200": _answer("its status", _ref("Status"))}, (404,),
-                              parameters=[_INFOHASH_PARAMETER]),
-            "delete": _torrent_action(
-                "deleteTorrent", "Remove a torrent, and its data with delete_files=true",
-                _query("delete_files", "true also deletes the data; case-insensitive",
-                       enum=["true", "false", "1", "0"], default="false")),
-        },
-        "/torrents/{infohash}/pause": {"put": _torrent_action("pauseTorrent", "Pause it")},
-        "/torrents/{infohash}/resume": {"put": _torrent_action("resumeTorrent", "Resume it")},
-        "/health": {"get": _public("health", "Liveness; needs no token", _ref("Health"))},
-        "/openapi.json": {"get": _public("openapi", "This document; needs no token",
-                                         {"type": "object"})},
-    },
+    "paths": {},
     "components": {
         "securitySchemes": {"bearerAuth": {
             "type": "http", "scheme": "bearer",
             "description": "--token, --token-file or TORRENTFLOW_TOKEN. Without one no "
             "token is asked for, but only requests addressed to localhost are served."}},
         "schemas": {
-            "Error": _object({"detail": _typed("string")}),
-            "Message": _object({"detail": _typed("string")}),
-            "Added": _object({"infohash": _TORRENT_ID}),
-            "Health": _object({"status": _typed("string", enum=["ok"]), "torrents": _COUNT,
-                               "loading": _typed("boolean"), "listen_port": _COUNT}),
-            "TorrentList": _object({"torrents": _typed("array", items=_ref("StatusFields")),
-                                    "total": _typed("integer", minimum=0, description=
-                                                    "matching torrents before paging")}),
-            "Status": _STATUS,
-            "StatusFields": {**_STATUS, "required": [], "description":
+            "Error": _object({"detail": {"type": "string"}}),
+            "Message": _object({"detail": {"type": "string"}}),
+            "Added": _object({"infohash": {
+                "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
+                "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
+            "Health": _object({"status": {"type": "string", "enum": ["ok"]},
+                               "torrents": {"type": "integer", "minimum": 0},
+                               "loading": {"type": "boolean"},
+                               "listen_port": {"type": "integer", "minimum": 0}}),
+            "TorrentList": _object({
+                "torrents": {"type": "array", "items": _ref("StatusFields")},
+                "total": {"type": "integer", "minimum": 0,
+                          "description": "matching torrents before paging"}}),
+            "Status": _STATUS_SCHEMA,
+            "StatusFields": {**_STATUS_SCHEMA, "required": [], "description":
                              "every Status field, or those named by ?fields="},
-            "FileEntry": _object({
-                "index": _COUNT, "path": _typed("string"), "size": _COUNT,
-                "downloaded": _COUNT, "progress": _typed("number", minimum=0, maximum=100),
-                "priority": _typed("integer", minimum=0, maximum=7)}),
         },
-        "responses": {str(code): _answer(description, _ref("Error"), headers)
-                      for code, description, headers in (
-            (400, "malformed request, unknown field or bad value", None),
-            (401, "missing or wrong bearer token",
-             {"WWW-Authenticate": {"required": True, "schema": _typed("string")}}),
-            (403, "a cross-site browser request, or a Host other than localhost while "
-                  "no token is set", None),
-            (404, "no such torrent", None),
-            (413, "body, upload or fetched .torrent too large", None),
-            (415, "unsupported Content-Type", None),
-            (422, "not a valid, or not a safe, .torrent", None),
-            (502, "fetching torrent_url failed", None),
-            (503, "libtorrent did not confirm the change in time (a lost alert); retry", None),
-        )},
+        "responses": {str(code): _answer(description, _ref("Error"), {
+            "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
+            if code == 401 else None) for code, description in _ERRORS.items()},
     },
 }
+for _method, _path, _handler, _operation in ROUTES:
+    OPENAPI["paths"].setdefault(_path, {})[_method.lower()] = _operation
 
 
 # --------------------------------------------------------------------------- #
-# Application
+# Application and command line
 # --------------------------------------------------------------------------- #
 
 def make_app(config):
@@ -2122,7 +2271,8 @@ def make_app(config):
     app = web.Application(middlewares=[error_middleware, access_middleware],
                           client_max_size=MAX_REQUEST_BYTES)
     app[CONFIG] = config
-    app.add_routes(routes)
+    for method, path, handler, _ in ROUTES:
+        app.router.add_route(method, path, handler)
 
     async def lifecycle(app):
         engine = TorrentEngine(config)
@@ -2139,10 +2289,6 @@ def make_app(config):
     app.cleanup_ctx.append(lifecycle)
     return app
 
-
-# --------------------------------------------------------------------------- #
-# Command line
-# --------------------------------------------------------------------------- #
 
 async def serve(config):
     """Run until SIGTERM or SIGINT, then shut down in order: requests, torrents, session."""
