@@ -110,6 +110,9 @@ LOAD_BATCH = 200
 #: In-flight requests get this long to finish when the daemon stops. Every request
 #: answers in milliseconds except a torrent_url fetch, which is not worth waiting for.
 REQUEST_DRAIN_SECONDS = 1.0
+#: Seconds past --shutdown-timeout after which a stop that hangs (a dead disk, a stuck
+#: thread) ends the process anyway: the session's own teardown needs about one.
+SHUTDOWN_MARGIN = 2.0
 #: Seconds the session waits for trackers to acknowledge "stopped" at shutdown. The
 #: session's destructor holds the GIL for that long, so it is short: with the saves,
 #: the whole stop must fit in a container's 10 s grace.
@@ -124,6 +127,15 @@ FLUSH_WAIT = 10.0
 RETRY_AFTER = {"Retry-After": "1"}
 #: libtorrent's error for "resume data not modified since the last save": not a failure.
 RESUME_NOT_MODIFIED = 143
+#: The key of the daemon's own notes on a torrent in its resume file. libtorrent ignores
+#: it, and it sorts after all of libtorrent's keys, so appending it keeps the bencoding
+#: canonical without decoding a file that may hold megabytes of metadata.
+NOTES_KEY = b"x-torrentflow"
+#: The file in the state directory whose presence says the last run saved everything.
+CLEAN_MARK = "clean-shutdown"
+#: Seconds between checks that finished torrents' files are still there, and that the
+#: directories are writable. A check compares sizes only: cheap, even for 10,000.
+DATA_CHECK_INTERVAL = 60.0
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
 ALERT_MASK = (
@@ -450,6 +462,18 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class StartupError(Exception):
+    """A problem that keeps the daemon from starting; main() reports it and exits 2."""
+
+
+def _directory_problem(directory, error):
+    """Say why a directory cannot be used, and who the daemon runs as: the usual cause
+    in a container is a bind mount that the image's user cannot write."""
+    return (f"cannot use the directory {directory}: {error.strerror or error} (the daemon "
+            f"runs as uid {os.getuid()}; create the directory and give that user write "
+            "access, for example with mkdir and chown)")
+
+
 def error_response(status, detail, headers=None):
     """The one error shape: {"detail": ...} with its status code."""
     return web.json_response({"detail": detail}, status=status, headers=headers)
@@ -585,40 +609,23 @@ def _params_ids(params):
     return _hash_ids(params.ti.info_hashes() if params.ti else params.info_hashes)
 
 
-def resolve_save_path(download_dir, requested, allowed_roots=()):
-    """Map a requested save_path onto a real directory inside an allowed root, creating it.
+def resolve_save_path(roots, requested):
+    """The real directory a requested save_path names, checked to lie inside the roots.
 
-    A relative path lies under download_dir; an absolute one may also name a directory
-    inside one of allowed_roots. Runs in a thread: it touches the disk. Symlinks and
-    ``..`` are resolved before the containment check, and again after creation in case
-    a link appeared meanwhile.
+    roots[0] is the download directory: a relative path lies under it, an absolute one
+    may name a directory inside any root. Symlinks and ``..`` are resolved before the
+    check. Nothing is created: libtorrent makes the directory when it writes the first
+    file, so an add that fails leaves nothing behind. Touches the disk: run in a thread.
     """
-    root = download_dir.resolve()
-    if not requested:
-        root.mkdir(parents=True, exist_ok=True)
-        return str(root)
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
-    if os.path.isabs(requested):
-        roots = [root, *(Path(other).resolve() for other in allowed_roots)]
-        where = "the download directory or an allowed save root"
-    else:
-        roots = [root]
-        where = f"the download directory {root}"
-    for attempt in ("before", "after"):
-        try:
-            target = (root / requested).resolve()
-        except (OSError, RuntimeError) as error:  # a path too long, a symlink loop
-            raise ApiError(400, f"save_path cannot be resolved: {error}") from None
-        if not any(target.is_relative_to(allowed) for allowed in roots):
-            raise ApiError(400, f"save_path must stay inside {where}")
-        if attempt == "before":
-            try:
-                target.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise ApiError(400, f"save_path cannot be created: {error.strerror}") from None
-    if not target.is_dir():
-        raise ApiError(400, "save_path is not a directory")
+    allowed = roots if os.path.isabs(requested) else roots[:1]
+    target = Path(os.path.realpath(roots[0] / requested))
+    if not any(target.is_relative_to(root) for root in allowed):
+        raise ApiError(400, "save_path must stay inside the download directory"
+                       + (" or an allowed save root" if len(allowed) > 1 else ""))
+    if target.exists() and not target.is_dir():
+        raise ApiError(400, "save_path names a file, not a directory")
     return str(target)
 
 
@@ -795,7 +802,7 @@ def _metadata(torrent_info, creation):
             continue
         files.append((index, layout.file_path(index), layout.file_size(index)))
     return {
-        "total_size": torrent_info.total_size(),
+        "total_size": sum(size for _, _, size in files),
         "num_files": len(files),
         "total_pieces": torrent_info.num_pieces(),
         "piece_length": torrent_info.piece_length(),
@@ -815,6 +822,7 @@ class Field:
     nullable: bool
     description: str
     value: object          # (torrent, torrent_status) -> the JSON value
+    listed: bool = True    # in GET /torrents without fields=; a per-file list is not
 
     @property
     def schema(self):
@@ -837,6 +845,8 @@ def _attribute(name):
 
 
 _QUEUED = lt.torrent_flags.paused | lt.torrent_flags.auto_managed
+#: The states libtorrent reports.
+STATES = sorted(str(state) for state in lt.torrent_status.states.values.values())
 _FILE_ENTRY = {"type": "object", "additionalProperties": False,
                "required": ["index", "path", "size", "downloaded", "progress", "priority"],
                "properties": {
@@ -857,8 +867,7 @@ STATUS = (
           lambda torrent, status: next((i for i in torrent.ids if len(i) == 40), None)),
     Field("info_hash_v2", "string", True, "the v2 (SHA-256) hash",
           lambda torrent, status: next((i for i in torrent.ids if len(i) == 64), None)),
-    Field("state", {"type": "string", "enum": sorted(
-        str(state) for state in lt.torrent_status.states.values.values())}, False,
+    Field("state", {"type": "string", "enum": STATES}, False,
         "libtorrent's state; paused and queued torrents keep theirs",
         lambda torrent, status: str(status.state)),
     Field("paused", "boolean", False, "paused, by the API or by the queue",
@@ -888,16 +897,13 @@ STATUS = (
           "percent done", lambda torrent, status: round(status.progress * 100, 4)),
     Field("error", "string", False, "empty, or why the torrent stopped",
           lambda torrent, status: torrent.error(status)),
-    Field("download_rate", "integer", False, "bytes/s received",
-          _attribute("download_rate")),
-    Field("upload_rate", "integer", False, "bytes/s sent", _attribute("upload_rate")),
-    Field("total_download", "integer", False, "bytes received this run",
-          _attribute("total_download")),
-    Field("total_upload", "integer", False, "bytes sent this run",
-          _attribute("total_upload")),
-    Field("all_time_download", "integer", False, "bytes received over its life",
+    Field("download_rate", "integer", False, "payload bytes/s received over the last "
+          "second; 0 when paused", lambda torrent, status: torrent.rates[0]),
+    Field("upload_rate", "integer", False, "payload bytes/s sent over the last second; 0 "
+          "when paused", lambda torrent, status: torrent.rates[1]),
+    Field("total_download", "integer", False, "payload bytes received over its life",
           _attribute("all_time_download")),
-    Field("all_time_upload", "integer", False, "bytes sent over its life",
+    Field("total_upload", "integer", False, "payload bytes sent over its life",
           _attribute("all_time_upload")),
     Field("num_peers", "integer", False, "connected peers, seeds included",
           _attribute("num_peers")),
@@ -948,8 +954,10 @@ STATUS = (
           lambda torrent, status: str(status.storage_mode).removeprefix("storage_mode_")),
     Field("save_path", "string", False, "the real directory the files go into",
           _attribute("save_path")),
-    Field("name", "string", False, "the torrent's name", _attribute("name")),
-    Field("total_size", "integer", True, "size of all files", _info("total_size")),
+    Field("name", "string", False, "the torrent's name; its infohash until a magnet "
+          "without dn= has metadata", lambda torrent, status: status.name or torrent.infohash),
+    Field("total_size", "integer", True, "size of all files, padding not counted",
+          _info("total_size")),
     Field("num_files", "integer", True, "number of files, padding not counted",
           _info("num_files")),
     Field("piece_length", "integer", True, "bytes per piece", _info("piece_length")),
@@ -958,19 +966,36 @@ STATUS = (
     Field("comment", "string", True, "from the .torrent", _info("comment")),
     Field("files", {"type": "array", "items": _FILE_ENTRY}, True,
           "one entry per file: index, path, size, downloaded, progress, priority",
-          lambda torrent, status: torrent.files()),
+          lambda torrent, status: torrent.files(), listed=False),
 )
 STATUS_FIELDS = tuple(field.name for field in STATUS)
 
 
 def _status_dict(torrent, status):
-    """The JSON status of one torrent from a libtorrent torrent_status."""
-    return {field.name: field.value(torrent, status) for field in STATUS}
+    """The JSON status of one torrent from a libtorrent torrent_status, files aside."""
+    return {field.name: field.value(torrent, status) for field in STATUS if field.listed}
 
 
 # --------------------------------------------------------------------------- #
 # State directory
 # --------------------------------------------------------------------------- #
+
+def _with_notes(resume_data, notes):
+    """Bencoded resume data with the daemon's notes appended under NOTES_KEY."""
+    value = json.dumps(notes, separators=(",", ":")).encode()
+    return b"%s%d:%s%d:%se" % (resume_data[:-1], len(NOTES_KEY), NOTES_KEY, len(value), value)
+
+
+def _notes_of(resume_data):
+    """The daemon's notes in bencoded resume data; {} if it has none or they are bad."""
+    key = b"%d:%s" % (len(NOTES_KEY), NOTES_KEY)
+    length, _, rest = resume_data.rpartition(key)[2].partition(b":")
+    try:
+        notes = json.loads(rest[:int(length)]) if length else {}
+    except ValueError:
+        return {}
+    return notes if isinstance(notes, dict) else {}
+
 
 def _fsync_dir(path):
     """Make a rename in this directory durable."""
@@ -1014,6 +1039,8 @@ class StateStore:
             for function, args, future in batch:
                 if function is None:
                     return
+                if not future.set_running_or_notify_cancel():
+                    continue  # whoever asked has given up (the daemon is stopping)
                 try:
                     done.append((future, function(*args), None))
                 except BaseException as error:
@@ -1038,13 +1065,32 @@ class StateStore:
         return self.resume_dir / f"{name}.resume"
 
     async def prepare(self, download_dir):
-        """Create the directories and clear writes a crash interrupted."""
-        def prepare():
-            download_dir.mkdir(parents=True, exist_ok=True)
-            self.resume_dir.mkdir(parents=True, exist_ok=True)
-            for leftover in self.resume_dir.glob("*.tmp"):
-                leftover.unlink()  # a write that a crash interrupted; the old file stands
-        await self._submit(prepare)
+        """Create the directories, clear writes a crash interrupted, and take down the
+        mark of a clean shutdown; return whether the last run left one (or none ran)."""
+        return await self._submit(self._prepare, download_dir)
+
+    def _prepare(self, download_dir):
+        first_run = not self.resume_dir.is_dir()
+        for directory in (download_dir, self.resume_dir):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StartupError(_directory_problem(directory, error)) from None
+        for leftover in self.resume_dir.glob("*.tmp"):
+            leftover.unlink()  # a write that a crash interrupted; the old file stands
+        mark = self.root / CLEAN_MARK
+        was_clean = first_run or mark.exists()
+        mark.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+        return was_clean
+
+    async def mark_clean(self):
+        """Leave the mark of a clean shutdown: every torrent was saved."""
+        def mark():
+            with open(self.root / CLEAN_MARK, "wb") as file:
+                os.fsync(file.fileno())
+            _fsync_dir(self.root)
+        await self._submit(mark)
 
     async def write(self, name, data, old_name=None):
         """Write a resume file durably, the previous copy kept as .bak; drop old_name's."""
@@ -1074,45 +1120,58 @@ class StateStore:
             file.unlink(missing_ok=True)
         self._renamed = True
 
-    async def load(self):
-        """Every saved torrent's add_torrent_params, oldest first."""
-        return await self._submit(self._load)
+    async def load(self, allowed):
+        """(add_torrent_params, notes) of every saved torrent, in the order they were
+        added; allowed(save_path) says whether a save path may be used."""
+        return await self._submit(self._load, allowed)
 
-    def _load(self):
-        names = {p.stem for p in self.resume_dir.iterdir() if p.suffix in (".resume", ".bak")}
-        loaded = [params for params in map(self._read, sorted(names)) if params is not None]
-        loaded.sort(key=lambda params: params.added_time)
+    def _load(self, allowed):
+        names = set()
+        for path in self.resume_dir.iterdir():
+            if path.suffix not in (".resume", ".bak"):
+                continue
+            # A FIFO or a device would block the read, and a link may point anywhere.
+            if stat.S_ISREG(path.lstat().st_mode):
+                names.add(path.stem)
+            else:
+                log.warning("skipping %s: not a regular file", path)
+        loaded = [read for read in (self._read(name, allowed) for name in sorted(names))
+                  if read is not None]
+        loaded.sort(key=lambda read: read[1].get("order") or read[0].added_time * 10**9)
         return loaded
 
-    def _read(self, name):
-        """One torrent's params from its file, else its .bak; unreadable files quarantined."""
+    def _read(self, name, allowed):
+        """One torrent's params and notes from its file, else its .bak; unusable files
+        are quarantined."""
         path = self._path(name)
-        params, unreadable = None, []
+        result, unusable = None, []
         for candidate in (path, path.with_suffix(".bak")):
             try:
-                params = lt.read_resume_data(candidate.read_bytes())
+                if not stat.S_ISREG(candidate.lstat().st_mode):
+                    continue
+                data = candidate.read_bytes()
+                params = lt.read_resume_data(data)
             except FileNotFoundError:
                 continue
             except (OSError, RuntimeError) as error:
                 log.warning("resume file %s is unreadable: %s", candidate, error)
-                unreadable.append(candidate)
+                unusable.append(candidate)
                 continue
             if (not _hash_ids(params.info_hashes) or not _readable(params)
-                    or not params.save_path):
-                log.warning("resume file %s names no torrent or no save path, or holds "
-                            "text that is not UTF-8", candidate)
-                unreadable.append(candidate)
-                params = None
+                    or not params.save_path or not allowed(params.save_path)):
+                log.warning("resume file %s names no torrent, no save path or one outside "
+                            "the save roots, or holds text that is not UTF-8", candidate)
+                unusable.append(candidate)
                 continue
             if candidate is not path:
                 log.warning("using the backup %s", candidate)
+            params.flags &= ~lt.torrent_flags.duplicate_is_error
+            result = params, _notes_of(data)
             break
         # A bad main file goes even when its .bak is good: the next save would
         # otherwise rotate it over that good .bak.
-        self._quarantine(unreadable)
-        if params is not None:
-            params.flags &= ~lt.torrent_flags.duplicate_is_error
-        return params
+        self._quarantine(unusable)
+        return result
 
     def _quarantine(self, files):
         """Move unreadable resume files aside, so they are kept but never loaded."""
@@ -1136,83 +1195,133 @@ SESSION = "session"
 
 
 class _Torrent:
-    """What the daemon knows about one torrent: its handle, its cached status, and
-    what libtorrent does not keep (the .torrent's own fields, a magnet's x.pe peers)."""
+    """What the daemon knows about one torrent: its handle and cached status, and what
+    libtorrent does not keep: the .torrent's own fields, a magnet's x.pe peers, and
+    the daemon's own notes, saved in the resume file beside libtorrent's data."""
 
-    def __init__(self, params, loaded):
+    def __init__(self, params, notes=None):
         self.handle = None            # once libtorrent has added it
         self.ids = _params_ids(params)
         self.infohash = self.ids[0]
-        self.loaded = loaded          # read from the state directory, so already saved
+        self.loaded = notes is not None  # read from the state directory, so saved
+        notes = notes or {}
+        #: The daemon's notes, saved with the resume data: the order torrents were
+        #: added in, and whether "finished" was announced.
+        self.notes = {"order": notes.get("order") or time.time_ns(),
+                      "finished": notes.get("finished", params.completed_time > 0)}
         # libtorrent drops the .torrent's fields outside the info dict, and every
         # x.pe peer that failed to connect, yet they may be a magnet's only source.
         self.creation = (params.creation_date, params.created_by, params.comment)
         self.magnet_peers = list(params.peers) if params.ti is None else []
         self.file_priorities = list(params.file_priorities)
+        self.save_path = params.save_path
         self.info = None              # _metadata() once known
         self.file_progress = None     # bytes downloaded per file index
-        self.status = None            # the dict served by GET, once a status arrived
-        self._body = None             # that dict serialised, made on first demand
+        self.status = None            # the status dict (files aside), once one arrived
+        self._summary = None          # the status serialised for listings, on demand
+        self._full = None             # ...and with its files, for GET of this torrent
         self.total_done = -1          # bytes done when file progress was last asked for
         self.progress_stale = False   # whether file_progress lags total_done
-        self.moving = False           # whether its cached rates are not zero
+        self.sample = (0.0, 0, 0)     # (time, payload down, payload up) the rates start at
+        self.rates = (0, 0)           # payload bytes/s down and up, over the last second
         self.updated = 0.0            # when the last status arrived
         self.last_scrape = None       # when a tracker last reported swarm counts
         self.flushing_since = None    # when a flush of its finished download was asked for
-        self.saved_as = self.infohash if loaded else None  # its resume file's name
+        self.saved_as = self.infohash if self.loaded else None  # its resume file's name
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
+        self.fault = ""               # why the daemon stopped it, until it is resumed
+        self.check_data = False       # whether to check its files once added
+        self.dirty = False            # whether libtorrent has changes not yet saved
         self.added = None             # the task of its add, until it is saved
         self.saving = None            # the save in flight
         self.next_save = None         # the save that follows it, shared by all who ask
         self.force_save = False       # whether that one must write even if unchanged
         self.removing = False
 
+    @property
+    def aliases(self):
+        """Every id it answers to; a v2-only torrent also to its hash's first 40 digits,
+        the form qBittorrent shows."""
+        return [*self.ids, self.ids[0][:40]] if len(self.ids[0]) == 64 else self.ids
+
     def error(self, status):
-        """libtorrent's error, or the disk error it meets with upload mode instead."""
+        """libtorrent's error, the daemon's reason for stopping it, or the disk error
+        libtorrent meets with upload mode instead of an error."""
         if status.errc.value():
             return status.errc.message()
-        return self.disk_error
+        return self.fault or self.disk_error
 
     def files(self):
-        """The files list of the status, with progress and priority, or None."""
+        """The files list of the status, with progress and priority, or None.
+
+        Progress is counted in whole pieces and fetched a moment after the status, so
+        once the torrent is finished every wanted file shows complete, as it is."""
         if self.info is None:
             return None
+        finished, seeding = self.status["is_finished"], self.status["is_seeding"]
+        progress, priorities = self.file_progress or (), self.file_priorities
         entries = []
         for index, path, size in self.info["files"]:
-            progress = self.file_progress
-            downloaded = progress[index] if progress and index < len(progress) else 0
-            priority = (self.file_priorities[index] if index < len(self.file_priorities)
-                        else 4)
+            priority = int(priorities[index]) if index < len(priorities) else 4
+            downloaded = (size if seeding or (finished and priority)
+                          else progress[index] if index < len(progress) else 0)
             entries.append({"index": index, "path": path, "size": size,
-                            "downloaded": downloaded,
-                            "progress": round(100 * downloaded / size, 4) if size else 100.0,
-                            "priority": int(priority)})
+                            "downloaded": downloaded, "priority": priority,
+                            "progress": round(100 * downloaded / size, 4) if size else 100.0})
         return entries
+
+    def field(self, name):
+        """One status field's value."""
+        return self.files() if name == "files" else self.status[name]
 
     def update(self, status):
         """Take a fresh torrent_status; return the old id if the canonical one changed."""
         ids = _hash_ids(status.info_hashes) or self.ids
         old = self.infohash if ids[0] != self.infohash else None
         self.ids, self.infohash, self.updated = ids, ids[0], time.time()
+        self.save_path = status.save_path
+        self._measure(status)
         if self.info is None and status.has_metadata:
             self.info = _metadata(status.torrent_file, self.creation)
         if not status.flags & lt.torrent_flags.upload_mode:
             self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
         self.status = _status_dict(self, status)
-        self._body = None
+        self._summary = self._full = None
         return old
 
+    def _measure(self, status):
+        """Payload rates over the last second from libtorrent's byte counters.
+
+        libtorrent's own rates decay over tens of seconds and stop being reported when
+        a torrent goes idle; counting bytes gives 0 within two seconds of the last one.
+        """
+        now, down, up = time.time(), status.total_payload_download, status.total_payload_upload
+        then, down_before, up_before = self.sample
+        if status.flags & lt.torrent_flags.paused or down < down_before or up < up_before:
+            self.sample, self.rates = (now, down, up), (0, 0)
+        elif now - then >= 1.0:
+            self.rates = (int((down - down_before) / (now - then)),
+                          int((up - up_before) / (now - then)))
+            self.sample = (now, down, up)
+
     def refreshed_files(self):
-        """The per-file progress changed: render again."""
-        self.status["files"] = self.files()
-        self._body = None
+        """The per-file progress changed: the full status must be serialised again."""
+        self._full = None
+
+    @property
+    def summary(self):
+        """The status without its files, serialised once per change, for listings."""
+        if self._summary is None:
+            self._summary = json.dumps(self.status, separators=(",", ":")).encode()
+        return self._summary
 
     @property
     def body(self):
-        """The status serialised once per change, so every GET serves the same bytes."""
-        if self._body is None:
-            self._body = json.dumps(self.status, separators=(",", ":")).encode()
-        return self._body
+        """The whole status, files included, serialised once per change."""
+        if self._full is None:
+            files = json.dumps(self.files(), separators=(",", ":")).encode()
+            self._full = b"".join((self.summary[:-1], b',"files":', files, b"}"))
+        return self._full
 
 
 @contextlib.contextmanager
@@ -1222,6 +1331,17 @@ def _handle_call():
         yield
     except RuntimeError as error:
         raise ApiError(404, f"torrent not found ({error})") from None
+
+
+@contextlib.contextmanager
+def _state_io(what):
+    """A state directory that fails is the daemon's trouble, not the client's: 503."""
+    try:
+        yield
+    except OSError as error:
+        log.error("state directory: %s failed: %s", what, error)
+        raise ApiError(503, f"the state directory failed while {what}: "
+                       f"{error.strerror or error}", RETRY_AFTER) from None
 
 
 def _listing_body(items, total):
@@ -1270,7 +1390,12 @@ class TorrentEngine:
     def __init__(self, config):
         self.config = config
         self.store = StateStore(config.state_dir)
+        #: Where files may be written: the download directory, then the allowed roots.
+        self.roots = [Path(os.path.realpath(root)) for root in
+                      (config.download_dir, *config.allowed_save_roots)]
         self.listen_port = None
+        self.was_clean = True         # whether the last run ended with a clean shutdown
+        self.problems = {}            # what is wrong beyond one torrent, for /health
         self._session = None
         self._torrents = {}           # _Torrent -> None: every torrent, in added order
         self._by_id = {}              # hex id -> _Torrent
@@ -1290,7 +1415,7 @@ class TorrentEngine:
     async def start(self):
         """Create the session, start the alert loop, and begin loading saved torrents."""
         loop = asyncio.get_running_loop()
-        await self.store.prepare(self.config.download_dir)
+        self.was_clean = await self.store.prepare(self.config.download_dir)
         params = lt.session_params(session_settings(self.config))
         # pread avoids the RSS growth of memory-mapped I/O on large torrents.
         params.disk_io_constructor = "pread_disk_io_constructor"
@@ -1305,7 +1430,8 @@ class TorrentEngine:
         self._session.set_alert_fd(self._notify_socket.fileno())
         loop.add_reader(self._alert_socket.fileno(), self._on_alert_fd)
         for name, work in (("alerts", self._alert_loop), ("status", self._status_loop),
-                           ("save", self._save_loop), ("load", self._load_saved)):
+                           ("save", self._save_loop), ("load", self._load_saved),
+                           ("watch", self._watch_loop)):
             self._tasks[name] = asyncio.create_task(work(), name=f"tf-{name}")
             self._tasks[name].add_done_callback(_log_failure)
         log.info("BitTorrent listening on %s, port %d (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
@@ -1314,13 +1440,17 @@ class TorrentEngine:
                      self.config.dht, self.config.lsd, self.config.upnp, self.config.natpmp)))
 
     async def close(self):
-        """Finish adds under way, pause, save every torrent that changed, drop the session."""
+        """Finish adds under way, pause, save every torrent that changed, drop the session.
+
+        The state directory is marked clean only if every save made it, so that the next
+        start knows whether the resume files can be trusted.
+        """
         if self._session is None:
             return
-        for name in ("status", "save", "load"):
-            self._tasks[name].cancel()
-        await asyncio.gather(*(self._tasks[n] for n in ("status", "save", "load")),
-                             return_exceptions=True)
+        others = [task for name, task in self._tasks.items() if name != "alerts"]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
         deadline = time.monotonic() + self.config.shutdown_timeout
         adding = [t.added for t in self._torrents if t.added and not t.added.done()]
         if adding:
@@ -1328,15 +1458,19 @@ class TorrentEngine:
             await asyncio.wait(adding, timeout=self.config.shutdown_timeout)
         self._session.pause()
         torrents = [t for t in self._torrents if t.handle is not None and not t.removing]
-        saved = 0
-        if torrents:
-            saves = [self.save(torrent, force=False) for torrent in torrents]
-            done, pending = await asyncio.wait(
-                saves, timeout=max(0.1, deadline - time.monotonic()))
-            saved = sum(1 for f in done if not f.exception() and f.result())
-            if pending:
-                log.warning("shutdown deadline: %d torrents were not saved", len(pending))
+        saves = [self.save(torrent, force=False) for torrent in torrents]
+        done, pending = await asyncio.wait(
+            saves, timeout=max(0.1, deadline - time.monotonic())) if saves else (set(), set())
+        failed = [f for f in done if f.exception()]
+        saved = sum(1 for f in done if not f.exception() and f.result())
         log.info("saved %d changed torrents of %d at shutdown", saved, len(torrents))
+        if pending or failed:
+            log.warning("%d torrents could not be saved at shutdown",
+                        len(pending) + len(failed))
+        else:
+            with contextlib.suppress(OSError):
+                await asyncio.wait_for(self.store.mark_clean(),
+                                       max(0.1, deadline - time.monotonic()))
         for task in [self._tasks["alerts"], *self._background]:
             task.cancel()
         await asyncio.gather(self._tasks["alerts"], *self._background, return_exceptions=True)
@@ -1354,6 +1488,12 @@ class TorrentEngine:
     def loading(self):
         """True until every saved torrent is back and listed."""
         return not self._loaded or self._unlisted > 0
+
+    def health(self):
+        """What is wrong with the daemon as a whole: a list of reasons, empty if nothing."""
+        dead = [f"the {name} task stopped" for name, task in self._tasks.items()
+                if task.done()]
+        return [*dead, *self.problems.values()]
 
     # -- waiting on libtorrent ------------------------------------------------ #
 
@@ -1416,8 +1556,8 @@ class TorrentEngine:
     # -- requests ----------------------------------------------------------- #
 
     def lookup(self, infohash):
-        """The torrent with this v1 or v2 id: 404 if unknown or being removed, 503 while
-        it is still loading from the state directory."""
+        """The torrent with this id: 404 if unknown or being removed, 503 while it is
+        still being added or loaded from the state directory."""
         torrent = self._by_id.get(infohash)
         if torrent is None or torrent.removing:
             raise ApiError(404, f"no torrent with infohash {infohash}")
@@ -1433,13 +1573,24 @@ class TorrentEngine:
     def listing(self):
         """The body of a plain GET /torrents, rebuilt only after something changed."""
         if self._listing is None:
-            bodies = [t.body for t in self.torrents()]
+            bodies = [t.summary for t in self.torrents()]
             self._listing = _listing_body(b",".join(bodies), len(bodies))
         return self._listing
 
     def count(self):
         """How many torrents the daemon holds, those still loading included."""
         return len(self._torrents)
+
+    def inside_roots(self, path):
+        """Whether a path really lies inside a save root. Touches the disk: in a thread."""
+        real = Path(os.path.realpath(path))
+        return any(real.is_relative_to(root) for root in self.roots)
+
+    def shown(self, path):
+        """A path as the API shows it: relative to the download directory when inside."""
+        path = Path(path)
+        return str(path.relative_to(self.roots[0])) if path.is_relative_to(self.roots[0]) \
+            else str(path)
 
     async def add(self, params):
         """Add a torrent; return (infohash, created) once it is saved and has a status."""
@@ -1454,10 +1605,13 @@ class TorrentEngine:
             if existing.added is not None:
                 # Asked for twice, maybe at once: answer when the first add is saved.
                 await asyncio.shield(existing.added)
+            if existing.save_path != params.save_path:
+                raise ApiError(409, f"torrent {existing.infohash} is already there, with "
+                               f"save_path {self.shown(existing.save_path)!r}")
             return existing.infohash, False
         if self.config.local_only:
             keep_local(params)
-        torrent = _Torrent(params, loaded=False)
+        torrent = _Torrent(params)
         self._register(torrent)
         torrent.added = self._spawn(self._add(torrent, params), f"add {torrent.infohash}")
         # Shielded: a client that hangs up must not leave a torrent added but unsaved.
@@ -1465,21 +1619,36 @@ class TorrentEngine:
         return torrent.infohash, True
 
     async def _add(self, torrent, params):
-        """Post the add; once libtorrent has it, save it and wait for its first status."""
+        """Post the add and wait for libtorrent to take it; then admit it."""
         try:
             self._session.async_add_torrent(params)
         except (ValueError, RuntimeError) as error:
             self._forget(torrent)
             raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
-        refusal = await self.expect(torrent.ids, lt.add_torrent_alert, "the add",
-                                    lambda alert: alert.error.message()
-                                    if alert.error.value() else "")
+        try:
+            refusal = await self.expect(torrent.ids, lt.add_torrent_alert, "the add",
+                                        lambda alert: alert.error.message()
+                                        if alert.error.value() else "")
+        except ApiError:
+            if torrent.handle is None:
+                self._forget(torrent)  # if the alert comes after all, _on_add admits it
+            raise
         if refusal:
             raise ApiError(422, f"libtorrent refused the torrent: {refusal}")
-        # The answer promises the torrent survives a crash: write it first.
-        await self.save(torrent)
+        await self._admit(torrent)
+
+    async def _admit(self, torrent):
+        """Save a torrent libtorrent has just added, or take it out again: an add is
+        confirmed only once it is in the state directory."""
+        try:
+            await self.save(torrent)
+        except ApiError:
+            with contextlib.suppress(ApiError):
+                await self.remove(torrent, delete_files=False)
+            raise
         if torrent.status is None:
             await self._confirm(torrent, lambda status: True, "the first status")
+        self._emit("added", torrent)
 
     async def pause(self, torrent):
         """Pause and take it out of the queue, so libtorrent does not restart it."""
@@ -1494,10 +1663,10 @@ class TorrentEngine:
         """Resume and hand it back to the queue; after an error, recheck and retry."""
         with _handle_call():
             torrent.handle.set_flags(lt.torrent_flags.auto_managed)
-            if torrent.disk_error or torrent.status["error"]:
+            if torrent.disk_error or torrent.fault or torrent.status["error"]:
                 # Resuming says the fault is fixed. A piece can pass its hash check in
                 # memory and then fail to be written, so check what reached the disk.
-                torrent.disk_error = ""
+                torrent.disk_error = torrent.fault = ""
                 torrent.handle.clear_error()
                 torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
                 torrent.handle.force_recheck()
@@ -1506,13 +1675,39 @@ class TorrentEngine:
         await self.save(torrent)
 
     async def remove(self, torrent, delete_files):
-        """Remove it; return once libtorrent confirmed and its resume file is gone."""
+        """Remove it, its resume file first; return once libtorrent confirmed.
+
+        If the resume file cannot be deleted, or libtorrent does not confirm in time,
+        the torrent stays whole and the answer is 503, so that a retry can finish.
+        """
         if torrent.removing:
             raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
-        # Deleting needs storage; a magnet without metadata has nothing on disk.
-        delete_files = delete_files and torrent.info is not None
         torrent.removing = True
         self._listing = None
+        # Shielded: a client that hangs up must not leave a removal half done.
+        await asyncio.shield(self._spawn(self._remove(torrent, delete_files),
+                                         f"remove {torrent.infohash}"))
+
+    async def _remove(self, torrent, delete_files):
+        name = torrent.saved_as
+        try:
+            # After a hybrid conflict the survivor may keep its file under this name.
+            if name and not any(t.saved_as == name for t in self._torrents if t is not torrent):
+                with _state_io(f"deleting the resume file of {torrent.infohash}"):
+                    await self.store.delete(name)
+            torrent.saved_as = None
+            await self._drop(torrent, delete_files and torrent.info is not None)
+        except BaseException:
+            if torrent in self._torrents:
+                torrent.removing = False
+                self._listing = None
+                if name is not None:
+                    self.save(torrent)  # the resume file comes back for the retry
+            raise
+        self._emit("removed", torrent)
+
+    async def _drop(self, torrent, delete_files):
+        """Remove the torrent from libtorrent, with its files if asked; wait for it."""
         steps = {lt.torrent_removed_alert, lt.torrent_deleted_alert} if delete_files else {
             lt.torrent_removed_alert}
 
@@ -1523,15 +1718,14 @@ class TorrentEngine:
             steps.discard(lt.torrent_removed_alert if isinstance(
                 alert, lt.torrent_removed_alert) else lt.torrent_deleted_alert)
             return None if steps else True
-        with _handle_call():
+        try:
             self._session.remove_torrent(torrent.handle,
                                          lt.session.delete_files if delete_files else 0)
+        except RuntimeError:  # libtorrent dropped it already (a removal's alert was lost)
+            self._forget(torrent)
+            return
         await self.expect(torrent.ids, (lt.torrent_removed_alert, lt.torrent_deleted_alert,
                                         lt.torrent_delete_failed_alert), "the removal", step)
-        name = torrent.saved_as
-        # After a hybrid conflict the survivor may already keep its file under this name.
-        if name is not None and not any(t.saved_as == name for t in self._torrents):
-            await self.store.delete(name)
 
     # -- saving ------------------------------------------------------------- #
 
@@ -1566,16 +1760,13 @@ class TorrentEngine:
             data = await self.expect(torrent.ids, (lt.save_resume_data_alert,
                                                    lt.save_resume_data_failed_alert),
                                      "saving the torrent", self._resume_data(torrent))
-            if not data:
+            if not data or torrent.removing:
                 return False
-            old_name, torrent.saved_as = torrent.saved_as, torrent.infohash
-            try:
+            old_name = torrent.saved_as
+            with _state_io(f"saving {torrent.infohash}"):
                 await self.store.write(torrent.infohash, data,
                                        old_name if old_name != torrent.infohash else None)
-            except OSError as error:
-                torrent.saved_as = old_name
-                raise ApiError(503, f"could not save {torrent.infohash} in the state "
-                               f"directory: {error.strerror or error}", RETRY_AFTER) from None
+            torrent.saved_as = torrent.infohash
             return True
         finally:
             if torrent.saving is asyncio.current_task():
@@ -1593,7 +1784,8 @@ class TorrentEngine:
             torrent.file_priorities = list(params.file_priorities)
             if params.ti is None and torrent.magnet_peers:
                 params.peers = list(dict.fromkeys([*params.peers, *torrent.magnet_peers]))
-            return lt.write_resume_data_buf(params)  # a copy: the alert dies at the next pop
+            # A copy: the alert dies at the next pop.
+            return _with_notes(lt.write_resume_data_buf(params), torrent.notes)
         return take
 
     # -- the alert loop ----------------------------------------------------- #
@@ -1649,18 +1841,44 @@ class TorrentEngine:
 
     def _take_status(self, torrent, status):
         """Cache one torrent's status and do the bookkeeping that follows it."""
-        first = torrent.status is None
+        before = torrent.status
         old = torrent.update(status)
         if old:
             log.info("%s is now known by its v1 id %s", old, torrent.infohash)
             self._waiters[torrent.infohash].extend(self._waiters.pop(old, ()))
-        self._by_id.update(dict.fromkeys(torrent.ids, torrent))
-        if first:
+        self._index(torrent)
+        if before is None:
             self._unlisted -= 1
         if torrent.info is not None and torrent.total_done != status.total_done:
             torrent.total_done = status.total_done
             torrent.progress_stale = True
-        torrent.moving = bool(status.download_rate or status.upload_rate)
+        torrent.dirty = bool(status.need_save_resume_data)
+        self._announce(torrent, before)
+
+    def _announce(self, torrent, before):
+        """Emit the events a new status means, compared with the one before it."""
+        now = torrent.status
+        if before is not None:
+            if now["has_metadata"] and not before["has_metadata"]:
+                self._emit("metadata", torrent)
+            if now["state"] != before["state"]:
+                self._emit("state", torrent, f"{before['state']} -> {now['state']}")
+            held = now["paused"] and not now["auto_managed"]
+            if held != (before["paused"] and not before["auto_managed"]):
+                self._emit("paused" if held else "resumed", torrent)
+            if now["error"] and now["error"] != before["error"]:
+                self._emit("error", torrent, now["error"])
+        if now["is_finished"] and not torrent.notes["finished"]:
+            torrent.notes["finished"] = True  # once per torrent, restarts included
+            self._emit("finished", torrent)
+            self.save(torrent)
+        elif now["state"] == "downloading" and not now["is_finished"]:
+            torrent.notes["finished"] = False  # wanted again: it may finish again
+
+    def _emit(self, kind, torrent, detail=""):
+        """One thing that happened to a torrent: logged once."""
+        name = torrent.status["name"] if torrent.status else torrent.infohash
+        log.info("%s %s (%s)%s", kind, name, torrent.infohash, f": {detail}" if detail else "")
 
     @staticmethod
     def _holding_back(torrent, status):
@@ -1677,8 +1895,16 @@ class TorrentEngine:
     def _register(self, torrent):
         """Make a torrent known by its ids, before libtorrent has it."""
         self._torrents[torrent] = None
-        self._by_id.update(dict.fromkeys(torrent.ids, torrent))
+        self._index(torrent)
         self._unlisted += 1
+
+    def _index(self, torrent):
+        """Point each of the torrent's ids at it; an alias never takes another's id."""
+        for key in torrent.aliases:
+            if key in torrent.ids:
+                self._by_id[key] = torrent
+            else:
+                self._by_id.setdefault(key, torrent)
 
     def _forget(self, torrent):
         """Drop every trace of a torrent libtorrent no longer holds."""
@@ -1686,9 +1912,9 @@ class TorrentEngine:
             return
         self._listing = None
         self._by_handle.pop(torrent.handle, None)
-        for infohash in torrent.ids:
-            if self._by_id.get(infohash) is torrent:
-                del self._by_id[infohash]
+        for key in torrent.aliases:
+            if self._by_id.get(key) is torrent:
+                del self._by_id[key]
         if torrent.status is None:
             self._unlisted -= 1
         self._fail_waits(torrent, ApiError(404, f"torrent {torrent.infohash} was removed"),
@@ -1698,24 +1924,25 @@ class TorrentEngine:
         """Attach the handle of a torrent libtorrent added, or forget a refused one."""
         ids = _params_ids(alert.params)
         torrent = next((self._by_id[i] for i in ids if i in self._by_id), None)
-        if torrent is None or torrent.handle is not None:
-            return
         if alert.error.value():
             log.warning("could not add torrent %s: %s", ids[0], alert.error.message())
-            self._forget(torrent)
+            if torrent is not None and torrent.handle is None:
+                self._forget(torrent)
             return
-        torrent.handle = alert.handle
-        self._by_handle[alert.handle] = torrent
-        if not torrent.loaded:
-            log.info("added %s (%s)", alert.torrent_name or "(no metadata yet)",
-                     torrent.infohash)
+        if torrent is None:  # its request gave up waiting: save it now, or take it out
+            torrent = _Torrent(alert.params)
+            self._register(torrent)
+            torrent.added = self._spawn(self._admit(torrent), f"add {torrent.infohash}")
+        if torrent.handle is None:
+            torrent.handle = alert.handle
+            self._by_handle[alert.handle] = torrent
+            if torrent.check_data:
+                alert.handle.force_recheck()
 
     def _on_removed(self, alert):
         """libtorrent dropped the torrent: forget it."""
         torrent = self._torrent_of(alert)
         if torrent is not None:
-            log.info("removed %s (%s)", torrent.status and torrent.status["name"],
-                     torrent.infohash)
             self._forget(torrent)
 
     def _on_conflict(self, alert):
@@ -1729,7 +1956,8 @@ class TorrentEngine:
             return  # a DELETE under way settles it
         log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
                     drop.infohash, keep.infohash)
-        self._spawn(self.remove(drop, delete_files=False), f"drop {drop.infohash}")
+        drop.removing = True
+        self._spawn(self._remove(drop, delete_files=False), f"drop {drop.infohash}")
         with contextlib.suppress(RuntimeError):
             keep.handle.clear_error()
             if keep.status is None or keep.status["auto_managed"]:
@@ -1750,21 +1978,13 @@ class TorrentEngine:
         if torrent is not None:
             torrent.last_scrape = time.time()
 
-    def _on_event(self, alert):
-        """Log lifecycle events, refresh the cache at once and save what must be saved."""
+    def _on_change(self, alert):
+        """Refresh the cache at once on a change of state, and save what must be saved."""
         torrent = self._torrent_of(alert)
         if torrent is None:
             return
-        name = alert.torrent_name
-        if isinstance(alert, lt.torrent_error_alert):
-            log.error("error in %s (%s): %s", name, torrent.infohash, alert.error.message())
-        elif isinstance(alert, lt.file_error_alert):
-            error = f"{alert.error.message()}: {alert.filename()}"
-            if error != torrent.disk_error:  # every block that failed to write says it again
-                log.error("file error in %s (%s): %s", name, torrent.infohash, error)
-            torrent.disk_error = error
-        elif not isinstance(alert, lt.state_changed_alert):
-            log.info("%s %s (%s)", self._EVENT_WORDS[type(alert)], name, torrent.infohash)
+        if isinstance(alert, lt.file_error_alert):
+            torrent.disk_error = f"{alert.error.message()}: {alert.filename()}"
         if isinstance(alert, lt.torrent_finished_alert):
             # The last pieces may still sit in libtorrent's write buffer; see _on_flushed.
             with contextlib.suppress(RuntimeError):
@@ -1772,16 +1992,9 @@ class TorrentEngine:
                 torrent.flushing_since = time.time()
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
             self.save(torrent)
-        # A finished download should not wait for the next tick to show as finished.
         with contextlib.suppress(RuntimeError):
             torrent.handle.post_status()
 
-    _EVENT_WORDS = {
-        lt.metadata_received_alert: "metadata received for",
-        lt.torrent_finished_alert: "finished",
-        lt.torrent_paused_alert: "paused",
-        lt.torrent_resumed_alert: "resumed",
-    }
     _ALERT_HANDLERS = {
         lt.state_update_alert: _on_state_update,
         lt.add_torrent_alert: _on_add,
@@ -1792,8 +2005,10 @@ class TorrentEngine:
         lt.scrape_reply_alert: _on_tracker_reply,
         lt.alerts_dropped_alert: lambda self, alert: log.warning(
             "libtorrent dropped alerts: the queue overflowed"),
-        **dict.fromkeys((*_EVENT_WORDS, lt.state_changed_alert, lt.torrent_error_alert,
-                         lt.file_error_alert), _on_event),
+        **dict.fromkeys((lt.metadata_received_alert, lt.torrent_finished_alert,
+                         lt.torrent_paused_alert, lt.torrent_resumed_alert,
+                         lt.state_changed_alert, lt.torrent_error_alert,
+                         lt.file_error_alert), _on_change),
     }
 
     # -- periodic work ------------------------------------------------------ #
@@ -1803,11 +2018,11 @@ class TorrentEngine:
         while True:
             self._session.post_torrent_updates()
             await asyncio.sleep(STATUS_INTERVAL)
-            # libtorrent stops reporting torrents that went idle, rates and all: ask.
+            # libtorrent stops reporting torrents that went idle: ask, so rates reach 0.
             quiet = time.time() - 2 * STATUS_INTERVAL
             stale = []
             for torrent in self._torrents:
-                if torrent.moving and torrent.updated < quiet:
+                if any(torrent.rates) and torrent.updated < quiet:
                     with contextlib.suppress(RuntimeError):
                         torrent.handle.post_status()
                 if torrent.progress_stale:
@@ -1819,24 +2034,28 @@ class TorrentEngine:
                     if files is not None and not torrent.removing:
                         torrent.file_progress = files
                         torrent.refreshed_files()
-                self._listing = None
 
     async def _save_loop(self):
         """Save torrents that changed, so a crash loses at most one interval."""
         while True:
             await asyncio.sleep(self.config.save_interval)
             for torrent in self._torrents:
-                if (torrent.handle is not None and not torrent.removing
-                        and torrent.saving is None and torrent.next_save is None):
+                if (torrent.dirty and not torrent.removing and torrent.saving is None
+                        and torrent.next_save is None):
+                    torrent.dirty = False
                     self.save(torrent, force=False)
 
     async def _load_saved(self):
         """Add every saved torrent back, in batches, while the API already answers."""
         try:
-            saved = await self.store.load()
+            saved = await self.store.load(self.inside_roots)
             for start in range(0, len(saved), LOAD_BATCH):
-                for params in saved[start:start + LOAD_BATCH]:
-                    torrent = _Torrent(params, loaded=True)
+                for params, notes in saved[start:start + LOAD_BATCH]:
+                    torrent = _Torrent(params, notes)
+                    # After a crash the resume data may lag the files: what reached the
+                    # disk since the last save is found by checking, not downloaded again.
+                    torrent.check_data = not self.was_clean and params.ti is not None \
+                        and sum(params.have_pieces) < params.ti.num_pieces()
                     self._register(torrent)
                     try:
                         self._session.async_add_torrent(params)
@@ -1847,8 +2066,63 @@ class TorrentEngine:
                 await asyncio.sleep(0)
             if saved:
                 log.info("loading %d saved torrents", len(saved))
+            if not self.was_clean:
+                log.warning("the last run did not stop cleanly: checking the data of %d "
+                            "torrents that were downloading",
+                            sum(t.check_data for t in self._torrents))
         finally:
             self._loaded = True
+
+    async def _watch_loop(self):
+        """Check what the disk holds: finished torrents' files, the directories."""
+        while self.loading:
+            await asyncio.sleep(STATUS_INTERVAL)
+        while True:
+            finished = [t for t in self.torrents() if t.status["is_finished"] and t.info
+                        and not t.fault and not t.removing]
+            checks = [(t.save_path, t.info["files"], list(t.file_priorities))
+                      for t in finished]
+            missing, problems = await asyncio.to_thread(
+                _missing_data, checks, self.config.download_dir, self.store.root)
+            self.problems = problems
+            for torrent, lost in zip(finished, missing):
+                if lost and not torrent.fault and not torrent.removing:
+                    torrent.fault = f"missing or truncated file: {lost}"
+                    self._stop(torrent)
+            await asyncio.sleep(DATA_CHECK_INTERVAL)
+
+    def _stop(self, torrent):
+        """Pause a torrent the daemon found a fault in; resume clears the fault."""
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.pause()
+            torrent.handle.post_status()
+        self.save(torrent)
+
+
+def _missing_data(checks, download_dir, state_dir):
+    """For each (save_path, files, priorities): the first wanted file that is missing or
+    shorter than it should be, or None; and what is wrong with the directories.
+    Blocking: run in a thread. Only sizes are compared: reading would take hours."""
+    missing = []
+    for save_path, files, priorities in checks:
+        lost = None
+        for index, path, size in files:
+            if index < len(priorities) and not priorities[index]:
+                continue
+            try:
+                if os.stat(os.path.join(save_path, path)).st_size < size:
+                    lost = path
+            except OSError:
+                lost = path
+            if lost:
+                break
+        missing.append(lost)
+    problems = {}
+    for name, directory in (("download", download_dir), ("state", state_dir)):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            problems[name] = f"the {name} directory {directory} is not writable"
+    return missing, problems
 
 
 # --------------------------------------------------------------------------- #
@@ -2054,11 +2328,10 @@ async def add_torrent(request):
                                upload="torrent_file")
     params = await _params_from_source(request, _text(fields, "torrent_url"),
                                        fields.get("torrent_file"))
-    config = request.app[CONFIG]
-    params.save_path = await asyncio.to_thread(
-        resolve_save_path, config.download_dir, _text(fields, "save_path"),
-        config.allowed_save_roots)
-    infohash, created = await request.app[ENGINE].add(params)
+    engine = request.app[ENGINE]
+    params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots,
+                                               _text(fields, "save_path"))
+    infohash, created = await engine.add(params)
     return _json({"infohash": infohash}, status=201 if created else 200,
                  headers={"Location": f"/torrents/{infohash}"})
 
@@ -2068,7 +2341,8 @@ def _names(text, what, allowed):
     chosen = [name.strip() for name in text.split(",") if name.strip()]
     bad = [name for name in chosen if name not in allowed]
     if bad or not chosen:
-        raise ApiError(400, f"{what}: unknown name {(bad or [''])[0]!r}")
+        valid = ", ".join(name for name in allowed if not name.startswith("-"))
+        raise ApiError(400, f"{what}: unknown name {(bad or [''])[0]!r}; valid: {valid}")
     return chosen
 
 
@@ -2082,23 +2356,30 @@ def _count(query, name, default):
     return int(text)
 
 
+_FIELDS_PARAMETER = _query("fields", "only these status fields, comma-separated; files "
+                           "only appears in a listing when named here")
 #: Status fields a listing can sort by: lists do not sort.
 SORTABLE = tuple(name for name in STATUS_FIELDS if name != "files")
 LIST_PARAMETERS = {"state", "paused", "sort", "limit", "offset", "fields"}
 
 
+def _known_parameters(query, known):
+    """Refuse query parameters other than the known ones."""
+    unknown = sorted(set(query) - set(known))
+    if unknown:
+        raise ApiError(400, f"unknown query parameter {unknown[0]!r}")
+
+
 def _select(engine, query):
     """The torrents GET /torrents' filter, sort and paging parameters choose; and the
     total before paging."""
-    unknown = sorted(set(query) - LIST_PARAMETERS)
-    if unknown:
-        raise ApiError(400, f"unknown query parameter {unknown[0]!r}")
+    _known_parameters(query, LIST_PARAMETERS)
     paused = query.get("paused")
     if paused not in (None, "true", "false"):
         raise ApiError(400, "paused must be true or false")
     torrents = list(engine.torrents())
     if "state" in query:
-        states = set(query["state"].split(","))
+        states = set(_names(query["state"], "state", STATES))
         torrents = [t for t in torrents if t.status["state"] in states]
     if paused is not None:
         torrents = [t for t in torrents if t.status["paused"] is (paused == "true")]
@@ -2120,7 +2401,7 @@ def _select(engine, query):
         _query("sort", "a status field; a leading - sorts descending"),
         _query("limit", "at most this many", pattern="^[0-9]+$"),
         _query("offset", "skip this many first", pattern="^[0-9]+$"),
-        _query("fields", "only these status fields, comma-separated")])
+        _FIELDS_PARAMETER])
 async def list_torrents(request):
     """Torrents' status: filtered, sorted, paged, trimmed"""
     engine = request.app[ENGINE]
@@ -2129,10 +2410,10 @@ async def list_torrents(request):
     torrents, total = _select(engine, request.query)
     if "fields" not in request.query:
         # The common case, polling everything, joins bytes serialised at status changes.
-        items = b",".join(t.body for t in torrents)
+        items = b",".join(t.summary for t in torrents)
     else:
         fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
-        items = json.dumps([{name: t.status[name] for name in fields} for t in torrents],
+        items = json.dumps([{name: t.field(name) for name in fields} for t in torrents],
                            separators=(",", ":")).encode()[1:-1]
     return web.Response(body=_listing_body(items, total), content_type="application/json")
 
@@ -2143,12 +2424,16 @@ def _requested_torrent(request):
 
 
 @api("GET", "/torrents/{infohash}", "getTorrent", {
-    "200": _answer("its status", _ref("Status"))}, (404, 503),
-    parameters=[INFOHASH_PARAMETER])
+    "200": _answer("its status", {"anyOf": [_ref("Status"), _ref("StatusFields")]})},
+    (404, 503), parameters=[INFOHASH_PARAMETER, _FIELDS_PARAMETER])
 async def get_torrent(request):
     """One torrent's status"""
-    return web.Response(body=_requested_torrent(request).body,
-                        content_type="application/json")
+    torrent = _requested_torrent(request)
+    _known_parameters(request.query, ("fields",))
+    if "fields" not in request.query:
+        return web.Response(body=torrent.body, content_type="application/json")
+    fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
+    return _json({name: torrent.field(name) for name in fields})
 
 
 @api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 503),
@@ -2250,6 +2535,9 @@ OPENAPI = {
                 "total": {"type": "integer", "minimum": 0,
                           "description": "matching torrents before paging"}}),
             "Status": _STATUS_SCHEMA,
+            "Summary": {**_STATUS_SCHEMA, "required": [f.name for f in STATUS if f.listed],
+                        "description": "a torrent in GET /torrents without fields=: its "
+                        "status without the per-file list"},
             "StatusFields": {**_STATUS_SCHEMA, "required": [], "description":
                              "every Status field, or those named by ?fields="},
         },
@@ -2307,8 +2595,21 @@ async def serve(config):
     await stop.wait()
     log.info("stopping")
     started = time.monotonic()
+    # Whatever the disk does, the process ends: a save stuck on a hung mount, or a
+    # thread blocked in the kernel, must not outlive the container's stop grace.
+    watchdog = threading.Timer(config.shutdown_timeout + SHUTDOWN_MARGIN, _exit_now)
+    watchdog.daemon = True
+    watchdog.start()
     await runner.cleanup()
     log.info("stopped in %.2f s", time.monotonic() - started)
+
+
+def _exit_now():
+    """End the process at once: the shutdown overran its deadline."""
+    log.error("shutdown took longer than --shutdown-timeout plus %g s; exiting now",
+              SHUTDOWN_MARGIN)
+    logging.shutdown()
+    os._exit(1)
 
 
 def main(argv=None):
@@ -2327,6 +2628,9 @@ def main(argv=None):
     log.info("event loop: %s", "uvloop" if uvloop else "asyncio (install uvloop for speed)")
     try:
         (uvloop.run if uvloop else asyncio.run)(serve(config))
+    except StartupError as error:
+        log.error("cannot start: %s", error)
+        return 2
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
