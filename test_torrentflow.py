@@ -1916,11 +1916,21 @@ async def test_disk_fault_reports_error_and_recovers(fault, small_disk, seeders,
             return status if status["error"] else None
         status = await wait_until(failed, deadline=30, what=f"the {fault} disk error")
         print(f"{fault} disk error: {status['error']} ({status['state']})")
+        # A full disk leaves the directory writable; a read-only one does not, and the
+        # daemon as a whole says so.
         async with process.client.get("/health") as response:
-            assert response.status == 200
+            if fault == "read_only":
+                assert "not writable" in await error_of(response, 503, str(small_disk))
+            else:
+                assert response.status == 200
         assert (await process.status(infohash))["error"]
 
         subprocess.run(["mount", "-o", fix, str(small_disk)], check=True)
+
+        async def healthy():
+            async with process.client.get("/health") as response:
+                return response.status == 200
+        await wait_until(healthy, deadline=10, what="/health to recover")
         await process.put(infohash, "resume")
         await wait_complete(process.client, infohash)
         assert (await process.status(infohash))["error"] == ""

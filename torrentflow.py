@@ -51,6 +51,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import hmac
 import ipaddress
 import json
@@ -133,8 +134,12 @@ RESUME_NOT_MODIFIED = 143
 NOTES_KEY = b"x-torrentflow"
 #: The file in the state directory whose presence says the last run saved everything.
 CLEAN_MARK = "clean-shutdown"
-#: Seconds between checks that finished torrents' files are still there, and that the
-#: directories are writable. A check compares sizes only: cheap, even for 10,000.
+#: Seconds between checks that the directories are writable and that downloading
+#: torrents' save paths still lead inside the roots: the longest a symlink swapped in
+#: by someone who can write to the download directory redirects writes.
+WATCH_INTERVAL = 1.0
+#: Seconds between checks that every torrent's save path leads inside the roots and
+#: that finished torrents' files are still there. Sizes only: cheap, even for 10,000.
 DATA_CHECK_INTERVAL = 60.0
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
@@ -420,6 +425,10 @@ def session_settings(config):
     """The libtorrent settings_pack for this config (the benchmark reuses it)."""
     settings = {
         "listen_interfaces": config.listen_interfaces,
+        # A port that is taken must stop the start, not quietly become another one:
+        # incoming peers would keep knocking at the forwarded port.
+        "max_retry_port_bind": 0,
+        "listen_system_port_fallback": False,
         "enable_dht": config.dht,
         "enable_lsd": config.lsd,
         "enable_upnp": config.upnp,
@@ -1423,6 +1432,7 @@ class TorrentEngine:
         if self.config.local_only:
             self._session.set_ip_filter(_loopback_only_filter())
         self.listen_port = self._session.listen_port()  # a blocking call: once, at start
+        self._check_listening()
         self._alert_socket, self._notify_socket = socket.socketpair()
         self._alert_socket.setblocking(False)
         # libtorrent writes a byte here when alerts arrive; it must never block its thread.
@@ -1484,6 +1494,32 @@ class TorrentEngine:
         self._alert_socket.close()
         self._notify_socket.close()
 
+    def _check_listening(self):
+        """Stop the start if a listen address is taken or nothing listens at all.
+
+        listen_port() has waited for the session to bind, so the outcome is already in
+        the alert queue; the alert loop has not started, so this is its only reader."""
+        failures = [alert for alert in self._session.pop_alerts()
+                    if isinstance(alert, lt.listen_failed_alert)]
+        for alert in failures:
+            log.warning("cannot listen on %s:%d: %s", alert.address, alert.port,
+                        alert.error.message())
+        taken = [a for a in failures if a.error.value() == errno.EADDRINUSE]
+        if taken or not self.listen_port:
+            alert = (taken or failures or [None])[0]
+            where = f"{alert.address}:{alert.port}" if alert else self.config.listen_interfaces
+            raise StartupError(f"BitTorrent cannot listen on {where}"
+                               + (f" ({alert.error.message()})" if alert else "")
+                               + "; choose another address or port with --listen-interfaces "
+                               "(TORRENTFLOW_LISTEN_INTERFACES), or port 0 for any free one")
+
+    def _on_listen(self, alert):
+        """A listen socket failed or came back after the start: /health tells."""
+        if isinstance(alert, lt.listen_failed_alert):
+            self.problems["listen"] = alert.message()
+        else:
+            self.problems.pop("listen", None)
+
     @property
     def loading(self):
         """True until every saved torrent is back and listed."""
@@ -1492,7 +1528,7 @@ class TorrentEngine:
     def health(self):
         """What is wrong with the daemon as a whole: a list of reasons, empty if nothing."""
         dead = [f"the {name} task stopped" for name, task in self._tasks.items()
-                if task.done()]
+                if task.done() and (name != "load" or task.cancelled() or task.exception())]
         return [*dead, *self.problems.values()]
 
     # -- waiting on libtorrent ------------------------------------------------ #
@@ -1661,6 +1697,7 @@ class TorrentEngine:
 
     async def resume(self, torrent):
         """Resume and hand it back to the queue; after an error, recheck and retry."""
+        await self.confined(torrent)
         with _handle_call():
             torrent.handle.set_flags(lt.torrent_flags.auto_managed)
             if torrent.disk_error or torrent.fault or torrent.status["error"]:
@@ -1682,6 +1719,8 @@ class TorrentEngine:
         """
         if torrent.removing:
             raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
+        if delete_files:
+            await self.confined(torrent)  # never delete outside the roots
         torrent.removing = True
         self._listing = None
         # Shielded: a client that hangs up must not leave a removal half done.
@@ -2003,6 +2042,8 @@ class TorrentEngine:
         lt.torrent_conflict_alert: _on_conflict,
         lt.tracker_reply_alert: _on_tracker_reply,
         lt.scrape_reply_alert: _on_tracker_reply,
+        lt.listen_failed_alert: _on_listen,
+        lt.listen_succeeded_alert: _on_listen,
         lt.alerts_dropped_alert: lambda self, alert: log.warning(
             "libtorrent dropped alerts: the queue overflowed"),
         **dict.fromkeys((lt.metadata_received_alert, lt.torrent_finished_alert,
@@ -2074,25 +2115,56 @@ class TorrentEngine:
             self._loaded = True
 
     async def _watch_loop(self):
-        """Check what the disk holds: finished torrents' files, the directories."""
+        """Watch the disk under the daemon.
+
+        Every second: the directories are writable, and every downloading torrent's save
+        path still resolves inside the roots (a symlink swapped in would send its writes
+        elsewhere). Every DATA_CHECK_INTERVAL: the same for every other torrent, and the
+        files of finished torrents are all there. A torrent that fails is stopped with
+        the reason in its error; resuming it checks again.
+        """
         while self.loading:
             await asyncio.sleep(STATUS_INTERVAL)
+        next_full_check = 0.0
         while True:
-            finished = [t for t in self.torrents() if t.status["is_finished"] and t.info
-                        and not t.fault and not t.removing]
+            full = time.monotonic() >= next_full_check
+            if full:
+                next_full_check = time.monotonic() + DATA_CHECK_INTERVAL
+            torrents = [t for t in self.torrents() if not t.fault and (
+                full or t.status["state"] == "downloading" and not t.status["paused"])]
+            places = [self._places(t) for t in torrents]
             checks = [(t.save_path, t.info["files"], list(t.file_priorities))
-                      for t in finished]
-            missing, problems = await asyncio.to_thread(
-                _missing_data, checks, self.config.download_dir, self.store.root)
-            self.problems = problems
-            for torrent, lost in zip(finished, missing):
-                if lost and not torrent.fault and not torrent.removing:
-                    torrent.fault = f"missing or truncated file: {lost}"
+                      if full and t.status["is_finished"] and t.info else None
+                      for t in torrents]
+            dirs = {"download": self.config.download_dir, "state": self.store.root}
+            problems, faults = await asyncio.to_thread(_inspect_disk, self.roots, dirs,
+                                                       places, checks)
+            self.problems = {**problems, **{name: problem for name, problem
+                                            in self.problems.items() if name == "listen"}}
+            for torrent, fault in zip(torrents, faults):
+                if fault and not torrent.fault and not torrent.removing:
+                    torrent.fault = fault
                     self._stop(torrent)
-            await asyncio.sleep(DATA_CHECK_INTERVAL)
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    def _places(self, torrent):
+        """The paths where a torrent's files go: its save path, and the top directory
+        or file its name makes there."""
+        name = torrent.info and torrent.status["name"]
+        return [torrent.save_path, *([os.path.join(torrent.save_path, name)] if name else [])]
+
+    async def confined(self, torrent):
+        """Refuse (409) to let libtorrent open a torrent's files if its save path now
+        resolves outside the roots; stop the torrent with the reason."""
+        fault = await asyncio.to_thread(_outside_roots, self.roots, self._places(torrent))
+        if fault:
+            torrent.fault = fault
+            self._stop(torrent)
+            raise ApiError(409, f"torrent {torrent.infohash}: {fault}")
 
     def _stop(self, torrent):
         """Pause a torrent the daemon found a fault in; resume clears the fault."""
+        log.error("stopping %s: %s", torrent.infohash, torrent.fault)
         with contextlib.suppress(RuntimeError):
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
@@ -2100,29 +2172,44 @@ class TorrentEngine:
         self.save(torrent)
 
 
-def _missing_data(checks, download_dir, state_dir):
-    """For each (save_path, files, priorities): the first wanted file that is missing or
-    shorter than it should be, or None; and what is wrong with the directories.
-    Blocking: run in a thread. Only sizes are compared: reading would take hours."""
-    missing = []
-    for save_path, files, priorities in checks:
-        lost = None
-        for index, path, size in files:
-            if index < len(priorities) and not priorities[index]:
-                continue
-            try:
-                if os.stat(os.path.join(save_path, path)).st_size < size:
-                    lost = path
-            except OSError:
-                lost = path
-            if lost:
-                break
-        missing.append(lost)
-    problems = {}
-    for name, directory in (("download", download_dir), ("state", state_dir)):
-        if not os.access(directory, os.W_OK | os.X_OK):
-            problems[name] = f"the {name} directory {directory} is not writable"
-    return missing, problems
+def _outside_roots(roots, places):
+    """Why one of places (a save path and what is in it) leads outside every root, or
+    None. Blocking: run in a thread."""
+    for place in places:
+        real = Path(os.path.realpath(place))
+        if not any(real.is_relative_to(root) for root in roots):
+            return f"{place} now leads outside the save roots (to {real})"
+    return None
+
+
+def _missing_file(save_path, files, priorities):
+    """The first wanted file that is missing or shorter than it should be, or None.
+    Only sizes are compared: reading the data would take hours."""
+    for index, path, size in files:
+        if index < len(priorities) and not priorities[index]:
+            continue
+        try:
+            if os.stat(os.path.join(save_path, path)).st_size < size:
+                return path
+        except OSError:
+            return path
+    return None
+
+
+def _inspect_disk(roots, directories, places, checks):
+    """What is wrong with the directories ({name: problem}), and for each torrent the
+    reason to stop it, or None. Blocking: run in a thread."""
+    problems = {name: f"the {name} directory {directory} is not writable"
+                for name, directory in directories.items()
+                if not os.access(directory, os.W_OK | os.X_OK)}
+    faults = []
+    for where, check in zip(places, checks):
+        fault = _outside_roots(roots, where)
+        if fault is None and check is not None:
+            missing = _missing_file(*check)
+            fault = missing and f"missing or truncated file: {missing}"
+        faults.append(fault)
+    return problems, faults
 
 
 # --------------------------------------------------------------------------- #
@@ -2470,10 +2557,19 @@ async def resume_torrent(request):
     return _json({"detail": f"resumed {torrent.infohash}"})
 
 
-@api("GET", "/health", "health", {"200": _answer("alive", _ref("Health"))}, public=True)
+@api("GET", "/health", "health", {"200": _answer("healthy", _ref("Health")),
+                                  "503": _ref("503", "responses")}, public=True)
 async def health(request):
-    """Liveness; needs no token"""
-    engine = request.app[ENGINE]
+    """Whether the daemon is healthy; needs no token, and tells more with it"""
+    engine, token = request.app[ENGINE], request.app[CONFIG].token
+    problems = engine.health()
+    # Without the token, only the verdict: nothing for a stranger to learn.
+    if token is not None and _bearer_error(request, token) is not None:
+        if problems:
+            raise ApiError(503, "unhealthy")
+        return _json({"status": "ok"})
+    if problems:
+        raise ApiError(503, "unhealthy: " + "; ".join(problems))
     return _json({"status": "ok", "torrents": engine.count(), "loading": engine.loading,
                   "listen_port": engine.listen_port})
 
@@ -2529,7 +2625,8 @@ OPENAPI = {
             "Health": _object({"status": {"type": "string", "enum": ["ok"]},
                                "torrents": {"type": "integer", "minimum": 0},
                                "loading": {"type": "boolean"},
-                               "listen_port": {"type": "integer", "minimum": 0}}),
+                               "listen_port": {"type": "integer", "minimum": 0}},
+                              required=["status"]),
             "TorrentList": _object({
                 "torrents": {"type": "array", "items": _ref("StatusFields")},
                 "total": {"type": "integer", "minimum": 0,
