@@ -58,6 +58,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import signal
 import socket
 import stat
@@ -91,6 +92,15 @@ MAX_FORM_BYTES = 64 * 1024
 #: More files than any real torrent has; every status answer lists them all, so a
 #: torrent with millions of tiny files would make each GET cost megabytes.
 MAX_TORRENT_FILES = 100_000
+#: Trackers and web seeds one torrent may name. Real torrents name a few dozen; adding
+#: one costs libtorrent's session thread time that grows with the square of the count.
+MAX_TRACKERS = 200
+MAX_WEB_SEEDS = 100
+#: Characters of free text kept from a torrent (comment, creator, a magnet's dn=): a
+#: 10 MiB comment would otherwise be copied into every status and listing.
+MAX_TEXT = 4096
+#: Characters of any one value in a log line; longer ones are cut.
+MAX_LOGGED = 300
 #: Shorter tokens can be guessed by a client that is free to try as often as it likes.
 MIN_TOKEN_LENGTH = 16
 #: Limits handed to libtorrent's bdecoder, so a crafted file cannot exhaust memory or stack.
@@ -108,6 +118,15 @@ STATUS_INTERVAL = 0.5
 #: Startup adds saved torrents in batches this size, so requests are served in between:
 #: posting 200 adds takes about a millisecond, well under any request's patience.
 LOAD_BATCH = 200
+#: Seconds a new API connection has to send a complete request head; a client that
+#: holds sockets half open must not hold the daemon's descriptors.
+HEAD_TIMEOUT = 5.0
+#: Seconds an idle keep-alive API connection stays open; clients reconnect at will.
+KEEPALIVE_TIMEOUT = 15.0
+#: Seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s.
+BODY_TIMEOUT = 30.0
+#: Connections the kernel queues for the API before the daemon accepts them.
+LISTEN_BACKLOG = 128
 #: In-flight requests get this long to finish when the daemon stops. Every request
 #: answers in milliseconds except a torrent_url fetch, which is not worth waiting for.
 REQUEST_DRAIN_SECONDS = 1.0
@@ -134,6 +153,9 @@ RESUME_NOT_MODIFIED = 143
 NOTES_KEY = b"x-torrentflow"
 #: The file in the state directory whose presence says the last run saved everything.
 CLEAN_MARK = "clean-shutdown"
+#: Bytes of torrent data checked at once (see _pace_checks): a thousand small torrents
+#: check together, torrents of a gigabyte or more one after another.
+CHECK_BUDGET = 1024 ** 3
 #: Seconds between checks that the directories are writable and that downloading
 #: torrents' save paths still lead inside the roots: the longest a symlink swapped in
 #: by someone who can write to the download directory redirects writes.
@@ -185,6 +207,14 @@ def _host(text):
     except ValueError:
         raise ValueError("give an IP address (0.0.0.0 or :: for every interface) or "
                          "localhost") from None
+
+
+def _count(text):
+    """A whole number above 0."""
+    count = int(text)
+    if count < 1:
+        raise ValueError("give a whole number above 0")
+    return count
 
 
 def _boolean(text):
@@ -307,6 +337,9 @@ OPTIONS = (
            "example a Docker secret (/run/secrets/...)"),
     Option("insecure_no_auth", _boolean, False, "serve the API without a token on a "
            "non-loopback --host; only when something else guards the port"),
+    #: Each API connection costs a descriptor; the rest go to peers and files.
+    Option("max_connections", _count, 256, "simultaneous API connections; past it, a "
+           "connection still sending its request head, or the longest idle, is closed"),
     Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
            "may point into, besides --download-dir; repeat for more", repeat=":",
            flag_name="allowed-save-root"),
@@ -495,6 +528,9 @@ async def error_middleware(request, handler):
         return await handler(request)
     except ApiError as error:
         return error_response(error.status, error.detail, error.headers)
+    except ConnectionResetError:  # the client hung up mid-body: nobody to answer
+        log.info("the client of %s %s hung up", request.method, request.path)
+        return error_response(400, "the client hung up")
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -654,6 +690,15 @@ def _readable(params):
 
 def params_from_magnet(uri):
     """Parse a magnet link (honouring tr= trackers and x.pe= peers), or raise 400."""
+    # Counted before libtorrent sees them: adding a torrent costs the session thread
+    # time that grows with the square of its trackers (15,000 froze every transfer).
+    try:
+        keys = [key for key, _ in urllib.parse.parse_qsl(uri.partition("?")[2])]
+    except ValueError:
+        keys = []
+    for key, most in (("tr", MAX_TRACKERS), ("ws", MAX_WEB_SEEDS), ("x.pe", MAX_TRACKERS)):
+        if keys.count(key) > most:
+            raise ApiError(422, f"a magnet link may name at most {most} {key}= values")
     try:
         params = lt.parse_magnet_uri(uri)
     except RuntimeError as error:
@@ -662,6 +707,7 @@ def params_from_magnet(uri):
         raise ApiError(400, "invalid magnet link: no btih or btmh infohash")
     if not _readable(params):
         raise ApiError(400, "invalid magnet link: dn= or tr= is not UTF-8 once decoded")
+    params.name = params.name[:MAX_TEXT]
     return params
 
 
@@ -679,6 +725,10 @@ def params_from_torrent(data):
         raise ApiError(422, f"not a valid torrent file: {error}") from None
     if not _readable(params):
         raise ApiError(422, "not a valid torrent file: a tracker URL is not UTF-8")
+    if len(params.trackers) > MAX_TRACKERS or len(params.url_seeds) > MAX_WEB_SEEDS:
+        raise ApiError(422, f"a torrent may name at most {MAX_TRACKERS} trackers and "
+                       f"{MAX_WEB_SEEDS} web seeds")
+    params.comment, params.created_by = params.comment[:MAX_TEXT], params.created_by[:MAX_TEXT]
     problem = _unsafe_info(params.ti)
     if problem:
         raise ApiError(422, f"not a valid torrent file: {problem}")
@@ -691,19 +741,26 @@ def _unsafe_info(info):
     piece_length = info.piece_length()
     if piece_length & (piece_length - 1):
         return f"piece length {piece_length} is not a power of two"
-    if info.num_files() > MAX_TORRENT_FILES:
-        return f"more than {MAX_TORRENT_FILES} files"
+    if info.num_files() > MAX_TORRENT_FILES:  # padding counts here: count real files
+        layout = info.layout()
+        pads = sum(1 for index in range(layout.num_files())
+                   if layout.file_flags(index) & lt.file_storage.flag_pad_file)
+        if info.num_files() - pads > MAX_TORRENT_FILES:
+            return f"more than {MAX_TORRENT_FILES} files"
     unsafe = _unsafe_file_name(lt.bdecode(info.info_section()))
     return None if unsafe is None else f"unsafe file name {unsafe!r}"
 
 
 def _unsafe_file_name(info):
     """The first file name element in a raw info dict that could leave save_path:
-    empty, ".", "..", or holding a separator or NUL; None if all are safe."""
-    paths = [[info.get(b"name", b"")]]
+    empty, ".", "..", or holding a separator or NUL; None if all are safe. The .utf-8
+    variants of the keys count too: libtorrent prefers them to the plain ones."""
+    paths = [[info.get(b"name", b"")], [info.get(b"name.utf-8", b"x")]]
     for entry in info.get(b"files") or ():  # v1 multi-file
         if isinstance(entry, dict):
-            paths += [entry.get(b"path") or [b""], entry.get(b"symlink path") or []]
+            paths += [entry.get(b"path") or [b""], entry.get(b"path.utf-8") or [],
+                      entry.get(b"symlink path") or [],
+                      entry.get(b"symlink path.utf-8") or []]
     pending = [info.get(b"file tree") or {}]  # v2, nested: {element: {...}, b"": leaf}
     while pending:  # depth is bounded by the decoder's max_decode_depth
         tree = pending.pop()
@@ -731,13 +788,27 @@ def _is_local_url(url):
     return host is not None and _is_loopback_name(host)
 
 
-def keep_local(params):
-    """Drop trackers and web seeds outside loopback: --local-only sends nothing off the host.
+def _is_private_to_host(url):
+    """True when a URL names this host itself: localhost, or a loopback, link-local or
+    unspecified address, where services that trust local callers listen."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower() == "localhost" or host.lower().endswith(".localhost")
+    return address.is_loopback or address.is_link_local or address.is_unspecified
 
-    The IP filter already blocks such peers and trackers, but only after a DNS lookup.
+
+def keep_reachable(params, local_only):
+    """Drop the trackers and web seeds a torrent's author may not make the daemon call.
+
+    With --local-only, everything outside loopback: nothing leaves the host. Otherwise
+    this host's own addresses: a .torrent must not make the daemon send requests to a
+    local service. The IP filter blocks the same addresses after DNS lookups too.
     """
-    params.trackers = [url for url in params.trackers if _is_local_url(url)]
-    params.url_seeds = [url for url in params.url_seeds if _is_local_url(url)]
+    allowed = _is_local_url if local_only else (lambda url: not _is_private_to_host(url))
+    params.trackers = [url for url in params.trackers if allowed(url)]
+    params.url_seeds = [url for url in params.url_seeds if allowed(url)]
     return params
 
 
@@ -820,6 +891,12 @@ def _metadata(torrent_info, creation):
         "comment": creation[2] or None,
         "files": files,
     }
+
+
+def _checked_metadata(torrent_info, creation):
+    """(why the metadata is refused, None) or (None, its _metadata). In a thread."""
+    problem = _unsafe_info(torrent_info)
+    return (problem, None) if problem else (None, _metadata(torrent_info, creation))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1239,7 +1316,7 @@ class _Torrent:
         self.saved_as = self.infohash if self.loaded else None  # its resume file's name
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
         self.fault = ""               # why the daemon stopped it, until it is resumed
-        self.check_data = False       # whether to check its files once added
+        self.learning = False         # whether its metadata is being read, or was
         self.dirty = False            # whether libtorrent has changes not yet saved
         self.added = None             # the task of its add, until it is saved
         self.saving = None            # the save in flight
@@ -1290,8 +1367,6 @@ class _Torrent:
         self.ids, self.infohash, self.updated = ids, ids[0], time.time()
         self.save_path = status.save_path
         self._measure(status)
-        if self.info is None and status.has_metadata:
-            self.info = _metadata(status.torrent_file, self.creation)
         if not status.flags & lt.torrent_flags.upload_mode:
             self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
         self.status = _status_dict(self, status)
@@ -1369,13 +1444,27 @@ def _file_progress(handles):
     return result
 
 
-def _loopback_only_filter():
-    """An IP filter that blocks every peer and tracker outside loopback."""
+#: Addresses of this host itself: loopback, link-local and unspecified.
+_HOST_OWN = (("127.0.0.0", "127.255.255.255"), ("0.0.0.0", "0.255.255.255"),
+             ("169.254.0.0", "169.254.255.255"), ("::", "::1"),
+             ("fe80::", "febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff"))
+
+
+def _ip_filter(local_only):
+    """The session's IP filter, for peers, trackers and web seeds alike, after DNS.
+
+    With --local-only only loopback is allowed; otherwise everything but this host's
+    own addresses, where local services listen that a torrent must not reach.
+    """
     ip_filter = lt.ip_filter()
-    ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
-    ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
-    ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
-    ip_filter.add_rule("::1", "::1", 0)
+    if local_only:
+        ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
+        ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
+        ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
+        ip_filter.add_rule("::1", "::1", 0)
+    else:
+        for first, last in _HOST_OWN:
+            ip_filter.add_rule(first, last, 1)
     return ip_filter
 
 
@@ -1412,6 +1501,7 @@ class TorrentEngine:
         self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
         self._unlisted = 0            # torrents without a status yet
         self._loaded = False          # whether every saved torrent was handed over
+        self._checks_at_once = 1      # libtorrent's active_checking, paced by _pace_checks
         self._listing = None          # the plain listing body, until a status changes
         self._tasks = {}              # name -> the engine's long-running tasks
         self._background = set()      # short tasks nobody awaits (saves, removals)
@@ -1429,8 +1519,7 @@ class TorrentEngine:
         # pread avoids the RSS growth of memory-mapped I/O on large torrents.
         params.disk_io_constructor = "pread_disk_io_constructor"
         self._session = lt.session(params)
-        if self.config.local_only:
-            self._session.set_ip_filter(_loopback_only_filter())
+        self._session.set_ip_filter(_ip_filter(self.config.local_only))
         self.listen_port = self._session.listen_port()  # a blocking call: once, at start
         self._check_listening()
         self._alert_socket, self._notify_socket = socket.socketpair()
@@ -1645,8 +1734,7 @@ class TorrentEngine:
                 raise ApiError(409, f"torrent {existing.infohash} is already there, with "
                                f"save_path {self.shown(existing.save_path)!r}")
             return existing.infohash, False
-        if self.config.local_only:
-            keep_local(params)
+        keep_reachable(params, self.config.local_only)
         torrent = _Torrent(params)
         self._register(torrent)
         torrent.added = self._spawn(self._add(torrent, params), f"add {torrent.infohash}")
@@ -1892,7 +1980,24 @@ class TorrentEngine:
             torrent.total_done = status.total_done
             torrent.progress_stale = True
         torrent.dirty = bool(status.need_save_resume_data)
+        if status.has_metadata and torrent.info is None and not torrent.learning:
+            torrent.learning = True
+            self._spawn(self._learn(torrent, status.torrent_file), f"read {torrent.infohash}")
         self._announce(torrent, before)
+
+    async def _learn(self, torrent, torrent_info):
+        """Read the metadata off the loop, holding metadata from peers to the checks an
+        upload gets: a stranger's 250,000 files must not be listed on every status."""
+        problem, info = await asyncio.to_thread(_checked_metadata, torrent_info,
+                                                torrent.creation)
+        if problem:
+            torrent.fault = f"refused its metadata: {problem}"
+            self._stop(torrent)
+            return
+        torrent.info = info
+        torrent.progress_stale = True
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.post_status()
 
     def _announce(self, torrent, before):
         """Emit the events a new status means, compared with the one before it."""
@@ -1975,8 +2080,6 @@ class TorrentEngine:
         if torrent.handle is None:
             torrent.handle = alert.handle
             self._by_handle[alert.handle] = torrent
-            if torrent.check_data:
-                alert.handle.force_recheck()
 
     def _on_removed(self, alert):
         """libtorrent dropped the torrent: forget it."""
@@ -2061,7 +2164,7 @@ class TorrentEngine:
             await asyncio.sleep(STATUS_INTERVAL)
             # libtorrent stops reporting torrents that went idle: ask, so rates reach 0.
             quiet = time.time() - 2 * STATUS_INTERVAL
-            stale = []
+            stale, checking = [], []
             for torrent in self._torrents:
                 if any(torrent.rates) and torrent.updated < quiet:
                     with contextlib.suppress(RuntimeError):
@@ -2069,12 +2172,28 @@ class TorrentEngine:
                 if torrent.progress_stale:
                     torrent.progress_stale = False
                     stale.append(torrent)
+                if torrent.status and torrent.status["state"] == "checking_files":
+                    checking.append(torrent.status["total_wanted"])
+            self._pace_checks(checking)
             if stale:
                 progress = await asyncio.to_thread(_file_progress, [t.handle for t in stale])
                 for torrent, files in zip(stale, progress):
                     if files is not None and not torrent.removing:
                         torrent.file_progress = files
                         torrent.refreshed_files()
+
+    def _pace_checks(self, sizes):
+        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET.
+
+        The queue starts at most active_checking checks per one-second tick; at its
+        default of 1, a thousand small torrents take a thousand seconds. Many small
+        torrents check together; large ones take turns, so a disk is not asked to
+        read many large files at once.
+        """
+        wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
+        if wanted != self._checks_at_once:
+            self._checks_at_once = wanted
+            self._session.apply_settings({"active_checking": wanted})
 
     async def _save_loop(self):
         """Save torrents that changed, so a crash loses at most one interval."""
@@ -2090,13 +2209,15 @@ class TorrentEngine:
         """Add every saved torrent back, in batches, while the API already answers."""
         try:
             saved = await self.store.load(self.inside_roots)
+            checking = 0
             for start in range(0, len(saved), LOAD_BATCH):
                 for params, notes in saved[start:start + LOAD_BATCH]:
+                    if not self.was_clean and self._lagging(params):
+                        # Without the pieces it was saved with, libtorrent checks the
+                        # files: what reached the disk since is kept, not downloaded again.
+                        params.have_pieces = []
+                        checking += 1
                     torrent = _Torrent(params, notes)
-                    # After a crash the resume data may lag the files: what reached the
-                    # disk since the last save is found by checking, not downloaded again.
-                    torrent.check_data = not self.was_clean and params.ti is not None \
-                        and sum(params.have_pieces) < params.ti.num_pieces()
                     self._register(torrent)
                     try:
                         self._session.async_add_torrent(params)
@@ -2109,10 +2230,16 @@ class TorrentEngine:
                 log.info("loading %d saved torrents", len(saved))
             if not self.was_clean:
                 log.warning("the last run did not stop cleanly: checking the data of %d "
-                            "torrents that were downloading",
-                            sum(t.check_data for t in self._torrents))
+                            "torrents that were downloading", checking)
         finally:
             self._loaded = True
+
+    @staticmethod
+    def _lagging(params):
+        """Whether a torrent's resume data may lag its files after a crash: it was
+        running and incomplete. A paused one was saved when it paused."""
+        return (params.ti is not None and params.flags & lt.torrent_flags.auto_managed
+                and sum(params.have_pieces) < params.ti.num_pieces())
 
     async def _watch_loop(self):
         """Watch the disk under the daemon.
@@ -2292,41 +2419,37 @@ def _require_utf8(charset, what):
         raise ApiError(400, f"{what} must be UTF-8, not {charset!r}")
 
 
+#: The request bodies the API reads.
+BODY_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
+
+
 async def read_fields(request, names, upload=None):
     """The fields of a form (multipart or urlencoded) or JSON object body.
 
     Only names are accepted, each once; upload names the one multipart field that
-    carries a file (bytes). Bodies are counted while read and capped.
+    carries a file (bytes). Bodies are counted while read, capped, and given one
+    deadline in all: a client that sends a byte now and then holds nothing for long.
     """
     content_type = request.content_type
+    if content_type not in BODY_TYPES:
+        raise ApiError(415, f"send {', '.join(BODY_TYPES)}")
     multipart = content_type == "multipart/form-data"
     # Refuse early what aiohttp would otherwise receive in full before refusing.
     limit = MAX_REQUEST_BYTES if multipart else MAX_FORM_BYTES
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body too large: more than {limit} bytes")
-    if multipart:
-        fields = await _multipart_fields(request, names, upload)
-    elif content_type in ("application/x-www-form-urlencoded", "application/json"):
-        _require_utf8(request.charset, "the body")
-        body = await _read_limited(request.content.read, MAX_FORM_BYTES)
-        try:
-            if content_type == "application/json":
-                fields = json.loads(body.decode())
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            if multipart:
+                fields = await _multipart_fields(request, names, upload)
             else:
-                pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True,
-                                               strict_parsing=True, errors="strict",
-                                               max_num_fields=len(names))
-                fields = dict(pairs)
-                if len(fields) != len(pairs):
-                    raise ValueError("a field is repeated")
-        except (ValueError, UnicodeDecodeError, RecursionError) as error:
-            kind = "JSON" if content_type == "application/json" else "form"
-            raise ApiError(400, f"malformed {kind} body: {error}") from None
-        if not isinstance(fields, dict):
-            raise ApiError(400, "the JSON body must be an object")
-    else:
-        raise ApiError(415, "send multipart/form-data, application/x-www-form-urlencoded "
-                       "or application/json")
+                body = await _read_limited(request.content.read, MAX_FORM_BYTES)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s",
+                       {"Connection": "close"}) from None
+    if not multipart:
+        _require_utf8(request.charset, "the body")
+        fields = _decode(content_type, body, len(names))
     unknown = sorted(set(fields) - set(names))
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(names)}")
@@ -2335,15 +2458,39 @@ async def read_fields(request, names, upload=None):
     return fields
 
 
+def _decode(content_type, body, most):
+    """The fields of a JSON object or an urlencoded form of at most most fields."""
+    try:
+        if content_type == "application/json":
+            fields = json.loads(body.decode())
+        else:
+            pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True,
+                                           strict_parsing=True, errors="strict",
+                                           max_num_fields=most)
+            fields = dict(pairs)
+            if len(fields) != len(pairs):
+                raise ValueError("a field is repeated")
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        kind = "JSON" if content_type == "application/json" else "form"
+        raise ApiError(400, f"malformed {kind} body: {error}") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, "the JSON body must be an object")
+    return fields
+
+
 async def _multipart_fields(request, names, upload):
-    """The fields of a multipart body, each read under the size cap."""
+    """The fields of a multipart body: the upload under the request's cap, each text
+    field under the cap of a JSON body."""
     fields, size = {}, 0
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader):
+                raise ApiError(400, "nested multipart bodies are not accepted")
             if part.name not in names or part.name in fields:
                 raise ApiError(400, f"unexpected or repeated form field {part.name!r}")
-            data = await _read_limited(part.read_chunk, MAX_REQUEST_BYTES, already=size)
+            cap = MAX_REQUEST_BYTES if part.name == upload else size + MAX_FORM_BYTES
+            data = await _read_limited(part.read_chunk, cap, f"form field {part.name}", size)
             size += len(data)
             if part.name != upload:
                 _require_utf8(part.get_charset(None), f"form field {part.name}")
@@ -2438,8 +2585,9 @@ def _count(query, name, default):
     text = query.get(name)
     if text is None:
         return default
-    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is True
-        raise ApiError(400, f"{name} must be a whole number")
+    # "²".isdigit() is True, and int() refuses 4,300 digits with a ValueError.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise ApiError(400, f"{name} must be a whole number below 10**18")
     return int(text)
 
 
@@ -2675,18 +2823,171 @@ def make_app(config):
     return app
 
 
+class _Connection(asyncio.Protocol):
+    """One API connection: aiohttp's own protocol inside, watched by the guard.
+
+    Its state is "head" (waiting for a complete request head, since head_since),
+    "ready" (a head is in), "busy" (a request runs) or "idle" (between requests).
+    """
+
+    def __init__(self, guard):
+        self.guard, self.inner = guard, guard.server()
+        self.transport = None
+        self.state, self.head_since, self.tail = "head", time.monotonic(), b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.inner.connection_made(transport)
+        self.guard.admit(self)
+
+    def data_received(self, data):
+        if self.state in ("head", "idle"):
+            if self.state == "idle":
+                self.state, self.head_since = "head", time.monotonic()
+            if b"\r\n\r\n" in self.tail + data:  # the head is in: never evicted now
+                self.state, self.tail = "ready", b""
+            else:
+                self.tail = (self.tail + data)[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def pause_writing(self):
+        self.inner.pause_writing()
+
+    def resume_writing(self):
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc):
+        self.guard.connections.pop(self, None)
+        self.inner.connection_lost(exc)
+
+
+class ConnectionGuard:
+    """Bounds what API connections can hold: a protocol factory for the API's socket.
+
+    A connection gets HEAD_TIMEOUT to send a complete request head. Past
+    --max-connections, a new connection pushes out the oldest one still sending its
+    head, else the one idle the longest, else it is refused itself; a connection whose
+    request is in or running is never dropped. So half-open sockets cannot use up the
+    descriptors, and a client with a token always gets through.
+    """
+
+    def __init__(self, server, limit):
+        self.server, self.limit = server, limit
+        self.connections = {}   # _Connection -> None, oldest first
+        self._by_handler = {}   # aiohttp's protocol -> _Connection
+        self._dropped = 0       # since the last log line
+        server.request_handler = self._tracked(server.request_handler)
+
+    def __call__(self):
+        return _Connection(self)
+
+    def admit(self, connection):
+        self.connections[connection] = None
+        self._by_handler[connection.inner] = connection
+        if len(self.connections) > self.limit:
+            victim = next((c for c in self.connections if c.state == "head"), None) or \
+                next((c for c in self.connections if c.state == "idle"), connection)
+            self.drop(victim)
+
+    def drop(self, connection):
+        self.connections.pop(connection, None)
+        self._by_handler.pop(connection.inner, None)
+        connection.transport.abort()  # frees the descriptor now, without TIME_WAIT
+        self._dropped += 1
+
+    def _tracked(self, handle):
+        """aiohttp's request handler, telling each connection when a request runs."""
+        async def tracked(request):
+            connection = self._by_handler.get(request.protocol)
+            if connection is not None:
+                connection.state = "busy"
+            try:
+                return await handle(request)
+            finally:
+                if connection is not None:
+                    connection.state = "idle"
+        return tracked
+
+    async def sweep(self):
+        """Close connections slow to send a head; log drops at most every 10 s."""
+        reported = time.monotonic()
+        while True:
+            await asyncio.sleep(1)
+            late = time.monotonic() - HEAD_TIMEOUT
+            for connection in [c for c in self.connections
+                               if c.state == "head" and c.head_since < late]:
+                self.drop(connection)
+            if self._dropped and time.monotonic() - reported >= 10:
+                log.warning("closed %d API connections that were slow to send a request "
+                            "or over --max-connections (%d open)", self._dropped,
+                            len(self.connections))
+                self._dropped, reported = 0, time.monotonic()
+
+
+class GuardedSite(web.BaseSite):
+    """aiohttp's TCP site, with its connections made through a ConnectionGuard."""
+
+    def __init__(self, runner, host, port, limit):
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self._host, self._port = host, port
+        self.guard = ConnectionGuard(runner.server, limit)
+
+    @property
+    def name(self):
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self):
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard, self._host, self._port, backlog=self._backlog)
+
+
+def _raise_descriptor_limit():
+    """Raise the soft open-file limit to the hard one: peers, files and API connections
+    all need descriptors, and 1024 (systemd's default) is few for a seedbox."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def _quiet_resource_errors(loop):
+    """Report "out of descriptors" on accept at most every 10 s, not one traceback per
+    attempt: asyncio retries accept() in a loop, and would flood the log."""
+    last = [0.0]
+
+    def handler(loop, context):
+        error = context.get("exception")
+        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE,
+                                                          errno.ENOBUFS, errno.ENOMEM):
+            if time.monotonic() - last[0] >= 10:
+                last[0] = time.monotonic()
+                log.error("%s: %s (see --max-connections and ulimit -n)",
+                          context.get("message"), error.strerror)
+            return
+        loop.default_exception_handler(context)
+    loop.set_exception_handler(handler)
+
+
 async def serve(config):
     """Run until SIGTERM or SIGINT, then shut down in order: requests, torrents, session."""
+    loop = asyncio.get_running_loop()
+    _quiet_resource_errors(loop)
     runner = web.AppRunner(make_app(config), access_log=None,
-                           shutdown_timeout=REQUEST_DRAIN_SECONDS)
+                           shutdown_timeout=REQUEST_DRAIN_SECONDS,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT, lingering_time=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = GuardedSite(runner, config.host, config.port, config.max_connections)
     await site.start()
+    sweep = asyncio.create_task(site.guard.sweep())
     for host, port, *_ in runner.addresses:
         log.info("TorrentFlow %s API listening on http://%s:%d", __version__,
                  f"[{host}]" if ":" in host else host, port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
@@ -2697,6 +2998,7 @@ async def serve(config):
     watchdog = threading.Timer(config.shutdown_timeout + SHUTDOWN_MARGIN, _exit_now)
     watchdog.daemon = True
     watchdog.start()
+    sweep.cancel()
     await runner.cleanup()
     log.info("stopped in %.2f s", time.monotonic() - started)
 
@@ -2714,6 +3016,7 @@ def main(argv=None):
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("open-file limit: %d", _raise_descriptor_limit())
     if config.log_level != "debug":
         # aiohttp logs every malformed request with a traceback at ERROR: anyone who
         # can connect could fill the log. Handler errors are logged by error_middleware.
