@@ -15,6 +15,7 @@ cases.
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -139,6 +140,7 @@ class Web:
             web.get("/t/{name}", self.torrent),
             web.get("/magnet/{name}", self.magnet),
             web.get("/hop/{count}/{name}", self.hop),
+            web.get("/slowhop/{count}/{name}", self.slow_hop),
             web.get("/huge", self.huge),
             web.get("/silent", self.silent),
         ])
@@ -164,6 +166,12 @@ class Web:
         count = int(request.match_info["count"])
         name = request.match_info["name"]
         raise web.HTTPFound(f"/hop/{count - 1}/{name}" if count else f"/t/{name}")
+
+    async def slow_hop(self, request):
+        await asyncio.sleep(0.4)
+        count = int(request.match_info["count"])
+        name = request.match_info["name"]
+        raise web.HTTPFound(f"/slowhop/{count - 1}/{name}" if count else f"/t/{name}")
 
     async def huge(self, request):
         # Chunked, no Content-Length: the daemon must count the bytes itself.
@@ -1481,11 +1489,13 @@ SAVE_INTERVAL = 1.0
 class DaemonProcess:
     """torrentflow.py as a child process on fixed directories, with an HTTP client on it."""
 
-    def __init__(self, root, download_dir=None, save_interval=SAVE_INTERVAL):
+    def __init__(self, root, download_dir=None, save_interval=SAVE_INTERVAL, extra=(),
+                 prefix=(), headers=None):
         self.root = root
         self.download_dir = download_dir or root / "downloads"
         self.state_dir = root / "state"
         self.save_interval = save_interval
+        self.extra, self.prefix, self.headers = list(extra), list(prefix), headers
         self.runs = 0
         self.process = None
         self.client = None
@@ -1498,13 +1508,14 @@ class DaemonProcess:
         self.log_path = self.root / f"daemon-{self.runs}.log"
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, str(HERE / "torrentflow.py"), "--local-only",
+                [*self.prefix, sys.executable, str(HERE / "torrentflow.py"), "--local-only",
                  "--listen-interfaces", "127.0.0.1:0", "--port", "0",
                  "--download-dir", str(self.download_dir), "--state-dir", str(self.state_dir),
-                 "--save-interval", str(self.save_interval)],
+                 "--save-interval", str(self.save_interval), *self.extra],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd=self.root)
         port = self.port = await wait_until(self._port, deadline=30, what="the API port")
-        self.client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
+        self.client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}",
+                                            headers=self.headers)
 
         async def loaded():
             async with self.client.get("/health") as response:
@@ -2136,3 +2147,311 @@ async def test_a_resume_file_with_a_save_path_that_is_not_utf8_is_quarantined(
         return not health["loading"] and (await client.get(f"/torrents/{good}")).status == 200
     await wait_until(loaded, deadline=10, what="the good resume file to load")
     assert [p.name.split(".")[0] for p in (tmp_path / "state" / "quarantine").iterdir()] == [bad]
+
+
+# --------------------------------------------------------------------------- #
+# Under attack: the promises hold
+# --------------------------------------------------------------------------- #
+
+def _percentile(samples, fraction):
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def _sample(client, path, until, latencies, interval=0.1):
+    """GET path on one keep-alive connection every interval until `until`; each
+    answer's latency goes to latencies (a failure counts as infinitely slow)."""
+    while time.monotonic() < until:
+        started = time.monotonic()
+        try:
+            async with client.get(path, timeout=aiohttp.ClientTimeout(total=5)) as response:
+                await response.read()
+                ok = response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            ok = False
+        latencies.append(time.monotonic() - started if ok else float("inf"))
+        await asyncio.sleep(interval)
+
+
+#: An attacker in a process of its own, so that it does not slow the test's own loop:
+#: COUNT sockets that connect, send half a request head and hold it, again whenever the
+#: daemon closes them, for SECONDS. Arguments: PORT COUNT SECONDS.
+HALF_OPEN_ATTACK = """
+import asyncio, resource, sys, time
+port, count, seconds = map(int, sys.argv[1:])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 256), hard))
+
+async def hold(until):
+    while time.monotonic() < until:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+        except (OSError, asyncio.TimeoutError):
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            writer.write(b"GET /health HTTP/1.1\\r\\nHost: localhost\\r\\n")
+            await asyncio.wait_for(reader.read(1), max(0.01, until - time.monotonic()))
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.transport.abort()
+
+async def main():
+    until = time.monotonic() + seconds
+    await asyncio.gather(*(hold(until) for _ in range(count)))
+
+asyncio.run(main())
+"""
+
+
+async def test_half_open_connections_do_not_take_the_daemon_down(tmp_path):
+    """2,000 sockets that never finish their request head, against a daemon with 1,024
+    descriptors, for 20 s: /health and an authenticated listing keep answering in under
+    a second, and the log stays small."""
+    process = DaemonProcess(tmp_path, extra=["--token", TOKEN], headers=AUTH,
+                            prefix=["prlimit", "--nofile=1024:1024", "--"])
+    try:
+        await process.start()
+        attacker = subprocess.Popen([sys.executable, "-c", HALF_OPEN_ATTACK,
+                                     str(process.port), "2000", "20"])
+        try:
+            until = time.monotonic() + 20
+            health, listing = [], []
+            await asyncio.gather(_sample(process.client, "/health", until, health),
+                                 _sample(process.client, "/torrents", until, listing))
+        finally:
+            attacker.kill()
+            attacker.wait(10)
+        log_size = process.log_path.stat().st_size
+        for name, latencies in (("/health", health), ("GET /torrents", listing)):
+            print(f"{name} under 2,000 half-open connections: {len(latencies)} samples, "
+                  f"p99 {1000 * _percentile(latencies, 0.99):.1f} ms, "
+                  f"max {1000 * max(latencies):.1f} ms")
+            assert max(latencies) < 1.0, latencies
+        print(f"log: {log_size} bytes")
+        assert log_size < 100_000
+        assert "Too many open files" not in process.log()
+    finally:
+        await process.close()
+
+
+async def test_a_magnet_with_thousands_of_trackers_is_refused_at_once(daemon, tmp_path):
+    """Adding 20,000 trackers would freeze libtorrent's session thread for a minute."""
+    layout = {"slow.bin": 2 * 1024 * 1024}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "slow.bin")
+    seeder = Seeder(rate_limit=300_000).seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    moving = await wait_status(daemon, body["infohash"], lambda s: s["total_done"] > 0,
+                               what="the download to start")
+    for count, status, words in ((20_000, 413, "too large"), (2_000, 422, "at most 200 tr=")):
+        trackers = "".join(f"&tr=http://h{n}" for n in range(count))
+        started = time.monotonic()
+        response = await daemon.post("/torrents", data={
+            "torrent_url": "magnet:?xt=urn:btih:" + "cd" * 20 + trackers})
+        assert time.monotonic() - started < 1.0
+        await error_of(response, status, words)
+    many = lt.create_torrent(lt.list_files(str(source / "slow.bin")), PIECE,
+                             lt.create_torrent.v1_only)
+    for number in range(300):
+        many.add_tracker(f"http://127.0.0.1:1/{number}/announce", number)
+    lt.set_piece_hashes(many, str(source))
+    response, _ = await add(daemon, expect=(422,), torrent_file=lt.bencode(many.generate()))
+    await error_of(response, 422, "at most 200 trackers")
+    # ...while the download went on.
+    await wait_status(daemon, body["infohash"],
+                      lambda s: s["total_done"] > moving["total_done"], deadline=10,
+                      what="the download to keep moving")
+    assert (await (await daemon.get("/torrents")).json())["total"] == 1
+
+
+def _many_files_torrent(count):
+    """A .torrent of count one-byte files in folders of 1,000, and where it is seeded."""
+    files = [{b"length": 1, b"path": [b"d%d" % (n // 1000), b"f%d" % n]} for n in range(count)]
+    data = b"\0" * count
+    pieces = b"".join(hashlib.sha1(data[i:i + PIECE]).digest()
+                      for i in range(0, count, PIECE))
+    return lt.bencode({b"info": {b"name": b"many", b"piece length": PIECE, b"pieces": pieces,
+                                 b"files": files}})
+
+
+async def test_metadata_with_too_many_files_from_a_peer_is_refused_without_a_stall(
+        daemon, seeder, tmp_path):
+    """250,000 files behind a magnet: a clear error, and /health (every 10 ms) never
+    waits more than 100 ms meanwhile. The files are never rendered."""
+    torrent = _many_files_torrent(250_000)
+    seeder.seed(torrent, tmp_path / "seed")  # seed mode: the metadata is all it serves
+    waits, stop = [], asyncio.Event()
+
+    async def probe():
+        while not stop.is_set():
+            started = time.monotonic()
+            assert (await daemon.get("/health")).status == 200
+            waits.append(time.monotonic() - started)
+            await asyncio.sleep(0.01)
+    probing = asyncio.ensure_future(probe())
+    try:
+        _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+        status = await wait_status(daemon, body["infohash"], lambda s: s["error"],
+                                   what="the metadata to be refused")
+    finally:
+        stop.set()
+        await probing
+    print(f"/health while 250,000 files were refused: p99 "
+          f"{1000 * _percentile(waits, 0.99):.1f} ms, max {1000 * max(waits):.1f} ms "
+          f"({len(waits)} samples)")
+    assert "more than 100000 files" in status["error"]
+    assert status["paused"] and status["files"] is None and status["num_files"] is None
+    assert max(waits) < 0.1
+
+
+@pytest.mark.parametrize("pause_first", [False, True])
+async def test_a_symlink_swapped_in_after_the_add_never_leads_outside(daemon, tmp_path,
+                                                                     pause_first):
+    layout = {"victim.bin": 4 * 1024 * 1024}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "victim.bin")
+    seeder = Seeder(rate_limit=400_000).seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent), save_path="victim")
+    infohash = body["infohash"]
+    await wait_status(daemon, infohash, lambda s: s["total_done"] > 0, what="some data")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    bystander = outside / "victim.bin"  # a file outside, with the torrent's file name
+    bystander.write_bytes(b"not the torrent's")
+    victim = tmp_path / "downloads" / "victim"
+    victim.rename(tmp_path / "downloads" / "moved-away")
+    victim.symlink_to(outside, target_is_directory=True)
+    if pause_first:
+        assert (await daemon.put(f"/torrents/{infohash}/pause")).status == 200
+        await error_of(await daemon.put(f"/torrents/{infohash}/resume"), 409, "outside")
+    status = await wait_status(daemon, infohash, lambda s: "outside" in s["error"],
+                               deadline=5, what="the swap to be noticed")
+    assert status["paused"] and not status["auto_managed"]
+    await error_of(await daemon.delete(f"/torrents/{infohash}?delete_files=true"), 409,
+                   "outside")
+    assert bystander.read_bytes() == b"not the torrent's"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.bin"]
+    # Put right, the torrent resumes and completes where it belongs.
+    victim.unlink()
+    (tmp_path / "downloads" / "moved-away").rename(victim)
+    assert (await daemon.put(f"/torrents/{infohash}/resume")).status == 200
+    seeder.session.set_peer_class(seeder.session.local_peer_class_id,
+                                  {"upload_limit": 0, "download_limit": 0})
+    await wait_complete(daemon, infohash)
+    assert same_tree(source, victim, layout)
+    assert bystander.read_bytes() == b"not the torrent's"
+
+
+async def test_smaller_holes_are_closed(daemon, swarm, payload, tmp_path, aiohttp_client):
+    source, _ = payload
+    # .utf-8 keys are checked as the plain ones are: libtorrent prefers them.
+    for info in (_single(name=b"ok") | {b"name.utf-8": b"../escape"},
+                 _multi([[b"ok"]], extra={b"path.utf-8": [b"..", b"x"]}),
+                 _multi([[b"ok"]], extra={b"path.utf-8": [b"/etc/x"]})):
+        response, _ = await add(daemon, expect=(422,), torrent_file=_bencoded(info))
+        await error_of(response, 422, "unsafe file name")
+    # One deadline for a fetch, redirects included: five slow hops do not take longer.
+    swarm.torrents["slow"] = make_torrent(source / "single.bin")
+    client = await aiohttp_client(torrentflow.make_app(
+        daemon_config(tmp_path / "fetch", "--fetch-timeout", "1")))
+    started = time.monotonic()
+    response = await client.post("/torrents", json={"torrent_url": swarm.url("/slowhop/5/slow")})
+    await error_of(response, 502, "timed out")
+    assert time.monotonic() - started < 1.5
+    # localhost. (a trailing dot) is a name for the resolver, not loopback.
+    port = swarm.server.port
+    await error_of(await daemon.post("/torrents", json={
+        "torrent_url": f"http://localhost.:{port}/t/slow"}), 400, "--local-only")
+    _, body = await add(daemon, torrent_url=MAGNET + f"&tr=http://localhost.:{port}/announce"
+                        + f"&tr=http://localhost:{port}/announce")
+    handle = daemon.app[torrentflow.ENGINE].lookup(body["infohash"]).handle
+    assert [t["url"] for t in handle.trackers()] == [f"http://localhost:{port}/announce"]
+    # Free text from a torrent is capped: a 60,000-character dn= and a 5 MB comment.
+    long_name = "n" * 60_000
+    _, body = await add(daemon, torrent_url="magnet:?xt=urn:btih:" + "12" * 20
+                        + "&dn=" + long_name)
+    assert len((await status_of(daemon, body["infohash"]))["name"]) == torrentflow.MAX_TEXT
+    commented = make_torrent(source / "single.bin", comment="c" * 5_000_000)
+    _, body = await add(daemon, torrent_file=commented)
+    status = await status_of(daemon, body["infohash"])
+    assert len(status["comment"]) == torrentflow.MAX_TEXT
+    # What used to answer 500.
+    for query in ("limit=" + "9" * 5000, "offset=" + "1" * 4301):
+        await error_of(await daemon.get(f"/torrents?{query}"), 400, "whole number")
+    nested = (b"--zz\r\nContent-Type: multipart/mixed; boundary=yy\r\n"
+              b"Content-Disposition: form-data; name=\"torrent_url\"\r\n\r\n"
+              b"--yy\r\nContent-Type: text/plain\r\n\r\nx\r\n--yy--\r\n--zz--\r\n")
+    await error_of(await daemon.post("/torrents", data=nested, headers={
+        "Content-Type": "multipart/form-data; boundary=zz"}), 400, "nested")
+
+
+async def test_a_client_that_hangs_up_mid_body_leaves_one_quiet_line(process):
+    await process.start()
+    for content_type in (b"application/json", b"multipart/form-data; boundary=zz"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
+        writer.write(b"POST /torrents HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     + content_type + b"\r\nContent-Length: 1000\r\n\r\n--zz\r\n"
+                     b"Content-Disposition: form-data; name=\"torrent_url\"\r\n\r\nm")
+        await writer.drain()
+        writer.transport.abort()
+    await wait_until(lambda: process.log().count("hung up") == 2, deadline=10,
+                     what="two hang-ups noted")
+    async with process.client.get("/health") as response:
+        assert response.status == 200
+    await process.stop()
+    assert " ERROR " not in process.log() and "Traceback" not in process.log()
+
+
+async def test_health_without_the_token_says_only_whether_it_is_healthy(guarded):
+    answer = await (await guarded.get("/health")).json()
+    assert answer == {"status": "ok"}
+    full = await (await guarded.get("/health", headers=AUTH)).json()
+    assert set(full) == {"status", "torrents", "loading", "listen_port"}
+
+
+async def test_torrents_cannot_aim_the_daemon_at_this_host(tmp_path, aiohttp_client, payload):
+    """Outside --local-only, trackers and web seeds on this host's own addresses are
+    dropped, and the IP filter refuses those addresses after DNS too. (The daemon
+    still listens on loopback only here, with DHT off.)"""
+    config = torrentflow.parse_config([
+        "--listen-interfaces", "127.0.0.1:0", "--no-dht", "--port", "0",
+        "--download-dir", str(tmp_path / "downloads"), "--state-dir", str(tmp_path / "state")],
+        environ={})
+    client = await aiohttp_client(torrentflow.make_app(config))
+    source, _ = payload
+    recipe = lt.create_torrent(lt.list_files(str(source / "single.bin")), PIECE,
+                               lt.create_torrent.v1_only)
+    for url in ("http://127.0.0.1:9/announce", "http://localhost:9/announce",
+                "http://[::1]:9/announce", "http://169.254.169.254/announce",
+                "udp://0.0.0.0:9/announce", "http://tracker.example/announce"):
+        recipe.add_tracker(url)
+    for url in ("http://127.0.0.1:8080/torrents", "http://seed.example/single.bin"):
+        recipe.add_url_seed(url)
+    lt.set_piece_hashes(recipe, str(source))
+    _, body = await add(client, torrent_file=lt.bencode(recipe.generate()))
+    engine = client.app[torrentflow.ENGINE]
+    handle = engine.lookup(body["infohash"]).handle
+    assert [t["url"] for t in handle.trackers()] == ["http://tracker.example/announce"]
+    assert handle.url_seeds() == ["http://seed.example/single.bin"]
+    ip_filter = engine._session.get_ip_filter()
+    for address in ("127.0.0.1", "::1", "169.254.1.1", "0.0.0.0", "fe80::1"):
+        assert ip_filter.access(address) == 1, address
+    for address in ("10.0.0.1", "192.168.1.5", "8.8.8.8", "2001:db8::1"):
+        assert ip_filter.access(address) == 0, address
+
+
+async def test_names_cannot_forge_log_lines(process):
+    """A dn= with a newline, a forged log line, terminal escapes and 60,000 more
+    characters: one line in the log, escaped and cut."""
+    await process.start()
+    forged = "2026-01-01 00:00:00,000 ERROR torrentflow: forged"
+    name = urllib.parse.quote("evil\n" + forged + "\x1b[31m" + "z" * 60_000)
+    await add(process.client, torrent_url=f"magnet:?xt=urn:btih:{'ef' * 20}&dn={name}")
+    await wait_until(lambda: "added evil" in process.log(), deadline=10, what="the add logged")
+    await process.stop()
+    log = process.log()
+    assert not any(line.startswith(forged) for line in log.splitlines())
+    assert "\x1b" not in log and "evil\\x0a2026" in log
+    assert max(len(line) for line in log.splitlines()) < 1000

@@ -58,6 +58,7 @@ import json
 import logging
 import os
 import queue
+import re
 import resource
 import signal
 import socket
@@ -209,7 +210,7 @@ def _host(text):
                          "localhost") from None
 
 
-def _count(text):
+def _whole(text):
     """A whole number above 0."""
     count = int(text)
     if count < 1:
@@ -338,7 +339,7 @@ OPTIONS = (
     Option("insecure_no_auth", _boolean, False, "serve the API without a token on a "
            "non-loopback --host; only when something else guards the port"),
     #: Each API connection costs a descriptor; the rest go to peers and files.
-    Option("max_connections", _count, 256, "simultaneous API connections; past it, a "
+    Option("max_connections", _whole, 256, "simultaneous API connections; past it, a "
            "connection still sending its request head, or the longest idle, is closed"),
     Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
            "may point into, besides --download-dir; repeat for more", repeat=":",
@@ -813,36 +814,45 @@ def keep_reachable(params, local_only):
 
 
 async def fetch_torrent_url(client, url, timeout, local_only=False):
-    """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to."""
-    for _ in range(FETCH_MAX_REDIRECTS + 1):
-        try:
-            scheme = urllib.parse.urlsplit(url).scheme.lower()
-        except ValueError as error:  # a malformed address, such as http://[::1/x
-            raise ApiError(400, f"torrent_url is not a valid URL: {error}") from None
-        if scheme not in ("http", "https"):
-            raise ApiError(400, "torrent_url must be a magnet link or an http(s) URL")
-        if local_only and not _is_local_url(url):
-            raise ApiError(400, "with --local-only, torrent_url must name localhost or a "
-                           "loopback address")
-        try:
-            async with client.get(url, allow_redirects=False) as response:
-                if response.status in (301, 302, 303, 307, 308):
-                    location = response.headers.get("Location", "")
-                    if location.lower().startswith("magnet:"):
-                        return location
-                    url = urllib.parse.urljoin(str(response.url), location)
-                    continue
-                if response.status != 200:
-                    raise ApiError(502, f"fetching torrent_url failed: HTTP {response.status}")
-                # Content-Length may be absent (chunked) or lie: count while streaming.
-                return await _read_limited(response.content.read, MAX_TORRENT_BYTES,
-                                           "torrent_url served")
-        except asyncio.TimeoutError:
-            raise ApiError(502, f"fetching torrent_url timed out after {timeout:g} s") from None
-        except (aiohttp.ClientError, ValueError) as error:
-            raise ApiError(502, f"fetching torrent_url failed: {error}") from None
+    """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to.
+    One deadline covers every redirect: five slow hops must not take five times as long."""
+    try:
+        async with asyncio.timeout(timeout):
+            for _ in range(FETCH_MAX_REDIRECTS + 1):
+                fetched = await _fetch_once(client, url, local_only)
+                if not isinstance(fetched, tuple):
+                    return fetched
+                url = fetched[0]
+    except TimeoutError:
+        raise ApiError(502, f"fetching torrent_url timed out after {timeout:g} s") from None
+    except (aiohttp.ClientError, ValueError) as error:
+        raise ApiError(502, f"fetching torrent_url failed: {error}") from None
     raise ApiError(502, f"fetching torrent_url failed: more than "
                    f"{FETCH_MAX_REDIRECTS} redirects")
+
+
+async def _fetch_once(client, url, local_only):
+    """One hop of a fetch: the body, a magnet URI, or (the URL it redirects to,)."""
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as error:  # a malformed address, such as http://[::1/x
+        raise ApiError(400, f"torrent_url is not a valid URL: {error}") from None
+    if scheme not in ("http", "https"):
+        raise ApiError(400, "torrent_url must be a magnet link or an http(s) URL")
+    if local_only and not _is_local_url(url):
+        raise ApiError(400, "with --local-only, torrent_url must name localhost or a "
+                       "loopback address")
+    async with client.get(url, allow_redirects=False) as response:
+        if response.status in (301, 302, 303, 307, 308):
+            location = response.headers.get("Location", "")
+            if location.lower().startswith("magnet:"):
+                return location
+            return (urllib.parse.urljoin(str(response.url), location),)
+        if response.status != 200:
+            raise ApiError(502, f"fetching torrent_url failed: HTTP {response.status}")
+        # Content-Length may be absent (chunked) or lie: count while streaming.
+        return await _read_limited(response.content.read, MAX_TORRENT_BYTES,
+                                   "torrent_url served")
 
 
 async def _read_limited(read_chunk, limit, what="request body", already=0):
@@ -3011,11 +3021,36 @@ def _exit_now():
     os._exit(1)
 
 
+class _SafeLog(logging.Filter):
+    """Escape control characters and cut long values in every log record: names and
+    URLs come from strangers, and must neither forge lines nor fill the disk."""
+
+    _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+    def filter(self, record):
+        if record.args:
+            record.args = tuple(_cut(arg) for arg in (
+                record.args if isinstance(record.args, tuple) else (record.args,)))
+        record.msg = self._CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}",
+                                       record.getMessage())
+        record.args = ()
+        return True
+
+
+def _cut(value):
+    """A value for a log line: strings longer than MAX_LOGGED are cut."""
+    if isinstance(value, (str, bytes)) and len(value) > MAX_LOGGED:
+        return f"{value[:MAX_LOGGED]!s}... ({len(value)} in all)"
+    return value
+
+
 def main(argv=None):
     """Entry point: parse the config, log to stderr, serve."""
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_SafeLog())
     log.info("open-file limit: %d", _raise_descriptor_limit())
     if config.log_level != "debug":
         # aiohttp logs every malformed request with a traceback at ERROR: anyone who
