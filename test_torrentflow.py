@@ -576,7 +576,8 @@ async def test_v2_and_hybrid_torrents_download_and_answer_to_their_hashes(
         assert body["infohash"] == str(hashes.v2) and len(body["infohash"]) == 64
     status = await wait_complete(daemon, body["infohash"])
     assert same_tree(source, tmp_path / "downloads", layout)
-    assert status["num_files"] == 2  # pad files are not files
+    assert status["num_files"] == 2  # pad files are not files, nor counted in sizes
+    assert status["total_size"] == sum(layout.values())
     assert sorted(f["path"] for f in status["files"]) == sorted(layout)
     assert status["info_hash_v2"] == str(hashes.v2)
     v2_status = await status_of(daemon, str(hashes.v2).upper())
@@ -1679,6 +1680,7 @@ async def test_sigterm_mid_download_stops_fast_and_resumes(seeders, tracker, tmp
         await process.start()
         after = await process.wait_listed(infohash)
         assert kept(after) == kept(before)
+        assert after["total_download"] >= before["total_download"] > 0  # over its life
         assert not after["is_finished"]
         # Pausing the session at shutdown must not bring the torrent back paused.
         await wait_status(process.client, infohash, lambda s: not s["paused"], deadline=5,
@@ -2455,3 +2457,235 @@ async def test_names_cannot_forge_log_lines(process):
     assert not any(line.startswith(forged) for line in log.splitlines())
     assert "\x1b" not in log and "evil\\x0a2026" in log
     assert max(len(line) for line in log.splitlines()) < 1000
+
+
+# --------------------------------------------------------------------------- #
+# Honest answers: a 2xx means it happened
+# --------------------------------------------------------------------------- #
+
+def remount(mount_point, options):
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)], check=True)
+
+
+async def test_a_state_directory_that_fails_gives_503_and_loses_nothing(
+        small_disk, tmp_path, aiohttp_client, payload):
+    client = await aiohttp_client(torrentflow.make_app(
+        daemon_config(tmp_path, "--state-dir", str(small_disk / "state"))))
+    source, _ = payload
+    kept_one = make_torrent(source / "single.bin")
+    _, body = await add(client, torrent_file=kept_one)
+    infohash = body["infohash"]
+    remount(small_disk, "ro")
+    try:
+        # An add that cannot be saved is undone, and says why.
+        response = await client.post("/torrents", json={"torrent_url": MAGNET})
+        assert "state directory" in await error_of(response, 503, "read-only")
+        assert response.headers["Retry-After"]
+        listed = await (await client.get("/torrents?fields=infohash")).json()
+        assert listed["torrents"] == [{"infohash": infohash}]
+        # A DELETE that cannot remove the resume file leaves the torrent whole.
+        await error_of(await client.delete(f"/torrents/{infohash}"), 503, "read-only")
+        assert (await status_of(client, infohash))["infohash"] == infohash
+        await wait_until(lambda: _unhealthy(client, "state directory"), deadline=5,
+                         what="/health to name the state directory")
+    finally:
+        remount(small_disk, "rw")
+    # Put right, both retries succeed, and the answers are true on disk.
+    assert (await client.post("/torrents", json={"torrent_url": MAGNET})).status == 201
+    assert (small_disk / "state" / "resume" / f"{MAGNET[-40:]}.resume").exists()
+    assert (await client.delete(f"/torrents/{infohash}")).status == 200
+    assert not (small_disk / "state" / "resume" / f"{infohash}.resume").exists()
+
+
+async def _unhealthy(client, words):
+    response = await client.get("/health")
+    return response.status == 503 and words in (await response.json())["detail"]
+
+
+async def test_vanished_data_is_an_error_and_resume_fetches_it_again(process, seeders,
+                                                                     tracker, tmp_path):
+    seeder = seeders()
+    torrent, source, layout = swarm_torrent(tmp_path, tracker, seeder, 1024 * 1024)
+    infohash = infohash_of(torrent)
+    await process.start()
+    await add(process.client, torrent_file=torrent, save_path="kept")
+    await wait_complete(process.client, infohash)
+    # While it runs: noticed within DATA_CHECK_INTERVAL.
+    (process.download_dir / "kept" / "data.bin").unlink()
+    status = await wait_status(process.client, infohash, lambda s: s["error"],
+                               deadline=torrentflow.DATA_CHECK_INTERVAL + 5,
+                               what="the missing file to be noticed")
+    assert "missing or truncated file: data.bin" in status["error"] and status["paused"]
+    # libtorrent 2.1.1 does not dial again a peer it left as a fellow seed, so another
+    # peer of the swarm serves the data this time.
+    tracker.seeder = seeders().seed(torrent, source)
+    await process.put(infohash, "resume")
+    await wait_complete(process.client, infohash)
+    # At start-up: a truncated file is noticed before anything is served from it.
+    await process.stop()
+    with open(process.download_dir / "kept" / "data.bin", "r+b") as file:
+        file.truncate(1000)
+    await process.start()
+    status = await wait_status(process.client, infohash, lambda s: s["error"], deadline=10,
+                               what="the truncated file to be noticed")
+    assert "truncated" in status["error"] and status["paused"]
+    tracker.seeder = seeders().seed(torrent, source)
+    await process.put(infohash, "resume")
+    await wait_complete(process.client, infohash)
+    assert same_tree(source, process.download_dir / "kept", layout)
+
+
+async def test_the_state_directory_cannot_hang_the_daemon(process, tmp_path):
+    """A FIFO where a resume file should be would block a read for ever."""
+    torrent = idle_torrent(tmp_path, "good.bin")
+    await process.start()
+    await add(process.client, torrent_file=torrent)
+    await process.stop()
+    os.mkfifo(process.state_dir / "resume" / ("ab" * 20 + ".resume"))
+    await process.start()  # waits for loading to end
+    assert await process.infohashes() == {infohash_of(torrent)}
+    assert "not a regular file" in process.log()
+    code, seconds = await process.stop()
+    assert code == 0 and seconds < STOP_GRACE
+
+
+async def test_a_dead_background_task_makes_health_fail(daemon):
+    engine = daemon.app[torrentflow.ENGINE]
+    assert (await daemon.get("/health")).status == 200
+    engine._tasks["save"].cancel()  # stands in for a crash: the task is gone either way
+    await wait_until(lambda: _unhealthy(daemon, "the save task stopped"), deadline=5,
+                     what="/health to report the dead task")
+
+
+async def test_a_taken_bittorrent_port_stops_the_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = DaemonProcess(tmp_path, extra=["--listen-interfaces", f"127.0.0.1:{port}"])
+        with pytest.raises(AssertionError, match="daemon exited with 2"):
+            await process.start()
+        assert "--listen-interfaces" in process.log() and f"127.0.0.1:{port}" in process.log()
+        assert "Traceback" not in process.log()
+        await process.close()
+
+
+# --------------------------------------------------------------------------- #
+# Status fields that scripts can trust
+# --------------------------------------------------------------------------- #
+
+async def test_rates_fall_to_zero_and_totals_last(daemon, tmp_path):
+    layout = {"rated.bin": 3 * 1024 * 1024}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "rated.bin")
+    seeder = Seeder(rate_limit=500_000).seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    infohash = body["infohash"]
+    moving = await wait_status(daemon, infohash, lambda s: s["download_rate"] > 0,
+                               what="a download rate")
+    assert moving["download_rate"] < 2 * 500_000  # payload, about what the seeder sends
+    assert (await daemon.put(f"/torrents/{infohash}/pause")).status == 200
+    paused = await status_of(daemon, infohash)
+    assert paused["download_rate"] == 0 and paused["upload_rate"] == 0  # at once
+    assert (await daemon.put(f"/torrents/{infohash}/resume")).status == 200
+    resumed = await status_of(daemon, infohash)
+    # Lifetime counters: a pause and resume do not start them again.
+    assert resumed["total_download"] >= paused["total_download"] > 0
+    seeder.session.set_peer_class(seeder.session.local_peer_class_id,
+                                  {"upload_limit": 0, "download_limit": 0})
+    done = await wait_complete(daemon, infohash)
+    assert done["total_download"] >= layout["rated.bin"]
+    # Nothing moves after the last byte: 0 within two seconds (and a tick).
+    await wait_status(daemon, infohash, lambda s: s["download_rate"] == 0, deadline=3,
+                      what="the rate to fall to 0")
+
+
+async def test_the_first_finished_status_already_shows_every_file_complete(daemon, seeder,
+                                                                           tmp_path):
+    layout = {"set/a.bin": 5 * 1024 * 1024 + 1, "set/b.bin": 7 * 1024 * 1024 + 3}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "set")
+    seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    status = await wait_status(daemon, body["infohash"], lambda s: s["is_finished"],
+                               what="it to finish")
+    # One document: finished, so every wanted file is whole in it.
+    assert all(f["downloaded"] == f["size"] and f["progress"] == 100 for f in status["files"])
+
+
+async def test_names_ids_and_order(daemon, seeder, tmp_path):
+    # A magnet without dn= is named by its infohash, as other clients do.
+    _, body = await add(daemon, torrent_url="magnet:?xt=urn:btih:" + "34" * 20)
+    assert (await status_of(daemon, body["infohash"]))["name"] == "34" * 20
+    # A v2-only torrent also answers to the first 40 hex digits of its hash, the form
+    # qBittorrent lists it under.
+    root = make_payload(tmp_path / "v2", {"v2.bin": 50_000})
+    _, body = await add(daemon, torrent_file=make_torrent(root / "v2.bin",
+                                                          version=lt.create_torrent.v2_only))
+    assert len(body["infohash"]) == 64
+    assert (await status_of(daemon, body["infohash"][:40].upper()))["infohash"] == body["infohash"]
+
+
+async def test_the_list_keeps_the_added_order_across_a_restart(process, tmp_path):
+    torrents = [idle_torrent(tmp_path / f"t{n}", f"order{n}.bin") for n in range(6)]
+    ids = [infohash_of(t) for t in torrents]
+    assert ids != sorted(ids)  # the order added is not the order of the names on disk
+    await process.start()
+    for torrent in torrents:
+        await add(process.client, torrent_file=torrent)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        await process.restart(signum)
+        async with process.client.get("/torrents?fields=infohash") as response:
+            listed = [t["infohash"] for t in (await response.json())["torrents"]]
+        assert listed == ids, signum
+
+
+async def test_adding_again_with_another_save_path_is_a_conflict(daemon, tmp_path):
+    _, body = await add(daemon, torrent_url=MAGNET, save_path="first")
+    response, again = await add(daemon, expect=(409,), torrent_url=MAGNET, save_path="other")
+    assert "'first'" in again["detail"]
+    await add(daemon, expect=(200,), torrent_url=MAGNET, save_path="first")
+    # Neither add created a directory; libtorrent makes it with the first file.
+    assert not (tmp_path / "downloads" / "first").exists()
+    assert not (tmp_path / "downloads" / "other").exists()
+
+
+async def test_deleting_a_magnet_without_metadata_logs_no_failure(daemon, caplog):
+    caplog.set_level("INFO")
+    _, body = await add(daemon, torrent_url=MAGNET)
+    response = await daemon.delete(f"/torrents/{body['infohash']}?delete_files=true")
+    assert response.status == 200
+    assert "could not delete" not in caplog.text and "Success" not in caplog.text
+
+
+@pytest.mark.parametrize("argv, environ, words", [
+    ([], {"TORRENTFLOW_PORT": "99999"}, "TORRENTFLOW_PORT"),
+    ([], {"TORRENTFLOW_SAVE_INTERVAL": "0"}, "TORRENTFLOW_SAVE_INTERVAL"),
+    ([], {"TORRENTFLOW_LOG_LEVEL": "loud"}, "TORRENTFLOW_LOG_LEVEL"),
+    (["--port", "http"], {}, "--port"),
+])
+def test_configuration_errors_name_the_flag_and_the_variable(argv, environ, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        torrentflow.parse_config(argv, environ)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert words in error and "Traceback" not in error
+    assert "_port" not in error and "_seconds" not in error  # no internal names
+
+
+def test_a_download_dir_that_is_a_file_stops_the_start_with_its_name(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, str(HERE / "torrentflow.py"), "--local-only", "--listen-interfaces",
+         "127.0.0.1:0", "--port", "0", "--download-dir", str(tmp_path / "afile"),
+         "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert str(tmp_path / "afile") in result.stderr and f"uid {os.getuid()}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version():
+    result = subprocess.run([sys.executable, str(HERE / "torrentflow.py"), "--version"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == (
+        f"TorrentFlow {torrentflow.__version__}")

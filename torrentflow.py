@@ -163,7 +163,7 @@ CHECK_BUDGET = 1024 ** 3
 WATCH_INTERVAL = 1.0
 #: Seconds between checks that every torrent's save path leads inside the roots and
 #: that finished torrents' files are still there. Sizes only: cheap, even for 10,000.
-DATA_CHECK_INTERVAL = 60.0
+DATA_CHECK_INTERVAL = 10.0
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
 ALERT_MASK = (
@@ -883,14 +883,17 @@ def _seconds_since(moment):
     return max(0, int(time.time() - then))
 
 
+def _files_of(torrent_info):
+    """(index, path, size) of each file of a torrent, padding left out."""
+    layout = torrent_info.layout()
+    return [(index, layout.file_path(index), layout.file_size(index))
+            for index in range(layout.num_files())
+            if not layout.file_flags(index) & lt.file_storage.flag_pad_file]
+
+
 def _metadata(torrent_info, creation):
     """Fields that need metadata; computed once, when metadata first arrives."""
-    layout = torrent_info.layout()
-    files = []
-    for index in range(layout.num_files()):
-        if layout.file_flags(index) & lt.file_storage.flag_pad_file:
-            continue
-        files.append((index, layout.file_path(index), layout.file_size(index)))
+    files = _files_of(torrent_info)
     return {
         "total_size": sum(size for _, _, size in files),
         "num_files": len(files),
@@ -998,9 +1001,9 @@ STATUS = (
     Field("upload_rate", "integer", False, "payload bytes/s sent over the last second; 0 "
           "when paused", lambda torrent, status: torrent.rates[1]),
     Field("total_download", "integer", False, "payload bytes received over its life",
-          _attribute("all_time_download")),
+          lambda torrent, status: torrent.notes["downloaded"]),
     Field("total_upload", "integer", False, "payload bytes sent over its life",
-          _attribute("all_time_upload")),
+          lambda torrent, status: torrent.notes["uploaded"]),
     Field("num_peers", "integer", False, "connected peers, seeds included",
           _attribute("num_peers")),
     Field("num_seeds", "integer", False, "connected seeds", _attribute("num_seeds")),
@@ -1302,9 +1305,12 @@ class _Torrent:
         self.loaded = notes is not None  # read from the state directory, so saved
         notes = notes or {}
         #: The daemon's notes, saved with the resume data: the order torrents were
-        #: added in, and whether "finished" was announced.
+        #: added in, whether "finished" was announced, and payload bytes over its life
+        #: (libtorrent's own all-time counters drop what moved since their last tick).
         self.notes = {"order": notes.get("order") or time.time_ns(),
-                      "finished": notes.get("finished", params.completed_time > 0)}
+                      "finished": notes.get("finished", params.completed_time > 0),
+                      "downloaded": notes.get("downloaded", params.total_downloaded),
+                      "uploaded": notes.get("uploaded", params.total_uploaded)}
         # libtorrent drops the .torrent's fields outside the info dict, and every
         # x.pe peer that failed to connect, yet they may be a magnet's only source.
         self.creation = (params.creation_date, params.created_by, params.comment)
@@ -1318,6 +1324,7 @@ class _Torrent:
         self._full = None             # ...and with its files, for GET of this torrent
         self.total_done = -1          # bytes done when file progress was last asked for
         self.progress_stale = False   # whether file_progress lags total_done
+        self.counted = (0, 0)         # libtorrent's session counters, last added to notes
         self.sample = (0.0, 0, 0)     # (time, payload down, payload up) the rates start at
         self.rates = (0, 0)           # payload bytes/s down and up, over the last second
         self.updated = 0.0            # when the last status arrived
@@ -1390,6 +1397,12 @@ class _Torrent:
         a torrent goes idle; counting bytes gives 0 within two seconds of the last one.
         """
         now, down, up = time.time(), status.total_payload_download, status.total_payload_upload
+        counted_down, counted_up = self.counted
+        if down < counted_down or up < counted_up:  # libtorrent started them again
+            counted_down = counted_up = 0
+        self.notes["downloaded"] += down - counted_down
+        self.notes["uploaded"] += up - counted_up
+        self.counted = (down, up)
         then, down_before, up_before = self.sample
         if status.flags & lt.torrent_flags.paused or down < down_before or up < up_before:
             self.sample, self.rates = (now, down, up), (0, 0)
@@ -2219,15 +2232,25 @@ class TorrentEngine:
         """Add every saved torrent back, in batches, while the API already answers."""
         try:
             saved = await self.store.load(self.inside_roots)
+            # A finished torrent whose files are gone (a drive not mounted) must not
+            # quietly download everything again: it stays paused, with the reason.
+            missing = await asyncio.to_thread(lambda: [
+                _missing_file(params.save_path, _files_of(params.ti), params.file_priorities)
+                if notes.get("finished") and params.ti else None for params, notes in saved])
             checking = 0
             for start in range(0, len(saved), LOAD_BATCH):
-                for params, notes in saved[start:start + LOAD_BATCH]:
-                    if not self.was_clean and self._lagging(params):
+                for (params, notes), lost in zip(saved[start:start + LOAD_BATCH],
+                                                 missing[start:start + LOAD_BATCH]):
+                    if lost:
+                        params.flags = params.flags & ~lt.torrent_flags.auto_managed \
+                            | lt.torrent_flags.paused
+                    elif not self.was_clean and self._lagging(params):
                         # Without the pieces it was saved with, libtorrent checks the
                         # files: what reached the disk since is kept, not downloaded again.
                         params.have_pieces = []
                         checking += 1
                     torrent = _Torrent(params, notes)
+                    torrent.fault = lost and f"missing or truncated file: {lost}"
                     self._register(torrent)
                     try:
                         self._session.async_add_torrent(params)
