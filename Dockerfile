@@ -25,8 +25,10 @@ ENV TORRENTFLOW_HOST=0.0.0.0 \
 VOLUME ["/data/downloads", "/data/state"]
 EXPOSE 8080/tcp 6881/tcp 6881/udp
 
+# The check follows the configured port, and needs no token: without one /health
+# answers only whether the daemon is healthy (200) or not (503).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD python -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4).status != 200)"
+    CMD python -c "import os, sys, urllib.request; port = os.environ.get('TORRENTFLOW_PORT', '8080'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=4).status != 200)"
 
 # SIGTERM saves every torrent within --shutdown-timeout (8 s), inside Docker's 10 s grace.
 STOPSIGNAL SIGTERM

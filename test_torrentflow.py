@@ -2689,3 +2689,19 @@ def test_version():
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.strip() == (
         f"TorrentFlow {torrentflow.__version__}")
+
+
+async def test_the_container_health_check_follows_the_configured_port(process):
+    """The Dockerfile's HEALTHCHECK command, run as Docker would, against a daemon on a
+    port other than 8080 (no Docker engine is needed to run the command itself)."""
+    dockerfile = (HERE / "Dockerfile").read_text()
+    command = re.search(r'HEALTHCHECK[^\n]*\\\n\s*CMD (python -c "[^\n]*")', dockerfile)[1]
+    await process.start()
+    environ = {**os.environ, "TORRENTFLOW_PORT": str(process.port)}
+    result = await asyncio.to_thread(subprocess.run, command, shell=True, env=environ,
+                                     capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    environ["TORRENTFLOW_PORT"] = "9"  # nobody listens there: unhealthy
+    result = await asyncio.to_thread(subprocess.run, command, shell=True, env=environ,
+                                     capture_output=True, timeout=30)
+    assert result.returncode != 0
