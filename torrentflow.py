@@ -56,6 +56,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -100,6 +101,11 @@ MAX_WEB_SEEDS = 100
 #: Characters of free text kept from a torrent (comment, creator, a magnet's dn=): a
 #: 10 MiB comment would otherwise be copied into every status and listing.
 MAX_TEXT = 4096
+#: Labels one torrent may carry: enough to group, too few to be a database.
+MAX_LABELS = 32
+#: Seconds a PATCH of save_path waits for the move; past it, the answer is 202 and the
+#: status shows moving_to until the move ends.
+MOVE_WAIT = 10.0
 #: Characters of any one value in a log line; longer ones are cut.
 MAX_LOGGED = 300
 #: Shorter tokens can be guessed by a client that is free to try as often as it likes.
@@ -154,6 +160,8 @@ RESUME_NOT_MODIFIED = 143
 NOTES_KEY = b"x-torrentflow"
 #: The file in the state directory whose presence says the last run saved everything.
 CLEAN_MARK = "clean-shutdown"
+#: The file in the state directory that keeps what PATCH /settings set.
+SETTINGS_FILE = "settings.json"
 #: Bytes of torrent data checked at once (see _pace_checks): a thousand small torrents
 #: check together, torrents of a gigabyte or more one after another.
 CHECK_BUDGET = 1024 ** 3
@@ -218,19 +226,40 @@ def _whole(text):
     return count
 
 
-def _boolean(text):
-    """1/0, true/false, yes/no or on/off."""
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("give 1 or 0")
+def _boolean(value):
+    """true or false; as text also 1/0, yes/no or on/off."""
+    if isinstance(value, str):
+        value = {"1": True, "true": True, "yes": True, "on": True, "0": False,
+                 "false": False, "no": False, "off": False}.get(value.strip().lower(), value)
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false (or 1 or 0)")
+    return value
+
+
+def _number(kind, low, *special, high=2**31 - 1):
+    """A number of kind (int or float) from low to high, or one of special; as text too.
+    libtorrent takes 32-bit numbers: a larger one would overflow in its call."""
+    def parse(value):
+        if isinstance(value, str):
+            try:
+                value = kind(value)
+            except ValueError:
+                raise TypeError(f"must be a {kind.__name__}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                kind is int and not isinstance(value, int)):
+            raise TypeError(f"must be a {'whole number' if kind is int else 'number'}")
+        if value not in special and not (math.isfinite(value) and low <= value <= high):
+            raise ValueError("must be " + "".join(f"{s} or " for s in special)
+                             + f"from {low} to {high}")
+        return kind(value)
+    return parse
 
 
 def _choice(*names):
     """One of names, case-insensitive."""
     def parse(text):
+        if not isinstance(text, str):
+            raise TypeError("must be a string")
         if text.lower() not in names:
             raise ValueError(f"give one of {', '.join(names)}")
         return text.lower()
@@ -290,6 +319,8 @@ class Option:
     help: str
     repeat: str = ""       # for repeatable options, the separator in the environment
     flag_name: str = ""    # the flag, when not --<name> (one flag of a repeatable list)
+    setting: str = ""      # its key in GET/PATCH /settings, if it can change at run time
+    schema: object = None  # and the JSON schema of its value there
     secret: bool = False   # kept out of repr(), so no log line can show it
 
     @property
@@ -300,6 +331,10 @@ class Option:
     def env(self):
         return "TORRENTFLOW_" + self.name.upper()
 
+
+_INTEGER = {"type": "integer"}
+#: What on_limit may do to a torrent that reached a seeding limit.
+ON_LIMIT = ("pause", "remove", "remove_with_files")
 
 #: Every option of the daemon. argparse, the environment lookup, Config and the README's
 #: configuration table all come from here; a test holds the README to it.
@@ -341,6 +376,31 @@ OPTIONS = (
     #: Each API connection costs a descriptor; the rest go to peers and files.
     Option("max_connections", _whole, 256, "simultaneous API connections; past it, a "
            "connection still sending its request head, or the longest idle, is closed"),
+    # The session's settings: flags give their values at start, PATCH /settings changes
+    # them, and values set by PATCH are saved and win over flags at the next start.
+    Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use "
+           "together; 0 for no limit", setting="download_limit", schema=_INTEGER),
+    Option("upload_limit", _number(int, 0), 0, "bytes/s all uploads may use together; 0 "
+           "for no limit", setting="upload_limit", schema=_INTEGER),
+    Option("max_active_downloads", _number(int, 0, -1), 3, "torrents that download at "
+           "once, the rest queued; -1 for no limit", setting="max_active_downloads",
+           schema=_INTEGER),
+    Option("max_active_seeds", _number(int, 0, -1), 5, "torrents that seed at once; -1 "
+           "for no limit", setting="max_active_seeds", schema=_INTEGER),
+    Option("max_active_torrents", _number(int, 0, -1), 500, "torrents active at once, "
+           "downloading or seeding; -1 for no limit", setting="max_active_torrents",
+           schema=_INTEGER),
+    Option("max_peer_connections", _number(int, 2), 200, "peer connections of all "
+           "torrents together", setting="max_connections", schema=_INTEGER),
+    Option("ratio_limit", _number(float, 0, -1), -1.0, "the ratio at which torrents "
+           "without their own limit stop seeding; -1 for none", setting="ratio_limit",
+           schema={"type": "number"}),
+    Option("seeding_time_limit", _number(int, 0, -1), -1, "seconds of seeding after which "
+           "torrents without their own limit stop; -1 for none",
+           setting="seeding_time_limit", schema=_INTEGER),
+    Option("on_limit", _choice(*ON_LIMIT), "pause", "what happens to a torrent that "
+           "reaches a seeding limit", setting="on_limit",
+           schema={"type": "string", "enum": list(ON_LIMIT)}),
     Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
            "may point into, besides --download-dir; repeat for more", repeat=":",
            flag_name="allowed-save-root"),
@@ -807,10 +867,14 @@ def keep_reachable(params, local_only):
     this host's own addresses: a .torrent must not make the daemon send requests to a
     local service. The IP filter blocks the same addresses after DNS lookups too.
     """
-    allowed = _is_local_url if local_only else (lambda url: not _is_private_to_host(url))
-    params.trackers = [url for url in params.trackers if allowed(url)]
-    params.url_seeds = [url for url in params.url_seeds if allowed(url)]
+    params.trackers = [url for url in params.trackers if _url_allowed(url, local_only)]
+    params.url_seeds = [url for url in params.url_seeds if _url_allowed(url, local_only)]
     return params
+
+
+def _url_allowed(url, local_only):
+    """Whether the daemon may call a URL a torrent names (see keep_reachable)."""
+    return _is_local_url(url) if local_only else not _is_private_to_host(url)
 
 
 async def fetch_torrent_url(client, url, timeout, local_only=False):
@@ -903,6 +967,7 @@ def _metadata(torrent_info, creation):
         "creator": creation[1] or None,
         "comment": creation[2] or None,
         "files": files,
+        "all_files": torrent_info.num_files(),  # libtorrent's count, padding included
     }
 
 
@@ -1063,6 +1128,28 @@ STATUS = (
     Field("creation_date", "integer", True, "from the .torrent", _info("creation_date")),
     Field("creator", "string", True, "from the .torrent", _info("creator")),
     Field("comment", "string", True, "from the .torrent", _info("comment")),
+    Field("labels", {"type": "array", "items": {"type": "string"}}, False,
+          "the torrent's labels", lambda torrent, status: torrent.notes["labels"]),
+    Field("ratio", "number", False, "bytes uploaded over its life per byte wanted",
+          lambda torrent, status: round(torrent.notes["uploaded"] / status.total_wanted, 4)
+          if status.total_wanted else 0.0),
+    Field("download_limit", "integer", False, "its own limit, bytes/s; 0 for none",
+          lambda torrent, status: max(0, status.download_limit)),
+    Field("upload_limit", "integer", False, "its own limit, bytes/s; 0 for none",
+          lambda torrent, status: max(0, status.upload_limit)),
+    Field("max_connections", "integer", False, "its own peer connection limit; 0 for none",
+          lambda torrent, status: max(0, status.connections_limit)),
+    Field("max_uploads", "integer", False, "its own unchoke slot limit; 0 for none",
+          lambda torrent, status: max(0, status.uploads_limit)),
+    Field("ratio_limit", "number", False, "the ratio at which it stops seeding: -1 the "
+          "session's default, -2 none", lambda torrent, status: torrent.notes["ratio_limit"]),
+    Field("seeding_time_limit", "integer", False, "seconds of seeding after which it stops: "
+          "-1 the session's default, -2 none",
+          lambda torrent, status: torrent.notes["seeding_time_limit"]),
+    Field("limit_reached", "string", True, "which seeding limit stopped it, until resumed",
+          lambda torrent, status: torrent.notes["limit_reached"]),
+    Field("moving_to", "string", True, "where its data is being moved, during a move",
+          lambda torrent, status: torrent.moving_to),
     Field("files", {"type": "array", "items": _FILE_ENTRY}, True,
           "one entry per file: index, path, size, downloaded, progress, priority",
           lambda torrent, status: torrent.files(), listed=False),
@@ -1073,6 +1160,176 @@ STATUS_FIELDS = tuple(field.name for field in STATUS)
 def _status_dict(torrent, status):
     """The JSON status of one torrent from a libtorrent torrent_status, files aside."""
     return {field.name: field.value(torrent, status) for field in STATUS if field.listed}
+
+
+# --------------------------------------------------------------------------- #
+# Per-torrent settings
+# --------------------------------------------------------------------------- #
+
+def _labels_value(value):
+    """A list of labels; in a form, comma-separated."""
+    if isinstance(value, str):
+        value = [label.strip() for label in value.split(",") if label.strip()]
+    if not isinstance(value, list) or not all(isinstance(label, str) for label in value):
+        raise TypeError("must be a list of strings")
+    if len(value) > MAX_LABELS or any(not 0 < len(label) <= 64 or not label.isprintable()
+                                      for label in value):
+        raise ValueError(f"at most {MAX_LABELS} labels of 1 to 64 printable characters")
+    return list(dict.fromkeys(value))
+
+
+def _priorities_value(value):
+    """File priorities 0 to 7: a list, one per file (in a form, comma-separated), or
+    {"index": priority} for some of them."""
+    if isinstance(value, str):
+        value = value.split(",")
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else None
+    if items is None:
+        raise TypeError("must be a list of priorities, or an object of index: priority")
+    chosen = {}
+    for index, priority in items:
+        try:
+            index = int(index)
+        except ValueError:
+            raise TypeError(f"{index!r} is not a file index") from None
+        chosen[index] = _number(int, 0, high=7)(priority)
+    return chosen if isinstance(value, dict) else list(chosen.values())
+
+
+def _trackers_value(value):
+    """Tracker URLs: a list of them (one tier each), or a list of lists (tiers)."""
+    if not isinstance(value, list) or not all(isinstance(item, (str, list)) for item in value):
+        raise TypeError("must be a list of URLs, or a list of lists of URLs for tiers")
+    tiers = [[item] if isinstance(item, str) else item for item in value]
+    urls = [(url, tier) for tier, urls in enumerate(tiers) for url in urls]
+    if not all(isinstance(url, str) for url, _ in urls):
+        raise TypeError("every tracker must be a URL string")
+    if len(urls) > MAX_TRACKERS:
+        raise ValueError(f"at most {MAX_TRACKERS} trackers")
+    for url, _ in urls:
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https", "udp") or \
+                not url.isprintable():
+            raise ValueError(f"{url!r} is not an http(s) or udp tracker URL")
+    return urls
+
+
+def _flag_setter(bit):
+    """Set or clear a torrent flag, in add_torrent_params or on a handle."""
+    def apply(target, value):
+        if isinstance(target, lt.add_torrent_params):
+            target.flags = target.flags | bit if value else target.flags & ~bit
+        elif value:
+            target.set_flags(bit)
+        else:
+            target.unset_flags(bit)
+    return apply
+
+
+def _limit_setter(params_name, handle_method):
+    """Set a limit, 0 meaning none, in add_torrent_params or on a handle."""
+    def apply(target, value):
+        if isinstance(target, lt.add_torrent_params):
+            setattr(target, params_name, value or -1)
+        else:
+            getattr(target, handle_method)(value or -1)
+    return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A per-torrent setting: what POST /torrents and PATCH /torrents/{infohash} take."""
+
+    name: str
+    schema: dict
+    parse: object          # a JSON value (or a form's text) -> the value; TypeError
+                           # means malformed (400), ValueError out of range (422)
+    apply: object = None   # (add_torrent_params or handle, value): libtorrent's part
+    noted: bool = False    # kept in the daemon's notes on the torrent, not libtorrent's
+    when: str = "add, change"
+
+
+_PRIORITY = {"type": "integer", "minimum": 0, "maximum": 7}
+_LIMIT = {"type": "integer", "minimum": 0}
+
+#: Every per-torrent setting. Parsing, the request schemas and the README come from it;
+#: each also appears in the status, from STATUS.
+TORRENT_SETTINGS = (
+    Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
+        params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
+        if value else params.flags), when="add"),
+    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value,
+            noted=True),
+    Setting("sequential_download", {"type": "boolean"}, _boolean,
+            _flag_setter(lt.torrent_flags.sequential_download)),
+    Setting("file_priorities", {"anyOf": [
+        {"type": "array", "items": _PRIORITY},
+        {"type": "object", "additionalProperties": _PRIORITY}]}, _priorities_value),
+    Setting("download_limit", _LIMIT, _number(int, 0),
+            _limit_setter("download_limit", "set_download_limit")),
+    Setting("upload_limit", _LIMIT, _number(int, 0),
+            _limit_setter("upload_limit", "set_upload_limit")),
+    Setting("max_connections", _LIMIT, _number(int, 2, 0),
+            _limit_setter("max_connections", "set_max_connections")),
+    Setting("max_uploads", _LIMIT, _number(int, 0),
+            _limit_setter("max_uploads", "set_max_uploads")),
+    Setting("ratio_limit", {"type": "number", "minimum": -2}, _number(float, 0, -1, -2),
+            noted=True),
+    Setting("seeding_time_limit", {"type": "integer", "minimum": -2},
+            _number(int, 0, -1, -2), noted=True),
+    Setting("trackers", {"type": "array", "items": {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}},
+        _trackers_value, when="change"),
+    Setting("save_path", {"type": "string"}, None, when="change"),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in TORRENT_SETTINGS}
+
+
+def _preset(params, settings):
+    """Put settings given at add into add_torrent_params; return file priorities that
+    must wait for a magnet's metadata (None otherwise)."""
+    for name, value in settings.items():
+        if SETTINGS_BY_NAME[name].apply:
+            SETTINGS_BY_NAME[name].apply(params, value)
+    chosen = settings.get("file_priorities")
+    if chosen is None or params.ti is None:
+        # A magnet's files are unknown: libtorrent takes the list as it is, and the
+        # daemon checks it and maps it past padding files once the metadata is here.
+        params.file_priorities = chosen or params.file_priorities
+        return chosen
+    files = _files_of(params.ti)
+    if len(chosen) != len(files):
+        raise ApiError(422, f"file_priorities has {len(chosen)} entries; the torrent has "
+                       f"{len(files)} files")
+    full = [4] * params.ti.num_files()
+    for (index, _, _), priority in zip(files, chosen):
+        full[index] = priority
+    params.file_priorities = full
+    return None
+
+
+def parse_values(fields, parsers):
+    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range."""
+    values = {}
+    for name, value in fields.items():
+        if name not in parsers:
+            continue
+        try:
+            values[name] = parsers[name](value)
+        except TypeError as error:
+            raise ApiError(400, f"{name} {error}") from None
+        except ValueError as error:
+            raise ApiError(422, f"{name} {error}") from None
+    return values
+
+
+def parse_settings(fields, when):
+    """The per-torrent settings among fields, parsed; when is "add" or "change"."""
+    settings = parse_values(fields, {s.name: s.parse or (lambda value: value)
+                                     for s in TORRENT_SETTINGS if when in s.when})
+    if when == "add" and isinstance(settings.get("file_priorities"), dict):
+        raise ApiError(400, "file_priorities must be a list when adding a torrent")
+    return settings
 
 
 # --------------------------------------------------------------------------- #
@@ -1118,7 +1375,7 @@ class StateStore:
         self.resume_dir = root / "resume"
         self.quarantine_dir = root / "quarantine"
         self._jobs = queue.SimpleQueue()
-        self._renamed = False  # whether the batch under way renamed or deleted a file
+        self._renamed = set()  # directories the batch under way renamed or deleted in
         self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
         self._thread.start()
 
@@ -1134,7 +1391,7 @@ class StateStore:
             batch = [self._jobs.get()]
             while not self._jobs.empty() and len(batch) < 1000:
                 batch.append(self._jobs.get_nowait())
-            done, synced, self._renamed = [], None, False
+            done, synced, self._renamed = [], None, set()
             for function, args, future in batch:
                 if function is None:
                     return
@@ -1145,8 +1402,8 @@ class StateStore:
                 except BaseException as error:
                     done.append((future, None, error))
             try:
-                if self._renamed:
-                    _fsync_dir(self.resume_dir)
+                for directory in self._renamed:
+                    _fsync_dir(directory)
             except OSError as error:
                 synced = error
             for future, result, error in done:
@@ -1169,6 +1426,7 @@ class StateStore:
         return await self._submit(self._prepare, download_dir)
 
     def _prepare(self, download_dir):
+        """(whether the last run stopped cleanly, the settings PATCH /settings saved)."""
         first_run = not self.resume_dir.is_dir()
         for directory in (download_dir, self.resume_dir):
             try:
@@ -1181,33 +1439,45 @@ class StateStore:
         was_clean = first_run or mark.exists()
         mark.unlink(missing_ok=True)
         _fsync_dir(self.root)
-        return was_clean
+        try:
+            settings = json.loads((self.root / SETTINGS_FILE).read_bytes())
+        except FileNotFoundError:
+            settings = {}
+        except (OSError, ValueError) as error:
+            log.warning("ignoring %s: %s", self.root / SETTINGS_FILE, error)
+            settings = {}
+        return was_clean, settings if isinstance(settings, dict) else {}
 
     async def mark_clean(self):
         """Leave the mark of a clean shutdown: every torrent was saved."""
-        def mark():
-            with open(self.root / CLEAN_MARK, "wb") as file:
-                os.fsync(file.fileno())
-            _fsync_dir(self.root)
-        await self._submit(mark)
+        await self._submit(self._atomic, self.root / CLEAN_MARK, b"")
+
+    async def save_settings(self, settings):
+        """Keep the settings PATCH /settings set, for the next start."""
+        await self._submit(self._atomic, self.root / SETTINGS_FILE,
+                           json.dumps(settings, indent=1).encode())
 
     async def write(self, name, data, old_name=None):
         """Write a resume file durably, the previous copy kept as .bak; drop old_name's."""
         await self._submit(self._write, name, data, old_name)
 
     def _write(self, name, data, old_name):
-        path = self._path(name)
+        self._atomic(self._path(name), data, backup=True)
+        if old_name:  # a v2-only magnet that gained its v1 id with the metadata
+            self._delete(old_name)
+
+    def _atomic(self, path, data, backup=False):
+        """Replace a file so that a crash leaves the old or the new one whole; the
+        directory is fsynced with the rest of the batch."""
         temp = path.with_suffix(".tmp")
         with open(temp, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        if path.exists():
+        if backup and path.exists():
             os.replace(path, path.with_suffix(".bak"))
         os.replace(temp, path)
-        self._renamed = True
-        if old_name:  # a v2-only magnet that gained its v1 id with the metadata
-            self._delete(old_name)
+        self._renamed.add(path.parent)
 
     async def delete(self, name):
         """Delete a torrent's resume file and its backup, durably."""
@@ -1217,7 +1487,7 @@ class StateStore:
         path = self._path(name)
         for file in (path, path.with_suffix(".bak")):
             file.unlink(missing_ok=True)
-        self._renamed = True
+        self._renamed.add(self.resume_dir)
 
     async def load(self, allowed):
         """(add_torrent_params, notes) of every saved torrent, in the order they were
@@ -1282,7 +1552,7 @@ class StateStore:
             target = self.quarantine_dir / f"{file.name}.{stamp}"
             os.replace(file, target)
             log.warning("moved unreadable resume file %s to %s", file, target)
-        self._renamed = True
+        self._renamed.add(self.resume_dir)
 
 
 # --------------------------------------------------------------------------- #
@@ -1310,7 +1580,12 @@ class _Torrent:
         self.notes = {"order": notes.get("order") or time.time_ns(),
                       "finished": notes.get("finished", params.completed_time > 0),
                       "downloaded": notes.get("downloaded", params.total_downloaded),
-                      "uploaded": notes.get("uploaded", params.total_uploaded)}
+                      "uploaded": notes.get("uploaded", params.total_uploaded),
+                      "labels": notes.get("labels", []),
+                      "ratio_limit": notes.get("ratio_limit", -1),
+                      "seeding_time_limit": notes.get("seeding_time_limit", -1),
+                      "limit_reached": notes.get("limit_reached"),
+                      "limit_mark": notes.get("limit_mark")}
         # libtorrent drops the .torrent's fields outside the info dict, and every
         # x.pe peer that failed to connect, yet they may be a magnet's only source.
         self.creation = (params.creation_date, params.created_by, params.comment)
@@ -1329,6 +1604,7 @@ class _Torrent:
         self.rates = (0, 0)           # payload bytes/s down and up, over the last second
         self.updated = 0.0            # when the last status arrived
         self.last_scrape = None       # when a tracker last reported swarm counts
+        self.trackers_heard = {}      # url -> (when it last answered, its last error)
         self.flushing_since = None    # when a flush of its finished download was asked for
         self.saved_as = self.infohash if self.loaded else None  # its resume file's name
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
@@ -1340,6 +1616,8 @@ class _Torrent:
         self.next_save = None         # the save that follows it, shared by all who ask
         self.force_save = False       # whether that one must write even if unchanged
         self.removing = False
+        self.moving_to = None         # where a move under way takes its data
+        self.chosen_priorities = None  # file priorities asked for before the metadata
 
     @property
     def aliases(self):
@@ -1456,6 +1734,47 @@ def _listing_body(items, total):
     return b"".join((b'{"torrents":[', items, b'],"total":%d}' % total))
 
 
+#: Peer flag bits by name; the 2.1.1 bindings lack uTP's and SSL's.
+_PEER_FLAGS = {**{name: getattr(lt.peer_info, name) for name in (
+    "interesting", "choked", "remote_interested", "remote_choked", "supports_extensions",
+    "outgoing_connection", "handshake", "connecting", "on_parole", "seed",
+    "optimistic_unchoke", "snubbed", "upload_only", "endgame_mode", "holepunched",
+    "rc4_encrypted", "plaintext_encrypted")}, "utp_socket": 1 << 17, "ssl_socket": 1 << 18}
+#: How a peer was found, by bit; the bindings lack "incoming".
+_PEER_SOURCES = {"tracker": 1, "dht": 2, "pex": 4, "lsd": 8, "resume": 16, "incoming": 32}
+
+
+def _peer(info):
+    """One connected peer as the API shows it."""
+    host, port = info.ip
+    flags = info.flags
+    kind = "web" if info.connection_type != lt.peer_info.standard_bittorrent else \
+        "utp" if flags & _PEER_FLAGS["utp_socket"] else "tcp"
+    return {"ip": host, "port": port,
+            "client": info.client.decode("utf-8", "replace")[:64],
+            "progress": round(info.progress * 100, 2),
+            "download_rate": info.payload_down_speed, "upload_rate": info.payload_up_speed,
+            "total_download": info.total_download, "total_upload": info.total_upload,
+            "connection": kind,
+            "encrypted": bool(flags & (lt.peer_info.rc4_encrypted
+                                       | lt.peer_info.plaintext_encrypted)),
+            "flags": [name for name, bit in _PEER_FLAGS.items() if flags & bit],
+            "source": [name for name, bit in _PEER_SOURCES.items() if info.source & bit]}
+
+
+def _tracker(entry, heard):
+    """One tracker as the API shows it; heard is what its alerts said lately."""
+    answered, error = heard.get(entry["url"], (None, ""))
+    failed = entry["fails"] or entry["last_error"]["value"]
+    status = ("updating" if entry["updating"] else "error" if failed
+              else "working" if entry["verified"] or answered else "not_contacted")
+    return {"url": entry["url"], "tier": entry["tier"], "status": status,
+            "message": entry["message"] or (error if failed else ""),
+            "seeds": entry["scrape_complete"], "peers": entry["scrape_incomplete"],
+            "downloaded": entry["scrape_downloaded"], "last_announce": answered,
+            "next_announce": entry["next_announce"] if entry["next_announce"] > 0 else None}
+
+
 def _file_progress(handles):
     """Bytes per file for each handle (None if it is gone). Blocking: run in a thread."""
     result = []
@@ -1516,6 +1835,8 @@ class TorrentEngine:
                       (config.download_dir, *config.allowed_save_roots)]
         self.listen_port = None
         self.was_clean = True         # whether the last run ended with a clean shutdown
+        #: The session's settings (GET/PATCH /settings): flags, then what PATCH saved.
+        self.settings = {o.setting: getattr(config, o.name) for o in OPTIONS if o.setting}
         self.problems = {}            # what is wrong beyond one torrent, for /health
         self._session = None
         self._torrents = {}           # _Torrent -> None: every torrent, in added order
@@ -1537,12 +1858,21 @@ class TorrentEngine:
     async def start(self):
         """Create the session, start the alert loop, and begin loading saved torrents."""
         loop = asyncio.get_running_loop()
-        self.was_clean = await self.store.prepare(self.config.download_dir)
-        params = lt.session_params(session_settings(self.config))
+        self.was_clean, saved = await self.store.prepare(self.config.download_dir)
+        self.settings.update(_valid_settings(saved))
+        params = lt.session_params({**session_settings(self.config),
+                                    **_session_pack(self.settings)})
         # pread avoids the RSS growth of memory-mapped I/O on large torrents.
         params.disk_io_constructor = "pread_disk_io_constructor"
         self._session = lt.session(params)
         self._session.set_ip_filter(_ip_filter(self.config.local_only))
+        # Every peer in one class, so the session's limits hold for peers on the LAN and
+        # on loopback too (libtorrent exempts those by default).
+        everyone = lt.ip_filter()
+        for first, last in (("0.0.0.0", "255.255.255.255"),
+                            ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")):
+            everyone.add_rule(first, last, 1 << self._session.global_peer_class_id)
+        self._session.set_peer_class_filter(everyone)
         self.listen_port = self._session.listen_port()  # a blocking call: once, at start
         self._check_listening()
         self._alert_socket, self._notify_socket = socket.socketpair()
@@ -1740,8 +2070,9 @@ class TorrentEngine:
         return str(path.relative_to(self.roots[0])) if path.is_relative_to(self.roots[0]) \
             else str(path)
 
-    async def add(self, params):
-        """Add a torrent; return (infohash, created) once it is saved and has a status."""
+    async def add(self, params, settings=None):
+        """Add a torrent with settings (parsed; they apply only to a new torrent); return
+        (infohash, created) once it is saved and has a status."""
         ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removing:
@@ -1758,7 +2089,11 @@ class TorrentEngine:
                                f"save_path {self.shown(existing.save_path)!r}")
             return existing.infohash, False
         keep_reachable(params, self.config.local_only)
+        chosen = _preset(params, settings or {})
         torrent = _Torrent(params)
+        torrent.chosen_priorities = chosen
+        torrent.notes.update({name: value for name, value in (settings or {}).items()
+                              if SETTINGS_BY_NAME[name].noted})
         self._register(torrent)
         torrent.added = self._spawn(self._add(torrent, params), f"add {torrent.infohash}")
         # Shielded: a client that hangs up must not leave a torrent added but unsaved.
@@ -1809,6 +2144,7 @@ class TorrentEngine:
     async def resume(self, torrent):
         """Resume and hand it back to the queue; after an error, recheck and retry."""
         await self.confined(torrent)
+        torrent.notes["limit_reached"] = None
         with _handle_call():
             torrent.handle.set_flags(lt.torrent_flags.auto_managed)
             if torrent.disk_error or torrent.fault or torrent.status["error"]:
@@ -1876,6 +2212,161 @@ class TorrentEngine:
             return
         await self.expect(torrent.ids, (lt.torrent_removed_alert, lt.torrent_deleted_alert,
                                         lt.torrent_delete_failed_alert), "the removal", step)
+
+    # -- operator control --------------------------------------------------- #
+
+    async def control(self, torrents, action):
+        """Pause or resume several torrents; how many did as asked."""
+        done = await asyncio.gather(*(getattr(self, action)(t) for t in torrents),
+                                    return_exceptions=True)
+        return sum(1 for outcome in done if not isinstance(outcome, BaseException))
+
+    async def configure(self, torrent, settings):
+        """Change a torrent's settings (parsed by parse_settings); return once libtorrent
+        has taken them, they are saved, and a fresh status shows them. A move of
+        save_path is waited for MOVE_WAIT; the result says whether it is done."""
+        if "file_priorities" in settings:
+            settings["file_priorities"] = self._priorities(torrent, settings["file_priorities"])
+        for url, _ in settings.get("trackers", ()):
+            if not _url_allowed(url, self.config.local_only):
+                raise ApiError(422, f"tracker {url!r} is not allowed here (see --local-only "
+                               "and the Security section of the README)")
+        with _handle_call():
+            for name, value in settings.items():
+                setting = SETTINGS_BY_NAME[name]
+                if setting.noted:
+                    torrent.notes[name] = value
+                elif name == "file_priorities":
+                    torrent.handle.prioritize_files(value)
+                elif name == "trackers":
+                    torrent.handle.replace_trackers([{"url": url, "tier": tier}
+                                                     for url, tier in value])
+                elif setting.apply:
+                    setting.apply(torrent.handle, value)
+        moved = True
+        if "save_path" in settings:
+            moved = await self.move(torrent, settings["save_path"])
+        await self.save(torrent)  # libtorrent answers it after every change posted above
+        await self._confirm(torrent, lambda status: True, "the change")
+        return moved
+
+    def _priorities(self, torrent, chosen):
+        """libtorrent's full list of file priorities from a list of one per file, or an
+        {index: priority} object: 409 before metadata, 422 for a wrong count or index."""
+        if torrent.info is None:
+            raise ApiError(409, "file_priorities need the metadata, which has not arrived")
+        files = [index for index, _, _ in torrent.info["files"]]
+        full = list(torrent.file_priorities) + [4] * (torrent.info["all_files"]
+                                                      - len(torrent.file_priorities))
+        if isinstance(chosen, list):
+            if len(chosen) != len(files):
+                raise ApiError(422, f"file_priorities has {len(chosen)} entries; the "
+                               f"torrent has {len(files)} files")
+            chosen = dict(zip(files, chosen))
+        for index, priority in chosen.items():
+            if index not in files:
+                raise ApiError(422, f"file_priorities: no file with index {index}")
+            full[index] = priority
+        return full
+
+    async def move(self, torrent, save_path):
+        """Move a torrent's data within the roots; True once moved, False if it goes on
+        past MOVE_WAIT (the status shows moving_to until it ends)."""
+        if torrent.moving_to is not None:
+            raise ApiError(409, f"torrent {torrent.infohash} is already moving")
+        with _handle_call():
+            torrent.handle.move_storage(save_path, lt.move_flags_t.fail_if_exist)
+        torrent.moving_to = save_path
+        moving = self._spawn(self._moved(torrent, save_path), f"move {torrent.infohash}")
+        done, _ = await asyncio.wait([moving], timeout=MOVE_WAIT)
+        if done:
+            moving.result()  # the failure, if it failed
+        return bool(done)
+
+    async def _moved(self, torrent, save_path):
+        """Wait for a move to end, however long it takes; record how it went."""
+        def outcome(alert):
+            if isinstance(alert, lt.storage_moved_alert):
+                return ""
+            # fail_if_exist reports a file in the way as error 0, "Success".
+            reason = alert.error.message() if alert.error.value() else "a file is in the way"
+            return f"{reason}: {alert.file_path()}"
+        try:
+            failure = await self.expect(torrent.ids, (lt.storage_moved_alert,
+                                                      lt.storage_moved_failed_alert),
+                                        "the move", outcome, timeout=None)
+        finally:
+            torrent.moving_to = None
+        if failure:
+            torrent.fault = f"moving to {self.shown(save_path)} failed: {failure}"
+            with contextlib.suppress(RuntimeError):
+                torrent.handle.post_status()
+            raise ApiError(409, torrent.fault)
+        self._emit("moved", torrent, self.shown(save_path))
+        self.save(torrent)
+
+    async def recheck(self, torrent):
+        """Check every piece on disk (a paused torrent is checked when resumed)."""
+        await self.confined(torrent)
+        with _handle_call():
+            torrent.handle.force_recheck()
+        await self._confirm(torrent, lambda status: True, "the recheck")
+
+    def reannounce(self, torrent):
+        """Announce to every tracker now, minimum intervals notwithstanding."""
+        with _handle_call():
+            torrent.handle.force_reannounce(0, lt.reannounce_flags_t.ignore_min_interval)
+
+    async def peers(self, torrent):
+        """The connected peers. peer_info_alert carries no list the 2.1.1 bindings can
+        read, so a worker thread asks libtorrent's thread; the loop never waits on it."""
+        with _handle_call():
+            return [_peer(peer) for peer in await asyncio.to_thread(torrent.handle.get_peer_info)]
+
+    async def trackers(self, torrent):
+        """The torrent's trackers (tracker_list_alert has the same gap as above)."""
+        with _handle_call():
+            return [_tracker(entry, torrent.trackers_heard)
+                    for entry in await asyncio.to_thread(torrent.handle.trackers)]
+
+    async def configure_session(self, changes):
+        """Apply session settings (parsed), save them for the next start, and announce."""
+        self.settings.update(changes)
+        self._session.apply_settings(_session_pack(self.settings))
+        with _state_io("saving the settings"):
+            await self.store.save_settings(self.settings)
+        log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+
+    def _enforce_limits(self, torrent):
+        """Apply on_limit to a finished torrent that reached its ratio or seeding time.
+
+        The limits it reached are noted: an operator who resumes it lets it seed on,
+        until its limits change and it reaches the new ones.
+        """
+        status, notes = torrent.status, torrent.notes
+        if not status["is_finished"] or status["paused"] or torrent.removing:
+            return
+        limits = [notes["ratio_limit"], notes["seeding_time_limit"]]
+        for index, key in enumerate(("ratio_limit", "seeding_time_limit")):
+            if limits[index] == -1:
+                limits[index] = self.settings[key]
+        if limits == notes["limit_mark"]:
+            return
+        seeding = status["seeding_time"] + int(time.time() - torrent.updated)
+        if 0 <= limits[0] <= status["ratio"]:
+            reached = f"ratio {status['ratio']:g} reached its limit {limits[0]:g}"
+        elif 0 <= limits[1] <= seeding:
+            reached = f"{seeding} s of seeding reached its limit {limits[1]} s"
+        else:
+            return
+        notes["limit_mark"], notes["limit_reached"] = limits, reached
+        action = self.settings["on_limit"]
+        self._emit("limit_reached", torrent, f"{reached}; {action.replace('_', ' ')}")
+        if action == "pause":
+            self._stop(torrent)
+        else:
+            self._spawn(self.remove(torrent, action == "remove_with_files"),
+                        f"remove {torrent.infohash}")
 
     # -- saving ------------------------------------------------------------- #
 
@@ -2019,6 +2510,13 @@ class TorrentEngine:
             return
         torrent.info = info
         torrent.progress_stale = True
+        chosen, torrent.chosen_priorities = torrent.chosen_priorities, None
+        if chosen is not None:  # asked for at add, before the files were known
+            try:
+                torrent.handle.prioritize_files(self._priorities(torrent, chosen))
+            except ApiError as error:
+                torrent.fault = error.detail
+                self._stop(torrent)
         with contextlib.suppress(RuntimeError):
             torrent.handle.post_status()
 
@@ -2138,10 +2636,17 @@ class TorrentEngine:
                 torrent.handle.post_status()
 
     def _on_tracker_reply(self, alert):
-        """Note when a tracker last reported on the swarm, for last_scrape."""
+        """Note when a tracker last reported on the swarm, or why it did not."""
         torrent = self._torrent_of(alert)
-        if torrent is not None:
+        if torrent is None:
+            return
+        url = alert.tracker_url()
+        if isinstance(alert, lt.tracker_error_alert):
+            torrent.trackers_heard[url] = (None, alert.failure_reason()
+                                           or alert.error_message() or alert.message())
+        else:
             torrent.last_scrape = time.time()
+            torrent.trackers_heard[url] = (int(torrent.last_scrape), "")
 
     def _on_change(self, alert):
         """Refresh the cache at once on a change of state, and save what must be saved."""
@@ -2168,6 +2673,7 @@ class TorrentEngine:
         lt.torrent_conflict_alert: _on_conflict,
         lt.tracker_reply_alert: _on_tracker_reply,
         lt.scrape_reply_alert: _on_tracker_reply,
+        lt.tracker_error_alert: _on_tracker_reply,
         lt.listen_failed_alert: _on_listen,
         lt.listen_succeeded_alert: _on_listen,
         lt.alerts_dropped_alert: lambda self, alert: log.warning(
@@ -2197,6 +2703,8 @@ class TorrentEngine:
                     stale.append(torrent)
                 if torrent.status and torrent.status["state"] == "checking_files":
                     checking.append(torrent.status["total_wanted"])
+                if torrent.status:
+                    self._enforce_limits(torrent)
             self._pace_checks(checking)
             if stale:
                 progress = await asyncio.to_thread(_file_progress, [t.handle for t in stale])
@@ -2323,8 +2831,8 @@ class TorrentEngine:
             raise ApiError(409, f"torrent {torrent.infohash}: {fault}")
 
     def _stop(self, torrent):
-        """Pause a torrent the daemon found a fault in; resume clears the fault."""
-        log.error("stopping %s: %s", torrent.infohash, torrent.fault)
+        """Pause a torrent the daemon found a fault in, or that reached a limit; resume
+        clears the fault."""
         with contextlib.suppress(RuntimeError):
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
@@ -2340,6 +2848,30 @@ def _outside_roots(roots, places):
         if not any(real.is_relative_to(root) for root in roots):
             return f"{place} now leads outside the save roots (to {real})"
     return None
+
+
+def _session_pack(settings):
+    """libtorrent's part of the session settings, as settings_pack entries."""
+    return {"download_rate_limit": settings["download_limit"],
+            "upload_rate_limit": settings["upload_limit"],
+            "active_downloads": settings["max_active_downloads"],
+            "active_seeds": settings["max_active_seeds"],
+            "active_limit": settings["max_active_torrents"],
+            "connections_limit": settings["max_connections"]}
+
+
+SESSION_OPTIONS = {option.setting: option for option in OPTIONS if option.setting}
+
+
+def _valid_settings(saved):
+    """The settings a file holds that are still known and valid; the rest is logged."""
+    valid = {}
+    for key, value in saved.items():
+        try:
+            valid[key] = SESSION_OPTIONS[key].parse(value)
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring the saved setting %s=%r", key, value)
+    return valid
 
 
 def _missing_file(save_path, files, priorities):
@@ -2456,7 +2988,7 @@ def _require_utf8(charset, what):
 BODY_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
 
 
-async def read_fields(request, names, upload=None):
+async def read_fields(request, names, upload=None, types=BODY_TYPES):
     """The fields of a form (multipart or urlencoded) or JSON object body.
 
     Only names are accepted, each once; upload names the one multipart field that
@@ -2464,8 +2996,8 @@ async def read_fields(request, names, upload=None):
     deadline in all: a client that sends a byte now and then holds nothing for long.
     """
     content_type = request.content_type
-    if content_type not in BODY_TYPES:
-        raise ApiError(415, f"send {', '.join(BODY_TYPES)}")
+    if content_type not in types:
+        raise ApiError(415, f"send {', '.join(types)}")
     multipart = content_type == "multipart/form-data"
     # Refuse early what aiohttp would otherwise receive in full before refusing.
     limit = MAX_REQUEST_BYTES if multipart else MAX_FORM_BYTES
@@ -2569,7 +3101,15 @@ _ADD_FIELDS = {
     "save_path": {"type": "string", "description": "relative to the download directory, "
                   "or absolute inside it or an --allowed-save-root"},
 }
-_ADD_FORM = {"type": "object", "properties": _ADD_FIELDS, "additionalProperties": False}
+_ADD_SETTINGS = [setting for setting in TORRENT_SETTINGS if "add" in setting.when]
+_CHANGE_SETTINGS = [setting for setting in TORRENT_SETTINGS if "change" in setting.when]
+#: In a form every value is text: "true", "1,4,0", "a,b".
+_ADD_FORM = {"type": "object", "additionalProperties": False, "properties": {
+    **_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in _ADD_SETTINGS}}}
+_ADD_JSON = {**_ADD_FORM, "properties": {
+    **_ADD_FIELDS, **{setting.name: setting.schema for setting in _ADD_SETTINGS}}}
+ADD_NAMES = ("torrent_url", "torrent_file", "save_path",
+             *(setting.name for setting in _ADD_SETTINGS))
 _ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"}}},
           "links": {name: {"operationId": name,
                            "parameters": {"infohash": "$response.body#/infohash"}}
@@ -2580,25 +3120,25 @@ _ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"
 @api("POST", "/torrents", "addTorrent", {
     "201": _answer("added", _ref("Added"), **_ADDED),
     "200": _answer("already present", _ref("Added"), **_ADDED)},
-    (413, 415, 422, 502, 503), requestBody={"required": True, "content": {
+    (408, 409, 413, 415, 422, 502, 503), requestBody={"required": True, "content": {
         "multipart/form-data": {"schema": {**_ADD_FORM, "properties": {
             **_ADD_FIELDS, "torrent_file": {
                 "type": "string", "contentMediaType": "application/x-bittorrent",
                 "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}}}},
         "application/x-www-form-urlencoded": {"schema": _ADD_FORM},
-        "application/json": {"schema": _ADD_FORM, "example": {
+        "application/json": {"schema": _ADD_JSON, "example": {
             "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4,
             "save_path": "example"}}}})
 async def add_torrent(request):
     """Add a magnet link, an http(s) .torrent URL or an upload"""
-    fields = await read_fields(request, ("torrent_url", "torrent_file", "save_path"),
-                               upload="torrent_file")
+    fields = await read_fields(request, ADD_NAMES, upload="torrent_file")
+    settings = parse_settings(fields, "add")
     params = await _params_from_source(request, _text(fields, "torrent_url"),
                                        fields.get("torrent_file"))
     engine = request.app[ENGINE]
     params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots,
                                                _text(fields, "save_path"))
-    infohash, created = await engine.add(params)
+    infohash, created = await engine.add(params, settings)
     return _json({"infohash": infohash}, status=201 if created else 200,
                  headers={"Location": f"/torrents/{infohash}"})
 
@@ -2628,7 +3168,7 @@ _FIELDS_PARAMETER = _query("fields", "only these status fields, comma-separated;
                            "only appears in a listing when named here")
 #: Status fields a listing can sort by: lists do not sort.
 SORTABLE = tuple(name for name in STATUS_FIELDS if name != "files")
-LIST_PARAMETERS = {"state", "paused", "sort", "limit", "offset", "fields"}
+LIST_PARAMETERS = {"state", "paused", "label", "sort", "limit", "offset", "fields"}
 
 
 def _known_parameters(query, known):
@@ -2638,10 +3178,10 @@ def _known_parameters(query, known):
         raise ApiError(400, f"unknown query parameter {unknown[0]!r}")
 
 
-def _select(engine, query):
-    """The torrents GET /torrents' filter, sort and paging parameters choose; and the
-    total before paging."""
-    _known_parameters(query, LIST_PARAMETERS)
+def _matching(engine, query, known):
+    """The torrents that the filters in query (state=, paused=, label=) choose, after
+    refusing parameters other than the known ones."""
+    _known_parameters(query, known)
     paused = query.get("paused")
     if paused not in (None, "true", "false"):
         raise ApiError(400, "paused must be true or false")
@@ -2651,6 +3191,15 @@ def _select(engine, query):
         torrents = [t for t in torrents if t.status["state"] in states]
     if paused is not None:
         torrents = [t for t in torrents if t.status["paused"] is (paused == "true")]
+    if "label" in query:
+        torrents = [t for t in torrents if query["label"] in t.notes["labels"]]
+    return torrents
+
+
+def _select(engine, query):
+    """The torrents GET /torrents' filter, sort and paging parameters choose; and the
+    total before paging."""
+    torrents = _matching(engine, query, LIST_PARAMETERS)
     if "sort" in query:
         sort = _names(query["sort"], "sort", [*SORTABLE, *("-" + n for n in SORTABLE)])[0]
         name = sort.removeprefix("-")
@@ -2661,12 +3210,15 @@ def _select(engine, query):
     return torrents[offset:None if limit is None else offset + limit], len(torrents)
 
 
+_FILTERS = [_query("state", "only these states, comma-separated"),
+            _query("paused", "only paused (true) or running (false) ones",
+                   enum=["true", "false"]),
+            _query("label", "only torrents with this label")]
+
+
 @api("GET", "/torrents", "listTorrents", {
     "200": _answer("the torrents", _ref("TorrentList"))}, parameters=[
-        _query("state", "only these states, comma-separated"),
-        _query("paused", "only paused (true) or running (false) ones",
-               enum=["true", "false"]),
-        _query("sort", "a status field; a leading - sorts descending"),
+        *_FILTERS, _query("sort", "a status field; a leading - sorts descending"),
         _query("limit", "at most this many", pattern="^[0-9]+$"),
         _query("offset", "skip this many first", pattern="^[0-9]+$"),
         _FIELDS_PARAMETER])
@@ -2738,6 +3290,96 @@ async def resume_torrent(request):
     return _json({"detail": f"resumed {torrent.infohash}"})
 
 
+@api("PATCH", "/torrents/{infohash}", "changeTorrent", {
+    "200": _answer("changed; its new status", _ref("Status")),
+    "202": _answer("changed; its data is still being moved", _ref("Status"))},
+    (404, 408, 409, 415, 422, 503), parameters=[INFOHASH_PARAMETER],
+    requestBody={"required": True, "content": {"application/json": {"schema": _object(
+        {setting.name: setting.schema for setting in _CHANGE_SETTINGS}, required=[])}}})
+async def change_torrent(request):
+    """Change a torrent's settings; save_path moves its data"""
+    torrent, engine = _requested_torrent(request), request.app[ENGINE]
+    fields = await read_fields(request, [s.name for s in _CHANGE_SETTINGS],
+                               types=("application/json",))
+    settings = parse_settings(fields, "change")
+    if "save_path" in settings:
+        settings["save_path"] = await asyncio.to_thread(resolve_save_path, engine.roots,
+                                                        _text(settings, "save_path"))
+    moved = await engine.configure(torrent, settings)
+    return web.Response(body=torrent.body, status=200 if moved else 202,
+                        content_type="application/json")
+
+
+@api("GET", "/torrents/{infohash}/peers", "listPeers", {
+    "200": _answer("its connected peers", _ref("Peers"))}, (404, 503),
+    parameters=[INFOHASH_PARAMETER])
+async def torrent_peers(request):
+    """Its connected peers"""
+    torrent = _requested_torrent(request)
+    return _json({"peers": await request.app[ENGINE].peers(torrent)})
+
+
+@api("GET", "/torrents/{infohash}/trackers", "listTrackers", {
+    "200": _answer("its trackers", _ref("Trackers"))}, (404, 503),
+    parameters=[INFOHASH_PARAMETER])
+async def torrent_trackers(request):
+    """Its trackers and what they last said"""
+    torrent = _requested_torrent(request)
+    return _json({"trackers": await request.app[ENGINE].trackers(torrent)})
+
+
+@api("PUT", "/torrents/{infohash}/recheck", "recheckTorrent", {"200": DONE},
+     (404, 409, 503), parameters=[INFOHASH_PARAMETER])
+async def recheck_torrent(request):
+    """Check every piece on disk again"""
+    torrent = _requested_torrent(request)
+    await request.app[ENGINE].recheck(torrent)
+    return _json({"detail": f"rechecking {torrent.infohash}"})
+
+
+@api("PUT", "/torrents/{infohash}/reannounce", "reannounceTorrent", {"200": DONE},
+     (404, 503), parameters=[INFOHASH_PARAMETER])
+async def reannounce_torrent(request):
+    """Announce to every tracker now"""
+    torrent = _requested_torrent(request)
+    request.app[ENGINE].reannounce(torrent)
+    return _json({"detail": f"announcing {torrent.infohash}"})
+
+
+def _bulk(action):
+    """PUT /torrents/pause or /resume: the action on every torrent the filters choose."""
+    async def handler(request):
+        engine = request.app[ENGINE]
+        torrents = _matching(engine, request.query, ("state", "paused", "label"))
+        count = await engine.control(torrents, action)
+        return _json({"detail": f"{action}d {count} of {len(torrents)} torrents",
+                      "count": count})
+    handler.__doc__ = f"{action.capitalize()} every torrent, or those the filters choose"
+    return api("PUT", f"/torrents/{action}", f"{action}Torrents", {
+        "200": _answer("how many", _ref("Count"))}, parameters=_FILTERS)(handler)
+
+
+pause_torrents, resume_torrents = _bulk("pause"), _bulk("resume")
+
+
+@api("GET", "/settings", "getSettings", {"200": _answer("the settings", _ref("Settings"))})
+async def get_settings(request):
+    """The session's settings"""
+    return _json(request.app[ENGINE].settings)
+
+
+@api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings", _ref("Settings"))},
+     (408, 415, 422, 503), requestBody={"required": True, "content": {"application/json": {
+         "schema": _ref("SettingsChange")}}})
+async def change_settings(request):
+    """Change session settings; they are kept for the next start"""
+    engine = request.app[ENGINE]
+    fields = await read_fields(request, list(SESSION_OPTIONS), types=("application/json",))
+    await engine.configure_session(parse_values(
+        fields, {key: option.parse for key, option in SESSION_OPTIONS.items()}))
+    return _json(engine.settings)
+
+
 @api("GET", "/health", "health", {"200": _answer("healthy", _ref("Health")),
                                   "503": _ref("503", "responses")}, public=True)
 async def health(request):
@@ -2769,15 +3411,20 @@ PUBLIC_ROUTES = {(method, path) for method, path, _, operation in ROUTES
 PUBLIC_ROUTES |= {("HEAD", path) for method, path in PUBLIC_ROUTES if method == "GET"}
 
 _STATUS_SCHEMA = _object({field.name: field.schema for field in STATUS})
+_SETTINGS_SCHEMA = _object({key: {**option.schema, "description": option.help}
+                            for key, option in SESSION_OPTIONS.items()})
 _ERRORS = {
     400: "malformed request, unknown field or bad value",
     401: "missing or wrong bearer token",
     403: "a cross-site browser request, or a Host other than localhost while no token "
          "is set",
     404: "no such torrent",
+    408: "the request body did not arrive in time",
+    409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
+         "that leads outside the roots), or it is there with another save_path",
     413: "body, upload or fetched .torrent too large",
     415: "unsupported Content-Type",
-    422: "not a valid, or not a safe, .torrent",
+    422: "not a valid, or not a safe, .torrent; or a value out of range",
     502: "fetching torrent_url failed",
     503: "libtorrent did not confirm the change in time, or the torrent is still being "
          "added; retry",
@@ -2813,6 +3460,30 @@ OPENAPI = {
                 "total": {"type": "integer", "minimum": 0,
                           "description": "matching torrents before paging"}}),
             "Status": _STATUS_SCHEMA,
+            "Settings": _SETTINGS_SCHEMA,
+            "SettingsChange": {**_SETTINGS_SCHEMA, "required": []},
+            "Count": _object({"detail": {"type": "string"}, "count": {"type": "integer"}}),
+            "Peers": _object({"peers": {"type": "array", "items": _object({
+                "ip": {"type": "string"}, "port": {"type": "integer"},
+                "client": {"type": "string"}, "progress": {"type": "number"},
+                **dict.fromkeys(("download_rate", "upload_rate", "total_download",
+                                 "total_upload"), {"type": "integer"}),
+                "connection": {"type": "string", "enum": ["tcp", "utp", "web"]},
+                "encrypted": {"type": "boolean"},
+                "flags": {"type": "array", "items": {"type": "string",
+                                                     "enum": list(_PEER_FLAGS)}},
+                "source": {"type": "array", "items": {"type": "string",
+                                                      "enum": list(_PEER_SOURCES)}}})}}),
+            "Trackers": _object({"trackers": {"type": "array", "items": _object({
+                "url": {"type": "string"}, "tier": {"type": "integer"},
+                "status": {"type": "string", "enum": ["not_contacted", "working",
+                                                      "updating", "error"]},
+                "message": {"type": "string"},
+                **dict.fromkeys(("seeds", "peers", "downloaded"), {
+                    "type": "integer", "description": "from the last scrape or announce; "
+                    "-1 if unknown"}),
+                **dict.fromkeys(("last_announce", "next_announce"), {
+                    "type": ["integer", "null"], "description": "Unix time"})})}}),
             "Summary": {**_STATUS_SCHEMA, "required": [f.name for f in STATUS if f.listed],
                         "description": "a torrent in GET /torrents without fields=: its "
                         "status without the per-file list"},
