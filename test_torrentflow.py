@@ -2705,3 +2705,325 @@ async def test_the_container_health_check_follows_the_configured_port(process):
     result = await asyncio.to_thread(subprocess.run, command, shell=True, env=environ,
                                      capture_output=True, timeout=30)
     assert result.returncode != 0
+
+
+# --------------------------------------------------------------------------- #
+# Operator control: settings, views and actions
+# --------------------------------------------------------------------------- #
+
+def sha1_of(path):
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+class Leecher(Seeder):
+    """A loopback libtorrent session that downloads from the daemon."""
+
+    def leech(self, torrent_bytes, save_root, peer_port):
+        params = lt.load_torrent_buffer(torrent_bytes)
+        params.save_path = str(save_root)
+        params.peers = [("127.0.0.1", peer_port)]
+        params.flags &= ~(lt.torrent_flags.paused | lt.torrent_flags.auto_managed)
+        self.handles.append(self.session.add_torrent(params))
+        return self
+
+    def done(self):
+        return all(handle.status().is_seeding for handle in self.handles)
+
+
+async def bt_port(client):
+    return (await (await client.get("/health")).json())["listen_port"]
+
+
+async def patch(client, path, body, expect=200):
+    response = await client.patch(path, json=body)
+    answer = await response.json()
+    assert response.status == expect, (response.status, answer)
+    return answer
+
+
+async def test_added_paused_sends_nothing_until_resumed(daemon, tmp_path):
+    source = make_payload(tmp_path / "source", {"held.bin": 1024 * 1024})
+    torrent = make_torrent(source / "held.bin")
+    seeder = Seeder().seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent), paused="true",
+                        labels="films,4k")
+    infohash = body["infohash"]
+    status = await status_of(daemon, infohash)
+    assert status["paused"] and not status["auto_managed"]
+    assert status["labels"] == ["films", "4k"]
+    # Two confirmed status ticks later the seeder still has sent nothing.
+    for _ in range(2):
+        assert (await daemon.put(f"/torrents/{infohash}/pause")).status == 200
+    assert payload_sent(seeder) == 0 and seeder.num_peers() == 0
+    listed = await (await daemon.get("/torrents?label=4k&fields=infohash")).json()
+    assert listed["torrents"] == [{"infohash": infohash}]
+    assert (await (await daemon.get("/torrents?label=none")).json())["total"] == 0
+    assert (await daemon.put(f"/torrents/{infohash}/resume")).status == 200
+    await wait_complete(daemon, infohash)
+    assert same_tree(source, tmp_path / "downloads", {"held.bin": 1})
+
+
+async def test_file_selection_downloads_only_the_chosen_files(daemon, tmp_path):
+    layout = {"three/a.bin": 300_000, "three/b.bin": 500_000, "three/c.bin": 700_000}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "three")
+    seeder = Seeder().seed(torrent, source)
+    _, body = await add(daemon, torrent_file=torrent, file_priorities="0,4,0")
+    infohash = body["infohash"]
+    # The upload names no peer: introduce the seeder.
+    daemon.app[torrentflow.ENGINE].lookup(infohash).handle.connect_peer(
+        ("127.0.0.1", seeder.port))
+    status = await wait_status(daemon, infohash, lambda s: s["is_finished"],
+                               what="the chosen file")
+    downloads = tmp_path / "downloads" / "three"
+    assert sha1_of(downloads / "b.bin") == sha1_of(source / "three" / "b.bin")
+    assert [f["priority"] for f in status["files"]] == [0, 4, 0]
+    assert [f["downloaded"] == f["size"] for f in status["files"]] == [False, True, False]
+    # libtorrent counts wanted bytes in whole pieces, so a little more than the file.
+    assert not status["is_seeding"] and 500_000 <= status["total_wanted"] < 600_000
+    # Unwanted files get at most the pieces they share with the wanted one.
+    for name in ("a.bin", "c.bin"):
+        path = downloads / name
+        assert not path.exists() or sha1_of(path) != sha1_of(source / "three" / name)
+    changed = await patch(daemon, f"/torrents/{infohash}", {"file_priorities": [4, 4, 4]})
+    assert [f["priority"] for f in changed["files"]] == [4, 4, 4]
+    await wait_complete(daemon, infohash)
+    assert same_tree(source, tmp_path / "downloads", layout)
+    # The object form changes some files only.
+    changed = await patch(daemon, f"/torrents/{infohash}", {"file_priorities": {"2": 7}})
+    assert [f["priority"] for f in changed["files"]] == [4, 4, 7]
+
+
+async def test_a_download_limit_holds(daemon, tmp_path):
+    source = make_payload(tmp_path / "source", {"big.bin": 16 * 1024 * 1024})
+    torrent = make_torrent(source / "big.bin")
+    seeder = Seeder().seed(torrent, source)
+    limit = 2 * 1024 * 1024
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent), download_limit=str(limit))
+    await wait_until(lambda: payload_sent(seeder) > 0, what="the first byte")
+    started = time.monotonic()
+    status = await status_of(daemon, body["infohash"])
+    assert status["download_limit"] == limit
+    # Over six seconds: the limiter lets bursts through, which socket buffers hold.
+    await wait_until(lambda: time.monotonic() - started > 6, interval=0.5, what="6 s")
+    rate = payload_sent(seeder) / (time.monotonic() - started)
+    print(f"download limit {limit} B/s: the seeder sent {rate:.0f} B/s")
+    assert 0 < rate < 1.5 * limit
+
+
+async def test_a_ratio_limit_pauses_the_torrent_and_says_why(daemon, seeder, tmp_path):
+    source = make_payload(tmp_path / "source", {"share.bin": 2 * 1024 * 1024})
+    torrent = make_torrent(source / "share.bin")
+    seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent), ratio_limit="1.0")
+    infohash = body["infohash"]
+    await wait_complete(daemon, infohash)
+    seeder.session.pause()  # the daemon must be the only source now
+    settings = await patch(daemon, "/settings", {"on_limit": "pause"})
+    assert settings["on_limit"] == "pause"
+    leecher = Leecher().leech(torrent, tmp_path / "leech", await bt_port(daemon))
+    status = await wait_status(daemon, infohash, lambda s: s["limit_reached"],
+                               what="the ratio limit")
+    assert "ratio" in status["limit_reached"] and status["ratio"] >= 1.0
+    await wait_status(daemon, infohash, lambda s: s["paused"], deadline=5,
+                      what="the pause")
+    assert leecher.done()
+    # Resumed by hand, it seeds on: the limit it reached does not act again.
+    assert (await daemon.put(f"/torrents/{infohash}/resume")).status == 200
+    await wait_until(lambda: _stays_running(daemon, infohash), deadline=10,
+                     what="it to stay running")
+
+
+async def _stays_running(client, infohash):
+    for _ in range(3):  # three confirmed status ticks
+        assert (await client.put(f"/torrents/{infohash}/resume")).status == 200
+    status = await status_of(client, infohash)
+    return not status["paused"] and status["limit_reached"] is None
+
+
+async def test_moving_keeps_seeding_and_stays_inside_the_roots(daemon, seeder, tmp_path):
+    source = make_payload(tmp_path / "source", {"move.bin": 1024 * 1024})
+    torrent = make_torrent(source / "move.bin")
+    seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent), save_path="before")
+    infohash = body["infohash"]
+    await wait_complete(daemon, infohash)
+    for outside in ("../elsewhere", "/etc", str(tmp_path)):
+        await error_of(await daemon.patch(f"/torrents/{infohash}",
+                                          json={"save_path": outside}), 400, "save_path")
+    moved = await patch(daemon, f"/torrents/{infohash}", {"save_path": "after/deep"})
+    assert moved["save_path"] == str(tmp_path / "downloads" / "after" / "deep")
+    assert moved["moving_to"] is None and moved["error"] == ""
+    assert not (tmp_path / "downloads" / "before" / "move.bin").exists()
+    assert sha1_of(tmp_path / "downloads" / "after" / "deep" / "move.bin") == \
+        sha1_of(source / "move.bin")
+    seeder.session.pause()
+    leecher = Leecher().leech(torrent, tmp_path / "leech", await bt_port(daemon))
+    await wait_until(leecher.done, what="a new leecher served from the new place")
+    assert sha1_of(tmp_path / "leech" / "move.bin") == sha1_of(source / "move.bin")
+
+
+async def test_a_recheck_finds_a_flipped_byte(daemon, seeder, tmp_path):
+    source = make_payload(tmp_path / "source", {"flip.bin": 1024 * 1024})
+    torrent = make_torrent(source / "flip.bin")
+    seeder.seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    infohash = body["infohash"]
+    await wait_complete(daemon, infohash)
+    assert (await daemon.put(f"/torrents/{infohash}/pause")).status == 200
+    target = tmp_path / "downloads" / "flip.bin"
+    data = bytearray(target.read_bytes())
+    data[500_000] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert (await daemon.put(f"/torrents/{infohash}/recheck")).status == 200
+    # A paused torrent is checked once resumed.
+    assert (await daemon.put(f"/torrents/{infohash}/resume")).status == 200
+    await wait_status(daemon, infohash, lambda s: s["progress"] < 100, what="the bad piece")
+    await wait_complete(daemon, infohash)
+    assert sha1_of(target) == sha1_of(source / "flip.bin")
+
+
+async def test_peers_trackers_and_reannounce(daemon, tracker, tmp_path):
+    seeder = Seeder(rate_limit=300_000)
+    torrent, source, _ = swarm_torrent(tmp_path, tracker, seeder, 2 * 1024 * 1024)
+    _, body = await add(daemon, torrent_file=torrent)
+    infohash = body["infohash"]
+
+    async def seeder_listed():
+        peers = await (await daemon.get(f"/torrents/{infohash}/peers")).json()
+        return [p for p in peers["peers"] if p["port"] == seeder.port
+                and "seed" in p["flags"]]
+    peer = (await wait_until(seeder_listed, what="the seeder among the peers"))[0]
+    assert peer["ip"] == "127.0.0.1" and peer["connection"] == "tcp"
+    assert "seed" in peer["flags"] and peer["source"] == ["tracker"]
+    await conforms(await daemon.get(f"/torrents/{infohash}/peers"), "get",
+                   "/torrents/{infohash}/peers")
+
+    async def tracker_view():
+        listed = await conforms(await daemon.get(f"/torrents/{infohash}/trackers"), "get",
+                                "/torrents/{infohash}/trackers")
+        return listed["trackers"] if listed["trackers"][0]["status"] == "working" else None
+    view = await wait_until(tracker_view, what="the tracker to work")
+    assert view[0]["url"] == tracker.url("/announce") and view[0]["last_announce"]
+    before = tracker.announces
+    assert (await daemon.put(f"/torrents/{infohash}/reannounce")).status == 200
+    await wait_until(lambda: tracker.announces > before, deadline=10, what="a second announce")
+    other = tracker.url("/announce?other=1")
+    changed = await patch(daemon, f"/torrents/{infohash}", {"trackers": [[other]]})
+    assert changed["infohash"] == infohash
+    listed = await (await daemon.get(f"/torrents/{infohash}/trackers")).json()
+    assert [t["url"] for t in listed["trackers"]] == [other]
+
+
+async def test_bulk_pause_and_resume_by_label(daemon, tmp_path):
+    ids = {}
+    for name, labels in (("a", "x"), ("b", "x,y"), ("c", "")):
+        root = make_payload(tmp_path / name, {f"{name}.bin": 30_000})
+        fields = {"labels": labels} if labels else {}
+        _, body = await add(daemon, torrent_file=make_torrent(root / f"{name}.bin"), **fields)
+        ids[name] = body["infohash"]
+    answer = await conforms(await daemon.put("/torrents/pause?label=x"), "put",
+                            "/torrents/pause")
+    assert answer["count"] == 2
+    paused = await (await daemon.get("/torrents?paused=true&fields=infohash,auto_managed")).json()
+    assert {t["infohash"] for t in paused["torrents"] if not t["auto_managed"]} == {
+        ids["a"], ids["b"]}
+    assert (await (await daemon.put("/torrents/resume")).json())["count"] == 3
+    await error_of(await daemon.put("/torrents/pause?colour=red"), 400, "colour")
+
+
+async def test_settings_change_and_survive_a_restart(process, tmp_path):
+    await process.start()
+    async with process.client.get("/settings") as response:
+        settings = await conforms(response, "get", "/settings")
+    assert settings["on_limit"] == "pause" and settings["max_active_downloads"] == 3
+    changes = {"download_limit": 500_000, "max_active_downloads": 7, "ratio_limit": 2.5,
+               "on_limit": "remove"}
+    async with process.client.patch("/settings", json=changes) as response:
+        assert {**settings, **changes} == await conforms(response, "patch", "/settings")
+    await process.restart(signal.SIGKILL)
+    async with process.client.get("/settings") as response:
+        assert await response.json() == {**settings, **changes}
+
+
+async def test_every_setting_survives_a_crash(process, seeders, tmp_path):
+    layout = {"kept/one.bin": 200_000, "kept/two.bin": 300_000}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "kept")
+    seeder = seeders().seed(torrent, source)
+    await process.start()
+    _, body = await add(process.client, torrent_url=seeder.magnet(torrent))
+    infohash = body["infohash"]
+    await wait_complete(process.client, infohash)
+    chosen = {"labels": ["keep"], "file_priorities": [7, 1], "sequential_download": True,
+              "download_limit": 100_000, "upload_limit": 200_000, "max_connections": 30,
+              "max_uploads": 4, "ratio_limit": 3.0, "seeding_time_limit": 3600,
+              "trackers": ["http://127.0.0.1:9/announce"], "save_path": "moved"}
+    async with process.client.patch(f"/torrents/{infohash}", json=chosen) as response:
+        before = await response.json()
+        assert response.status == 200, before
+    await process.restart(signal.SIGKILL)
+    after = await process.wait_listed(infohash)
+    for name in ("labels", "sequential_download", "download_limit", "upload_limit",
+                 "max_connections", "max_uploads", "ratio_limit", "seeding_time_limit",
+                 "save_path"):
+        assert after[name] == before[name], name
+    assert [f["priority"] for f in after["files"]] == [7, 1]
+    assert after["save_path"] == str(process.download_dir / "moved")
+    async with process.client.get(f"/torrents/{infohash}/trackers") as response:
+        assert [t["url"] for t in (await response.json())["trackers"]] == chosen["trackers"]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"colour": "red"}, 400, "unknown field"),
+    ({"download_limit": "fast"}, 400, "download_limit"),
+    ({"download_limit": -5}, 422, "download_limit"),
+    ({"download_limit": 2**40}, 422, "download_limit"),
+    ({"max_connections": 1}, 422, "max_connections"),
+    ({"ratio_limit": True}, 400, "ratio_limit"),
+    ({"ratio_limit": -3}, 422, "ratio_limit"),
+    ({"labels": "a"}, 400, "labels"),
+    ({"labels": [""]}, 422, "labels"),
+    ({"file_priorities": [9]}, 422, "file_priorities"),
+    ({"file_priorities": "x"}, 400, "file_priorities"),
+    ({"file_priorities": [4, 4]}, 422, "entries"),
+    ({"file_priorities": {"99": 4}}, 422, "no file"),
+    ({"trackers": "http://x"}, 400, "trackers"),
+    ({"trackers": ["ftp://x/announce"]}, 422, "trackers"),
+    ({"trackers": ["http://tracker.example/announce"]}, 422, "not allowed"),
+    ({"sequential_download": "yes please"}, 400, "sequential_download"),
+    ({"save_path": 5}, 400, "save_path"),
+    ({"paused": True}, 400, "unknown field"),
+])
+async def test_bad_changes_are_refused(daemon, tmp_path, body, status, words):
+    root = make_payload(tmp_path / "src", {"one.bin": 30_000})
+    _, added = await add(daemon, torrent_file=make_torrent(root / "one.bin"))
+    path = f"/torrents/{added['infohash']}"
+    await error_of(await daemon.patch(path, json=body), status, words)
+    assert (await status_of(daemon, added["infohash"]))["download_limit"] == 0
+
+
+async def test_bad_control_requests_are_refused(daemon, tmp_path):
+    unknown = "0" * 40
+    for method, path in (("PATCH", f"/torrents/{unknown}"), ("GET", f"/torrents/{unknown}/peers"),
+                         ("GET", f"/torrents/{unknown}/trackers"),
+                         ("PUT", f"/torrents/{unknown}/recheck"),
+                         ("PUT", f"/torrents/{unknown}/reannounce")):
+        await error_of(await daemon.request(method, path, json={}), 404, "no torrent")
+    _, body = await add(daemon, torrent_url=MAGNET)
+    path = f"/torrents/{body['infohash']}"
+    await error_of(await daemon.patch(path, json={"file_priorities": [4]}), 409, "metadata")
+    await error_of(await daemon.patch(path, data="x", headers={"Content-Type": "text/plain"}),
+                   415, "application/json")
+    await error_of(await daemon.patch(path, data="{", headers={
+        "Content-Type": "application/json"}), 400, "malformed")
+    for settings, status in (({"colour": 1}, 400), ({"on_limit": "explode"}, 422),
+                             ({"max_active_seeds": -2}, 422), ({"upload_limit": "x"}, 400)):
+        await error_of(await daemon.patch("/settings", json=settings), status, "")
+    for fields, status in (({"ratio_limit": "x"}, 400), ({"file_priorities": "4,9"}, 422),
+                           ({"paused": "maybe"}, 400), ({"labels": "a" * 65}, 422)):
+        response, _ = await add(daemon, expect=(status,), torrent_url=MAGNET[:-2] + "77",
+                                **fields)
+    root = make_payload(tmp_path / "src", {"one.bin": 30_000})
+    response, _ = await add(daemon, expect=(422,), torrent_file=make_torrent(root / "one.bin"),
+                            file_priorities="4,4")

@@ -1308,13 +1308,17 @@ def _preset(params, settings):
     return None
 
 
-def parse_values(fields, parsers):
-    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range."""
+def parse_values(fields, parsers, schemas=None):
+    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range. With
+    schemas (a JSON body), text is refused where the schema wants another type; the
+    parsers take text only for forms."""
     values = {}
     for name, value in fields.items():
         if name not in parsers:
             continue
         try:
+            if schemas and isinstance(value, str) and schemas[name].get("type") != "string":
+                raise TypeError("must not be a string in JSON")
             values[name] = parsers[name](value)
         except TypeError as error:
             raise ApiError(400, f"{name} {error}") from None
@@ -1323,10 +1327,11 @@ def parse_values(fields, parsers):
     return values
 
 
-def parse_settings(fields, when):
+def parse_settings(fields, when, json_body=True):
     """The per-torrent settings among fields, parsed; when is "add" or "change"."""
-    settings = parse_values(fields, {s.name: s.parse or (lambda value: value)
-                                     for s in TORRENT_SETTINGS if when in s.when})
+    chosen = [s for s in TORRENT_SETTINGS if when in s.when]
+    settings = parse_values(fields, {s.name: s.parse or (lambda value: value) for s in chosen},
+                            {s.name: s.schema for s in chosen} if json_body else None)
     if when == "add" and isinstance(settings.get("file_priorities"), dict):
         raise ApiError(400, "file_priorities must be a list when adding a torrent")
     return settings
@@ -2243,6 +2248,12 @@ class TorrentEngine:
                                                      for url, tier in value])
                 elif setting.apply:
                     setting.apply(torrent.handle, value)
+        priorities = settings.get("file_priorities")
+        if priorities is not None and priorities != torrent.file_priorities:
+            # libtorrent applies them on its disk thread and says so in file_prio_alert.
+            await self.expect(torrent.ids, lt.file_prio_alert, "the file priorities")
+            torrent.file_priorities = priorities
+            torrent.refreshed_files()
         moved = True
         if "save_path" in settings:
             moved = await self.move(torrent, settings["save_path"])
@@ -3132,7 +3143,7 @@ _ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"
 async def add_torrent(request):
     """Add a magnet link, an http(s) .torrent URL or an upload"""
     fields = await read_fields(request, ADD_NAMES, upload="torrent_file")
-    settings = parse_settings(fields, "add")
+    settings = parse_settings(fields, "add", request.content_type == "application/json")
     params = await _params_from_source(request, _text(fields, "torrent_url"),
                                        fields.get("torrent_file"))
     engine = request.app[ENGINE]
@@ -3376,7 +3387,8 @@ async def change_settings(request):
     engine = request.app[ENGINE]
     fields = await read_fields(request, list(SESSION_OPTIONS), types=("application/json",))
     await engine.configure_session(parse_values(
-        fields, {key: option.parse for key, option in SESSION_OPTIONS.items()}))
+        fields, {key: option.parse for key, option in SESSION_OPTIONS.items()},
+        {key: option.schema for key, option in SESSION_OPTIONS.items()}))
     return _json(engine.settings)
 
 
