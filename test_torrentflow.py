@@ -14,6 +14,7 @@ cases.
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -3027,3 +3028,254 @@ async def test_bad_control_requests_are_refused(daemon, tmp_path):
     root = make_payload(tmp_path / "src", {"one.bin": 30_000})
     response, _ = await add(daemon, expect=(422,), torrent_file=make_torrent(root / "one.bin"),
                             file_priorities="4,4")
+
+
+# --------------------------------------------------------------------------- #
+# Watching it live: events, webhooks, metrics
+# --------------------------------------------------------------------------- #
+
+class EventReader:
+    """A GET /events subscriber: yields (event type, data, id) as they come."""
+
+    def __init__(self, response):
+        self.response = response
+
+    async def next(self, deadline=DEADLINE):
+        fields = {}
+        while True:
+            line = await asyncio.wait_for(self.response.content.readline(), deadline)
+            if not line:
+                return None
+            line = line.decode().rstrip("\n")
+            if not line and fields:
+                return (fields.get("event"), json.loads(fields.get("data", "{}")),
+                        fields.get("id"))
+            if line and not line.startswith(":"):
+                key, _, value = line.partition(": ")
+                fields[key] = value
+
+    async def until(self, wanted, infohash=None, deadline=DEADLINE):
+        """Events up to and including the first of type wanted (for infohash)."""
+        seen = []
+        while True:
+            event = await self.next(deadline)
+            assert event is not None, f"the stream ended before {wanted}: {seen}"
+            seen.append(event)
+            if event[0] == wanted and (infohash is None or event[1]["infohash"] == infohash):
+                return seen
+
+
+async def test_the_event_stream_tells_what_happens(daemon, seeder, tmp_path):
+    source = make_payload(tmp_path / "source", {"live.bin": 3 * 1024 * 1024})
+    torrent = make_torrent(source / "live.bin")
+    seeder.seed(torrent, source)
+    infohash = infohash_of(torrent)
+    response = await daemon.get("/events")
+    assert response.status == 200
+    assert response.content_type == "text/event-stream"
+    reader = EventReader(response)
+    await add(daemon, torrent_url=seeder.magnet(torrent))
+    seen = await reader.until("finished", infohash)
+    # The moment "finished" arrives, the file is complete on disk.
+    assert sha1_of(tmp_path / "downloads" / "live.bin") == sha1_of(source / "live.bin")
+    kinds = [kind for kind, _, _ in seen]
+    assert kinds[0] == "added" and kinds.count("finished") == 1
+    assert seen[-1][1]["torrent"]["name"] == "live.bin" and seen[-1][1]["infohash"] == infohash
+    ids = [int(event_id) for _, _, event_id in seen]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for action in ("pause", "resume"):
+        assert (await daemon.put(f"/torrents/{infohash}/{action}")).status == 200
+        assert (await reader.until(action + "d", infohash))[-1][0] == action + "d"
+    last_id = ids[-1]
+    response.close()
+    # Reconnected with Last-Event-ID: what happened since comes first.
+    replay = EventReader(await daemon.get("/events", headers={"Last-Event-ID": str(last_id)}))
+    replayed = await replay.until("resumed", infohash)
+    assert [kind for kind, _, _ in replayed][:2] == ["paused", "resumed"][:len(replayed[:2])]
+    assert all(int(event_id) > last_id for _, _, event_id in replayed)
+    # Filters, and an id the ring does not hold.
+    filtered = EventReader(await daemon.get(f"/events?types=removed&infohash={infohash}",
+                                            headers={"Last-Event-ID": "999999999"}))
+    assert (await filtered.next())[0] == "reset"
+    assert (await daemon.delete(f"/torrents/{infohash}")).status == 200
+    kind, data, _ = await filtered.next()
+    assert kind == "removed" and data["infohash"] == infohash
+
+
+async def test_bad_event_requests_are_refused(daemon, tmp_path):
+    for query, headers in (("types=finished,bogus", {}), ("infohash=xyz", {}),
+                           ("colour=red", {}), ("", {"Last-Event-ID": "abc"}),
+                           ("", {"Last-Event-ID": "9" * 40})):
+        await error_of(await daemon.get(f"/events?{query}", headers=headers), 400, "")
+    for argv in (["--webhook", "ftp://127.0.0.1/hook"], ["--webhook", "http://example.com/x"],
+                 ["--webhook-events", "finished,bogus"]):
+        with pytest.raises(SystemExit):
+            daemon_config(tmp_path, *argv)
+
+
+async def test_a_reader_that_never_reads_is_cut_off_and_the_daemon_stays_fast(
+        daemon, tmp_path):
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", daemon.server.port, limit=1024)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET,
+                                                         socket.SO_RCVBUF, 4096)
+    writer.write(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await writer.drain()
+    engine = daemon.app[torrentflow.ENGINE]
+    await wait_until(lambda: engine.events.subscribers, deadline=10, what="the subscriber")
+    subscriber = next(iter(engine.events.subscribers))
+    for count in range(150):
+        root = make_payload(tmp_path / "many", {f"e{count}.bin": 1000 + count})
+        await add(daemon, torrent_file=make_torrent(root / f"e{count}.bin"))
+    waits, stop = [], asyncio.Event()
+
+    async def probe():
+        while not stop.is_set():
+            started = time.monotonic()
+            assert (await daemon.get("/health")).status == 200
+            waits.append(time.monotonic() - started)
+            await asyncio.sleep(0.01)
+    probing = asyncio.ensure_future(probe())
+    # Every pause and resume of all 150 is 150 events, while the reader reads nothing.
+    for _ in range(10):
+        if subscriber not in engine.events.subscribers:
+            break
+        for action in ("pause", "resume"):
+            assert (await daemon.put(f"/torrents/{action}")).status == 200
+    assert subscriber.overflowed
+    # Its writer, stuck on a full socket, lets go within STREAM_WRITE_TIMEOUT.
+    await wait_until(lambda: subscriber not in engine.events.subscribers,
+                     deadline=torrentflow.STREAM_WRITE_TIMEOUT + 5, what="the cut-off")
+    stop.set()
+    await probing
+    print(f"cut off after {engine.events.next_id} events; /health p99 "
+          f"{1000 * _percentile(waits, 0.99):.1f} ms, max {1000 * max(waits):.1f} ms")
+    assert _percentile(waits, 0.99) < 0.1
+    data = await asyncio.wait_for(reader.read(), 30)  # read it all now:
+    # ...the last event is overflow, and the chunked body ends.
+    assert data.endswith(b"event: overflow\ndata: {}\n\n\r\n0\r\n\r\n")
+    writer.close()
+
+
+class Receiver:
+    """A loopback webhook receiver: answers with the statuses given, then 200."""
+
+    def __init__(self, statuses=(), hang=False):
+        self.statuses, self.hang = list(statuses), hang
+        self.received = []  # (headers, body) of every delivery attempt
+        self.app = web.Application()
+        self.app.router.add_post("/hook", self.hook)
+
+    async def hook(self, request):
+        self.received.append((dict(request.headers), await request.read()))
+        if self.hang:
+            await asyncio.Event().wait()
+        return web.Response(status=self.statuses.pop(0) if self.statuses else 200)
+
+    def delivered(self):
+        """The events received, deduplicated by delivery id as a receiver would."""
+        return {headers["X-TorrentFlow-Delivery"]: json.loads(body)
+                for headers, body in self.received}
+
+
+async def receiver_at(aiohttp_server, **options):
+    receiver = Receiver(**options)
+    receiver.server = await aiohttp_server(receiver.app)
+    receiver.url = str(receiver.server.make_url("/hook"))
+    return receiver
+
+
+SECRET = "webhook-secret-0123"
+
+
+async def test_webhooks_retry_sign_and_survive_a_crash(aiohttp_server, tmp_path):
+    flaky = await receiver_at(aiohttp_server, statuses=[500, 500])
+    hanging = await receiver_at(aiohttp_server, hang=True)
+    process = DaemonProcess(tmp_path, extra=[
+        "--webhook", flaky.url, "--webhook", hanging.url, "--webhook-secret", SECRET,
+        "--webhook-events", "added,paused,removed"])
+    try:
+        await process.start()
+        _, body = await add(process.client, torrent_url=MAGNET)
+        # Two refusals, then the delivery lands, signed; the hanging target holds no one up.
+        await wait_until(lambda: len(flaky.received) == 3, deadline=30,
+                         what="two retries and a delivery")
+        headers, raw = flaky.received[-1]
+        expected = hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+        assert headers["X-TorrentFlow-Signature"] == f"sha256={expected}"
+        assert headers["X-TorrentFlow-Event"] == "added"
+        assert json.loads(raw)["infohash"] == body["infohash"]
+        async def views():
+            started = time.monotonic()
+            async with process.client.get("/webhooks") as response:
+                shown = {view["url"]: view for view in (await response.json())["webhooks"]}
+            assert time.monotonic() - started < 1  # the API does not wait on receivers
+            return shown if shown[flaky.url]["delivered"] == 1 else None
+        shown = await wait_until(views, deadline=10, what="the delivery counted")
+        assert shown[flaky.url]["failed"] == 2 and shown[hanging.url]["queued"] == 1
+        # A delivery pending when the daemon is killed arrives after the restart.
+        flaky.statuses = [503] * 1000  # it refuses until told otherwise
+        await process.put(body["infohash"], "pause")
+        await wait_until(lambda: len(flaky.received) >= 5, deadline=30, what="refusals")
+        await process.restart(signal.SIGKILL)
+        flaky.statuses = []
+        await wait_until(lambda: "paused" in [e["type"] for e in flaky.delivered().values()],
+                         deadline=30, what="the pending delivery after the restart")
+        delivered = flaky.delivered()
+        assert [e["type"] for e in sorted(delivered.values(), key=lambda e: e["id"])] == [
+            "added", "paused"]
+
+        async def emptied():
+            async with process.client.get("/webhooks") as response:
+                return {v["url"]: v for v in (await response.json())["webhooks"]}[
+                    flaky.url]["queued"] == 0
+        await wait_until(emptied, deadline=10, what="the queue to empty")
+    finally:
+        await process.close()
+
+
+async def test_metrics_parse_and_follow_a_download(daemon, seeder, payload, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def scrape():
+        response = await daemon.get("/metrics")
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+        return families
+
+    def value(families, name, **labels):
+        family = families[name]
+        return sum(s.value for s in family.samples
+                   if all(s.labels.get(k) == v for k, v in labels.items()))
+    before = await scrape()
+    assert before["torrentflow_payload_received_bytes"].type == "counter"
+    infohash = await downloaded(daemon, seeder, payload[0])
+    after = await scrape()
+    received = value(after, "torrentflow_payload_received_bytes")
+    assert received - value(before, "torrentflow_payload_received_bytes") >= 3 * 1024 * 1024
+    listing = await (await daemon.get("/torrents?fields=state")).json()
+    for state in torrentflow.STATES:
+        assert value(after, "torrentflow_torrents", state=state) == sum(
+            t["state"] == state for t in listing["torrents"]), state
+    assert value(after, "torrentflow_http_requests", route="/torrents/{infohash}",
+                 status="200") > 0
+    assert value(after, "torrentflow_resident_memory_bytes") > 10 * 1024 * 1024
+    assert value(after, "torrentflow_resume_saves") >= 1
+    assert "torrentflow_torrent_progress" not in after  # per torrent only when asked for
+
+
+async def test_metrics_per_torrent_and_the_token(tmp_path, aiohttp_client, payload):
+    from prometheus_client.parser import text_string_to_metric_families
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--metrics-per-torrent", "--token", TOKEN)))
+    assert (await client.get("/metrics")).status == 401
+    _, body = await add(client, torrent_url=MAGNET + "&dn=quote%22d", expect=(401,))
+    response = await client.post("/torrents", json={"torrent_url": MAGNET + "&dn=quote%22d"},
+                                 headers=AUTH)
+    assert response.status == 201
+    text = await (await client.get("/metrics", headers=AUTH)).text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = families["torrentflow_torrent_progress"].samples
+    assert [(s.labels["infohash"], s.labels["name"]) for s in samples] == [
+        (MAGNET[-40:], 'quote"d')]

@@ -52,6 +52,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -59,6 +60,7 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import resource
 import signal
@@ -106,6 +108,32 @@ MAX_LABELS = 32
 #: Seconds a PATCH of save_path waits for the move; past it, the answer is 202 and the
 #: status shows moving_to until the move ends.
 MOVE_WAIT = 10.0
+#: Every kind of event.
+EVENT_TYPES = ("added", "metadata", "state", "paused", "resumed", "finished", "error", "moved",
+               "limit_reached", "removed", "settings")
+#: Events kept for GET /events clients that reconnect with Last-Event-ID.
+EVENT_RING = 10_000
+#: Event ids reserved at a time in the state directory (EVENT_COUNTER).
+EVENT_ID_BLOCK = 10_000
+EVENT_COUNTER = "event-id"
+#: Events one GET /events client may fall behind before it is cut off: it must never
+#: make the daemon wait or hold unbounded memory.
+SUBSCRIBER_QUEUE = 1000
+#: GET /events streams at once; each holds an API connection for as long as it lasts.
+MAX_SUBSCRIBERS = 32
+#: Seconds between comments on an idle event stream, so proxies keep it open.
+HEARTBEAT = 15.0
+#: Bytes an event stream may have in flight to its reader (in the daemon and in the
+#: kernel each).
+STREAM_BUFFER = 32 * 1024
+#: Seconds a write to an event stream may wait for the client to read.
+STREAM_WRITE_TIMEOUT = 10.0
+#: Webhook delivery: seconds per attempt, longest pause between attempts, how long an
+#: event is retried, and how many events each target's queue holds.
+WEBHOOK_TIMEOUT = 10.0
+WEBHOOK_MAX_DELAY = 600.0
+WEBHOOK_RETRY_FOR = 24 * 3600.0
+WEBHOOK_QUEUE = 10_000
 #: Characters of any one value in a log line; longer ones are cut.
 MAX_LOGGED = 300
 #: Shorter tokens can be guessed by a client that is free to try as often as it likes.
@@ -273,6 +301,27 @@ def _absolute_path(text):
     return Path(text)
 
 
+def _webhook_url(text):
+    """An http(s) URL."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as error:
+        raise ValueError(f"not a URL: {error}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("give an http:// or https:// URL")
+    return text
+
+
+def _event_types(text):
+    """Event types, comma-separated."""
+    types = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in types if name not in EVENT_TYPES]
+    if unknown or not types:
+        raise ValueError(f"unknown event type {(unknown or [''])[0]!r}; give some of "
+                         + ", ".join(EVENT_TYPES))
+    return types
+
+
 def _interfaces(text):
     """(address, port) of each ADDRESS:PORT entry of a listen_interfaces string."""
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -401,6 +450,15 @@ OPTIONS = (
     Option("on_limit", _choice(*ON_LIMIT), "pause", "what happens to a torrent that "
            "reaches a seeding limit", setting="on_limit",
            schema={"type": "string", "enum": list(ON_LIMIT)}),
+    Option("webhooks", _webhook_url, (), "POST events as JSON to this http(s) URL; repeat "
+           "for more", repeat=" ", flag_name="webhook"),
+    Option("webhook_events", _event_types, ("finished", "error", "removed"), "the events "
+           "webhooks get, comma-separated"),
+    Option("webhook_secret", str, None, "sign webhook bodies with HMAC-SHA256 under this "
+           "key (X-TorrentFlow-Signature)", secret=True),
+    Option("webhook_secret_file", Path, None, "read the webhook secret from this file"),
+    Option("metrics_per_torrent", _boolean, False, "GET /metrics also gives series per "
+           "torrent, labelled by infohash and name (many torrents make many series)"),
     Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
            "may point into, besides --download-dir; repeat for more", repeat=":",
            flag_name="allowed-save-root"),
@@ -463,20 +521,26 @@ def _option_values(parser, args, environ):
     return values, given_names
 
 
-def _read_token(parser, values):
-    """The API token from --token or --token-file (read here, once), or None."""
-    token, token_file = values["token"], values["token_file"]
-    if token is not None and token_file is not None:
-        parser.error("give --token or --token-file (TORRENTFLOW_TOKEN or "
-                     "TORRENTFLOW_TOKEN_FILE), not both")
-    if token_file is not None:
+def _read_secret(parser, values, name):
+    """A secret from --NAME or --NAME-file (read here, once), or None."""
+    secret, path = values[name], values[f"{name}_file"]
+    flag, env = "--" + name.replace("_", "-"), "TORRENTFLOW_" + name.upper()
+    if secret is not None and path is not None:
+        parser.error(f"give {flag} or {flag}-file ({env} or {env}_FILE), not both")
+    if path is not None:
         try:
-            token = token_file.read_text(encoding="utf-8").strip()
+            secret = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
-            parser.error(f"--token-file (TORRENTFLOW_TOKEN_FILE): cannot read {token_file}: "
+            parser.error(f"{flag}-file ({env}_FILE): cannot read {path}: "
                          f"{getattr(error, 'strerror', None) or error}")
-        if not token:
-            parser.error(f"--token-file (TORRENTFLOW_TOKEN_FILE): {token_file} is empty")
+        if not secret:
+            parser.error(f"{flag}-file ({env}_FILE): {path} is empty")
+    return secret
+
+
+def _read_token(parser, values):
+    """The API token, checked, or None."""
+    token = _read_secret(parser, values, "token")
     if token is None:
         return None
     # The token travels in an HTTP header: visible ASCII only, so no client mangles it.
@@ -504,6 +568,11 @@ def parse_config(argv=None, environ=None):
             parser.error("--local-only needs loopback --listen-interfaces, "
                          f"not {values['listen_interfaces']!r}")
     values["token"] = _read_token(parser, values)
+    values["webhook_secret"] = _read_secret(parser, values, "webhook_secret")
+    for url in values["webhooks"]:
+        if values["local_only"] and not _is_local_url(url):
+            parser.error(f"--webhook (TORRENTFLOW_WEBHOOKS): with --local-only, {url!r} "
+                         "must name localhost or a loopback address")
     if (values["token"] is None and not values["insecure_no_auth"]
             and not _is_loopback_name(values["host"])):
         parser.error(
@@ -580,6 +649,16 @@ def _directory_problem(directory, error):
 def error_response(status, detail, headers=None):
     """The one error shape: {"detail": ...} with its status code."""
     return web.json_response({"detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def count_middleware(request, handler):
+    """Count answers by route and status, for GET /metrics."""
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    request.app[REQUESTS][resource.canonical if resource else "unmatched",
+                          response.status] += 1
+    return response
 
 
 @web.middleware
@@ -1453,14 +1532,29 @@ class StateStore:
             settings = {}
         return was_clean, settings if isinstance(settings, dict) else {}
 
-    async def mark_clean(self):
-        """Leave the mark of a clean shutdown: every torrent was saved."""
-        await self._submit(self._atomic, self.root / CLEAN_MARK, b"")
+    def put(self, relative, data):
+        """Write state/relative atomically (its directory made if need be); awaitable."""
+        def put():
+            (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
+            self._atomic(self.root / relative, data)
+        return self._submit(put)
 
-    async def save_settings(self, settings):
-        """Keep the settings PATCH /settings set, for the next start."""
-        await self._submit(self._atomic, self.root / SETTINGS_FILE,
-                           json.dumps(settings, indent=1).encode())
+    def drop(self, relative):
+        """Delete state/relative, durably; awaitable."""
+        def drop():
+            (self.root / relative).unlink(missing_ok=True)
+            self._renamed.add((self.root / relative).parent)
+        return self._submit(drop)
+
+    async def read(self, relative):
+        """The files of the directory state/relative, {name: bytes}; or of one file,
+        {name: bytes} too. Missing is empty; anything but a regular file is skipped."""
+        def read():
+            path = self.root / relative
+            paths = sorted(path.iterdir()) if path.is_dir() else [path]
+            return {p.name: p.read_bytes() for p in paths
+                    if p.exists() and stat.S_ISREG(p.lstat().st_mode)}
+        return await self._submit(read)
 
     async def write(self, name, data, old_name=None):
         """Write a resume file durably, the previous copy kept as .bak; drop old_name's."""
@@ -1558,6 +1652,208 @@ class StateStore:
             os.replace(file, target)
             log.warning("moved unreadable resume file %s to %s", file, target)
         self._renamed.add(self.resume_dir)
+
+
+# --------------------------------------------------------------------------- #
+# Events: the log, GET /events subscribers and webhooks, from one source
+# --------------------------------------------------------------------------- #
+
+#: The status fields an event carries about its torrent.
+EVENT_FIELDS = ("infohash", "name", "state", "progress", "paused", "error", "save_path",
+                "total_size", "labels")
+
+
+def _logged(awaitable, what):
+    """Let state directory work run on without a waiter, its failure logged."""
+    future = asyncio.ensure_future(awaitable)
+    future.add_done_callback(lambda done: done.cancelled() or done.exception() is None or
+                             log.error("state directory: %s failed: %s", what,
+                                       done.exception()))
+    return future
+
+
+class _Subscriber:
+    """One GET /events stream: the events it asked for, queued until written."""
+
+    def __init__(self, types, infohashes):
+        self.types, self.infohashes = types, infohashes
+        self.queue = collections.deque()
+        self.wake = asyncio.Event()
+        self.overflowed = False
+
+    def offer(self, event):
+        if event["type"] in self.types and (not self.infohashes
+                                            or event["infohash"] in self.infohashes):
+            # A reader that falls this far behind is cut off, never waited for.
+            self.overflowed |= len(self.queue) >= SUBSCRIBER_QUEUE
+            if not self.overflowed:
+                self.queue.append(event)
+            self.wake.set()
+
+
+class _Webhook:
+    """One webhook target: its queue of events, kept in the state directory until
+    delivered, and the task that delivers them in order, retrying with backoff."""
+
+    def __init__(self, url, types, secret, store):
+        self.url, self.types, self.secret, self.store = url, types, secret, store
+        self.folder = f"webhooks/{hashlib.sha1(url.encode()).hexdigest()[:16]}"
+        self.pending = {}             # event id -> the JSON body, oldest first
+        self.wake = asyncio.Event()
+        self.last_success = self.last_error = None
+        self.counts = collections.Counter()  # delivered, failed (attempts), dropped
+
+    def offer(self, event):
+        if event["type"] not in self.types:
+            return
+        body = json.dumps(event, separators=(",", ":")).encode()
+        self.pending[event["id"]] = body
+        # Written before delivery is tried: a crash from here on still delivers it.
+        _logged(self.store.put(f"{self.folder}/{event['id']}.json", body), "queueing an event")
+        if len(self.pending) > WEBHOOK_QUEUE:
+            oldest = next(iter(self.pending))
+            self._give_up(oldest, f"the queue holds {WEBHOOK_QUEUE} events")
+        self.wake.set()
+
+    def _give_up(self, event_id, why):
+        del self.pending[event_id]
+        self.counts["dropped"] += 1
+        _logged(self.store.drop(f"{self.folder}/{event_id}.json"), "dropping an event")
+        log.warning("webhook %s: dropped event %d: %s", self.url, event_id, why)
+
+    async def deliver(self, client):
+        """Post the queued events one by one, for ever."""
+        for name, body in (await self.store.read(self.folder)).items():
+            with contextlib.suppress(ValueError):
+                self.pending.setdefault(int(name.removesuffix(".json")), body)
+        self.pending = dict(sorted(self.pending.items()))
+        attempt = 0
+        while True:
+            if not self.pending:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            event_id, body = next(iter(self.pending.items()))
+            if await self._post(client, event_id, body):
+                self.pending.pop(event_id, None)
+                await self.store.drop(f"{self.folder}/{event_id}.json")
+                attempt = 0
+                continue
+            attempt += 1
+            if time.time() - json.loads(body)["time"] > WEBHOOK_RETRY_FOR:
+                self._give_up(event_id, f"undelivered for {WEBHOOK_RETRY_FOR:g} s")
+                attempt = 0
+                continue
+            # Exponential backoff with jitter, so that retries from many daemons spread.
+            await asyncio.sleep(min(WEBHOOK_MAX_DELAY, 2 ** (attempt - 1))
+                                * random.uniform(0.5, 1.5))
+
+    async def _post(self, client, event_id, body):
+        """One delivery; True on a 2xx answer."""
+        event = json.loads(body)
+        headers = {"Content-Type": "application/json", "X-TorrentFlow-Event": event["type"],
+                   "X-TorrentFlow-Delivery": str(event_id)}
+        if self.secret:
+            digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-TorrentFlow-Signature"] = f"sha256={digest}"
+        try:
+            async with client.post(self.url, data=body, headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT),
+                                   allow_redirects=False) as response:
+                if 200 <= response.status < 300:
+                    self.counts["delivered"] += 1
+                    self.last_success = int(time.time())
+                    return True
+                self.last_error = f"HTTP {response.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            self.last_error = str(error) or type(error).__name__
+        self.counts["failed"] += 1
+        return False
+
+    def view(self):
+        """What GET /webhooks shows of this target."""
+        return {"url": self.url, "events": sorted(self.types), "queued": len(self.pending),
+                "last_success": self.last_success, "last_error": self.last_error,
+                **{name: self.counts[name] for name in ("delivered", "failed", "dropped")}}
+
+
+class Events:
+    """What happened, from one source: each event is logged once, kept in a ring for
+    GET /events, handed to its subscribers and queued for the webhooks."""
+
+    def __init__(self, config, store):
+        self.store = store
+        self.ring = collections.deque(maxlen=EVENT_RING)
+        self.subscribers = set()
+        self.next_id = 0              # the id of the last event
+        self._reserved = 0            # ids up to this are reserved in the state directory
+        self.webhooks = [_Webhook(url, set(config.webhook_events), config.webhook_secret,
+                                  store) for url in config.webhooks]
+        self._tasks = []
+
+    async def start(self):
+        """Continue the ids where the last run left them; start delivering webhooks."""
+        saved = await self.store.read(EVENT_COUNTER)
+        with contextlib.suppress(ValueError):
+            self.next_id = int(saved.get(EVENT_COUNTER, b"0"))
+        await self._reserve()
+        client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
+        self._tasks = [asyncio.create_task(hook.deliver(client), name=f"tf-webhook {hook.url}")
+                       for hook in self.webhooks]
+        self._tasks.append(asyncio.create_task(self._hold(client), name="tf-webhook-client"))
+
+    @staticmethod
+    async def _hold(client):
+        """Keep the webhooks' HTTP client until the daemon stops."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await client.close()
+
+    async def close(self):
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _reserve(self):
+        """Keep a block of ids in the state directory: after a crash, ids start past it,
+        so they only grow, without a write per event."""
+        self._reserved = self.next_id + EVENT_ID_BLOCK
+        await self.store.put(EVENT_COUNTER, str(self._reserved).encode())
+
+    def publish(self, kind, infohash=None, status=None, detail=None):
+        """One thing that happened; status is the torrent's status dict, if any."""
+        self.next_id += 1
+        if self.next_id == self._reserved - EVENT_ID_BLOCK // 2:
+            _logged(self._reserve(), "reserving event ids")
+        event = {"id": self.next_id, "type": kind, "time": int(time.time()),
+                 "infohash": infohash, "detail": detail,
+                 "torrent": {name: status[name] for name in EVENT_FIELDS} if status else None}
+        name = status["name"] if status else infohash
+        log.info("%s %s%s%s", kind, name or "", f" ({infohash})" if infohash else "",
+                 f": {detail}" if detail else "")
+        self.ring.append(event)
+        for subscriber in self.subscribers:
+            subscriber.offer(event)
+        for hook in self.webhooks:
+            hook.offer(event)
+
+    def subscribe(self, types, infohashes):
+        if len(self.subscribers) >= MAX_SUBSCRIBERS:
+            raise ApiError(503, f"at most {MAX_SUBSCRIBERS} event streams at once",
+                           RETRY_AFTER)
+        subscriber = _Subscriber(types, infohashes)
+        self.subscribers.add(subscriber)
+        return subscriber
+
+    def since(self, last_id):
+        """The events after last_id, or None if the ring no longer holds them all."""
+        if last_id == self.next_id:
+            return []
+        if not self.ring or not self.ring[0]["id"] <= last_id + 1 <= self.next_id:
+            return None
+        return [event for event in self.ring if event["id"] > last_id]
+
 
 
 # --------------------------------------------------------------------------- #
@@ -1835,6 +2131,8 @@ class TorrentEngine:
     def __init__(self, config):
         self.config = config
         self.store = StateStore(config.state_dir)
+        self.events = Events(config, self.store)
+        self.counts = collections.Counter()  # alerts_dropped, saves, save_failures
         #: Where files may be written: the download directory, then the allowed roots.
         self.roots = [Path(os.path.realpath(root)) for root in
                       (config.download_dir, *config.allowed_save_roots)]
@@ -1865,6 +2163,7 @@ class TorrentEngine:
         loop = asyncio.get_running_loop()
         self.was_clean, saved = await self.store.prepare(self.config.download_dir)
         self.settings.update(_valid_settings(saved))
+        await self.events.start()
         params = lt.session_params({**session_settings(self.config),
                                     **_session_pack(self.settings)})
         # pread avoids the RSS growth of memory-mapped I/O on large torrents.
@@ -1926,8 +2225,9 @@ class TorrentEngine:
                         len(pending) + len(failed))
         else:
             with contextlib.suppress(OSError):
-                await asyncio.wait_for(self.store.mark_clean(),
+                await asyncio.wait_for(self.store.put(CLEAN_MARK, b""),
                                        max(0.1, deadline - time.monotonic()))
+        await self.events.close()
         for task in [self._tasks["alerts"], *self._background]:
             task.cancel()
         await asyncio.gather(self._tasks["alerts"], *self._background, return_exceptions=True)
@@ -2345,8 +2645,14 @@ class TorrentEngine:
         self.settings.update(changes)
         self._session.apply_settings(_session_pack(self.settings))
         with _state_io("saving the settings"):
-            await self.store.save_settings(self.settings)
-        log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            await self.store.put(SETTINGS_FILE, json.dumps(self.settings, indent=1).encode())
+        self.events.publish("settings", detail=", ".join(f"{k}={v}" for k, v in changes.items()))
+
+    async def session_stats(self):
+        """libtorrent's session counters, fresh: {metric name: value}."""
+        self._session.post_session_stats()
+        return await self.expect((SESSION,), lt.session_stats_alert, "the statistics",
+                                 lambda alert: dict(alert.values))
 
     def _enforce_limits(self, torrent):
         """Apply on_limit to a finished torrent that reached its ratio or seeding time.
@@ -2415,9 +2721,14 @@ class TorrentEngine:
             if not data or torrent.removing:
                 return False
             old_name = torrent.saved_as
-            with _state_io(f"saving {torrent.infohash}"):
-                await self.store.write(torrent.infohash, data,
-                                       old_name if old_name != torrent.infohash else None)
+            try:
+                with _state_io(f"saving {torrent.infohash}"):
+                    await self.store.write(torrent.infohash, data,
+                                           old_name if old_name != torrent.infohash else None)
+            except ApiError:
+                self.counts["save_failures"] += 1
+                raise
+            self.counts["saves"] += 1
             torrent.saved_as = torrent.infohash
             return True
         finally:
@@ -2551,10 +2862,9 @@ class TorrentEngine:
         elif now["state"] == "downloading" and not now["is_finished"]:
             torrent.notes["finished"] = False  # wanted again: it may finish again
 
-    def _emit(self, kind, torrent, detail=""):
-        """One thing that happened to a torrent: logged once."""
-        name = torrent.status["name"] if torrent.status else torrent.infohash
-        log.info("%s %s (%s)%s", kind, name, torrent.infohash, f": {detail}" if detail else "")
+    def _emit(self, kind, torrent, detail=None):
+        """One thing that happened to a torrent."""
+        self.events.publish(kind, torrent.infohash, torrent.status, detail)
 
     @staticmethod
     def _holding_back(torrent, status):
@@ -2659,6 +2969,10 @@ class TorrentEngine:
             torrent.last_scrape = time.time()
             torrent.trackers_heard[url] = (int(torrent.last_scrape), "")
 
+    def _on_dropped(self, alert):
+        self.counts["alerts_dropped"] += 1
+        log.warning("libtorrent dropped alerts: the queue overflowed")
+
     def _on_change(self, alert):
         """Refresh the cache at once on a change of state, and save what must be saved."""
         torrent = self._torrent_of(alert)
@@ -2687,8 +3001,7 @@ class TorrentEngine:
         lt.tracker_error_alert: _on_tracker_reply,
         lt.listen_failed_alert: _on_listen,
         lt.listen_succeeded_alert: _on_listen,
-        lt.alerts_dropped_alert: lambda self, alert: log.warning(
-            "libtorrent dropped alerts: the queue overflowed"),
+        lt.alerts_dropped_alert: _on_dropped,
         **dict.fromkeys((lt.metadata_received_alert, lt.torrent_finished_alert,
                          lt.torrent_paused_alert, lt.torrent_resumed_alert,
                          lt.state_changed_alert, lt.torrent_error_alert,
@@ -2916,12 +3229,96 @@ def _inspect_disk(roots, directories, places, checks):
 
 
 # --------------------------------------------------------------------------- #
+# Metrics
+# --------------------------------------------------------------------------- #
+
+#: (name, type, help, libtorrent session counter, scale) of the metrics taken from
+#: post_session_stats(): libtorrent counts these itself, no sum over torrents.
+SESSION_METRICS = (
+    ("payload_received_bytes_total", "counter", "payload bytes received",
+     "net.recv_payload_bytes", 1),
+    ("payload_sent_bytes_total", "counter", "payload bytes sent", "net.sent_payload_bytes", 1),
+    ("received_bytes_total", "counter", "bytes received, protocol included",
+     "net.recv_bytes", 1),
+    ("sent_bytes_total", "counter", "bytes sent, protocol included", "net.sent_bytes", 1),
+    ("peers_connected", "gauge", "connected peers", "peer.num_peers_connected", 1),
+    ("dht_nodes", "gauge", "DHT nodes known", "dht.dht_nodes", 1),
+    ("disk_read_bytes_total", "counter", "bytes read from disk", "disk.num_blocks_read", 16384),
+    ("disk_written_bytes_total", "counter", "bytes written to disk",
+     "disk.num_blocks_written", 16384),
+    ("disk_queued_jobs", "gauge", "disk jobs waiting", "disk.queued_disk_jobs", 1),
+)
+
+
+def _label(value):
+    """A Prometheus label value, escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(engine, stats, requests, per_torrent):
+    """GET /metrics in Prometheus' text format 0.0.4."""
+    lines = []
+
+    def metric(name, kind, help_text, samples):
+        lines.extend((f"# HELP torrentflow_{name} {help_text}",
+                      f"# TYPE torrentflow_{name} {kind}"))
+        for labels, value in samples:
+            text = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
+            lines.append(f"torrentflow_{name}{{{text}}} {value}" if text
+                         else f"torrentflow_{name} {value}")
+    torrents = list(engine.torrents())
+    states = collections.Counter(t.status["state"] for t in torrents)
+    metric("torrents", "gauge", "torrents by state",
+           [({"state": state}, states[state]) for state in STATES])
+    metric("torrents_paused", "gauge", "paused torrents, by you or by the queue",
+           [({}, sum(t.status["paused"] for t in torrents))])
+    for name, kind, help_text, key, scale in SESSION_METRICS:
+        metric(name, kind, help_text, [({}, stats.get(key, 0) * scale)])
+    for direction, index in (("download", 0), ("upload", 1)):
+        metric(f"{direction}_rate_bytes", "gauge", f"payload bytes/s, {direction}",
+               [({}, sum(t.rates[index] for t in torrents))])
+    counts = engine.counts
+    metric("alerts_dropped_total", "counter", "times libtorrent's alert queue overflowed",
+           [({}, counts["alerts_dropped"])])
+    metric("resume_saves_total", "counter", "resume files written", [({}, counts["saves"])])
+    metric("resume_save_failures_total", "counter", "resume files that could not be written",
+           [({}, counts["save_failures"])])
+    hooks = engine.events.webhooks
+    for name, key in (("deliveries", "delivered"), ("delivery_failures", "failed"),
+                      ("dropped", "dropped")):
+        metric(f"webhook_{name}_total", "counter", f"webhook {name.replace('_', ' ')}",
+               [({"url": h.url}, h.counts[key]) for h in hooks])
+    metric("webhook_queued", "gauge", "events waiting for delivery",
+           [({"url": h.url}, len(h.pending)) for h in hooks])
+    metric("event_subscribers", "gauge", "open GET /events streams",
+           [({}, len(engine.events.subscribers))])
+    metric("http_requests_total", "counter", "API requests by route and status",
+           [({"route": route, "status": status}, count)
+            for (route, status), count in sorted(requests.items())])
+    metric("resident_memory_bytes", "gauge", "the process's resident memory",
+           [({}, int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf(
+               "SC_PAGE_SIZE"))])
+    metric("open_fds", "gauge", "the process's open file descriptors",
+           [({}, len(os.listdir("/proc/self/fd")))])
+    if per_torrent:
+        for field, kind in (("progress", "gauge"), ("download_rate", "gauge"),
+                            ("upload_rate", "gauge"), ("total_download", "counter"),
+                            ("total_upload", "counter"), ("num_peers", "gauge")):
+            metric(f"torrent_{field}", kind, f"each torrent's {field}", [
+                ({"infohash": t.infohash, "name": t.status["name"]}, t.status[field])
+                for t in torrents])
+    return "\n".join(lines) + "\n"
+
+
+
+# --------------------------------------------------------------------------- #
 # HTTP API: each handler is declared with its route and its OpenAPI operation
 # --------------------------------------------------------------------------- #
 
 ENGINE = web.AppKey("engine", TorrentEngine)
 CONFIG = web.AppKey("config", Config)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+REQUESTS = web.AppKey("requests", collections.Counter)
 
 #: (method, path, handler, OpenAPI operation) of every route; make_app and the
 #: OpenAPI document both come from it.
@@ -3392,6 +3789,104 @@ async def change_settings(request):
     return _json(engine.settings)
 
 
+def _sse(event, kind=None):
+    """One Server-Sent Event."""
+    head = f"id: {event['id']}\nevent: {event['type']}\n" if event else f"event: {kind}\n"
+    return (head + f"data: {json.dumps(event or {}, separators=(',', ':'))}\n\n").encode()
+
+
+@api("GET", "/events", "events", {"200": {
+    "description": "a stream of Server-Sent Events: id, event (its type) and data (the "
+    "event as JSON); a comment every 15 s while idle; event: reset when Last-Event-ID is "
+    "too old, event: overflow before a reader that fell behind is cut off",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}, (503,),
+    parameters=[_query("types", "only these event types, comma-separated"),
+                _query("infohash", "only events of this torrent; repeatable"),
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "description": "resume after this event id",
+                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}])
+async def event_stream(request):
+    """What happens, as it happens (Server-Sent Events)"""
+    _known_parameters(request.query, ("types", "infohash"))
+    types = _names(request.query["types"], "types", EVENT_TYPES) \
+        if "types" in request.query else EVENT_TYPES
+    infohashes = {parse_infohash(text) for text in request.query.getall("infohash", [])}
+    last = request.headers.get("Last-Event-ID")
+    if last is not None and not (last.isascii() and last.isdigit() and len(last) < 19):
+        raise ApiError(400, "Last-Event-ID must be an event id")
+    events = request.app[ENGINE].events
+    subscriber = events.subscribe(set(types), infohashes)
+    try:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        # Small buffers: a reader that stops reading is noticed within a few hundred
+        # events, and holds little memory until it is cut off.
+        request.transport.set_write_buffer_limits(high=STREAM_BUFFER)
+        with contextlib.suppress(OSError, AttributeError):
+            request.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
+        missed = events.since(int(last)) if last is not None else []
+        await _stream(response, subscriber, missed)
+    finally:
+        events.subscribers.discard(subscriber)
+    return response
+
+
+async def _stream(response, subscriber, missed):
+    """Write a subscriber's events until it falls too far behind or goes away. A reader
+    that stops reading is cut off, with a last event: overflow after what it has."""
+    write = lambda data: asyncio.wait_for(response.write(data), STREAM_WRITE_TIMEOUT)
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        try:
+            if missed is None:
+                await write(_sse(None, "reset"))
+            for event in missed or ():
+                await write(_sse(event))
+                sent = event["id"]
+            while not subscriber.overflowed:
+                while subscriber.queue:
+                    event = subscriber.queue.popleft()
+                    if event["id"] > sent:
+                        await write(_sse(event))
+                        sent = event["id"]
+                subscriber.wake.clear()
+                try:
+                    await asyncio.wait_for(subscriber.wake.wait(), HEARTBEAT)
+                except asyncio.TimeoutError:
+                    await write(b": heartbeat\n\n")
+        except asyncio.TimeoutError:
+            subscriber.overflowed = True  # it stopped reading
+        # Queued behind what the reader has not read yet; the connection then closes.
+        response.force_close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(response.write(_sse(None, "overflow")), 0.1)
+
+
+@api("GET", "/webhooks", "webhooks", {"200": _answer("each target", _object({
+    "webhooks": {"type": "array", "items": _object({
+        "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
+        "queued": {"type": "integer"}, "last_success": {"type": ["integer", "null"]},
+        "last_error": {"type": ["string", "null"]},
+        **dict.fromkeys(("delivered", "failed", "dropped"), {"type": "integer"})})}}))})
+async def webhooks(request):
+    """Each webhook target: its queue, last success and last error"""
+    return _json({"webhooks": [hook.view() for hook in request.app[ENGINE].events.webhooks]})
+
+
+@api("GET", "/metrics", "metrics", {"200": _answer(
+    "Prometheus text format", {"type": "string"}, media="text/plain")}, (503,))
+async def metrics(request):
+    """Metrics for Prometheus"""
+    engine = request.app[ENGINE]
+    stats = await engine.session_stats()
+    text = render_metrics(engine, stats, request.app[REQUESTS],
+                          request.app[CONFIG].metrics_per_torrent)
+    return web.Response(text=text, headers={
+        "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 @api("GET", "/health", "health", {"200": _answer("healthy", _ref("Health")),
                                   "503": _ref("503", "responses")}, public=True)
 async def health(request):
@@ -3517,9 +4012,10 @@ for _method, _path, _handler, _operation in ROUTES:
 
 def make_app(config):
     """Build the aiohttp application; the engine starts and stops with it."""
-    app = web.Application(middlewares=[error_middleware, access_middleware],
+    app = web.Application(middlewares=[count_middleware, error_middleware, access_middleware],
                           client_max_size=MAX_REQUEST_BYTES)
     app[CONFIG] = config
+    app[REQUESTS] = collections.Counter()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
 
