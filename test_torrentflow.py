@@ -13,6 +13,7 @@ cases.
 """
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -20,6 +21,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -3279,3 +3281,164 @@ async def test_metrics_per_torrent_and_the_token(tmp_path, aiohttp_client, paylo
     samples = families["torrentflow_torrent_progress"].samples
     assert [(s.labels["infohash"], s.labels["name"]) for s in samples] == [
         (MAGNET[-40:], 'quote"d')]
+
+
+# --------------------------------------------------------------------------- #
+# Transmission's RPC, driven by real clients
+# --------------------------------------------------------------------------- #
+
+REMOTE = shutil.which("transmission-remote")
+#: The fields Sonarr's and Radarr's TransmissionProxy read for their queue.
+SONARR_FIELDS = ["id", "hashString", "name", "downloadDir", "totalSize", "leftUntilDone",
+                 "isFinished", "eta", "status", "secondsDownloading", "secondsSeeding",
+                 "errorString", "uploadedEver", "downloadedEver", "seedRatioLimit",
+                 "seedRatioMode", "seedIdleLimit", "seedIdleMode", "fileCount", "labels"]
+
+
+async def remote(process, *args):
+    """Run transmission-remote against the daemon, authenticated with the token."""
+    result = await asyncio.to_thread(
+        subprocess.run, [REMOTE, f"127.0.0.1:{process.port}", "--auth", f"sonarr:{TOKEN}",
+                         *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result.stdout
+
+
+@pytest.fixture
+async def guarded_process(tmp_path):
+    process = DaemonProcess(tmp_path, extra=["--token", TOKEN], headers=AUTH)
+    yield process
+    await process.close()
+
+
+@pytest.mark.skipif(REMOTE is None, reason="transmission-remote (Debian transmission-cli) "
+                    "is not installed")
+async def test_transmission_remote_drives_the_daemon(guarded_process, seeders, tracker,
+                                                     tmp_path):
+    process = guarded_process
+    torrent, source, layout = swarm_torrent(tmp_path, tracker, seeders(), 1024 * 1024)
+    (tmp_path / "data.torrent").write_bytes(torrent)
+    infohash = infohash_of(torrent)
+    await process.start()
+    assert 'responded: "success"' in await remote(process, "-a", str(tmp_path / "data.torrent"))
+    await remote(process, "-a", "magnet:?xt=urn:btih:" + "56" * 20 + "&dn=Remote.Magnet")
+    await wait_complete(process.client, infohash)
+    listing = (await remote(process, "-l")).splitlines()
+    assert listing[1].split()[:2] == ["1", "100%"] and listing[1].endswith("data.bin")
+    assert "Remote.Magnet" in listing[2] and listing[-1].startswith("Sum:")
+    details = await remote(process, "-t", "1", "-i")
+    assert f"Hash: {infohash}" in details and "Name: data.bin" in details
+    assert f"Location: {process.download_dir}" in details
+    await remote(process, "-t", "1", "-S")
+    assert (await process.status(infohash))["paused"]
+    assert "Stopped" in (await remote(process, "-l")).splitlines()[1]
+    await remote(process, "-t", "1", "-s")
+    assert not (await process.status(infohash))["paused"]
+    await remote(process, "-t", "1", "--verify")
+    await wait_complete(process.client, infohash)
+    session = await remote(process, "-si")
+    assert "RPC version: 17" in session and f"Download directory: {process.download_dir}" in session
+    await remote(process, "-t", "2", "-r")
+    assert await process.infohashes() == {infohash}
+    await remote(process, "-t", infohash, "--remove-and-delete")
+    assert await process.infohashes() == set()
+    assert not (process.download_dir / "data.bin").exists()
+
+
+async def rpc(client, method, arguments=None, session=None, **extra):
+    """One RPC call with the session-id dance; returns (status, answer)."""
+    body = {"method": method, **({} if arguments is None else {"arguments": arguments}),
+            **extra}
+    headers = {**AUTH, **({"X-Transmission-Session-Id": session} if session else {})}
+    response = await client.post("/transmission/rpc", json=body, headers=headers)
+    if response.status == 409 and session is None:
+        return await rpc(client, method, arguments,
+                         response.headers["X-Transmission-Session-Id"], **extra)
+    return response.status, await response.json()
+
+
+async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
+    # Sonarr's probe: a GET without the session id must get the 409 and the id.
+    probe = await guarded.get("/transmission/rpc", headers=AUTH)
+    assert probe.status == 409 and probe.headers["X-Transmission-Session-Id"]
+    session = probe.headers["X-Transmission-Session-Id"]
+    assert (await guarded.get("/transmission/rpc", headers={
+        **AUTH, "X-Transmission-Session-Id": session})).status == 405
+    # Basic auth with the token as password; a bad one gets Transmission's challenge.
+    basic = "Basic " + base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+    ok = await guarded.post("/transmission/rpc", json={"method": "session-get"}, headers={
+        "Authorization": basic, "X-Transmission-Session-Id": session})
+    assert ok.status == 200 and (await ok.json())["arguments"]["rpc-version"] == 17
+    wrong = await guarded.post("/transmission/rpc/", json={"method": "session-get"}, headers={
+        "Authorization": "Basic " + base64.b64encode(b"u:wrong-token-xyz").decode()})
+    assert wrong.status == 401
+    assert wrong.headers["WWW-Authenticate"] == 'Basic realm="Transmission"'
+    raw = await guarded.post("/transmission/rpc", data=b"{not json", headers={
+        **AUTH, "X-Transmission-Session-Id": session,
+        "Content-Type": "application/x-www-form-urlencoded"})
+    assert (await raw.json())["result"] == "no method name"
+    added = await guarded.post("/torrents", json={"torrent_url": MAGNET}, headers=AUTH)
+    assert added.status == 201
+    for method, arguments, words in (
+            ("torrent-explode", {}, "method not supported"),
+            ("torrent-get", {}, "no fields"),
+            ("torrent-get", {"fields": ["id"], "ids": {"x": 1}}, "ids must be"),
+            ("torrent-add", {}, "no filename or metainfo"),
+            ("torrent-add", {"metainfo": "!!!"}, "invalid or corrupt"),
+            ("torrent-add", {"filename": MAGNET, "download-dir": "/etc"}, "save_path"),
+            ("torrent-set-location", {"ids": [1], "move": True}, "no location"),
+            ("torrent-set", {"ids": [1], "labels": "x"}, "labels"),
+            ("torrent-set", {"ids": [1], "files-wanted": [0]}, "metadata"),
+            ("free-space", {"path": "/etc"}, "save_path")):
+        status, answer = await rpc(guarded, method, arguments, session, tag=7)
+        assert status == 200 and words in answer["result"] and answer["result"] != "success"
+        assert answer["tag"] == 7
+    # Ids that do not exist are left out, as Transmission does.
+    status, answer = await rpc(guarded, "torrent-stop", {"ids": [4242, "ab" * 20]}, session)
+    assert answer["result"] == "success"
+    status, answer = await rpc(guarded, "torrent-get", {"fields": ["id"], "ids": [4242]},
+                               session)
+    assert answer["arguments"]["torrents"] == []
+
+
+async def test_transmission_rpc_python_client(guarded_process, seeders, tracker, tmp_path):
+    """The transmission-rpc package as Sonarr-like tools use it, each call checked
+    against the REST view of the same torrent; the add is a real download."""
+    transmission_rpc = pytest.importorskip("transmission_rpc")
+    process = guarded_process
+    torrent, source, layout = swarm_torrent(tmp_path, tracker, seeders(), 2 * 1024 * 1024)
+    infohash = infohash_of(torrent)
+    await process.start()
+    rpc_client = await asyncio.to_thread(
+        transmission_rpc.Client, host="127.0.0.1", port=process.port, username="sonarr",
+        password=TOKEN)
+    added = await asyncio.to_thread(rpc_client.add_torrent, torrent, labels=["tv-sonarr"],
+                                    download_dir=str(process.download_dir / "tv"))
+    assert added.hash_string == infohash
+    assert (await process.status(infohash))["save_path"] == str(process.download_dir / "tv")
+
+    def finished():
+        torrent, = rpc_client.get_torrents(arguments=[*SONARR_FIELDS, "percentDone"])
+        return torrent if torrent.percent_done == 1 else None
+    seen = await wait_until(lambda: asyncio.to_thread(finished), what="percentDone 1")
+    assert same_tree(source, process.download_dir / "tv", layout)
+    assert seen.seeding and seen.labels == ["tv-sonarr"] and seen.eta is None
+    assert seen.download_dir == str(process.download_dir / "tv") and seen.error_string == ""
+    await asyncio.to_thread(rpc_client.stop_torrent, added.id)
+    assert (await process.status(infohash))["paused"]
+    await asyncio.to_thread(rpc_client.start_torrent, added.id)
+    assert not (await process.status(infohash))["paused"]
+    await asyncio.to_thread(rpc_client.change_torrent, added.id, labels=["done"],
+                            seed_ratio_limit=1.5, seed_ratio_mode=1)
+    status = await process.status(infohash)
+    assert status["labels"] == ["done"] and status["ratio_limit"] == 1.5
+    await asyncio.to_thread(rpc_client.move_torrent_data, added.id,
+                            str(process.download_dir / "moved"))
+    assert (await process.status(infohash))["save_path"] == str(process.download_dir / "moved")
+    session = await asyncio.to_thread(rpc_client.get_session)
+    assert session.download_dir == str(process.download_dir)
+    free = await asyncio.to_thread(rpc_client.free_space, str(process.download_dir))
+    assert free > 0
+    await asyncio.to_thread(rpc_client.remove_torrent, added.id, delete_data=True)
+    assert await process.infohashes() == set()
+    assert not (process.download_dir / "moved" / "data.bin").exists()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -55,6 +56,7 @@ import errno
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -63,6 +65,8 @@ import queue
 import random
 import re
 import resource
+import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -734,16 +738,26 @@ def _host_allowed(host_header, insecure_no_auth):
 
 
 def _bearer_error(request, token):
-    """Why the Authorization header does not carry the token, or None if it does."""
+    """Why the Authorization header does not carry the token, or None if it does.
+
+    Transmission's clients know only a user and a password: on its RPC, HTTP Basic
+    with the token as the password (any user name) is accepted too.
+    """
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return "this API needs the header Authorization: Bearer <token>", \
-            'Bearer realm="torrentflow"'
+    rpc = request.path.startswith("/transmission/")
+    if rpc and scheme.lower() == "basic":
+        with contextlib.suppress(ValueError):
+            given = base64.b64decode(given.strip(), validate=True).decode().partition(":")[2]
+    elif scheme.lower() != "bearer":
+        given = ""
+    challenge = 'Basic realm="Transmission"' if rpc else 'Bearer realm="torrentflow"'
+    if not given.strip():
+        return "this API needs the header Authorization: Bearer <token>", challenge
     # Constant time, so response timing does not reveal how much of a guess was right.
     if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
                            token.encode()):
         return None
-    return "invalid bearer token", 'Bearer realm="torrentflow", error="invalid_token"'
+    return "invalid token", challenge + ('' if rpc else ', error="invalid_token"')
 
 
 @web.middleware
@@ -2133,6 +2147,11 @@ class TorrentEngine:
         self.store = StateStore(config.state_dir)
         self.events = Events(config, self.store)
         self.counts = collections.Counter()  # alerts_dropped, saves, save_failures
+        #: Transmission's RPC: its session id, torrent numbers, and recent removals.
+        self.rpc_session_id = secrets.token_urlsafe(24)
+        self._numbers = itertools.count(1)
+        self.removed = collections.deque(maxlen=10_000)  # (time, number)
+        self.started = time.monotonic()
         #: Where files may be written: the download directory, then the allowed roots.
         self.roots = [Path(os.path.realpath(root)) for root in
                       (config.download_dir, *config.allowed_save_roots)]
@@ -2881,6 +2900,7 @@ class TorrentEngine:
     def _register(self, torrent):
         """Make a torrent known by its ids, before libtorrent has it."""
         self._torrents[torrent] = None
+        torrent.number = next(self._numbers)
         self._index(torrent)
         self._unlisted += 1
 
@@ -2897,6 +2917,7 @@ class TorrentEngine:
         if self._torrents.pop(torrent, False) is False:
             return
         self._listing = None
+        self.removed.append((time.time(), torrent.number))
         self._by_handle.pop(torrent.handle, None)
         for key in torrent.aliases:
             if self._by_id.get(key) is torrent:
@@ -3887,6 +3908,531 @@ async def metrics(request):
         "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+# --------------------------------------------------------------------------- #
+# Transmission RPC: the subset that transmission-remote, Sonarr, Radarr and
+# transmission-rpc use, mapped onto the engine and the status table
+# --------------------------------------------------------------------------- #
+
+#: What the RPC reports about itself: Sonarr reads version (>= 2.40, and >= 4 for labels).
+RPC_VERSION = {"version": f"4.0.6 (TorrentFlow {__version__})", "rpc-version": 17,
+               "rpc-version-semver": "5.3.0", "rpc-version-minimum": 14}
+#: Seconds a torrent counts as "recently-active" after a change, and a removal too.
+RPC_RECENT = 60.0
+
+
+def _rpc_status(status):
+    """Transmission's status number: 0 stopped, 1-2 (queued to) verify, 3-4 (queued to)
+    download, 5-6 (queued to) seed."""
+    done = status["is_finished"]
+    if status["state"].startswith("checking"):
+        return 1 if status["queued"] else 2
+    if status["paused"]:
+        return (5 if done else 3) if status["queued"] else 0
+    return 6 if done else 4
+
+
+def _rpc_priority(priority):
+    """libtorrent's file priority 0-7 as Transmission's -1, 0 or 1."""
+    return -1 if priority < 4 else 1 if priority > 5 else 0
+
+
+def _rpc_limit(torrent, status, key, own):
+    """(limit, mode) for seedRatioLimit/seedIdleLimit: mode 0 the session's, 1 its own,
+    2 none."""
+    value = torrent.notes[key]
+    if value == -2:
+        return 0, 2
+    return (value, 1) if value >= 0 else (max(0, own), 0)
+
+
+def _rpc_tracker(index, tracker):
+    """A trackerStats entry from the trackers view of one tracker."""
+    heard = tracker["last_announce"] or 0
+    return {"announce": tracker["url"], "scrape": "", "tier": tracker["tier"], "id": index,
+            "host": "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(tracker["url"])),
+            "sitename": urllib.parse.urlsplit(tracker["url"]).hostname or "",
+            "announceState": 3 if tracker["status"] == "updating" else 1,
+            "scrapeState": 0, "isBackup": False, "hasAnnounced": bool(heard),
+            "hasScraped": False, "lastAnnounceSucceeded": tracker["status"] == "working",
+            "lastAnnounceResult": tracker["message"] or ("Success" if heard else ""),
+            "lastAnnounceTime": heard, "lastAnnounceStartTime": heard,
+            "lastAnnounceTimedOut": False, "lastAnnouncePeerCount": 0,
+            "nextAnnounceTime": tracker["next_announce"] or 0, "lastScrapeResult": "",
+            "lastScrapeStartTime": 0, "lastScrapeSucceeded": False, "lastScrapeTime": 0,
+            "lastScrapeTimedOut": False, "nextScrapeTime": 0,
+            "seederCount": tracker["seeds"], "leecherCount": tracker["peers"],
+            "downloadCount": tracker["downloaded"]}
+
+
+def _rpc_files(torrent):
+    """A torrent's files and their priorities, for the file fields."""
+    files = torrent.files() or []
+    return files, [f["priority"] for f in files]
+
+
+#: Every torrent-get field, as a function of (torrent, status dict, session settings,
+#: extra) where extra holds the slow views (trackers, peers) fetched when asked for.
+RPC_FIELDS = {
+    "id": lambda t, s, c, x: t.number,
+    "hashString": lambda t, s, c, x: t.infohash,
+    "name": lambda t, s, c, x: s["name"],
+    "downloadDir": lambda t, s, c, x: s["save_path"],
+    "totalSize": lambda t, s, c, x: s["total_size"] or 0,
+    "sizeWhenDone": lambda t, s, c, x: s["total_wanted"],
+    "leftUntilDone": lambda t, s, c, x: s["total_wanted"] - s["total_wanted_done"],
+    "haveValid": lambda t, s, c, x: s["total_done"],
+    "haveUnchecked": lambda t, s, c, x: 0, "corruptEver": lambda t, s, c, x: 0,
+    "desiredAvailable": lambda t, s, c, x: 0,
+    "percentDone": lambda t, s, c, x: round(s["total_wanted_done"] / s["total_wanted"], 4)
+    if s["total_wanted"] else float(s["has_metadata"]),
+    "percentComplete": lambda t, s, c, x: round(s["progress"] / 100, 4),
+    "metadataPercentComplete": lambda t, s, c, x: int(s["has_metadata"]),
+    "recheckProgress": lambda t, s, c, x: round(s["progress"] / 100, 4)
+    if s["state"] == "checking_files" else 0,
+    # Done seeding: stopped by a seeding limit, which Sonarr waits for to remove it.
+    "isFinished": lambda t, s, c, x: bool(s["paused"] and s["limit_reached"]),
+    "isStalled": lambda t, s, c, x: False, "isPrivate": lambda t, s, c, x: False,
+    "status": lambda t, s, c, x: _rpc_status(s),
+    "eta": lambda t, s, c, x: -1 if s["is_finished"] or s["paused"] else -2
+    if not s["download_rate"] else (s["total_wanted"] - s["total_wanted_done"])
+    // s["download_rate"],
+    "etaIdle": lambda t, s, c, x: -1,
+    "error": lambda t, s, c, x: 3 if s["error"] else 0,
+    "errorString": lambda t, s, c, x: s["error"],
+    "uploadedEver": lambda t, s, c, x: s["total_upload"],
+    "downloadedEver": lambda t, s, c, x: s["total_download"],
+    "uploadRatio": lambda t, s, c, x: s["ratio"] if s["total_wanted"] else -1,
+    "secondsDownloading": lambda t, s, c, x: s["active_time"] - s["finished_time"],
+    "secondsSeeding": lambda t, s, c, x: s["seeding_time"],
+    "seedRatioLimit": lambda t, s, c, x: _rpc_limit(t, s, "ratio_limit", c["ratio_limit"])[0],
+    "seedRatioMode": lambda t, s, c, x: _rpc_limit(t, s, "ratio_limit", c["ratio_limit"])[1],
+    "seedIdleLimit": lambda t, s, c, x: int(_rpc_limit(
+        t, s, "seeding_time_limit", c["seeding_time_limit"])[0] // 60),
+    "seedIdleMode": lambda t, s, c, x: _rpc_limit(
+        t, s, "seeding_time_limit", c["seeding_time_limit"])[1],
+    "labels": lambda t, s, c, x: s["labels"],
+    "group": lambda t, s, c, x: "",
+    "fileCount": lambda t, s, c, x: s["num_files"] or 0,
+    "file-count": lambda t, s, c, x: s["num_files"] or 0,
+    "rateDownload": lambda t, s, c, x: s["download_rate"],
+    "rateUpload": lambda t, s, c, x: s["upload_rate"],
+    "peersConnected": lambda t, s, c, x: s["num_peers"],
+    "peersGettingFromUs": lambda t, s, c, x: s["num_peers"] if s["upload_rate"] else 0,
+    "peersSendingToUs": lambda t, s, c, x: s["num_seeds"] if s["download_rate"] else 0,
+    "peersFrom": lambda t, s, c, x: dict.fromkeys(
+        ("fromCache", "fromDht", "fromIncoming", "fromLpd", "fromLtep", "fromPex"), 0)
+    | {"fromTracker": s["num_peers"]},
+    "peer-limit": lambda t, s, c, x: s["max_connections"] or c["max_connections"],
+    "maxConnectedPeers": lambda t, s, c, x: s["max_connections"] or c["max_connections"],
+    "addedDate": lambda t, s, c, x: s["added_time"],
+    "startDate": lambda t, s, c, x: s["added_time"],
+    "doneDate": lambda t, s, c, x: s["completed_time"] or 0,
+    "activityDate": lambda t, s, c, x: int(time.time()) - min(
+        s["time_since_upload"] or 10**9, s["time_since_download"] or 10**9)
+    if s["time_since_upload"] is not None or s["time_since_download"] is not None else 0,
+    "dateCreated": lambda t, s, c, x: s["creation_date"] or 0,
+    "editDate": lambda t, s, c, x: 0, "manualAnnounceTime": lambda t, s, c, x: -1,
+    "comment": lambda t, s, c, x: s["comment"] or "",
+    "creator": lambda t, s, c, x: s["creator"] or "",
+    "magnetLink": lambda t, s, c, x: f"magnet:?xt=urn:btih:{s['info_hash_v1'] or ''}"
+    f"&dn={urllib.parse.quote(s['name'])}",
+    "pieceCount": lambda t, s, c, x: s["total_pieces"] or 0,
+    "pieceSize": lambda t, s, c, x: s["piece_length"] or 0,
+    "downloadLimit": lambda t, s, c, x: s["download_limit"] // 1000,
+    "downloadLimited": lambda t, s, c, x: s["download_limit"] > 0,
+    "uploadLimit": lambda t, s, c, x: s["upload_limit"] // 1000,
+    "uploadLimited": lambda t, s, c, x: s["upload_limit"] > 0,
+    "honorsSessionLimits": lambda t, s, c, x: True,
+    "bandwidthPriority": lambda t, s, c, x: 0,
+    "queuePosition": lambda t, s, c, x: max(0, s["queue_position"]),
+    "webseeds": lambda t, s, c, x: [], "webseedsSendingToUs": lambda t, s, c, x: 0,
+    "files": lambda t, s, c, x: [{"name": f["path"], "length": f["size"],
+                                  "bytesCompleted": f["downloaded"]}
+                                 for f in _rpc_files(t)[0]],
+    "fileStats": lambda t, s, c, x: [{"bytesCompleted": f["downloaded"],
+                                      "wanted": bool(f["priority"]),
+                                      "priority": _rpc_priority(f["priority"])}
+                                     for f in _rpc_files(t)[0]],
+    "priorities": lambda t, s, c, x: [_rpc_priority(p) for p in _rpc_files(t)[1]],
+    "wanted": lambda t, s, c, x: [int(bool(p)) for p in _rpc_files(t)[1]],
+    "trackers": lambda t, s, c, x: [{"announce": tracker["url"], "scrape": "",
+                                     "tier": tracker["tier"], "id": index}
+                                    for index, tracker in enumerate(x["trackers"])],
+    "trackerStats": lambda t, s, c, x: [_rpc_tracker(index, tracker)
+                                        for index, tracker in enumerate(x["trackers"])],
+    "trackerList": lambda t, s, c, x: "\n\n".join(tracker["url"] for tracker in x["trackers"]),
+    "peers": lambda t, s, c, x: [{
+        "address": peer["ip"], "port": peer["port"], "clientName": peer["client"],
+        "progress": round(peer["progress"] / 100, 4), "rateToClient": peer["download_rate"],
+        "rateToPeer": peer["upload_rate"], "isEncrypted": peer["encrypted"],
+        "isUTP": peer["connection"] == "utp", "isIncoming": "incoming" in peer["source"],
+        "flagStr": ("D" if peer["download_rate"] else "") + ("U" if peer["upload_rate"] else ""),
+        "isDownloadingFrom": bool(peer["download_rate"]),
+        "isUploadingTo": bool(peer["upload_rate"]),
+        "clientIsChoked": "choked" in peer["flags"],
+        "clientIsInterested": "interesting" in peer["flags"],
+        "peerIsChoked": "remote_choked" in peer["flags"],
+        "peerIsInterested": "remote_interested" in peer["flags"]} for peer in x["peers"]],
+}
+
+
+class RpcError(Exception):
+    """A request the RPC refuses: its result string."""
+
+
+def _rpc_ids(engine, arguments):
+    """The torrents ids names: absent is all; a number, a hash, or a list of either; or
+    "recently-active". Unknown ids are left out, as Transmission does."""
+    torrents = list(engine.torrents())
+    ids = arguments.get("ids")
+    if ids is None:
+        return torrents
+    if ids == "recently-active":
+        since = time.time() - RPC_RECENT
+        return [t for t in torrents if t.updated >= since]
+    ids = ids if isinstance(ids, list) else [ids]
+    if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids):
+        raise RpcError("ids must be numbers, hash strings or lists of them")
+    wanted = {i.lower() if isinstance(i, str) else i for i in ids}
+    return [t for t in torrents if t.number in wanted or wanted & set(t.aliases)]
+
+
+def _rpc_indices(torrent, arguments, key):
+    """File indices given under key (Transmission counts real files only)."""
+    chosen = arguments.get(key, [])
+    count = len(torrent.info["files"]) if torrent.info else 0
+    if not isinstance(chosen, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in chosen):
+        raise RpcError(f"{key} must list file indices from 0 to {count - 1}")
+    return chosen
+
+
+def _rpc_priorities(torrent, arguments):
+    """File priorities from files-wanted/-unwanted and priority-high/-normal/-low."""
+    keys = ("files-unwanted", "files-wanted", "priority-low", "priority-normal",
+            "priority-high")
+    if not any(key in arguments for key in keys):
+        return None
+    if torrent.info is None:
+        raise RpcError("file choices need the torrent's metadata")
+    current = [f["priority"] for f in torrent.files()]
+    for key, priority in zip(keys, (0, None, 1, 4, 7)):
+        for index in _rpc_indices(torrent, arguments, key):
+            current[index] = (current[index] or 4) if priority is None else \
+                0 if priority == 0 else priority if current[index] else 0
+    return current
+
+
+def _rpc_settings(torrent, arguments, trackers=None):
+    """The per-torrent settings a torrent-set (or, torrent None, a torrent-add) names,
+    as PATCH takes them; trackers are the torrent's current ones, if they matter."""
+    changes = {}
+    if "labels" in arguments:
+        changes["labels"] = arguments["labels"]
+    for mode_key, limit_key, setting, scale in (
+            ("seedRatioMode", "seedRatioLimit", "ratio_limit", 1),
+            ("seedIdleMode", "seedIdleLimit", "seeding_time_limit", 60)):
+        if mode_key in arguments or limit_key in arguments:
+            mode, limit = arguments.get(mode_key, 1), arguments.get(limit_key, 0)
+            if not isinstance(limit, (int, float)) or isinstance(limit, bool):
+                raise RpcError(f"{limit_key} must be a number")
+            changes[setting] = {0: -1, 2: -2}.get(mode, limit * scale)
+    for key, setting in (("downloadLimit", "download_limit"), ("uploadLimit", "upload_limit")):
+        if key in arguments or key + "ed" in arguments:
+            kilobytes = arguments.get(key, torrent.status[setting] // 1000 if torrent else 0)
+            if not isinstance(kilobytes, int) or isinstance(kilobytes, bool):
+                raise RpcError(f"{key} must be a whole number of kB/s")
+            changes[setting] = kilobytes * 1000 if arguments.get(key + "ed", True) else 0
+    if "peer-limit" in arguments:
+        changes["max_connections"] = arguments["peer-limit"]
+    if trackers is not None:
+        changes["trackers"] = _rpc_trackers(trackers, arguments)
+    if torrent is not None:
+        priorities = _rpc_priorities(torrent, arguments)
+        if priorities is not None:
+            changes["file_priorities"] = priorities
+    return changes
+
+
+def _rpc_trackers(urls, arguments):
+    """The tracker list after trackerList, trackerAdd and trackerRemove (ids or URLs)."""
+    if "trackerList" in arguments:
+        text = arguments["trackerList"]
+        if not isinstance(text, str):
+            raise RpcError("trackerList must be a string")
+        return [tier for tier in ([url.strip() for url in block.split("\n") if url.strip()]
+                                  for block in text.split("\n\n")) if tier]
+    added, removed = arguments.get("trackerAdd", []), arguments.get("trackerRemove", [])
+    if not isinstance(added, list) or not isinstance(removed, list):
+        raise RpcError("trackerAdd and trackerRemove must be lists")
+    return [url for index, url in enumerate(urls) if index not in removed
+            and url not in removed] + [url for url in added if url not in urls]
+
+
+async def _rpc_set(engine, torrents, arguments):
+    for torrent in torrents:
+        trackers = None
+        if {"trackerList", "trackerAdd", "trackerRemove"} & set(arguments):
+            trackers = [tracker["url"] for tracker in await engine.trackers(torrent)]
+        await engine.configure(torrent, parse_settings(
+            _rpc_settings(torrent, arguments, trackers), "change"))
+
+
+async def _rpc_get(request, engine, arguments):
+    """torrent-get: the fields asked for, as objects or as a table."""
+    fields = arguments.get("fields")
+    if not isinstance(fields, list) or not fields:
+        raise RpcError("no fields specified")
+    known = [name for name in dict.fromkeys(fields) if name in RPC_FIELDS]
+    slow = {"trackers": {"trackers", "trackerStats", "trackerList"} & set(known),
+            "peers": "peers" in known}
+    rows = []
+    for torrent in _rpc_ids(engine, arguments):
+        extra = {name: await getattr(engine, name)(torrent) if needed else []
+                 for name, needed in slow.items()}
+        rows.append([RPC_FIELDS[name](torrent, torrent.status, engine.settings, extra)
+                     for name in known])
+    answer = {"torrents": [known, *rows] if arguments.get("format") == "table"
+              else [dict(zip(known, row)) for row in rows]}
+    if arguments.get("ids") == "recently-active":
+        answer["removed"] = [number for moment, number in engine.removed
+                             if moment >= time.time() - RPC_RECENT]
+    return answer
+
+
+async def _rpc_add(request, engine, arguments):
+    """torrent-add: a magnet or URL in filename, or a .torrent in base64 metainfo."""
+    if "metainfo" in arguments:
+        try:
+            upload = base64.b64decode(arguments["metainfo"], validate=True)
+        except (ValueError, TypeError):
+            raise RpcError("invalid or corrupt torrent file") from None
+        params = await _params_from_source(request, "", upload)
+    elif isinstance(arguments.get("filename"), str):
+        params = await _params_from_source(request, arguments["filename"], None)
+    else:
+        raise RpcError("no filename or metainfo specified")
+    directory = arguments.get("download-dir", "")
+    if not isinstance(directory, str):
+        raise RpcError("download-dir must be a string")
+    params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots, directory)
+    settings = parse_settings({**_rpc_settings(None, arguments),
+                               "paused": bool(arguments.get("paused", False))}, "add")
+    infohash, created = await engine.add(params, settings)
+    torrent = engine.lookup(infohash)
+    if created and _rpc_priorities(torrent, arguments) is not None:
+        await _rpc_set(engine, [torrent], arguments)
+    return {"torrent-added" if created else "torrent-duplicate": {
+        "id": torrent.number, "name": torrent.status["name"], "hashString": infohash}}
+
+
+def _rpc_each(action):
+    """A method that does action(engine, torrent, arguments) to each torrent named."""
+    async def method(request, engine, arguments):
+        for torrent in _rpc_ids(engine, arguments):
+            await action(engine, torrent, arguments)
+        return {}
+    return method
+
+
+async def _rpc_location(engine, torrent, arguments):
+    location = arguments.get("location")
+    if not isinstance(location, str) or not location:
+        raise RpcError("no location")
+    if arguments.get("move") is not True:
+        raise RpcError("only a move of the data (move: true) is supported")
+    await engine.configure(torrent, {"save_path": await asyncio.to_thread(
+        resolve_save_path, engine.roots, location)})
+
+
+def _rpc_queue(move):
+    """queue-move-*: libtorrent's queue functions, which only post work."""
+    async def action(engine, torrent, arguments):
+        with _handle_call():
+            getattr(torrent.handle, f"queue_position_{move}")()
+    return action
+
+
+def _rpc_session(engine, config):
+    """session-get's fields."""
+    settings = engine.settings
+    return {**RPC_VERSION, "session-id": engine.rpc_session_id,
+            "download-dir": str(engine.roots[0]), "config-dir": str(config.state_dir),
+            "peer-port": engine.listen_port, "blocklist-size": 0, "blocklist-enabled": False,
+            "speed-limit-down": settings["download_limit"] // 1000,
+            "speed-limit-down-enabled": settings["download_limit"] > 0,
+            "speed-limit-up": settings["upload_limit"] // 1000,
+            "speed-limit-up-enabled": settings["upload_limit"] > 0,
+            "seedRatioLimit": max(0, settings["ratio_limit"]),
+            "seedRatioLimited": settings["ratio_limit"] >= 0,
+            "idle-seeding-limit": max(0, settings["seeding_time_limit"]) // 60,
+            "idle-seeding-limit-enabled": settings["seeding_time_limit"] >= 0,
+            "download-queue-size": max(0, settings["max_active_downloads"]),
+            "download-queue-enabled": settings["max_active_downloads"] >= 0,
+            "seed-queue-size": max(0, settings["max_active_seeds"]),
+            "seed-queue-enabled": settings["max_active_seeds"] >= 0,
+            "peer-limit-global": settings["max_connections"], "peer-limit-per-torrent": 0,
+            "alt-speed-enabled": False, "alt-speed-down": 0, "alt-speed-up": 0,
+            "alt-speed-time-enabled": False, "alt-speed-time-begin": 0,
+            "alt-speed-time-end": 0, "alt-speed-time-day": 0, "start-added-torrents": True,
+            "dht-enabled": config.dht, "lpd-enabled": config.lsd, "pex-enabled": True,
+            "utp-enabled": not config.local_only, "encryption": "preferred",
+            "port-forwarding-enabled": config.upnp or config.natpmp,
+            "units": {"speed-units": ["kB/s", "MB/s", "GB/s", "TB/s"], "speed-bytes": 1000,
+                      "size-units": ["kB", "MB", "GB", "TB"], "size-bytes": 1000,
+                      "memory-units": ["KiB", "MiB", "GiB", "TiB"], "memory-bytes": 1024}}
+
+
+#: session-set's writable keys: (setting, how the value maps, the *-enabled key).
+RPC_SESSION_SET = {
+    "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled"),
+    "speed-limit-up": ("upload_limit", 1000, "speed-limit-up-enabled"),
+    "seedRatioLimit": ("ratio_limit", 1, "seedRatioLimited"),
+    "idle-seeding-limit": ("seeding_time_limit", 60, "idle-seeding-limit-enabled"),
+    "download-queue-size": ("max_active_downloads", 1, "download-queue-enabled"),
+    "seed-queue-size": ("max_active_seeds", 1, "seed-queue-enabled"),
+    "peer-limit-global": ("max_connections", 1, None),
+}
+
+
+async def _rpc_session_set(request, engine, arguments):
+    """session-set: the keys above, mapped onto PATCH /settings; others are ignored."""
+    changes = {}
+    for key, (setting, scale, enabled) in RPC_SESSION_SET.items():
+        current = _rpc_session(engine, request.app[CONFIG])
+        if key in arguments or enabled in arguments:
+            value = arguments.get(key, current[key])
+            on = arguments.get(enabled, current.get(enabled, True))
+            off = 0 if setting.endswith("limit") and "speed" in key else -1
+            changes[setting] = value * scale if on else off
+    ignored = sorted(set(arguments) - set(RPC_SESSION_SET)
+                     - {e for _, _, e in RPC_SESSION_SET.values()})
+    if ignored:
+        log.debug("session-set ignores %s", ", ".join(ignored))
+    await engine.configure_session(parse_values(
+        changes, {key: option.parse for key, option in SESSION_OPTIONS.items()}))
+    return {}
+
+
+async def _rpc_stats(request, engine, arguments):
+    torrents = list(engine.torrents())
+    stats = await engine.session_stats()
+    totals = {"uploadedBytes": stats.get("net.sent_payload_bytes", 0),
+              "downloadedBytes": stats.get("net.recv_payload_bytes", 0),
+              "filesAdded": len(torrents), "sessionCount": 1,
+              "secondsActive": int(time.monotonic() - engine.started)}
+    return {"activeTorrentCount": sum(not t.status["paused"] for t in torrents),
+            "pausedTorrentCount": sum(t.status["paused"] for t in torrents),
+            "torrentCount": len(torrents),
+            "downloadSpeed": sum(t.rates[0] for t in torrents),
+            "uploadSpeed": sum(t.rates[1] for t in torrents),
+            "current-stats": totals, "cumulative-stats": totals}
+
+
+async def _rpc_free_space(request, engine, arguments):
+    path = arguments.get("path")
+    if not isinstance(path, str) or not path:
+        raise RpcError("directory path argument is missing")
+    target = await asyncio.to_thread(resolve_save_path, engine.roots, path)
+    usage = await asyncio.to_thread(shutil.disk_usage, _existing_parent(target))
+    return {"path": path, "size-bytes": usage.free, "total_size": usage.total}
+
+
+def _existing_parent(path):
+    """The nearest directory of path that exists."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+#: Every method the RPC speaks; anything else answers "method not supported".
+RPC_METHODS = {
+    "session-get": lambda request, engine, arguments: _rpc_fields(
+        _rpc_session(engine, request.app[CONFIG]), arguments),
+    "session-set": _rpc_session_set,
+    "session-stats": _rpc_stats,
+    "free-space": _rpc_free_space,
+    "torrent-get": _rpc_get,
+    "torrent-add": _rpc_add,
+    "torrent-set": lambda request, engine, arguments: _rpc_set(
+        engine, _rpc_ids(engine, arguments), arguments),
+    "torrent-start": _rpc_each(lambda engine, torrent, arguments: engine.resume(torrent)),
+    "torrent-start-now": _rpc_each(lambda engine, torrent, arguments: engine.resume(torrent)),
+    "torrent-stop": _rpc_each(lambda engine, torrent, arguments: engine.pause(torrent)),
+    "torrent-verify": _rpc_each(lambda engine, torrent, arguments: engine.recheck(torrent)),
+    "torrent-reannounce": _rpc_each(lambda engine, torrent, arguments: _now(
+        engine.reannounce(torrent))),
+    "torrent-remove": _rpc_each(lambda engine, torrent, arguments: engine.remove(
+        torrent, arguments.get("delete-local-data") is True)),
+    "torrent-set-location": _rpc_each(_rpc_location),
+    **{f"queue-move-{move}": _rpc_each(_rpc_queue(move))
+       for move in ("top", "up", "down", "bottom")},
+}
+
+
+async def _now(value):
+    return value
+
+
+async def _rpc_fields(answer, arguments):
+    """session-get honours fields."""
+    fields = arguments.get("fields")
+    return {k: v for k, v in answer.items() if k in fields} if isinstance(fields, list)         else answer
+
+
+async def _rpc_call(request, body):
+    """One RPC request: {"result", "arguments", "tag"}, never an exception."""
+    answer = {"arguments": {}, "result": "success"}
+    try:
+        call = json.loads(body)
+        method, arguments = call["method"], call.get("arguments", {})
+        if not isinstance(method, str) or not isinstance(arguments, dict):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return {**answer, "result": "no method name"}
+    if isinstance(call.get("tag"), int) and not isinstance(call["tag"], bool):
+        answer["tag"] = call["tag"]
+    if method not in RPC_METHODS:
+        return {**answer, "result": "method not supported"}
+    try:
+        answer["arguments"] = await RPC_METHODS[method](request, request.app[ENGINE], arguments)
+    except RpcError as error:
+        answer["result"] = str(error)
+    except ApiError as error:
+        answer["result"] = error.detail
+    return answer
+
+
+@api("POST", "/transmission/rpc", "transmissionRpc", {"200": _answer(
+    "the answer, whether the call succeeded or not (see result)", _ref("RpcAnswer"))},
+    (409, 413), requestBody={"required": True, "content": {"application/json": {
+        "schema": {"type": "object"}}}})
+async def transmission_rpc(request):
+    """Transmission's RPC, for the tools that speak it"""
+    engine = request.app[ENGINE]
+    # Transmission's defence against cross-site requests, which its clients expect.
+    if request.headers.get("X-Transmission-Session-Id") != engine.rpc_session_id:
+        raise ApiError(409, "send the X-Transmission-Session-Id header of this answer",
+                       {"X-Transmission-Session-Id": engine.rpc_session_id})
+    if request.method != "POST":
+        raise ApiError(405, "send the call as a POST", {"Allow": "POST"})
+    try:  # whatever the Content-Type: transmission-remote sends a form's
+        async with asyncio.timeout(BODY_TIMEOUT):
+            body = await _read_limited(request.content.read, 2 * MAX_REQUEST_BYTES)
+    except TimeoutError:
+        raise ApiError(408, "the request body did not arrive in time") from None
+    return _json(await _rpc_call(request, body))
+
+
+# The same on the paths and methods its clients use: transmission-remote posts to
+# .../rpc/, and Sonarr first GETs, expecting the 409 that hands out the session id.
+for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rpc"),
+                       ("GET", "/transmission/rpc/")):
+    api(_method, _path, "transmissionRpc" + _method.title() + "Slash" * _path.endswith("/"),
+        {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
+
+
 @api("GET", "/health", "health", {"200": _answer("healthy", _ref("Health")),
                                   "503": _ref("503", "responses")}, public=True)
 async def health(request):
@@ -3967,6 +4513,10 @@ OPENAPI = {
                 "total": {"type": "integer", "minimum": 0,
                           "description": "matching torrents before paging"}}),
             "Status": _STATUS_SCHEMA,
+            "RpcAnswer": {"type": "object", "required": ["result", "arguments"],
+                          "properties": {"result": {"type": "string"},
+                                         "arguments": {"type": "object"},
+                                         "tag": {"type": "integer"}}},
             "Settings": _SETTINGS_SCHEMA,
             "SettingsChange": {**_SETTINGS_SCHEMA, "required": []},
             "Count": _object({"detail": {"type": "string"}, "count": {"type": "integer"}}),
