@@ -146,6 +146,31 @@ TRANSMISSION_FIELDS = (
 TRANSMISSION_SESSION_HEADER = "X-Transmission-Session-Id"
 #: First argument of the benchmark re-run as a raw libtorrent downloader (raw_child).
 RAW_CHILD = "--raw-child"
+#: The sections, in the order they run.
+SECTIONS = ("download", "api", "library", "many", "memory", "listing")
+#: library: one torrent's data (one file) and its piece size.
+LIBRARY_SIZE = 64 * 1024
+LIBRARY_PIECE = 16 * 1024
+#: library: (most torrents, seconds from the last add until all seed) from the issue.
+LIBRARY_TARGETS = ((1000, 5.0), (10000, 60.0))
+#: many: the contenders. The daemon with its defaults (libtorrent's queue runs 3
+#: downloads at once) or with --max-active-downloads -1; raw libtorrent with the
+#: daemon's settings, its torrents out of the queue (all download at once) or in it.
+MANY_CONTENDERS = {
+    "daemon": ("daemon", ()),
+    "daemon-unqueued": ("daemon", ("--max-active-downloads", "-1")),
+    "raw": ("raw", False),
+    "raw-queued": ("raw", True),
+}
+#: many: the daemon must reach this fraction of raw's throughput.
+MANY_TARGET_RATIO = 0.9
+#: GET /health p99 under load must stay under this many milliseconds.
+HEALTH_TARGET_MS = 50.0
+#: memory: targets for 1,000 idle torrents.
+MEMORY_TARGET_RSS_MIB = 70.0
+MEMORY_TARGET_KIB_PER_TORRENT = 14.0
+#: Transmission's torrent status code for "seeding" (TR_STATUS_SEED).
+TRANSMISSION_SEEDING = 6
 MB = 1e6
 MIB = 1024 * 1024
 
@@ -162,9 +187,9 @@ def parse_args(argv=None):
         "against raw libtorrent, all on 127.0.0.1.")
     parser.add_argument("--daemon", type=Path, default=here / "torrentflow.py",
                         help="torrentflow.py to benchmark (default: the one beside this file)")
-    parser.add_argument("--sections", default="download,api",
-                        help="download and/or api (api includes memory and restart); "
-                        "default %(default)s")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"any of {', '.join(SECTIONS)} (api includes its own VmRSS "
+                        "and restart figures); default: all of them")
     parser.add_argument("--size-mib", type=int, default=1024,
                         help="download payload in MiB (default %(default)s)")
     parser.add_argument("--runs", type=int, default=3,
@@ -177,7 +202,8 @@ def parse_args(argv=None):
                         "settings and disk backend plus these, e.g. '{\"tick_interval\": 100}'")
     parser.add_argument("--counts", default="1,1000",
                         help="torrent counts for the API, memory and restart figures; "
-                        "add 10000 for the large library (default %(default)s)")
+                        "library and memory use the counts above 1; add 10000 for the "
+                        "large library (default %(default)s)")
     parser.add_argument("--restart-min", type=int, default=1000,
                         help="measure restart for counts at least this big (default %(default)s)")
     parser.add_argument("--duration", type=float, default=5.0,
@@ -192,6 +218,20 @@ def parse_args(argv=None):
                         help="same-run peers for the status API, started beside the daemon "
                         f"with the same torrents: any of {', '.join(ANCHOR_PROGRAMS)} "
                         "(default: none)")
+    parser.add_argument("--many-torrents", type=int, default=20,
+                        help="many: torrents downloading together, each from its own "
+                        "seeder (default %(default)s)")
+    parser.add_argument("--many-size-mib", type=int, default=32,
+                        help="many: MiB per torrent (default %(default)s)")
+    parser.add_argument("--many-contenders", default="daemon,raw",
+                        help="many: any of " + ", ".join(MANY_CONTENDERS)
+                        + " (default %(default)s)")
+    parser.add_argument("--listing-torrents", type=int, default=2000,
+                        help="listing: torrents loaded (default %(default)s)")
+    parser.add_argument("--listing-clients", type=int, default=200,
+                        help="listing: concurrent GET /torrents clients (default %(default)s)")
+    parser.add_argument("--listing-duration", type=float, default=10.0,
+                        help="listing: seconds of load (default %(default)s)")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--out", type=Path, default=Path("bench_torrentflow.json"),
@@ -199,7 +239,9 @@ def parse_args(argv=None):
     parser.add_argument("--tmp", type=Path, default=None,
                         help="parent of the temp dir (default: the system's)")
     args = parser.parse_args(argv)
-    args.sections = _choices(parser, "--sections", args.sections, ("download", "api"))
+    args.sections = _choices(parser, "--sections", args.sections, SECTIONS)
+    args.many_contenders = _choices(parser, "--many-contenders", args.many_contenders,
+                                    tuple(MANY_CONTENDERS))
     args.contenders = _choices(parser, "--contenders", args.contenders,
                                ("daemon", *RAW_CONTENDERS))
     args.anchors = (_choices(parser, "--anchors", args.anchors, tuple(ANCHOR_PROGRAMS))
@@ -216,6 +258,9 @@ def parse_args(argv=None):
         parser.error(f"--daemon {args.daemon} does not exist")
     if args.size_mib < 1 or args.runs < 1 or min(args.counts) < 1:
         parser.error("--size-mib, --runs and every count must be positive")
+    if min(args.many_torrents, args.many_size_mib, args.listing_torrents,
+           args.listing_clients) < 1 or args.listing_duration <= 0:
+        parser.error("the --many-* and --listing-* figures must be positive")
     return args
 
 
@@ -232,6 +277,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [RAW_CHILD]:
         return raw_child(argv[1])
+    if argv[:1] and argv[0] in CHILDREN:
+        return CHILDREN[argv[0]](argv[1])
     args = parse_args(argv)
     torrentflow = import_daemon(args.daemon)
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-", dir=args.tmp))
@@ -261,11 +308,22 @@ async def run_benchmark(args, torrentflow, workdir):
                "cpu_probe_before_mb_s": cpu_probe()}
     if "download" in args.sections:
         results["download"] = await bench_downloads(args, torrentflow, workdir / "download")
-    if "api" in args.sections:
+    if {"api", "library"} & set(args.sections):
         args.anchors, results["anchors"] = available_anchors(args.anchors)
+    if "api" in args.sections:
         results["api"] = [await bench_library_beside_anchors(args, count,
                                                              workdir / f"api-{count}")
                           for count in args.counts]
+    if "library" in args.sections:
+        results["library"] = [await bench_present_library(args, torrentflow, count,
+                                                          workdir / f"library-{count}")
+                              for count in scale_counts(args)]
+    if "many" in args.sections:
+        results["many"] = await bench_many(args, torrentflow, workdir / "many")
+    if "memory" in args.sections:
+        results["memory"] = await bench_memory(args, torrentflow, workdir / "memory")
+    if "listing" in args.sections:
+        results["listing"] = await bench_listing(args, workdir / "listing")
     results["cpu_probe_after_mb_s"] = cpu_probe()
     return results
 
@@ -816,9 +874,11 @@ def latency_summary(latencies):
 class Daemon:
     """One torrentflow.py process on 127.0.0.1, started and stopped by its own PID."""
 
-    def __init__(self, script, root):
+    def __init__(self, script, root, download_dir=None, extra_args=()):
         self.script = script
         self.root = root
+        self.download_dir = download_dir or root / "downloads"
+        self.extra_args = list(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
@@ -835,8 +895,8 @@ class Daemon:
     def command(self):
         return [sys.executable, str(self.script), "--local-only",
                 "--listen-interfaces", "127.0.0.1:0", "--host", "127.0.0.1",
-                "--port", str(self.port), "--download-dir", str(self.root / "downloads"),
-                "--state-dir", str(self.root / "state")]
+                "--port", str(self.port), "--download-dir", str(self.download_dir),
+                "--state-dir", str(self.root / "state"), *self.extra_args]
 
     async def start(self, client):
         """Spawn it; return the seconds from spawn until GET /health answered 200."""
@@ -870,12 +930,37 @@ class Daemon:
                          "the daemon to exit")
         return time.perf_counter() - started
 
+    def kill(self):
+        """SIGKILL, a crash: nothing is saved on the way out."""
+        self.process.kill()
+        self.process.wait(timeout=PROCESS_DEADLINE)
+
     def cpu_seconds(self):
         return _stat_cpu_seconds(Path(f"/proc/{self.process.pid}/stat"))
 
     def rss_kib(self):
         """VmRSS from /proc, in KiB."""
         return _vm_rss_kib(self.process.pid)
+
+    def memory_kib(self):
+        """RSS, PSS and USS from /proc/PID/smaps_rollup, in KiB."""
+        return memory_kib(self.process.pid)
+
+
+def memory_kib(pid):
+    """{"rss", "pss", "uss", "anon"} of a process, in KiB, from /proc/PID/smaps_rollup.
+
+    USS, what the process alone holds, is its private pages, clean and dirty; PSS
+    adds its share of the pages it shares (the libraries' code, mostly).
+    """
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        if rest.strip().endswith("kB"):
+            fields[name] = int(rest.split()[0])
+    return {"rss": fields["Rss"], "pss": fields["Pss"],
+            "uss": fields["Private_Clean"] + fields["Private_Dirty"],
+            "anon": fields["Anonymous"]}
 
 
 def _vm_rss_kib(pid):
@@ -897,8 +982,9 @@ class Transmission:
 
     name = "transmission"
 
-    def __init__(self, root):
+    def __init__(self, root, download_dir=None):
         self.root = root
+        self.download_dir = download_dir or root / "downloads"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/transmission/rpc"
         self.session_id = ""
@@ -928,7 +1014,7 @@ class Transmission:
             "peer-port-random-on-start": False, "dht-enabled": False, "lpd-enabled": False,
             "pex-enabled": False, "utp-enabled": False, "port-forwarding-enabled": False,
             "blocklist-enabled": False, "start-added-torrents": False,
-            "download-dir": str(self.root / "downloads"), "incomplete-dir-enabled": False,
+            "download-dir": str(self.download_dir), "incomplete-dir-enabled": False,
             "watch-dir-enabled": False, "scrape-paused-torrents-enabled": False,
             "message-level": 1,
         }
@@ -975,10 +1061,10 @@ class Transmission:
             return reply["arguments"]
         raise RuntimeError(f"transmission {method}: still 409 after the session id handshake")
 
-    async def add(self, torrent):
-        """torrent-add one .torrent, paused; return its infohash."""
+    async def add(self, torrent, paused=True):
+        """torrent-add one .torrent, paused unless told; return its infohash."""
         reply = await self.rpc("torrent-add", {
-            "metainfo": base64.b64encode(torrent).decode(), "paused": True})
+            "metainfo": base64.b64encode(torrent).decode(), "paused": paused})
         added = reply.get("torrent-added") or reply.get("torrent-duplicate")
         return added["hashString"]
 
@@ -1010,6 +1096,17 @@ class Transmission:
 
         return {"one": StatusRequest(self.url, "POST", torrent_get(ids=[infohash]), headers),
                 "all": StatusRequest(self.url, "POST", torrent_get(), headers)}
+
+    async def seeding(self):
+        """(torrents it lists, how many of them seed)."""
+        reply = await self.rpc("torrent-get", {"fields": ["status"]})
+        return (len(reply["torrents"]),
+                sum(t["status"] == TRANSMISSION_SEEDING for t in reply["torrents"]))
+
+    def kill(self):
+        """SIGKILL, a crash."""
+        self.process.kill()
+        self.process.wait(timeout=PROCESS_DEADLINE)
 
     async def stop(self):
         """SIGTERM its PID, then SIGKILL if it has not exited within PROCESS_DEADLINE."""

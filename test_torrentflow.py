@@ -3442,3 +3442,40 @@ async def test_transmission_rpc_python_client(guarded_process, seeders, tracker,
     await asyncio.to_thread(rpc_client.remove_torrent, added.id, delete_data=True)
     assert await process.infohashes() == set()
     assert not (process.download_dir / "moved" / "data.bin").exists()
+
+
+# --------------------------------------------------------------------------- #
+# The README is held to the tables in the code
+# --------------------------------------------------------------------------- #
+
+def readme_table(heading):
+    """The rows of the first table after a README heading, as lists of cells."""
+    text = (HERE / "README.md").read_text()
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_the_readme_lists_every_option_with_its_flag_and_variable():
+    rows = readme_table("## Configuration")
+    flags = {re.findall(r"`(--[a-z-]+)`", row[1])[0] for row in rows}
+    variables = {re.findall(r"`(TORRENTFLOW_[A-Z_]+)`", row[2])[0] for row in rows}
+    assert flags == {option.flag for option in torrentflow.OPTIONS}
+    assert variables == {option.env for option in torrentflow.OPTIONS}
+    for row, option in zip(rows, torrentflow.OPTIONS):
+        default = option.default
+        shown = ("none" if default in (None, ()) else ("on" if default else "off")
+                 if isinstance(default, bool) else ",".join(default)
+                 if isinstance(default, tuple) else str(default))
+        assert row[3] == f"`{shown}`", (option.name, row[3])
+
+
+def test_the_readme_documents_every_status_field():
+    rows = readme_table("### The status object")
+    documented = [name for row in rows for name in re.findall(r"`(\w+)`", row[0])]
+    assert documented == list(torrentflow.STATUS_FIELDS)

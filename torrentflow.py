@@ -1,15 +1,10 @@
 """TorrentFlow: a BitTorrent daemon driven by an HTTP JSON API.
 
-One process runs one libtorrent session and serves a small REST API over it:
-
-    POST   /torrents                      add a magnet, an http(s) .torrent URL or an upload
-    GET    /torrents                      every torrent's status
-    GET    /torrents/{infohash}           one torrent's full status
-    PUT    /torrents/{infohash}/pause     stop transferring (the queue will not restart it)
-    PUT    /torrents/{infohash}/resume    back to normal operation
-    DELETE /torrents/{infohash}           remove it (?delete_files=true also removes the data)
-    GET    /health                        liveness for container health checks
-    GET    /openapi.json                  this API as an OpenAPI 3.1 document
+One process runs one libtorrent session and serves a JSON API over it: add, inspect,
+control and remove torrents (/torrents...), the session's settings (/settings), a
+live event stream (/events), webhooks, Prometheus metrics (/metrics), Transmission's
+RPC (/transmission/rpc) for the tools that speak it, and /health. GET /openapi.json
+describes every route; README.md documents every field, error and option.
 
 Run it with ``python torrentflow.py`` (``--help`` lists every option). Each option can
 also be set through an environment variable, TORRENTFLOW_<OPTION> (for example
@@ -22,20 +17,23 @@ loopback, and answers only requests addressed to localhost. Requests a browser s
 on behalf of another site are always refused.
 
 Every torrent is written to the state directory before the API confirms it, and
-again whenever it changes, so a crash loses nothing but the last few seconds of
-progress. README.md documents every field, error and option.
+again whenever it changes; after a crash, what reached the disk is found by checking.
 
 How this file reads, top to bottom:
 
-    Constants        limits, each with the reason for its value
-    Configuration    the OPTIONS table -> argparse, environment, Config
-    Errors, access   ApiError and the middlewares that give every answer its shape
-    Torrent input    hashes, save paths, magnets, .torrent files, URL fetches
-    Status fields    the STATUS table -> status dicts, OpenAPI schema, fields=
-    State directory  StateStore: resume files, written in order on one thread
-    Engine           TorrentEngine, the owner of the libtorrent session
-    HTTP API         handlers, each declared with its route and OpenAPI operation
-    Application      make_app, serve, main
+    Constants         limits, each with the reason for its value
+    Configuration     the OPTIONS table -> argparse, environment, Config
+    Errors, access    ApiError and the middlewares that give every answer its shape
+    Torrent input     hashes, save paths, magnets, .torrent files, URL fetches
+    Status fields     the STATUS table -> status dicts, OpenAPI schema, fields=
+    Settings          the TORRENT_SETTINGS table -> POST and PATCH /torrents
+    State directory   StateStore: every file, written in order on one thread
+    Events            Events: the log, GET /events streams and webhooks
+    Engine            TorrentEngine, the one owner of the libtorrent session
+    Metrics           GET /metrics from libtorrent's session counters
+    HTTP API          handlers, each declared with its route and OpenAPI operation
+    Transmission RPC  its methods and fields, mapped onto the engine
+    Application       make_app, the connection guard, serve, main
 
 A request flows middleware -> handler -> engine method; the engine posts work to
 libtorrent and awaits TorrentEngine.expect(), which the alert loop resolves. Alerts
@@ -428,7 +426,7 @@ OPTIONS = (
            "non-loopback --host; only when something else guards the port"),
     #: Each API connection costs a descriptor; the rest go to peers and files.
     Option("max_connections", _whole, 256, "simultaneous API connections; past it, a "
-           "connection still sending its request head, or the longest idle, is closed"),
+           "connection still sending its request head, else the oldest idle one, is closed"),
     # The session's settings: flags give their values at start, PATCH /settings changes
     # them, and values set by PATCH are saved and win over flags at the next start.
     Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use "
