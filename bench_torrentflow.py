@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -56,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import aiohttp
@@ -146,6 +148,11 @@ TRANSMISSION_FIELDS = (
 TRANSMISSION_SESSION_HEADER = "X-Transmission-Session-Id"
 #: First argument of the benchmark re-run as a raw libtorrent downloader (raw_child).
 RAW_CHILD = "--raw-child"
+#: First arguments of the other child modes (see CHILDREN).
+LIBRARY_CHILD = "--library-child"
+MANY_CHILD = "--many-child"
+SEEDERS_CHILD = "--seeders-child"
+LOAD_CHILD = "--load-child"
 #: The sections, in the order they run.
 SECTIONS = ("download", "api", "library", "many", "memory", "listing")
 #: library: one torrent's data (one file) and its piece size.
@@ -771,6 +778,735 @@ async def measure_restart(args, client, daemon, count):
 
 
 # --------------------------------------------------------------------------- #
+# Section 5: a library of torrents whose data is present
+# --------------------------------------------------------------------------- #
+
+def scale_counts(args):
+    """The library and memory sections' counts: those of --counts above 1."""
+    return [count for count in args.counts if count > 1] or [1000]
+
+
+def library_target(count):
+    """The issue's limit for count present torrents to be seeding, or None."""
+    return next((seconds for most, seconds in LIBRARY_TARGETS if count <= most), None)
+
+
+def library_poll_interval(count):
+    """How often "are they all seeding?" is asked: often enough for the 5 s target,
+    seldom enough that a listing of 10,000 does not load the daemon much."""
+    return 0.05 if count <= 2000 else 0.2
+
+
+async def bench_present_library(args, torrentflow, count, root):
+    """count torrents of 64 KiB whose data is present: the daemon, raw libtorrent and
+    each anchor in turn check them all after the adds, and again after a SIGKILL.
+
+    They share one copy of the data, in the page cache for all (it was just written),
+    and run one after another, never together.
+    """
+    data = root / "data"
+    torrents = await asyncio.to_thread(present_library, count, data)
+    progress(f"library {count}: {count} x {LIBRARY_SIZE // 1024} KiB written")
+    result = {"count": count, "size_kib": LIBRARY_SIZE // 1024,
+              "target_s": library_target(count)}
+    try:
+        result["daemon"] = await library_daemon(args, torrents, root / "torrentflow", data)
+        result["raw"] = await library_raw(args, torrentflow, torrents, root / "raw", data)
+        for name in args.anchors:
+            result[name] = await library_transmission(args, torrents, root / name, data)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def present_library(count, data):
+    """count single-file torrents of LIBRARY_SIZE bytes, LIBRARY_PIECE pieces, with their
+    files written to data; the same library for the same count, run after run."""
+    data.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"present-{count}")
+    torrents = []
+    for index in range(count):
+        content = rng.randbytes(LIBRARY_SIZE)
+        name = "present-%05d.bin" % index
+        (data / name).write_bytes(content)
+        pieces = b"".join(hashlib.sha1(content[offset:offset + LIBRARY_PIECE]).digest()
+                          for offset in range(0, LIBRARY_SIZE, LIBRARY_PIECE))
+        info = {b"name": name.encode(), b"length": LIBRARY_SIZE,
+                b"piece length": LIBRARY_PIECE, b"pieces": pieces}
+        torrents.append(lt.bencode({b"info": info}))
+    return torrents
+
+
+async def library_daemon(args, torrents, root, data):
+    """Add by upload; seconds from the last add's answer until GET /torrents?fields=state
+    shows every one seeding. Then SIGKILL, start again, and time the same from spawn."""
+    count = len(torrents)
+    deadline = max(PROCESS_DEADLINE, count * 0.05)
+    interval = library_poll_interval(count)
+    connector = aiohttp.TCPConnector(limit=args.add_concurrency + 2)
+    async with aiohttp.ClientSession(connector=connector) as client, \
+            Daemon(args.daemon, root, download_dir=data) as daemon:
+        await daemon.start(client)
+        first = time.perf_counter()
+        await add_many(lambda torrent: api_add(client, daemon.url, torrent), torrents,
+                       args.add_concurrency)
+        last = time.perf_counter()
+        seeding_then = (await daemon_seeding(client, daemon.url))[1]
+        await poll_until(lambda: all_seeding(daemon_seeding(client, daemon.url), count),
+                         deadline, f"the daemon's {count} torrents to seed", interval)
+        done = time.perf_counter()
+        result = {"adds_s": round(last - first, 3), "seeding_at_last_add": seeding_then,
+                  "seconds": round(done - last, 3), "from_first_add_s": round(done - first, 3),
+                  "memory_kib": daemon.memory_kib()}
+        progress(f"library {count}: daemon all seeding {result['seconds']} s after the last "
+                 f"add ({result['adds_s']} s of adds, {seeding_then} seeding at the last)")
+        await asyncio.sleep(args.settle)  # a crash some time later, not mid-save
+        daemon.kill()
+        restart = {"health_s": round(await daemon.start(client), 3)}
+        await poll_until(lambda: all_seeding(daemon_seeding(client, daemon.url), count),
+                         deadline, f"the daemon's {count} torrents to seed after a crash",
+                         interval)
+        restart["seconds"] = round(time.perf_counter() - daemon.started_at, 3)
+        restart["rechecked"] = rechecked_after_crash(root / "daemon.log")
+        result["after_kill"] = restart
+        progress(f"library {count}: daemon after SIGKILL: /health {restart['health_s']} s, "
+                 f"all seeding {restart['seconds']} s from spawn "
+                 f"({restart['rechecked']} rechecked)")
+        await daemon.stop()
+    return result
+
+
+async def daemon_seeding(client, url):
+    """(torrents GET /torrents?fields=state lists, how many of them are seeding)."""
+    async with client.get(f"{url}/torrents", params={"fields": "state"}) as response:
+        body = await response.read()
+    if response.status != 200:
+        raise RuntimeError(f"GET /torrents?fields=state answered {response.status}")
+    return body.count(b'"state":'), body.count(b'"seeding"')
+
+
+async def all_seeding(counting, count):
+    """Whether counting (a coroutine giving (listed, seeding)) shows count seeding."""
+    listed_now, seeding = await counting
+    return listed_now >= count and seeding >= count
+
+
+def rechecked_after_crash(log_path):
+    """How many torrents the daemon's last start said it would check after a crash."""
+    found = re.findall(rb"checking the data of (\d+) torrents", log_path.read_bytes())
+    return int(found[-1]) if found else None
+
+
+async def library_raw(args, torrentflow, torrents, root, data):
+    """The same in raw libtorrent (library_child): the daemon's settings and disk
+    backend, torrents added neither paused nor auto-managed, each process timing itself
+    from the last add. After all seed it saves their resume data; it is then killed and
+    a new process adds them back from that data, timed from spawn."""
+    count = len(torrents)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "torrents.bin").write_bytes(lt.bencode(list(torrents)))
+    spec = {"settings": full_daemon_settings(torrentflow), "backend": PREAD,
+            "torrents": str(root / "torrents.bin"), "save_path": str(data),
+            "resume_dir": str(root / "resume"), "count": count,
+            "deadline": max(PROCESS_DEADLINE, count * 0.05),
+            "interval": library_poll_interval(count)}
+    async with ChildProcess(LIBRARY_CHILD, {**spec, "phase": "check"}) as child:
+        await child.ready()
+        result = await child.go()
+        child.kill()
+    progress(f"library {count}: raw all seeding {result['seconds']} s after the last add "
+             f"({result['adds_s']} s of adds)")
+    async with ChildProcess(LIBRARY_CHILD, {**spec, "phase": "restart"}) as child:
+        restart = await child.result()
+        restart["seconds"] = round(time.perf_counter() - child.started_at, 3)
+    result["after_kill"] = restart
+    progress(f"library {count}: raw after SIGKILL: all seeding {restart['seconds']} s "
+             "from spawn")
+    return result
+
+
+async def library_transmission(args, torrents, root, data):
+    """The same in transmission-daemon: torrent-add unpaused with the data in its
+    download-dir, which it verifies; then SIGKILL and start again, timed from spawn."""
+    count = len(torrents)
+    deadline = max(PROCESS_DEADLINE, count * 0.1)
+    interval = library_poll_interval(count)
+    async with Transmission(root, download_dir=data) as anchor:
+        await anchor.start()
+        first = time.perf_counter()
+        await add_many(lambda torrent: anchor.add(torrent, paused=False), torrents,
+                       args.add_concurrency)
+        last = time.perf_counter()
+        seeding_then = (await anchor.seeding())[1]
+        await poll_until(lambda: all_seeding(anchor.seeding(), count), deadline,
+                         f"transmission's {count} torrents to seed", interval)
+        done = time.perf_counter()
+        result = {"version": program_version("transmission-daemon"),
+                  "adds_s": round(last - first, 3), "seeding_at_last_add": seeding_then,
+                  "seconds": round(done - last, 3), "from_first_add_s": round(done - first, 3),
+                  "memory_kib": memory_kib(anchor.process.pid)}
+        progress(f"library {count}: transmission all seeding {result['seconds']} s after "
+                 f"the last add ({result['adds_s']} s of adds)")
+        await asyncio.sleep(args.settle)
+        anchor.kill()
+        started = time.perf_counter()
+        await anchor.start()
+        restart = {"rpc_s": anchor.facts["start_s"]}
+        await poll_until(lambda: all_seeding(anchor.seeding(), count), deadline,
+                         f"transmission's {count} torrents to seed after a crash", interval)
+        restart["seconds"] = round(time.perf_counter() - started, 3)
+        result["after_kill"] = restart
+        progress(f"library {count}: transmission after SIGKILL: all seeding "
+                 f"{restart['seconds']} s from spawn")
+    return result
+
+
+def library_child(spec_text):
+    """Child mode: raw libtorrent checks a library of present torrents.
+
+    phase "check": prints "ready", adds every torrent on a line on stdin, then prints
+    one JSON line (seconds from the last add until all seed; the adds' seconds), after
+    saving every torrent's resume data; then waits to be killed. phase "restart": adds
+    them back from that resume data at once and prints the seconds until all seed.
+    """
+    spec = json.loads(spec_text)
+    session = _child_session(spec["settings"], spec["backend"])
+    resume_dir = Path(spec["resume_dir"])
+    if spec["phase"] == "check":
+        params = []
+        for torrent in lt.bdecode(Path(spec["torrents"]).read_bytes()):
+            atp = lt.load_torrent_buffer(torrent)
+            atp.save_path = spec["save_path"]
+            atp.flags &= ~(lt.torrent_flags.paused | lt.torrent_flags.auto_managed)
+            params.append(atp)
+        print("ready", flush=True)
+        sys.stdin.readline()
+    else:
+        params = [lt.read_resume_data(path.read_bytes())
+                  for path in sorted(resume_dir.glob("*.resume"))]
+    cpu_before = _stat_cpu_seconds(Path("/proc/self/stat"))
+    first = time.perf_counter()
+    for atp in params:
+        session.async_add_torrent(atp)
+    last = time.perf_counter()
+    _wait_all_seeding(session, spec["count"], last + spec["deadline"], spec["interval"])
+    done = time.perf_counter()
+    result = {"adds_s": round(last - first, 3), "seconds": round(done - last, 3),
+              "from_first_add_s": round(done - first, 3),
+              "cpu_s": round(_stat_cpu_seconds(Path("/proc/self/stat")) - cpu_before, 2),
+              "memory_kib": memory_kib(os.getpid())}
+    if spec["phase"] == "check":
+        result["saved"] = _save_all_resume(session, resume_dir, last + spec["deadline"])
+    print(json.dumps(result), flush=True)
+    sys.stdin.readline()  # killed here in phase "check"; the parent closes stdin after "restart"
+    return 0
+
+
+def _child_session(settings, backend):
+    params = lt.session_params(settings)
+    if backend:
+        params.disk_io_constructor = backend
+    return lt.session(params)
+
+
+def _wait_all_seeding(session, count, end, interval):
+    """Until count torrents were added and every one seeds; alerts are drained meanwhile."""
+    seeding = lt.torrent_status.states.seeding
+    added = 0
+    while True:
+        session.pop_alerts()
+        if added < count:
+            added = len(session.get_torrents())
+        if added >= count and not session.get_torrent_status(
+                lambda status: status.state != seeding, 0):
+            return
+        if time.perf_counter() > end:
+            raise TimeoutError(f"{added} of {count} torrents added; not all seeding")
+        time.sleep(interval)
+
+
+def _save_all_resume(session, resume_dir, end):
+    """Save every torrent's resume data (with its info dict) to resume_dir; how many."""
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    handles = session.get_torrents()
+    flags = lt.save_resume_flags_t.save_info_dict | lt.save_resume_flags_t.flush_disk_cache
+    saved = failed = 0
+    for start in range(0, len(handles), 500):  # the alert queue holds 10,000
+        for handle in handles[start:start + 500]:
+            handle.save_resume_data(flags)
+        while saved + failed < min(len(handles), start + 500):
+            if time.perf_counter() > end:
+                raise TimeoutError(f"{saved} of {len(handles)} resume files saved")
+            session.wait_for_alert(100)
+            for alert in session.pop_alerts():
+                if isinstance(alert, lt.save_resume_data_alert):
+                    (resume_dir / f"{saved:05d}.resume").write_bytes(
+                        lt.write_resume_data_buf(alert.params))
+                    saved += 1
+                elif isinstance(alert, lt.save_resume_data_failed_alert):
+                    failed += 1
+    return saved
+
+
+def full_daemon_settings(torrentflow):
+    """daemon_settings plus the queue and connection limits the daemon applies from its
+    defaults (libtorrent's own defaults today, so this changes nothing unless they do)."""
+    settings = daemon_settings(torrentflow)
+    pack = getattr(torrentflow, "_session_pack", None)
+    if pack is not None:
+        defaults = {option.setting: option.default for option in torrentflow.OPTIONS
+                    if option.setting}
+        with contextlib.suppress(KeyError, TypeError):
+            settings.update(pack(defaults))
+    return settings
+
+
+class ChildProcess:
+    """This benchmark re-run in a child mode (CHILDREN), stopped by its own PID.
+
+    It speaks lines: "ready" from the child, "go" to it, one JSON line of results.
+    """
+
+    def __init__(self, mode, spec):
+        self.command = [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(spec)]
+        self.deadline = spec.get("deadline", PROCESS_DEADLINE) + PROCESS_DEADLINE
+        self.process = None
+        self.started_at = None
+
+    async def __aenter__(self):
+        self.started_at = time.perf_counter()
+        self.process = await asyncio.create_subprocess_exec(
+            *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        return self
+
+    async def __aexit__(self, *exc_info):
+        if self.process.returncode is None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+    async def _line(self, deadline):
+        line = await asyncio.wait_for(self.process.stdout.readline(), deadline)
+        if not line:
+            raise RuntimeError(f"{self.command[2]} exited with {await self.process.wait()}")
+        return line
+
+    async def ready(self):
+        """Wait for "ready"; the child has set up and waits for "go"."""
+        await self._line(PROCESS_DEADLINE)
+
+    async def go(self):
+        """Send "go"; return its JSON result."""
+        self.process.stdin.write(b"go\n")
+        await self.process.stdin.drain()
+        return await self.result()
+
+    async def result(self):
+        return json.loads(await self._line(self.deadline))
+
+    def kill(self):
+        """SIGKILL, by PID."""
+        self.process.kill()
+
+
+# --------------------------------------------------------------------------- #
+# Section 6: many downloads at once
+# --------------------------------------------------------------------------- #
+
+async def bench_many(args, torrentflow, root):
+    """--many-torrents downloads of --many-size-mib each, every torrent from its own
+    seeder, all added at once: the daemon against raw libtorrent, alternating runs.
+
+    The seeders are libtorrent sessions, one per torrent, each on its own port, all in
+    one child process of their own (seeders_child). Not in this process: here the
+    GET /health probe and the progress polls run, and on 2 cores the seeders' threads
+    would delay them and so inflate the probe's figures (the download section's note
+    on its 80 ms probe). Not one process each: 20 processes with their threads share 2
+    cores no better, and cost 20 interpreters. Each contender downloads from the same
+    seeder process, so whatever it costs, both pay it.
+    """
+    size = args.many_size_mib * MIB
+    count = args.many_torrents
+    source = root / "source"
+    payloads = await asyncio.to_thread(
+        lambda: [make_payload(source / f"many-{index:02d}.bin", size) for index in range(count)])
+    torrents = await asyncio.to_thread(lambda: [make_torrent(path) for path in payloads])
+    sha1s = await asyncio.to_thread(lambda: [sha1_file(path) for path in payloads])
+    (root / "torrents").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, torrent in enumerate(torrents):
+        paths.append(root / "torrents" / f"many-{index:02d}.torrent")
+        paths[-1].write_bytes(torrent)
+    progress(f"many: {count} x {args.many_size_mib} MiB written")
+    deadline = 30 + count * size / MIN_RATE
+    runs = {name: [] for name in args.many_contenders}
+    probes = []
+    spec = {"torrents": [str(path) for path in paths], "data": str(source)}
+    async with ChildProcess(SEEDERS_CHILD, spec) as seeders:
+        ports = (await seeders.result())["ports"]
+        tracker_ports = {_infohash_v1(torrent): port for torrent, port in zip(torrents, ports)}
+        async with ManyTracker(tracker_ports) as tracker, aiohttp.ClientSession() as client:
+            tracked = [with_tracker(torrent, tracker.url) for torrent in torrents]
+            for run in range(args.runs):
+                shift = run % len(args.many_contenders)
+                order = args.many_contenders[shift:] + args.many_contenders[:shift]
+                for name in order:
+                    target = root / f"{name}-{run + 1}"
+                    kind, how = MANY_CONTENDERS[name]
+                    if kind == "daemon":
+                        probe = HealthProbe(client)
+                        result = await many_daemon(args, client, tracked, target, how, probe,
+                                                   deadline)
+                        result["health"] = probe.summary()
+                        probes.append(probe.latencies)
+                    else:
+                        result = await many_raw(torrentflow, paths, ports, target, how,
+                                                deadline)
+                    result["sha1_ok"] = await asyncio.to_thread(
+                        lambda: sum(sha1_file(target / "downloads" / path.name) == sha1
+                                    for path, sha1 in zip(payloads, sha1s)))
+                    result["mb_s"] = round(count * size / MB / result["seconds"], 1)
+                    shutil.rmtree(target, ignore_errors=True)
+                    os.sync()  # the next run should not pay for this one's writeback
+                    runs[name].append(result)
+                    health = result.get("health")
+                    progress(f"many run {run + 1} {name}: {result['mb_s']:.0f} MB/s in "
+                             f"{result['seconds']:.2f} s, {result['cpu_s']} CPU s, sha1 ok "
+                             f"{result['sha1_ok']}/{count}"
+                             + (f", /health p99 {health['p99_ms']} ms max {health['max_ms']} ms"
+                                if health else ""))
+    shutil.rmtree(root, ignore_errors=True)
+    return summarise_many(args, runs, probes)
+
+
+def _infohash_v1(torrent):
+    return hashlib.sha1(lt.bencode(lt.bdecode(torrent)[b"info"])).digest()
+
+
+async def many_daemon(args, client, torrents, root, extra_args, probe, deadline):
+    """Add every torrent by upload at once, poll GET /torrents?fields=progress,is_seeding
+    every 10 ms until all are complete (the daemon says so once their writes reached the
+    files), with probe on GET /health throughout."""
+    count = len(torrents)
+    async with Daemon(args.daemon, root, extra_args=extra_args) as daemon:
+        await daemon.start(client)
+        async with probe.watching(daemon.url):
+            cpu_before = daemon.cpu_seconds()
+            started = time.perf_counter()
+            await add_many(lambda torrent: api_add(client, daemon.url, torrent), torrents,
+                           count)
+
+            async def finished():
+                async with client.get(f"{daemon.url}/torrents",
+                                      params={"fields": "progress,is_seeding"}) as response:
+                    body = await response.json()
+                return sum(t["progress"] == 100 and t["is_seeding"]
+                           for t in body["torrents"]) >= count
+
+            await poll_until(finished, deadline, f"the daemon's {count} downloads")
+            seconds = time.perf_counter() - started
+            cpu = daemon.cpu_seconds() - cpu_before
+        await daemon.stop()
+    return {"seconds": round(seconds, 3), "cpu_s": round(cpu, 2)}
+
+
+async def many_raw(torrentflow, paths, ports, root, queued, deadline):
+    """The same downloads in raw libtorrent (many_child), each torrent added with its
+    seeder as a peer; timed by the child from the first add to the last flush."""
+    spec = {"settings": full_daemon_settings(torrentflow), "backend": PREAD,
+            "torrents": [str(path) for path in paths], "ports": ports,
+            "save_path": str(root / "downloads"), "queued": queued, "deadline": deadline}
+    async with ChildProcess(MANY_CHILD, spec) as child:
+        await child.ready()
+        return await child.go()
+
+
+def many_child(spec_text):
+    """Child mode: raw libtorrent downloads many torrents at once, started by "go".
+
+    Each torrent comes with its seeder as a peer; queued=false takes it out of
+    libtorrent's queue, as library_child does. A torrent counts as done when every piece
+    is verified and its writes were flushed, as the daemon's; prints one JSON line with
+    the seconds from the first add until the last is done, and the CPU seconds.
+    """
+    spec = json.loads(spec_text)
+    session = _child_session(spec["settings"], spec["backend"])
+    session.apply_settings({"alert_mask": session.get_settings()["alert_mask"]
+                            | int(lt.alert_category.storage)})
+    params = []
+    for path, port in zip(spec["torrents"], spec["ports"]):
+        atp = lt.load_torrent_buffer(Path(path).read_bytes())
+        atp.save_path = spec["save_path"]
+        if not spec["queued"]:
+            atp.flags &= ~(lt.torrent_flags.paused | lt.torrent_flags.auto_managed)
+        atp.peers = [("127.0.0.1", port)]
+        params.append(atp)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    cpu_before = _stat_cpu_seconds(Path("/proc/self/stat"))
+    started = time.perf_counter()
+    handles = [session.add_torrent(atp) for atp in params]
+    flushing, flushed = set(), set()
+    while len(flushed) < len(handles):
+        if time.perf_counter() - started > spec["deadline"]:
+            raise TimeoutError(f"{len(flushed)} of {len(handles)} raw downloads done")
+        for index, handle in enumerate(handles):
+            if index not in flushing and _is_complete(handle.status()):
+                handle.flush_cache()
+                flushing.add(index)
+        session.wait_for_alert(int(POLL_INTERVAL * 1000))
+        flushed.update(str(alert.handle.info_hash()) for alert in session.pop_alerts()
+                       if isinstance(alert, lt.cache_flushed_alert))
+    seconds = time.perf_counter() - started
+    cpu = _stat_cpu_seconds(Path("/proc/self/stat")) - cpu_before
+    print(json.dumps({"seconds": round(seconds, 3), "cpu_s": round(cpu, 2)}), flush=True)
+    return 0
+
+
+def seeders_child(spec_text):
+    """Child mode: one libtorrent session per torrent on 127.0.0.1, each seeding its
+    torrent's known-good data (seed_mode); prints their ports, runs until stdin closes."""
+    spec = json.loads(spec_text)
+    seeders = [Seeder().seed(Path(path).read_bytes(), spec["data"])
+               for path in spec["torrents"]]
+    print(json.dumps({"ports": [seeder.port for seeder in seeders]}), flush=True)
+    sys.stdin.read()
+    for seeder in seeders:
+        seeder.close()
+    return 0
+
+
+def summarise_many(args, runs, probes):
+    """Median MB/s per contender, each daemon's ratio to each raw, /health over all runs."""
+    summary = {"torrents": args.many_torrents, "size_mib": args.many_size_mib,
+               "runs": runs, "contenders": {}}
+    for name, results in runs.items():
+        rates = [result["mb_s"] for result in results]
+        summary["contenders"][name] = {
+            "median_mb_s": statistics.median(rates), "min_mb_s": min(rates),
+            "max_mb_s": max(rates),
+            "median_s": round(statistics.median(r["seconds"] for r in results), 3),
+            "median_cpu_s": round(statistics.median(r["cpu_s"] for r in results), 2),
+            "sha1_ok": sum(r["sha1_ok"] for r in results)}
+    medians = {name: figures["median_mb_s"] for name, figures in summary["contenders"].items()}
+    for name in medians:
+        for raw in ("raw", "raw-queued"):
+            if raw in medians and name != raw:
+                summary["contenders"][name][f"ratio_to_{raw}"] = round(
+                    medians[name] / medians[raw], 3)
+    if probes:
+        summary["health"] = {"samples": sum(map(len, probes)),
+                             **latency_summary([x for probe in probes for x in probe])}
+    return summary
+
+
+# --------------------------------------------------------------------------- #
+# Section 7: memory, and where it goes
+# --------------------------------------------------------------------------- #
+
+#: Steps towards the daemon's memory, each a fresh python3 doing all the steps before
+#: it too: (name, what it adds, code). {settings} and {daemon} are filled in.
+MEMORY_STEPS = (
+    ("python", "bare python3", "pass"),
+    ("stdlib", "+ the standard library modules torrentflow.py imports",
+     "import argparse, asyncio, base64, collections, concurrent.futures, contextlib, "
+     "dataclasses, errno, hashlib, hmac, ipaddress, itertools, json, logging, math, os, "
+     "queue, random, re, resource, secrets, shutil, signal, socket, stat, sys, threading, "
+     "time, urllib.parse, pathlib"),
+    ("libtorrent", "+ import libtorrent", "import libtorrent as lt"),
+    ("aiohttp", "+ import aiohttp and aiohttp.web", "import aiohttp\nfrom aiohttp import web"),
+    ("uvloop", "+ import uvloop (the daemon's loop when installed)", "import uvloop"),
+    ("session", "+ an idle lt.session, the daemon's settings and pread disk I/O",
+     "import json, time\n"
+     "params = lt.session_params(json.loads({settings!r}))\n"
+     "params.disk_io_constructor = 'pread_disk_io_constructor'\n"
+     "session = lt.session(params)\ntime.sleep(0.5)"),
+    ("module", "+ import torrentflow.py itself (its tables, classes and functions)",
+     "import importlib.util, sys\n"
+     "spec = importlib.util.spec_from_file_location('torrentflow', {daemon!r})\n"
+     "module = importlib.util.module_from_spec(spec)\n"
+     "sys.modules['torrentflow'] = module\nspec.loader.exec_module(module)"),
+)
+#: The end of each step's program: say "ready", then wait until stdin closes.
+MEMORY_READY = "\nimport sys\nsys.stdout.write('ready\\n')\nsys.stdout.flush()\nsys.stdin.read()\n"
+#: A raw libtorrent process holding the same idle torrents as the daemon, to split the
+#: daemon's per-torrent memory into libtorrent's part and the rest.
+RAW_MEMORY_CHILD = """
+import json, sys, time
+import libtorrent as lt
+spec = json.loads(sys.argv[1])
+params = lt.session_params(spec["settings"])
+params.disk_io_constructor = "pread_disk_io_constructor"
+session = lt.session(params)
+torrents = lt.bdecode(open(spec["torrents"], "rb").read())
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+for torrent in torrents:
+    atp = lt.load_torrent_buffer(torrent)
+    atp.save_path = spec["save_path"]
+    session.async_add_torrent(atp)
+while len(session.get_torrents()) < len(torrents):
+    session.pop_alerts()
+    time.sleep(0.05)
+session.pop_alerts()
+sys.stdout.write("added\\n"); sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+async def bench_memory(args, torrentflow, root):
+    """RSS, PSS and USS of the idle daemon, empty and with each count of idle torrents
+    (the api section's tiny torrents, whose data nobody has); the same torrents in raw
+    libtorrent; and the steps from a bare python3 up to an empty daemon."""
+    settings = full_daemon_settings(torrentflow)
+    result = {"steps": await memory_steps(args, settings), "libraries": []}
+    connector = aiohttp.TCPConnector(limit=args.add_concurrency)
+    for count in scale_counts(args):
+        async with aiohttp.ClientSession(connector=connector, connector_owner=False) as client, \
+                Daemon(args.daemon, root / f"daemon-{count}") as daemon:
+            await daemon.start(client)
+            await asyncio.sleep(args.settle)
+            library = {"count": count, "empty": daemon.memory_kib()}
+            await add_many(lambda torrent: api_add(client, daemon.url, torrent),
+                           library_torrents(count), args.add_concurrency)
+            await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
+                             f"{count} torrents to be listed", interval=0.1)
+            await asyncio.sleep(args.settle)
+            library["loaded"] = daemon.memory_kib()
+            library["per_torrent_kib"] = {
+                kind: round((library["loaded"][kind] - library["empty"][kind]) / count, 1)
+                for kind in ("rss", "pss", "uss")}
+            await daemon.stop()
+        library["raw"] = await raw_memory(settings, count, root / f"raw-{count}", args.settle)
+        result["libraries"].append(library)
+        progress(f"memory {count}: daemon RSS {library['empty']['rss'] / 1024:.1f} -> "
+                 f"{library['loaded']['rss'] / 1024:.1f} MiB "
+                 f"({library['per_torrent_kib']['rss']} KiB/torrent, USS "
+                 f"{library['per_torrent_kib']['uss']}); raw libtorrent "
+                 f"{library['raw']['per_torrent_kib']['rss']} KiB/torrent")
+    await connector.close()
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+async def memory_steps(args, settings):
+    """Each MEMORY_STEPS program's memory once it is ready (uvloop only if installed)."""
+    steps, code = [], ""
+    for name, what, step in MEMORY_STEPS:
+        if name == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            continue
+        code += "\n" + step.format(settings=json.dumps(settings), daemon=str(args.daemon))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code + MEMORY_READY,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        try:
+            await asyncio.wait_for(process.stdout.readline(), PROCESS_DEADLINE)
+            await asyncio.sleep(0.5)
+            steps.append({"step": name, "what": what, **memory_kib(process.pid)})
+        finally:
+            process.stdin.close()
+            await asyncio.wait_for(process.wait(), PROCESS_DEADLINE)
+    return steps
+
+
+async def raw_memory(settings, count, root, settle):
+    """Memory of a raw libtorrent process (RAW_MEMORY_CHILD) before and after adding the
+    same idle torrents as the daemon; KiB per torrent."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "torrents.bin").write_bytes(lt.bencode(library_torrents(count)))
+    spec = {"settings": settings, "torrents": str(root / "torrents.bin"),
+            "save_path": str(root / "downloads")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RAW_MEMORY_CHILD, json.dumps(spec),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.wait_for(process.stdout.readline(), PROCESS_DEADLINE)
+        await asyncio.sleep(settle)
+        empty = memory_kib(process.pid)
+        process.stdin.write(b"add\n")
+        await process.stdin.drain()
+        await asyncio.wait_for(process.stdout.readline(), PROCESS_DEADLINE)
+        await asyncio.sleep(settle)
+        loaded = memory_kib(process.pid)
+    finally:
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), PROCESS_DEADLINE)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+    return {"empty": empty, "loaded": loaded,
+            "per_torrent_kib": {kind: round((loaded[kind] - empty[kind]) / count, 1)
+                                for kind in ("rss", "pss", "uss")}}
+
+
+# --------------------------------------------------------------------------- #
+# Section 8: GET /health while many clients fetch the full listing
+# --------------------------------------------------------------------------- #
+
+async def bench_listing(args, root):
+    """--listing-clients concurrent GET /torrents (no query) over --listing-torrents
+    torrents for --listing-duration seconds, with GET /health probed every 10 ms.
+
+    The load runs in a process of its own (wrk, else load_child), so the probe in this
+    process waits only for the daemon; before it, the probe alone for a baseline.
+    """
+    count = args.listing_torrents
+    connector = aiohttp.TCPConnector(limit=args.add_concurrency)
+    async with aiohttp.ClientSession(connector=connector) as client, \
+            Daemon(args.daemon, root) as daemon:
+        await daemon.start(client)
+        await add_many(lambda torrent: api_add(client, daemon.url, torrent),
+                       library_torrents(count), args.add_concurrency)
+        await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
+                         f"{count} torrents to be listed", interval=0.1)
+        await asyncio.sleep(args.settle)
+        idle = HealthProbe(client)
+        async with idle.watching(daemon.url):
+            await asyncio.sleep(2)
+        request = StatusRequest(f"{daemon.url}/torrents")
+        status, body = await request.send(client)
+        if status != 200:
+            raise RuntimeError(f"GET /torrents answered {status}")
+        tool = "wrk" if shutil.which("wrk") and not args.no_wrk else "python"
+        probe = HealthProbe(client)
+        cpu_before = daemon.cpu_seconds()
+        async with probe.watching(daemon.url):
+            if tool == "wrk":
+                load = await wrk_load(request, args.listing_clients, args.listing_duration)
+            else:
+                async with ChildProcess(LOAD_CHILD, {
+                        "url": request.url, "connections": args.listing_clients,
+                        "duration": args.listing_duration}) as child:
+                    load = await child.result()
+        cpu = daemon.cpu_seconds() - cpu_before
+        await daemon.stop()
+    result = {"torrents": count, "clients": args.listing_clients,
+              "duration_s": args.listing_duration, "tool": tool,
+              "response_bytes": len(body), "listing": load,
+              "daemon_cpu_pct": round(100 * cpu / args.listing_duration),
+              "health_idle": idle.summary(), "health": probe.summary()}
+    progress(f"listing: {count} torrents, {args.listing_clients} clients: "
+             f"{_load_summary(load)}; /health p50 {result['health']['p50_ms']} p99 "
+             f"{result['health']['p99_ms']} max {result['health']['max_ms']} ms "
+             f"({result['health']['samples']} samples)")
+    return result
+
+
+def load_child(spec_text):
+    """Child mode: python_load of one GET in a process of its own; prints its figures."""
+    spec = json.loads(spec_text)
+    figures = asyncio.run(python_load(StatusRequest(spec["url"]), spec["connections"],
+                                      spec["duration"]))
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- #
 # Load generators
 # --------------------------------------------------------------------------- #
 
@@ -1211,6 +1947,21 @@ class Tracker:
                             content_type="text/plain")
 
 
+class ManyTracker(Tracker):
+    """A loopback HTTP tracker that answers each torrent's announce with its seeder."""
+
+    def __init__(self, ports):
+        super().__init__(None)
+        self.ports = ports  # v1 infohash (20 bytes) -> the port of its seeder
+
+    async def _announce(self, request):
+        query = urllib.parse.parse_qs(request.rel_url.raw_query_string, encoding="latin-1")
+        port = self.ports.get(query.get("info_hash", [""])[0].encode("latin-1"))
+        peers = b"" if port is None else bytes([127, 0, 0, 1]) + port.to_bytes(2, "big")
+        return web.Response(body=lt.bencode({b"interval": 1800, b"peers": peers}),
+                            content_type="text/plain")
+
+
 async def api_add(client, url, torrent):
     """POST /torrents with torrent_file as a multipart upload; return the infohash."""
     form = aiohttp.FormData()
@@ -1359,6 +2110,14 @@ def render_table(results):
         lines += _api_table(results["api"])
         lines += _memory_table(results["api"])
         lines += _restart_table(results["api"])
+    if "library" in results:
+        lines += _library_table(results["library"])
+    if "many" in results:
+        lines += _many_table(results["many"])
+    if "memory" in results:
+        lines += _memory_section_table(results["memory"])
+    if "listing" in results:
+        lines += _listing_table(results["listing"])
     return "\n".join(lines)
 
 
@@ -1459,6 +2218,128 @@ def _restart_table(libraries):
     return lines
 
 
+def _library_table(libraries):
+    """library: seconds from the last add until all seed, and after a SIGKILL."""
+    names = [name for name in ("daemon", "raw", *ANCHOR_PROGRAMS)
+             if any(name in library for library in libraries)]
+    lines = ["", f"Library of present torrents ({LIBRARY_SIZE // 1024} KiB each, one file, "
+             f"{LIBRARY_PIECE // 1024} KiB pieces): seconds until every one seeds",
+             _row("torrents", "server", "adds s", "at last", "after add", "target",
+                  "met", "KILL: s", "rechecked", "RSS MiB", widths=(9, 13))]
+    for library in libraries:
+        target = library["target_s"]
+        for name in names:
+            if name not in library:
+                continue
+            figures = library[name]
+            after = figures["after_kill"]
+            met = "-" if target is None else ("yes" if figures["seconds"] <= target else "NO")
+            lines.append(_row(library["count"], name, figures["adds_s"],
+                              figures["seeding_at_last_add"], figures["seconds"],
+                              _or_dash(target), met, after["seconds"],
+                              _or_dash(after.get("rechecked")),
+                              f"{figures['memory_kib']['rss'] / 1024:.1f}", widths=(9, 13)))
+    lines += ["adds s: first to last add answered; at last: seeding when the last add "
+              "answered; after add: seconds from",
+              "then until all seed (target: the issue's); KILL: s: after SIGKILL, seconds "
+              "from the new process's spawn",
+              "until all seed again; rechecked: torrents the daemon said it would check "
+              "after the crash; RSS once all seed.",
+              "raw: libtorrent with the daemon's settings, not auto-managed; it restarts "
+              "from resume data it saved itself."]
+    return lines
+
+
+def _many_table(many):
+    runs = len(next(iter(many["runs"].values())))
+    raws = [name for name in ("raw", "raw-queued") if name in many["contenders"]]
+    lines = ["", f"Many downloads: {many['torrents']} x {many['size_mib']} MiB at once, each "
+             f"from its own seeder; {runs} alternating runs; MB/s of all bytes until all "
+             "verified",
+             _row("contender", "median", "min-max", "median s", *(f"/ {raw}" for raw in raws),
+                  "CPU s", "sha1 ok", widths=(17,))]
+    for name, figures in many["contenders"].items():
+        lines.append(_row(name, f"{figures['median_mb_s']:.0f}",
+                          f"{figures['min_mb_s']:.0f}-{figures['max_mb_s']:.0f}",
+                          figures["median_s"],
+                          *(_or_dash(figures.get(f"ratio_to_{raw}")) for raw in raws),
+                          figures["median_cpu_s"],
+                          f"{figures['sha1_ok']}/{runs * many['torrents']}", widths=(17,)))
+    lines.append(f"Target: the daemon at least {MANY_TARGET_RATIO} of raw. raw: the daemon's "
+                 "settings, torrents out of libtorrent's queue;")
+    lines.append("raw-queued: in it (3 downloads at once, as the daemon's default); "
+                 "daemon-unqueued: --max-active-downloads -1.")
+    if "health" in many:
+        health = many["health"]
+        lines.append(f"GET /health every 10 ms during the daemon's runs: p50 "
+                     f"{health['p50_ms']} ms, p99 {health['p99_ms']} ms, max "
+                     f"{health['max_ms']} ms ({health['samples']} samples; target p99 < "
+                     f"{HEALTH_TARGET_MS:g} ms)")
+    return lines
+
+
+def _memory_section_table(memory):
+    lines = ["", "Memory from /proc/PID/smaps_rollup, MiB (USS: private pages; PSS: plus a "
+             "share of shared ones)",
+             _row("step", "RSS", "PSS", "USS", "+RSS", "+USS", widths=(40,))]
+    before = None
+    for step in memory["steps"]:
+        lines.append(_row(step["what"][:40], *(f"{step[kind] / 1024:.1f}"
+                                               for kind in ("rss", "pss", "uss")),
+                          *((f"{(step[kind] - before[kind]) / 1024:+.1f}"
+                             for kind in ("rss", "uss")) if before else ("", "")),
+                          widths=(40,)))
+        before = step
+    for library in memory["libraries"]:
+        for label, figures in (("the daemon, empty", library["empty"]),
+                               (f"the daemon, {library['count']} idle torrents",
+                                library["loaded"])):
+            lines.append(_row(label, *(f"{figures[kind] / 1024:.1f}"
+                                       for kind in ("rss", "pss", "uss")),
+                              *((f"{(figures[kind] - before[kind]) / 1024:+.1f}"
+                                 for kind in ("rss", "uss")) if before else ("", "")),
+                              widths=(40,)))
+            before = figures
+    lines.append(_row("KiB per added torrent", "RSS", "PSS", "USS", "target", "met",
+                      widths=(40,)))
+    for library in memory["libraries"]:
+        per = library["per_torrent_kib"]
+        rss_mib = library["loaded"]["rss"] / 1024
+        met = per["rss"] <= MEMORY_TARGET_KIB_PER_TORRENT and (
+            library["count"] > 1000 or rss_mib <= MEMORY_TARGET_RSS_MIB)
+        lines.append(_row(f"daemon, {library['count']} torrents", per["rss"], per["pss"],
+                          per["uss"], f"{MEMORY_TARGET_KIB_PER_TORRENT:g}",
+                          "yes" if met else "NO", widths=(40,)))
+        raw = library["raw"]["per_torrent_kib"]
+        lines.append(_row(f"raw libtorrent, {library['count']} torrents", raw["rss"],
+                          raw["pss"], raw["uss"], widths=(40,)))
+    lines.append(f"Targets: at most {MEMORY_TARGET_RSS_MIB:g} MiB RSS with 1,000 idle "
+                 f"torrents and {MEMORY_TARGET_KIB_PER_TORRENT:g} KiB per added torrent. "
+                 "Each step is a fresh python3")
+    lines.append("doing every step above it; the idle torrents are the api section's "
+                 f"{TINY_SIZE // 1024} KiB ones, whose data nobody has.")
+    return lines
+
+
+def _listing_table(listing):
+    load, health, idle = listing["listing"], listing["health"], listing["health_idle"]
+    return ["", f"GET /health while {listing['clients']} clients fetch GET /torrents "
+            f"({listing['torrents']} torrents, {listing['response_bytes'] / 1024:.0f} KiB) "
+            f"for {listing['duration_s']:g} s ({listing['tool']})",
+            _row("requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "samples",
+                 widths=(24,)),
+            _row("GET /torrents", f"{load['req_s']:.0f}", load["p50_ms"], load["p99_ms"],
+                 load["max_ms"], load["errors"] + load["non2xx"], load["requests"],
+                 widths=(24,)),
+            _row("GET /health, idle", "", idle["p50_ms"], idle["p99_ms"], idle["max_ms"], "",
+                 idle["samples"], widths=(24,)),
+            _row("GET /health, under load", "", health["p50_ms"], health["p99_ms"],
+                 health["max_ms"], "", health["samples"], widths=(24,)),
+            f"Target: /health p99 under {HEALTH_TARGET_MS:g} ms: "
+            + ("met" if health["p99_ms"] is not None and health["p99_ms"] < HEALTH_TARGET_MS
+               else "NOT met") + f"; the daemon used {listing['daemon_cpu_pct']}% of a core."]
+
+
 def _row(*cells, widths=(9,)):
     """Left-align the first cells to widths, right-align the rest to 10 characters."""
     out = []
@@ -1468,6 +2349,11 @@ def _row(*cells, widths=(9,)):
         else:
             out.append(str(cell).rjust(10))
     return " ".join(out)
+
+
+#: Child modes: the first argument -> the function that runs it (with the second).
+CHILDREN = {LIBRARY_CHILD: library_child, MANY_CHILD: many_child,
+            SEEDERS_CHILD: seeders_child, LOAD_CHILD: load_child}
 
 
 if __name__ == "__main__":

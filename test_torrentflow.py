@@ -271,6 +271,17 @@ async def wait_complete(client, infohash, deadline=DEADLINE):
     return await wait_until(done, deadline, what=f"{infohash} to complete")
 
 
+async def slow_download(client, tmp_path, name, size, rate, **fields):
+    """A download by magnet from a loopback seeder held to rate bytes/s: (seeder,
+    source root, layout, infohash), once the add is answered."""
+    layout = {name: size}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / name)
+    seeder = Seeder(rate_limit=rate).seed(torrent, source)
+    _, body = await add(client, torrent_url=seeder.magnet(torrent), **fields)
+    return seeder, source, layout, body["infohash"]
+
+
 async def downloaded(client, seeder, source):
     """Seed source/single.bin, download it through the API by magnet; its infohash."""
     torrent = make_torrent(source / "single.bin")
@@ -429,12 +440,8 @@ async def test_a_library_with_its_data_present_is_checked_in_seconds(daemon, tmp
 # --------------------------------------------------------------------------- #
 
 async def test_pause_stops_transfer_and_resume_completes(daemon, tmp_path):
-    layout = {"slow.bin": 2 * 1024 * 1024}
-    source = make_payload(tmp_path / "source", layout)
-    torrent = make_torrent(source / "slow.bin")
-    seeder = Seeder(rate_limit=400_000).seed(torrent, source)
-    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
-    infohash = body["infohash"]
+    seeder, source, layout, infohash = await slow_download(
+        daemon, tmp_path, "slow.bin", 2 * 1024 * 1024, 400_000)
     await wait_status(daemon, infohash, lambda s: s["progress"] > 5, what="some progress")
 
     response = await daemon.put(f"/torrents/{infohash}/pause")
@@ -2243,12 +2250,9 @@ async def test_half_open_connections_do_not_take_the_daemon_down(tmp_path):
 
 async def test_a_magnet_with_thousands_of_trackers_is_refused_at_once(daemon, tmp_path):
     """Adding 20,000 trackers would freeze libtorrent's session thread for a minute."""
-    layout = {"slow.bin": 2 * 1024 * 1024}
-    source = make_payload(tmp_path / "source", layout)
-    torrent = make_torrent(source / "slow.bin")
-    seeder = Seeder(rate_limit=300_000).seed(torrent, source)
-    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
-    moving = await wait_status(daemon, body["infohash"], lambda s: s["total_done"] > 0,
+    seeder, source, _, infohash = await slow_download(
+        daemon, tmp_path, "slow.bin", 2 * 1024 * 1024, 300_000)
+    moving = await wait_status(daemon, infohash, lambda s: s["total_done"] > 0,
                                what="the download to start")
     for count, status, words in ((20_000, 413, "too large"), (2_000, 422, "at most 200 tr=")):
         trackers = "".join(f"&tr=http://h{n}" for n in range(count))
@@ -2265,7 +2269,7 @@ async def test_a_magnet_with_thousands_of_trackers_is_refused_at_once(daemon, tm
     response, _ = await add(daemon, expect=(422,), torrent_file=lt.bencode(many.generate()))
     await error_of(response, 422, "at most 200 trackers")
     # ...while the download went on.
-    await wait_status(daemon, body["infohash"],
+    await wait_status(daemon, infohash,
                       lambda s: s["total_done"] > moving["total_done"], deadline=10,
                       what="the download to keep moving")
     assert (await (await daemon.get("/torrents")).json())["total"] == 1
@@ -2314,12 +2318,8 @@ async def test_metadata_with_too_many_files_from_a_peer_is_refused_without_a_sta
 @pytest.mark.parametrize("pause_first", [False, True])
 async def test_a_symlink_swapped_in_after_the_add_never_leads_outside(daemon, tmp_path,
                                                                      pause_first):
-    layout = {"victim.bin": 4 * 1024 * 1024}
-    source = make_payload(tmp_path / "source", layout)
-    torrent = make_torrent(source / "victim.bin")
-    seeder = Seeder(rate_limit=400_000).seed(torrent, source)
-    _, body = await add(daemon, torrent_url=seeder.magnet(torrent), save_path="victim")
-    infohash = body["infohash"]
+    seeder, source, layout, infohash = await slow_download(
+        daemon, tmp_path, "victim.bin", 4 * 1024 * 1024, 400_000, save_path="victim")
     await wait_status(daemon, infohash, lambda s: s["total_done"] > 0, what="some data")
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -2578,12 +2578,8 @@ async def test_a_taken_bittorrent_port_stops_the_start(tmp_path):
 # --------------------------------------------------------------------------- #
 
 async def test_rates_fall_to_zero_and_totals_last(daemon, tmp_path):
-    layout = {"rated.bin": 3 * 1024 * 1024}
-    source = make_payload(tmp_path / "source", layout)
-    torrent = make_torrent(source / "rated.bin")
-    seeder = Seeder(rate_limit=500_000).seed(torrent, source)
-    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
-    infohash = body["infohash"]
+    seeder, _, layout, infohash = await slow_download(
+        daemon, tmp_path, "rated.bin", 3 * 1024 * 1024, 500_000)
     moving = await wait_status(daemon, infohash, lambda s: s["download_rate"] > 0,
                                what="a download rate")
     assert moving["download_rate"] < 2 * 500_000  # payload, about what the seeder sends
