@@ -1734,8 +1734,10 @@ async def test_sigkill_mid_download_keeps_what_reached_the_disk(seeders, tracker
             after = await process.wait_listed(infohash)
             assert kept(after) == kept(first)
             assert after["num_pieces"] >= on_disk - 1  # one piece may have been mid-write
-            # Only the torrent that was downloading is checked; the complete one is not.
+            # Only the torrent that was downloading is checked; the complete one is not,
+            # nor announced as finished again.
             assert "checking the data of 1 torrents" in process.log()
+            assert "finished complete.bin" not in process.log()
         unlimit(seeder)
         await wait_complete(process.client, infohash)
         assert same_tree(source, process.download_dir, layout)
@@ -3333,7 +3335,8 @@ async def test_transmission_remote_drives_the_daemon(guarded_process, seeders, t
     await remote(process, "-t", "1", "--verify")
     await wait_complete(process.client, infohash)
     session = await remote(process, "-si")
-    assert "RPC version: 17" in session and f"Download directory: {process.download_dir}" in session
+    assert "RPC version: 17" in session
+    assert f"Download directory: {process.download_dir}" in session
     await remote(process, "-t", "2", "-r")
     assert await process.infohashes() == {infohash}
     await remote(process, "-t", infohash, "--remove-and-delete")

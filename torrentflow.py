@@ -648,11 +648,6 @@ def _directory_problem(directory, error):
             "access, for example with mkdir and chown)")
 
 
-def error_response(status, detail, headers=None):
-    """The one error shape: {"detail": ...} with its status code."""
-    return web.json_response({"detail": detail}, status=status, headers=headers)
-
-
 @web.middleware
 async def count_middleware(request, handler):
     """Count answers by route and status, for GET /metrics."""
@@ -665,23 +660,26 @@ async def count_middleware(request, handler):
 
 @web.middleware
 async def error_middleware(request, handler):
-    """Give every error, ours or aiohttp's, the one {"detail": ...} shape."""
+    """Give every error, ours or aiohttp's, the one shape: {"detail": ...} with its
+    status code."""
+    headers = None
     try:
         return await handler(request)
     except ApiError as error:
-        return error_response(error.status, error.detail, error.headers)
+        status, detail, headers = error.status, error.detail, error.headers
     except ConnectionResetError:  # the client hung up mid-body: nobody to answer
         log.info("the client of %s %s hung up", request.method, request.path)
-        return error_response(400, "the client hung up")
+        status, detail = 400, "the client hung up"
     except web.HTTPException as error:
         if error.status < 400:
             raise
         # Keep headers that carry meaning (Allow on 405), not the text body's type.
+        status, detail = error.status, error.reason
         headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
-        return error_response(error.status, error.reason, headers)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal server error")
+        status, detail = 500, "internal server error"
+    return web.json_response({"detail": detail}, status=status, headers=headers)
 
 
 def _host_and_port(netloc):
@@ -3400,10 +3398,6 @@ def api(method, path, operation_id, responses, errors=(), parameters=(), public=
     return register
 
 
-def _json(data, status=200, headers=None):
-    return web.json_response(data, status=status, headers=headers)
-
-
 def _require_utf8(charset, what):
     """Refuse a declared charset other than UTF-8."""
     # Every text field is UTF-8; guessing another charset would turn bytes into paths.
@@ -3566,8 +3560,8 @@ async def add_torrent(request):
     params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots,
                                                _text(fields, "save_path"))
     infohash, created = await engine.add(params, settings)
-    return _json({"infohash": infohash}, status=201 if created else 200,
-                 headers={"Location": f"/torrents/{infohash}"})
+    return web.json_response({"infohash": infohash}, status=201 if created else 200,
+                             headers={"Location": f"/torrents/{infohash}"})
 
 
 def _names(text, what, allowed):
@@ -3680,7 +3674,7 @@ async def get_torrent(request):
     if "fields" not in request.query:
         return web.Response(body=torrent.body, content_type="application/json")
     fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
-    return _json({name: torrent.field(name) for name in fields})
+    return web.json_response({name: torrent.field(name) for name in fields})
 
 
 @api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 503),
@@ -3695,8 +3689,8 @@ async def delete_torrent(request):
         raise ApiError(400, "delete_files must be true or false")
     delete_files = flag in ("true", "1")
     await request.app[ENGINE].remove(torrent, delete_files)
-    return _json({"detail": f"removed {torrent.infohash}"
-                  + (" and its files" if delete_files else "")})
+    return web.json_response({"detail": f"removed {torrent.infohash}"
+                              + (" and its files" if delete_files else "")})
 
 
 @api("PUT", "/torrents/{infohash}/pause", "pauseTorrent", {"200": DONE}, (404, 503),
@@ -3705,7 +3699,7 @@ async def pause_torrent(request):
     """Pause it"""
     torrent = _requested_torrent(request)
     await request.app[ENGINE].pause(torrent)
-    return _json({"detail": f"paused {torrent.infohash}"})
+    return web.json_response({"detail": f"paused {torrent.infohash}"})
 
 
 @api("PUT", "/torrents/{infohash}/resume", "resumeTorrent", {"200": DONE}, (404, 503),
@@ -3714,7 +3708,7 @@ async def resume_torrent(request):
     """Resume it"""
     torrent = _requested_torrent(request)
     await request.app[ENGINE].resume(torrent)
-    return _json({"detail": f"resumed {torrent.infohash}"})
+    return web.json_response({"detail": f"resumed {torrent.infohash}"})
 
 
 @api("PATCH", "/torrents/{infohash}", "changeTorrent", {
@@ -3743,7 +3737,7 @@ async def change_torrent(request):
 async def torrent_peers(request):
     """Its connected peers"""
     torrent = _requested_torrent(request)
-    return _json({"peers": await request.app[ENGINE].peers(torrent)})
+    return web.json_response({"peers": await request.app[ENGINE].peers(torrent)})
 
 
 @api("GET", "/torrents/{infohash}/trackers", "listTrackers", {
@@ -3752,7 +3746,7 @@ async def torrent_peers(request):
 async def torrent_trackers(request):
     """Its trackers and what they last said"""
     torrent = _requested_torrent(request)
-    return _json({"trackers": await request.app[ENGINE].trackers(torrent)})
+    return web.json_response({"trackers": await request.app[ENGINE].trackers(torrent)})
 
 
 @api("PUT", "/torrents/{infohash}/recheck", "recheckTorrent", {"200": DONE},
@@ -3761,7 +3755,7 @@ async def recheck_torrent(request):
     """Check every piece on disk again"""
     torrent = _requested_torrent(request)
     await request.app[ENGINE].recheck(torrent)
-    return _json({"detail": f"rechecking {torrent.infohash}"})
+    return web.json_response({"detail": f"rechecking {torrent.infohash}"})
 
 
 @api("PUT", "/torrents/{infohash}/reannounce", "reannounceTorrent", {"200": DONE},
@@ -3770,7 +3764,7 @@ async def reannounce_torrent(request):
     """Announce to every tracker now"""
     torrent = _requested_torrent(request)
     request.app[ENGINE].reannounce(torrent)
-    return _json({"detail": f"announcing {torrent.infohash}"})
+    return web.json_response({"detail": f"announcing {torrent.infohash}"})
 
 
 def _bulk(action):
@@ -3779,8 +3773,8 @@ def _bulk(action):
         engine = request.app[ENGINE]
         torrents = _matching(engine, request.query, ("state", "paused", "label"))
         count = await engine.control(torrents, action)
-        return _json({"detail": f"{action}d {count} of {len(torrents)} torrents",
-                      "count": count})
+        return web.json_response({"detail": f"{action}d {count} of {len(torrents)} "
+                                  "torrents", "count": count})
     handler.__doc__ = f"{action.capitalize()} every torrent, or those the filters choose"
     return api("PUT", f"/torrents/{action}", f"{action}Torrents", {
         "200": _answer("how many", _ref("Count"))}, parameters=_FILTERS)(handler)
@@ -3792,7 +3786,7 @@ pause_torrents, resume_torrents = _bulk("pause"), _bulk("resume")
 @api("GET", "/settings", "getSettings", {"200": _answer("the settings", _ref("Settings"))})
 async def get_settings(request):
     """The session's settings"""
-    return _json(request.app[ENGINE].settings)
+    return web.json_response(request.app[ENGINE].settings)
 
 
 @api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings", _ref("Settings"))},
@@ -3805,7 +3799,7 @@ async def change_settings(request):
     await engine.configure_session(parse_values(
         fields, {key: option.parse for key, option in SESSION_OPTIONS.items()},
         {key: option.schema for key, option in SESSION_OPTIONS.items()}))
-    return _json(engine.settings)
+    return web.json_response(engine.settings)
 
 
 def _sse(event, kind=None):
@@ -3836,25 +3830,25 @@ async def event_stream(request):
     events = request.app[ENGINE].events
     subscriber = events.subscribe(set(types), infohashes)
     try:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        # Small buffers: a reader that stops reading is noticed within a few hundred
-        # events, and holds little memory until it is cut off.
-        request.transport.set_write_buffer_limits(high=STREAM_BUFFER)
-        with contextlib.suppress(OSError, AttributeError):
-            request.transport.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
-        missed = events.since(int(last)) if last is not None else []
-        await _stream(response, subscriber, missed)
+        return await _stream(request, subscriber, events, last)
     finally:
         events.subscribers.discard(subscriber)
-    return response
 
 
-async def _stream(response, subscriber, missed):
-    """Write a subscriber's events until it falls too far behind or goes away. A reader
-    that stops reading is cut off, with a last event: overflow after what it has."""
+async def _stream(request, subscriber, events, last):
+    """Write a subscriber's events, those after last first, until it falls too far
+    behind or goes away; a reader that stops reading is cut off, with a last
+    event: overflow after what it has."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    # Small buffers: a reader that stops reading is noticed within a few hundred
+    # events, and holds little memory until it is cut off.
+    request.transport.set_write_buffer_limits(high=STREAM_BUFFER)
+    with contextlib.suppress(OSError, AttributeError):
+        request.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
+    missed = events.since(int(last)) if last is not None else []
     write = lambda data: asyncio.wait_for(response.write(data), STREAM_WRITE_TIMEOUT)
     sent = 0
     with contextlib.suppress(ConnectionError):
@@ -3881,6 +3875,7 @@ async def _stream(response, subscriber, missed):
         response.force_close()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(response.write(_sse(None, "overflow")), 0.1)
+    return response
 
 
 @api("GET", "/webhooks", "webhooks", {"200": _answer("each target", _object({
@@ -3891,7 +3886,8 @@ async def _stream(response, subscriber, missed):
         **dict.fromkeys(("delivered", "failed", "dropped"), {"type": "integer"})})}}))})
 async def webhooks(request):
     """Each webhook target: its queue, last success and last error"""
-    return _json({"webhooks": [hook.view() for hook in request.app[ENGINE].events.webhooks]})
+    hooks = request.app[ENGINE].events.webhooks
+    return web.json_response({"webhooks": [hook.view() for hook in hooks]})
 
 
 @api("GET", "/metrics", "metrics", {"200": _answer(
@@ -4376,7 +4372,9 @@ async def _now(value):
 async def _rpc_fields(answer, arguments):
     """session-get honours fields."""
     fields = arguments.get("fields")
-    return {k: v for k, v in answer.items() if k in fields} if isinstance(fields, list)         else answer
+    if not isinstance(fields, list):
+        return answer
+    return {key: value for key, value in answer.items() if key in fields}
 
 
 async def _rpc_call(request, body):
@@ -4420,7 +4418,7 @@ async def transmission_rpc(request):
             body = await _read_limited(request.content.read, 2 * MAX_REQUEST_BYTES)
     except TimeoutError:
         raise ApiError(408, "the request body did not arrive in time") from None
-    return _json(await _rpc_call(request, body))
+    return web.json_response(await _rpc_call(request, body))
 
 
 # The same on the paths and methods its clients use: transmission-remote posts to
@@ -4441,18 +4439,18 @@ async def health(request):
     if token is not None and _bearer_error(request, token) is not None:
         if problems:
             raise ApiError(503, "unhealthy")
-        return _json({"status": "ok"})
+        return web.json_response({"status": "ok"})
     if problems:
         raise ApiError(503, "unhealthy: " + "; ".join(problems))
-    return _json({"status": "ok", "torrents": engine.count(), "loading": engine.loading,
-                  "listen_port": engine.listen_port})
+    return web.json_response({"status": "ok", "torrents": engine.count(),
+                              "loading": engine.loading, "listen_port": engine.listen_port})
 
 
 @api("GET", "/openapi.json", "openapi", {"200": _answer("this document", {"type": "object"})},
      public=True)
 async def openapi(request):
     """This document; needs no token"""
-    return _json(OPENAPI)
+    return web.json_response(OPENAPI)
 
 
 #: Requests anyone may make: a health check cannot carry a secret, and the API
