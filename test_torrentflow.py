@@ -2786,7 +2786,8 @@ async def test_file_selection_downloads_only_the_chosen_files(daemon, tmp_path):
     for name in ("a.bin", "c.bin"):
         path = downloads / name
         assert not path.exists() or sha1_of(path) != sha1_of(source / "three" / name)
-    changed = await patch(daemon, f"/torrents/{infohash}", {"file_priorities": [4, 4, 4]})
+    changed = await conforms(await daemon.patch(f"/torrents/{infohash}", json={
+        "file_priorities": [4, 4, 4]}), "patch", "/torrents/{infohash}")
     assert [f["priority"] for f in changed["files"]] == [4, 4, 4]
     await wait_complete(daemon, infohash)
     assert same_tree(source, tmp_path / "downloads", layout)
@@ -3014,6 +3015,10 @@ async def test_bad_control_requests_are_refused(daemon, tmp_path):
     _, body = await add(daemon, torrent_url=MAGNET)
     path = f"/torrents/{body['infohash']}"
     await error_of(await daemon.patch(path, json={"file_priorities": [4]}), 409, "metadata")
+    await conforms(await daemon.patch(path, json={"file_priorities": [4]}), "patch",
+                   "/torrents/{infohash}")
+    await conforms(await daemon.patch(path, json={"labels": ["a"]}), "patch",
+                   "/torrents/{infohash}")
     await error_of(await daemon.patch(path, data="x", headers={"Content-Type": "text/plain"}),
                    415, "application/json")
     await error_of(await daemon.patch(path, data="{", headers={
