@@ -162,6 +162,10 @@ HEAD_TIMEOUT = 5.0
 KEEPALIVE_TIMEOUT = 15.0
 #: Seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s.
 BODY_TIMEOUT = 30.0
+#: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time (see
+#: _respond): the loop stays free for small requests while big listings go out.
+LARGE_BODY = 256 * 1024
+LARGE_AT_ONCE = 4
 #: Connections the kernel queues for the API before the daemon accepts them.
 LISTEN_BACKLOG = 128
 #: In-flight requests get this long to finish when the daemon stops. Every request
@@ -1879,8 +1883,18 @@ class _Torrent:
     libtorrent does not keep: the .torrent's own fields, a magnet's x.pe peers, and
     the daemon's own notes, saved in the resume file beside libtorrent's data."""
 
+    # Slots: a library of ten thousand torrents holds ten thousand of these.
+    __slots__ = ("handle", "ids", "infohash", "number", "loaded", "notes", "creation",
+                 "magnet_peers", "file_priorities", "save_path", "info", "file_progress",
+                 "status", "_summary", "_full", "total_done", "progress_stale", "counted",
+                 "sample", "rates", "updated", "last_scrape", "trackers_heard",
+                 "flushing_since", "saved_as", "disk_error", "fault", "learning", "dirty",
+                 "added", "saving", "next_save", "force_save", "removing", "moving_to",
+                 "chosen_priorities")
+
     def __init__(self, params, notes=None):
         self.handle = None            # once libtorrent has added it
+        self.number = 0               # its id in Transmission's RPC
         self.ids = _params_ids(params)
         self.infohash = self.ids[0]
         self.loaded = notes is not None  # read from the state directory, so saved
@@ -2451,6 +2465,7 @@ class TorrentEngine:
         if torrent.status is None:
             await self._confirm(torrent, lambda status: True, "the first status")
         self._emit("added", torrent)
+        torrent.added = None  # saved: a second add of it need not wait
 
     async def pause(self, torrent):
         """Pause and take it out of the queue, so libtorrent does not restart it."""
@@ -3336,6 +3351,7 @@ ENGINE = web.AppKey("engine", TorrentEngine)
 CONFIG = web.AppKey("config", Config)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 REQUESTS = web.AppKey("requests", collections.Counter)
+LARGE_WRITES = web.AppKey("large_writes", asyncio.Semaphore)
 
 #: (method, path, handler, OpenAPI operation) of every route; make_app and the
 #: OpenAPI document both come from it.
@@ -3647,7 +3663,7 @@ async def list_torrents(request):
     """Torrents' status: filtered, sorted, paged, trimmed"""
     engine = request.app[ENGINE]
     if not request.query:
-        return web.Response(body=engine.listing(), content_type="application/json")
+        return await _respond(request, engine.listing())
     torrents, total = _select(engine, request.query)
     if "fields" not in request.query:
         # The common case, polling everything, joins bytes serialised at status changes.
@@ -3656,7 +3672,20 @@ async def list_torrents(request):
         fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
         items = json.dumps([{name: t.field(name) for name in fields} for t in torrents],
                            separators=(",", ":")).encode()[1:-1]
-    return web.Response(body=_listing_body(items, total), content_type="application/json")
+    return await _respond(request, _listing_body(items, total))
+
+
+async def _respond(request, body):
+    """A JSON answer of bytes already serialised. A large one waits its turn to be
+    written (LARGE_AT_ONCE at a time): writing hundreds of megabyte-sized listings at
+    once would queue every small request, health checks included, behind them all."""
+    response = web.Response(body=body, content_type="application/json")
+    if len(body) < LARGE_BODY:
+        return response
+    async with request.app[LARGE_WRITES]:
+        await response.prepare(request)
+        await response.write_eof()
+    return response
 
 
 def _requested_torrent(request):
@@ -3672,7 +3701,7 @@ async def get_torrent(request):
     torrent = _requested_torrent(request)
     _known_parameters(request.query, ("fields",))
     if "fields" not in request.query:
-        return web.Response(body=torrent.body, content_type="application/json")
+        return await _respond(request, torrent.body)
     fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
     return web.json_response({name: torrent.field(name) for name in fields})
 
@@ -4562,6 +4591,7 @@ def make_app(config):
                           client_max_size=MAX_REQUEST_BYTES)
     app[CONFIG] = config
     app[REQUESTS] = collections.Counter()
+    app[LARGE_WRITES] = asyncio.Semaphore(LARGE_AT_ONCE)
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
 
