@@ -414,7 +414,8 @@ async def test_concurrent_duplicate_adds_make_one_torrent(daemon, payload):
     assert len(listing["torrents"]) == 1
 
 
-async def test_a_library_with_its_data_present_is_checked_in_seconds(daemon, tmp_path):
+async def test_a_library_with_its_data_present_is_checked_in_seconds(daemon, tmp_path,
+                                                                      monkeypatch):
     """200 torrents whose files are already in place all reach seeding quickly:
     libtorrent's queue alone would start one check a second (about 200 s)."""
     source, count = tmp_path / "downloads", 200
@@ -433,6 +434,22 @@ async def test_a_library_with_its_data_present_is_checked_in_seconds(daemon, tmp
     await wait_until(all_seeding, deadline=30, what=f"{count} torrents to be checked")
     print(f"{count} present torrents seeding {time.monotonic() - started:.1f} s after the "
           "last add")
+
+    # The full listing is a large answer: written a few at a time, in pieces (smaller
+    # here, so that 200 torrents make several). More readers than LARGE_AT_ONCE all get
+    # the whole body, with its length announced.
+    monkeypatch.setattr(torrentflow, "WRITE_PIECE", 64 * 1024)
+    async def full_listing():
+        response = await daemon.get("/torrents")
+        body = await response.read()
+        assert int(response.headers["Content-Length"]) == len(body)
+        return body
+    bodies = await asyncio.gather(*(full_listing()
+                                    for _ in range(torrentflow.LARGE_AT_ONCE * 2)))
+    assert len(bodies[0]) > torrentflow.LARGE_BODY > torrentflow.WRITE_PIECE
+    for body in bodies:
+        listing = json.loads(body)
+        assert listing["total"] == count and len(listing["torrents"]) == count
 
 
 # --------------------------------------------------------------------------- #

