@@ -456,6 +456,33 @@ async def test_a_library_with_its_data_present_is_checked_in_seconds(daemon, tmp
 # Pause, resume, delete
 # --------------------------------------------------------------------------- #
 
+async def test_the_queue_runs_as_many_downloads_as_allowed_and_each_hands_on(daemon, tmp_path):
+    """max_active_downloads 1: the rest wait queued, never two download at once, and
+    each finished download hands its place to the next (the daemon starts it at once
+    rather than on libtorrent's tick; how much sooner is the benchmark's many section)."""
+    assert (await daemon.patch("/settings", json={"max_active_downloads": 1})).status == 200
+    layout = {f"queued{n}.bin": 1024 * 1024 + n for n in range(4)}
+    source = make_payload(tmp_path / "source", layout)
+    seeder = Seeder(rate_limit=4_000_000)
+    for name in layout:
+        torrent = make_torrent(source / name)
+        await add(daemon, torrent_url=seeder.seed(torrent, source).magnet(torrent))
+    seen = {"queued": 0, "running": 0}
+
+    async def all_finished_one_at_a_time():
+        listing = await (await daemon.get(
+            "/torrents?fields=name,queued,paused,is_finished")).json()
+        running = [t for t in listing["torrents"] if not t["paused"] and not t["is_finished"]]
+        assert len(running) <= 1, listing
+        seen["queued"] = max(seen["queued"], sum(t["queued"] for t in listing["torrents"]))
+        seen["running"] = max(seen["running"], len(running))
+        return all(t["is_finished"] for t in listing["torrents"])
+    await wait_until(all_finished_one_at_a_time, what="four queued downloads to finish")
+    assert seen["queued"] >= 3 and seen["running"] == 1, seen
+    await wait_until(lambda: same_tree(source, tmp_path / "downloads", layout),
+                     what="the files to match")
+
+
 async def test_pause_stops_transfer_and_resume_completes(daemon, tmp_path):
     seeder, source, layout, infohash = await slow_download(
         daemon, tmp_path, "slow.bin", 2 * 1024 * 1024, 400_000)

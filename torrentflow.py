@@ -3022,10 +3022,23 @@ class TorrentEngine:
             with contextlib.suppress(RuntimeError):
                 torrent.handle.flush_cache()
                 torrent.flushing_since = time.time()
+            if torrent.status is not None and torrent.status["auto_managed"]:
+                self._start_next_download()
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
             self.save(torrent)
         with contextlib.suppress(RuntimeError):
             torrent.handle.post_status()
+
+    def _start_next_download(self):
+        """A queued download takes the place of one that finished, now. libtorrent's queue
+        starts it only on its next one-second tick: 20 downloads of 32 MiB on loopback,
+        3 at a time, ran at 0.3 of the unqueued rate. The next tick keeps this choice, as
+        it is the one the tick would make (the lowest queue position)."""
+        waiting = [t for t in self.torrents() if t.status["queued"]
+                   and t.status["state"] in ("downloading", "downloading_metadata")]
+        if waiting:
+            with contextlib.suppress(RuntimeError):
+                min(waiting, key=lambda t: t.status["queue_position"]).handle.resume()
 
     _ALERT_HANDLERS = {
         lt.state_update_alert: _on_state_update,
