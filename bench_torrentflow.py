@@ -710,7 +710,8 @@ async def bench_library(args, count, root, anchors=()):
                                  for anchor in anchors}
             result["ratios"] = {
                 anchor.name: {figures["request"]: figures[f"ratio_to_{anchor.name}"]
-                              for figures in result["load"]}
+                              for figures in result["load"]
+                              if f"ratio_to_{anchor.name}" in figures}
                 for anchor in anchors}
         result["rss_after_load_kib"] = daemon.rss_kib()
         if count >= args.restart_min:
@@ -2290,20 +2291,20 @@ def _api_table(libraries):
             lines += [_row(library["count"], figures["request"], *_load_cells(figures),
                            widths=(9, 24)) for figures in library["load"]]
         return lines
-    widths = (9, 13, 18)
+    widths = (9, 13, 22)
     lines.append(_row("torrents", "server", "request", *LOAD_COLUMNS,
                       *(f"TF/{ANCHOR_SHORT_NAMES[name]}" for name in anchors), widths=widths))
     for library in libraries:
         theirs = library.get("anchors", {})
-        for index, figures in enumerate(library["load"]):
+        for figures in library["load"]:
             lines.append(_row(library["count"], "torrentflow", figures["request"],
                               *_load_cells(figures),
                               *(_or_dash(figures.get(f"ratio_to_{name}")) for name in anchors),
                               widths=widths))
-            lines += [_row(library["count"], name, theirs[name]["load"][index]["request"],
-                           *_load_cells(theirs[name]["load"][index]), widths=widths)
-                      for name in anchors if name in theirs
-                      and index < len(theirs[name]["load"])]
+            lines += [_row(library["count"], name, their["request"], *_load_cells(their),
+                           widths=widths)
+                      for name in anchors for their in theirs.get(name, {}).get("load", ())
+                      if their["request"] == figures["request"]]
     for name in anchors:
         lines.append(f"TF/{ANCHOR_SHORT_NAMES[name]}: TorrentFlow's req/s divided by "
                      f"{name}'s for the same request in this run; {name} answers "
