@@ -2708,6 +2708,7 @@ async def test_deleting_a_magnet_without_metadata_logs_no_failure(daemon, caplog
     ([], {"TORRENTFLOW_SAVE_INTERVAL": "0"}, "TORRENTFLOW_SAVE_INTERVAL"),
     ([], {"TORRENTFLOW_LOG_LEVEL": "loud"}, "TORRENTFLOW_LOG_LEVEL"),
     (["--port", "http"], {}, "--port"),
+    (["--web-ui", "/nonexistent/web"], {}, "--web-ui"),
 ])
 def test_configuration_errors_name_the_flag_and_the_variable(argv, environ, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -3490,6 +3491,102 @@ async def test_transmission_rpc_python_client(guarded_process, seeders, tracker,
     await asyncio.to_thread(rpc_client.remove_torrent, added.id, delete_data=True)
     assert await process.infohashes() == set()
     assert not (process.download_dir / "moved" / "data.bin").exists()
+
+
+WEB_CLIENT = Path("/usr/share/transmission/web")  # Debian's transmission-common
+CHROMIUM = shutil.which("chromium")
+
+
+class Chromium:
+    """Headless Chromium driven over its DevTools protocol, with aiohttp's websocket
+    client. It listens on loopback only, with its background networking off."""
+
+    def __init__(self, profile):
+        self.profile, self.process, self.http, self.socket, self.calls = \
+            profile, None, None, None, 0
+
+    async def start(self):
+        self.process = await asyncio.create_subprocess_exec(
+            CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--disable-extensions", "--disable-breakpad", "--disable-quic",
+            "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+            f"--user-data-dir={self.profile}", "about:blank",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = self.profile / "DevToolsActivePort"  # Chromium writes it when ready
+        await wait_until(lambda: port_file.is_file() and port_file.read_text().strip(),
+                         what="Chromium's DevTools port")
+        port = port_file.read_text().split()[0]
+        self.http = aiohttp.ClientSession()
+        targets = await (await self.http.get(f"http://127.0.0.1:{port}/json/list")).json()
+        page = next(target for target in targets if target["type"] == "page")
+        self.socket = await self.http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+
+    async def call(self, method, **params):
+        """One DevTools command's result; the events that arrive meanwhile are skipped."""
+        self.calls += 1
+        await self.socket.send_json({"id": self.calls, "method": method, "params": params})
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                message = await self.socket.receive_json()
+                if message.get("id") == self.calls:
+                    assert "error" not in message, message
+                    return message["result"]
+
+    async def evaluate(self, expression):
+        result = await self.call("Runtime.evaluate", expression=expression,
+                                 returnByValue=True)
+        return result["result"].get("value")
+
+    async def close(self):
+        if self.socket is not None:
+            await self.socket.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@pytest.mark.skipif(CHROMIUM is None or not (WEB_CLIENT / "index.html").is_file(),
+                    reason="needs Debian's chromium and transmission-common")
+async def test_transmissions_web_client_lists_and_pauses_a_torrent(aiohttp_client, tmp_path):
+    """Transmission 3.00's own web client, served by --web-ui and run in headless
+    Chromium: it lists the daemon's torrent and pauses it, and the REST API agrees."""
+    web_ui = tmp_path / "web"
+    shutil.copytree(WEB_CLIENT, web_ui)
+    (tmp_path / "secret.txt").write_text("outside the web client")
+    (web_ui / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--token", TOKEN, "--web-ui", str(web_ui))), headers=AUTH)
+    async with aiohttp.request("GET", client.make_url("/transmission/web/")) as refused:
+        assert refused.status == 401
+        assert refused.headers["WWW-Authenticate"] == 'Basic realm="Transmission"'
+    basic = "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()
+    page = await client.get("/transmission/web/", headers={"Authorization": basic})
+    assert page.status == 200 and page.content_type == "text/html"
+    for path in ("leak.txt", "..%2F..%2Fsecret.txt", "javascript/missing.js"):
+        await error_of(await client.get("/transmission/web/" + path), 404, "no such file")
+    _, body = await add(client, torrent_url=MAGNET + "&dn=webui-torrent")
+
+    browser = Chromium(tmp_path / "chromium")
+    try:
+        await browser.start()
+        await browser.call("Network.enable")
+        await browser.call("Network.setExtraHTTPHeaders", headers={"Authorization": basic})
+        await browser.call("Page.navigate", url=str(client.make_url("/transmission/web/")))
+        button = "document.querySelector('#torrent_list .torrent_pause')"
+        await wait_until(lambda: browser.evaluate(
+            f"document.body.innerText.includes('webui-torrent') && {button} !== null"),
+            what="the web client to list the torrent as running")
+        await browser.evaluate(f"{button}.click()")
+        await wait_status(client, body["infohash"], lambda s: s["paused"]
+                          and not s["auto_managed"], what="the web client's pause")
+        await wait_until(lambda: browser.evaluate(
+            "document.querySelector('#torrent_list .torrent_resume') !== null"),
+            what="the web client to show it paused")
+    finally:
+        await browser.close()
 
 
 # --------------------------------------------------------------------------- #

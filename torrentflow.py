@@ -312,6 +312,13 @@ def _absolute_path(text):
     return Path(text)
 
 
+def _directory(text):
+    """A directory that exists, by its real path."""
+    if not os.path.isdir(text):
+        raise ValueError("give a directory that exists")
+    return Path(os.path.realpath(text))
+
+
 def _webhook_url(text):
     """An http(s) URL."""
     try:
@@ -470,6 +477,9 @@ OPTIONS = (
     Option("webhook_secret_file", Path, None, "read the webhook secret from this file"),
     Option("metrics_per_torrent", _boolean, False, "GET /metrics also gives series per "
            "torrent, labelled by infohash and name (many torrents make many series)"),
+    Option("web_ui", _directory, None, "serve this directory at /transmission/web/, with "
+           "the API's token rules: Transmission's web client, for example "
+           "/usr/share/transmission/web (Debian's transmission-common)"),
     Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
            "may point into, besides --download-dir; repeat for more", repeat=":",
            flag_name="allowed-save-root"),
@@ -4482,6 +4492,35 @@ for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rp
         {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
 
 
+@api("GET", "/transmission/web/{path:.*}", "transmissionWeb", {"200": _answer(
+    "the file", {"type": "string"}, media="*/*")}, (404,), parameters=[{
+        "name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+        "description": "a file under the --web-ui directory; empty for its index.html"}])
+async def transmission_web(request):
+    """A file of the --web-ui directory, such as Transmission's web client"""
+    root = request.app[CONFIG].web_ui
+    if root is None:
+        raise ApiError(404, "no web client is served; start the daemon with --web-ui DIR")
+    path = await asyncio.to_thread(_web_file, root, request.match_info["path"])
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache",
+                                           "X-Content-Type-Options": "nosniff"})
+
+
+def _web_file(root, relative):
+    """The regular file under root that relative names (a directory's index.html), or
+    404. Symlinks and .. are resolved before the check, so nothing outside root is
+    served. Touches the disk: run in a thread."""
+    missing = ApiError(404, "no such file in the web client")
+    if "\x00" in relative:
+        raise missing
+    target = Path(os.path.realpath(root / relative))
+    if target.is_dir():
+        target = Path(os.path.realpath(target / "index.html"))
+    if not target.is_relative_to(root) or not target.is_file():
+        raise missing
+    return target
+
+
 # --------------------------------------------------------------------------- #
 # API description: /health, /openapi.json and the document built from ROUTES
 # --------------------------------------------------------------------------- #
@@ -4606,6 +4645,7 @@ OPENAPI = {
     },
 }
 for _method, _path, _handler, _operation in ROUTES:
+    _path = re.sub(r":[^}]*}", "}", _path)  # aiohttp's {path:.*} is OpenAPI's {path}
     OPENAPI["paths"].setdefault(_path, {})[_method.lower()] = _operation
 
 
