@@ -530,8 +530,15 @@ async def test_delete_removes_the_torrent_and_optionally_its_files(
         daemon, seeder, payload, tmp_path, delete_files):
     infohash = await downloaded(daemon, seeder, payload[0])
     query = "?delete_files=true" if delete_files else ""
-    response = await daemon.delete(f"/torrents/{infohash.upper()}{query}")
+    # Two at once (a double click): one removes it, the other finds it gone.
+    response, twin = await asyncio.gather(daemon.delete(f"/torrents/{infohash.upper()}{query}"),
+                                          daemon.delete(f"/torrents/{infohash}{query}"))
+    assert sorted((response.status, twin.status)) == [200, 404]
+    if response.status == 404:
+        response = twin
     assert response.status == 200, await response.text()
+    ring = daemon.app[torrentflow.ENGINE].events.ring
+    assert [event["type"] for event in ring].count("removed") == 1
     assert infohash in (await response.json())["detail"]
     # Confirmed removal: gone from the API at once, files gone or kept as asked.
     assert (await daemon.get(f"/torrents/{infohash}")).status == 404
@@ -664,6 +671,9 @@ async def test_bad_add_requests_are_4xx(daemon, swarm, payload, tmp_path):
          400, "unknown field"),
         (dict(data="{not json", headers={"Content-Type": "application/json"}), 400,
          "malformed json"),
+        (dict(data='{"torrent_url": "magnet:?xt=urn:btih:' + "a" * 40 + '", "torrent_url": '
+              '"magnet:?xt=urn:btih:' + "b" * 40 + '"}', headers={
+                  "Content-Type": "application/json"}), 400, "repeated"),
         (dict(data=b"torrent", headers={"Content-Type": "text/plain"}), 415, "multipart"),
         (dict(json={"torrent_url": swarm.url("/missing")}), 502, "http 404"),
         (dict(json={"torrent_url": swarm.url("/hop/9/x")}), 502, "redirects"),
@@ -2263,6 +2273,30 @@ asyncio.run(main())
 """
 
 
+async def test_the_connection_guard_forgets_closed_connections():
+    """The guard tracks each API connection, and forgets it when it closes: a daemon
+    that served a million requests must not hold a million records."""
+    app = web.Application()
+
+    async def hello(request):
+        return web.Response(text="ok")
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = torrentflow.GuardedSite(runner, "127.0.0.1", 0, 256)
+    await site.start()
+    guard, port = site.guard, runner.addresses[0][1]
+    try:
+        for _ in range(20):
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/") as response:
+                    assert response.status == 200
+        await wait_until(lambda: not guard.connections and not guard._by_handler,
+                         deadline=5, what="closed connections to be forgotten")
+    finally:
+        await runner.cleanup()
+
+
 async def test_half_open_connections_do_not_take_the_daemon_down(tmp_path):
     """2,000 sockets that never finish their request head, against a daemon with 1,024
     descriptors, for 20 s: /health and an authenticated listing keep answering in under
@@ -2476,9 +2510,11 @@ async def test_torrents_cannot_aim_the_daemon_at_this_host(tmp_path, aiohttp_cli
                                lt.create_torrent.v1_only)
     for url in ("http://127.0.0.1:9/announce", "http://localhost:9/announce",
                 "http://[::1]:9/announce", "http://169.254.169.254/announce",
-                "udp://0.0.0.0:9/announce", "http://tracker.example/announce"):
+                "udp://0.0.0.0:9/announce", "http://[::ffff:127.0.0.1]:9/announce",
+                "http://[::ffff:169.254.169.254]/announce", "http://tracker.example/announce"):
         recipe.add_tracker(url)
-    for url in ("http://127.0.0.1:8080/torrents", "http://seed.example/single.bin"):
+    for url in ("http://127.0.0.1:8080/torrents", "http://[::ffff:127.0.0.1]:8080/x",
+                "http://seed.example/single.bin"):
         recipe.add_url_seed(url)
     lt.set_piece_hashes(recipe, str(source))
     _, body = await add(client, torrent_file=lt.bencode(recipe.generate()))
@@ -2487,7 +2523,8 @@ async def test_torrents_cannot_aim_the_daemon_at_this_host(tmp_path, aiohttp_cli
     assert [t["url"] for t in handle.trackers()] == ["http://tracker.example/announce"]
     assert handle.url_seeds() == ["http://seed.example/single.bin"]
     ip_filter = engine._session.get_ip_filter()
-    for address in ("127.0.0.1", "::1", "169.254.1.1", "0.0.0.0", "fe80::1"):
+    for address in ("127.0.0.1", "::1", "169.254.1.1", "0.0.0.0", "fe80::1",
+                    "::ffff:127.0.0.1", "::ffff:169.254.169.254"):
         assert ip_filter.access(address) == 1, address
     for address in ("10.0.0.1", "192.168.1.5", "8.8.8.8", "2001:db8::1"):
         assert ip_filter.access(address) == 0, address
@@ -3438,10 +3475,23 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
             ("torrent-set-location", {"ids": [1], "move": True}, "no location"),
             ("torrent-set", {"ids": [1], "labels": "x"}, "labels"),
             ("torrent-set", {"ids": [1], "files-wanted": [0]}, "metadata"),
+            ("torrent-set", {"ids": [1], "seedRatioMode": [1]}, "0, 1 or 2"),
+            ("torrent-add", {"filename": MAGNET[:-2] + "99", "files-wanted": [0]}, "metadata"),
+            ("session-set", {"speed-limit-down": "9" * 100_000}, "must be a number"),
+            ("session-set", {"speed-limit-up": None}, "must be a number"),
             ("free-space", {"path": "/etc"}, "save_path")):
         status, answer = await rpc(guarded, method, arguments, session, tag=7)
         assert status == 200 and words in answer["result"] and answer["result"] != "success"
         assert answer["tag"] == 7
+    # A refused add added nothing.
+    assert (await guarded.get("/torrents/" + "ab" * 19 + "99", headers=AUTH)).status == 404
+    # File choices at add, for a .torrent: applied once its metadata is read.
+    torrent = make_torrent(payload[0] / "single.bin")
+    status, answer = await rpc(guarded, "torrent-add", {
+        "metainfo": base64.b64encode(torrent).decode(), "files-unwanted": [0]}, session)
+    assert answer["result"] == "success", answer
+    added = await (await guarded.get(f"/torrents/{infohash_of(torrent)}", headers=AUTH)).json()
+    assert added["files"][0]["priority"] == 0
     # Ids that do not exist are left out, as Transmission does.
     status, answer = await rpc(guarded, "torrent-stop", {"ids": [4242, "ab" * 20]}, session)
     assert answer["result"] == "success"

@@ -823,6 +823,13 @@ def _params_ids(params):
     return _hash_ids(params.ti.info_hashes() if params.ti else params.info_hashes)
 
 
+def _resolved(path, roots):
+    """(path's real path, with symlinks and .. resolved; whether it lies inside one of
+    roots). Touches the disk: run in a thread."""
+    real = Path(os.path.realpath(path))
+    return real, any(real.is_relative_to(root) for root in roots)
+
+
 def resolve_save_path(roots, requested):
     """The real directory a requested save_path names, checked to lie inside the roots.
 
@@ -834,8 +841,8 @@ def resolve_save_path(roots, requested):
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
     allowed = roots if os.path.isabs(requested) else roots[:1]
-    target = Path(os.path.realpath(roots[0] / requested))
-    if not any(target.is_relative_to(root) for root in allowed):
+    target, inside = _resolved(roots[0] / requested, allowed)
+    if not inside:
         raise ApiError(400, "save_path must stay inside the download directory"
                        + (" or an allowed save root" if len(allowed) > 1 else ""))
     if target.exists() and not target.is_dir():
@@ -957,15 +964,22 @@ def _is_local_url(url):
     return host is not None and _is_loopback_name(host)
 
 
+#: Addresses of this host itself, where services that trust local callers listen:
+#: loopback, link-local and unspecified, and the same written as IPv4-mapped IPv6
+#: (::ffff:127.0.0.1 reaches 127.0.0.1, and Python does not call it loopback).
+_HOST_OWN = tuple(map(ipaddress.ip_network, (
+    "127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::/127", "fe80::/10",
+    "::ffff:127.0.0.0/104", "::ffff:0.0.0.0/104", "::ffff:169.254.0.0/112")))
+
+
 def _is_private_to_host(url):
-    """True when a URL names this host itself: localhost, or a loopback, link-local or
-    unspecified address, where services that trust local callers listen."""
+    """True when a URL names this host itself: localhost, or one of _HOST_OWN."""
     try:
         host = urllib.parse.urlsplit(url).hostname or ""
         address = ipaddress.ip_address(host)
     except ValueError:
         return host.lower() == "localhost" or host.lower().endswith(".localhost")
-    return address.is_loopback or address.is_link_local or address.is_unspecified
+    return any(address in network for network in _HOST_OWN)
 
 
 def keep_reachable(params, local_only):
@@ -1504,10 +1518,11 @@ class StateStore:
             batch = [self._jobs.get()]
             while not self._jobs.empty() and len(batch) < 1000:
                 batch.append(self._jobs.get_nowait())
-            done, synced, self._renamed = [], None, set()
+            done, synced, self._renamed, closing = [], None, set(), False
             for function, args, future in batch:
                 if function is None:
-                    return
+                    closing = True  # after the jobs before it are synced and answered
+                    break
                 if not future.set_running_or_notify_cancel():
                     continue  # whoever asked has given up (the daemon is stopping)
                 try:
@@ -1525,6 +1540,8 @@ class StateStore:
                     future.set_exception(error)
                 else:
                     future.set_result(result)
+            if closing:
+                return
 
     def close(self):
         """Let the thread end once the jobs before this one are done."""
@@ -1535,7 +1552,8 @@ class StateStore:
 
     async def prepare(self, download_dir):
         """Create the directories, clear writes a crash interrupted, and take down the
-        mark of a clean shutdown; return whether the last run left one (or none ran)."""
+        mark of a clean shutdown; return whether the last run left one (or none ran),
+        and the settings PATCH /settings saved."""
         return await self._submit(self._prepare, download_dir)
 
     def _prepare(self, download_dir):
@@ -1745,7 +1763,8 @@ class _Webhook:
         self.wake.set()
 
     def _give_up(self, event_id, why):
-        del self.pending[event_id]
+        if self.pending.pop(event_id, None) is None:
+            return  # dropped already: the queue overflowed while it was being posted
         self.counts["dropped"] += 1
         _logged(self.store.drop(f"{self.folder}/{event_id}.json"), "dropping an event")
         log.warning("webhook %s: dropped event %d: %s", self.url, event_id, why)
@@ -1765,7 +1784,7 @@ class _Webhook:
             event_id, body = next(iter(self.pending.items()))
             if await self._post(client, event_id, body):
                 self.pending.pop(event_id, None)
-                await self.store.drop(f"{self.folder}/{event_id}.json")
+                _logged(self.store.drop(f"{self.folder}/{event_id}.json"), "a delivered event")
                 attempt = 0
                 continue
             attempt += 1
@@ -1818,7 +1837,7 @@ class Events:
         self._reserved = 0            # ids up to this are reserved in the state directory
         self.webhooks = [_Webhook(url, set(config.webhook_events), config.webhook_secret,
                                   store) for url in config.webhooks]
-        self._tasks = []
+        self.tasks = []               # one per webhook target, and the client's holder
 
     async def start(self):
         """Continue the ids where the last run left them; start delivering webhooks."""
@@ -1827,9 +1846,11 @@ class Events:
             self.next_id = int(saved.get(EVENT_COUNTER, b"0"))
         await self._reserve()
         client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
-        self._tasks = [asyncio.create_task(hook.deliver(client), name=f"tf-webhook {hook.url}")
-                       for hook in self.webhooks]
-        self._tasks.append(asyncio.create_task(self._hold(client), name="tf-webhook-client"))
+        self.tasks = [asyncio.create_task(hook.deliver(client), name=f"webhook {hook.url}")
+                      for hook in self.webhooks]
+        self.tasks.append(asyncio.create_task(self._hold(client), name="webhook client"))
+        for task in self.tasks:
+            task.add_done_callback(_log_failure)
 
     @staticmethod
     async def _hold(client):
@@ -1840,9 +1861,9 @@ class Events:
             await client.close()
 
     async def close(self):
-        for task in self._tasks:
+        for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def _reserve(self):
         """Keep a block of ids in the state directory: after a crash, ids start past it,
@@ -1899,7 +1920,7 @@ class _Torrent:
     the daemon's own notes, saved in the resume file beside libtorrent's data."""
 
     # Slots: a library of ten thousand torrents holds ten thousand of these.
-    __slots__ = ("handle", "ids", "infohash", "number", "loaded", "notes", "creation",
+    __slots__ = ("handle", "ids", "infohash", "number", "notes", "creation",
                  "magnet_peers", "file_priorities", "save_path", "info", "file_progress",
                  "status", "_summary", "_full", "total_done", "progress_stale", "counted",
                  "sample", "rates", "updated", "last_scrape", "trackers_heard",
@@ -1912,7 +1933,8 @@ class _Torrent:
         self.number = 0               # its id in Transmission's RPC
         self.ids = _params_ids(params)
         self.infohash = self.ids[0]
-        self.loaded = notes is not None  # read from the state directory, so saved
+        # Read from the state directory, so saved already under its id.
+        self.saved_as = self.infohash if notes is not None else None  # its resume file
         notes = notes or {}
         #: The daemon's notes, saved with the resume data: the order torrents were
         #: added in, whether "finished" was announced, and payload bytes over its life
@@ -1946,7 +1968,6 @@ class _Torrent:
         self.last_scrape = None       # when a tracker last reported swarm counts
         self.trackers_heard = {}      # url -> (when it last answered, its last error)
         self.flushing_since = None    # when a flush of its finished download was asked for
-        self.saved_as = self.infohash if self.loaded else None  # its resume file's name
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
         self.fault = ""               # why the daemon stopped it, until it is resumed
         self.learning = False         # whether its metadata is being read, or was
@@ -2126,12 +2147,6 @@ def _file_progress(handles):
     return result
 
 
-#: Addresses of this host itself: loopback, link-local and unspecified.
-_HOST_OWN = (("127.0.0.0", "127.255.255.255"), ("0.0.0.0", "0.255.255.255"),
-             ("169.254.0.0", "169.254.255.255"), ("::", "::1"),
-             ("fe80::", "febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff"))
-
-
 def _ip_filter(local_only):
     """The session's IP filter, for peers, trackers and web seeds alike, after DNS.
 
@@ -2145,8 +2160,8 @@ def _ip_filter(local_only):
         ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
         ip_filter.add_rule("::1", "::1", 0)
     else:
-        for first, last in _HOST_OWN:
-            ip_filter.add_rule(first, last, 1)
+        for network in _HOST_OWN:
+            ip_filter.add_rule(str(network[0]), str(network[-1]), 1)
     return ip_filter
 
 
@@ -2164,7 +2179,8 @@ class TorrentEngine:
     """Owns the libtorrent session, its alert loop, the status cache and the state dir.
 
     Only the alert loop calls pop_alerts(). A request either reads the cache, or posts
-    work to libtorrent and awaits expect(), which the alert loop resolves.
+    work to libtorrent and awaits expect(), which the alert loop resolves. (The peer and
+    tracker views, and per-file progress, call libtorrent's getters in a worker thread.)
     """
 
     def __init__(self, config):
@@ -2320,6 +2336,8 @@ class TorrentEngine:
         """What is wrong with the daemon as a whole: a list of reasons, empty if nothing."""
         dead = [f"the {name} task stopped" for name, task in self._tasks.items()
                 if task.done() and (name != "load" or task.cancelled() or task.exception())]
+        dead += [f"the {task.get_name()} task stopped" for task in self.events.tasks
+                 if task.done()]
         return [*dead, *self.problems.values()]
 
     # -- waiting on libtorrent ------------------------------------------------ #
@@ -2328,9 +2346,9 @@ class TorrentEngine:
         """Wait for the alert loop to see an alert of these kinds about the torrent with
         these ids (or SESSION) for which match(alert) is not None; return that value.
 
-        The one way a request waits on libtorrent. Alerts die at the next pop, so match
-        copies what the caller needs. An alert that does not come within timeout (one
-        lost in an overflowing queue) becomes a 503; a removal fails the wait with 404.
+        The one way a request waits for libtorrent's alerts. Alerts die at the next pop,
+        so match copies what the caller needs. An alert that does not come within timeout
+        (one lost in an overflowing queue) becomes a 503; a removal fails the wait with 404.
         """
         future = asyncio.get_running_loop().create_future()
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
@@ -2342,11 +2360,13 @@ class TorrentEngine:
             raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
                            "try again", RETRY_AFTER) from None
         finally:
-            waiters = self._waiters.get(ids[0])
-            if waiters and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._waiters[ids[0]]
+            # Under ids[0], unless the torrent's id changed meanwhile (_take_status).
+            key = next((key for key in (ids[0], *self._waiters)
+                        if waiter in self._waiters.get(key, ())), None)
+            if key is not None:
+                self._waiters[key].remove(waiter)
+                if not self._waiters[key]:
+                    del self._waiters[key]
 
     def _settle(self, ids, alert):
         """Resolve the waits this alert answers."""
@@ -2372,6 +2392,12 @@ class TorrentEngine:
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
         return task
+
+    async def metadata_read(self, torrent):
+        """Wait until metadata libtorrent has is read too (torrent.info, in a thread)."""
+        if torrent.status["has_metadata"] and torrent.info is None:
+            await self._confirm(torrent, lambda status: torrent.info is not None,
+                                "reading the metadata")
 
     async def _confirm(self, torrent, predicate, what):
         """Ask for a fresh status and wait until one satisfies predicate(status dict)."""
@@ -2410,8 +2436,7 @@ class TorrentEngine:
 
     def inside_roots(self, path):
         """Whether a path really lies inside a save root. Touches the disk: in a thread."""
-        real = Path(os.path.realpath(path))
-        return any(real.is_relative_to(root) for root in self.roots)
+        return _resolved(path, self.roots)[1]
 
     def shown(self, path):
         """A path as the API shows it: relative to the download directory when inside."""
@@ -2514,10 +2539,11 @@ class TorrentEngine:
         If the resume file cannot be deleted, or libtorrent does not confirm in time,
         the torrent stays whole and the answer is 503, so that a retry can finish.
         """
-        if torrent.removing:
-            raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
         if delete_files:
             await self.confined(torrent)  # never delete outside the roots
+        # Checked after that wait, so two DELETEs at once remove it once.
+        if torrent.removing:
+            raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
         torrent.removing = True
         self._listing = None
         # Shielded: a client that hangs up must not leave a removal half done.
@@ -3228,8 +3254,8 @@ def _outside_roots(roots, places):
     """Why one of places (a save path and what is in it) leads outside every root, or
     None. Blocking: run in a thread."""
     for place in places:
-        real = Path(os.path.realpath(place))
-        if not any(real.is_relative_to(root) for root in roots):
+        real, inside = _resolved(place, roots)
+        if not inside:
             return f"{place} now leads outside the save roots (to {real})"
     return None
 
@@ -3315,8 +3341,15 @@ def _label(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(engine, stats, requests, per_torrent):
-    """GET /metrics in Prometheus' text format 0.0.4."""
+def process_figures():
+    """(resident bytes, open descriptors) of this process, from /proc: run in a thread,
+    as listing thousands of descriptors takes a while."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE"), len(os.listdir("/proc/self/fd"))
+
+
+def render_metrics(engine, stats, requests, per_torrent, process):
+    """GET /metrics in Prometheus' text format 0.0.4; process is process_figures()."""
     lines = []
 
     def metric(name, kind, help_text, samples):
@@ -3356,10 +3389,8 @@ def render_metrics(engine, stats, requests, per_torrent):
            [({"route": route, "status": status}, count)
             for (route, status), count in sorted(requests.items())])
     metric("resident_memory_bytes", "gauge", "the process's resident memory",
-           [({}, int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf(
-               "SC_PAGE_SIZE"))])
-    metric("open_fds", "gauge", "the process's open file descriptors",
-           [({}, len(os.listdir("/proc/self/fd")))])
+           [({}, process[0])])
+    metric("open_fds", "gauge", "the process's open file descriptors", [({}, process[1])])
     if per_torrent:
         for field, kind in (("progress", "gauge"), ("download_rate", "gauge"),
                             ("upload_rate", "gauge"), ("total_download", "counter"),
@@ -3453,6 +3484,17 @@ def _require_utf8(charset, what):
 BODY_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
 
 
+@contextlib.asynccontextmanager
+async def _body_deadline():
+    """One deadline for reading a whole request body, then 408."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            yield
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s",
+                       {"Connection": "close"}) from None
+
+
 async def read_fields(request, names, upload=None, types=BODY_TYPES):
     """The fields of a form (multipart or urlencoded) or JSON object body.
 
@@ -3468,15 +3510,11 @@ async def read_fields(request, names, upload=None, types=BODY_TYPES):
     limit = MAX_REQUEST_BYTES if multipart else MAX_FORM_BYTES
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body too large: more than {limit} bytes")
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            if multipart:
-                fields = await _multipart_fields(request, names, upload)
-            else:
-                body = await _read_limited(request.content.read, MAX_FORM_BYTES)
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s",
-                       {"Connection": "close"}) from None
+    async with _body_deadline():
+        if multipart:
+            fields = await _multipart_fields(request, names, upload)
+        else:
+            body = await _read_limited(request.content.read, MAX_FORM_BYTES)
     if not multipart:
         _require_utf8(request.charset, "the body")
         fields = _decode(content_type, body, len(names))
@@ -3492,19 +3530,24 @@ def _decode(content_type, body, most):
     """The fields of a JSON object or an urlencoded form of at most most fields."""
     try:
         if content_type == "application/json":
-            fields = json.loads(body.decode())
+            fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
         else:
-            pairs = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True,
-                                           strict_parsing=True, errors="strict",
-                                           max_num_fields=most)
-            fields = dict(pairs)
-            if len(fields) != len(pairs):
-                raise ValueError("a field is repeated")
+            fields = _unique_keys(urllib.parse.parse_qsl(
+                body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict",
+                max_num_fields=most))
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         kind = "JSON" if content_type == "application/json" else "form"
         raise ApiError(400, f"malformed {kind} body: {error}") from None
     if not isinstance(fields, dict):
         raise ApiError(400, "the JSON body must be an object")
+    return fields
+
+
+def _unique_keys(pairs):
+    """A dict of (key, value) pairs; a repeated key is refused, never last-wins."""
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise ValueError("a field is repeated")
     return fields
 
 
@@ -3959,8 +4002,9 @@ async def metrics(request):
     """Metrics for Prometheus"""
     engine = request.app[ENGINE]
     stats = await engine.session_stats()
+    process = await asyncio.to_thread(process_figures)
     text = render_metrics(engine, stats, request.app[REQUESTS],
-                          request.app[CONFIG].metrics_per_torrent)
+                          request.app[CONFIG].metrics_per_torrent, process)
     return web.Response(text=text, headers={
         "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -3993,7 +4037,7 @@ def _rpc_priority(priority):
     return -1 if priority < 4 else 1 if priority > 5 else 0
 
 
-def _rpc_limit(torrent, status, key, own):
+def _rpc_limit(torrent, key, own):
     """(limit, mode) for seedRatioLimit/seedIdleLimit: mode 0 the session's, 1 its own,
     2 none."""
     value = torrent.notes[key]
@@ -4061,12 +4105,12 @@ RPC_FIELDS = {
     "uploadRatio": lambda t, s, c, x: s["ratio"] if s["total_wanted"] else -1,
     "secondsDownloading": lambda t, s, c, x: s["active_time"] - s["finished_time"],
     "secondsSeeding": lambda t, s, c, x: s["seeding_time"],
-    "seedRatioLimit": lambda t, s, c, x: _rpc_limit(t, s, "ratio_limit", c["ratio_limit"])[0],
-    "seedRatioMode": lambda t, s, c, x: _rpc_limit(t, s, "ratio_limit", c["ratio_limit"])[1],
+    "seedRatioLimit": lambda t, s, c, x: _rpc_limit(t, "ratio_limit", c["ratio_limit"])[0],
+    "seedRatioMode": lambda t, s, c, x: _rpc_limit(t, "ratio_limit", c["ratio_limit"])[1],
     "seedIdleLimit": lambda t, s, c, x: int(_rpc_limit(
-        t, s, "seeding_time_limit", c["seeding_time_limit"])[0] // 60),
+        t, "seeding_time_limit", c["seeding_time_limit"])[0] // 60),
     "seedIdleMode": lambda t, s, c, x: _rpc_limit(
-        t, s, "seeding_time_limit", c["seeding_time_limit"])[1],
+        t, "seeding_time_limit", c["seeding_time_limit"])[1],
     "labels": lambda t, s, c, x: s["labels"],
     "group": lambda t, s, c, x: "",
     "fileCount": lambda t, s, c, x: s["num_files"] or 0,
@@ -4164,16 +4208,20 @@ def _rpc_indices(torrent, arguments, key):
     return chosen
 
 
+#: The arguments that choose files, each with the priority it gives (None: wanted again,
+#: at its priority before, or normal), applied in this order.
+RPC_FILE_CHOICES = {"files-unwanted": 0, "files-wanted": None, "priority-low": 1,
+                    "priority-normal": 4, "priority-high": 7}
+
+
 def _rpc_priorities(torrent, arguments):
     """File priorities from files-wanted/-unwanted and priority-high/-normal/-low."""
-    keys = ("files-unwanted", "files-wanted", "priority-low", "priority-normal",
-            "priority-high")
-    if not any(key in arguments for key in keys):
+    if not any(key in arguments for key in RPC_FILE_CHOICES):
         return None
     if torrent.info is None:
         raise RpcError("file choices need the torrent's metadata")
     current = [f["priority"] for f in torrent.files()]
-    for key, priority in zip(keys, (0, None, 1, 4, 7)):
+    for key, priority in RPC_FILE_CHOICES.items():
         for index in _rpc_indices(torrent, arguments, key):
             current[index] = (current[index] or 4) if priority is None else \
                 0 if priority == 0 else priority if current[index] else 0
@@ -4193,6 +4241,8 @@ def _rpc_settings(torrent, arguments, trackers=None):
             mode, limit = arguments.get(mode_key, 1), arguments.get(limit_key, 0)
             if not isinstance(limit, (int, float)) or isinstance(limit, bool):
                 raise RpcError(f"{limit_key} must be a number")
+            if mode not in (0, 1, 2) or isinstance(mode, bool):
+                raise RpcError(f"{mode_key} must be 0, 1 or 2")
             changes[setting] = {0: -1, 2: -2}.get(mode, limit * scale)
     for key, setting in (("downloadLimit", "download_limit"), ("uploadLimit", "upload_limit")):
         if key in arguments or key + "ed" in arguments:
@@ -4275,9 +4325,13 @@ async def _rpc_add(request, engine, arguments):
     params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots, directory)
     settings = parse_settings({**_rpc_settings(None, arguments),
                                "paused": bool(arguments.get("paused", False))}, "add")
+    choices = any(key in arguments for key in RPC_FILE_CHOICES)
+    if choices and params.ti is None:  # refused before the add, so nothing is added
+        raise RpcError("file choices need the torrent's metadata: add a .torrent")
     infohash, created = await engine.add(params, settings)
     torrent = engine.lookup(infohash)
-    if created and _rpc_priorities(torrent, arguments) is not None:
+    if created and choices:
+        await engine.metadata_read(torrent)
         await _rpc_set(engine, [torrent], arguments)
     return {"torrent-added" if created else "torrent-duplicate": {
         "id": torrent.number, "name": torrent.status["name"], "hashString": infohash}}
@@ -4354,11 +4408,12 @@ RPC_SESSION_SET = {
 
 async def _rpc_session_set(request, engine, arguments):
     """session-set: the keys above, mapped onto PATCH /settings; others are ignored."""
-    changes = {}
+    changes, current = {}, _rpc_session(engine, request.app[CONFIG])
     for key, (setting, scale, enabled) in RPC_SESSION_SET.items():
-        current = _rpc_session(engine, request.app[CONFIG])
         if key in arguments or enabled in arguments:
             value = arguments.get(key, current[key])
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise RpcError(f"{key} must be a number")
             on = arguments.get(enabled, current.get(enabled, True))
             off = 0 if setting.endswith("limit") and "speed" in key else -1
             changes[setting] = value * scale if on else off
@@ -4391,16 +4446,17 @@ async def _rpc_free_space(request, engine, arguments):
     if not isinstance(path, str) or not path:
         raise RpcError("directory path argument is missing")
     target = await asyncio.to_thread(resolve_save_path, engine.roots, path)
-    usage = await asyncio.to_thread(shutil.disk_usage, _existing_parent(target))
+    usage = await asyncio.to_thread(_disk_usage, target)
     return {"path": path, "size-bytes": usage.free, "total_size": usage.total}
 
 
-def _existing_parent(path):
-    """The nearest directory of path that exists."""
+def _disk_usage(path):
+    """The usage of the disk that holds path, or would: its nearest existing directory.
+    Touches the disk: run in a thread."""
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
-    return path
+    return shutil.disk_usage(path)
 
 
 #: Every method the RPC speaks; anything else answers "method not supported".
@@ -4460,6 +4516,12 @@ async def _rpc_call(request, body):
         answer["result"] = str(error)
     except ApiError as error:
         answer["result"] = error.detail
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        # The arguments are untyped JSON: a value of a shape no check above expected is
+        # the caller's error. One line, no traceback: a client must not flood the log.
+        log.warning("RPC %s: arguments of an unexpected shape: %s: %s", method,
+                    type(error).__name__, error)
+        answer["result"] = f"invalid arguments for {method}"
     return answer
 
 
@@ -4476,11 +4538,8 @@ async def transmission_rpc(request):
                        {"X-Transmission-Session-Id": engine.rpc_session_id})
     if request.method != "POST":
         raise ApiError(405, "send the call as a POST", {"Allow": "POST"})
-    try:  # whatever the Content-Type: transmission-remote sends a form's
-        async with asyncio.timeout(BODY_TIMEOUT):
-            body = await _read_limited(request.content.read, 2 * MAX_REQUEST_BYTES)
-    except TimeoutError:
-        raise ApiError(408, "the request body did not arrive in time") from None
+    async with _body_deadline():  # whatever the Content-Type: transmission-remote's is a form's
+        body = await _read_limited(request.content.read, 2 * MAX_REQUEST_BYTES)
     return web.json_response(await _rpc_call(request, body))
 
 
@@ -4513,10 +4572,10 @@ def _web_file(root, relative):
     missing = ApiError(404, "no such file in the web client")
     if "\x00" in relative:
         raise missing
-    target = Path(os.path.realpath(root / relative))
+    target, inside = _resolved(root / relative, [root])
     if target.is_dir():
-        target = Path(os.path.realpath(target / "index.html"))
-    if not target.is_relative_to(root) or not target.is_file():
+        target, inside = _resolved(target / "index.html", [root])
+    if not inside or not target.is_file():
         raise missing
     return target
 
@@ -4553,7 +4612,6 @@ async def openapi(request):
 #: description holds none.
 PUBLIC_ROUTES = {(method, path) for method, path, _, operation in ROUTES
                  if operation.get("security") == []}
-PUBLIC_ROUTES |= {("HEAD", path) for method, path in PUBLIC_ROUTES if method == "GET"}
 
 _STATUS_SCHEMA = _object({field.name: field.schema for field in STATUS})
 _SETTINGS_SCHEMA = _object({key: {**option.schema, "description": option.help}
@@ -4716,7 +4774,7 @@ class _Connection(asyncio.Protocol):
         self.inner.resume_writing()
 
     def connection_lost(self, exc):
-        self.guard.connections.pop(self, None)
+        self.guard.forget(self)
         self.inner.connection_lost(exc)
 
 
@@ -4748,9 +4806,12 @@ class ConnectionGuard:
                 next((c for c in self.connections if c.state == "idle"), connection)
             self.drop(victim)
 
-    def drop(self, connection):
+    def forget(self, connection):
         self.connections.pop(connection, None)
         self._by_handler.pop(connection.inner, None)
+
+    def drop(self, connection):
+        self.forget(connection)
         connection.transport.abort()  # frees the descriptor now, without TIME_WAIT
         self._dropped += 1
 
