@@ -3500,6 +3500,36 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
     assert answer["arguments"]["torrents"] == []
 
 
+async def test_rpc_arguments_of_any_shape_never_give_a_500(guarded, payload, caplog):
+    """Transmission's arguments are untyped JSON. Every method, given every argument the
+    RPC reads, all of one wrong (or odd) shape, answers 200 with a result string, and
+    the daemon stays healthy."""
+    caplog.set_level("WARNING")
+    session = (await guarded.get("/transmission/rpc", headers=AUTH)).headers[
+        "X-Transmission-Session-Id"]
+    assert (await guarded.post("/torrents", json={"torrent_url": MAGNET},
+                               headers=AUTH)).status == 201
+    metainfo = base64.b64encode(make_torrent(payload[0] / "single.bin")).decode()
+    _, answer = await rpc(guarded, "torrent-add", {"metainfo": metainfo}, session)
+    assert answer["result"] == "success", answer
+    keys = {"ids", "fields", "format", "filename", "metainfo", "download-dir", "paused",
+            "labels", "peer-limit", "location", "move", "delete-local-data", "path",
+            "trackerAdd", "trackerRemove", "trackerList", "seedRatioLimit", "seedRatioMode",
+            "seedIdleLimit", "seedIdleMode", "downloadLimit", "downloadLimited",
+            "uploadLimit", "uploadLimited", *torrentflow.RPC_FILE_CHOICES,
+            *torrentflow.RPC_SESSION_SET,
+            *(enabled for _, _, enabled in torrentflow.RPC_SESSION_SET.values() if enabled)}
+    for method in torrentflow.RPC_METHODS:
+        for value in (None, True, -1, 2 ** 70, 1.5, "x", "", [], [None], [{"a": 1}],
+                      {"a": [1]}, ["ab" * 20], [-1, 2 ** 70]):
+            status, answer = await rpc(guarded, method, dict.fromkeys(keys, value), session)
+            assert status == 200 and isinstance(answer["result"], str), (method, value)
+    assert (await guarded.get("/health", headers=AUTH)).status == 200
+    assert "unhandled error" not in caplog.text
+    # Each shape was refused by a check of its own, not by _rpc_call's last resort.
+    assert "unexpected shape" not in caplog.text
+
+
 async def test_transmission_rpc_python_client(guarded_process, seeders, tracker, tmp_path):
     """The transmission-rpc package as Sonarr-like tools use it, each call checked
     against the REST view of the same torrent; the add is a real download."""

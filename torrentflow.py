@@ -4290,6 +4290,8 @@ async def _rpc_get(request, engine, arguments):
     fields = arguments.get("fields")
     if not isinstance(fields, list) or not fields:
         raise RpcError("no fields specified")
+    if not all(isinstance(name, str) for name in fields):
+        raise RpcError("fields must be names")
     known = [name for name in dict.fromkeys(fields) if name in RPC_FIELDS]
     slow = {"trackers": {"trackers", "trackerStats", "trackerList"} & set(known),
             "peers": "peers" in known}
