@@ -171,6 +171,8 @@ BODY_TIMEOUT = 30.0
 LARGE_BODY = 256 * 1024
 LARGE_AT_ONCE = 4
 WRITE_PIECE = 512 * 1024
+#: File entries serialised in one json.dumps call (see _json): a few milliseconds.
+JSON_SLICE = 2000
 #: Connections the kernel queues for the API before the daemon accepts them.
 LISTEN_BACKLOG = 128
 #: In-flight requests get this long to finish when the daemon stops. Every request
@@ -1407,9 +1409,10 @@ TORRENT_SETTINGS = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in TORRENT_SETTINGS}
 
 
-def _preset(params, settings):
+def _preset(params, settings, files):
     """Put settings given at add into add_torrent_params; return file priorities that
-    must wait for a magnet's metadata (None otherwise)."""
+    must wait for a magnet's metadata (None otherwise). files: _files_of(params.ti),
+    when file_priorities are given for a torrent with metadata."""
     for name, value in settings.items():
         if SETTINGS_BY_NAME[name].apply:
             SETTINGS_BY_NAME[name].apply(params, value)
@@ -1419,7 +1422,6 @@ def _preset(params, settings):
         # daemon checks it and maps it past padding files once the metadata is here.
         params.file_priorities = chosen or params.file_priorities
         return chosen
-    files = _files_of(params.ti)
     if len(chosen) != len(files):
         raise ApiError(422, f"file_priorities has {len(chosen)} entries; the torrent has "
                        f"{len(files)} files")
@@ -1914,6 +1916,26 @@ class Events:
 SESSION = "session"
 
 
+class _Slices(list):
+    """A list with an entry per file: _json serialises it a slice at a time."""
+
+
+def _json(value):
+    """value as JSON bytes, _Slices a slice at a time. json.dumps holds the GIL for a
+    whole call: 100,000 file entries in one call would stall the event loop even from a
+    thread, while slices let it run in between."""
+    if isinstance(value, _Slices):
+        return b"[%s]" % b",".join(
+            json.dumps(value[start:start + JSON_SLICE], separators=(",", ":")).encode()[1:-1]
+            for start in range(0, len(value), JSON_SLICE))
+    if isinstance(value, dict):
+        return b"{%s}" % b",".join(b"%s:%s" % (json.dumps(str(key)).encode(), _json(item))
+                                   for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return b"[%s]" % b",".join(_json(item) for item in value)
+    return json.dumps(value).encode()
+
+
 class _Torrent:
     """What the daemon knows about one torrent: its handle and cached status, and what
     libtorrent does not keep: the .torrent's own fields, a magnet's x.pe peers, and
@@ -2002,7 +2024,7 @@ class _Torrent:
             return None
         finished, seeding = self.status["is_finished"], self.status["is_seeding"]
         progress, priorities = self.file_progress or (), self.file_priorities
-        entries = []
+        entries = _Slices()
         for index, path, size in self.info["files"]:
             priority = int(priorities[index]) if index < len(priorities) else 4
             downloaded = (size if seeding or (finished and priority)
@@ -2061,13 +2083,19 @@ class _Torrent:
             self._summary = json.dumps(self.status, separators=(",", ":")).encode()
         return self._summary
 
-    @property
-    def body(self):
-        """The whole status, files included, serialised once per change."""
+    async def body(self):
+        """The whole status, files included, serialised once per change. In a thread:
+        a torrent of 100,000 files takes a third of a second, which would stall the loop."""
         if self._full is None:
-            files = json.dumps(self.files(), separators=(",", ":")).encode()
-            self._full = b"".join((self.summary[:-1], b',"files":', files, b"}"))
+            status, progress = self.status, self.file_progress
+            full = await asyncio.to_thread(self._serialise)
+            if self.status is status and self.file_progress is progress:
+                self._full = full  # nothing changed meanwhile
+            return full
         return self._full
+
+    def _serialise(self):
+        return b"".join((self.summary[:-1], b',"files":', _json(self.files()), b"}"))
 
 
 @contextlib.contextmanager
@@ -2447,6 +2475,10 @@ class TorrentEngine:
     async def add(self, params, settings=None):
         """Add a torrent with settings (parsed; they apply only to a new torrent); return
         (infohash, created) once it is saved and has a status."""
+        settings = settings or {}
+        # 100,000 files take 0.1 s to list: in a thread, before anything is decided.
+        files = await asyncio.to_thread(_files_of, params.ti) if params.ti is not None \
+            and settings.get("file_priorities") is not None else None
         ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removing:
@@ -2463,10 +2495,10 @@ class TorrentEngine:
                                f"save_path {self.shown(existing.save_path)!r}")
             return existing.infohash, False
         keep_reachable(params, self.config.local_only)
-        chosen = _preset(params, settings or {})
+        chosen = _preset(params, settings, files)
         torrent = _Torrent(params)
         torrent.chosen_priorities = chosen
-        torrent.notes.update({name: value for name, value in (settings or {}).items()
+        torrent.notes.update({name: value for name, value in settings.items()
                               if SETTINGS_BY_NAME[name].noted})
         self._register(torrent)
         torrent.added = self._spawn(self._add(torrent, params), f"add {torrent.infohash}")
@@ -3741,9 +3773,17 @@ async def list_torrents(request):
         items = b",".join(t.summary for t in torrents)
     else:
         fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
-        items = json.dumps([{name: t.field(name) for name in fields} for t in torrents],
-                           separators=(",", ":")).encode()[1:-1]
+        items = (await _to_json(lambda: [{name: t.field(name) for name in fields}
+                                         for t in torrents], "files" in fields))[1:-1]
     return await _respond(request, _listing_body(items, total))
+
+
+async def _to_json(build, in_thread):
+    """build() serialised as JSON bytes. When it may hold file lists, in a thread and
+    with _json: 100,000 files take a third of a second, which would stall the loop."""
+    if in_thread:
+        return await asyncio.to_thread(lambda: _json(build()))
+    return json.dumps(build(), separators=(",", ":")).encode()
 
 
 async def _respond(request, body):
@@ -3778,9 +3818,10 @@ async def get_torrent(request):
     torrent = _requested_torrent(request)
     _known_parameters(request.query, ("fields",))
     if "fields" not in request.query:
-        return await _respond(request, torrent.body)
+        return await _respond(request, await torrent.body())
     fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
-    return web.json_response({name: torrent.field(name) for name in fields})
+    return await _respond(request, await _to_json(
+        lambda: {name: torrent.field(name) for name in fields}, "files" in fields))
 
 
 @api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 503),
@@ -3833,7 +3874,7 @@ async def change_torrent(request):
         settings["save_path"] = await asyncio.to_thread(resolve_save_path, engine.roots,
                                                         _text(settings, "save_path"))
     moved = await engine.configure(torrent, settings)
-    return web.Response(body=torrent.body, status=200 if moved else 202,
+    return web.Response(body=await torrent.body(), status=200 if moved else 202,
                         content_type="application/json")
 
 
@@ -4147,15 +4188,15 @@ RPC_FIELDS = {
     "bandwidthPriority": lambda t, s, c, x: 0,
     "queuePosition": lambda t, s, c, x: max(0, s["queue_position"]),
     "webseeds": lambda t, s, c, x: [], "webseedsSendingToUs": lambda t, s, c, x: 0,
-    "files": lambda t, s, c, x: [{"name": f["path"], "length": f["size"],
-                                  "bytesCompleted": f["downloaded"]}
-                                 for f in _rpc_files(t)[0]],
-    "fileStats": lambda t, s, c, x: [{"bytesCompleted": f["downloaded"],
-                                      "wanted": bool(f["priority"]),
-                                      "priority": _rpc_priority(f["priority"])}
-                                     for f in _rpc_files(t)[0]],
-    "priorities": lambda t, s, c, x: [_rpc_priority(p) for p in _rpc_files(t)[1]],
-    "wanted": lambda t, s, c, x: [int(bool(p)) for p in _rpc_files(t)[1]],
+    "files": lambda t, s, c, x: _Slices({"name": f["path"], "length": f["size"],
+                                         "bytesCompleted": f["downloaded"]}
+                                        for f in _rpc_files(t)[0]),
+    "fileStats": lambda t, s, c, x: _Slices({"bytesCompleted": f["downloaded"],
+                                             "wanted": bool(f["priority"]),
+                                             "priority": _rpc_priority(f["priority"])}
+                                            for f in _rpc_files(t)[0]),
+    "priorities": lambda t, s, c, x: _Slices(_rpc_priority(p) for p in _rpc_files(t)[1]),
+    "wanted": lambda t, s, c, x: _Slices(int(bool(p)) for p in _rpc_files(t)[1]),
     "trackers": lambda t, s, c, x: [{"announce": tracker["url"], "scrape": "",
                                      "tier": tracker["tier"], "id": index}
                                     for index, tracker in enumerate(x["trackers"])],
@@ -4175,6 +4216,9 @@ RPC_FIELDS = {
         "peerIsChoked": "remote_choked" in peer["flags"],
         "peerIsInterested": "remote_interested" in peer["flags"]} for peer in x["peers"]],
 }
+
+#: The torrent-get fields with an entry per file.
+RPC_FILE_FIELDS = {"files", "fileStats", "priorities", "wanted"}
 
 
 class RpcError(Exception):
@@ -4295,12 +4339,16 @@ async def _rpc_get(request, engine, arguments):
     known = [name for name in dict.fromkeys(fields) if name in RPC_FIELDS]
     slow = {"trackers": {"trackers", "trackerStats", "trackerList"} & set(known),
             "peers": "peers" in known}
-    rows = []
+    rows, files = [], not RPC_FILE_FIELDS.isdisjoint(known)
+    request["file_lists"] = files  # the answer is serialised in a thread then
     for torrent in _rpc_ids(engine, arguments):
         extra = {name: await getattr(engine, name)(torrent) if needed else []
                  for name, needed in slow.items()}
-        rows.append([RPC_FIELDS[name](torrent, torrent.status, engine.settings, extra)
-                     for name in known])
+
+        def row(torrent=torrent, extra=extra):
+            return [RPC_FIELDS[name](torrent, torrent.status, engine.settings, extra)
+                    for name in known]
+        rows.append(await asyncio.to_thread(row) if files else row())  # see _to_json
     answer = {"torrents": [known, *rows] if arguments.get("format") == "table"
               else [dict(zip(known, row)) for row in rows]}
     if arguments.get("ids") == "recently-active":
@@ -4542,7 +4590,9 @@ async def transmission_rpc(request):
         raise ApiError(405, "send the call as a POST", {"Allow": "POST"})
     async with _body_deadline():  # whatever the Content-Type: transmission-remote's is a form's
         body = await _read_limited(request.content.read, 2 * MAX_REQUEST_BYTES)
-    return web.json_response(await _rpc_call(request, body))
+    answer = await _rpc_call(request, body)
+    return web.Response(body=await _to_json(lambda: answer, request.get("file_lists")),
+                        content_type="application/json")
 
 
 # The same on the paths and methods its clients use: transmission-remote posts to
