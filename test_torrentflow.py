@@ -680,6 +680,8 @@ async def test_bad_add_requests_are_4xx(daemon, swarm, payload, tmp_path):
         (dict(json={"torrent_url": swarm.url("/hop/9/x")}), 502, "redirects"),
         (dict(json={"torrent_url": swarm.url("/huge")}), 413, "more than"),
         (dict(json={"torrent_url": "http://127.0.0.1:9/x.torrent"}), 502, "failed"),
+        (dict(json={"torrent_url": MAGNET, "save_path": "a" * 300}), 400, "cannot be used"),
+        (dict(json={"torrent_url": MAGNET, "download_limit": 10 ** 400}), 422, "from 0"),
     ]
     for request, status, words in cases:
         await error_of(await daemon.post("/torrents", **request), status, words)
@@ -696,6 +698,9 @@ async def test_bad_add_requests_are_4xx(daemon, swarm, payload, tmp_path):
     # None of that left a torrent behind or broke the daemon.
     assert (await (await daemon.get("/torrents")).json()) == {"torrents": [], "total": 0}
     await add(daemon, torrent_file=torrent)
+    # libtorrent takes a "files" that is not a list as a single-file torrent.
+    await add(daemon, torrent_file=b"d4:infod5:filesi1e6:lengthi1e4:name1:a12:piece lengthi"
+              b"16384e6:pieces20:" + b"A" * 20 + b"ee")
 
 
 async def test_a_url_that_never_answers_times_out(tmp_path, aiohttp_client, swarm):
@@ -2298,6 +2303,36 @@ async def test_the_connection_guard_forgets_closed_connections():
         await runner.cleanup()
 
 
+async def test_blank_lines_do_not_shield_a_connection_from_the_guard():
+    """aiohttp skips blank lines before a request line: a connection that sends only
+    CRLF CRLF has not sent a head, and must not hold a place past the cap."""
+    app = web.Application()
+
+    async def hello(request):
+        return web.Response(text="ok")
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = torrentflow.GuardedSite(runner, "127.0.0.1", 0, 4)
+    await site.start()
+    port = runner.addresses[0][1]
+    held = []
+    try:
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\r\n\r\n")
+            held.append(writer)
+        await wait_until(lambda: len(site.guard.connections) == 4, deadline=5,
+                         what="the four connections to be admitted")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/") as response:
+                assert response.status == 200 and await response.text() == "ok"
+    finally:
+        for writer in held:
+            writer.close()
+        await runner.cleanup()
+
+
 async def test_half_open_connections_do_not_take_the_daemon_down(tmp_path):
     """2,000 sockets that never finish their request head, against a daemon with 1,024
     descriptors, for 20 s: /health and an authenticated listing keep answering in under
@@ -2335,8 +2370,11 @@ async def test_a_magnet_with_thousands_of_trackers_is_refused_at_once(daemon, tm
         daemon, tmp_path, "slow.bin", 2 * 1024 * 1024, 300_000)
     moving = await wait_status(daemon, infohash, lambda s: s["total_done"] > 0,
                                what="the download to start")
-    for count, status, words in ((20_000, 413, "too large"), (2_000, 422, "at most 200 tr=")):
-        trackers = "".join(f"&tr=http://h{n}" for n in range(count))
+    for count, status, words, key in ((20_000, 413, "too large", "tr"),
+                                      (2_000, 422, "at most 200 tr=", "tr"),
+                                      (300, 422, "at most 200 tr=", "tr.{n}")):
+        # libtorrent reads tr.1=, tr.2=... as tr= too.
+        trackers = "".join(f"&{key.format(n=n)}=http://h{n}" for n in range(count))
         started = time.monotonic()
         response = await daemon.post("/torrents", data={
             "torrent_url": "magnet:?xt=urn:btih:" + "cd" * 20 + trackers})
@@ -2424,6 +2462,11 @@ async def test_the_files_of_a_large_torrent_are_served_without_a_stall(daemon):
             answer = await (await daemon.get(path)).json()
             files = answer["torrents"][0]["files"] if "torrents" in answer else answer["files"]
             assert len(files) == count and files[-1]["path"].endswith(f"f{count - 1}")
+        # 5,000 indices at once: checked against a set (a list took seconds).
+        response = await daemon.patch(f"/torrents/{infohash}", json={
+            "file_priorities": {str(index): 0 for index in range(count - 5000, count)}})
+        assert response.status == 200, await response.text()
+        assert (await response.json())["files"][-1]["priority"] == 0
         _, answer = await rpc(daemon, "torrent-get", {
             "ids": [infohash], "fields": ["files", "fileStats", "priorities", "wanted"]})
         rpc_torrent = answer["arguments"]["torrents"][0]
@@ -3142,7 +3185,8 @@ async def test_bad_control_requests_are_refused(daemon, tmp_path):
     await error_of(await daemon.patch(path, data="{", headers={
         "Content-Type": "application/json"}), 400, "malformed")
     for settings, status in (({"colour": 1}, 400), ({"on_limit": "explode"}, 422),
-                             ({"max_active_seeds": -2}, 422), ({"upload_limit": "x"}, 400)):
+                             ({"max_active_seeds": -2}, 422), ({"upload_limit": "x"}, 400),
+                             ({"ratio_limit": 10 ** 400}, 422)):
         await error_of(await daemon.patch("/settings", json=settings), status, "")
     for fields, status in (({"ratio_limit": "x"}, 400), ({"file_priorities": "4,9"}, 422),
                            ({"paused": "maybe"}, 400), ({"labels": "a" * 65}, 422)):
@@ -3539,7 +3583,7 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
 async def test_rpc_arguments_of_any_shape_never_give_a_500(guarded, payload, caplog):
     """Transmission's arguments are untyped JSON. Every method, given every argument the
     RPC reads, all of one wrong (or odd) shape, answers 200 with a result string, and
-    the daemon stays healthy."""
+    the daemon stays healthy. Too many values in one call are refused before parsing."""
     caplog.set_level("WARNING")
     session = (await guarded.get("/transmission/rpc", headers=AUTH)).headers[
         "X-Transmission-Session-Id"]
@@ -3556,10 +3600,13 @@ async def test_rpc_arguments_of_any_shape_never_give_a_500(guarded, payload, cap
             *torrentflow.RPC_SESSION_SET,
             *(enabled for _, _, enabled in torrentflow.RPC_SESSION_SET.values() if enabled)}
     for method in torrentflow.RPC_METHODS:
-        for value in (None, True, -1, 2 ** 70, 1.5, "x", "", [], [None], [{"a": 1}],
-                      {"a": [1]}, ["ab" * 20], [-1, 2 ** 70]):
+        for value in (None, True, -1, 2 ** 70, 10 ** 400, 1.5, "x", "a" * 300, "", [],
+                      [None], [{"a": 1}], {"a": [1]}, ["ab" * 20], [-1, 2 ** 70]):
             status, answer = await rpc(guarded, method, dict.fromkeys(keys, value), session)
             assert status == 200 and isinstance(answer["result"], str), (method, value)
+    flood = {"x": [{}] * (torrentflow.RPC_MAX_VALUES + 1)}
+    _, answer = await rpc(guarded, "session-stats", flood, session)
+    assert "values in one call" in answer["result"]
     assert (await guarded.get("/health", headers=AUTH)).status == 200
     assert "unhandled error" not in caplog.text
     # Each shape was refused by a check of its own, not by _rpc_call's last resort.
@@ -3681,7 +3728,7 @@ async def test_transmissions_web_client_lists_and_pauses_a_torrent(aiohttp_clien
     basic = "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()
     page = await client.get("/transmission/web/", headers={"Authorization": basic})
     assert page.status == 200 and page.content_type == "text/html"
-    for path in ("leak.txt", "..%2F..%2Fsecret.txt", "javascript/missing.js"):
+    for path in ("leak.txt", "..%2F..%2Fsecret.txt", "javascript/missing.js", "a" * 300):
         await error_of(await client.get("/transmission/web/" + path), 404, "no such file")
     _, body = await add(client, torrent_url=MAGNET + "&dn=webui-torrent")
 

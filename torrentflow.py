@@ -173,6 +173,9 @@ LARGE_AT_ONCE = 4
 WRITE_PIECE = 512 * 1024
 #: File entries serialised in one json.dumps call (see _json): a few milliseconds.
 JSON_SLICE = 2000
+#: Torrents above which a fields= listing or an RPC torrent-get is built and serialised
+#: on a worker thread: all fields of 10,000 torrents take 0.15 s to serialise.
+LARGE_LISTING = 500
 #: Connections the kernel queues for the API before the daemon accepts them.
 LISTEN_BACKLOG = 128
 #: In-flight requests get this long to finish when the daemon stops. Every request
@@ -289,7 +292,8 @@ def _number(kind, low, *special, high=2**31 - 1):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 kind is int and not isinstance(value, int)):
             raise TypeError(f"must be a {'whole number' if kind is int else 'number'}")
-        if value not in special and not (math.isfinite(value) and low <= value <= high):
+        # low <= value first: math.isfinite(10 ** 400) raises OverflowError.
+        if value not in special and not (low <= value <= high and math.isfinite(value)):
             raise ValueError("must be " + "".join(f"{s} or " for s in special)
                              + f"from {low} to {high}")
         return kind(value)
@@ -847,7 +851,11 @@ def resolve_save_path(roots, requested):
     if not inside:
         raise ApiError(400, "save_path must stay inside the download directory"
                        + (" or an allowed save root" if len(allowed) > 1 else ""))
-    if target.exists() and not target.is_dir():
+    try:
+        a_file = target.exists() and not target.is_dir()
+    except OSError as error:  # a name too long, or a directory it may not look into
+        raise ApiError(400, f"save_path cannot be used: {error.strerror}") from None
+    if a_file:
         raise ApiError(400, "save_path names a file, not a directory")
     return str(target)
 
@@ -870,8 +878,11 @@ def params_from_magnet(uri):
     """Parse a magnet link (honouring tr= trackers and x.pe= peers), or raise 400."""
     # Counted before libtorrent sees them: adding a torrent costs the session thread
     # time that grows with the square of its trackers (15,000 froze every transfer).
-    try:
-        keys = [key for key, _ in urllib.parse.parse_qsl(uri.partition("?")[2])]
+    if len(uri) > MAX_FORM_BYTES:  # it is parsed on the event loop
+        raise ApiError(413, f"a magnet link may be at most {MAX_FORM_BYTES} characters")
+    try:  # libtorrent reads tr.1=, tr.2=... as tr=: count them as such
+        keys = [re.sub(r"\.\d+$", "", key)
+                for key, _ in urllib.parse.parse_qsl(uri.partition("?")[2])]
     except ValueError:
         keys = []
     for key, most in (("tr", MAX_TRACKERS), ("ws", MAX_WEB_SEEDS), ("x.pe", MAX_TRACKERS)):
@@ -885,6 +896,9 @@ def params_from_magnet(uri):
         raise ApiError(400, "invalid magnet link: no btih or btmh infohash")
     if not _readable(params):
         raise ApiError(400, "invalid magnet link: dn= or tr= is not UTF-8 once decoded")
+    if len(params.trackers) > MAX_TRACKERS or len(params.url_seeds) > MAX_WEB_SEEDS:
+        raise ApiError(422, f"a magnet link may name at most {MAX_TRACKERS} trackers and "
+                       f"{MAX_WEB_SEEDS} web seeds")
     params.name = params.name[:MAX_TEXT]
     return params
 
@@ -927,7 +941,7 @@ def _unsafe_info(info):
             return f"more than {MAX_TORRENT_FILES} files"
     try:
         unsafe = _unsafe_file_name(_bdecode(info.info_section())[0])
-    except (ValueError, IndexError, RecursionError):
+    except (ValueError, TypeError, IndexError, RecursionError):
         return "a malformed info dictionary"
     return None if unsafe is None else f"unsafe file name {unsafe!r}"
 
@@ -959,7 +973,8 @@ def _unsafe_file_name(info):
     empty, ".", "..", or holding a separator or NUL; None if all are safe. The .utf-8
     variants of the keys count too: libtorrent prefers them to the plain ones."""
     paths = [[info.get(b"name", b"")], [info.get(b"name.utf-8", b"x")]]
-    for entry in info.get(b"files") or ():  # v1 multi-file
+    files = info.get(b"files")  # v1 multi-file; libtorrent ignores it if not a list
+    for entry in files if isinstance(files, list) else ():
         if isinstance(entry, dict):
             paths += [entry.get(b"path") or [b""], entry.get(b"path.utf-8") or [],
                       entry.get(b"symlink path") or [],
@@ -1942,7 +1957,8 @@ SESSION = "session"
 
 
 class _Slices(list):
-    """A list with an entry per file: _json serialises it a slice at a time."""
+    """A list that may be long (an entry per file, or per torrent): _json serialises it
+    a slice at a time."""
 
 
 def _json(value):
@@ -1950,15 +1966,23 @@ def _json(value):
     whole call: 100,000 file entries in one call would stall the event loop even from a
     thread, while slices let it run in between."""
     if isinstance(value, _Slices):
-        return b"[%s]" % b",".join(
-            json.dumps(value[start:start + JSON_SLICE], separators=(",", ":")).encode()[1:-1]
-            for start in range(0, len(value), JSON_SLICE))
+        return b"[%s]" % b",".join(_json_slice(value[start:start + JSON_SLICE])
+                                   for start in range(0, len(value), JSON_SLICE))
     if isinstance(value, dict):
         return b"{%s}" % b",".join(b"%s:%s" % (json.dumps(str(key)).encode(), _json(item))
                                    for key, item in value.items())
     if isinstance(value, (list, tuple)):
         return b"[%s]" % b",".join(_json(item) for item in value)
     return json.dumps(value).encode()
+
+
+def _json_slice(items):
+    """The JSON of a slice of a _Slices, without its brackets; items that hold _Slices
+    themselves (torrents with their files) go through _json one by one."""
+    if any(isinstance(inner, _Slices) for item in items if isinstance(item, (dict, list))
+           for inner in (item.values() if isinstance(item, dict) else item)):
+        return b",".join(_json(item) for item in items)
+    return json.dumps(items, separators=(",", ":")).encode()[1:-1]
 
 
 class _Torrent:
@@ -2702,6 +2726,7 @@ class TorrentEngine:
                 raise ApiError(422, f"file_priorities has {len(chosen)} entries; the "
                                f"torrent has {len(files)} files")
             chosen = dict(zip(files, chosen))
+        files = set(files)  # a list would make this loop quadratic: minutes at 100,000
         for index, priority in chosen.items():
             if index not in files:
                 raise ApiError(422, f"file_priorities: no file with index {index}")
@@ -3710,7 +3735,7 @@ async def add_torrent(request):
 
 def _names(text, what, allowed):
     """A comma-separated list of names from allowed, or 400."""
-    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    chosen = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     bad = [name for name in chosen if name not in allowed]
     if bad or not chosen:
         valid = ", ".join(name for name in allowed if not name.startswith("-"))
@@ -3798,14 +3823,16 @@ async def list_torrents(request):
         items = b",".join(t.summary for t in torrents)
     else:
         fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
-        items = (await _to_json(lambda: [{name: t.field(name) for name in fields}
-                                         for t in torrents], "files" in fields))[1:-1]
+        items = (await _to_json(lambda: _Slices({name: t.field(name) for name in fields}
+                                                for t in torrents),
+                                "files" in fields or len(torrents) > LARGE_LISTING))[1:-1]
     return await _respond(request, _listing_body(items, total))
 
 
 async def _to_json(build, in_thread):
-    """build() serialised as JSON bytes. When it may hold file lists, in a thread and
-    with _json: 100,000 files take a third of a second, which would stall the loop."""
+    """build() serialised as JSON bytes. When it may hold file lists or many torrents,
+    in a thread and with _json: 100,000 files take a third of a second, and all fields
+    of 10,000 torrents 0.15 s, which would stall the loop."""
     if in_thread:
         return await asyncio.to_thread(lambda: _json(build()))
     return json.dumps(build(), separators=(",", ":")).encode()
@@ -4242,6 +4269,10 @@ RPC_FIELDS = {
         "peerIsInterested": "remote_interested" in peer["flags"]} for peer in x["peers"]],
 }
 
+#: Values (JSON commas, lists and objects) one RPC call may hold; see _rpc_call. A
+#: torrent-add of a 10 MiB .torrent is one string, and 100,000 file indices fit.
+RPC_MAX_VALUES = 200_000
+
 #: The torrent-get fields with an entry per file.
 RPC_FILE_FIELDS = {"files", "fileStats", "priorities", "wanted"}
 
@@ -4364,18 +4395,19 @@ async def _rpc_get(request, engine, arguments):
     known = [name for name in dict.fromkeys(fields) if name in RPC_FIELDS]
     slow = {"trackers": {"trackers", "trackerStats", "trackerList"} & set(known),
             "peers": "peers" in known}
-    rows, files = [], not RPC_FILE_FIELDS.isdisjoint(known)
-    request["file_lists"] = files  # the answer is serialised in a thread then
-    for torrent in _rpc_ids(engine, arguments):
-        extra = {name: await getattr(engine, name)(torrent) if needed else []
-                 for name, needed in slow.items()}
+    torrents, table = list(_rpc_ids(engine, arguments)), arguments.get("format") == "table"
+    extras = [{name: await getattr(engine, name)(torrent) if needed else []
+               for name, needed in slow.items()} for torrent in torrents]
 
-        def row(torrent=torrent, extra=extra):
-            return [RPC_FIELDS[name](torrent, torrent.status, engine.settings, extra)
-                    for name in known]
-        rows.append(await asyncio.to_thread(row) if files else row())  # see _to_json
-    answer = {"torrents": [known, *rows] if arguments.get("format") == "table"
-              else [dict(zip(known, row)) for row in rows]}
+    def build():
+        rows = [[RPC_FIELDS[name](torrent, torrent.status, engine.settings, extra)
+                 for name in known] for torrent, extra in zip(torrents, extras)]
+        return _Slices([known, *rows] if table else (dict(zip(known, row)) for row in rows))
+    # Large answers are built and serialised off the loop; see _to_json.
+    request["large_answer"] = (not RPC_FILE_FIELDS.isdisjoint(known)
+                               or len(torrents) > LARGE_LISTING)
+    answer = {"torrents": await asyncio.to_thread(build) if request["large_answer"]
+              else build()}
     if arguments.get("ids") == "recently-active":
         answer["removed"] = [number for moment, number in engine.removed
                              if moment >= time.time() - RPC_RECENT]
@@ -4574,6 +4606,10 @@ async def _rpc_fields(answer, arguments):
 async def _rpc_call(request, body):
     """One RPC request: {"result", "arguments", "tag"}, never an exception."""
     answer = {"arguments": {}, "result": "success"}
+    # json.loads builds every value on the event loop, holding the GIL: 20 MiB of
+    # empty objects would take half a second. A real call has a few thousand values.
+    if sum(body.count(mark) for mark in (b",", b"[", b"{")) > RPC_MAX_VALUES:
+        return {**answer, "result": f"more than {RPC_MAX_VALUES} values in one call"}
     try:
         call = json.loads(body)
         method, arguments = call["method"], call.get("arguments", {})
@@ -4616,7 +4652,7 @@ async def transmission_rpc(request):
     async with _body_deadline():  # whatever the Content-Type: transmission-remote's is a form's
         body = await _read_limited(request.content.read, 2 * MAX_REQUEST_BYTES)
     answer = await _rpc_call(request, body)
-    return web.Response(body=await _to_json(lambda: answer, request.get("file_lists")),
+    return web.Response(body=await _to_json(lambda: answer, request.get("large_answer")),
                         content_type="application/json")
 
 
@@ -4649,11 +4685,14 @@ def _web_file(root, relative):
     missing = ApiError(404, "no such file in the web client")
     if "\x00" in relative:
         raise missing
-    target, inside = _resolved(root / relative, [root])
-    if target.is_dir():
-        target, inside = _resolved(target / "index.html", [root])
-    if not inside or not target.is_file():
-        raise missing
+    try:
+        target, inside = _resolved(root / relative, [root])
+        if target.is_dir():
+            target, inside = _resolved(target / "index.html", [root])
+        if not inside or not target.is_file():
+            raise missing
+    except OSError:  # a name too long, or a directory it may not look into
+        raise missing from None
     return target
 
 
@@ -4834,11 +4873,14 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data):
         if self.state in ("head", "idle"):
             if self.state == "idle":
-                self.state, self.head_since = "head", time.monotonic()
-            if b"\r\n\r\n" in self.tail + data:  # the head is in: never evicted now
+                self.state, self.head_since, self.tail = "head", time.monotonic(), b""
+            # A head ends with CRLF CRLF after a request line: aiohttp skips blank lines
+            # before one, so bare CRLFs must not shield a connection from eviction.
+            text = self.tail + data if self.tail else data.lstrip(b"\r\n")
+            if b"\r\n\r\n" in text:  # the head is in: never evicted now
                 self.state, self.tail = "ready", b""
             else:
-                self.tail = (self.tail + data)[-3:]
+                self.tail = text[-3:]
         self.inner.data_received(data)
 
     def eof_received(self):
