@@ -2607,6 +2607,11 @@ async def test_torrents_cannot_aim_the_daemon_at_this_host(tmp_path, aiohttp_cli
         assert ip_filter.access(address) == 1, address
     for address in ("10.0.0.1", "192.168.1.5", "8.8.8.8", "2001:db8::1"):
         assert ip_filter.access(address) == 0, address
+    # DHT nodes that a magnet or a .torrent names are held to the same rule.
+    magnet = lt.parse_magnet_uri("magnet:?xt=urn:btih:" + "ab" * 20 + "&dht=127.0.0.1:6881"
+                                 "&dht=[::ffff:169.254.169.254]:1&dht=router.example:6881")
+    kept = torrentflow.keep_reachable(magnet, local_only=False).dht_nodes
+    assert kept == [("router.example", 6881)]
 
 
 async def test_names_cannot_forge_log_lines(process):

@@ -1015,9 +1015,13 @@ _HOST_OWN = tuple(map(ipaddress.ip_network, (
 
 
 def _is_private_to_host(url):
-    """True when a URL names this host itself: localhost, or one of _HOST_OWN."""
+    """True when a URL names this host itself: localhost, or one of _HOST_OWN. A URL
+    too malformed to tell counts as private, so it is dropped."""
     try:
         host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:  # such as an unclosed [ in http://[::1/announce
+        return True
+    try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host.lower() == "localhost" or host.lower().endswith(".localhost")
@@ -1025,7 +1029,8 @@ def _is_private_to_host(url):
 
 
 def keep_reachable(params, local_only):
-    """Drop the trackers and web seeds a torrent's author may not make the daemon call.
+    """Drop the trackers, web seeds and DHT nodes a torrent's author may not make the
+    daemon call.
 
     With --local-only, everything outside loopback: nothing leaves the host. Otherwise
     this host's own addresses: a .torrent must not make the daemon send requests to a
@@ -1033,6 +1038,9 @@ def keep_reachable(params, local_only):
     """
     params.trackers = [url for url in params.trackers if _url_allowed(url, local_only)]
     params.url_seeds = [url for url in params.url_seeds if _url_allowed(url, local_only)]
+    params.dht_nodes = [(host, port) for host, port in params.dht_nodes if _url_allowed(
+        f"udp://[{host.strip('[]')}]:{port}" if ":" in host else f"udp://{host}:{port}",
+        local_only)]
     return params
 
 
