@@ -2279,9 +2279,10 @@ asyncio.run(main())
 """
 
 
-async def test_the_connection_guard_forgets_closed_connections():
-    """The guard tracks each API connection, and forgets it when it closes: a daemon
-    that served a million requests must not hold a million records."""
+@contextlib.asynccontextmanager
+async def guarded_site(limit):
+    """A one-route aiohttp app ("ok" at /) behind the daemon's ConnectionGuard, on a free
+    loopback port: (the guard, the port)."""
     app = web.Application()
 
     async def hello(request):
@@ -2289,48 +2290,44 @@ async def test_the_connection_guard_forgets_closed_connections():
     app.router.add_get("/", hello)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = torrentflow.GuardedSite(runner, "127.0.0.1", 0, 256)
+    site = torrentflow.GuardedSite(runner, "127.0.0.1", 0, limit)
     await site.start()
-    guard, port = site.guard, runner.addresses[0][1]
     try:
+        yield site.guard, runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_connection_guard_forgets_closed_connections():
+    """The guard tracks each API connection, and forgets it when it closes: a daemon
+    that served a million requests must not hold a million records."""
+    async with guarded_site(256) as (guard, port):
         for _ in range(20):
             async with aiohttp.ClientSession() as session:
                 async with session.get(f"http://127.0.0.1:{port}/") as response:
                     assert response.status == 200
         await wait_until(lambda: not guard.connections and not guard._by_handler,
                          deadline=5, what="closed connections to be forgotten")
-    finally:
-        await runner.cleanup()
 
 
 async def test_blank_lines_do_not_shield_a_connection_from_the_guard():
     """aiohttp skips blank lines before a request line: a connection that sends only
     CRLF CRLF has not sent a head, and must not hold a place past the cap."""
-    app = web.Application()
-
-    async def hello(request):
-        return web.Response(text="ok")
-    app.router.add_get("/", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = torrentflow.GuardedSite(runner, "127.0.0.1", 0, 4)
-    await site.start()
-    port = runner.addresses[0][1]
     held = []
-    try:
-        for _ in range(4):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"\r\n\r\n")
-            held.append(writer)
-        await wait_until(lambda: len(site.guard.connections) == 4, deadline=5,
-                         what="the four connections to be admitted")
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/") as response:
-                assert response.status == 200 and await response.text() == "ok"
-    finally:
-        for writer in held:
-            writer.close()
-        await runner.cleanup()
+    async with guarded_site(4) as (guard, port):
+        try:
+            for _ in range(4):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"\r\n\r\n")
+                held.append(writer)
+            await wait_until(lambda: len(guard.connections) == 4, deadline=5,
+                             what="the four connections to be admitted")
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/") as response:
+                    assert response.status == 200 and await response.text() == "ok"
+        finally:
+            for writer in held:
+                writer.close()
 
 
 async def test_half_open_connections_do_not_take_the_daemon_down(tmp_path):
