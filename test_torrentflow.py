@@ -452,6 +452,18 @@ async def test_a_library_with_its_data_present_is_checked_in_seconds(daemon, tmp
         listing = json.loads(body)
         assert listing["total"] == count and len(listing["torrents"]) == count
 
+    # Past LARGE_LISTING torrents, a fields= listing is built on a thread and serialised
+    # in slices (smaller here, so that they are many and uneven): the same answer.
+    path = "/torrents?fields=infohash,name,state,progress"
+    on_the_loop = await (await daemon.get(path)).json()
+    monkeypatch.setattr(torrentflow, "LARGE_LISTING", count // 2)
+    monkeypatch.setattr(torrentflow, "JSON_SLICE", 7)
+    assert await (await daemon.get(path)).json() == on_the_loop
+    with_files = await (await daemon.get(path + ",files")).json()
+    for listed in with_files["torrents"][::50]:
+        alone = await status_of(daemon, listed["infohash"])
+        assert listed["files"] == alone["files"] and len(alone["files"]) == 1
+
 
 # --------------------------------------------------------------------------- #
 # Pause, resume, delete
