@@ -2144,15 +2144,15 @@ class _Torrent:
         """The whole status, files included, serialised once per change. In a thread:
         a torrent of 100,000 files takes a third of a second, which would stall the loop."""
         if self._full is None:
-            status, progress = self.status, self.file_progress
-            full = await asyncio.to_thread(self._serialise)
+            # The summary is taken here: cached from the thread, it could outlive a
+            # status that changed meanwhile.
+            status, progress, summary = self.status, self.file_progress, self.summary
+            full = await asyncio.to_thread(
+                lambda: b"".join((summary[:-1], b',"files":', _json(self.files()), b"}")))
             if self.status is status and self.file_progress is progress:
                 self._full = full  # nothing changed meanwhile
             return full
         return self._full
-
-    def _serialise(self):
-        return b"".join((self.summary[:-1], b',"files":', _json(self.files()), b"}"))
 
 
 @contextlib.contextmanager
@@ -4657,7 +4657,7 @@ async def transmission_rpc(request):
                        {"X-Transmission-Session-Id": engine.rpc_session_id})
     if request.method != "POST":
         raise ApiError(405, "send the call as a POST", {"Allow": "POST"})
-    async with _body_deadline():  # whatever the Content-Type: transmission-remote's is a form's
+    async with _body_deadline():  # any Content-Type: transmission-remote sends a form's
         body = await _read_limited(request.content.read, 2 * MAX_REQUEST_BYTES)
     answer = await _rpc_call(request, body)
     return web.Response(body=await _to_json(lambda: answer, request.get("large_answer")),
