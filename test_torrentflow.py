@@ -3092,6 +3092,32 @@ async def test_peers_trackers_and_reannounce(daemon, tracker, tmp_path):
     assert [t["url"] for t in listed["trackers"]] == [other]
 
 
+async def test_the_bindings_cannot_read_the_peer_tracker_and_file_alerts(tmp_path):
+    """Why the peer and tracker views and per-file progress use libtorrent's getters on a
+    worker thread instead of TorrentEngine.expect(): the alerts that carry the same lists
+    cannot be read in these bindings. When this fails, the bindings learned to, and the
+    views can wait on those alerts like every other request."""
+    seeder = Seeder()
+    root = make_payload(tmp_path / "a", {"a.bin": 3 * PIECE})
+    seeder.seed(make_torrent(root / "a.bin", tracker="http://127.0.0.1:1/announce"), root)
+    handle = seeder.handles[0]
+    handle.post_peer_info()
+    handle.post_trackers()
+    handle.post_file_progress(lt.torrent_handle.piece_granularity)
+    lists = {lt.peer_info_alert: "peer_info", lt.tracker_list_alert: "trackers",
+             lt.file_progress_alert: "files"}
+    seen = {}
+
+    def collect():
+        seen.update({type(alert): alert for alert in seeder.session.pop_alerts()
+                     if type(alert) in lists})
+        return len(seen) == len(lists)
+    await wait_until(collect, deadline=10, what="the three alerts")
+    for kind, name in lists.items():
+        with pytest.raises(TypeError, match="converter"):
+            getattr(seen[kind], name)
+
+
 async def test_bulk_pause_and_resume_by_label(daemon, tmp_path):
     ids = {}
     for name, labels in (("a", "x"), ("b", "x,y"), ("c", "")):

@@ -2222,7 +2222,8 @@ def _tracker(entry, heard):
 
 
 def _file_progress(handles):
-    """Bytes per file for each handle (None if it is gone). Blocking: run in a thread."""
+    """Bytes per file for each handle (None if it is gone); file_progress_alert's list
+    cannot be read in the 2.1.1 bindings (see peers). Blocking: run in a thread."""
     result = []
     for handle in handles:
         try:
@@ -2790,13 +2791,14 @@ class TorrentEngine:
             torrent.handle.force_reannounce(0, lt.reannounce_flags_t.ignore_min_interval)
 
     async def peers(self, torrent):
-        """The connected peers. peer_info_alert carries no list the 2.1.1 bindings can
-        read, so a worker thread asks libtorrent's thread; the loop never waits on it."""
+        """The connected peers. Reading peer_info_alert's list raises TypeError in the
+        2.1.1 bindings (no converter; a test watches for that to change), so a worker
+        thread asks libtorrent's thread instead; the loop never waits on it."""
         with _handle_call():
             return [_peer(peer) for peer in await asyncio.to_thread(torrent.handle.get_peer_info)]
 
     async def trackers(self, torrent):
-        """The torrent's trackers (tracker_list_alert has the same gap as above)."""
+        """The torrent's trackers (tracker_list_alert's list has the same gap)."""
         with _handle_call():
             return [_tracker(entry, torrent.trackers_heard)
                     for entry in await asyncio.to_thread(torrent.handle.trackers)]
