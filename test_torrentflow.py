@@ -2921,12 +2921,19 @@ async def test_added_paused_sends_nothing_until_resumed(daemon, tmp_path):
     source = make_payload(tmp_path / "source", {"held.bin": 1024 * 1024})
     torrent = make_torrent(source / "held.bin")
     seeder = Seeder().seed(torrent, source)
-    _, body = await add(daemon, torrent_url=seeder.magnet(torrent), paused="true",
-                        labels="films,4k")
+    tracker = "http://127.0.0.1:9/announce"
+    _, body = await add(daemon, torrent_url=f"{seeder.magnet(torrent)}&tr={tracker}",
+                        paused="true", labels="films,4k")
     infohash = body["infohash"]
     status = await status_of(daemon, infohash)
     assert status["paused"] and not status["auto_managed"]
     assert status["labels"] == ["films", "4k"]
+    # A tracker of a paused torrent has no next announce yet.
+    view = await conforms(await daemon.get(f"/torrents/{infohash}/trackers"), "get",
+                          "/torrents/{infohash}/trackers")
+    assert view["trackers"] == [{"url": tracker, "tier": 0, "status": "not_contacted",
+                                 "message": "", "seeds": -1, "peers": -1, "downloaded": -1,
+                                 "last_announce": None, "next_announce": None}]
     # Two confirmed status ticks later the seeder still has sent nothing.
     for _ in range(2):
         assert (await daemon.put(f"/torrents/{infohash}/pause")).status == 200

@@ -2214,11 +2214,17 @@ def _tracker(entry, heard):
     failed = entry["fails"] or entry["last_error"]["value"]
     status = ("updating" if entry["updating"] else "error" if failed
               else "working" if entry["verified"] or answered else "not_contacted")
+    # Until it has an endpoint (just added, or paused), libtorrent gives 0 for the
+    # counts it does not know and no time for the next announce.
+    known = bool(entry["endpoints"])
     return {"url": entry["url"], "tier": entry["tier"], "status": status,
             "message": entry["message"] or (error if failed else ""),
-            "seeds": entry["scrape_complete"], "peers": entry["scrape_incomplete"],
-            "downloaded": entry["scrape_downloaded"], "last_announce": answered,
-            "next_announce": entry["next_announce"] if entry["next_announce"] > 0 else None}
+            **{name: entry[key] if known else -1 for name, key in (
+                ("seeds", "scrape_complete"), ("peers", "scrape_incomplete"),
+                ("downloaded", "scrape_downloaded"))},
+            "last_announce": answered,
+            "next_announce": entry["next_announce"] if (entry["next_announce"] or 0) > 0
+            else None}
 
 
 def _file_progress(handles):
