@@ -3683,6 +3683,23 @@ async def test_transmission_rpc_python_client(guarded_process, seeders, tracker,
     assert same_tree(source, process.download_dir / "tv", layout)
     assert seen.seeding and seen.labels == ["tv-sonarr"] and seen.eta is None
     assert seen.download_dir == str(process.download_dir / "tv") and seen.error_string == ""
+    fresh, = await asyncio.to_thread(rpc_client.get_torrents,
+                                     arguments=["id", "activityDate", "magnetLink"])
+    assert abs(fresh.activity_date.timestamp() - time.time()) < DEADLINE  # it just downloaded
+    assert fresh.magnet_link.startswith(f"magnet:?xt=urn:btih:{infohash}&dn=")
+    # trackerAdd and trackerRemove keep the tiers they do not touch.
+    first, second, third = (tracker.url(f"/announce?tier={n}") for n in range(3))
+    async with process.client.patch(f"/torrents/{infohash}",
+                                    json={"trackers": [[first, second]]}) as response:
+        assert response.status == 200, await response.text()
+
+    async def tiers():
+        async with process.client.get(f"/torrents/{infohash}/trackers") as response:
+            return {t["url"]: t["tier"] for t in (await response.json())["trackers"]}
+    await asyncio.to_thread(rpc_client.change_torrent, added.id, tracker_add=[third])
+    assert await tiers() == {first: 0, second: 0, third: 1}
+    await asyncio.to_thread(rpc_client.change_torrent, added.id, tracker_remove=[1])
+    assert await tiers() == {first: 0, third: 1}
     await asyncio.to_thread(rpc_client.stop_torrent, added.id)
     assert (await process.status(infohash))["paused"]
     await asyncio.to_thread(rpc_client.start_torrent, added.id)

@@ -4155,6 +4155,13 @@ def _rpc_limit(torrent, key, own):
     return (value, 1) if value >= 0 else (max(0, own), 0)
 
 
+def _rpc_activity(status):
+    """When payload last moved, as a Unix time; 0 if it never did."""
+    idle = [seconds for seconds in (status["time_since_upload"], status["time_since_download"])
+            if seconds is not None]
+    return int(time.time()) - min(idle) if idle else 0
+
+
 def _rpc_tracker(index, tracker):
     """A trackerStats entry from the trackers view of one tracker."""
     heard = tracker["last_announce"] or 0
@@ -4237,15 +4244,15 @@ RPC_FIELDS = {
     "addedDate": lambda t, s, c, x: s["added_time"],
     "startDate": lambda t, s, c, x: s["added_time"],
     "doneDate": lambda t, s, c, x: s["completed_time"] or 0,
-    "activityDate": lambda t, s, c, x: int(time.time()) - min(
-        s["time_since_upload"] or 10**9, s["time_since_download"] or 10**9)
-    if s["time_since_upload"] is not None or s["time_since_download"] is not None else 0,
+    "activityDate": lambda t, s, c, x: _rpc_activity(s),
     "dateCreated": lambda t, s, c, x: s["creation_date"] or 0,
     "editDate": lambda t, s, c, x: 0, "manualAnnounceTime": lambda t, s, c, x: -1,
     "comment": lambda t, s, c, x: s["comment"] or "",
     "creator": lambda t, s, c, x: s["creator"] or "",
-    "magnetLink": lambda t, s, c, x: f"magnet:?xt=urn:btih:{s['info_hash_v1'] or ''}"
-    f"&dn={urllib.parse.quote(s['name'])}",
+    "magnetLink": lambda t, s, c, x: (f"magnet:?xt=urn:btih:{s['info_hash_v1']}"
+                                      if s["info_hash_v1"] else
+                                      f"magnet:?xt=urn:btmh:1220{s['info_hash_v2']}")
+    + f"&dn={urllib.parse.quote(s['name'])}",
     "pieceCount": lambda t, s, c, x: s["total_pieces"] or 0,
     "pieceSize": lambda t, s, c, x: s["piece_length"] or 0,
     "downloadLimit": lambda t, s, c, x: s["download_limit"] // 1000,
@@ -4377,8 +4384,9 @@ def _rpc_settings(torrent, arguments, trackers=None):
     return changes
 
 
-def _rpc_trackers(urls, arguments):
-    """The tracker list after trackerList, trackerAdd and trackerRemove (ids or URLs)."""
+def _rpc_trackers(current, arguments):
+    """The tracker tiers after trackerList, or after trackerRemove (ids or URLs) and
+    trackerAdd (each URL a tier of its own) from the current (url, tier) list."""
     if "trackerList" in arguments:
         text = arguments["trackerList"]
         if not isinstance(text, str):
@@ -4388,15 +4396,20 @@ def _rpc_trackers(urls, arguments):
     added, removed = arguments.get("trackerAdd", []), arguments.get("trackerRemove", [])
     if not isinstance(added, list) or not isinstance(removed, list):
         raise RpcError("trackerAdd and trackerRemove must be lists")
-    return [url for index, url in enumerate(urls) if index not in removed
-            and url not in removed] + [url for url in added if url not in urls]
+    tiers = {}
+    for index, (url, tier) in enumerate(current):
+        if index not in removed and url not in removed:
+            tiers.setdefault(tier, []).append(url)
+    known = {url for url, _ in current}
+    return [*tiers.values(), *([url] for url in added if url not in known)]
 
 
 async def _rpc_set(engine, torrents, arguments):
     for torrent in torrents:
         trackers = None
         if {"trackerList", "trackerAdd", "trackerRemove"} & set(arguments):
-            trackers = [tracker["url"] for tracker in await engine.trackers(torrent)]
+            trackers = [(tracker["url"], tracker["tier"])
+                        for tracker in await engine.trackers(torrent)]
         await engine.configure(torrent, parse_settings(
             _rpc_settings(torrent, arguments, trackers), "change"))
 
