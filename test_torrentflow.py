@@ -694,6 +694,10 @@ async def test_bad_add_requests_are_4xx(daemon, swarm, payload, tmp_path):
         (dict(json={"torrent_url": "http://127.0.0.1:9/x.torrent"}), 502, "failed"),
         (dict(json={"torrent_url": MAGNET, "save_path": "a" * 300}), 400, "cannot be used"),
         (dict(json={"torrent_url": MAGNET, "download_limit": 10 ** 400}), 422, "from 0"),
+        (dict(data={"torrent_url": MAGNET, "download_limit": "fast"}), 400,
+         "download_limit must be a whole number"),
+        (dict(data={"torrent_url": MAGNET, "ratio_limit": "high"}), 400,
+         "ratio_limit must be a number"),
     ]
     for request, status, words in cases:
         await error_of(await daemon.post("/torrents", **request), status, words)

@@ -235,14 +235,6 @@ SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
 # Configuration
 # --------------------------------------------------------------------------- #
 
-def _port(text):
-    """A TCP port, 0 to 65535."""
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError("a port is a number from 0 to 65535")
-    return port
-
-
 def _seconds(text):
     """A number of seconds above 0 and under a day."""
     seconds = float(text)
@@ -262,14 +254,6 @@ def _host(text):
                          "localhost") from None
 
 
-def _whole(text):
-    """A whole number above 0."""
-    count = int(text)
-    if count < 1:
-        raise ValueError("give a whole number above 0")
-    return count
-
-
 def _boolean(value):
     """true or false; as text also 1/0, yes/no or on/off."""
     if isinstance(value, str):
@@ -285,10 +269,8 @@ def _number(kind, low, *special, high=2**31 - 1):
     libtorrent takes 32-bit numbers: a larger one would overflow in its call."""
     def parse(value):
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):  # text that is no number: the TypeError below
                 value = kind(value)
-            except ValueError:
-                raise TypeError(f"must be a {kind.__name__}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 kind is int and not isinstance(value, int)):
             raise TypeError(f"must be a {'whole number' if kind is int else 'number'}")
@@ -298,6 +280,10 @@ def _number(kind, low, *special, high=2**31 - 1):
                              + f"from {low} to {high}")
         return kind(value)
     return parse
+
+
+#: A TCP port.
+_port = _number(int, 0, high=65535)
 
 
 def _choice(*names):
@@ -447,7 +433,7 @@ OPTIONS = (
     Option("insecure_no_auth", _boolean, False, "serve the API without a token on a "
            "non-loopback --host; only when something else guards the port"),
     #: Each API connection costs a descriptor; the rest go to peers and files.
-    Option("max_connections", _whole, 256, "simultaneous API connections; past it, a "
+    Option("max_connections", _number(int, 1), 256, "simultaneous API connections; past it, a "
            "connection still sending its request head, else the oldest idle one, is closed"),
     # The session's settings: flags give their values at start, PATCH /settings changes
     # them, and values set by PATCH are saved and win over flags at the next start.
@@ -536,9 +522,7 @@ def _option_values(parser, args, environ):
             continue
         given_names.add(option.name)
         try:
-            if isinstance(given, bool):
-                values[option.name] = given
-            elif option.repeat:
+            if option.repeat:
                 values[option.name] = tuple(option.parse(part) for part in given)
             else:
                 values[option.name] = option.parse(given)
