@@ -3120,13 +3120,17 @@ async def test_the_bindings_cannot_read_the_peer_tracker_and_file_alerts(tmp_pat
     seen = {}
 
     def collect():
-        seen.update({type(alert): alert for alert in seeder.session.pop_alerts()
-                     if type(alert) in lists})
+        # Read at once: an alert dies at the next pop.
+        for alert in seeder.session.pop_alerts():
+            if type(alert) in lists:
+                try:
+                    seen[type(alert)] = type(getattr(alert, lists[type(alert)])).__name__
+                except TypeError as error:
+                    seen[type(alert)] = str(error)
         return len(seen) == len(lists)
     await wait_until(collect, deadline=10, what="the three alerts")
-    for kind, name in lists.items():
-        with pytest.raises(TypeError, match="converter"):
-            getattr(seen[kind], name)
+    assert all("No to_python (by-value) converter" in outcome for outcome in seen.values()), \
+        seen
 
 
 async def test_bulk_pause_and_resume_by_label(daemon, tmp_path):
