@@ -2131,9 +2131,11 @@ class _Torrent:
             # The summary is taken here: cached from the thread, it could outlive a
             # status that changed meanwhile.
             status, progress, summary = self.status, self.file_progress, self.summary
+            priorities = self.file_priorities
             full = await asyncio.to_thread(
                 lambda: b"".join((summary[:-1], b',"files":', _json(self.files()), b"}")))
-            if self.status is status and self.file_progress is progress:
+            if (self.status is status and self.file_progress is progress
+                    and self.file_priorities is priorities):
                 self._full = full  # nothing changed meanwhile
             return full
         return self._full
@@ -2436,20 +2438,22 @@ class TorrentEngine:
             raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
                            "try again", RETRY_AFTER) from None
         finally:
-            # Under ids[0], unless the torrent's id changed meanwhile (_take_status).
-            key = next((key for key in (ids[0], *self._waiters)
-                        if waiter in self._waiters.get(key, ())), None)
-            if key is not None:
-                self._waiters[key].remove(waiter)
-                if not self._waiters[key]:
-                    del self._waiters[key]
+            # Still under ids[0]: a torrent's ids only grow (a v2 magnet gains its v1 id),
+            # and alerts are matched against all of them.
+            self._waiters[ids[0]].remove(waiter)
+            if not self._waiters[ids[0]]:
+                del self._waiters[ids[0]]
 
     def _settle(self, ids, alert):
-        """Resolve the waits this alert answers."""
+        """Resolve the waits this alert answers; a match that fails fails its wait only."""
         for key in ids:
             for kinds, match, future in self._waiters.get(key, ()):
                 if isinstance(alert, kinds) and not future.done():
-                    value = match(alert)
+                    try:
+                        value = match(alert)
+                    except Exception as error:
+                        future.set_exception(error)
+                        continue
                     if value is not None:
                         future.set_result(value)
 
@@ -2961,7 +2965,6 @@ class TorrentEngine:
         old = torrent.update(status)
         if old:
             log.info("%s is now known by its v1 id %s", old, torrent.infohash)
-            self._waiters[torrent.infohash].extend(self._waiters.pop(old, ()))
         self._index(torrent)
         if before is None:
             self._unlisted -= 1
@@ -3096,6 +3099,7 @@ class TorrentEngine:
         log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
                     drop.infohash, keep.infohash)
         drop.removing = True
+        self._listing = None
         self._spawn(self._remove(drop, delete_files=False), f"drop {drop.infohash}")
         with contextlib.suppress(RuntimeError):
             keep.handle.clear_error()
