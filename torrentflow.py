@@ -864,11 +864,9 @@ def params_from_magnet(uri):
     # time that grows with the square of its trackers (15,000 froze every transfer).
     if len(uri) > MAX_FORM_BYTES:  # it is parsed on the event loop
         raise ApiError(413, f"a magnet link may be at most {MAX_FORM_BYTES} characters")
-    try:  # libtorrent reads tr.1=, tr.2=... as tr=: count them as such
-        keys = [re.sub(r"\.\d+$", "", key)
-                for key, _ in urllib.parse.parse_qsl(uri.partition("?")[2])]
-    except ValueError:
-        keys = []
+    # libtorrent reads tr.1=, tr.2=... as tr=: count them as such.
+    keys = [re.sub(r"\.\d+$", "", key)
+            for key, _ in urllib.parse.parse_qsl(uri.partition("?")[2])]
     for key, most in (("tr", MAX_TRACKERS), ("ws", MAX_WEB_SEEDS), ("x.pe", MAX_TRACKERS)):
         if keys.count(key) > most:
             raise ApiError(422, f"a magnet link may name at most {most} {key}= values")
@@ -1141,7 +1139,9 @@ class Field:
     type: object           # a JSON type name, or a JSON schema
     nullable: bool
     description: str
-    value: object          # (torrent, torrent_status) -> the JSON value
+    #: (torrent, torrent_status) -> the JSON value; None reads the torrent_status
+    #: attribute of the same name.
+    value: object = None
     listed: bool = True    # in GET /torrents without fields=; a per-file list is not
 
     @property
@@ -1158,10 +1158,6 @@ def _flag(bit):
 
 def _info(name):
     return lambda torrent, status: torrent.info and torrent.info[name]
-
-
-def _attribute(name):
-    return lambda torrent, status: getattr(status, name)
 
 
 _QUEUED = lt.torrent_flags.paused | lt.torrent_flags.auto_managed
@@ -1206,13 +1202,10 @@ STATUS = (
           _flag(lt.torrent_flags.share_mode)),
     Field("super_seeding", "boolean", False, "super-seeding is on",
           _flag(lt.torrent_flags.super_seeding)),
-    Field("is_seeding", "boolean", False, "it has every piece", _attribute("is_seeding")),
-    Field("is_finished", "boolean", False, "it has every wanted piece",
-          _attribute("is_finished")),
-    Field("has_metadata", "boolean", False, "the info dict is known",
-          _attribute("has_metadata")),
-    Field("has_incoming", "boolean", False, "a peer has connected to us for it",
-          _attribute("has_incoming")),
+    Field("is_seeding", "boolean", False, "it has every piece"),
+    Field("is_finished", "boolean", False, "it has every wanted piece"),
+    Field("has_metadata", "boolean", False, "the info dict is known"),
+    Field("has_incoming", "boolean", False, "a peer has connected to us for it"),
     Field("progress", {"type": "number", "minimum": 0, "maximum": 100}, False,
           "percent done", lambda torrent, status: round(status.progress * 100, 4)),
     Field("error", "string", False, "empty, or why the torrent stopped",
@@ -1225,26 +1218,20 @@ STATUS = (
           lambda torrent, status: torrent.notes["downloaded"]),
     Field("total_upload", "integer", False, "payload bytes sent over its life",
           lambda torrent, status: torrent.notes["uploaded"]),
-    Field("num_peers", "integer", False, "connected peers, seeds included",
-          _attribute("num_peers")),
-    Field("num_seeds", "integer", False, "connected seeds", _attribute("num_seeds")),
-    Field("list_peers", "integer", False, "peers known", _attribute("list_peers")),
-    Field("list_seeds", "integer", False, "seeds known", _attribute("list_seeds")),
-    Field("connect_candidates", "integer", False, "known peers we could still connect to",
-          _attribute("connect_candidates")),
-    Field("num_pieces", "integer", False, "pieces we have", _attribute("num_pieces")),
+    Field("num_peers", "integer", False, "connected peers, seeds included"),
+    Field("num_seeds", "integer", False, "connected seeds"),
+    Field("list_peers", "integer", False, "peers known"),
+    Field("list_seeds", "integer", False, "seeds known"),
+    Field("connect_candidates", "integer", False, "known peers we could still connect to"),
+    Field("num_pieces", "integer", False, "pieces we have"),
     Field("total_pieces", "integer", True, "pieces in the torrent", _info("total_pieces")),
-    Field("total_done", "integer", False, "bytes we have, of all files",
-          _attribute("total_done")),
-    Field("total_wanted_done", "integer", False, "bytes we have, of wanted files",
-          _attribute("total_wanted_done")),
-    Field("total_wanted", "integer", False, "bytes wanted", _attribute("total_wanted")),
+    Field("total_done", "integer", False, "bytes we have, of all files"),
+    Field("total_wanted_done", "integer", False, "bytes we have, of wanted files"),
+    Field("total_wanted", "integer", False, "bytes wanted"),
     Field("distributed_copies", "number", False, "copies among peers; -1 when a seed",
           lambda torrent, status: round(status.distributed_copies, 4)),
-    Field("num_complete", "integer", False, "seeds the tracker reports; -1 if unknown",
-          _attribute("num_complete")),
-    Field("num_incomplete", "integer", False, "leechers the tracker reports; -1 if unknown",
-          _attribute("num_incomplete")),
+    Field("num_complete", "integer", False, "seeds the tracker reports; -1 if unknown"),
+    Field("num_incomplete", "integer", False, "leechers the tracker reports; -1 if unknown"),
     Field("last_seen_complete", "integer", True, "when a complete copy was last seen",
           lambda torrent, status: _epoch_or_none(status.last_seen_complete)),
     Field("time_since_upload", "integer", True, "seconds since payload was last sent",
@@ -1257,14 +1244,12 @@ STATUS = (
           lambda torrent, status: int(status.finished_duration.total_seconds())),
     Field("seeding_time", "integer", False, "seconds seeding, over its life",
           lambda torrent, status: int(status.seeding_duration.total_seconds())),
-    Field("seed_rank", "integer", False, "libtorrent's rank of its need for seeding",
-          _attribute("seed_rank")),
+    Field("seed_rank", "integer", False, "libtorrent's rank of its need for seeding"),
     Field("last_scrape", "integer", True, "seconds since a tracker last reported counts",
           lambda torrent, status: _seconds_since(torrent.last_scrape)),
     Field("priority", "integer", False, "same as queue_position",
-          _attribute("queue_position")),
-    Field("queue_position", "integer", False, "position in the queue; -1 for seeds",
-          _attribute("queue_position")),
+          lambda torrent, status: status.queue_position),
+    Field("queue_position", "integer", False, "position in the queue; -1 for seeds"),
     Field("added_time", "integer", False, "when it was added (Unix time)",
           lambda torrent, status: int(status.added_time)),
     Field("completed_time", "integer", True, "when it completed",
@@ -1272,8 +1257,7 @@ STATUS = (
     Field("storage_mode", {"type": "string", "enum": ["allocate", "sparse"]}, False,
           "how files are allocated",
           lambda torrent, status: str(status.storage_mode).removeprefix("storage_mode_")),
-    Field("save_path", "string", False, "the real directory the files go into",
-          _attribute("save_path")),
+    Field("save_path", "string", False, "the real directory the files go into"),
     Field("name", "string", False, "the torrent's name; its infohash until a magnet "
           "without dn= has metadata", lambda torrent, status: status.name or torrent.infohash),
     Field("total_size", "integer", True, "size of all files, padding not counted",
@@ -1315,7 +1299,8 @@ STATUS_FIELDS = tuple(field.name for field in STATUS)
 
 def _status_dict(torrent, status):
     """The JSON status of one torrent from a libtorrent torrent_status, files aside."""
-    return {field.name: field.value(torrent, status) for field in STATUS if field.listed}
+    return {field.name: field.value(torrent, status) if field.value
+            else getattr(status, field.name) for field in STATUS if field.listed}
 
 
 # --------------------------------------------------------------------------- #
@@ -1382,13 +1367,13 @@ def _flag_setter(bit):
     return apply
 
 
-def _limit_setter(params_name, handle_method):
-    """Set a limit, 0 meaning none, in add_torrent_params or on a handle."""
+def _limit_setter(name):
+    """Set a limit, 0 meaning none, in add_torrent_params or on a handle (set_<name>)."""
     def apply(target, value):
         if isinstance(target, lt.add_torrent_params):
-            setattr(target, params_name, value or -1)
+            setattr(target, name, value or -1)
         else:
-            getattr(target, handle_method)(value or -1)
+            getattr(target, "set_" + name)(value or -1)
     return apply
 
 
@@ -1421,14 +1406,10 @@ TORRENT_SETTINGS = (
     Setting("file_priorities", {"anyOf": [
         {"type": "array", "items": _PRIORITY},
         {"type": "object", "additionalProperties": _PRIORITY}]}, _priorities_value),
-    Setting("download_limit", _LIMIT, _number(int, 0),
-            _limit_setter("download_limit", "set_download_limit")),
-    Setting("upload_limit", _LIMIT, _number(int, 0),
-            _limit_setter("upload_limit", "set_upload_limit")),
-    Setting("max_connections", _LIMIT, _number(int, 2, 0),
-            _limit_setter("max_connections", "set_max_connections")),
-    Setting("max_uploads", _LIMIT, _number(int, 0),
-            _limit_setter("max_uploads", "set_max_uploads")),
+    Setting("download_limit", _LIMIT, _number(int, 0), _limit_setter("download_limit")),
+    Setting("upload_limit", _LIMIT, _number(int, 0), _limit_setter("upload_limit")),
+    Setting("max_connections", _LIMIT, _number(int, 2, 0), _limit_setter("max_connections")),
+    Setting("max_uploads", _LIMIT, _number(int, 0), _limit_setter("max_uploads")),
     Setting("ratio_limit", {"type": "number", "minimum": -2}, _number(float, 0, -1, -2),
             noted=True),
     Setting("seeding_time_limit", {"type": "integer", "minimum": -2},
@@ -1871,7 +1852,8 @@ class Events:
         self._reserved = 0            # ids up to this are reserved in the state directory
         self.webhooks = [_Webhook(url, set(config.webhook_events), config.webhook_secret,
                                   store) for url in config.webhooks]
-        self.tasks = []               # one per webhook target, and the client's holder
+        self.tasks = []               # one per webhook target
+        self.client = None            # the webhooks' HTTP client, while they run
 
     async def start(self):
         """Continue the ids where the last run left them; start delivering webhooks."""
@@ -1879,25 +1861,18 @@ class Events:
         with contextlib.suppress(ValueError):
             self.next_id = int(saved.get(EVENT_COUNTER, b"0"))
         await self._reserve()
-        client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
-        self.tasks = [asyncio.create_task(hook.deliver(client), name=f"webhook {hook.url}")
+        self.client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
+        self.tasks = [asyncio.create_task(hook.deliver(self.client), name=f"webhook {hook.url}")
                       for hook in self.webhooks]
-        self.tasks.append(asyncio.create_task(self._hold(client), name="webhook client"))
         for task in self.tasks:
             task.add_done_callback(_log_failure)
-
-    @staticmethod
-    async def _hold(client):
-        """Keep the webhooks' HTTP client until the daemon stops."""
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await client.close()
 
     async def close(self):
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.close()
 
     async def _reserve(self):
         """Keep a block of ids in the state directory: after a crash, ids start past it,
@@ -2457,17 +2432,9 @@ class TorrentEngine:
                     if value is not None:
                         future.set_result(value)
 
-    def _fail_waits(self, torrent, error, unless=()):
-        """Fail every wait on a torrent that is gone, except waits for the kinds unless."""
-        for key in torrent.ids:
-            for kinds, _, future in self._waiters.get(key, ()):
-                if not future.done() and not any(kind in unless for kind in kinds):
-                    future.set_exception(error)
-
     def _spawn(self, coroutine, name):
         """Run work nobody awaits; kept referenced, and its failure logged."""
-        task = asyncio.ensure_future(coroutine)
-        task.set_name(name)
+        task = asyncio.create_task(coroutine, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
@@ -2779,7 +2746,7 @@ class TorrentEngine:
             torrent.handle.force_recheck()
         await self._confirm(torrent, lambda status: True, "the recheck")
 
-    def reannounce(self, torrent):
+    async def reannounce(self, torrent):
         """Announce to every tracker now, minimum intervals notwithstanding."""
         with _handle_call():
             torrent.handle.force_reannounce(0, lt.reannounce_flags_t.ignore_min_interval)
@@ -2820,10 +2787,8 @@ class TorrentEngine:
         status, notes = torrent.status, torrent.notes
         if not status["is_finished"] or status["paused"] or torrent.removing:
             return
-        limits = [notes["ratio_limit"], notes["seeding_time_limit"]]
-        for index, key in enumerate(("ratio_limit", "seeding_time_limit")):
-            if limits[index] == -1:
-                limits[index] = self.settings[key]
+        limits = [self.settings[key] if notes[key] == -1 else notes[key]
+                  for key in ("ratio_limit", "seeding_time_limit")]
         if limits == notes["limit_mark"]:
             return
         seeding = status["seeding_time"] + int(time.time() - torrent.updated)
@@ -3061,8 +3026,11 @@ class TorrentEngine:
                 del self._by_id[key]
         if torrent.status is None:
             self._unlisted -= 1
-        self._fail_waits(torrent, ApiError(404, f"torrent {torrent.infohash} was removed"),
-                         unless=(lt.torrent_deleted_alert,))
+        # Every wait on it fails, but a removal's: torrent_deleted_alert is yet to come.
+        for key in torrent.ids:
+            for kinds, _, future in self._waiters.get(key, ()):
+                if not future.done() and lt.torrent_deleted_alert not in kinds:
+                    future.set_exception(ApiError(404, f"torrent {torrent.infohash} was removed"))
 
     def _on_add(self, alert):
         """Attach the handle of a torrent libtorrent added, or forget a refused one."""
@@ -3896,22 +3864,19 @@ async def delete_torrent(request):
                               + (" and its files" if delete_files else "")})
 
 
-@api("PUT", "/torrents/{infohash}/pause", "pauseTorrent", {"200": DONE}, (404, 503),
-     parameters=[INFOHASH_PARAMETER])
-async def pause_torrent(request):
-    """Pause it"""
-    torrent = _requested_torrent(request)
-    await request.app[ENGINE].pause(torrent)
-    return web.json_response({"detail": f"paused {torrent.infohash}"})
+def _one(action, done, summary, errors=(404, 503)):
+    """PUT /torrents/{infohash}/<action>: the engine's action on that torrent."""
+    async def handler(request):
+        torrent = _requested_torrent(request)
+        await getattr(request.app[ENGINE], action)(torrent)
+        return web.json_response({"detail": f"{done} {torrent.infohash}"})
+    handler.__doc__ = summary
+    return api("PUT", f"/torrents/{{infohash}}/{action}", f"{action}Torrent", {"200": DONE},
+               errors, parameters=[INFOHASH_PARAMETER])(handler)
 
 
-@api("PUT", "/torrents/{infohash}/resume", "resumeTorrent", {"200": DONE}, (404, 503),
-     parameters=[INFOHASH_PARAMETER])
-async def resume_torrent(request):
-    """Resume it"""
-    torrent = _requested_torrent(request)
-    await request.app[ENGINE].resume(torrent)
-    return web.json_response({"detail": f"resumed {torrent.infohash}"})
+pause_torrent = _one("pause", "paused", "Pause it")
+resume_torrent = _one("resume", "resumed", "Resume it")
 
 
 @api("PATCH", "/torrents/{infohash}", "changeTorrent", {
@@ -3952,22 +3917,9 @@ async def torrent_trackers(request):
     return web.json_response({"trackers": await request.app[ENGINE].trackers(torrent)})
 
 
-@api("PUT", "/torrents/{infohash}/recheck", "recheckTorrent", {"200": DONE},
-     (404, 409, 503), parameters=[INFOHASH_PARAMETER])
-async def recheck_torrent(request):
-    """Check every piece on disk again"""
-    torrent = _requested_torrent(request)
-    await request.app[ENGINE].recheck(torrent)
-    return web.json_response({"detail": f"rechecking {torrent.infohash}"})
-
-
-@api("PUT", "/torrents/{infohash}/reannounce", "reannounceTorrent", {"200": DONE},
-     (404, 503), parameters=[INFOHASH_PARAMETER])
-async def reannounce_torrent(request):
-    """Announce to every tracker now"""
-    torrent = _requested_torrent(request)
-    request.app[ENGINE].reannounce(torrent)
-    return web.json_response({"detail": f"announcing {torrent.infohash}"})
+recheck_torrent = _one("recheck", "rechecking", "Check every piece on disk again",
+                       (404, 409, 503))
+reannounce_torrent = _one("reannounce", "announcing", "Announce to every tracker now")
 
 
 def _bulk(action):
@@ -4169,12 +4121,6 @@ def _rpc_tracker(index, tracker):
             "downloadCount": tracker["downloaded"]}
 
 
-def _rpc_files(torrent):
-    """A torrent's files and their priorities, for the file fields."""
-    files = torrent.files() or []
-    return files, [f["priority"] for f in files]
-
-
 #: Every torrent-get field, as a function of (torrent, status dict, session settings,
 #: extra) where extra holds the slow views (trackers, peers) fetched when asked for.
 RPC_FIELDS = {
@@ -4253,13 +4199,14 @@ RPC_FIELDS = {
     "webseeds": lambda t, s, c, x: [], "webseedsSendingToUs": lambda t, s, c, x: 0,
     "files": lambda t, s, c, x: _Slices({"name": f["path"], "length": f["size"],
                                          "bytesCompleted": f["downloaded"]}
-                                        for f in _rpc_files(t)[0]),
+                                        for f in t.files() or ()),
     "fileStats": lambda t, s, c, x: _Slices({"bytesCompleted": f["downloaded"],
                                              "wanted": bool(f["priority"]),
                                              "priority": _rpc_priority(f["priority"])}
-                                            for f in _rpc_files(t)[0]),
-    "priorities": lambda t, s, c, x: _Slices(_rpc_priority(p) for p in _rpc_files(t)[1]),
-    "wanted": lambda t, s, c, x: _Slices(int(bool(p)) for p in _rpc_files(t)[1]),
+                                            for f in t.files() or ()),
+    "priorities": lambda t, s, c, x: _Slices(_rpc_priority(f["priority"])
+                                             for f in t.files() or ()),
+    "wanted": lambda t, s, c, x: _Slices(int(bool(f["priority"])) for f in t.files() or ()),
     "trackers": lambda t, s, c, x: [{"announce": tracker["url"], "scrape": "",
                                      "tier": tracker["tier"], "id": index}
                                     for index, tracker in enumerate(x["trackers"])],
@@ -4598,18 +4545,14 @@ RPC_METHODS = {
     "torrent-start-now": _rpc_each(lambda engine, torrent, arguments: engine.resume(torrent)),
     "torrent-stop": _rpc_each(lambda engine, torrent, arguments: engine.pause(torrent)),
     "torrent-verify": _rpc_each(lambda engine, torrent, arguments: engine.recheck(torrent)),
-    "torrent-reannounce": _rpc_each(lambda engine, torrent, arguments: _now(
-        engine.reannounce(torrent))),
+    "torrent-reannounce": _rpc_each(lambda engine, torrent, arguments: engine.reannounce(
+        torrent)),
     "torrent-remove": _rpc_each(lambda engine, torrent, arguments: engine.remove(
         torrent, arguments.get("delete-local-data") is True)),
     "torrent-set-location": _rpc_each(_rpc_location),
     **{f"queue-move-{move}": _rpc_each(_rpc_queue(move))
        for move in ("top", "up", "down", "bottom")},
 }
-
-
-async def _now(value):
-    return value
 
 
 async def _rpc_fields(answer, arguments):
