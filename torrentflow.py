@@ -1579,8 +1579,10 @@ class StateStore:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise StartupError(_directory_problem(directory, error)) from None
-        for leftover in self.resume_dir.glob("*.tmp"):
-            leftover.unlink()  # a write that a crash interrupted; the old file stands
+        # Writes a crash interrupted; the old files stand. Only in the daemon's own
+        # folders: the state directory itself may hold someone else's files.
+        for leftover in [*self.resume_dir.glob("*.tmp"), *self.root.glob("webhooks/*/*.tmp")]:
+            leftover.unlink()
         mark = self.root / CLEAN_MARK
         was_clean = first_run or mark.exists()
         mark.unlink(missing_ok=True)
