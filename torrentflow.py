@@ -2724,9 +2724,11 @@ class TorrentEngine:
         def outcome(alert):
             if isinstance(alert, lt.storage_moved_alert):
                 return ""
-            # fail_if_exist reports a file in the way as error 0, "Success".
-            reason = alert.error.message() if alert.error.value() else "a file is in the way"
-            return f"{reason}: {alert.file_path()}"
+            # fail_if_exist reports a file in the way as error 0, "Success", with the
+            # path of the file it would have moved, not of the one in the way.
+            if not alert.error.value():
+                return "one of its files is already there"
+            return f"{alert.error.message()}: {self.shown(alert.file_path())}"
         try:
             failure = await self.expect(torrent.ids, (lt.storage_moved_alert,
                                                       lt.storage_moved_failed_alert),
