@@ -3612,7 +3612,8 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
             ("torrent-get", {"fields": ["id"], "ids": {"x": 1}}, "ids must be"),
             ("torrent-add", {}, "no filename or metainfo"),
             ("torrent-add", {"metainfo": "!!!"}, "invalid or corrupt"),
-            ("torrent-add", {"filename": MAGNET, "download-dir": "/etc"}, "save_path"),
+            ("torrent-add", {"filename": MAGNET[:-2] + "98", "download-dir": "/etc"},
+             "save_path"),
             ("torrent-set-location", {"ids": [1], "move": True}, "no location"),
             ("torrent-set", {"ids": [1], "labels": "x"}, "labels"),
             ("torrent-set", {"ids": [1], "files-wanted": [0]}, "metadata"),
@@ -3631,8 +3632,32 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
     status, answer = await rpc(guarded, "torrent-add", {
         "metainfo": base64.b64encode(torrent).decode(), "files-unwanted": [0]}, session)
     assert answer["result"] == "success", answer
+    number = answer["arguments"]["torrent-added"]["id"]
     added = await (await guarded.get(f"/torrents/{infohash_of(torrent)}", headers=AUTH)).json()
     assert added["files"][0]["priority"] == 0
+    # An empty list names every file (transmission-remote -g all); torrent-set answers {}.
+    status, answer = await rpc(guarded, "torrent-set", {"ids": [number], "files-wanted": []},
+                               session)
+    assert answer == {"result": "success", "arguments": {}}
+    added = await (await guarded.get(f"/torrents/{infohash_of(torrent)}", headers=AUTH)).json()
+    assert added["files"][0]["priority"] == 4
+    # Added again elsewhere, it is a duplicate, as in Transmission.
+    status, answer = await rpc(guarded, "torrent-add", {
+        "metainfo": base64.b64encode(torrent).decode(), "download-dir": "elsewhere"}, session)
+    assert answer["arguments"]["torrent-duplicate"]["id"] == number, answer
+    # A queue move shows at once, in every torrent it passed.
+    status, answer = await rpc(guarded, "queue-move-top", {"ids": [number]}, session)
+    assert answer["result"] == "success"
+    status, answer = await rpc(guarded, "torrent-get", {"fields": ["id", "queuePosition"]},
+                               session)
+    assert sorted((t["queuePosition"], t["id"]) for t in answer["arguments"]["torrents"]) == [
+        (0, number), (1, 1)]
+    # start-now starts a stopped torrent past the queue, which may not stop it again.
+    await rpc(guarded, "torrent-stop", {"ids": [number]}, session)
+    status, answer = await rpc(guarded, "torrent-start-now", {"ids": [number]}, session)
+    assert answer["result"] == "success"
+    started = await (await guarded.get(f"/torrents/{infohash_of(torrent)}", headers=AUTH)).json()
+    assert not started["paused"] and not started["auto_managed"]
     # Ids that do not exist are left out, as Transmission does.
     status, answer = await rpc(guarded, "torrent-stop", {"ids": [4242, "ab" * 20]}, session)
     assert answer["result"] == "success"

@@ -2569,12 +2569,16 @@ class TorrentEngine:
                             and not status["auto_managed"], "the pause")
         await self.save(torrent)
 
-    async def resume(self, torrent):
-        """Resume and hand it back to the queue; after an error, recheck and retry."""
+    async def resume(self, torrent, queued=True):
+        """Resume and hand it back to the queue, or (queued false) start it now, past the
+        queue's limits; after an error, recheck and retry."""
         await self.confined(torrent)
         torrent.notes["limit_reached"] = None
         with _handle_call():
-            torrent.handle.set_flags(lt.torrent_flags.auto_managed)
+            if queued:
+                torrent.handle.set_flags(lt.torrent_flags.auto_managed)
+            else:
+                torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             if torrent.disk_error or torrent.fault or torrent.status["error"]:
                 # Resuming says the fault is fixed. A piece can pass its hash check in
                 # memory and then fail to be written, so check what reached the disk.
@@ -2583,7 +2587,8 @@ class TorrentEngine:
                 torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
                 torrent.handle.force_recheck()
             torrent.handle.resume()
-        await self._confirm(torrent, lambda status: status["auto_managed"], "the resume")
+        await self._confirm(torrent, lambda status: status["auto_managed"] if queued
+                            else not status["paused"], "the resume")
         await self.save(torrent)
 
     async def remove(self, torrent, delete_files):
@@ -2749,6 +2754,16 @@ class TorrentEngine:
         with _handle_call():
             torrent.handle.force_recheck()
         await self._confirm(torrent, lambda status: True, "the recheck")
+
+    async def queue(self, torrent, move):
+        """Move it to the top or bottom of libtorrent's queue, or one place up or down;
+        return once the cache shows every torrent's new place."""
+        with _handle_call():
+            getattr(torrent.handle, f"queue_position_{move}")()
+        # The torrents it passed moved too. libtorrent answers in order, so their fresh
+        # status is in the cache by the time this torrent's is.
+        self._session.post_torrent_updates()
+        await self._confirm(torrent, lambda status: True, "the queue move")
 
     async def reannounce(self, torrent):
         """Announce to every tracker now, minimum intervals notwithstanding."""
@@ -4216,7 +4231,9 @@ RPC_FIELDS = {
                                     for index, tracker in enumerate(x["trackers"])],
     "trackerStats": lambda t, s, c, x: [_rpc_tracker(index, tracker)
                                         for index, tracker in enumerate(x["trackers"])],
-    "trackerList": lambda t, s, c, x: "\n\n".join(tracker["url"] for tracker in x["trackers"]),
+    "trackerList": lambda t, s, c, x: "\n\n".join("\n".join(tracker["url"] for tracker in tier)
+                                                for _, tier in itertools.groupby(
+                                                    x["trackers"], lambda tr: tr["tier"])),
     "peers": lambda t, s, c, x: [{
         "address": peer["ip"], "port": peer["port"], "clientName": peer["client"],
         "progress": round(peer["progress"] / 100, 4), "rateToClient": peer["download_rate"],
@@ -4261,9 +4278,13 @@ def _rpc_ids(engine, arguments):
 
 
 def _rpc_indices(torrent, arguments, key):
-    """File indices given under key (Transmission counts real files only)."""
-    chosen = arguments.get(key, [])
-    count = len(torrent.info["files"]) if torrent.info else 0
+    """File indices given under key (Transmission counts real files only); an empty
+    list means every file, as in Transmission (transmission-remote -g all sends one)."""
+    if key not in arguments:
+        return []
+    chosen, count = arguments[key], len(torrent.info["files"]) if torrent.info else 0
+    if chosen == []:
+        return range(count)
     if not isinstance(chosen, list) or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in chosen):
         raise RpcError(f"{key} must list file indices from 0 to {count - 1}")
@@ -4344,6 +4365,7 @@ def _rpc_trackers(current, arguments):
 
 
 async def _rpc_set(engine, torrents, arguments):
+    """torrent-set, and torrent-add's file choices."""
     for torrent in torrents:
         trackers = None
         if {"trackerList", "trackerAdd", "trackerRemove"} & set(arguments):
@@ -4351,6 +4373,7 @@ async def _rpc_set(engine, torrents, arguments):
                         for tracker in await engine.trackers(torrent)]
         await engine.configure(torrent, parse_settings(
             _rpc_settings(torrent, arguments, trackers), "change"))
+    return {}
 
 
 async def _rpc_get(request, engine, arguments):
@@ -4394,6 +4417,11 @@ async def _rpc_add(request, engine, arguments):
         params = await _params_from_source(request, arguments["filename"], None)
     else:
         raise RpcError("no filename or metainfo specified")
+    # A duplicate is one whatever download-dir says: the REST API's 409 for another
+    # save_path would fail Sonarr's grab of a torrent that was moved since.
+    for infohash in _params_ids(params):
+        with contextlib.suppress(ApiError):  # unknown, or still being added or removed
+            return _rpc_added(engine.lookup(infohash), created=False)
     directory = arguments.get("download-dir", "")
     if not isinstance(directory, str):
         raise RpcError("download-dir must be a string")
@@ -4408,8 +4436,13 @@ async def _rpc_add(request, engine, arguments):
     if created and choices:
         await engine.metadata_read(torrent)
         await _rpc_set(engine, [torrent], arguments)
+    return _rpc_added(torrent, created)
+
+
+def _rpc_added(torrent, created):
+    """torrent-add's answer."""
     return {"torrent-added" if created else "torrent-duplicate": {
-        "id": torrent.number, "name": torrent.status["name"], "hashString": infohash}}
+        "id": torrent.number, "name": torrent.status["name"], "hashString": torrent.infohash}}
 
 
 def _rpc_each(action):
@@ -4429,14 +4462,6 @@ async def _rpc_location(engine, torrent, arguments):
         raise RpcError("only a move of the data (move: true) is supported")
     await engine.configure(torrent, {"save_path": await asyncio.to_thread(
         resolve_save_path, engine.roots, location)})
-
-
-def _rpc_queue(move):
-    """queue-move-*: libtorrent's queue functions, which only post work."""
-    async def action(engine, torrent, arguments):
-        with _handle_call():
-            getattr(torrent.handle, f"queue_position_{move}")()
-    return action
 
 
 def _rpc_session(engine, config):
@@ -4546,7 +4571,8 @@ RPC_METHODS = {
     "torrent-set": lambda request, engine, arguments: _rpc_set(
         engine, _rpc_ids(engine, arguments), arguments),
     "torrent-start": _rpc_each(lambda engine, torrent, arguments: engine.resume(torrent)),
-    "torrent-start-now": _rpc_each(lambda engine, torrent, arguments: engine.resume(torrent)),
+    "torrent-start-now": _rpc_each(lambda engine, torrent, arguments: engine.resume(
+        torrent, queued=False)),
     "torrent-stop": _rpc_each(lambda engine, torrent, arguments: engine.pause(torrent)),
     "torrent-verify": _rpc_each(lambda engine, torrent, arguments: engine.recheck(torrent)),
     "torrent-reannounce": _rpc_each(lambda engine, torrent, arguments: engine.reannounce(
@@ -4554,7 +4580,8 @@ RPC_METHODS = {
     "torrent-remove": _rpc_each(lambda engine, torrent, arguments: engine.remove(
         torrent, arguments.get("delete-local-data") is True)),
     "torrent-set-location": _rpc_each(_rpc_location),
-    **{f"queue-move-{move}": _rpc_each(_rpc_queue(move))
+    **{f"queue-move-{move}": _rpc_each(lambda engine, torrent, arguments, move=move:
+                                       engine.queue(torrent, move))
        for move in ("top", "up", "down", "bottom")},
 }
 
