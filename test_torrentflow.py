@@ -2214,9 +2214,11 @@ async def test_text_that_is_not_utf8_once_decoded_is_refused_at_once(daemon):
             "/torrents", data=json.dumps({"torrent_url": magnet + extra}),
             headers={"Content-Type": "application/json"}), 5)
         await error_of(response, 400, "not UTF-8")
-    torrent = lt.bencode({b"announce": b"http://127.0.0.1:1/\xff", b"info": _single()})
-    _, body = await add(daemon, expect=(422,), torrent_file=torrent)
-    assert "not UTF-8" in body["detail"]
+    for outside in ({b"announce": b"http://127.0.0.1:1/\xff"},
+                    {b"nodes": [[b"\xff\xfe", 6881]]}):  # a DHT node, read when added
+        torrent = lt.bencode({**outside, b"info": _single()})
+        _, body = await add(daemon, expect=(422,), torrent_file=torrent)
+        assert "not UTF-8" in body["detail"]
     assert daemon.app[torrentflow.ENGINE].count() == 0
 
 

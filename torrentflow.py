@@ -852,7 +852,7 @@ def _readable(params):
     add, in each status and in each alert, so such a torrent could never be served.
     """
     try:
-        params.name, params.save_path, params.trackers, params.url_seeds
+        params.name, params.save_path, params.trackers, params.url_seeds, params.dht_nodes
     except UnicodeDecodeError:
         return False
     return True
@@ -877,7 +877,7 @@ def params_from_magnet(uri):
     if not _hash_ids(params.info_hashes):
         raise ApiError(400, "invalid magnet link: no btih or btmh infohash")
     if not _readable(params):
-        raise ApiError(400, "invalid magnet link: dn= or tr= is not UTF-8 once decoded")
+        raise ApiError(400, "invalid magnet link: dn=, tr= or dht= is not UTF-8 once decoded")
     if len(params.trackers) > MAX_TRACKERS or len(params.url_seeds) > MAX_WEB_SEEDS:
         raise ApiError(422, f"a magnet link may name at most {MAX_TRACKERS} trackers and "
                        f"{MAX_WEB_SEEDS} web seeds")
@@ -898,7 +898,7 @@ def params_from_torrent(data):
     except RuntimeError as error:
         raise ApiError(422, f"not a valid torrent file: {error}") from None
     if not _readable(params):
-        raise ApiError(422, "not a valid torrent file: a tracker URL is not UTF-8")
+        raise ApiError(422, "not a valid torrent file: a tracker URL or DHT node is not UTF-8")
     if len(params.trackers) > MAX_TRACKERS or len(params.url_seeds) > MAX_WEB_SEEDS:
         raise ApiError(422, f"a torrent may name at most {MAX_TRACKERS} trackers and "
                        f"{MAX_WEB_SEEDS} web seeds")
