@@ -864,8 +864,8 @@ def params_from_magnet(uri):
     # time that grows with the square of its trackers (15,000 froze every transfer).
     if len(uri) > MAX_FORM_BYTES:  # it is parsed on the event loop
         raise ApiError(413, f"a magnet link may be at most {MAX_FORM_BYTES} characters")
-    # libtorrent reads tr.1=, tr.2=... as tr=: count them as such.
-    keys = [re.sub(r"\.\d+$", "", key)
+    # libtorrent reads tr.1=, tr.2=... as tr=, and TR= too: count them as such.
+    keys = [re.sub(r"\.\d+$", "", key.lower())
             for key, _ in urllib.parse.parse_qsl(uri.partition("?")[2])]
     for key, most in (("tr", MAX_TRACKERS), ("ws", MAX_WEB_SEEDS), ("x.pe", MAX_TRACKERS)):
         if keys.count(key) > most:
