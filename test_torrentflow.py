@@ -3340,6 +3340,28 @@ async def test_bad_event_requests_are_refused(daemon, tmp_path):
             daemon_config(tmp_path, *argv)
 
 
+async def test_event_streams_that_hang_up_free_their_places_at_once(process):
+    """In the daemon as it runs (aiohttp's test server notices hang-ups by itself)."""
+    await process.start()
+    streams = []
+    for _ in range(torrentflow.MAX_SUBSCRIBERS):
+        reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
+        writer.write(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        # Read what came, so that closing sends a plain FIN, not a reset.
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+        streams.append(writer)
+    await error_of(await process.client.get("/events"), 503, "at most")
+    for writer in streams:
+        writer.close()
+
+    async def a_place():
+        async with process.client.get("/events") as response:
+            return response.status == 200
+    # Within a couple of seconds, not at the next heartbeat.
+    await wait_until(a_place, deadline=torrentflow.HEARTBEAT / 3, interval=0.2,
+                     what="a place to free")
+
+
 async def test_a_reader_that_never_reads_is_cut_off_and_the_daemon_stays_fast(
         daemon, tmp_path):
     reader, writer = await asyncio.open_connection(

@@ -4039,9 +4039,7 @@ async def _stream(request, subscriber, events, last):
                         await write(_sse(event))
                         sent = event["id"]
                 subscriber.wake.clear()
-                try:
-                    await asyncio.wait_for(subscriber.wake.wait(), HEARTBEAT)
-                except asyncio.TimeoutError:
+                if not await _woken(subscriber.wake, request):
                     await write(b": heartbeat\n\n")
         except asyncio.TimeoutError:
             subscriber.overflowed = True  # it stopped reading
@@ -4050,6 +4048,18 @@ async def _stream(request, subscriber, events, last):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(response.write(_sse(None, "overflow")), 0.1)
     return response
+
+
+async def _woken(wake, request):
+    """Wait up to HEARTBEAT for wake; whether it came. A client that hung up is noticed
+    within a second, not at the next write: its stream must free its place at once."""
+    for _ in range(int(HEARTBEAT)):
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), 1.0)
+            return True
+        if request.transport is None or request.transport.is_closing():
+            raise ConnectionResetError("the client hung up")
+    return False
 
 
 @api("GET", "/webhooks", "webhooks", {"200": _answer("each target", _object({
