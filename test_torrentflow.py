@@ -3648,7 +3648,8 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
             ("torrent-add", {"filename": MAGNET[:-2] + "99", "files-wanted": [0]}, "metadata"),
             ("session-set", {"speed-limit-down": "9" * 100_000}, "must be a number"),
             ("session-set", {"speed-limit-up": None}, "must be a number"),
-            ("free-space", {"path": "/etc"}, "save_path")):
+            ("free-space", {"path": "/etc"}, "save_path"),
+            ("free-space", {"path": "\udcff"}, "not valid Unicode")):
         status, answer = await rpc(guarded, method, arguments, session, tag=7)
         assert status == 200 and words in answer["result"] and answer["result"] != "success"
         assert answer["tag"] == 7

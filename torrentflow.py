@@ -4432,9 +4432,7 @@ async def _rpc_add(request, engine, arguments):
     for infohash in _params_ids(params):
         with contextlib.suppress(ApiError):  # unknown, or still being added or removed
             return _rpc_added(engine.lookup(infohash), created=False)
-    directory = arguments.get("download-dir", "")
-    if not isinstance(directory, str):
-        raise RpcError("download-dir must be a string")
+    directory = _text(arguments, "download-dir")
     params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots, directory)
     settings = parse_settings({**_rpc_settings(None, arguments),
                                "paused": bool(arguments.get("paused", False))}, "add")
@@ -4465,8 +4463,8 @@ def _rpc_each(action):
 
 
 async def _rpc_location(engine, torrent, arguments):
-    location = arguments.get("location")
-    if not isinstance(location, str) or not location:
+    location = _text(arguments, "location")
+    if not location:
         raise RpcError("no location")
     if arguments.get("move") is not True:
         raise RpcError("only a move of the data (move: true) is supported")
@@ -4552,8 +4550,8 @@ async def _rpc_stats(request, engine, arguments):
 
 
 async def _rpc_free_space(request, engine, arguments):
-    path = arguments.get("path")
-    if not isinstance(path, str) or not path:
+    path = _text(arguments, "path")
+    if not path:
         raise RpcError("directory path argument is missing")
     target = await asyncio.to_thread(resolve_save_path, engine.roots, path)
     usage = await asyncio.to_thread(_disk_usage, target)
