@@ -3108,6 +3108,40 @@ async def test_peers_trackers_and_reannounce(daemon, tracker, tmp_path):
     assert [t["url"] for t in listed["trackers"]] == [other]
 
 
+async def test_the_tracker_view_of_v1_v2_and_hybrid_torrents(daemon, aiohttp_server, tmp_path):
+    """libtorrent keeps each hash's announces apart, and copies only the v1 one to the
+    top of a tracker entry: a v2-only torrent's tracker must show its own."""
+    async def announce(request):
+        return web.Response(body=lt.bencode({"interval": 1800, "complete": 3,
+                                             "incomplete": 5, "peers": b""}))
+    app = web.Application()
+    app.router.add_get("/announce", announce)
+    url = str((await aiohttp_server(app)).make_url("/announce"))
+    for version in (lt.create_torrent.v1_only, lt.create_torrent.v2_only, 0):
+        source = make_payload(tmp_path / f"v{version}", {"t.bin": 40000})
+        _, body = await add(daemon, torrent_file=make_torrent(source / "t.bin", PIECE,
+                                                              version, tracker=url),
+                            save_path=f"v{version}")
+
+        async def view():
+            answer = await daemon.get(f"/torrents/{body['infohash']}/trackers")
+            tracker, = (await answer.json())["trackers"]
+            return tracker if tracker["status"] == "working" and tracker["seeds"] == 3 else None
+        tracker = await wait_until(view, what=f"the announce of version {version}")
+        assert tracker["peers"] == 5 and tracker["next_announce"] > tracker["last_announce"]
+    # A tracker dropped at add (not on loopback, with --local-only) takes no tier along.
+    many = lt.create_torrent(lt.list_files(str(source / "t.bin")), PIECE,
+                             lt.create_torrent.v1_only)
+    for tier, tracker in enumerate(("http://tracker.example.com/announce", url, url + "?b")):
+        many.add_tracker(tracker, tier)
+    many.add_tracker(url + "?c", 1)  # beside url
+    lt.set_piece_hashes(many, str(source))
+    _, body = await add(daemon, torrent_file=lt.bencode(many.generate()),
+                        save_path="elsewhere")
+    listed = await (await daemon.get(f"/torrents/{body['infohash']}/trackers")).json()
+    tiers = {tracker["url"]: tracker["tier"] for tracker in listed["trackers"]}
+    assert tiers[url] == tiers[url + "?c"] < tiers[url + "?b"] and len(tiers) == 3
+
 async def test_the_bindings_cannot_read_the_peer_tracker_and_file_alerts(tmp_path):
     """Why the peer and tracker views and per-file progress use libtorrent's getters on a
     worker thread instead of TorrentEngine.expect(): the alerts that carry the same lists

@@ -1018,7 +1018,11 @@ def keep_reachable(params, local_only):
     this host's own addresses: a .torrent must not make the daemon send requests to a
     local service. The IP filter blocks the same addresses after DNS lookups too.
     """
-    params.trackers = [url for url in params.trackers if _url_allowed(url, local_only)]
+    # Tiers are a list beside the URLs: filter the pairs, or tiers slide onto other URLs.
+    tiers = list(params.tracker_tiers) + [0] * (len(params.trackers) - len(params.tracker_tiers))
+    kept = [(url, tier) for url, tier in zip(params.trackers, tiers) if _url_allowed(
+        url, local_only)]
+    params.trackers, params.tracker_tiers = [url for url, _ in kept], [tier for _, tier in kept]
     params.url_seeds = [url for url in params.url_seeds if _url_allowed(url, local_only)]
     params.dht_nodes = [(host, port) for host, port in params.dht_nodes if _url_allowed(
         f"udp://[{host.strip('[]')}]:{port}" if ":" in host else f"udp://{host}:{port}",
@@ -2171,22 +2175,23 @@ def _peer(info):
             "source": [name for name, bit in _PEER_SOURCES.items() if info.source & bit]}
 
 
-def _tracker(entry, heard):
-    """One tracker as the API shows it; heard is what its alerts said lately."""
+def _tracker(entry, heard, slot):
+    """One tracker as the API shows it; heard is what its alerts said lately, and slot
+    the hash it announces: 0 for v1, 1 for v2. libtorrent reports each endpoint and
+    hash apart, and copies only the first endpoint's v1 state to the top level, which
+    a v2-only torrent never uses."""
     answered, error = heard.get(entry["url"], (None, ""))
-    failed = entry["fails"] or entry["last_error"]["value"]
-    status = ("updating" if entry["updating"] else "error" if failed
+    # Until it has an endpoint (just added, or paused), nothing is known.
+    state = entry["endpoints"][0]["info_hashes"][slot] if entry["endpoints"] else {
+        **entry, "scrape_complete": -1, "scrape_incomplete": -1, "scrape_downloaded": -1}
+    failed = state["fails"] or state["last_error"]["value"]
+    status = ("updating" if state["updating"] else "error" if failed
               else "working" if entry["verified"] or answered else "not_contacted")
-    # Until it has an endpoint (just added, or paused), libtorrent gives 0 for the
-    # counts it does not know and no time for the next announce.
-    known = bool(entry["endpoints"])
     return {"url": entry["url"], "tier": entry["tier"], "status": status,
-            "message": entry["message"] or (error if failed else ""),
-            **{name: entry[key] if known else -1 for name, key in (
-                ("seeds", "scrape_complete"), ("peers", "scrape_incomplete"),
-                ("downloaded", "scrape_downloaded"))},
-            "last_announce": answered,
-            "next_announce": entry["next_announce"] if (entry["next_announce"] or 0) > 0
+            "message": state["message"] or (error if failed else ""),
+            "seeds": state["scrape_complete"], "peers": state["scrape_incomplete"],
+            "downloaded": state["scrape_downloaded"], "last_announce": answered,
+            "next_announce": state["next_announce"] if (state["next_announce"] or 0) > 0
             else None}
 
 
@@ -2780,7 +2785,7 @@ class TorrentEngine:
     async def trackers(self, torrent):
         """The torrent's trackers (tracker_list_alert's list has the same gap)."""
         with _handle_call():
-            return [_tracker(entry, torrent.trackers_heard)
+            return [_tracker(entry, torrent.trackers_heard, int(len(torrent.ids[0]) == 64))
                     for entry in await asyncio.to_thread(torrent.handle.trackers)]
 
     async def configure_session(self, changes):
