@@ -561,6 +561,20 @@ async def test_delete_removes_the_torrent_and_optionally_its_files(
     assert (await daemon.delete(f"/torrents/{infohash}")).status == 404
 
 
+async def test_a_delete_whose_files_stay_says_so(small_disk, tmp_path, aiohttp_client):
+    daemon = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--allowed-save-root", str(small_disk))))
+    source = make_payload(small_disk, {"kept.bin": 100_000})
+    _, body = await add(daemon, torrent_file=make_torrent(source / "kept.bin"),
+                        save_path=str(small_disk))
+    await wait_complete(daemon, body["infohash"])
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    response = await daemon.delete(f"/torrents/{body['infohash']}?delete_files=true")
+    assert response.status == 200  # removed, but not "and its files":
+    assert "could not be deleted" in (await response.json())["detail"]
+    assert (small_disk / "kept.bin").exists()
+    assert (await daemon.get(f"/torrents/{body['infohash']}")).status == 404
+
 # --------------------------------------------------------------------------- #
 # Status fields and their types
 # --------------------------------------------------------------------------- #

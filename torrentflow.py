@@ -2597,7 +2597,8 @@ class TorrentEngine:
         await self.save(torrent)
 
     async def remove(self, torrent, delete_files):
-        """Remove it, its resume file first; return once libtorrent confirmed.
+        """Remove it, its resume file first; return once libtorrent confirmed, with why
+        its files could not be deleted, if they could not.
 
         If the resume file cannot be deleted, or libtorrent does not confirm in time,
         the torrent stays whole and the answer is 503, so that a retry can finish.
@@ -2610,8 +2611,8 @@ class TorrentEngine:
         torrent.removing = True
         self._listing = None
         # Shielded: a client that hangs up must not leave a removal half done.
-        await asyncio.shield(self._spawn(self._remove(torrent, delete_files),
-                                         f"remove {torrent.infohash}"))
+        return await asyncio.shield(self._spawn(self._remove(torrent, delete_files),
+                                                f"remove {torrent.infohash}"))
 
     async def _remove(self, torrent, delete_files):
         name = torrent.saved_as
@@ -2621,7 +2622,7 @@ class TorrentEngine:
                 with _state_io(f"deleting the resume file of {torrent.infohash}"):
                     await self.store.delete(name)
             torrent.saved_as = None
-            await self._drop(torrent, delete_files and torrent.info is not None)
+            failure = await self._drop(torrent, delete_files and torrent.info is not None)
         except BaseException:
             if torrent in self._torrents:
                 torrent.removing = False
@@ -2629,17 +2630,20 @@ class TorrentEngine:
                 if name is not None:
                     self.save(torrent)  # the resume file comes back for the retry
             raise
-        self._emit("removed", torrent)
+        self._emit("removed", torrent, failure)
+        return failure
 
     async def _drop(self, torrent, delete_files):
-        """Remove the torrent from libtorrent, with its files if asked; wait for it."""
+        """Remove the torrent from libtorrent, with its files if asked; wait for it.
+        Return why the files could not be deleted, or None."""
         steps = {lt.torrent_removed_alert, lt.torrent_deleted_alert} if delete_files else {
             lt.torrent_removed_alert}
+        failure = None
 
         def step(alert):
+            nonlocal failure
             if isinstance(alert, lt.torrent_delete_failed_alert):
-                log.warning("could not delete the files of %s: %s", torrent.infohash,
-                            alert.error.message())
+                failure = f"its files could not be deleted: {alert.error.message()}"
             steps.discard(lt.torrent_removed_alert if isinstance(
                 alert, lt.torrent_removed_alert) else lt.torrent_deleted_alert)
             return None if steps else True
@@ -2651,6 +2655,7 @@ class TorrentEngine:
             return
         await self.expect(torrent.ids, (lt.torrent_removed_alert, lt.torrent_deleted_alert,
                                         lt.torrent_delete_failed_alert), "the removal", step)
+        return failure
 
     # -- operator control --------------------------------------------------- #
 
@@ -3883,9 +3888,9 @@ async def delete_torrent(request):
     if flag not in ("true", "false", "1", "0"):
         raise ApiError(400, "delete_files must be true or false")
     delete_files = flag in ("true", "1")
-    await request.app[ENGINE].remove(torrent, delete_files)
-    return web.json_response({"detail": f"removed {torrent.infohash}"
-                              + (" and its files" if delete_files else "")})
+    failure = await request.app[ENGINE].remove(torrent, delete_files)
+    return web.json_response({"detail": f"removed {torrent.infohash}" + (
+        f", but {failure}" if failure else " and its files" if delete_files else "")})
 
 
 def _one(action, done, summary, errors=(404, 503)):
