@@ -2987,6 +2987,8 @@ async def test_file_selection_downloads_only_the_chosen_files(daemon, tmp_path):
     assert [f["downloaded"] == f["size"] for f in status["files"]] == [False, True, False]
     # libtorrent counts wanted bytes in whole pieces, so a little more than the file.
     assert not status["is_seeding"] and 500_000 <= status["total_wanted"] < 600_000
+    # progress counts all files: the wanted third and the pieces it shares.
+    assert 100 * 500_000 / 1_500_000 <= status["progress"] < 100 * 600_000 / 1_500_000
     # Unwanted files get at most the pieces they share with the wanted one.
     for name in ("a.bin", "c.bin"):
         path = downloads / name

@@ -1211,7 +1211,10 @@ STATUS = (
     Field("has_metadata", "boolean", False, "the info dict is known"),
     Field("has_incoming", "boolean", False, "a peer has connected to us for it"),
     Field("progress", {"type": "number", "minimum": 0, "maximum": 100}, False,
-          "percent done", lambda torrent, status: round(status.progress * 100, 4)),
+          "percent of all files done; while checking, of the check",
+          lambda torrent, status: round(100 * (
+              status.progress if str(status.state).startswith("checking")
+              else status.total_done / status.total if status.total else 0), 4)),
     Field("error", "string", False, "empty, or why the torrent stopped",
           lambda torrent, status: torrent.error(status)),
     Field("download_rate", "integer", False, "payload bytes/s received over the last "
@@ -2727,7 +2730,8 @@ class TorrentEngine:
             raise ApiError(409, f"torrent {torrent.infohash} is already moving")
         with _handle_call():
             torrent.handle.move_storage(save_path, lt.move_flags_t.fail_if_exist)
-        torrent.moving_to = save_path
+            torrent.moving_to = save_path
+            torrent.handle.post_status()  # a move changes nothing else the status shows
         moving = self._spawn(self._moved(torrent, save_path), f"move {torrent.infohash}")
         done, _ = await asyncio.wait([moving], timeout=MOVE_WAIT)
         if done:
@@ -2750,10 +2754,10 @@ class TorrentEngine:
                                         "the move", outcome, timeout=None)
         finally:
             torrent.moving_to = None
-        if failure:
-            torrent.fault = f"moving to {self.shown(save_path)} failed: {failure}"
             with contextlib.suppress(RuntimeError):
                 torrent.handle.post_status()
+        if failure:
+            torrent.fault = f"moving to {self.shown(save_path)} failed: {failure}"
             raise ApiError(409, torrent.fault)
         self._emit("moved", torrent, self.shown(save_path))
         self.save(torrent)
