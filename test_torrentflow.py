@@ -2671,8 +2671,8 @@ def remount(mount_point, options):
 
 async def test_a_state_directory_that_fails_gives_503_and_loses_nothing(
         small_disk, tmp_path, aiohttp_client, payload):
-    client = await aiohttp_client(torrentflow.make_app(
-        daemon_config(tmp_path, "--state-dir", str(small_disk / "state"))))
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--state-dir", str(small_disk / "state"), "--save-interval", "0.2")))
     source, _ = payload
     kept_one = make_torrent(source / "single.bin")
     _, body = await add(client, torrent_file=kept_one)
@@ -2688,10 +2688,19 @@ async def test_a_state_directory_that_fails_gives_503_and_loses_nothing(
         # A DELETE that cannot remove the resume file leaves the torrent whole.
         await error_of(await client.delete(f"/torrents/{infohash}"), 503, "read-only")
         assert (await status_of(client, infohash))["infohash"] == infohash
+        # A settings change it cannot keep is not made.
+        await error_of(await client.patch("/settings", json={"upload_limit": 31337}), 503,
+                       "read-only")
+        assert (await (await client.get("/settings")).json())["upload_limit"] == 0
+        # A pause it cannot save takes effect, and is saved once the disk can be written.
+        await error_of(await client.put(f"/torrents/{infohash}/pause"), 503, "read-only")
         await wait_until(lambda: _unhealthy(client, "state directory"), deadline=5,
                          what="/health to name the state directory")
     finally:
         remount(small_disk, "rw")
+    resume = small_disk / "state" / "resume" / f"{infohash}.resume"
+    await wait_until(lambda: lt.read_resume_data(resume.read_bytes()).flags
+                     & lt.torrent_flags.paused, deadline=10, what="the pause to be saved")
     # Put right, both retries succeed, and the answers are true on disk.
     assert (await client.post("/torrents", json={"torrent_url": MAGNET})).status == 201
     assert (small_disk / "state" / "resume" / f"{MAGNET[-40:]}.resume").exists()

@@ -2264,6 +2264,7 @@ class TorrentEngine:
         #: The session's settings (GET/PATCH /settings): flags, then what PATCH saved.
         self.settings = {o.setting: getattr(config, o.name) for o in OPTIONS if o.setting}
         self.problems = {}            # what is wrong beyond one torrent, for /health
+        self._settings_lock = asyncio.Lock()
         self._session = None
         self._torrents = {}           # _Torrent -> None: every torrent, in added order
         self._by_id = {}              # hex id -> _Torrent
@@ -2798,11 +2799,14 @@ class TorrentEngine:
                     for entry in await asyncio.to_thread(torrent.handle.trackers)]
 
     async def configure_session(self, changes):
-        """Apply session settings (parsed), save them for the next start, and announce."""
-        self.settings.update(changes)
+        """Save session settings (parsed) for the next start, then apply and announce
+        them: a change the state directory could not keep is not made."""
+        async with self._settings_lock:  # each write holds every change before it
+            settings = {**self.settings, **changes}
+            with _state_io("saving the settings"):
+                await self.store.put(SETTINGS_FILE, json.dumps(settings, indent=1).encode())
+            self.settings.update(changes)
         self._session.apply_settings(_session_pack(self.settings))
-        with _state_io("saving the settings"):
-            await self.store.put(SETTINGS_FILE, json.dumps(self.settings, indent=1).encode())
         self.events.publish("settings", detail=", ".join(f"{k}={v}" for k, v in changes.items()))
 
     async def session_stats(self):
@@ -2882,6 +2886,8 @@ class TorrentEngine:
                                            old_name if old_name != torrent.infohash else None)
             except ApiError:
                 self.counts["save_failures"] += 1
+                # libtorrent has handed this data over: write it in full at the next try.
+                torrent.force_save = True
                 raise
             self.counts["saves"] += 1
             torrent.saved_as = torrent.infohash
@@ -3228,8 +3234,8 @@ class TorrentEngine:
         while True:
             await asyncio.sleep(self.config.save_interval)
             for torrent in self._torrents:
-                if (torrent.dirty and not torrent.removing and torrent.saving is None
-                        and torrent.next_save is None):
+                if ((torrent.dirty or torrent.force_save) and not torrent.removing
+                        and torrent.saving is None and torrent.next_save is None):
                     torrent.dirty = False
                     self.save(torrent, force=False)
 
