@@ -1962,6 +1962,26 @@ async def test_removal_survives_restart(process, tmp_path):
 # Disk faults
 # --------------------------------------------------------------------------- #
 
+async def test_a_torrent_in_two_resume_files_loads_once_and_deletes_for_good(process,
+                                                                           tmp_path):
+    """A crash between writing a v2 magnet's file under its new v1 id and deleting the
+    old one leaves two files of one torrent; here, a copy under another name."""
+    torrent = idle_torrent(tmp_path, "twice.bin")
+    infohash = infohash_of(torrent)
+    await process.start()
+    await add(process.client, torrent_file=torrent)
+    await process.stop(signal.SIGTERM)
+    resume = process.state_dir / "resume"
+    (resume / f"{'ab' * 20}.resume").write_bytes((resume / f"{infohash}.resume").read_bytes())
+    await process.start()  # waits for loading to end, which it never did
+    assert await process.infohashes() == {infohash}
+    assert [path.name.rsplit(".", 1)[0] for path in (process.state_dir / "quarantine")
+            .iterdir()] == [f"{'ab' * 20}.resume"]
+    assert (await process.client.delete(f"/torrents/{infohash}")).status == 200
+    await process.restart(signal.SIGKILL)
+    assert await process.infohashes() == set()
+    assert not list(resume.glob("*.resume"))
+
 async def test_corrupt_resume_files_are_quarantined(process, tmp_path):
     # name: (what becomes of the main file, whether a good .bak sits beside it)
     cases = {"good": ("keep", False), "truncated": ("truncate", False),

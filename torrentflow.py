@@ -1660,8 +1660,8 @@ class StateStore:
         self._renamed.add(self.resume_dir)
 
     async def load(self, allowed):
-        """(add_torrent_params, notes) of every saved torrent, in the order they were
-        added; allowed(save_path) says whether a save path may be used."""
+        """(file name, add_torrent_params, notes) of every saved torrent, in the order
+        they were added; allowed(save_path) says whether a save path may be used."""
         return await self._submit(self._load, allowed)
 
     def _load(self, allowed):
@@ -1674,10 +1674,29 @@ class StateStore:
                 names.add(path.stem)
             else:
                 log.warning("skipping %s: not a regular file", path)
-        loaded = [read for read in (self._read(name, allowed) for name in sorted(names))
-                  if read is not None]
-        loaded.sort(key=lambda read: read[1].get("order") or read[0].added_time * 10**9)
+        loaded = self._unique([(name, *read) for name, read in (
+            (name, self._read(name, allowed)) for name in sorted(names)) if read is not None])
+        loaded.sort(key=lambda read: read[2].get("order") or read[1].added_time * 10**9)
         return loaded
+
+    def _unique(self, loaded):
+        """One entry per torrent. A torrent in two files (a crash between writing a v2
+        magnet's file under the v1 id its metadata gave it and deleting the old one, or
+        a copy) keeps the file named by its own id, else the one that knows more ids;
+        the other is set aside."""
+        loaded.sort(key=lambda read: (read[0] != _hash_ids(read[1].info_hashes)[0],
+                                      -len(_hash_ids(read[1].info_hashes))))
+        kept, known = [], set()
+        for name, params, notes in loaded:
+            ids = set(_hash_ids(params.info_hashes))
+            if ids & known:
+                log.warning("resume file %s holds a torrent another file holds", name)
+                self._quarantine([path for path in (
+                    self._path(name), self._path(name).with_suffix(".bak")) if path.exists()])
+                continue
+            known |= ids
+            kept.append((name, params, notes))
+        return kept
 
     def _read(self, name, allowed):
         """One torrent's params and notes from its file, else its .bak; unusable files
@@ -1975,13 +1994,12 @@ class _Torrent:
                  "added", "saving", "next_save", "force_save", "removing", "moving_to",
                  "chosen_priorities")
 
-    def __init__(self, params, notes=None):
+    def __init__(self, params, notes=None, saved_as=None):
         self.handle = None            # once libtorrent has added it
         self.number = 0               # its id in Transmission's RPC
         self.ids = _params_ids(params)
         self.infohash = self.ids[0]
-        # Read from the state directory, so saved already under its id.
-        self.saved_as = self.infohash if notes is not None else None  # its resume file
+        self.saved_as = saved_as      # the name of its resume file, once it has one
         notes = notes or {}
         #: The daemon's notes, saved with the resume data: the order torrents were
         #: added in, whether "finished" was announced, and payload bytes over its life
@@ -3247,11 +3265,11 @@ class TorrentEngine:
             # quietly download everything again: it stays paused, with the reason.
             missing = await asyncio.to_thread(lambda: [
                 _missing_file(params.save_path, _files_of(params.ti), params.file_priorities)
-                if notes.get("finished") and params.ti else None for params, notes in saved])
+                if notes.get("finished") and params.ti else None for _, params, notes in saved])
             checking = 0
             for start in range(0, len(saved), LOAD_BATCH):
-                for (params, notes), lost in zip(saved[start:start + LOAD_BATCH],
-                                                 missing[start:start + LOAD_BATCH]):
+                for (name, params, notes), lost in zip(saved[start:start + LOAD_BATCH],
+                                                       missing[start:start + LOAD_BATCH]):
                     if lost:
                         params.flags = params.flags & ~lt.torrent_flags.auto_managed \
                             | lt.torrent_flags.paused
@@ -3260,7 +3278,7 @@ class TorrentEngine:
                         # files: what reached the disk since is kept, not downloaded again.
                         params.have_pieces = []
                         checking += 1
-                    torrent = _Torrent(params, notes)
+                    torrent = _Torrent(params, notes, saved_as=name)
                     torrent.fault = lost and f"missing or truncated file: {lost}"
                     self._register(torrent)
                     try:
@@ -3281,8 +3299,10 @@ class TorrentEngine:
     @staticmethod
     def _lagging(params):
         """Whether a torrent's resume data may lag its files after a crash: it was
-        running and incomplete. A paused one was saved when it paused."""
-        return (params.ti is not None and params.flags & lt.torrent_flags.auto_managed
+        running (or queued) and incomplete. A paused one was saved when it paused."""
+        running = params.flags & lt.torrent_flags.auto_managed or not (
+            params.flags & lt.torrent_flags.paused)
+        return (params.ti is not None and running
                 and sum(params.have_pieces) < params.ti.num_pieces())
 
     async def _watch_loop(self):
