@@ -3032,6 +3032,28 @@ async def test_file_selection_downloads_only_the_chosen_files(daemon, tmp_path):
     assert [f["priority"] for f in changed["files"]] == [4, 4, 7]
 
 
+async def test_file_priorities_given_with_a_magnet_skip_padding_and_survive_a_crash(
+        process, seeders, tmp_path):
+    """A hybrid's files have padding between them, unknown until the metadata comes;
+    the choice is kept in the resume file until then."""
+    layout = {"three/a.bin": 300_000, "three/b.bin": 500_000, "three/c.bin": 200_000}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "three", version=0)
+    seeder = seeders()
+    await process.start()
+    _, body = await add(process.client, torrent_url=seeder.magnet(torrent),
+                        file_priorities="4,0,4")
+    await process.restart(signal.SIGKILL)  # before any metadata: the seeder has none yet
+    seeder.seed(torrent, source)
+    status = await wait_status(process.client, body["infohash"],
+                               lambda s: s["is_finished"], what="the chosen files")
+    assert [f["priority"] for f in status["files"]] == [4, 0, 4]
+    assert [f["downloaded"] == f["size"] for f in status["files"]] == [True, False, True]
+    downloads = process.download_dir / "three"
+    for name in ("a.bin", "c.bin"):
+        assert sha1_of(downloads / name) == sha1_of(source / "three" / name)
+    assert not status["is_seeding"]
+
 async def test_a_download_limit_holds(daemon, tmp_path):
     source = make_payload(tmp_path / "source", {"big.bin": 16 * 1024 * 1024})
     torrent = make_torrent(source / "big.bin")

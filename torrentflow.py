@@ -1437,10 +1437,12 @@ def _preset(params, settings, files):
         if SETTINGS_BY_NAME[name].apply:
             SETTINGS_BY_NAME[name].apply(params, value)
     chosen = settings.get("file_priorities")
-    if chosen is None or params.ti is None:
-        # A magnet's files are unknown: libtorrent takes the list as it is, and the
-        # daemon checks it and maps it past padding files once the metadata is here.
-        params.file_priorities = chosen or params.file_priorities
+    if chosen is None:
+        return None
+    if params.ti is None:
+        # A magnet's files are unknown, padding files too: libtorrent downloads nothing
+        # when the metadata comes, and the daemon then maps the list past the padding.
+        params.flags |= lt.torrent_flags.default_dont_download
         return chosen
     if len(chosen) != len(files):
         raise ApiError(422, f"file_priorities has {len(chosen)} entries; the torrent has "
@@ -1991,8 +1993,7 @@ class _Torrent:
                  "status", "_summary", "_full", "total_done", "progress_stale", "counted",
                  "sample", "rates", "updated", "last_scrape", "trackers_heard",
                  "flushing_since", "saved_as", "disk_error", "fault", "learning", "dirty",
-                 "added", "saving", "next_save", "force_save", "removing", "moving_to",
-                 "chosen_priorities")
+                 "added", "saving", "next_save", "force_save", "removing", "moving_to")
 
     def __init__(self, params, notes=None, saved_as=None):
         self.handle = None            # once libtorrent has added it
@@ -2012,7 +2013,9 @@ class _Torrent:
                       "ratio_limit": notes.get("ratio_limit", -1),
                       "seeding_time_limit": notes.get("seeding_time_limit", -1),
                       "limit_reached": notes.get("limit_reached"),
-                      "limit_mark": notes.get("limit_mark")}
+                      "limit_mark": notes.get("limit_mark"),
+                      # file priorities given for a magnet, until its metadata comes
+                      "chosen_priorities": notes.get("chosen_priorities")}
         # libtorrent drops the .torrent's fields outside the info dict, and every
         # x.pe peer that failed to connect, yet they may be a magnet's only source.
         self.creation = (params.creation_date, params.created_by, params.comment)
@@ -2043,7 +2046,6 @@ class _Torrent:
         self.force_save = False       # whether that one must write even if unchanged
         self.removing = False
         self.moving_to = None         # where a move under way takes its data
-        self.chosen_priorities = None  # file priorities asked for before the metadata
 
     @property
     def aliases(self):
@@ -2545,7 +2547,7 @@ class TorrentEngine:
         keep_reachable(params, self.config.local_only)
         chosen = _preset(params, settings, files)
         torrent = _Torrent(params)
-        torrent.chosen_priorities = chosen
+        torrent.notes["chosen_priorities"] = chosen
         torrent.notes.update({name: value for name, value in settings.items()
                               if SETTINGS_BY_NAME[name].noted})
         self._register(torrent)
@@ -3010,10 +3012,12 @@ class TorrentEngine:
             return
         torrent.info = info
         torrent.progress_stale = True
-        chosen, torrent.chosen_priorities = torrent.chosen_priorities, None
+        chosen = torrent.notes["chosen_priorities"]
         if chosen is not None:  # asked for at add, before the files were known
+            torrent.notes["chosen_priorities"] = None
             try:
                 torrent.handle.prioritize_files(self._priorities(torrent, chosen))
+                self.save(torrent)
             except ApiError as error:
                 torrent.fault = error.detail
                 self._stop(torrent)
