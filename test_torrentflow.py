@@ -3123,6 +3123,35 @@ async def test_moving_keeps_seeding_and_stays_inside_the_roots(daemon, seeder, t
     assert sha1_of(tmp_path / "leech" / "move.bin") == sha1_of(source / "move.bin")
 
 
+async def test_a_move_a_crash_cut_short_resumes_where_the_data_is_whole(process, tmp_path):
+    """libtorrent copies every file to the target, then deletes the originals; a crash
+    between the two leaves whole files at the target and only some at the source."""
+    layout = {"pack/a.bin": 200_000, "pack/b.bin": 300_000}
+    source = make_payload(process.download_dir, layout)
+    torrent = make_torrent(source / "pack")
+    infohash = infohash_of(torrent)
+    await process.start()
+    await add(process.client, torrent_file=torrent)
+    await wait_complete(process.client, infohash)
+    await process.stop(signal.SIGTERM)
+    # The state such a crash leaves, made by hand: copied, one original deleted, the
+    # move noted in the resume file, no clean-shutdown mark.
+    target = process.download_dir / "moved"
+    shutil.copytree(source / "pack", target / "pack")
+    sums = {name: sha1_of(source / name) for name in layout}
+    (source / "pack" / "a.bin").unlink()
+    resume_file = process.state_dir / "resume" / f"{infohash}.resume"
+    resume = lt.bdecode(resume_file.read_bytes())
+    notes = json.loads(resume[torrentflow.NOTES_KEY])
+    resume[torrentflow.NOTES_KEY] = json.dumps({**notes, "moving_to": str(target)}).encode()
+    resume_file.write_bytes(lt.bencode(resume))
+    (process.state_dir / torrentflow.CLEAN_MARK).unlink()
+    await process.start()
+    status = await wait_complete(process.client, infohash)
+    assert status["save_path"] == str(target) and status["moving_to"] is None
+    assert not status["error"]
+    assert {name: sha1_of(target / name) for name in layout} == sums
+
 async def test_a_recheck_finds_a_flipped_byte(daemon, seeder, tmp_path):
     source = make_payload(tmp_path / "source", {"flip.bin": 1024 * 1024})
     torrent = make_torrent(source / "flip.bin")

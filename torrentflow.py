@@ -1296,7 +1296,7 @@ STATUS = (
     Field("limit_reached", "string", True, "which seeding limit stopped it, until resumed",
           lambda torrent, status: torrent.notes["limit_reached"]),
     Field("moving_to", "string", True, "where its data is being moved, during a move",
-          lambda torrent, status: torrent.moving_to),
+          lambda torrent, status: torrent.notes["moving_to"]),
     Field("files", {"type": "array", "items": _FILE_ENTRY}, True,
           "one entry per file: index, path, size, downloaded, progress, priority",
           lambda torrent, status: torrent.files(), listed=False),
@@ -1993,7 +1993,7 @@ class _Torrent:
                  "status", "_summary", "_full", "total_done", "progress_stale", "counted",
                  "sample", "rates", "updated", "last_scrape", "trackers_heard",
                  "flushing_since", "saved_as", "disk_error", "fault", "learning", "dirty",
-                 "added", "saving", "next_save", "force_save", "removing", "moving_to")
+                 "added", "saving", "next_save", "force_save", "removing")
 
     def __init__(self, params, notes=None, saved_as=None):
         self.handle = None            # once libtorrent has added it
@@ -2015,7 +2015,8 @@ class _Torrent:
                       "limit_reached": notes.get("limit_reached"),
                       "limit_mark": notes.get("limit_mark"),
                       # file priorities given for a magnet, until its metadata comes
-                      "chosen_priorities": notes.get("chosen_priorities")}
+                      "chosen_priorities": notes.get("chosen_priorities"),
+                      "moving_to": notes.get("moving_to")}  # during a move
         # libtorrent drops the .torrent's fields outside the info dict, and every
         # x.pe peer that failed to connect, yet they may be a magnet's only source.
         self.creation = (params.creation_date, params.created_by, params.comment)
@@ -2045,7 +2046,6 @@ class _Torrent:
         self.next_save = None         # the save that follows it, shared by all who ask
         self.force_save = False       # whether that one must write even if unchanged
         self.removing = False
-        self.moving_to = None         # where a move under way takes its data
 
     @property
     def aliases(self):
@@ -2747,12 +2747,19 @@ class TorrentEngine:
     async def move(self, torrent, save_path):
         """Move a torrent's data within the roots; True once moved, False if it goes on
         past MOVE_WAIT (the status shows moving_to until it ends)."""
-        if torrent.moving_to is not None:
+        if torrent.notes["moving_to"] is not None:
             raise ApiError(409, f"torrent {torrent.infohash} is already moving")
-        with _handle_call():
-            torrent.handle.move_storage(save_path, lt.move_flags_t.fail_if_exist)
-            torrent.moving_to = save_path
-            torrent.handle.post_status()  # a move changes nothing else the status shows
+        # Saved first: a crash in the middle leaves files in both places, and the next
+        # start must know where to look (see _where_data_is).
+        torrent.notes["moving_to"] = save_path
+        try:
+            await self.save(torrent)
+            with _handle_call():
+                torrent.handle.move_storage(save_path, lt.move_flags_t.fail_if_exist)
+                torrent.handle.post_status()  # a move changes nothing else the status shows
+        except ApiError:
+            torrent.notes["moving_to"] = None
+            raise
         moving = self._spawn(self._moved(torrent, save_path), f"move {torrent.infohash}")
         done, _ = await asyncio.wait([moving], timeout=MOVE_WAIT)
         if done:
@@ -2774,11 +2781,12 @@ class TorrentEngine:
                                                       lt.storage_moved_failed_alert),
                                         "the move", outcome, timeout=None)
         finally:
-            torrent.moving_to = None
+            torrent.notes["moving_to"] = None
             with contextlib.suppress(RuntimeError):
                 torrent.handle.post_status()
         if failure:
             torrent.fault = f"moving to {self.shown(save_path)} failed: {failure}"
+            self.save(torrent)
             raise ApiError(409, torrent.fault)
         self._emit("moved", torrent, self.shown(save_path))
         self.save(torrent)
@@ -3265,15 +3273,22 @@ class TorrentEngine:
         """Add every saved torrent back, in batches, while the API already answers."""
         try:
             saved = await self.store.load(self.inside_roots)
+            places = await asyncio.to_thread(lambda: [_where_data_is(
+                params, notes.get("moving_to"), self.inside_roots) for _, params, notes in saved])
             # A finished torrent whose files are gone (a drive not mounted) must not
             # quietly download everything again: it stays paused, with the reason.
             missing = await asyncio.to_thread(lambda: [
-                _missing_file(params.save_path, _files_of(params.ti), params.file_priorities)
-                if notes.get("finished") and params.ti else None for _, params, notes in saved])
+                _missing_file(place, _files_of(params.ti), params.file_priorities)
+                if notes.get("finished") and params.ti else None
+                for (_, params, notes), place in zip(saved, places)])
             checking = 0
             for start in range(0, len(saved), LOAD_BATCH):
-                for (name, params, notes), lost in zip(saved[start:start + LOAD_BATCH],
-                                                       missing[start:start + LOAD_BATCH]):
+                for (name, params, notes), lost, place in zip(
+                        saved[start:start + LOAD_BATCH], missing[start:start + LOAD_BATCH],
+                        places[start:start + LOAD_BATCH]):
+                    if notes.get("moving_to"):  # a move a crash cut short
+                        params.save_path, notes["moving_to"] = place, None
+                        params.have_pieces = []  # check what reached that place
                     if lost:
                         params.flags = params.flags & ~lt.torrent_flags.auto_managed \
                             | lt.torrent_flags.paused
@@ -3399,6 +3414,16 @@ def _valid_settings(saved):
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring the saved setting %s=%r", key, value)
     return valid
+
+
+def _where_data_is(params, moving_to, inside_roots):
+    """Where a saved torrent's data is whole: after a move a crash cut short, the
+    target once every file is there (libtorrent copies them all before it deletes
+    the originals), else where it was. Blocking: run in a thread."""
+    if moving_to and params.ti and inside_roots(moving_to) and _missing_file(
+            moving_to, _files_of(params.ti), params.file_priorities) is None:
+        return moving_to
+    return params.save_path
 
 
 def _missing_file(save_path, files, priorities):
