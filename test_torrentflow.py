@@ -2728,9 +2728,34 @@ async def test_a_state_directory_that_fails_gives_503_and_loses_nothing(
     assert not (small_disk / "state" / "resume" / f"{infohash}.resume").exists()
 
 
+async def test_a_full_state_directory_shows_in_health_until_saves_work(small_disk, tmp_path,
+                                                                       aiohttp_client):
+    """A full disk is still writable, so only the failing saves can tell."""
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--state-dir", str(small_disk / "state"), "--save-interval", "0.2")))
+    _, body = await add(client, torrent_file=idle_torrent(tmp_path, "full.bin"))
+    filler = small_disk / "filler"
+    with open(filler, "wb") as file, contextlib.suppress(OSError):
+        while True:
+            file.write(b"\0" * 65536)
+            file.flush()
+    await error_of(await client.put(f"/torrents/{body['infohash']}/pause"), 503,
+                   "no space left")
+    await wait_until(lambda: _unhealthy(client, "no space left"), deadline=5,
+                     what="/health to tell")
+    filler.unlink()
+    resume = small_disk / "state" / "resume" / f"{body['infohash']}.resume"
+    await wait_until(lambda: lt.read_resume_data(resume.read_bytes()).flags
+                     & lt.torrent_flags.paused, deadline=10, what="the pause to be saved")
+    await wait_until(lambda: _healthy(client), deadline=5, what="/health to be well again")
+
+async def _healthy(client):
+    return (await client.get("/health")).status == 200
+
+
 async def _unhealthy(client, words):
     response = await client.get("/health")
-    return response.status == 503 and words in (await response.json())["detail"]
+    return response.status == 503 and words in (await response.json())["detail"].lower()
 
 
 async def test_vanished_data_is_an_error_and_resume_fetches_it_again(process, seeders,

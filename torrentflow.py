@@ -2912,12 +2912,14 @@ class TorrentEngine:
                 with _state_io(f"saving {torrent.infohash}"):
                     await self.store.write(torrent.infohash, data,
                                            old_name if old_name != torrent.infohash else None)
-            except ApiError:
+            except ApiError as error:
                 self.counts["save_failures"] += 1
+                self.problems["saves"] = error.detail  # a full disk is still writable
                 # libtorrent has handed this data over: write it in full at the next try.
                 torrent.force_save = True
                 raise
             self.counts["saves"] += 1
+            self.problems.pop("saves", None)
             torrent.saved_as = torrent.infohash
             return True
         finally:
@@ -3350,7 +3352,8 @@ class TorrentEngine:
             problems, faults = await asyncio.to_thread(_inspect_disk, self.roots, dirs,
                                                        places, checks)
             self.problems = {**problems, **{name: problem for name, problem
-                                            in self.problems.items() if name == "listen"}}
+                                            in self.problems.items()
+                                            if name in ("listen", "saves")}}
             for torrent, fault in zip(torrents, faults):
                 if fault and not torrent.fault and not torrent.removing:
                     torrent.fault = fault
