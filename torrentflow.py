@@ -1494,14 +1494,20 @@ def _with_notes(resume_data, notes):
 
 
 def _notes_of(resume_data):
-    """The daemon's notes in bencoded resume data; {} if it has none or they are bad."""
-    key = b"%d:%s" % (len(NOTES_KEY), NOTES_KEY)
-    length, _, rest = resume_data.rpartition(key)[2].partition(b":")
-    try:
-        notes = json.loads(rest[:int(length)]) if length else {}
-    except ValueError:
-        return {}
-    return notes if isinstance(notes, dict) else {}
+    """The daemon's notes in bencoded resume data; {} if it has none or they are bad.
+    The key is the last one, its value ending just before the dict's e: the same bytes
+    inside the notes (a label, a path) are not it."""
+    key, end = b"%d:%s" % (len(NOTES_KEY), NOTES_KEY), len(resume_data)
+    while (at := resume_data.rfind(key, 0, end)) >= 0:
+        length, _, rest = resume_data[at + len(key):].partition(b":")
+        if length.isdigit() and len(rest) == int(length) + 1:
+            try:
+                notes = json.loads(rest[:-1])
+            except ValueError:
+                return {}
+            return notes if isinstance(notes, dict) else {}
+        end = at
+    return {}
 
 
 def _fsync_dir(path):
@@ -2284,6 +2290,7 @@ class TorrentEngine:
         #: The session's settings (GET/PATCH /settings): flags, then what PATCH saved.
         self.settings = {o.setting: getattr(config, o.name) for o in OPTIONS if o.setting}
         self.problems = {}            # what is wrong beyond one torrent, for /health
+        self._unsaved = {}            # torrent -> why its last save failed
         self._settings_lock = asyncio.Lock()
         self._session = None
         self._torrents = {}           # _Torrent -> None: every torrent, in added order
@@ -2422,7 +2429,7 @@ class TorrentEngine:
                 if task.done() and (name != "load" or task.cancelled() or task.exception())]
         dead += [f"the {task.get_name()} task stopped" for task in self.events.tasks
                  if task.done()]
-        return [*dead, *self.problems.values()]
+        return [*dead, *self.problems.values(), *itertools.islice(self._unsaved.values(), 1)]
 
     # -- waiting on libtorrent ------------------------------------------------ #
 
@@ -2522,9 +2529,10 @@ class TorrentEngine:
         return str(path.relative_to(self.roots[0])) if path.is_relative_to(self.roots[0]) \
             else str(path)
 
-    async def add(self, params, settings=None):
+    async def add(self, params, settings=None, anywhere=False):
         """Add a torrent with settings (parsed; they apply only to a new torrent); return
-        (infohash, created) once it is saved and has a status."""
+        (infohash, created) once it is saved and has a status. One already there with
+        another save_path is a 409, or with anywhere (Transmission's way) a duplicate."""
         settings = settings or {}
         # 100,000 files take 0.1 s to list: in a thread, before anything is decided.
         files = await asyncio.to_thread(_files_of, params.ti) if params.ti is not None \
@@ -2540,7 +2548,7 @@ class TorrentEngine:
             if existing.added is not None:
                 # Asked for twice, maybe at once: answer when the first add is saved.
                 await asyncio.shield(existing.added)
-            if existing.save_path != params.save_path:
+            if existing.save_path != params.save_path and not anywhere:
                 raise ApiError(409, f"torrent {existing.infohash} is already there, with "
                                f"save_path {self.shown(existing.save_path)!r}")
             return existing.infohash, False
@@ -2704,25 +2712,30 @@ class TorrentEngine:
                 setting = SETTINGS_BY_NAME[name]
                 if setting.noted:
                     torrent.notes[name] = value
-                elif name == "file_priorities":
-                    torrent.handle.prioritize_files(value)
                 elif name == "trackers":
                     torrent.handle.replace_trackers([{"url": url, "tier": tier}
                                                      for url, tier in value])
                 elif setting.apply:
                     setting.apply(torrent.handle, value)
-        priorities = settings.get("file_priorities")
-        if priorities is not None and priorities != torrent.file_priorities:
-            # libtorrent applies them on its disk thread and says so in file_prio_alert.
-            await self.expect(torrent.ids, lt.file_prio_alert, "the file priorities")
-            torrent.file_priorities = priorities
-            torrent.refreshed_files()
+        if "file_priorities" in settings:
+            await self._prioritize(torrent, settings["file_priorities"])
         moved = True
         if "save_path" in settings:
             moved = await self.move(torrent, settings["save_path"])
         await self.save(torrent)  # libtorrent answers it after every change posted above
         await self._confirm(torrent, lambda status: True, "the change")
         return moved
+
+    async def _prioritize(self, torrent, priorities):
+        """Set libtorrent's full list of file priorities; return once it has them."""
+        if priorities == torrent.file_priorities:
+            return  # libtorrent would not say so
+        with _handle_call():
+            torrent.handle.prioritize_files(priorities)
+        # libtorrent applies them on its disk thread and says so in file_prio_alert.
+        await self.expect(torrent.ids, lt.file_prio_alert, "the file priorities")
+        torrent.file_priorities = priorities
+        torrent.refreshed_files()
 
     def _priorities(self, torrent, chosen):
         """libtorrent's full list of file priorities from a list of one per file, or an
@@ -2757,7 +2770,7 @@ class TorrentEngine:
             with _handle_call():
                 torrent.handle.move_storage(save_path, lt.move_flags_t.fail_if_exist)
                 torrent.handle.post_status()  # a move changes nothing else the status shows
-        except ApiError:
+        except BaseException:  # a failed save, or the request cancelled at shutdown
             torrent.notes["moving_to"] = None
             raise
         moving = self._spawn(self._moved(torrent, save_path), f"move {torrent.infohash}")
@@ -2914,12 +2927,12 @@ class TorrentEngine:
                                            old_name if old_name != torrent.infohash else None)
             except ApiError as error:
                 self.counts["save_failures"] += 1
-                self.problems["saves"] = error.detail  # a full disk is still writable
+                self._unsaved[torrent] = error.detail  # a full disk is still writable
                 # libtorrent has handed this data over: write it in full at the next try.
                 torrent.force_save = True
                 raise
             self.counts["saves"] += 1
-            self.problems.pop("saves", None)
+            self._unsaved.pop(torrent, None)
             torrent.saved_as = torrent.infohash
             return True
         finally:
@@ -3024,10 +3037,10 @@ class TorrentEngine:
         torrent.progress_stale = True
         chosen = torrent.notes["chosen_priorities"]
         if chosen is not None:  # asked for at add, before the files were known
-            torrent.notes["chosen_priorities"] = None
             try:
-                torrent.handle.prioritize_files(self._priorities(torrent, chosen))
-                self.save(torrent)
+                await self._prioritize(torrent, self._priorities(torrent, chosen))
+                torrent.notes["chosen_priorities"] = None
+                await self.save(torrent)
             except ApiError as error:
                 torrent.fault = error.detail
                 self._stop(torrent)
@@ -3090,6 +3103,7 @@ class TorrentEngine:
         if self._torrents.pop(torrent, False) is False:
             return
         self._listing = None
+        self._unsaved.pop(torrent, None)
         self.removed.append((time.time(), torrent.number))
         self._by_handle.pop(torrent.handle, None)
         for key in torrent.aliases:
@@ -3288,26 +3302,7 @@ class TorrentEngine:
                 for (name, params, notes), lost, place in zip(
                         saved[start:start + LOAD_BATCH], missing[start:start + LOAD_BATCH],
                         places[start:start + LOAD_BATCH]):
-                    if notes.get("moving_to"):  # a move a crash cut short
-                        params.save_path, notes["moving_to"] = place, None
-                        params.have_pieces = []  # check what reached that place
-                    if lost:
-                        params.flags = params.flags & ~lt.torrent_flags.auto_managed \
-                            | lt.torrent_flags.paused
-                    elif not self.was_clean and self._lagging(params):
-                        # Without the pieces it was saved with, libtorrent checks the
-                        # files: what reached the disk since is kept, not downloaded again.
-                        params.have_pieces = []
-                        checking += 1
-                    torrent = _Torrent(params, notes, saved_as=name)
-                    torrent.fault = lost and f"missing or truncated file: {lost}"
-                    self._register(torrent)
-                    try:
-                        self._session.async_add_torrent(params)
-                    except (ValueError, RuntimeError) as error:
-                        log.error("could not load saved torrent %s: %s", torrent.infohash,
-                                  error)
-                        self._forget(torrent)
+                    checking += self._revive(name, params, notes, lost, place)
                 await asyncio.sleep(0)
             if saved:
                 log.info("loading %d saved torrents", len(saved))
@@ -3316,6 +3311,37 @@ class TorrentEngine:
                             "torrents that were downloading", checking)
         finally:
             self._loaded = True
+
+    def _revive(self, name, params, notes, lost, place):
+        """Hand one saved torrent to libtorrent; lost names a file of a finished torrent
+        that is gone, place is where its data is (_where_data_is). Return whether its
+        data is checked because a crash may have left it ahead of its resume data."""
+        checking = False
+        if notes.get("moving_to"):  # a move a crash cut short
+            params.save_path, notes["moving_to"] = place, None
+            params.have_pieces = []  # check what reached that place
+        if notes.get("chosen_priorities") is not None:
+            # Chosen for a magnet and not yet mapped past its padding: libtorrent keeps
+            # no default_dont_download in resume data, so nothing may download till then.
+            params.flags |= lt.torrent_flags.default_dont_download
+            if params.ti is not None:
+                params.file_priorities = [0] * params.ti.num_files()
+        if lost:
+            params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
+        elif not self.was_clean and self._lagging(params):
+            # Without the pieces it was saved with, libtorrent checks the files: what
+            # reached the disk since is kept, not downloaded again.
+            params.have_pieces = []
+            checking = True
+        torrent = _Torrent(params, notes, saved_as=name)
+        torrent.fault = lost and f"missing or truncated file: {lost}"
+        self._register(torrent)
+        try:
+            self._session.async_add_torrent(params)
+        except (ValueError, RuntimeError) as error:
+            log.error("could not load saved torrent %s: %s", torrent.infohash, error)
+            self._forget(torrent)
+        return checking
 
     @staticmethod
     def _lagging(params):
@@ -3352,8 +3378,7 @@ class TorrentEngine:
             problems, faults = await asyncio.to_thread(_inspect_disk, self.roots, dirs,
                                                        places, checks)
             self.problems = {**problems, **{name: problem for name, problem
-                                            in self.problems.items()
-                                            if name in ("listen", "saves")}}
+                                            in self.problems.items() if name == "listen"}}
             for torrent, fault in zip(torrents, faults):
                 if fault and not torrent.fault and not torrent.removing:
                     torrent.fault = fault
@@ -3420,12 +3445,23 @@ def _valid_settings(saved):
 
 
 def _where_data_is(params, moving_to, inside_roots):
-    """Where a saved torrent's data is whole: after a move a crash cut short, the
-    target once every file is there (libtorrent copies them all before it deletes
-    the originals), else where it was. Blocking: run in a thread."""
-    if moving_to and params.ti and inside_roots(moving_to) and _missing_file(
-            moving_to, _files_of(params.ti), params.file_priorities) is None:
+    """Where a saved torrent's data is, after a move a crash cut short: the target if
+    every file is whole there, else where it was, with the files the move had already
+    renamed to the target put back. (Within one file system libtorrent renames file by
+    file; across two it copies them all, then deletes the originals.) Blocking: run in
+    a thread."""
+    if not (moving_to and params.ti and inside_roots(moving_to)):
+        return params.save_path
+    files = _files_of(params.ti)
+    if _missing_file(moving_to, files, params.file_priorities) is None:
         return moving_to
+    for _, path, _ in files:
+        moved, original = os.path.join(moving_to, path), os.path.join(params.save_path, path)
+        if os.path.isfile(moved) and not os.path.islink(moved) and not os.path.lexists(
+                original):
+            with contextlib.suppress(OSError):  # another file system: a copy, left there
+                os.makedirs(os.path.dirname(original), exist_ok=True)
+                os.rename(moved, original)
     return params.save_path
 
 
@@ -4499,11 +4535,6 @@ async def _rpc_add(request, engine, arguments):
         params = await _params_from_source(request, arguments["filename"], None)
     else:
         raise RpcError("no filename or metainfo specified")
-    # A duplicate is one whatever download-dir says: the REST API's 409 for another
-    # save_path would fail Sonarr's grab of a torrent that was moved since.
-    for infohash in _params_ids(params):
-        with contextlib.suppress(ApiError):  # unknown, or still being added or removed
-            return _rpc_added(engine.lookup(infohash), created=False)
     directory = _text(arguments, "download-dir")
     params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots, directory)
     settings = parse_settings({**_rpc_settings(None, arguments),
@@ -4511,7 +4542,9 @@ async def _rpc_add(request, engine, arguments):
     choices = any(key in arguments for key in RPC_FILE_CHOICES)
     if choices and params.ti is None:  # refused before the add, so nothing is added
         raise RpcError("file choices need the torrent's metadata: add a .torrent")
-    infohash, created = await engine.add(params, settings)
+    # A duplicate whatever download-dir says: the REST API's 409 for another save_path
+    # would fail Sonarr's grab of a torrent that was moved since.
+    infohash, created = await engine.add(params, settings, anywhere=True)
     torrent = engine.lookup(infohash)
     if created and choices:
         await engine.metadata_read(torrent)
