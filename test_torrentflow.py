@@ -3487,6 +3487,13 @@ async def test_the_event_stream_tells_what_happens(daemon, seeder, tmp_path):
     replayed = await replay.until("resumed", infohash)
     assert [kind for kind, _, _ in replayed][:2] == ["paused", "resumed"][:len(replayed[:2])]
     assert all(int(event_id) > last_id for _, _, event_id in replayed)
+    # A replay honours the filters too: only the settings change comes, not the pauses.
+    assert (await daemon.patch("/settings", json={"upload_limit": 0})).status == 200
+    assert (await daemon.patch("/settings", json={"upload_limit": 5_000_000})).status == 200
+    picky = EventReader(await daemon.get("/events?types=settings",
+                                         headers={"Last-Event-ID": str(last_id)}))
+    kind, data, _ = await picky.next()  # the first PATCH changed nothing: no event
+    assert kind == "settings" and data["detail"] == "upload_limit=5000000"
     # Filters, and an id the ring does not hold.
     filtered = EventReader(await daemon.get(f"/events?types=removed&infohash={infohash}",
                                             headers={"Last-Event-ID": "999999999"}))
@@ -3608,8 +3615,8 @@ async def test_webhooks_retry_sign_and_survive_a_crash(aiohttp_server, tmp_path)
     flaky = await receiver_at(aiohttp_server, statuses=[500, 500])
     hanging = await receiver_at(aiohttp_server, hang=True)
     process = DaemonProcess(tmp_path, extra=[
-        "--webhook", flaky.url, "--webhook", hanging.url, "--webhook-secret", SECRET,
-        "--webhook-events", "added,paused,removed"])
+        "--webhook", flaky.url, "--webhook", hanging.url, "--webhook", flaky.url,
+        "--webhook-secret", SECRET, "--webhook-events", "added,paused,removed"])
     try:
         await process.start()
         _, body = await add(process.client, torrent_url=MAGNET)
@@ -3633,6 +3640,8 @@ async def test_webhooks_retry_sign_and_survive_a_crash(aiohttp_server, tmp_path)
         flaky.statuses = [503] * 1000  # it refuses until told otherwise
         await process.put(body["infohash"], "pause")
         await wait_until(lambda: len(flaky.received) >= 5, deadline=30, what="refusals")
+        # Killed the moment the DELETE answers: its event is on disk already.
+        assert (await process.client.delete(f"/torrents/{body['infohash']}")).status == 200
         code, _ = await process.stop(signal.SIGKILL)
         assert code == -signal.SIGKILL
         # As a kill in the middle of a write leaves it: the start clears it.
@@ -3640,11 +3649,11 @@ async def test_webhooks_retry_sign_and_survive_a_crash(aiohttp_server, tmp_path)
             (folder / "999.tmp").write_bytes(b'{"half": ')
         await process.start()
         flaky.statuses = []
-        await wait_until(lambda: "paused" in [e["type"] for e in flaky.delivered().values()],
+        await wait_until(lambda: "removed" in [e["type"] for e in flaky.delivered().values()],
                          deadline=30, what="the pending delivery after the restart")
         delivered = flaky.delivered()
         assert [e["type"] for e in sorted(delivered.values(), key=lambda e: e["id"])] == [
-            "added", "paused"]
+            "added", "paused", "removed"]
 
         async def emptied():
             async with process.client.get("/webhooks") as response:
@@ -3701,6 +3710,8 @@ async def test_metrics_per_torrent_and_the_token(tmp_path, aiohttp_client, paylo
     samples = families["torrentflow_torrent_progress"].samples
     assert [(s.labels["infohash"], s.labels["name"]) for s in samples] == [
         (MAGNET[-40:], 'quote"d')]
+    # Counters end in _total, so the parser keeps their names.
+    assert families["torrentflow_torrent_downloaded_bytes"].type == "counter"
 
 
 # --------------------------------------------------------------------------- #

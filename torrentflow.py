@@ -580,6 +580,7 @@ def parse_config(argv=None, environ=None):
                          f"not {values['listen_interfaces']!r}")
     values["token"] = _read_token(parser, values)
     values["webhook_secret"] = _read_secret(parser, values, "webhook_secret")
+    values["webhooks"] = tuple(dict.fromkeys(values["webhooks"]))  # each target once
     for url in values["webhooks"]:
         if values["local_only"] and not _is_local_url(url):
             parser.error(f"--webhook (TORRENTFLOW_WEBHOOKS): with --local-only, {url!r} "
@@ -1573,6 +1574,10 @@ class StateStore:
             if closing:
                 return
 
+    def barrier(self):
+        """An awaitable done once every job asked for before it is done."""
+        return self._submit(lambda: None)
+
     def close(self):
         """Let the thread end once the jobs before this one are done."""
         self._jobs.put((None, (), None))
@@ -1779,9 +1784,12 @@ class _Subscriber:
         self.wake = asyncio.Event()
         self.overflowed = False
 
+    def wants(self, event):
+        return event["type"] in self.types and (not self.infohashes
+                                                or event["infohash"] in self.infohashes)
+
     def offer(self, event):
-        if event["type"] in self.types and (not self.infohashes
-                                            or event["infohash"] in self.infohashes):
+        if self.wants(event):
             # A reader that falls this far behind is cut off, never waited for.
             self.overflowed |= len(self.queue) >= SUBSCRIBER_QUEUE
             if not self.overflowed:
@@ -1797,6 +1805,7 @@ class _Webhook:
         self.url, self.types, self.secret, self.store = url, types, secret, store
         self.folder = f"webhooks/{hashlib.sha1(url.encode()).hexdigest()[:16]}"
         self.pending = {}             # event id -> the JSON body, oldest first
+        self.posting = None           # the id of the event being posted
         self.wake = asyncio.Event()
         self.last_success = self.last_error = None
         self.counts = collections.Counter()  # delivered, failed (attempts), dropped
@@ -1808,8 +1817,8 @@ class _Webhook:
         self.pending[event["id"]] = body
         # Written before delivery is tried: a crash from here on still delivers it.
         _logged(self.store.put(f"{self.folder}/{event['id']}.json", body), "queueing an event")
-        if len(self.pending) > WEBHOOK_QUEUE:
-            oldest = next(iter(self.pending))
+        if len(self.pending) > WEBHOOK_QUEUE:  # the oldest but the one being posted
+            oldest = next(i for i in self.pending if i != self.posting)
             self._give_up(oldest, f"the queue holds {WEBHOOK_QUEUE} events")
         self.wake.set()
 
@@ -1833,7 +1842,10 @@ class _Webhook:
                 await self.wake.wait()
                 continue
             event_id, body = next(iter(self.pending.items()))
-            if await self._post(client, event_id, body):
+            self.posting = event_id
+            delivered = await self._post(client, event_id, body)
+            self.posting = None
+            if delivered:
                 self.pending.pop(event_id, None)
                 _logged(self.store.drop(f"{self.folder}/{event_id}.json"), "a delivered event")
                 attempt = 0
@@ -1932,6 +1944,12 @@ class Events:
             subscriber.offer(event)
         for hook in self.webhooks:
             hook.offer(event)
+
+    async def settled(self):
+        """Once the webhooks' queues hold every event so far on disk: a request whose
+        answer follows an event waits for this, so a crash after it still delivers."""
+        if self.webhooks:
+            await self.store.barrier()
 
     def subscribe(self, types, infohashes):
         if len(self.subscribers) >= MAX_SUBSCRIBERS:
@@ -2595,6 +2613,7 @@ class TorrentEngine:
         if torrent.status is None:
             await self._confirm(torrent, lambda status: True, "the first status")
         self._emit("added", torrent)
+        await self.events.settled()
         torrent.added = None  # saved: a second add of it need not wait
 
     async def pause(self, torrent):
@@ -2663,6 +2682,7 @@ class TorrentEngine:
                     self.save(torrent)  # the resume file comes back for the retry
             raise
         self._emit("removed", torrent, failure)
+        await self.events.settled()
         return failure
 
     async def _drop(self, torrent, delete_files):
@@ -2720,7 +2740,7 @@ class TorrentEngine:
         if "file_priorities" in settings:
             await self._prioritize(torrent, settings["file_priorities"])
         moved = True
-        if "save_path" in settings:
+        if settings.get("save_path", torrent.save_path) != torrent.save_path:
             moved = await self.move(torrent, settings["save_path"])
         await self.save(torrent)  # libtorrent answers it after every change posted above
         await self._confirm(torrent, lambda status: True, "the change")
@@ -2801,7 +2821,10 @@ class TorrentEngine:
             torrent.fault = f"moving to {self.shown(save_path)} failed: {failure}"
             self.save(torrent)
             raise ApiError(409, torrent.fault)
+        # The event carries the torrent's status: wait for one that shows the new place.
+        await self._confirm(torrent, lambda status: True, "the move")
         self._emit("moved", torrent, self.shown(save_path))
+        await self.events.settled()
         self.save(torrent)
 
     async def recheck(self, torrent):
@@ -2843,12 +2866,17 @@ class TorrentEngine:
         """Save session settings (parsed) for the next start, then apply and announce
         them: a change the state directory could not keep is not made."""
         async with self._settings_lock:  # each write holds every change before it
+            changes = {key: value for key, value in changes.items()
+                       if self.settings[key] != value}
+            if not changes:
+                return
             settings = {**self.settings, **changes}
             with _state_io("saving the settings"):
                 await self.store.put(SETTINGS_FILE, json.dumps(settings, indent=1).encode())
             self.settings.update(changes)
         self._session.apply_settings(_session_pack(self.settings))
         self.events.publish("settings", detail=", ".join(f"{k}={v}" for k, v in changes.items()))
+        await self.events.settled()
 
     async def session_stats(self):
         """libtorrent's session counters, fresh: {metric name: value}."""
@@ -3055,9 +3083,8 @@ class TorrentEngine:
                 self._emit("metadata", torrent)
             if now["state"] != before["state"]:
                 self._emit("state", torrent, f"{before['state']} -> {now['state']}")
-            held = now["paused"] and not now["auto_managed"]
-            if held != (before["paused"] and not before["auto_managed"]):
-                self._emit("paused" if held else "resumed", torrent)
+            if _held(now) != _held(before):
+                self._emit("paused" if _held(now) else "resumed", torrent)
             if now["error"] and now["error"] != before["error"]:
                 self._emit("error", torrent, now["error"])
         if now["is_finished"] and not torrent.notes["finished"]:
@@ -3410,6 +3437,11 @@ class TorrentEngine:
         self.save(torrent)
 
 
+def _held(status):
+    """Paused by hand or by a fault, not by libtorrent's queue."""
+    return status["paused"] and (not status["auto_managed"] or bool(status["error"]))
+
+
 def _outside_roots(roots, places):
     """Why one of places (a save path and what is in it) leads outside every root, or
     None. Blocking: run in a thread."""
@@ -3573,10 +3605,13 @@ def render_metrics(engine, stats, requests, per_torrent, process):
            [({}, process[0])])
     metric("open_fds", "gauge", "the process's open file descriptors", [({}, process[1])])
     if per_torrent:
-        for field, kind in (("progress", "gauge"), ("download_rate", "gauge"),
-                            ("upload_rate", "gauge"), ("total_download", "counter"),
-                            ("total_upload", "counter"), ("num_peers", "gauge")):
-            metric(f"torrent_{field}", kind, f"each torrent's {field}", [
+        for field, kind, name in (
+                ("progress", "gauge", "progress"), ("download_rate", "gauge", "download_rate"),
+                ("upload_rate", "gauge", "upload_rate"),
+                ("total_download", "counter", "downloaded_bytes_total"),
+                ("total_upload", "counter", "uploaded_bytes_total"),
+                ("num_peers", "gauge", "num_peers")):
+            metric(f"torrent_{name}", kind, f"each torrent's {field}", [
                 ({"infohash": t.infohash, "name": t.status["name"]}, t.status[field])
                 for t in torrents])
     return "\n".join(lines) + "\n"
@@ -3975,7 +4010,7 @@ async def get_torrent(request):
         lambda: {name: torrent.field(name) for name in fields}, "files" in fields))
 
 
-@api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 503),
+@api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 409, 503),
      parameters=[INFOHASH_PARAMETER, _query(
          "delete_files", "true also deletes the data; case-insensitive",
          enum=["true", "false", "1", "0"], default="false")])
@@ -4137,7 +4172,7 @@ async def _stream(request, subscriber, events, last):
         try:
             if missed is None:
                 await write(_sse(None, "reset"))
-            for event in missed or ():
+            for event in filter(subscriber.wants, missed or ()):
                 await write(_sse(event))
                 sent = event["id"]
             while not subscriber.overflowed:
