@@ -1858,6 +1858,22 @@ def pieces_on_disk(source, target):
 # What comes back: paused torrents, magnets, removals
 # --------------------------------------------------------------------------- #
 
+async def test_a_stop_during_a_check_checks_again_at_the_next_start(process, tmp_path):
+    """The stop saves only the pieces checked so far; were it called clean, a whole
+    torrent would stay short of 100% until rechecked by hand."""
+    source = make_payload(process.download_dir, {"big.bin": 128 * 1024 * 1024})
+    torrent = make_torrent(source / "big.bin", piece_size=1024 * 1024)
+    infohash = infohash_of(torrent)
+    await process.start()
+    await add(process.client, torrent_file=torrent)
+    await wait_complete(process.client, infohash)
+    await process.put(infohash, "recheck")
+    await process.stop(signal.SIGTERM)
+    assert "were being checked" in process.log()
+    assert not (process.state_dir / torrentflow.CLEAN_MARK).exists()
+    await process.start()
+    await wait_complete(process.client, infohash)
+
 async def test_paused_torrent_comes_back_paused(process, tmp_path):
     paused, running = idle_torrent(tmp_path, "paused.bin"), idle_torrent(tmp_path, "running.bin")
     paused_id, running_id = infohash_of(paused), infohash_of(running)
@@ -3502,6 +3518,16 @@ async def test_the_event_stream_tells_what_happens(daemon, seeder, tmp_path):
     kind, data, _ = await filtered.next()
     assert kind == "removed" and data["infohash"] == infohash
 
+
+async def test_an_event_filter_takes_any_id_of_a_torrent(daemon, tmp_path):
+    source = make_payload(tmp_path / "hybrid", {"both.bin": 40_000})
+    torrent = make_torrent(source / "both.bin", version=0)
+    _, body = await add(daemon, torrent_file=torrent)
+    v2 = str(lt.load_torrent_buffer(torrent).ti.info_hashes().v2)
+    stream = EventReader(await daemon.get(f"/events?types=paused&infohash={v2.upper()}"))
+    assert (await daemon.put(f"/torrents/{v2}/pause")).status == 200
+    kind, data, _ = await stream.next()
+    assert kind == "paused" and data["infohash"] == body["infohash"] != v2
 
 async def test_bad_event_requests_are_refused(daemon, tmp_path):
     for query, headers in (("types=finished,bogus", {}), ("infohash=xyz", {}),

@@ -2391,9 +2391,12 @@ class TorrentEngine:
         failed = [f for f in done if f.exception()]
         saved = sum(1 for f in done if not f.exception() and f.result())
         log.info("saved %d changed torrents of %d at shutdown", saved, len(torrents))
-        if pending or failed:
-            log.warning("%d torrents could not be saved at shutdown",
-                        len(pending) + len(failed))
+        # A check cut short saved only the pieces checked so far: the next start must
+        # check again, as after a crash, or a whole torrent would stay short of 100.
+        checking = sum(1 for t in torrents if t.status and t.status["state"] == "checking_files")
+        if pending or failed or checking:
+            log.warning("not marking the stop clean: %d torrents could not be saved, %d "
+                        "were being checked", len(pending) + len(failed), checking)
         else:
             with contextlib.suppress(OSError):
                 await asyncio.wait_for(self.store.put(CLEAN_MARK, b""),
@@ -4142,16 +4145,26 @@ async def event_stream(request):
     _known_parameters(request.query, ("types", "infohash"))
     types = _names(request.query["types"], "types", EVENT_TYPES) \
         if "types" in request.query else EVENT_TYPES
-    infohashes = {parse_infohash(text) for text in request.query.getall("infohash", [])}
+    engine = request.app[ENGINE]
+    infohashes = {_main_id(engine, parse_infohash(text))
+                  for text in request.query.getall("infohash", [])}
     last = request.headers.get("Last-Event-ID")
     if last is not None and not (last.isascii() and last.isdigit() and len(last) < 19):
         raise ApiError(400, "Last-Event-ID must be an event id")
-    events = request.app[ENGINE].events
+    events = engine.events
     subscriber = events.subscribe(set(types), infohashes)
     try:
         return await _stream(request, subscriber, events, last)
     finally:
         events.subscribers.discard(subscriber)
+
+
+def _main_id(engine, infohash):
+    """The id events carry for a torrent known by any of its ids (a hybrid's v2 hash, a
+    v2 hash's first 40 digits); an unknown id as it is."""
+    with contextlib.suppress(ApiError):
+        return engine.lookup(infohash).infohash
+    return infohash
 
 
 async def _stream(request, subscriber, events, last):
