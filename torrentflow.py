@@ -4599,11 +4599,6 @@ async def _rpc_add(request, engine, arguments):
     if created and choices:
         await engine.metadata_read(torrent)
         await _rpc_set(engine, [torrent], arguments)
-    return _rpc_added(torrent, created)
-
-
-def _rpc_added(torrent, created):
-    """torrent-add's answer."""
     return {"torrent-added" if created else "torrent-duplicate": {
         "id": torrent.number, "name": torrent.status["name"], "hashString": torrent.infohash}}
 
