@@ -3094,6 +3094,8 @@ async def test_file_priorities_given_with_a_magnet_skip_padding_and_survive_a_cr
     for name in ("a.bin", "c.bin"):
         assert sha1_of(downloads / name) == sha1_of(source / "three" / name)
     assert not status["is_seeding"]
+    # All its files sat at 0 until the list was mapped: not "finished" for that.
+    assert process.log().count("torrentflow: finished ") == 1, process.log()
     await process.restart(signal.SIGTERM)  # the mapped list is what was saved
     status = await process.wait_listed(body["infohash"])
     assert [f["priority"] for f in status["files"]] == [4, 0, 4] and status["is_finished"]

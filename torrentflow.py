@@ -1210,7 +1210,11 @@ STATUS = (
     Field("super_seeding", "boolean", False, "super-seeding is on",
           _flag(lt.torrent_flags.super_seeding)),
     Field("is_seeding", "boolean", False, "it has every piece"),
-    Field("is_finished", "boolean", False, "it has every wanted piece"),
+    # Not while a magnet's chosen file priorities wait to be mapped: all its files are
+    # at 0 meanwhile, which libtorrent calls finished.
+    Field("is_finished", "boolean", False, "it has every wanted piece",
+          lambda torrent, status: status.is_finished
+          and torrent.notes["chosen_priorities"] is None),
     Field("has_metadata", "boolean", False, "the info dict is known"),
     Field("has_incoming", "boolean", False, "a peer has connected to us for it"),
     Field("progress", {"type": "number", "minimum": 0, "maximum": 100}, False,
