@@ -11,9 +11,6 @@ RUN pip install --no-cache-dir $(grep -E '^(aiohttp|libtorrent)==' /tmp/requirem
     && chown -R torrentflow:torrentflow /data
 
 COPY torrentflow.py /app/torrentflow.py
-# The daemon starts from this bytecode (see the end of torrentflow.py): compiling the
-# file at every start would hold about 11 MiB for the life of the process.
-RUN python -m compileall -q /app
 WORKDIR /app
 USER torrentflow
 

@@ -5252,13 +5252,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Start again as an import, from the cached bytecode: compiling this file as a
-    # script holds about 11 MiB for the life of the process, a sixth of an idle daemon.
-    # The same process (exec keeps its id), interpreter options and arguments.
-    script = os.path.abspath(sys.argv[0])
-    with contextlib.suppress(OSError, ValueError):
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:sys.orig_argv.index(
-            sys.argv[0])], "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-            "import torrentflow; sys.exit(torrentflow.main())", os.path.dirname(script),
-            *sys.argv[1:]])
     sys.exit(main())
