@@ -550,7 +550,7 @@ async def test_delete_removes_the_torrent_and_optionally_its_files(
     if response.status == 404:
         response = twin
     assert response.status == 200, await response.text()
-    ring = daemon.app[torrentflow.ENGINE].events.ring
+    ring = daemon.app[torrentflow.EVENTS].ring
     assert [event["type"] for event in ring].count("removed") == 1
     assert infohash in (await response.json())["detail"]
     # Confirmed removal: gone from the API at once, files gone or kept as asked.
@@ -585,7 +585,7 @@ METADATA_FIELDS = ("total_pieces", "total_size", "num_files", "creation_date", "
 
 def assert_status(status):
     """The status has every field of torrentflow.STATUS, each of its type, and no other."""
-    validate(torrentflow.OPENAPI, {"$ref": "#/components/schemas/Status"}, status)
+    validate(torrentflow.openapi_document(), {"$ref": "#/components/schemas/Status"}, status)
 
 
 async def test_every_field_has_its_type_for_a_complete_torrent(daemon, swarm, payload):
@@ -911,7 +911,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAGNET = "magnet:?xt=urn:btih:" + "ab" * 20
 PROTECTED = [("GET", "/torrents"), ("POST", "/torrents"), ("GET", "/torrents/" + "ab" * 20),
              ("DELETE", "/torrents/" + "ab" * 20), ("PUT", f"/torrents/{'ab' * 20}/pause"),
-             ("PUT", f"/torrents/{'ab' * 20}/resume"), ("GET", "/nowhere")]
+             ("PUT", f"/torrents/{'ab' * 20}/resume")]
 
 
 @pytest.fixture
@@ -931,6 +931,14 @@ async def test_every_route_but_health_and_spec_needs_the_token(guarded):
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     for path in ("/health", "/openapi.json"):
         assert (await guarded.get(path)).status == 200
+    # A path no route has says so before any token is asked for (stig reported a wrong
+    # URL as "Authentication failed"); the route table is public in /openapi.json.
+    for method, path in (("GET", "/nowhere"), ("POST", "/rpc"), ("GET", "/transmission/x")):
+        basic = "Basic " + base64.b64encode(b"user:wrong-password").decode()
+        for headers in ({}, {"Authorization": basic}):
+            response = await guarded.request(method, path, headers=headers)
+            await error_of(response, 404)
+    await error_of(await guarded.request("PATCH", "/health"), 405)
 
 
 async def test_a_wrong_token_is_refused_and_the_right_one_accepted(guarded):
@@ -1305,7 +1313,7 @@ async def test_malformed_bodies_get_400(daemon):
 async def test_the_spec_documents_every_route(daemon):
     spec = await (await daemon.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.1") and spec == json.loads(json.dumps(
-        torrentflow.OPENAPI))
+        torrentflow.openapi_document()))
     routed = set()
     for route in daemon.app.router.routes():
         if route.method == "HEAD":
@@ -1377,7 +1385,7 @@ def validate(spec, schema, value, where="$"):
 
 async def conforms(response, method, path):
     """Check a real answer against the operation the spec gives for it."""
-    spec = torrentflow.OPENAPI
+    spec = torrentflow.openapi_document()
     responses = spec["paths"][path][method]["responses"]
     assert str(response.status) in responses, (method, path, response.status)
     documented = _resolve(spec, responses[str(response.status)])
@@ -1410,7 +1418,7 @@ async def test_real_answers_match_the_spec(daemon, swarm, payload, tmp_path):
     listing = await conforms(await daemon.get("/torrents"), "get", "/torrents")
     assert len(listing["torrents"]) == 2
     for status in listing["torrents"]:
-        validate(torrentflow.OPENAPI, {"$ref": "#/components/schemas/Summary"}, status)
+        validate(torrentflow.openapi_document(), {"$ref": "#/components/schemas/Summary"}, status)
         assert "files" not in status  # only on request: fields=files
     trimmed = await conforms(await daemon.get("/torrents?fields=name,files&sort=-progress"
                                               "&limit=1"), "get", "/torrents")
@@ -3572,9 +3580,9 @@ async def test_a_reader_that_never_reads_is_cut_off_and_the_daemon_stays_fast(
                                                          socket.SO_RCVBUF, 4096)
     writer.write(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
     await writer.drain()
-    engine = daemon.app[torrentflow.ENGINE]
-    await wait_until(lambda: engine.events.subscribers, deadline=10, what="the subscriber")
-    subscriber = next(iter(engine.events.subscribers))
+    events = daemon.app[torrentflow.EVENTS]
+    await wait_until(lambda: events.subscribers, deadline=10, what="the subscriber")
+    subscriber = next(iter(events.subscribers))
     for count in range(150):
         root = make_payload(tmp_path / "many", {f"e{count}.bin": 1000 + count})
         await add(daemon, torrent_file=make_torrent(root / f"e{count}.bin"))
@@ -3589,17 +3597,17 @@ async def test_a_reader_that_never_reads_is_cut_off_and_the_daemon_stays_fast(
     probing = asyncio.ensure_future(probe())
     # Every pause and resume of all 150 is 150 events, while the reader reads nothing.
     for _ in range(10):
-        if subscriber not in engine.events.subscribers:
+        if subscriber not in events.subscribers:
             break
         for action in ("pause", "resume"):
             assert (await daemon.put(f"/torrents/{action}")).status == 200
     assert subscriber.overflowed
     # Its writer, stuck on a full socket, lets go within STREAM_WRITE_TIMEOUT.
-    await wait_until(lambda: subscriber not in engine.events.subscribers,
+    await wait_until(lambda: subscriber not in events.subscribers,
                      deadline=torrentflow.STREAM_WRITE_TIMEOUT + 5, what="the cut-off")
     stop.set()
     await probing
-    print(f"cut off after {engine.events.next_id} events; /health p99 "
+    print(f"cut off after {events.next_id} events; /health p99 "
           f"{1000 * _percentile(waits, 0.99):.1f} ms, max {1000 * max(waits):.1f} ms")
     assert _percentile(waits, 0.99) < 0.1
     data = await asyncio.wait_for(reader.read(), 30)  # read it all now:
@@ -4122,4 +4130,4 @@ def test_the_readme_lists_every_option_with_its_flag_and_variable():
 def test_the_readme_documents_every_status_field():
     rows = readme_table("### The status object")
     documented = [name for row in rows for name in re.findall(r"`(\w+)`", row[0])]
-    assert documented == list(torrentflow.STATUS_FIELDS)
+    assert documented == torrentflow.status_fields()

@@ -1,40 +1,43 @@
 """TorrentFlow: a BitTorrent daemon driven by an HTTP JSON API.
 
 One process runs one libtorrent session and serves a JSON API over it: add, inspect,
-control and remove torrents (/torrents...), the session's settings (/settings), a
-live event stream (/events), webhooks, Prometheus metrics (/metrics), Transmission's
-RPC (/transmission/rpc) for the tools that speak it, and /health. GET /openapi.json
-describes every route; README.md documents every field, error and option.
+pause, resume and remove torrents (/torrents...), and /health. Extensions add per-torrent
+control and the session's settings (/settings), peer and tracker views, a live event
+stream (/events) with webhooks, Prometheus metrics (/metrics), and Transmission's RPC
+(/transmission/rpc). GET /openapi.json describes every route and field.
 
-Run it with ``python torrentflow.py`` (``--help`` lists every option). Each option can
+Run it with ``python torrentflow.py --local-only`` to try it on one machine, or without
+--local-only to join the public swarm (``--help`` lists every option). Each option can
 also be set through an environment variable, TORRENTFLOW_<OPTION> (for example
-TORRENTFLOW_PORT or TORRENTFLOW_DOWNLOAD_DIR); the command line wins. The OPTIONS
-table below lists them all.
+TORRENTFLOW_TOKEN, TORRENTFLOW_PORT or TORRENTFLOW_DOWNLOAD_DIR); the command line wins.
 
 With a token set, every request but GET /health and GET /openapi.json must carry
 ``Authorization: Bearer <token>``. Without one the daemon refuses to listen beyond
 loopback, and answers only requests addressed to localhost. Requests a browser sends
-on behalf of another site are always refused.
+on behalf of another site are always refused. Every torrent is written to the state
+directory before the API confirms it, and again whenever it changes. README.md is the
+operator's manual.
 
-Every torrent is written to the state directory before the API confirms it, and
-again whenever it changes; after a crash, what reached the disk is found by checking.
+How this file reads, top to bottom. The core comes first, in order of trust:
 
-How this file reads, top to bottom:
+    Constants, Configuration   limits with their reasons; OPTIONS -> argparse, Config
+    Unauthenticated reach      the connection guard, the access checks, the route table,
+                               the public routes, /health and /openapi.json
+    What strangers control     hashes, save paths, magnets, .torrent files, URL
+                               fetches, metadata, trackers and DHT nodes from peers
+    The state directory        StateStore, and the checks on what it gives back
+    Status and settings        the STATUS and SETTINGS tables -> status dicts, schemas
+    Engine                     TorrentEngine, the one owner of the libtorrent session
+    HTTP API                   request bodies and the seed's verbs: add, list, status,
+                               pause, resume, remove
+    Application                make_app, serve, main
 
-    Constants         limits, each with the reason for its value
-    Configuration     the OPTIONS table -> argparse, environment, Config
-    Errors, access    ApiError and the middlewares that give every answer its shape
-    Torrent input     hashes, save paths, magnets, .torrent files, URL fetches
-    Status fields     the STATUS table -> status dicts, OpenAPI schema, fields=
-    Settings          the TORRENT_SETTINGS table -> POST and PATCH /torrents
-    State directory   StateStore: every file, written in order on one thread
-    Events            Events: the log, GET /events streams and webhooks
-    Engine            TorrentEngine, the one owner of the libtorrent session
-    Metrics           GET /metrics from libtorrent's session counters
-    HTTP API          handlers, each declared with its route and OpenAPI operation
-    Transmission RPC  its methods and fields, mapped onto the engine
-    API description   /health, /openapi.json, and the document built from ROUTES
-    Application       make_app, the connection guard, serve, main
+Then the line "The core ends here", and the extensions, each in a section of its own:
+per-torrent control and /settings; peer and tracker views; events, SSE and webhooks;
+metrics; Transmission RPC and its web client. An extension adds rows to the core's
+tables (ROUTES through @api, OPTIONS, STATUS, SETTINGS, NOTES), a setup function to
+EXTENSIONS, and listeners to the engine (TorrentEngine.listen, .on_alert). The core
+never names an extension.
 
 A request flows middleware -> handler -> engine method; the engine posts work to
 libtorrent and awaits TorrentEngine.expect(), which the alert loop resolves. Alerts
@@ -52,6 +55,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -106,37 +110,6 @@ MAX_WEB_SEEDS = 100
 #: Characters of free text kept from a torrent (comment, creator, a magnet's dn=): a
 #: 10 MiB comment would otherwise be copied into every status and listing.
 MAX_TEXT = 4096
-#: Labels one torrent may carry: enough to group, too few to be a database.
-MAX_LABELS = 32
-#: Seconds a PATCH of save_path waits for the move; past it, the answer is 202 and the
-#: status shows moving_to until the move ends.
-MOVE_WAIT = 10.0
-#: Every kind of event.
-EVENT_TYPES = ("added", "metadata", "state", "paused", "resumed", "finished", "error", "moved",
-               "limit_reached", "removed", "settings")
-#: Events kept for GET /events clients that reconnect with Last-Event-ID.
-EVENT_RING = 10_000
-#: Event ids reserved at a time in the state directory (EVENT_COUNTER).
-EVENT_ID_BLOCK = 10_000
-EVENT_COUNTER = "event-id"
-#: Events one GET /events client may fall behind before it is cut off: it must never
-#: make the daemon wait or hold unbounded memory.
-SUBSCRIBER_QUEUE = 1000
-#: GET /events streams at once; each holds an API connection for as long as it lasts.
-MAX_SUBSCRIBERS = 32
-#: Seconds between comments on an idle event stream, so proxies keep it open.
-HEARTBEAT = 15.0
-#: Bytes an event stream may have in flight to its reader (in the daemon and in the
-#: kernel each).
-STREAM_BUFFER = 32 * 1024
-#: Seconds a write to an event stream may wait for the client to read.
-STREAM_WRITE_TIMEOUT = 10.0
-#: Webhook delivery: seconds per attempt, longest pause between attempts, how long an
-#: event is retried, and how many events each target's queue holds.
-WEBHOOK_TIMEOUT = 10.0
-WEBHOOK_MAX_DELAY = 600.0
-WEBHOOK_RETRY_FOR = 24 * 3600.0
-WEBHOOK_QUEUE = 10_000
 #: Characters of any one value in a log line; longer ones are cut.
 MAX_LOGGED = 300
 #: Shorter tokens can be guessed by a client that is free to try as often as it likes.
@@ -165,15 +138,12 @@ KEEPALIVE_TIMEOUT = 15.0
 BODY_TIMEOUT = 30.0
 #: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time, in pieces
 #: of WRITE_PIECE bytes (see _respond): one send() of a 2.6 MB listing held the loop
-#: for 30 to 200 ms on loopback under load, and small requests waited behind it.
-#: Measured with 200 clients listing 2,000 torrents: /health p99 150-340 ms before,
-#: 8 ms with 512 KiB pieces; 128 KiB pieces cost a third of the listing throughput.
+#: for up to 200 ms, and small requests waited behind it (README, Performance).
 LARGE_BODY = 256 * 1024
 LARGE_AT_ONCE = 4
 WRITE_PIECE = 512 * 1024
 #: File entries serialised in one json.dumps call (see _json): about 1.5 ms, during
-#: which the event loop waits for the GIL. With 2,000 (5 ms each), serving a 60,000-file
-#: list stalled other requests 50 to 90 ms on the CI machine; with 500, 20 to 50 ms.
+#: which the event loop waits for the GIL.
 JSON_SLICE = 500
 #: Torrents above which a fields= listing or an RPC torrent-get is built and serialised
 #: on a worker thread: all fields of 10,000 torrents take 0.15 s to serialise.
@@ -306,34 +276,6 @@ def _absolute_path(text):
     return Path(text)
 
 
-def _directory(text):
-    """A directory that exists, by its real path."""
-    if not os.path.isdir(text):
-        raise ValueError("give a directory that exists")
-    return Path(os.path.realpath(text))
-
-
-def _webhook_url(text):
-    """An http(s) URL."""
-    try:
-        parts = urllib.parse.urlsplit(text)
-    except ValueError as error:
-        raise ValueError(f"not a URL: {error}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("give an http:// or https:// URL")
-    return text
-
-
-def _event_types(text):
-    """Event types, comma-separated."""
-    types = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in types if name not in EVENT_TYPES]
-    if unknown or not types:
-        raise ValueError(f"unknown event type {(unknown or [''])[0]!r}; give some of "
-                         + ", ".join(EVENT_TYPES))
-    return types
-
-
 def _interfaces(text):
     """(address, port) of each ADDRESS:PORT entry of a listen_interfaces string."""
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -382,7 +324,10 @@ class Option:
     flag_name: str = ""    # the flag, when not --<name> (one flag of a repeatable list)
     setting: str = ""      # its key in GET/PATCH /settings, if it can change at run time
     schema: object = None  # and the JSON schema of its value there
-    secret: bool = False   # kept out of repr(), so no log line can show it
+    secret: bool = False   # kept out of repr(), so no log line can show it; read from
+                           # --<name>-file too, an option of its own
+    #: (every value) -> why this option's value does not fit the others, or None
+    check: object = None
 
     @property
     def flag(self):
@@ -398,8 +343,9 @@ _INTEGER = {"type": "integer"}
 ON_LIMIT = ("pause", "remove", "remove_with_files")
 
 #: Every option of the daemon. argparse, the environment lookup, Config and the README's
-#: configuration table all come from here; a test holds the README to it.
-OPTIONS = (
+#: configuration table all come from here; a test holds the README to it. Extensions
+#: add rows.
+OPTIONS = [
     Option("host", _host, "127.0.0.1", "address the API listens on; beyond loopback a token "
            "is required"),
     Option("port", _port, 8080, "API port; 0 picks a free one"),
@@ -429,7 +375,8 @@ OPTIONS = (
            "torrent_url, redirects included"),
     Option("token", str, None, "API token: every request but GET /health and "
            "/openapi.json must send 'Authorization: Bearer TOKEN'. Other users can read "
-           "command lines, so prefer the environment or --token-file", secret=True),
+           "command lines, so prefer the environment or --token-file", secret=True,
+           check=lambda values: _token_problem(values["token"])),
     Option("token_file", Path, None, "read the API token from this file at start, for "
            "example a Docker secret (/run/secrets/...)"),
     Option("insecure_no_auth", _boolean, False, "serve the API without a token on a "
@@ -462,31 +409,31 @@ OPTIONS = (
     Option("on_limit", _choice(*ON_LIMIT), "pause", "what happens to a torrent that "
            "reaches a seeding limit", setting="on_limit",
            schema={"type": "string", "enum": list(ON_LIMIT)}),
-    Option("webhooks", _webhook_url, (), "POST events as JSON to this http(s) URL; repeat "
-           "for more", repeat=" ", flag_name="webhook"),
-    Option("webhook_events", _event_types, ("finished", "error", "removed"), "the events "
-           "webhooks get, comma-separated"),
-    Option("webhook_secret", str, None, "sign webhook bodies with HMAC-SHA256 under this "
-           "key (X-TorrentFlow-Signature)", secret=True),
-    Option("webhook_secret_file", Path, None, "read the webhook secret from this file"),
-    Option("metrics_per_torrent", _boolean, False, "GET /metrics also gives series per "
-           "torrent, labelled by infohash and name (many torrents make many series)"),
-    Option("web_ui", _directory, None, "serve this directory at /transmission/web/, with "
-           "the API's token rules: Transmission's web client, for example "
-           "/usr/share/transmission/web (Debian's transmission-common)"),
     Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
            "may point into, besides --download-dir; repeat for more", repeat=":",
            flag_name="allowed-save-root"),
-)
+]
 
-Config = dataclasses.make_dataclass(
-    "Config",
-    [(option.name, object, dataclasses.field(default=option.default, repr=not option.secret))
-     for option in OPTIONS],
-    frozen=True,
-    namespace={"__doc__": "Everything the daemon reads from the outside world, read once "
-               "at start; one field per entry of OPTIONS."},
-)
+
+class Config:
+    """Everything the daemon reads from the outside world, read once at start: one
+    attribute per row of OPTIONS (extensions' rows included), frozen."""
+
+    def __init__(self, **values):
+        unknown = set(values) - {option.name for option in OPTIONS}
+        if unknown:
+            raise TypeError(f"unknown option {sorted(unknown)[0]!r}")
+        self.__dict__.update({option.name: option.default for option in OPTIONS}, **values)
+
+    def __setattr__(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __eq__(self, other):
+        return isinstance(other, Config) and vars(self) == vars(other)
+
+    def __repr__(self):
+        shown = (f"{o.name}={getattr(self, o.name)!r}" for o in OPTIONS if not o.secret)
+        return f"Config({', '.join(shown)})"
 
 
 def _option_parser():
@@ -524,8 +471,8 @@ def _option_values(parser, args, environ):
             continue
         given_names.add(option.name)
         try:
-            if option.repeat:
-                values[option.name] = tuple(option.parse(part) for part in given)
+            if option.repeat:  # each once: the same webhook twice would post twice
+                values[option.name] = tuple(dict.fromkeys(option.parse(p) for p in given))
             else:
                 values[option.name] = option.parse(given)
         except (ValueError, TypeError) as error:
@@ -551,17 +498,14 @@ def _read_secret(parser, values, name):
     return secret
 
 
-def _read_token(parser, values):
-    """The API token, checked, or None."""
-    token = _read_secret(parser, values, "token")
-    if token is None:
-        return None
-    # The token travels in an HTTP header: visible ASCII only, so no client mangles it.
-    if len(token) < MIN_TOKEN_LENGTH or not all("!" <= c <= "~" for c in token):
-        parser.error(f"--token (TORRENTFLOW_TOKEN): the token must be at least "
-                     f"{MIN_TOKEN_LENGTH} visible ASCII characters without spaces; "
-                     "`openssl rand -hex 32` makes a good one")
-    return token
+def _token_problem(token):
+    """Why a token is too weak, or None. It travels in an HTTP header: visible ASCII
+    only, so no client mangles it."""
+    if token is not None and (len(token) < MIN_TOKEN_LENGTH
+                              or not all("!" <= c <= "~" for c in token)):
+        return (f"the token must be at least {MIN_TOKEN_LENGTH} visible ASCII characters "
+                "without spaces; `openssl rand -hex 32` makes a good one")
+    return None
 
 
 def parse_config(argv=None, environ=None):
@@ -575,18 +519,17 @@ def parse_config(argv=None, environ=None):
         if enabled:
             parser.error(f"--local-only cannot be combined with --{enabled[0]}")
         values.update(dict.fromkeys(("dht", "lsd", "upnp", "natpmp"), False))
-        if values["listen_interfaces"] == Config.listen_interfaces:
+        if "listen_interfaces" not in given:
             values["listen_interfaces"] = "127.0.0.1:6881"
         elif not _is_loopback_interfaces(values["listen_interfaces"]):
             parser.error("--local-only needs loopback --listen-interfaces, "
                          f"not {values['listen_interfaces']!r}")
-    values["token"] = _read_token(parser, values)
-    values["webhook_secret"] = _read_secret(parser, values, "webhook_secret")
-    values["webhooks"] = tuple(dict.fromkeys(values["webhooks"]))  # each target once
-    for url in values["webhooks"]:
-        if values["local_only"] and not _is_local_url(url):
-            parser.error(f"--webhook (TORRENTFLOW_WEBHOOKS): with --local-only, {url!r} "
-                         "must name localhost or a loopback address")
+    for option in OPTIONS:
+        if option.secret:
+            values[option.name] = _read_secret(parser, values, option.name)
+        problem = option.check and option.check(values)
+        if problem:
+            parser.error(f"{option.flag} ({option.env}): {problem}")
     if (values["token"] is None and not values["insecure_no_auth"]
             and not _is_loopback_name(values["host"])):
         parser.error(
@@ -635,7 +578,8 @@ def session_settings(config):
 
 
 # --------------------------------------------------------------------------- #
-# Errors and access control
+# What an unauthenticated connection reaches: the connection guard, the access
+# checks, the route table and its public routes, /health and /openapi.json
 # --------------------------------------------------------------------------- #
 
 class ApiError(Exception):
@@ -648,50 +592,70 @@ class ApiError(Exception):
         self.headers = headers
 
 
-class StartupError(Exception):
-    """A problem that keeps the daemon from starting; main() reports it and exits 2."""
+ENGINE = web.AppKey("engine", "TorrentEngine")
+CONFIG = web.AppKey("config", Config)
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+REQUESTS = web.AppKey("requests", collections.Counter)
+LARGE_WRITES = web.AppKey("large_writes", asyncio.Semaphore)
 
+#: Path prefixes whose clients can send only a user name and a password (Transmission's
+#: tools, media players), with the realm their 401 names: there HTTP Basic with the
+#: token as the password (any user name) is taken too. Extensions add rows.
+BASIC_REALMS = {}
 
-def _directory_problem(directory, error):
-    """Say why a directory cannot be used, and who the daemon runs as: the usual cause
-    in a container is a bind mount that the image's user cannot write."""
-    return (f"cannot use the directory {directory}: {error.strerror or error} (the daemon "
-            f"runs as uid {os.getuid()}; create the directory and give that user write "
-            "access, for example with mkdir and chown)")
-
-
-@web.middleware
-async def count_middleware(request, handler):
-    """Count answers by route and status, for GET /metrics."""
-    response = await handler(request)
-    resource = request.match_info.route.resource
-    request.app[REQUESTS][resource.canonical if resource else "unmatched",
-                          response.status] += 1
-    return response
+#: Requests anyone may make, without the token: a health check cannot carry a secret,
+#: and the API description holds none. Every other route needs the token, when one is set.
+PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/openapi.json")}
 
 
 @web.middleware
-async def error_middleware(request, handler):
-    """Give every error, ours or aiohttp's, the one shape: {"detail": ...} with its
-    status code."""
-    headers = None
+async def api_middleware(request, handler):
+    """Every request passes here once: the access checks, then the handler; every error,
+    ours or aiohttp's, gets the one shape {"detail": ...} with its status code; and the
+    answer is counted by route and status (GET /metrics)."""
     try:
-        return await handler(request)
+        _check_access(request)
+        response = await handler(request)
     except ApiError as error:
-        status, detail, headers = error.status, error.detail, error.headers
-    except ConnectionResetError:  # the client hung up mid-body: nobody to answer
-        log.info("the client of %s %s hung up", request.method, request.path)
-        status, detail = 400, "the client hung up"
+        response = web.json_response({"detail": error.detail}, status=error.status,
+                                     headers=error.headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         # Keep headers that carry meaning (Allow on 405), not the text body's type.
-        status, detail = error.status, error.reason
-        headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
+        response = web.json_response({"detail": error.reason}, status=error.status, headers={
+            k: v for k, v in error.headers.items() if k.lower() != "content-type"})
+    except ConnectionResetError:  # the client hung up mid-body: nobody to answer
+        log.info("the client of %s %s hung up", request.method, request.path)
+        response = web.json_response({"detail": "the client hung up"}, status=400)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        status, detail = 500, "internal server error"
-    return web.json_response({"detail": detail}, status=status, headers=headers)
+        response = web.json_response({"detail": "internal server error"}, status=500)
+    request.app[REQUESTS][request.match_info.route.resource, response.status] += 1
+    return response
+
+
+def _check_access(request):
+    """Refuse cross-site browser requests, foreign Host names without a token, and
+    requests without the token when one is set. A path no route has answers 404 before
+    the token is asked for: the route table is public in /openapi.json anyway, and a
+    client with a wrong URL must be told so, not that its password is wrong."""
+    config = request.app[CONFIG]
+    reason = _cross_site(request)
+    if reason:
+        raise ApiError(403, f"cross-site request refused: {reason}")
+    if config.token is None:
+        if not _host_allowed(request.headers.get("Host"), config.insecure_no_auth):
+            raise ApiError(403, "without an API token only requests to localhost or a "
+                           "loopback address are served (this blocks DNS rebinding); set a "
+                           "token to use another name")
+    elif (request.match_info.http_exception is None
+          and (request.method, request.match_info.route.resource.canonical)
+          not in PUBLIC_ROUTES):
+        failure = _bearer_error(request, config.token)
+        if failure:
+            detail, challenge = failure
+            raise ApiError(401, detail, {"WWW-Authenticate": challenge})
 
 
 def _host_and_port(netloc):
@@ -748,49 +712,242 @@ def _host_allowed(host_header, insecure_no_auth):
 def _bearer_error(request, token):
     """Why the Authorization header does not carry the token, or None if it does.
 
-    Transmission's clients know only a user and a password: on its RPC, HTTP Basic
-    with the token as the password (any user name) is accepted too.
+    Under the BASIC_REALMS paths, HTTP Basic with the token as the password (any user
+    name) is accepted too.
     """
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    rpc = request.path.startswith("/transmission/")
-    if rpc and scheme.lower() == "basic":
+    realm = next((realm for prefix, realm in BASIC_REALMS.items()
+                  if request.path.startswith(prefix)), None)
+    if realm and scheme.lower() == "basic":
         with contextlib.suppress(ValueError):
             given = base64.b64decode(given.strip(), validate=True).decode().partition(":")[2]
     elif scheme.lower() != "bearer":
         given = ""
-    challenge = 'Basic realm="Transmission"' if rpc else 'Bearer realm="torrentflow"'
+    challenge = f'Basic realm="{realm}"' if realm else 'Bearer realm="torrentflow"'
     if not given.strip():
         return "this API needs the header Authorization: Bearer <token>", challenge
     # Constant time, so response timing does not reveal how much of a guess was right.
     if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
                            token.encode()):
         return None
-    return "invalid token", challenge + ('' if rpc else ', error="invalid_token"')
+    return "invalid token", challenge + ('' if realm else ', error="invalid_token"')
 
 
-@web.middleware
-async def access_middleware(request, handler):
-    """Refuse cross-site browser requests, foreign Host names without a token, and
-    requests without the token when one is set."""
-    config = request.app[CONFIG]
-    reason = _cross_site(request)
-    if reason:
-        raise ApiError(403, f"cross-site request refused: {reason}")
-    if config.token is None and not _host_allowed(request.headers.get("Host"),
-                                                  config.insecure_no_auth):
-        raise ApiError(403, "without an API token only requests to localhost or a loopback "
-                       "address are served (this blocks DNS rebinding); set a token to "
-                       "use another name")
-    if config.token is not None and (request.method, request.path) not in PUBLIC_ROUTES:
-        failure = _bearer_error(request, config.token)
-        if failure:
-            detail, challenge = failure
-            raise ApiError(401, detail, {"WWW-Authenticate": challenge})
-    return await handler(request)
+class _Connection(asyncio.Protocol):
+    """One API connection: aiohttp's own protocol inside, watched by the guard.
+
+    Its state is "head" (waiting for a complete request head, since head_since),
+    "ready" (a head is in), "busy" (a request runs) or "idle" (between requests).
+    """
+
+    def __init__(self, guard):
+        self.guard, self.inner = guard, guard.server()
+        self.transport = None
+        self.state, self.head_since, self.tail = "head", time.monotonic(), b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.inner.connection_made(transport)
+        self.guard.admit(self)
+
+    def data_received(self, data):
+        if self.state in ("head", "idle"):
+            if self.state == "idle":
+                self.state, self.head_since, self.tail = "head", time.monotonic(), b""
+            # A head ends with CRLF CRLF after a request line: aiohttp skips blank lines
+            # before one, so bare CRLFs must not shield a connection from eviction.
+            text = self.tail + data if self.tail else data.lstrip(b"\r\n")
+            if b"\r\n\r\n" in text:  # the head is in: never evicted now
+                self.state, self.tail = "ready", b""
+            else:
+                self.tail = text[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def pause_writing(self):
+        self.inner.pause_writing()
+
+    def resume_writing(self):
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc):
+        self.guard.forget(self)
+        self.inner.connection_lost(exc)
+
+
+class ConnectionGuard:
+    """Bounds what API connections can hold: a protocol factory for the API's socket.
+
+    A connection gets HEAD_TIMEOUT to send a complete request head. Past
+    --max-connections, a new connection pushes out the oldest one still sending its
+    head, else the one idle the longest, else it is refused itself; a connection whose
+    request is in or running is never dropped. So half-open sockets cannot use up the
+    descriptors, and a client with a token always gets through.
+    """
+
+    def __init__(self, server, limit):
+        self.server, self.limit = server, limit
+        self.connections = {}   # _Connection -> None, oldest first
+        self._by_handler = {}   # aiohttp's protocol -> _Connection
+        self._dropped = 0       # since the last log line
+        server.request_handler = self._tracked(server.request_handler)
+
+    def __call__(self):
+        return _Connection(self)
+
+    def admit(self, connection):
+        self.connections[connection] = None
+        self._by_handler[connection.inner] = connection
+        if len(self.connections) > self.limit:
+            victim = next((c for c in self.connections if c.state == "head"), None) or \
+                next((c for c in self.connections if c.state == "idle"), connection)
+            self.drop(victim)
+
+    def forget(self, connection):
+        self.connections.pop(connection, None)
+        self._by_handler.pop(connection.inner, None)
+
+    def drop(self, connection):
+        self.forget(connection)
+        connection.transport.abort()  # frees the descriptor now, without TIME_WAIT
+        self._dropped += 1
+
+    def _tracked(self, handle):
+        """aiohttp's request handler, telling each connection when a request runs."""
+        async def tracked(request):
+            connection = self._by_handler.get(request.protocol)
+            if connection is not None:
+                connection.state = "busy"
+            try:
+                return await handle(request)
+            finally:
+                if connection is not None:
+                    connection.state = "idle"
+        return tracked
+
+    async def sweep(self):
+        """Close connections slow to send a head; log drops at most every 10 s."""
+        reported = time.monotonic()
+        while True:
+            await asyncio.sleep(1)
+            late = time.monotonic() - HEAD_TIMEOUT
+            for connection in [c for c in self.connections
+                               if c.state == "head" and c.head_since < late]:
+                self.drop(connection)
+            if self._dropped and time.monotonic() - reported >= 10:
+                log.warning("closed %d API connections that were slow to send a request "
+                            "or over --max-connections (%d open)", self._dropped,
+                            len(self.connections))
+                self._dropped, reported = 0, time.monotonic()
+
+
+class GuardedSite(web.BaseSite):
+    """aiohttp's TCP site, with its connections made through a ConnectionGuard."""
+
+    def __init__(self, runner, host, port, limit):
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self._host, self._port = host, port
+        self.guard = ConnectionGuard(runner.server, limit)
+
+    @property
+    def name(self):
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self):
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard, self._host, self._port, backlog=self._backlog)
+
+
+#: (method, path, handler, OpenAPI operation) of every route; make_app and the
+#: OpenAPI document both come from it.
+ROUTES = []
+#: Error answers every protected route can give.
+COMMON_ERRORS = (400, 401, 403)
+
+
+def _ref(name, kind="schemas"):
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _object(properties, required=None):
+    """A closed object: every property required unless told otherwise."""
+    return {"type": "object", "properties": properties,
+            "required": list(properties) if required is None else required,
+            "additionalProperties": False}
+
+
+def _answer(description, schema, headers=None, links=None, media="application/json"):
+    """An OpenAPI response."""
+    response = {"description": description, "content": {media: {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    if links:
+        response["links"] = links
+    return response
+
+
+def _query(name, description, **schema):
+    """An optional query parameter."""
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", **schema}}
+
+
+INFOHASH_PARAMETER = {
+    "name": "infohash", "in": "path", "required": True,
+    "description": "v1 or v2 infohash, any case",
+    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$"}}
+DONE = _answer("done", _ref("Message"))
+
+
+def api(method, path, operation_id, responses, errors=(), parameters=(), **extra):
+    """Declare a handler's route and its OpenAPI operation together.
+
+    A public route (PUBLIC_ROUTES) needs no token; every other one can answer 400, 401
+    and 403 besides the errors named here. The handler's docstring is the summary.
+    """
+    def register(handler):
+        public = (method, path) in PUBLIC_ROUTES
+        codes = (403,) if public else (*COMMON_ERRORS, *errors)
+        operation = {
+            "operationId": operation_id, "summary": handler.__doc__.split("\n")[0],
+            **({"parameters": list(parameters)} if parameters else {}), **extra,
+            **({"security": []} if public else {}),
+            "responses": {**responses, **{str(code): _ref(str(code), "responses")
+                                          for code in sorted(codes)}}}
+        ROUTES.append((method, path, handler, operation))
+        return handler
+    return register
+
+
+@api("GET", "/health", "health", {"200": _answer("healthy", _ref("Health")),
+                                  "503": _ref("503", "responses")})
+async def health(request):
+    """Whether the daemon is healthy; needs no token, and tells more with it"""
+    engine, token = request.app[ENGINE], request.app[CONFIG].token
+    problems = engine.health()
+    # Without the token, only the verdict: nothing for a stranger to learn.
+    if token is not None and _bearer_error(request, token) is not None:
+        if problems:
+            raise ApiError(503, "unhealthy")
+        return web.json_response({"status": "ok"})
+    if problems:
+        raise ApiError(503, "unhealthy: " + "; ".join(problems))
+    return web.json_response({"status": "ok", "torrents": engine.count(),
+                              "loading": engine.loading, "listen_port": engine.listen_port})
+
+
+@api("GET", "/openapi.json", "openapi", {"200": _answer("this document", {"type": "object"})})
+async def openapi(request):
+    """This document; needs no token"""
+    return web.json_response(openapi_document())
 
 
 # --------------------------------------------------------------------------- #
-# Torrent input: hashes, save paths, magnets, .torrent files, URL fetches
+# What strangers control: hashes, save paths, magnets, .torrent files, URL fetches,
+# and the metadata, trackers and DHT nodes that come from peers
 # --------------------------------------------------------------------------- #
 
 def parse_infohash(text):
@@ -982,6 +1139,36 @@ def _unsafe_file_name(info):
     return None
 
 
+def _files_of(torrent_info):
+    """(index, path, size) of each file of a torrent, padding left out."""
+    layout = torrent_info.layout()
+    return [(index, layout.file_path(index), layout.file_size(index))
+            for index in range(layout.num_files())
+            if not layout.file_flags(index) & lt.file_storage.flag_pad_file]
+
+
+def _metadata(torrent_info, creation):
+    """Fields that need metadata; computed once, when metadata first arrives."""
+    files = _files_of(torrent_info)
+    return {
+        "total_size": sum(size for _, _, size in files),
+        "num_files": len(files),
+        "total_pieces": torrent_info.num_pieces(),
+        "piece_length": torrent_info.piece_length(),
+        "creation_date": _epoch_or_none(creation[0] or torrent_info.creation_date()),
+        "creator": creation[1] or None,
+        "comment": creation[2] or None,
+        "files": files,
+        "all_files": torrent_info.num_files(),  # libtorrent's count, padding included
+    }
+
+
+def _checked_metadata(torrent_info, creation):
+    """(why the metadata is refused, None) or (None, its _metadata). In a thread."""
+    problem = _unsafe_info(torrent_info)
+    return (problem, None) if problem else (None, _metadata(torrent_info, creation))
+
+
 def _is_local_url(url):
     """True when a URL names a loopback address or localhost, so no lookup leaves the host."""
     try:
@@ -1038,6 +1225,24 @@ def _url_allowed(url, local_only):
     return _is_local_url(url) if local_only else not _is_private_to_host(url)
 
 
+def _ip_filter(local_only):
+    """The session's IP filter, for peers, trackers and web seeds alike, after DNS.
+
+    With --local-only only loopback is allowed; otherwise everything but this host's
+    own addresses, where local services listen that a torrent must not reach.
+    """
+    ip_filter = lt.ip_filter()
+    if local_only:
+        ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
+        ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
+        ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
+        ip_filter.add_rule("::1", "::1", 0)
+    else:
+        for network in _HOST_OWN:
+            ip_filter.add_rule(str(network[0]), str(network[-1]), 1)
+    return ip_filter
+
+
 async def fetch_torrent_url(client, url, timeout, local_only=False):
     """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to.
     One deadline covers every redirect: five slow hops must not take five times as long."""
@@ -1092,406 +1297,7 @@ async def _read_limited(read_chunk, limit, what="request body", already=0):
 
 
 # --------------------------------------------------------------------------- #
-# Status fields
-# --------------------------------------------------------------------------- #
-
-def _epoch_or_none(value):
-    """A Unix time as an int, or None for libtorrent's 0 (never)."""
-    return int(value) if value and value > 0 else None
-
-
-def _seconds_since(moment):
-    """Whole seconds since a naive local datetime or a Unix time, or None if never."""
-    if moment is None:
-        return None
-    then = moment if isinstance(moment, float) else moment.timestamp()
-    return max(0, int(time.time() - then))
-
-
-def _files_of(torrent_info):
-    """(index, path, size) of each file of a torrent, padding left out."""
-    layout = torrent_info.layout()
-    return [(index, layout.file_path(index), layout.file_size(index))
-            for index in range(layout.num_files())
-            if not layout.file_flags(index) & lt.file_storage.flag_pad_file]
-
-
-def _metadata(torrent_info, creation):
-    """Fields that need metadata; computed once, when metadata first arrives."""
-    files = _files_of(torrent_info)
-    return {
-        "total_size": sum(size for _, _, size in files),
-        "num_files": len(files),
-        "total_pieces": torrent_info.num_pieces(),
-        "piece_length": torrent_info.piece_length(),
-        "creation_date": _epoch_or_none(creation[0] or torrent_info.creation_date()),
-        "creator": creation[1] or None,
-        "comment": creation[2] or None,
-        "files": files,
-        "all_files": torrent_info.num_files(),  # libtorrent's count, padding included
-    }
-
-
-def _checked_metadata(torrent_info, creation):
-    """(why the metadata is refused, None) or (None, its _metadata). In a thread."""
-    problem = _unsafe_info(torrent_info)
-    return (problem, None) if problem else (None, _metadata(torrent_info, creation))
-
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-    """One field of a torrent's status: its JSON type, meaning and source."""
-
-    name: str
-    type: object           # a JSON type name, or a JSON schema
-    nullable: bool
-    description: str
-    #: (torrent, torrent_status) -> the JSON value; None reads the torrent_status
-    #: attribute of the same name.
-    value: object = None
-    listed: bool = True    # in GET /torrents without fields=; a per-file list is not
-
-    @property
-    def schema(self):
-        schema = self.type if isinstance(self.type, dict) else {"type": self.type}
-        if self.nullable:
-            schema = {**schema, "type": [schema["type"], "null"]}
-        return {**schema, "description": self.description}
-
-
-def _flag(bit):
-    return lambda torrent, status: bool(status.flags & bit)
-
-
-def _info(name):
-    return lambda torrent, status: torrent.info and torrent.info[name]
-
-
-_QUEUED = lt.torrent_flags.paused | lt.torrent_flags.auto_managed
-#: The states libtorrent reports.
-STATES = sorted(str(state) for state in lt.torrent_status.states.values.values())
-_FILE_ENTRY = {"type": "object", "additionalProperties": False,
-               "required": ["index", "path", "size", "downloaded", "progress", "priority"],
-               "properties": {
-                   "index": {"type": "integer", "minimum": 0},
-                   "path": {"type": "string"},
-                   "size": {"type": "integer", "minimum": 0},
-                   "downloaded": {"type": "integer", "minimum": 0},
-                   "progress": {"type": "number", "minimum": 0, "maximum": 100},
-                   "priority": {"type": "integer", "minimum": 0, "maximum": 7}}}
-
-#: Every field of a torrent's status. The status dicts, the OpenAPI schema and the
-#: names that fields= and sort= accept all come from this table; README.md documents
-#: each row, and a test holds it to this table.
-STATUS = (
-    Field("infohash", "string", False, "the id: v1 hash if there is one, else v2 hash",
-          lambda torrent, status: torrent.infohash),
-    Field("info_hash_v1", "string", True, "the v1 (SHA-1) hash",
-          lambda torrent, status: next((i for i in torrent.ids if len(i) == 40), None)),
-    Field("info_hash_v2", "string", True, "the v2 (SHA-256) hash",
-          lambda torrent, status: next((i for i in torrent.ids if len(i) == 64), None)),
-    Field("state", {"type": "string", "enum": STATES}, False,
-        "libtorrent's state; paused and queued torrents keep theirs",
-        lambda torrent, status: str(status.state)),
-    Field("paused", "boolean", False, "paused, by the API or by the queue",
-          _flag(lt.torrent_flags.paused)),
-    Field("queued", "boolean", False, "paused by libtorrent's queue, not by you",
-          lambda torrent, status: status.flags & _QUEUED == _QUEUED),
-    Field("auto_managed", "boolean", False, "libtorrent's queue may start and stop it",
-          _flag(lt.torrent_flags.auto_managed)),
-    Field("sequential_download", "boolean", False, "pieces are fetched in order",
-          _flag(lt.torrent_flags.sequential_download)),
-    Field("seed_mode", "boolean", False, "seeding without having checked the data",
-          _flag(lt.torrent_flags.seed_mode)),
-    Field("upload_mode", "boolean", False, "not downloading, after a disk error",
-          _flag(lt.torrent_flags.upload_mode)),
-    Field("share_mode", "boolean", False, "downloading only to upload",
-          _flag(lt.torrent_flags.share_mode)),
-    Field("super_seeding", "boolean", False, "super-seeding is on",
-          _flag(lt.torrent_flags.super_seeding)),
-    Field("is_seeding", "boolean", False, "it has every piece"),
-    # Not while a magnet's chosen file priorities wait to be mapped: all its files are
-    # at 0 meanwhile, which libtorrent calls finished.
-    Field("is_finished", "boolean", False, "it has every wanted piece",
-          lambda torrent, status: status.is_finished
-          and torrent.notes["chosen_priorities"] is None),
-    Field("has_metadata", "boolean", False, "the info dict is known"),
-    Field("has_incoming", "boolean", False, "a peer has connected to us for it"),
-    Field("progress", {"type": "number", "minimum": 0, "maximum": 100}, False,
-          "percent of all files done; while checking, of the check",
-          lambda torrent, status: round(100 * (
-              status.progress if str(status.state).startswith("checking")
-              else status.total_done / status.total if status.total else 0), 4)),
-    Field("error", "string", False, "empty, or why the torrent stopped",
-          lambda torrent, status: torrent.error(status)),
-    Field("download_rate", "integer", False, "payload bytes/s received over the last "
-          "second; 0 when paused", lambda torrent, status: torrent.rates[0]),
-    Field("upload_rate", "integer", False, "payload bytes/s sent over the last second; 0 "
-          "when paused", lambda torrent, status: torrent.rates[1]),
-    Field("total_download", "integer", False, "payload bytes received over its life",
-          lambda torrent, status: torrent.notes["downloaded"]),
-    Field("total_upload", "integer", False, "payload bytes sent over its life",
-          lambda torrent, status: torrent.notes["uploaded"]),
-    Field("num_peers", "integer", False, "connected peers, seeds included"),
-    Field("num_seeds", "integer", False, "connected seeds"),
-    Field("list_peers", "integer", False, "peers known"),
-    Field("list_seeds", "integer", False, "seeds known"),
-    Field("connect_candidates", "integer", False, "known peers we could still connect to"),
-    Field("num_pieces", "integer", False, "pieces we have"),
-    Field("total_pieces", "integer", True, "pieces in the torrent", _info("total_pieces")),
-    Field("total_done", "integer", False, "bytes we have, of all files"),
-    Field("total_wanted_done", "integer", False, "bytes we have, of wanted files"),
-    Field("total_wanted", "integer", False, "bytes wanted"),
-    Field("distributed_copies", "number", False, "copies among peers; -1 when a seed",
-          lambda torrent, status: round(status.distributed_copies, 4)),
-    Field("num_complete", "integer", False, "seeds the tracker reports; -1 if unknown"),
-    Field("num_incomplete", "integer", False, "leechers the tracker reports; -1 if unknown"),
-    Field("last_seen_complete", "integer", True, "when a complete copy was last seen",
-          lambda torrent, status: _epoch_or_none(status.last_seen_complete)),
-    Field("time_since_upload", "integer", True, "seconds since payload was last sent",
-          lambda torrent, status: _seconds_since(status.last_upload)),
-    Field("time_since_download", "integer", True, "seconds since payload was last received",
-          lambda torrent, status: _seconds_since(status.last_download)),
-    Field("active_time", "integer", False, "seconds active, over its life",
-          lambda torrent, status: int(status.active_duration.total_seconds())),
-    Field("finished_time", "integer", False, "seconds finished, over its life",
-          lambda torrent, status: int(status.finished_duration.total_seconds())),
-    Field("seeding_time", "integer", False, "seconds seeding, over its life",
-          lambda torrent, status: int(status.seeding_duration.total_seconds())),
-    Field("seed_rank", "integer", False, "libtorrent's rank of its need for seeding"),
-    Field("last_scrape", "integer", True, "seconds since a tracker last reported counts",
-          lambda torrent, status: _seconds_since(torrent.last_scrape)),
-    Field("priority", "integer", False, "same as queue_position",
-          lambda torrent, status: status.queue_position),
-    Field("queue_position", "integer", False, "position in the queue; -1 for seeds"),
-    Field("added_time", "integer", False, "when it was added (Unix time)",
-          lambda torrent, status: int(status.added_time)),
-    Field("completed_time", "integer", True, "when it completed",
-          lambda torrent, status: _epoch_or_none(status.completed_time)),
-    Field("storage_mode", {"type": "string", "enum": ["allocate", "sparse"]}, False,
-          "how files are allocated",
-          lambda torrent, status: str(status.storage_mode).removeprefix("storage_mode_")),
-    Field("save_path", "string", False, "the real directory the files go into"),
-    Field("name", "string", False, "the torrent's name; its infohash until a magnet "
-          "without dn= has metadata", lambda torrent, status: status.name or torrent.infohash),
-    Field("total_size", "integer", True, "size of all files, padding not counted",
-          _info("total_size")),
-    Field("num_files", "integer", True, "number of files, padding not counted",
-          _info("num_files")),
-    Field("piece_length", "integer", True, "bytes per piece", _info("piece_length")),
-    Field("creation_date", "integer", True, "from the .torrent", _info("creation_date")),
-    Field("creator", "string", True, "from the .torrent", _info("creator")),
-    Field("comment", "string", True, "from the .torrent", _info("comment")),
-    Field("labels", {"type": "array", "items": {"type": "string"}}, False,
-          "the torrent's labels", lambda torrent, status: torrent.notes["labels"]),
-    Field("ratio", "number", False, "bytes uploaded over its life per byte wanted",
-          lambda torrent, status: round(torrent.notes["uploaded"] / status.total_wanted, 4)
-          if status.total_wanted else 0.0),
-    Field("download_limit", "integer", False, "its own limit, bytes/s; 0 for none",
-          lambda torrent, status: max(0, status.download_limit)),
-    Field("upload_limit", "integer", False, "its own limit, bytes/s; 0 for none",
-          lambda torrent, status: max(0, status.upload_limit)),
-    Field("max_connections", "integer", False, "its own peer connection limit; 0 for none",
-          lambda torrent, status: max(0, status.connections_limit)),
-    Field("max_uploads", "integer", False, "its own unchoke slot limit; 0 for none",
-          lambda torrent, status: max(0, status.uploads_limit)),
-    Field("ratio_limit", "number", False, "the ratio at which it stops seeding: -1 the "
-          "session's default, -2 none", lambda torrent, status: torrent.notes["ratio_limit"]),
-    Field("seeding_time_limit", "integer", False, "seconds of seeding after which it stops: "
-          "-1 the session's default, -2 none",
-          lambda torrent, status: torrent.notes["seeding_time_limit"]),
-    Field("limit_reached", "string", True, "which seeding limit stopped it, until resumed",
-          lambda torrent, status: torrent.notes["limit_reached"]),
-    Field("moving_to", "string", True, "where its data is being moved, during a move",
-          lambda torrent, status: torrent.notes["moving_to"]),
-    Field("files", {"type": "array", "items": _FILE_ENTRY}, True,
-          "one entry per file: index, path, size, downloaded, progress, priority",
-          lambda torrent, status: torrent.files(), listed=False),
-)
-STATUS_FIELDS = tuple(field.name for field in STATUS)
-
-
-def _status_dict(torrent, status):
-    """The JSON status of one torrent from a libtorrent torrent_status, files aside."""
-    return {field.name: field.value(torrent, status) if field.value
-            else getattr(status, field.name) for field in STATUS if field.listed}
-
-
-# --------------------------------------------------------------------------- #
-# Per-torrent settings
-# --------------------------------------------------------------------------- #
-
-def _labels_value(value):
-    """A list of labels; in a form, comma-separated."""
-    if isinstance(value, str):
-        value = [label.strip() for label in value.split(",") if label.strip()]
-    if not isinstance(value, list) or not all(isinstance(label, str) for label in value):
-        raise TypeError("must be a list of strings")
-    if len(value) > MAX_LABELS or any(not 0 < len(label) <= 64 or not label.isprintable()
-                                      for label in value):
-        raise ValueError(f"at most {MAX_LABELS} labels of 1 to 64 printable characters")
-    return list(dict.fromkeys(value))
-
-
-def _priorities_value(value):
-    """File priorities 0 to 7: a list, one per file (in a form, comma-separated), or
-    {"index": priority} for some of them."""
-    if isinstance(value, str):
-        value = value.split(",")
-    items = value.items() if isinstance(value, dict) else enumerate(value) \
-        if isinstance(value, list) else None
-    if items is None:
-        raise TypeError("must be a list of priorities, or an object of index: priority")
-    chosen = {}
-    for index, priority in items:
-        try:
-            index = int(index)
-        except ValueError:
-            raise TypeError(f"{index!r} is not a file index") from None
-        chosen[index] = _number(int, 0, high=7)(priority)
-    return chosen if isinstance(value, dict) else list(chosen.values())
-
-
-def _trackers_value(value):
-    """Tracker URLs: a list of them (one tier each), or a list of lists (tiers)."""
-    if not isinstance(value, list) or not all(isinstance(item, (str, list)) for item in value):
-        raise TypeError("must be a list of URLs, or a list of lists of URLs for tiers")
-    tiers = [[item] if isinstance(item, str) else item for item in value]
-    urls = [(url, tier) for tier, urls in enumerate(tiers) for url in urls]
-    if not all(isinstance(url, str) for url, _ in urls):
-        raise TypeError("every tracker must be a URL string")
-    if len(urls) > MAX_TRACKERS:
-        raise ValueError(f"at most {MAX_TRACKERS} trackers")
-    for url, _ in urls:
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https", "udp") or \
-                not url.isprintable():
-            raise ValueError(f"{url!r} is not an http(s) or udp tracker URL")
-    return urls
-
-
-def _flag_setter(bit):
-    """Set or clear a torrent flag, in add_torrent_params or on a handle."""
-    def apply(target, value):
-        if isinstance(target, lt.add_torrent_params):
-            target.flags = target.flags | bit if value else target.flags & ~bit
-        elif value:
-            target.set_flags(bit)
-        else:
-            target.unset_flags(bit)
-    return apply
-
-
-def _limit_setter(name):
-    """Set a limit, 0 meaning none, in add_torrent_params or on a handle (set_<name>)."""
-    def apply(target, value):
-        if isinstance(target, lt.add_torrent_params):
-            setattr(target, name, value or -1)
-        else:
-            getattr(target, "set_" + name)(value or -1)
-    return apply
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """A per-torrent setting: what POST /torrents and PATCH /torrents/{infohash} take."""
-
-    name: str
-    schema: dict
-    parse: object          # a JSON value (or a form's text) -> the value; TypeError
-                           # means malformed (400), ValueError out of range (422)
-    apply: object = None   # (add_torrent_params or handle, value): libtorrent's part
-    noted: bool = False    # kept in the daemon's notes on the torrent, not libtorrent's
-    when: str = "add, change"
-
-
-_PRIORITY = {"type": "integer", "minimum": 0, "maximum": 7}
-_LIMIT = {"type": "integer", "minimum": 0}
-
-#: Every per-torrent setting. Parsing, the request schemas and the README come from it;
-#: each also appears in the status, from STATUS.
-TORRENT_SETTINGS = (
-    Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
-        params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
-        if value else params.flags), when="add"),
-    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value,
-            noted=True),
-    Setting("sequential_download", {"type": "boolean"}, _boolean,
-            _flag_setter(lt.torrent_flags.sequential_download)),
-    Setting("file_priorities", {"anyOf": [
-        {"type": "array", "items": _PRIORITY},
-        {"type": "object", "additionalProperties": _PRIORITY}]}, _priorities_value),
-    Setting("download_limit", _LIMIT, _number(int, 0), _limit_setter("download_limit")),
-    Setting("upload_limit", _LIMIT, _number(int, 0), _limit_setter("upload_limit")),
-    Setting("max_connections", _LIMIT, _number(int, 2, 0), _limit_setter("max_connections")),
-    Setting("max_uploads", _LIMIT, _number(int, 0), _limit_setter("max_uploads")),
-    Setting("ratio_limit", {"type": "number", "minimum": -2}, _number(float, 0, -1, -2),
-            noted=True),
-    Setting("seeding_time_limit", {"type": "integer", "minimum": -2},
-            _number(int, 0, -1, -2), noted=True),
-    Setting("trackers", {"type": "array", "items": {
-        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}},
-        _trackers_value, when="change"),
-    Setting("save_path", {"type": "string"}, None, when="change"),
-)
-SETTINGS_BY_NAME = {setting.name: setting for setting in TORRENT_SETTINGS}
-
-
-def _preset(params, settings, files):
-    """Put settings given at add into add_torrent_params; return file priorities that
-    must wait for a magnet's metadata (None otherwise). files: _files_of(params.ti),
-    when file_priorities are given for a torrent with metadata."""
-    for name, value in settings.items():
-        if SETTINGS_BY_NAME[name].apply:
-            SETTINGS_BY_NAME[name].apply(params, value)
-    chosen = settings.get("file_priorities")
-    if chosen is None:
-        return None
-    if params.ti is None:
-        # A magnet's files are unknown, padding files too: libtorrent downloads nothing
-        # when the metadata comes, and the daemon then maps the list past the padding.
-        params.flags |= lt.torrent_flags.default_dont_download
-        return chosen
-    if len(chosen) != len(files):
-        raise ApiError(422, f"file_priorities has {len(chosen)} entries; the torrent has "
-                       f"{len(files)} files")
-    full = [4] * params.ti.num_files()
-    for (index, _, _), priority in zip(files, chosen):
-        full[index] = priority
-    params.file_priorities = full
-    return None
-
-
-def parse_values(fields, parsers, schemas=None):
-    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range. With
-    schemas (a JSON body), text is refused where the schema wants another type; the
-    parsers take text only for forms."""
-    values = {}
-    for name, value in fields.items():
-        if name not in parsers:
-            continue
-        try:
-            if schemas and isinstance(value, str) and schemas[name].get("type") != "string":
-                raise TypeError("must not be a string in JSON")
-            values[name] = parsers[name](value)
-        except TypeError as error:
-            raise ApiError(400, f"{name} {error}") from None
-        except ValueError as error:
-            raise ApiError(422, f"{name} {error}") from None
-    return values
-
-
-def parse_settings(fields, when, json_body=True):
-    """The per-torrent settings among fields, parsed; when is "add" or "change"."""
-    chosen = [s for s in TORRENT_SETTINGS if when in s.when]
-    settings = parse_values(fields, {s.name: s.parse or (lambda value: value) for s in chosen},
-                            {s.name: s.schema for s in chosen} if json_body else None)
-    if when == "add" and isinstance(settings.get("file_priorities"), dict):
-        raise ApiError(400, "file_priorities must be a list when adding a torrent")
-    return settings
-
-
-# --------------------------------------------------------------------------- #
-# State directory
+# The state directory, and what it gives back
 # --------------------------------------------------------------------------- #
 
 def _with_notes(resume_data, notes):
@@ -1763,13 +1569,2884 @@ class StateStore:
         self._renamed.add(self.resume_dir)
 
 
+#: Labels one torrent may carry: enough to group, too few to be a database.
+MAX_LABELS = 32
+
+
+def _labels_value(value):
+    """A list of labels; in a form, comma-separated."""
+    if isinstance(value, str):
+        value = [label.strip() for label in value.split(",") if label.strip()]
+    if not isinstance(value, list) or not all(isinstance(label, str) for label in value):
+        raise TypeError("must be a list of strings")
+    if len(value) > MAX_LABELS or any(not 0 < len(label) <= 64 or not label.isprintable()
+                                      for label in value):
+        raise ValueError(f"at most {MAX_LABELS} labels of 1 to 64 printable characters")
+    return list(dict.fromkeys(value))
+
+
+#: The daemon's notes on each torrent, kept in its resume file: name -> (default, parse).
+#: parse checks a value read back from a file with the API's own rules; a value it
+#: refuses falls back to the default, with a warning. Extensions add rows.
+NOTES = {
+    # the order torrents were added in (ns since the epoch)
+    "order": (None, _number(int, 1, high=2**63)),
+    # whether the finished event was announced
+    "finished": (None, _boolean),
+    # payload bytes over its life: libtorrent's all-time counters drop what moved since
+    # their last tick
+    "downloaded": (None, _number(int, 0, high=2**63)),
+    "uploaded": (None, _number(int, 0, high=2**63)),
+    "labels": ([], _labels_value),
+}
+
+
+def _note_defaults(params):
+    """The notes a torrent starts with, beside NOTES' defaults: what libtorrent knows."""
+    return {"order": time.time_ns(), "finished": params.completed_time > 0,
+            "downloaded": params.total_downloaded, "uploaded": params.total_uploaded}
+
+
+def _checked_notes(notes, defaults, infohash):
+    """The notes of a resume file, each checked by its NOTES row; defaults fill the
+    rest. A note that fails its check is dropped with a warning: one bad value must
+    not keep the torrent, or any other, from loading."""
+    checked = {name: notes.get(name) if name in notes else defaults.get(name, default)
+               for name, (default, _) in NOTES.items()}
+    for name, (default, parse) in NOTES.items():
+        value = checked[name]
+        if value is None or value == default:
+            continue
+        try:
+            checked[name] = parse(value)
+        except (TypeError, ValueError) as error:
+            log.warning("torrent %s: ignoring its saved %s %.60r: %s", infohash, name,
+                        value, error)
+            checked[name] = defaults.get(name, default)
+    return checked
+
+
+def _session_pack(settings):
+    """libtorrent's part of the session settings, as settings_pack entries."""
+    return {"download_rate_limit": settings["download_limit"],
+            "upload_rate_limit": settings["upload_limit"],
+            "active_downloads": settings["max_active_downloads"],
+            "active_seeds": settings["max_active_seeds"],
+            "active_limit": settings["max_active_torrents"],
+            "connections_limit": settings["max_connections"]}
+
+
+def _valid_settings(saved):
+    """The settings a file holds that are still known and valid; the rest is logged."""
+    options = {option.setting: option for option in OPTIONS if option.setting}
+    valid = {}
+    for key, value in saved.items():
+        try:
+            valid[key] = options[key].parse(value)
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring the saved setting %s=%r", key, value)
+    return valid
+
+
+def _missing_file(save_path, files, priorities):
+    """The first wanted file that is missing or shorter than it should be, or None.
+    Only sizes are compared: reading the data would take hours."""
+    for index, path, size in files:
+        if index < len(priorities) and not priorities[index]:
+            continue
+        try:
+            if os.stat(os.path.join(save_path, path)).st_size < size:
+                return path
+        except OSError:
+            return path
+    return None
+
+
+def _outside_roots(roots, places):
+    """Why one of places (a save path and what is in it) leads outside every root, or
+    None. Blocking: run in a thread."""
+    for place in places:
+        real, inside = _resolved(place, roots)
+        if not inside:
+            return f"{place} now leads outside the save roots (to {real})"
+    return None
+
+
+def _inspect_disk(roots, directories, places, checks):
+    """What is wrong with the directories ({name: problem}), and for each torrent the
+    reason to stop it, or None. Blocking: run in a thread."""
+    problems = {name: f"the {name} directory {directory} is not writable"
+                for name, directory in directories.items()
+                if not os.access(directory, os.W_OK | os.X_OK)}
+    faults = []
+    for where, check in zip(places, checks):
+        fault = _outside_roots(roots, where)
+        if fault is None and check is not None:
+            missing = _missing_file(*check)
+            fault = missing and f"missing or truncated file: {missing}"
+        faults.append(fault)
+    return problems, faults
+
+
 # --------------------------------------------------------------------------- #
-# Events: the log, GET /events subscribers and webhooks, from one source
+# Status and settings: the STATUS and SETTINGS tables
 # --------------------------------------------------------------------------- #
 
+def _epoch_or_none(value):
+    """A Unix time as an int, or None for libtorrent's 0 (never)."""
+    return int(value) if value and value > 0 else None
+
+
+def _seconds_since(moment):
+    """Whole seconds since a naive local datetime or a Unix time, or None if never."""
+    if moment is None:
+        return None
+    then = moment if isinstance(moment, float) else moment.timestamp()
+    return max(0, int(time.time() - then))
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of a torrent's status: its JSON type, meaning and source."""
+
+    name: str
+    type: object           # a JSON type name, or a JSON schema
+    nullable: bool
+    description: str
+    #: (torrent, torrent_status) -> the JSON value; None reads the torrent_status
+    #: attribute of the same name.
+    value: object = None
+    listed: bool = True    # in GET /torrents without fields=; a per-file list is not
+
+    @property
+    def schema(self):
+        schema = self.type if isinstance(self.type, dict) else {"type": self.type}
+        if self.nullable:
+            schema = {**schema, "type": [schema["type"], "null"]}
+        return {**schema, "description": self.description}
+
+
+def _flag(bit):
+    return lambda torrent, status: bool(status.flags & bit)
+
+
+def _info(name):
+    return lambda torrent, status: torrent.info and torrent.info[name]
+
+
+_QUEUED = lt.torrent_flags.paused | lt.torrent_flags.auto_managed
+#: The states libtorrent reports.
+STATES = sorted(str(state) for state in lt.torrent_status.states.values.values())
+_FILE_ENTRY = {"type": "object", "additionalProperties": False,
+               "required": ["index", "path", "size", "downloaded", "progress", "priority"],
+               "properties": {
+                   "index": {"type": "integer", "minimum": 0},
+                   "path": {"type": "string"},
+                   "size": {"type": "integer", "minimum": 0},
+                   "downloaded": {"type": "integer", "minimum": 0},
+                   "progress": {"type": "number", "minimum": 0, "maximum": 100},
+                   "priority": {"type": "integer", "minimum": 0, "maximum": 7}}}
+
+#: Every field of a torrent's status. The status dicts, the OpenAPI schema and the
+#: names that fields= and sort= accept all come from this table; README.md documents
+#: each row, and a test holds it to this table.
+STATUS = [
+    Field("infohash", "string", False, "the id: v1 hash if there is one, else v2 hash",
+          lambda torrent, status: torrent.infohash),
+    Field("info_hash_v1", "string", True, "the v1 (SHA-1) hash",
+          lambda torrent, status: next((i for i in torrent.ids if len(i) == 40), None)),
+    Field("info_hash_v2", "string", True, "the v2 (SHA-256) hash",
+          lambda torrent, status: next((i for i in torrent.ids if len(i) == 64), None)),
+    Field("state", {"type": "string", "enum": STATES}, False,
+        "libtorrent's state; paused and queued torrents keep theirs",
+        lambda torrent, status: str(status.state)),
+    Field("paused", "boolean", False, "paused, by the API or by the queue",
+          _flag(lt.torrent_flags.paused)),
+    Field("queued", "boolean", False, "paused by libtorrent's queue, not by you",
+          lambda torrent, status: status.flags & _QUEUED == _QUEUED),
+    Field("auto_managed", "boolean", False, "libtorrent's queue may start and stop it",
+          _flag(lt.torrent_flags.auto_managed)),
+    Field("sequential_download", "boolean", False, "pieces are fetched in order",
+          _flag(lt.torrent_flags.sequential_download)),
+    Field("seed_mode", "boolean", False, "seeding without having checked the data",
+          _flag(lt.torrent_flags.seed_mode)),
+    Field("upload_mode", "boolean", False, "not downloading, after a disk error",
+          _flag(lt.torrent_flags.upload_mode)),
+    Field("share_mode", "boolean", False, "downloading only to upload",
+          _flag(lt.torrent_flags.share_mode)),
+    Field("super_seeding", "boolean", False, "super-seeding is on",
+          _flag(lt.torrent_flags.super_seeding)),
+    Field("is_seeding", "boolean", False, "it has every piece"),
+    # Not while a magnet's chosen file priorities wait to be mapped: all its files are
+    # at 0 meanwhile, which libtorrent calls finished.
+    Field("is_finished", "boolean", False, "it has every wanted piece",
+          lambda torrent, status: status.is_finished
+          and torrent.notes.get("chosen_priorities") is None),
+    Field("has_metadata", "boolean", False, "the info dict is known"),
+    Field("has_incoming", "boolean", False, "a peer has connected to us for it"),
+    Field("progress", {"type": "number", "minimum": 0, "maximum": 100}, False,
+          "percent of all files done; while checking, of the check",
+          lambda torrent, status: round(100 * (
+              status.progress if str(status.state).startswith("checking")
+              else status.total_done / status.total if status.total else 0), 4)),
+    Field("error", "string", False, "empty, or why the torrent stopped",
+          lambda torrent, status: torrent.error(status)),
+    Field("download_rate", "integer", False, "payload bytes/s received over the last "
+          "second; 0 when paused", lambda torrent, status: torrent.rates[0]),
+    Field("upload_rate", "integer", False, "payload bytes/s sent over the last second; 0 "
+          "when paused", lambda torrent, status: torrent.rates[1]),
+    Field("total_download", "integer", False, "payload bytes received over its life",
+          lambda torrent, status: torrent.notes["downloaded"]),
+    Field("total_upload", "integer", False, "payload bytes sent over its life",
+          lambda torrent, status: torrent.notes["uploaded"]),
+    Field("num_peers", "integer", False, "connected peers, seeds included"),
+    Field("num_seeds", "integer", False, "connected seeds"),
+    Field("list_peers", "integer", False, "peers known"),
+    Field("list_seeds", "integer", False, "seeds known"),
+    Field("connect_candidates", "integer", False, "known peers we could still connect to"),
+    Field("num_pieces", "integer", False, "pieces we have"),
+    Field("total_pieces", "integer", True, "pieces in the torrent", _info("total_pieces")),
+    Field("total_done", "integer", False, "bytes we have, of all files"),
+    Field("total_wanted_done", "integer", False, "bytes we have, of wanted files"),
+    Field("total_wanted", "integer", False, "bytes wanted"),
+    Field("distributed_copies", "number", False, "copies among peers; -1 when a seed",
+          lambda torrent, status: round(status.distributed_copies, 4)),
+    Field("num_complete", "integer", False, "seeds the tracker reports; -1 if unknown"),
+    Field("num_incomplete", "integer", False, "leechers the tracker reports; -1 if unknown"),
+    Field("last_seen_complete", "integer", True, "when a complete copy was last seen",
+          lambda torrent, status: _epoch_or_none(status.last_seen_complete)),
+    Field("time_since_upload", "integer", True, "seconds since payload was last sent",
+          lambda torrent, status: _seconds_since(status.last_upload)),
+    Field("time_since_download", "integer", True, "seconds since payload was last received",
+          lambda torrent, status: _seconds_since(status.last_download)),
+    Field("active_time", "integer", False, "seconds active, over its life",
+          lambda torrent, status: int(status.active_duration.total_seconds())),
+    Field("finished_time", "integer", False, "seconds finished, over its life",
+          lambda torrent, status: int(status.finished_duration.total_seconds())),
+    Field("seeding_time", "integer", False, "seconds seeding, over its life",
+          lambda torrent, status: int(status.seeding_duration.total_seconds())),
+    Field("seed_rank", "integer", False, "libtorrent's rank of its need for seeding"),
+    Field("priority", "integer", False, "same as queue_position",
+          lambda torrent, status: status.queue_position),
+    Field("queue_position", "integer", False, "position in the queue; -1 for seeds"),
+    Field("added_time", "integer", False, "when it was added (Unix time)",
+          lambda torrent, status: int(status.added_time)),
+    Field("completed_time", "integer", True, "when it completed",
+          lambda torrent, status: _epoch_or_none(status.completed_time)),
+    Field("storage_mode", {"type": "string", "enum": ["allocate", "sparse"]}, False,
+          "how files are allocated",
+          lambda torrent, status: str(status.storage_mode).removeprefix("storage_mode_")),
+    Field("save_path", "string", False, "the real directory the files go into"),
+    Field("name", "string", False, "the torrent's name; its infohash until a magnet "
+          "without dn= has metadata", lambda torrent, status: status.name or torrent.infohash),
+    Field("total_size", "integer", True, "size of all files, padding not counted",
+          _info("total_size")),
+    Field("num_files", "integer", True, "number of files, padding not counted",
+          _info("num_files")),
+    Field("piece_length", "integer", True, "bytes per piece", _info("piece_length")),
+    Field("creation_date", "integer", True, "from the .torrent", _info("creation_date")),
+    Field("creator", "string", True, "from the .torrent", _info("creator")),
+    Field("comment", "string", True, "from the .torrent", _info("comment")),
+    Field("labels", {"type": "array", "items": {"type": "string"}}, False,
+          "the torrent's labels", lambda torrent, status: torrent.notes["labels"]),
+    Field("ratio", "number", False, "bytes uploaded over its life per byte wanted",
+          lambda torrent, status: round(torrent.notes["uploaded"] / status.total_wanted, 4)
+          if status.total_wanted else 0.0),
+    Field("files", {"type": "array", "items": _FILE_ENTRY}, True,
+          "one entry per file: index, path, size, downloaded, progress, priority",
+          lambda torrent, status: torrent.files(), listed=False),
+]
+
+
+def status_fields():
+    """The names of every status field, in the order of STATUS."""
+    return [field.name for field in STATUS]
+
+
+def _status_dict(torrent, status):
+    """The JSON status of one torrent from a libtorrent torrent_status, files aside."""
+    return {field.name: field.value(torrent, status) if field.value
+            else getattr(status, field.name) for field in STATUS if field.listed}
+
+
+class _Slices(list):
+    """A list that may be long (an entry per file, or per torrent): _json serialises it
+    a slice at a time."""
+
+
+def _json(value):
+    """value as JSON bytes, _Slices a slice at a time. json.dumps holds the GIL for a
+    whole call: 100,000 file entries in one call would stall the event loop even from a
+    thread, while slices let it run in between."""
+    if isinstance(value, _Slices):
+        return b"[%s]" % b",".join(_json_slice(value[start:start + JSON_SLICE])
+                                   for start in range(0, len(value), JSON_SLICE))
+    if isinstance(value, dict):
+        return b"{%s}" % b",".join(b"%s:%s" % (json.dumps(str(key)).encode(), _json(item))
+                                   for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return b"[%s]" % b",".join(_json(item) for item in value)
+    return json.dumps(value).encode()
+
+
+def _json_slice(items):
+    """The JSON of a slice of a _Slices, without its brackets; items that hold _Slices
+    themselves (torrents with their files) go through _json one by one."""
+    if any(isinstance(inner, _Slices) for item in items if isinstance(item, (dict, list))
+           for inner in (item.values() if isinstance(item, dict) else item)):
+        return b",".join(_json(item) for item in items)
+    return json.dumps(items, separators=(",", ":")).encode()[1:-1]
+
+
+def _listing_body(items, total):
+    """{"torrents": [items], "total": total} from already serialised items."""
+    return b"".join((b'{"torrents":[', items, b'],"total":%d}' % total))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A per-torrent setting: what POST /torrents and PATCH /torrents/{infohash} take."""
+
+    name: str
+    schema: dict
+    parse: object          # a JSON value (or a form's text) -> the value; TypeError
+                           # means malformed (400), ValueError out of range (422)
+    #: (add_torrent_params or handle, value): libtorrent's part. For the params of an
+    #: add it runs on a worker thread, and may return notes to keep on the torrent.
+    apply: object = None
+    noted: bool = False    # kept in the daemon's notes on the torrent, not libtorrent's
+    when: str = "add, change"
+
+
+#: Every per-torrent setting. Parsing, the request schemas and the README come from it;
+#: each also appears in the status, from STATUS. Extensions add rows.
+SETTINGS = [
+    Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
+        params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
+        if value else params.flags), when="add"),
+    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value,
+            noted=True),
+]
+
+
+def settings_for(when):
+    """The settings that "add" or "change" takes, by name."""
+    return {setting.name: setting for setting in SETTINGS if when in setting.when}
+
+
+def _preset(params, settings):
+    """Put settings given at add into add_torrent_params; return the notes they make.
+    On a worker thread: a setting may list 100,000 files."""
+    notes = {}
+    for name, value in settings.items():
+        setting = settings_for("add")[name]
+        if setting.noted:
+            notes[name] = value
+        elif setting.apply:
+            notes.update(setting.apply(params, value) or {})
+    return notes
+
+
+def parse_values(fields, parsers, schemas=None):
+    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range. With
+    schemas (a JSON body), text is refused where the schema wants another type; the
+    parsers take text only for forms."""
+    values = {}
+    for name, value in fields.items():
+        if name not in parsers:
+            continue
+        try:
+            if schemas and isinstance(value, str) and schemas[name].get("type") != "string":
+                raise TypeError("must not be a string in JSON")
+            values[name] = parsers[name](value)
+        except TypeError as error:
+            raise ApiError(400, f"{name} {error}") from None
+        except ValueError as error:
+            raise ApiError(422, f"{name} {error}") from None
+    return values
+
+
+def parse_settings(fields, when, json_body=True):
+    """The per-torrent settings among fields, parsed; when is "add" or "change"."""
+    chosen = settings_for(when).values()
+    return parse_values(fields, {s.name: s.parse or (lambda value: value) for s in chosen},
+                        {s.name: s.schema for s in chosen} if json_body else None)
+
+
+# --------------------------------------------------------------------------- #
+# Engine: the owner of the libtorrent session
+# --------------------------------------------------------------------------- #
+
+#: The key of waits on alerts that concern the session rather than one torrent.
+SESSION = "session"
+
+
+class _Torrent:
+    """What the daemon knows about one torrent: its handle and cached status, and what
+    libtorrent does not keep: the .torrent's own fields, a magnet's x.pe peers, and
+    the daemon's own notes, saved in the resume file beside libtorrent's data."""
+
+    # Slots: a library of ten thousand torrents holds ten thousand of these.
+    __slots__ = ("handle", "ids", "infohash", "notes", "creation", "extra",
+                 "magnet_peers", "file_priorities", "save_path", "info", "file_progress",
+                 "status", "_summary", "_full", "total_done", "progress_stale", "counted",
+                 "sample", "rates", "updated", "flushing_since", "saved_as", "disk_error",
+                 "fault", "learning", "dirty", "added", "saving", "next_save", "force_save",
+                 "removing")
+
+    def __init__(self, params, notes=None, saved_as=None):
+        self.handle = None            # once libtorrent has added it
+        self.ids = _params_ids(params)
+        self.infohash = self.ids[0]
+        self.saved_as = saved_as      # the name of its resume file, once it has one
+        #: The daemon's notes (NOTES), saved with the resume data.
+        self.notes = _checked_notes(notes or {}, _note_defaults(params), self.infohash)
+        self.extra = {}               # what extensions keep on it, by their own keys
+        # libtorrent drops the .torrent's fields outside the info dict, and every
+        # x.pe peer that failed to connect, yet they may be a magnet's only source.
+        self.creation = (params.creation_date, params.created_by, params.comment)
+        self.magnet_peers = list(params.peers) if params.ti is None else []
+        self.file_priorities = list(params.file_priorities)
+        self.save_path = params.save_path
+        self.info = None              # _metadata() once known
+        self.file_progress = None     # bytes downloaded per file index
+        self.status = None            # the status dict (files aside), once one arrived
+        self._summary = None          # the status serialised for listings, on demand
+        self._full = None             # ...and with its files, for GET of this torrent
+        self.total_done = -1          # bytes done when file progress was last asked for
+        self.progress_stale = False   # whether file_progress lags total_done
+        self.counted = (0, 0)         # libtorrent's session counters, last added to notes
+        self.sample = (0.0, 0, 0)     # (time, payload down, payload up) the rates start at
+        self.rates = (0, 0)           # payload bytes/s down and up, over the last second
+        self.updated = 0.0            # when the last status arrived
+        self.flushing_since = None    # when a flush of its finished download was asked for
+        self.disk_error = ""          # the last file error, while it keeps the torrent stuck
+        self.fault = ""               # why the daemon stopped it, until it is resumed
+        self.learning = False         # whether its metadata is being read, or was
+        self.dirty = False            # whether libtorrent has changes not yet saved
+        self.added = None             # the task of its add, until it is saved
+        self.saving = None            # the save in flight
+        self.next_save = None         # the save that follows it, shared by all who ask
+        self.force_save = False       # whether that one must write even if unchanged
+        self.removing = False
+
+    @property
+    def aliases(self):
+        """Every id it answers to; a v2-only torrent also to its hash's first 40 digits,
+        the form qBittorrent shows."""
+        return [*self.ids, self.ids[0][:40]] if len(self.ids[0]) == 64 else self.ids
+
+    def error(self, status):
+        """libtorrent's error, the daemon's reason for stopping it, or the disk error
+        libtorrent meets with upload mode instead of an error."""
+        if status.errc.value():
+            return status.errc.message()
+        return self.fault or self.disk_error
+
+    def files(self):
+        """The files list of the status, with progress and priority, or None.
+
+        Progress is counted in whole pieces and fetched a moment after the status, so
+        once the torrent is finished every wanted file shows complete, as it is."""
+        if self.info is None:
+            return None
+        finished, seeding = self.status["is_finished"], self.status["is_seeding"]
+        progress, priorities = self.file_progress or (), self.file_priorities
+        entries = _Slices()
+        for index, path, size in self.info["files"]:
+            priority = int(priorities[index]) if index < len(priorities) else 4
+            downloaded = (size if seeding or (finished and priority)
+                          else progress[index] if index < len(progress) else 0)
+            entries.append({"index": index, "path": path, "size": size,
+                            "downloaded": downloaded, "priority": priority,
+                            "progress": round(100 * downloaded / size, 4) if size else 100.0})
+        return entries
+
+    def field(self, name):
+        """One status field's value."""
+        return self.files() if name == "files" else self.status[name]
+
+    def update(self, status):
+        """Take a fresh torrent_status; return the old id if the canonical one changed."""
+        ids = _hash_ids(status.info_hashes) or self.ids
+        old = self.infohash if ids[0] != self.infohash else None
+        self.ids, self.infohash, self.updated = ids, ids[0], time.time()
+        self.save_path = status.save_path
+        self._measure(status)
+        if not status.flags & lt.torrent_flags.upload_mode:
+            self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
+        self.status = _status_dict(self, status)
+        self._summary = self._full = None
+        return old
+
+    def _measure(self, status):
+        """Payload rates over the last second from libtorrent's byte counters.
+
+        libtorrent's own rates decay over tens of seconds and stop being reported when
+        a torrent goes idle; counting bytes gives 0 within two seconds of the last one.
+        """
+        now, down, up = time.time(), status.total_payload_download, status.total_payload_upload
+        counted_down, counted_up = self.counted
+        if down < counted_down or up < counted_up:  # libtorrent started them again
+            counted_down = counted_up = 0
+        self.notes["downloaded"] += down - counted_down
+        self.notes["uploaded"] += up - counted_up
+        self.counted = (down, up)
+        then, down_before, up_before = self.sample
+        if status.flags & lt.torrent_flags.paused or down < down_before or up < up_before:
+            self.sample, self.rates = (now, down, up), (0, 0)
+        elif now - then >= 1.0:
+            self.rates = (int((down - down_before) / (now - then)),
+                          int((up - up_before) / (now - then)))
+            self.sample = (now, down, up)
+
+    def refreshed_files(self):
+        """The per-file progress changed: the full status must be serialised again."""
+        self._full = None
+
+    @property
+    def summary(self):
+        """The status without its files, serialised once per change, for listings."""
+        if self._summary is None:
+            self._summary = json.dumps(self.status, separators=(",", ":")).encode()
+        return self._summary
+
+    async def body(self):
+        """The whole status, files included, serialised once per change. In a thread:
+        a torrent of 100,000 files takes a third of a second, which would stall the loop."""
+        if self._full is None:
+            # The summary is taken here: cached from the thread, it could outlive a
+            # status that changed meanwhile.
+            status, progress, summary = self.status, self.file_progress, self.summary
+            priorities = self.file_priorities
+            full = await asyncio.to_thread(
+                lambda: b"".join((summary[:-1], b',"files":', _json(self.files()), b"}")))
+            if (self.status is status and self.file_progress is progress
+                    and self.file_priorities is priorities):
+                self._full = full  # nothing changed meanwhile
+            return full
+        return self._full
+
+
+@contextlib.contextmanager
+def _handle_call():
+    """A handle that libtorrent already dropped means the torrent is gone: 404."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise ApiError(404, f"torrent not found ({error})") from None
+
+
+@contextlib.contextmanager
+def _state_io(what):
+    """A state directory that fails is the daemon's trouble, not the client's: 503."""
+    try:
+        yield
+    except OSError as error:
+        log.error("state directory: %s failed: %s", what, error)
+        raise ApiError(503, f"the state directory failed while {what}: "
+                       f"{error.strerror or error}", RETRY_AFTER) from None
+
+
+def _file_progress(handles):
+    """Bytes per file for each handle (None if it is gone); file_progress_alert's list
+    cannot be read in the 2.1.1 bindings (see peers). Blocking: run in a thread."""
+    result = []
+    for handle in handles:
+        try:
+            result.append(handle.file_progress(lt.torrent_handle.piece_granularity))
+        except RuntimeError:
+            result.append(None)
+    return result
+
+
+def _log_failure(task):
+    """Report a task nobody awaits that failed: its work would stop silently."""
+    if not task.cancelled() and task.exception() is not None:
+        error = task.exception()
+        if isinstance(error, ApiError):
+            log.error("%s: %s", task.get_name(), error.detail)
+        else:
+            log.error("%s failed", task.get_name(), exc_info=error)
+
+
+class TorrentEngine:
+    """Owns the libtorrent session, its alert loop, the status cache and the state dir.
+
+    Only the alert loop calls pop_alerts(). A request either reads the cache, or posts
+    work to libtorrent and awaits expect(), which the alert loop resolves. (Per-file
+    progress calls libtorrent's getter in a worker thread.)
+
+    Extensions follow it through listeners (see listen): "start" and "close" (async,
+    awaited as the engine starts and stops), "event" (kind, torrent or None, detail:
+    something happened), "tick" (every STATUS_INTERVAL), "resume" (torrent, before it
+    resumes), "metadata" (async, torrent: its metadata was read), "load" (params,
+    notes of a saved torrent, on a worker thread, before it is added back), "forget"
+    (torrent: it is gone) and "health" (() -> problems); and alerts, through on_alert.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.store = StateStore(config.state_dir)
+        self.counts = collections.Counter()  # alerts_dropped, saves, save_failures
+        self.started = time.monotonic()
+        #: Where files may be written: the download directory, then the allowed roots.
+        self.roots = [Path(os.path.realpath(root)) for root in
+                      (config.download_dir, *config.allowed_save_roots)]
+        self.listen_port = None
+        self.was_clean = True         # whether the last run ended with a clean shutdown
+        #: The session's settings (GET/PATCH /settings): flags, then what PATCH saved.
+        self.settings = {o.setting: getattr(config, o.name) for o in OPTIONS if o.setting}
+        self.problems = {}            # what is wrong beyond one torrent, for /health
+        self._unsaved = {}            # torrent -> why its last save failed
+        self._session = None
+        self._torrents = {}           # _Torrent -> None: every torrent, in added order
+        self._by_id = {}              # hex id -> _Torrent
+        self._by_handle = {}          # libtorrent handle -> _Torrent
+        self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
+        self._listeners = collections.defaultdict(list)  # kind -> callbacks (see listen)
+        self._alert_handlers = {kind: [handler] for kind, handler
+                                in self._ALERT_HANDLERS.items()}
+        self._unlisted = 0            # torrents without a status yet
+        self._loaded = False          # whether every saved torrent was handed over
+        self._checks_at_once = 1      # libtorrent's active_checking, paced by _pace_checks
+        self._listing = None          # the plain listing body, until a status changes
+        self._tasks = {}              # name -> the engine's long-running tasks
+        self._background = set()      # short tasks nobody awaits (saves, removals)
+        self._wakeup = asyncio.Event()
+        self._alert_socket = None
+        self._notify_socket = None
+
+    # -- extensions ---------------------------------------------------------- #
+
+    def listen(self, kind, callback):
+        """Call callback at each moment of this kind (see the class docstring)."""
+        self._listeners[kind].append(callback)
+
+    def on_alert(self, kind, handler):
+        """Call handler(engine, alert) for each alert of this type, after the engine's
+        own handler; synchronously, as alerts die at the next pop."""
+        self._alert_handlers.setdefault(kind, []).append(handler)
+
+    def _notify(self, kind, *args):
+        """Tell the listeners of kind; a listener that fails is logged, never fatal."""
+        for callback in self._listeners[kind]:
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("a %s listener failed", kind)
+
+    def emit(self, kind, torrent=None, detail=None):
+        """Something happened (an event, see the listeners)."""
+        self._notify("event", kind, torrent, detail)
+
+    def settled(self):
+        """An awaitable done once the state directory holds all that listeners asked it
+        to write so far: a request whose answer follows an event awaits it, so that a
+        crash after the answer keeps what the event wrote (a webhook's queue)."""
+        return self.store.barrier()
+
+    # -- lifecycle ---------------------------------------------------------- #
+
+    async def start(self):
+        """Create the session, start the alert loop, and begin loading saved torrents."""
+        loop = asyncio.get_running_loop()
+        self.was_clean, saved = await self.store.prepare(self.config.download_dir)
+        self.settings.update(_valid_settings(saved))
+        for start in self._listeners["start"]:
+            await start()
+        params = lt.session_params({**session_settings(self.config),
+                                    **_session_pack(self.settings)})
+        # pread avoids the RSS growth of memory-mapped I/O on large torrents.
+        params.disk_io_constructor = "pread_disk_io_constructor"
+        self._session = lt.session(params)
+        self._session.set_ip_filter(_ip_filter(self.config.local_only))
+        # Every peer in one class, so the session's limits hold for peers on the LAN and
+        # on loopback too (libtorrent exempts those by default).
+        everyone = lt.ip_filter()
+        for first, last in (("0.0.0.0", "255.255.255.255"),
+                            ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")):
+            everyone.add_rule(first, last, 1 << self._session.global_peer_class_id)
+        self._session.set_peer_class_filter(everyone)
+        self.listen_port = self._session.listen_port()  # a blocking call: once, at start
+        self._check_listening()
+        self._alert_socket, self._notify_socket = socket.socketpair()
+        self._alert_socket.setblocking(False)
+        # libtorrent writes a byte here when alerts arrive; it must never block its thread.
+        self._notify_socket.setblocking(False)
+        self._session.set_alert_fd(self._notify_socket.fileno())
+        loop.add_reader(self._alert_socket.fileno(), self._on_alert_fd)
+        for name, work in (("alerts", self._alert_loop), ("status", self._status_loop),
+                           ("save", self._save_loop), ("load", self._load_saved),
+                           ("watch", self._watch_loop)):
+            self._tasks[name] = asyncio.create_task(work(), name=f"tf-{name}")
+            self._tasks[name].add_done_callback(_log_failure)
+        log.info("BitTorrent listening on %s, port %d (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
+                 self.config.listen_interfaces, self.listen_port,
+                 *("on" if flag else "off" for flag in (
+                     self.config.dht, self.config.lsd, self.config.upnp, self.config.natpmp)))
+
+    async def close(self):
+        """Finish adds under way, pause, save every torrent that changed, drop the session.
+
+        The state directory is marked clean only if every save made it, so that the next
+        start knows whether the resume files can be trusted.
+        """
+        if self._session is None:
+            return
+        others = [task for name, task in self._tasks.items() if name != "alerts"]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        adding = [t.added for t in self._torrents if t.added and not t.added.done()]
+        if adding:
+            # An add whose request was cut off by the shutdown still ends saved.
+            await asyncio.wait(adding, timeout=self.config.shutdown_timeout)
+        self._session.pause()
+        torrents = [t for t in self._torrents if t.handle is not None and not t.removing]
+        saves = [self.save(torrent, force=False) for torrent in torrents]
+        done, pending = await asyncio.wait(
+            saves, timeout=max(0.1, deadline - time.monotonic())) if saves else (set(), set())
+        failed = [f for f in done if f.exception()]
+        saved = sum(1 for f in done if not f.exception() and f.result())
+        log.info("saved %d changed torrents of %d at shutdown", saved, len(torrents))
+        # A check cut short saved only the pieces checked so far: the next start must
+        # check again, as after a crash, or a whole torrent would stay short of 100.
+        checking = sum(1 for t in torrents if t.status and t.status["state"] == "checking_files")
+        if pending or failed or checking:
+            log.warning("not marking the stop clean: %d torrents could not be saved, %d "
+                        "were being checked", len(pending) + len(failed), checking)
+        else:
+            with contextlib.suppress(OSError):
+                await asyncio.wait_for(self.store.put(CLEAN_MARK, b""),
+                                       max(0.1, deadline - time.monotonic()))
+        for close in self._listeners["close"]:
+            await close()
+        for task in [self._tasks["alerts"], *self._background]:
+            task.cancel()
+        await asyncio.gather(self._tasks["alerts"], *self._background, return_exceptions=True)
+        asyncio.get_running_loop().remove_reader(self._alert_socket.fileno())
+        self.store.close()
+        # The session's destructor waits up to STOP_TRACKER_TIMEOUT for trackers to
+        # acknowledge "stopped", holding the GIL: let the last reference go in a thread.
+        last_reference = [self._session]
+        self._session = None
+        await asyncio.to_thread(last_reference.clear)
+        self._alert_socket.close()
+        self._notify_socket.close()
+
+    def _check_listening(self):
+        """Stop the start if a listen address is taken or nothing listens at all.
+
+        listen_port() has waited for the session to bind, so the outcome is already in
+        the alert queue; the alert loop has not started, so this is its only reader."""
+        failures = [alert for alert in self._session.pop_alerts()
+                    if isinstance(alert, lt.listen_failed_alert)]
+        for alert in failures:
+            log.warning("cannot listen on %s:%d: %s", alert.address, alert.port,
+                        alert.error.message())
+        taken = [a for a in failures if a.error.value() == errno.EADDRINUSE]
+        if taken or not self.listen_port:
+            alert = (taken or failures or [None])[0]
+            where = f"{alert.address}:{alert.port}" if alert else self.config.listen_interfaces
+            raise StartupError(f"BitTorrent cannot listen on {where}"
+                               + (f" ({alert.error.message()})" if alert else "")
+                               + "; choose another address or port with --listen-interfaces "
+                               "(TORRENTFLOW_LISTEN_INTERFACES), or port 0 for any free one")
+
+    def _on_listen(self, alert):
+        """A listen socket failed or came back after the start: /health tells."""
+        if isinstance(alert, lt.listen_failed_alert):
+            self.problems["listen"] = alert.message()
+        else:
+            self.problems.pop("listen", None)
+
+    @property
+    def loading(self):
+        """True until every saved torrent is back and listed."""
+        return not self._loaded or self._unlisted > 0
+
+    def health(self):
+        """What is wrong with the daemon as a whole: a list of reasons, empty if nothing."""
+        dead = [f"the {name} task stopped" for name, task in self._tasks.items()
+                if task.done() and (name != "load" or task.cancelled() or task.exception())]
+        found = [problem for check in self._listeners["health"] for problem in check()]
+        return [*dead, *found, *self.problems.values(),
+                *itertools.islice(self._unsaved.values(), 1)]
+
+    # -- waiting on libtorrent ------------------------------------------------ #
+
+    async def expect(self, ids, kinds, what, match=None, timeout=ALERT_WAIT):
+        """Wait for the alert loop to see an alert of these kinds about the torrent with
+        these ids (or SESSION) for which match(alert) is not None; return that value.
+
+        The one way a request waits for libtorrent's alerts. Alerts die at the next pop,
+        so match copies what the caller needs. An alert that does not come within timeout
+        (one lost in an overflowing queue) becomes a 503; a removal fails the wait with 404.
+        """
+        future = asyncio.get_running_loop().create_future()
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        waiter = (kinds, match or (lambda alert: True), future)
+        self._waiters[ids[0]].append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
+                           "try again", RETRY_AFTER) from None
+        finally:
+            # Still under ids[0]: a torrent's ids only grow (a v2 magnet gains its v1 id),
+            # and alerts are matched against all of them.
+            self._waiters[ids[0]].remove(waiter)
+            if not self._waiters[ids[0]]:
+                del self._waiters[ids[0]]
+
+    def _settle(self, ids, alert):
+        """Resolve the waits this alert answers; a match that fails fails its wait only."""
+        for key in ids:
+            for kinds, match, future in self._waiters.get(key, ()):
+                if isinstance(alert, kinds) and not future.done():
+                    try:
+                        value = match(alert)
+                    except Exception as error:
+                        future.set_exception(error)
+                        continue
+                    if value is not None:
+                        future.set_result(value)
+
+    def spawn(self, coroutine, name):
+        """Run work nobody awaits; kept referenced, and its failure logged."""
+        task = asyncio.create_task(coroutine, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+        return task
+
+    async def metadata_read(self, torrent):
+        """Wait until metadata libtorrent has is read too (torrent.info, in a thread)."""
+        if torrent.status["has_metadata"] and torrent.info is None:
+            await self.confirm(torrent, lambda status: torrent.info is not None,
+                                "reading the metadata")
+
+    def refresh(self, torrent=None):
+        """Ask libtorrent for a fresh status of a torrent (one that is gone is ignored),
+        or of every torrent that changed."""
+        if torrent is None:
+            self._session.post_torrent_updates()
+            return
+        with contextlib.suppress(RuntimeError):  # removed meanwhile
+            torrent.handle.post_status()
+
+    def apply_settings(self):
+        """Hand the session's settings (self.settings) to libtorrent."""
+        self._session.apply_settings(_session_pack(self.settings))
+
+    async def confirm(self, torrent, predicate, what):
+        """Ask for a fresh status and wait until one satisfies predicate(status dict)."""
+        with _handle_call():
+            torrent.handle.post_status()
+        await self.expect(torrent.ids, lt.state_update_alert, what,
+                          lambda alert: True if predicate(torrent.status) else None)
+
+    # -- requests ----------------------------------------------------------- #
+
+    def lookup(self, infohash):
+        """The torrent with this id: 404 if unknown or being removed, 503 while it is
+        still being added or loaded from the state directory."""
+        torrent = self._by_id.get(infohash)
+        if torrent is None or torrent.removing:
+            raise ApiError(404, f"no torrent with infohash {infohash}")
+        if torrent.status is None:
+            raise ApiError(503, f"torrent {infohash} is still being added; try again",
+                           RETRY_AFTER)
+        return torrent
+
+    def torrents(self):
+        """Every torrent that has a status to serve, in the order they were added."""
+        return (t for t in self._torrents if t.status is not None and not t.removing)
+
+    def listing(self):
+        """The body of a plain GET /torrents, rebuilt only after something changed."""
+        if self._listing is None:
+            bodies = [t.summary for t in self.torrents()]
+            self._listing = _listing_body(b",".join(bodies), len(bodies))
+        return self._listing
+
+    def count(self):
+        """How many torrents the daemon holds, those still loading included."""
+        return len(self._torrents)
+
+    def inside_roots(self, path):
+        """Whether a path really lies inside a save root. Touches the disk: in a thread."""
+        return _resolved(path, self.roots)[1]
+
+    def shown(self, path):
+        """A path as the API shows it: relative to the download directory when inside."""
+        path = Path(path)
+        return str(path.relative_to(self.roots[0])) if path.is_relative_to(self.roots[0]) \
+            else str(path)
+
+    async def add(self, params, settings=None, anywhere=False):
+        """Add a torrent with settings (parsed; they apply only to a new torrent); return
+        (infohash, created) once it is saved and has a status. One already there with
+        another save_path is a 409, or with anywhere (Transmission's way) a duplicate."""
+        ids = _params_ids(params)
+        existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
+        if existing is not None and existing.removing:
+            # Being deleted: let that finish, then add it afresh.
+            await self.expect(existing.ids, lt.torrent_removed_alert,
+                              "the removal of the earlier copy")
+            existing = None
+        if existing is not None:
+            if existing.added is not None:
+                # Asked for twice, maybe at once: answer when the first add is saved.
+                await asyncio.shield(existing.added)
+            if existing.save_path != params.save_path and not anywhere:
+                raise ApiError(409, f"torrent {existing.infohash} is already there, with "
+                               f"save_path {self.shown(existing.save_path)!r}")
+            return existing.infohash, False
+        keep_reachable(params, self.config.local_only)
+        torrent = _Torrent(params)
+        self._register(torrent)
+        torrent.added = self.spawn(self._add(torrent, params, settings),
+                                   f"add {torrent.infohash}")
+        # Shielded: a client that hangs up must not leave a torrent added but unsaved.
+        await asyncio.shield(torrent.added)
+        return torrent.infohash, True
+
+    async def _add(self, torrent, params, settings):
+        """Apply the settings, post the add and wait for libtorrent to take it; then
+        admit it."""
+        try:
+            if settings:  # on a worker thread: a setting may list 100,000 files
+                torrent.notes.update(await asyncio.to_thread(_preset, params, settings))
+                torrent.file_priorities = list(params.file_priorities)
+            self._session.async_add_torrent(params)
+        except ApiError:
+            self._forget(torrent)
+            raise
+        except (ValueError, RuntimeError) as error:
+            self._forget(torrent)
+            raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
+        try:
+            refusal = await self.expect(torrent.ids, lt.add_torrent_alert, "the add",
+                                        lambda alert: alert.error.message()
+                                        if alert.error.value() else "")
+        except ApiError:
+            if torrent.handle is None:
+                self._forget(torrent)  # if the alert comes after all, _on_add admits it
+            raise
+        if refusal:
+            raise ApiError(422, f"libtorrent refused the torrent: {refusal}")
+        await self._admit(torrent)
+
+    async def _admit(self, torrent):
+        """Save a torrent libtorrent has just added, or take it out again: an add is
+        confirmed only once it is in the state directory."""
+        try:
+            await self.save(torrent)
+        except ApiError:
+            with contextlib.suppress(ApiError):
+                await self.remove(torrent, delete_files=False)
+            raise
+        if torrent.status is None:
+            await self.confirm(torrent, lambda status: True, "the first status")
+        self.emit("added", torrent)
+        await self.settled()
+        torrent.added = None  # saved: a second add of it need not wait
+
+    async def pause(self, torrent):
+        """Pause and take it out of the queue, so libtorrent does not restart it."""
+        with _handle_call():
+            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.pause()
+        await self.confirm(torrent, lambda status: status["paused"]
+                            and not status["auto_managed"], "the pause")
+        await self.save(torrent)
+
+    async def resume(self, torrent, queued=True):
+        """Resume and hand it back to the queue, or (queued false) start it now, past the
+        queue's limits; after an error, recheck and retry."""
+        await self.confined(torrent)
+        self._notify("resume", torrent)
+        with _handle_call():
+            if queued:
+                torrent.handle.set_flags(lt.torrent_flags.auto_managed)
+            else:
+                torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
+            if torrent.disk_error or torrent.fault or torrent.status["error"]:
+                # Resuming says the fault is fixed. A piece can pass its hash check in
+                # memory and then fail to be written, so check what reached the disk.
+                torrent.disk_error = torrent.fault = ""
+                torrent.handle.clear_error()
+                torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
+                torrent.handle.force_recheck()
+            torrent.handle.resume()
+        await self.confirm(torrent, lambda status: status["auto_managed"] if queued
+                            else not status["paused"], "the resume")
+        await self.save(torrent)
+
+    async def remove(self, torrent, delete_files):
+        """Remove it, its resume file first; return once libtorrent confirmed, with why
+        its files could not be deleted, if they could not.
+
+        If the resume file cannot be deleted, or libtorrent does not confirm in time,
+        the torrent stays whole and the answer is 503, so that a retry can finish.
+        """
+        if delete_files:
+            await self.confined(torrent)  # never delete outside the roots
+        # Checked after that wait, so two DELETEs at once remove it once.
+        if torrent.removing:
+            raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
+        torrent.removing = True
+        self._listing = None
+        # Shielded: a client that hangs up must not leave a removal half done.
+        return await asyncio.shield(self.spawn(self._remove(torrent, delete_files),
+                                                f"remove {torrent.infohash}"))
+
+    async def _remove(self, torrent, delete_files):
+        name = torrent.saved_as
+        try:
+            # After a hybrid conflict the survivor may keep its file under this name.
+            if name and not any(t.saved_as == name for t in self._torrents if t is not torrent):
+                with _state_io(f"deleting the resume file of {torrent.infohash}"):
+                    await self.store.delete(name)
+            torrent.saved_as = None
+            failure = await self._drop(torrent, delete_files and torrent.info is not None)
+        except BaseException:
+            if torrent in self._torrents:
+                torrent.removing = False
+                self._listing = None
+                if name is not None:
+                    self.save(torrent)  # the resume file comes back for the retry
+            raise
+        self.emit("removed", torrent, failure)
+        await self.settled()
+        return failure
+
+    async def _drop(self, torrent, delete_files):
+        """Remove the torrent from libtorrent, with its files if asked; wait for it.
+        Return why the files could not be deleted, or None."""
+        steps = {lt.torrent_removed_alert, lt.torrent_deleted_alert} if delete_files else {
+            lt.torrent_removed_alert}
+        failure = None
+
+        def step(alert):
+            nonlocal failure
+            if isinstance(alert, lt.torrent_delete_failed_alert):
+                failure = f"its files could not be deleted: {alert.error.message()}"
+            steps.discard(lt.torrent_removed_alert if isinstance(
+                alert, lt.torrent_removed_alert) else lt.torrent_deleted_alert)
+            return None if steps else True
+        try:
+            self._session.remove_torrent(torrent.handle,
+                                         lt.session.delete_files if delete_files else 0)
+        except RuntimeError:  # libtorrent dropped it already (a removal's alert was lost)
+            self._forget(torrent)
+            return
+        await self.expect(torrent.ids, (lt.torrent_removed_alert, lt.torrent_deleted_alert,
+                                        lt.torrent_delete_failed_alert), "the removal", step)
+        return failure
+
+    async def session_stats(self):
+        """libtorrent's session counters, fresh: {metric name: value}."""
+        self._session.post_session_stats()
+        return await self.expect((SESSION,), lt.session_stats_alert, "the statistics",
+                                 lambda alert: dict(alert.values))
+
+    # -- saving ------------------------------------------------------------- #
+
+    def save(self, torrent, force=True):
+        """A future of a save of the torrent as it is now: True once written, False if
+        nothing needed writing (or it is gone).
+
+        One save per torrent is in flight at a time. A request joins the save waiting to
+        follow it, so the data written always holds every change made before the call,
+        and a backlog never grows beyond one waiting save per torrent.
+        """
+        torrent.force_save |= force
+        if torrent.next_save is None:
+            torrent.next_save = self.spawn(self._save(torrent, torrent.saving),
+                                            f"save {torrent.infohash}")
+        return torrent.next_save
+
+    async def _save(self, torrent, previous):
+        """Ask libtorrent for the resume data once the previous save is done; write it."""
+        if previous is not None:
+            await asyncio.wait([previous])
+        torrent.saving, torrent.next_save = torrent.next_save, None
+        flags = SAVE_FULL if torrent.force_save else SAVE_IF_MODIFIED
+        torrent.force_save = False
+        try:
+            if torrent.handle is None or torrent.removing:
+                return False
+            try:
+                torrent.handle.save_resume_data(flags)
+            except RuntimeError:  # already removed: nothing left to save
+                return False
+            data = await self.expect(torrent.ids, (lt.save_resume_data_alert,
+                                                   lt.save_resume_data_failed_alert),
+                                     "saving the torrent", self._resume_data(torrent))
+            if not data or torrent.removing:
+                return False
+            old_name = torrent.saved_as
+            try:
+                with _state_io(f"saving {torrent.infohash}"):
+                    await self.store.write(torrent.infohash, data,
+                                           old_name if old_name != torrent.infohash else None)
+            except ApiError as error:
+                self.counts["save_failures"] += 1
+                self._unsaved[torrent] = error.detail  # a full disk is still writable
+                # libtorrent has handed this data over: write it in full at the next try.
+                torrent.force_save = True
+                raise
+            self.counts["saves"] += 1
+            self._unsaved.pop(torrent, None)
+            torrent.saved_as = torrent.infohash
+            return True
+        finally:
+            if torrent.saving is asyncio.current_task():
+                torrent.saving = None
+
+    def _resume_data(self, torrent):
+        """A match for a save's alert: the bytes to write, or b"" if there are none."""
+        def take(alert):
+            if isinstance(alert, lt.save_resume_data_failed_alert):
+                if alert.error.value() != RESUME_NOT_MODIFIED and not torrent.removing:
+                    log.warning("could not save resume data for %s: %s", torrent.infohash,
+                                alert.error.message())
+                return b""
+            params = alert.params
+            torrent.file_priorities = list(params.file_priorities)
+            if params.ti is None and torrent.magnet_peers:
+                params.peers = list(dict.fromkeys([*params.peers, *torrent.magnet_peers]))
+            # A copy: the alert dies at the next pop.
+            return _with_notes(lt.write_resume_data_buf(params), torrent.notes)
+        return take
+
+    # -- the alert loop ----------------------------------------------------- #
+
+    def _on_alert_fd(self):
+        """libtorrent wrote to the alert socket: drain it and wake the alert loop."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._alert_socket.recv(4096):
+                pass
+        self._wakeup.set()
+
+    async def _alert_loop(self):
+        """The only caller of pop_alerts(). Dispatch is synchronous: alerts die at the next pop."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            for alert in self._session.pop_alerts():
+                try:
+                    if self._waiters:
+                        self._settle(self._alert_ids(alert), alert)
+                    for handler in self._alert_handlers.get(type(alert), ()):
+                        handler(self, alert)
+                except Exception:
+                    log.exception("error while handling %s", type(alert).__name__)
+
+    def _alert_ids(self, alert):
+        """The ids of the torrent an alert is about, or (SESSION,)."""
+        if isinstance(alert, lt.add_torrent_alert):
+            return _params_ids(alert.params)
+        torrent = self._by_handle.get(alert.handle) if isinstance(alert, lt.torrent_alert) \
+            else None
+        if torrent is not None:
+            return torrent.ids
+        hashes = getattr(alert, "info_hashes", None)
+        return _hash_ids(hashes) if hashes is not None else (SESSION,)
+
+    def torrent_of(self, alert):
+        return self._by_handle.get(alert.handle)
+
+    def _on_state_update(self, alert):
+        """Cache each changed torrent's status and wake requests waiting for it."""
+        self._listing = None
+        for status in alert.status:
+            torrent = self._by_handle.get(status.handle)
+            if torrent is None or self._holding_back(torrent, status):
+                continue
+            try:
+                self._take_status(torrent, status)
+                self._settle(torrent.ids, alert)
+            except Exception:  # one bad status must not keep the others from the cache
+                log.exception("could not take the status of %s", torrent.infohash)
+
+    def _take_status(self, torrent, status):
+        """Cache one torrent's status and do the bookkeeping that follows it."""
+        before = torrent.status
+        old = torrent.update(status)
+        if old:
+            log.info("%s is now known by its v1 id %s", old, torrent.infohash)
+        self._index(torrent)
+        if before is None:
+            self._unlisted -= 1
+        if torrent.info is not None and torrent.total_done != status.total_done:
+            torrent.total_done = status.total_done
+            torrent.progress_stale = True
+        torrent.dirty = bool(status.need_save_resume_data)
+        if status.has_metadata and torrent.info is None and not torrent.learning:
+            torrent.learning = True
+            self.spawn(self._learn(torrent, status.torrent_file), f"read {torrent.infohash}")
+        self._announce(torrent, before)
+
+    async def _learn(self, torrent, torrent_info):
+        """Read the metadata off the loop, holding metadata from peers to the checks an
+        upload gets: a stranger's 250,000 files must not be listed on every status."""
+        problem, info = await asyncio.to_thread(_checked_metadata, torrent_info,
+                                                torrent.creation)
+        if problem:
+            torrent.fault = f"refused its metadata: {problem}"
+            self.stop(torrent)
+            return
+        torrent.info = info
+        torrent.progress_stale = True
+        for listener in self._listeners["metadata"]:
+            await listener(torrent)
+        self.refresh(torrent)
+
+    def _announce(self, torrent, before):
+        """Emit the events a new status means, compared with the one before it."""
+        now = torrent.status
+        if before is not None:
+            if now["has_metadata"] and not before["has_metadata"]:
+                self.emit("metadata", torrent)
+            if now["state"] != before["state"]:
+                self.emit("state", torrent, f"{before['state']} -> {now['state']}")
+            if _held(now) != _held(before):
+                self.emit("paused" if _held(now) else "resumed", torrent)
+            if now["error"] and now["error"] != before["error"]:
+                self.emit("error", torrent, now["error"])
+        if now["is_finished"] and not torrent.notes["finished"]:
+            torrent.notes["finished"] = True  # once per torrent, restarts included
+            self.emit("finished", torrent)
+            self.save(torrent)
+        elif now["state"] == "downloading" and not now["is_finished"]:
+            torrent.notes["finished"] = False  # wanted again: it may finish again
+
+    @staticmethod
+    def _holding_back(torrent, status):
+        """Serve the previous status while a just-finished torrent's writes are flushed.
+
+        A script that sees "finished" reads the files next; they must be complete by
+        then. A flush that never reports back is not waited for beyond FLUSH_WAIT.
+        """
+        return (torrent.flushing_since is not None
+                and time.time() - torrent.flushing_since < FLUSH_WAIT
+                and status.is_finished and torrent.status is not None
+                and not torrent.status["is_finished"])
+
+    def _register(self, torrent):
+        """Make a torrent known by its ids, before libtorrent has it."""
+        self._torrents[torrent] = None
+        self._index(torrent)
+        self._unlisted += 1
+
+    def _index(self, torrent):
+        """Point each of the torrent's ids at it; an alias never takes another's id."""
+        for key in torrent.aliases:
+            if key in torrent.ids:
+                self._by_id[key] = torrent
+            else:
+                self._by_id.setdefault(key, torrent)
+
+    def _forget(self, torrent):
+        """Drop every trace of a torrent libtorrent no longer holds."""
+        if self._torrents.pop(torrent, False) is False:
+            return
+        self._listing = None
+        self._unsaved.pop(torrent, None)
+        self._notify("forget", torrent)
+        self._by_handle.pop(torrent.handle, None)
+        for key in torrent.aliases:
+            if self._by_id.get(key) is torrent:
+                del self._by_id[key]
+        if torrent.status is None:
+            self._unlisted -= 1
+        # Every wait on it fails, but a removal's: torrent_deleted_alert is yet to come.
+        for key in torrent.ids:
+            for kinds, _, future in self._waiters.get(key, ()):
+                if not future.done() and lt.torrent_deleted_alert not in kinds:
+                    future.set_exception(ApiError(404, f"torrent {torrent.infohash} was removed"))
+
+    def _on_add(self, alert):
+        """Attach the handle of a torrent libtorrent added, or forget a refused one."""
+        ids = _params_ids(alert.params)
+        torrent = next((self._by_id[i] for i in ids if i in self._by_id), None)
+        if alert.error.value():
+            log.warning("could not add torrent %s: %s", ids[0], alert.error.message())
+            if torrent is not None and torrent.handle is None:
+                self._forget(torrent)
+            return
+        if torrent is None:  # its request gave up waiting: save it now, or take it out
+            torrent = _Torrent(alert.params)
+            self._register(torrent)
+            torrent.added = self.spawn(self._admit(torrent), f"add {torrent.infohash}")
+        if torrent.handle is None:
+            torrent.handle = alert.handle
+            self._by_handle[alert.handle] = torrent
+
+    def _on_removed(self, alert):
+        """libtorrent dropped the torrent: forget it."""
+        torrent = self.torrent_of(alert)
+        if torrent is not None:
+            self._forget(torrent)
+
+    def _on_conflict(self, alert):
+        """Two magnets, one by v1 and one by v2 hash, turned out to be one hybrid torrent.
+
+        libtorrent stops both with an error. Keep the one that has the metadata, drop the
+        other (its data, if any, stays), and let the survivor answer to both hashes.
+        """
+        keep, drop = self.torrent_of(alert), self._by_handle.get(alert.conflicting_torrent)
+        if None in (keep, drop) or keep.removing or drop.removing:
+            return  # a DELETE under way settles it
+        log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
+                    drop.infohash, keep.infohash)
+        drop.removing = True
+        self._listing = None
+        self.spawn(self._remove(drop, delete_files=False), f"drop {drop.infohash}")
+        with contextlib.suppress(RuntimeError):
+            keep.handle.clear_error()
+            if keep.status is None or keep.status["auto_managed"]:
+                keep.handle.resume()
+            keep.handle.post_status()
+
+    def _on_flushed(self, alert):
+        """The finished torrent's bytes are in its files: now it may show as finished."""
+        torrent = self.torrent_of(alert)
+        if torrent is not None and torrent.flushing_since:
+            torrent.flushing_since = None
+            self.refresh(torrent)
+
+    def _on_dropped(self, alert):
+        self.counts["alerts_dropped"] += 1
+        log.warning("libtorrent dropped alerts: the queue overflowed")
+
+    def _on_change(self, alert):
+        """Refresh the cache at once on a change of state, and save what must be saved."""
+        torrent = self.torrent_of(alert)
+        if torrent is None:
+            return
+        if isinstance(alert, lt.file_error_alert):
+            torrent.disk_error = f"{alert.error.message()}: {alert.filename()}"
+        if isinstance(alert, lt.torrent_finished_alert):
+            # The last pieces may still sit in libtorrent's write buffer; see _on_flushed.
+            with contextlib.suppress(RuntimeError):
+                torrent.handle.flush_cache()
+                torrent.flushing_since = time.time()
+            if torrent.status is not None and torrent.status["auto_managed"]:
+                self._start_next_download()
+        if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
+            self.save(torrent)
+        self.refresh(torrent)
+
+    def _start_next_download(self):
+        """A queued download takes the place of one that finished, now. libtorrent's queue
+        starts it only on its next one-second tick: 20 downloads of 32 MiB on loopback,
+        3 at a time, ran at 0.3 of the unqueued rate. The next tick keeps this choice, as
+        it is the one the tick would make (the lowest queue position)."""
+        waiting = [t for t in self.torrents() if t.status["queued"]
+                   and t.status["state"] in ("downloading", "downloading_metadata")]
+        if waiting:
+            with contextlib.suppress(RuntimeError):
+                min(waiting, key=lambda t: t.status["queue_position"]).handle.resume()
+
+    _ALERT_HANDLERS = {
+        lt.state_update_alert: _on_state_update,
+        lt.add_torrent_alert: _on_add,
+        lt.torrent_removed_alert: _on_removed,
+        lt.cache_flushed_alert: _on_flushed,
+        lt.torrent_conflict_alert: _on_conflict,
+        lt.listen_failed_alert: _on_listen,
+        lt.listen_succeeded_alert: _on_listen,
+        lt.alerts_dropped_alert: _on_dropped,
+        **dict.fromkeys((lt.metadata_received_alert, lt.torrent_finished_alert,
+                         lt.torrent_paused_alert, lt.torrent_resumed_alert,
+                         lt.state_changed_alert, lt.torrent_error_alert,
+                         lt.file_error_alert), _on_change),
+    }
+
+    # -- periodic work ------------------------------------------------------ #
+
+    async def _status_loop(self):
+        """Feed the cache: changed torrents' status, then their per-file progress."""
+        while True:
+            self._session.post_torrent_updates()
+            await asyncio.sleep(STATUS_INTERVAL)
+            # libtorrent stops reporting torrents that went idle: ask, so rates reach 0.
+            quiet = time.time() - 2 * STATUS_INTERVAL
+            stale, checking = [], []
+            for torrent in self._torrents:
+                if any(torrent.rates) and torrent.updated < quiet:
+                    self.refresh(torrent)
+                if torrent.progress_stale:
+                    torrent.progress_stale = False
+                    stale.append(torrent)
+                if torrent.status and torrent.status["state"] == "checking_files":
+                    checking.append(torrent.status["total_wanted"])
+            self._notify("tick")
+            self._pace_checks(checking)
+            if stale:
+                progress = await asyncio.to_thread(_file_progress, [t.handle for t in stale])
+                for torrent, files in zip(stale, progress):
+                    if files is not None and not torrent.removing:
+                        torrent.file_progress = files
+                        torrent.refreshed_files()
+
+    def _pace_checks(self, sizes):
+        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET.
+
+        The queue starts at most active_checking checks per one-second tick; at its
+        default of 1, a thousand small torrents take a thousand seconds. Many small
+        torrents check together; large ones take turns, so a disk is not asked to
+        read many large files at once.
+        """
+        wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
+        if wanted != self._checks_at_once:
+            self._checks_at_once = wanted
+            self._session.apply_settings({"active_checking": wanted})
+
+    async def _save_loop(self):
+        """Save torrents that changed, so a crash loses at most one interval."""
+        while True:
+            await asyncio.sleep(self.config.save_interval)
+            for torrent in self._torrents:
+                if ((torrent.dirty or torrent.force_save) and not torrent.removing
+                        and torrent.saving is None and torrent.next_save is None):
+                    torrent.dirty = False
+                    self.save(torrent, force=False)
+
+    async def _load_saved(self):
+        """Add every saved torrent back, in batches, while the API already answers."""
+        try:
+            saved = await self.store.load(self.inside_roots)
+            missing = await asyncio.to_thread(self._prepare_saved, saved)
+            checking = 0
+            for start in range(0, len(saved), LOAD_BATCH):
+                for (name, params, notes), lost in zip(saved[start:start + LOAD_BATCH],
+                                                       missing[start:start + LOAD_BATCH]):
+                    checking += self._revive(name, params, notes, lost)
+                await asyncio.sleep(0)
+            if saved:
+                log.info("loading %d saved torrents", len(saved))
+            if not self.was_clean:
+                log.warning("the last run did not stop cleanly: checking the data of %d "
+                            "torrents that were downloading", checking)
+        finally:
+            self._loaded = True
+
+    def _prepare_saved(self, saved):
+        """Check the notes of saved torrents, let the load listeners adjust them, and
+        return for each the file of a finished torrent that is gone, or None: one whose
+        drive is not mounted must not quietly download everything again. On a worker
+        thread: it looks at the disk."""
+        missing = []
+        for index, (name, params, notes) in enumerate(saved):
+            notes = _checked_notes(notes, _note_defaults(params), name)
+            saved[index] = (name, params, notes)
+            self._notify("load", params, notes)
+            missing.append(_missing_file(params.save_path, _files_of(params.ti),
+                                         params.file_priorities)
+                           if notes["finished"] and params.ti else None)
+        return missing
+
+    def _revive(self, name, params, notes, lost):
+        """Hand one saved torrent to libtorrent; lost names a file of a finished torrent
+        that is gone. Return whether its data is checked because a crash may have left
+        it ahead of its resume data."""
+        checking = False
+        if lost:
+            params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
+        elif not self.was_clean and self._lagging(params):
+            # Without the pieces it was saved with, libtorrent checks the files: what
+            # reached the disk since is kept, not downloaded again.
+            params.have_pieces = []
+            checking = True
+        torrent = _Torrent(params, notes, saved_as=name)
+        torrent.fault = lost and f"missing or truncated file: {lost}"
+        self._register(torrent)
+        try:
+            self._session.async_add_torrent(params)
+        except (ValueError, RuntimeError) as error:
+            log.error("could not load saved torrent %s: %s", torrent.infohash, error)
+            self._forget(torrent)
+        return checking
+
+    @staticmethod
+    def _lagging(params):
+        """Whether a torrent's resume data may lag its files after a crash: it was
+        running (or queued) and incomplete. A paused one was saved when it paused."""
+        running = params.flags & lt.torrent_flags.auto_managed or not (
+            params.flags & lt.torrent_flags.paused)
+        return (params.ti is not None and running
+                and sum(params.have_pieces) < params.ti.num_pieces())
+
+    async def _watch_loop(self):
+        """Watch the disk under the daemon.
+
+        Every second: the directories are writable, and every downloading torrent's save
+        path still resolves inside the roots (a symlink swapped in would send its writes
+        elsewhere). Every DATA_CHECK_INTERVAL: the same for every other torrent, and the
+        files of finished torrents are all there. A torrent that fails is stopped with
+        the reason in its error; resuming it checks again.
+        """
+        while self.loading:
+            await asyncio.sleep(STATUS_INTERVAL)
+        next_full_check = 0.0
+        while True:
+            full = time.monotonic() >= next_full_check
+            if full:
+                next_full_check = time.monotonic() + DATA_CHECK_INTERVAL
+            torrents = [t for t in self.torrents() if not t.fault and (
+                full or t.status["state"] == "downloading" and not t.status["paused"])]
+            places = [self._places(t) for t in torrents]
+            checks = [(t.save_path, t.info["files"], list(t.file_priorities))
+                      if full and t.status["is_finished"] and t.info else None
+                      for t in torrents]
+            dirs = {"download": self.config.download_dir, "state": self.store.root}
+            problems, faults = await asyncio.to_thread(_inspect_disk, self.roots, dirs,
+                                                       places, checks)
+            self.problems = {**problems, **{name: problem for name, problem
+                                            in self.problems.items() if name == "listen"}}
+            for torrent, fault in zip(torrents, faults):
+                if fault and not torrent.fault and not torrent.removing:
+                    torrent.fault = fault
+                    self.stop(torrent)
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    def _places(self, torrent):
+        """The paths where a torrent's files go: its save path, and the top directory
+        or file its name makes there."""
+        name = torrent.info and torrent.status["name"]
+        return [torrent.save_path, *([os.path.join(torrent.save_path, name)] if name else [])]
+
+    async def confined(self, torrent):
+        """Refuse (409) to let libtorrent open a torrent's files if its save path now
+        resolves outside the roots; stop the torrent with the reason."""
+        fault = await asyncio.to_thread(_outside_roots, self.roots, self._places(torrent))
+        if fault:
+            torrent.fault = fault
+            self.stop(torrent)
+            raise ApiError(409, f"torrent {torrent.infohash}: {fault}")
+
+    def stop(self, torrent):
+        """Pause a torrent the daemon found a fault in, or that reached a limit; resume
+        clears the fault."""
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.pause()
+            torrent.handle.post_status()
+        self.save(torrent)
+
+
+def _held(status):
+    """Paused by hand or by a fault, not by libtorrent's queue."""
+    return status["paused"] and (not status["auto_managed"] or bool(status["error"]))
+
+
+# --------------------------------------------------------------------------- #
+# HTTP API: request bodies, and the seed's verbs (add, list, status, pause,
+# resume, remove), each declared with its route and its OpenAPI operation
+# --------------------------------------------------------------------------- #
+
+def _require_utf8(charset, what):
+    """Refuse a declared charset other than UTF-8."""
+    # Every text field is UTF-8; guessing another charset would turn bytes into paths.
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise ApiError(400, f"{what} must be UTF-8, not {charset!r}")
+
+
+#: The request bodies the API reads.
+BODY_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
+
+
+@contextlib.asynccontextmanager
+async def _body_deadline():
+    """One deadline for reading a whole request body, then 408."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            yield
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s",
+                       {"Connection": "close"}) from None
+
+
+async def read_fields(request, names, upload=None, types=BODY_TYPES):
+    """The fields of a form (multipart or urlencoded) or JSON object body.
+
+    Only names are accepted, each once; upload names the one multipart field that
+    carries a file (bytes). Bodies are counted while read, capped, and given one
+    deadline in all: a client that sends a byte now and then holds nothing for long.
+    """
+    content_type = request.content_type
+    if content_type not in types:
+        raise ApiError(415, f"send {', '.join(types)}")
+    multipart = content_type == "multipart/form-data"
+    # Refuse early what aiohttp would otherwise receive in full before refusing.
+    limit = MAX_REQUEST_BYTES if multipart else MAX_FORM_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body too large: more than {limit} bytes")
+    async with _body_deadline():
+        if multipart:
+            fields = await _multipart_fields(request, names, upload)
+        else:
+            body = await _read_limited(request.content.read, MAX_FORM_BYTES)
+    if not multipart:
+        _require_utf8(request.charset, "the body")
+        fields = _decode(content_type, body, len(names))
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(names)}")
+    if upload in fields and not isinstance(fields[upload], bytes):
+        raise ApiError(400, f"{upload} must be uploaded as a file in multipart/form-data")
+    return fields
+
+
+def _decode(content_type, body, most):
+    """The fields of a JSON object or an urlencoded form of at most most fields."""
+    try:
+        if content_type == "application/json":
+            fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
+        else:
+            fields = _unique_keys(urllib.parse.parse_qsl(
+                body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict",
+                max_num_fields=most))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        kind = "JSON" if content_type == "application/json" else "form"
+        raise ApiError(400, f"malformed {kind} body: {error}") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, "the JSON body must be an object")
+    return fields
+
+
+def _unique_keys(pairs):
+    """A dict of (key, value) pairs; a repeated key is refused, never last-wins."""
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise ValueError("a field is repeated")
+    return fields
+
+
+async def _multipart_fields(request, names, upload):
+    """The fields of a multipart body: the upload under the request's cap, each text
+    field under the cap of a JSON body."""
+    fields, size = {}, 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader):
+                raise ApiError(400, "nested multipart bodies are not accepted")
+            if part.name not in names or part.name in fields:
+                raise ApiError(400, f"unexpected or repeated form field {part.name!r}")
+            cap = MAX_REQUEST_BYTES if part.name == upload else size + MAX_FORM_BYTES
+            data = await _read_limited(part.read_chunk, cap, f"form field {part.name}", size)
+            size += len(data)
+            if part.name != upload:
+                _require_utf8(part.get_charset(None), f"form field {part.name}")
+                data = data.decode()
+            fields[part.name] = data
+    except (ValueError, AssertionError, UnicodeDecodeError, aiohttp.ClientError,
+            aiohttp.http_exceptions.HttpProcessingError) as error:
+        raise ApiError(400, f"malformed multipart body: {error}") from None
+    return fields
+
+
+def _text(fields, name):
+    """A text field as a string that any path or URL can hold, or "" if absent."""
+    value = fields.get(name, "")
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    try:  # JSON can carry lone surrogates, which no path or URL can hold
+        value.encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{name} is not valid Unicode") from None
+    return value
+
+
+async def _params_from_source(request, url, upload):
+    """Turn torrent_url or torrent_file into libtorrent add_torrent_params."""
+    if bool(url) == bool(upload):
+        raise ApiError(400, "give exactly one of torrent_url or torrent_file")
+    if url:
+        if url.lower().startswith("magnet:"):
+            return params_from_magnet(url)
+        config = request.app[CONFIG]
+        fetched = await fetch_torrent_url(request.app[HTTP_CLIENT], url,
+                                          config.fetch_timeout, config.local_only)
+        if isinstance(fetched, str):
+            return params_from_magnet(fetched)
+        upload = fetched
+    return await asyncio.to_thread(params_from_torrent, upload)
+
+
+_ADD_FIELDS = {
+    "torrent_url": {"type": "string", "description": "a magnet link or an http(s) URL of "
+                    "a .torrent; give this or torrent_file"},
+    "save_path": {"type": "string", "description": "relative to the download directory, "
+                  "or absolute inside it or an --allowed-save-root"},
+}
+_ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+          "links": {name: {"operationId": name,
+                           "parameters": {"infohash": "$response.body#/infohash"}}
+                    for name in ("getTorrent", "pauseTorrent", "resumeTorrent",
+                                 "deleteTorrent")}}
+
+
+def _add_body():
+    """The request body POST /torrents takes, SETTINGS rows included. In a form every
+    value is text: "true", "1,4,0", "a,b"."""
+    settings = settings_for("add").values()
+    form = {"type": "object", "additionalProperties": False, "properties": {
+        **_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in settings}}}
+    return {"required": True, "content": {
+        "multipart/form-data": {"schema": {**form, "properties": {
+            **form["properties"], "torrent_file": {
+                "type": "string", "contentMediaType": "application/x-bittorrent",
+                "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}}}},
+        "application/x-www-form-urlencoded": {"schema": form},
+        "application/json": {"schema": {**form, "properties": {
+            **_ADD_FIELDS, **{setting.name: setting.schema for setting in settings}}},
+            "example": {"torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4,
+                        "save_path": "example"}}}}
+
+
+@api("POST", "/torrents", "addTorrent", {
+    "201": _answer("added", _ref("Added"), **_ADDED),
+    "200": _answer("already present", _ref("Added"), **_ADDED)},
+    (408, 409, 413, 415, 422, 502, 503), requestBody=_add_body)
+async def add_torrent(request):
+    """Add a magnet link, an http(s) .torrent URL or an upload"""
+    fields = await read_fields(request, ("torrent_url", "torrent_file", "save_path",
+                                         *settings_for("add")), upload="torrent_file")
+    settings = parse_settings(fields, "add", request.content_type == "application/json")
+    params = await _params_from_source(request, _text(fields, "torrent_url"),
+                                       fields.get("torrent_file"))
+    engine = request.app[ENGINE]
+    params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots,
+                                               _text(fields, "save_path"))
+    infohash, created = await engine.add(params, settings)
+    return web.json_response({"infohash": infohash}, status=201 if created else 200,
+                             headers={"Location": f"/torrents/{infohash}"})
+
+
+def _names(text, what, allowed):
+    """A comma-separated list of names from allowed, or 400."""
+    chosen = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    bad = [name for name in chosen if name not in allowed]
+    if bad or not chosen:
+        valid = ", ".join(name for name in allowed if not name.startswith("-"))
+        raise ApiError(400, f"{what}: unknown name {(bad or [''])[0]!r}; valid: {valid}")
+    return chosen
+
+
+def _count(query, name, default):
+    """A whole number from the query string, or default."""
+    text = query.get(name)
+    if text is None:
+        return default
+    # "²".isdigit() is True, and int() refuses 4,300 digits with a ValueError.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise ApiError(400, f"{name} must be a whole number below 10**18")
+    return int(text)
+
+
+_FIELDS_PARAMETER = _query("fields", "only these status fields, comma-separated; files "
+                           "only appears in a listing when named here")
+LIST_PARAMETERS = {"state", "paused", "label", "sort", "limit", "offset", "fields"}
+
+
+def _known_parameters(query, known):
+    """Refuse query parameters other than the known ones."""
+    unknown = sorted(set(query) - set(known))
+    if unknown:
+        raise ApiError(400, f"unknown query parameter {unknown[0]!r}")
+
+
+def _matching(engine, query, known):
+    """The torrents that the filters in query (state=, paused=, label=) choose, after
+    refusing parameters other than the known ones."""
+    _known_parameters(query, known)
+    paused = query.get("paused")
+    if paused not in (None, "true", "false"):
+        raise ApiError(400, "paused must be true or false")
+    torrents = list(engine.torrents())
+    if "state" in query:
+        states = set(_names(query["state"], "state", STATES))
+        torrents = [t for t in torrents if t.status["state"] in states]
+    if paused is not None:
+        torrents = [t for t in torrents if t.status["paused"] is (paused == "true")]
+    if "label" in query:
+        torrents = [t for t in torrents if query["label"] in t.notes["labels"]]
+    return torrents
+
+
+def _select(engine, query):
+    """The torrents GET /torrents' filter, sort and paging parameters choose; and the
+    total before paging."""
+    torrents = _matching(engine, query, LIST_PARAMETERS)
+    if "sort" in query:
+        sortable = [name for name in status_fields() if name != "files"]  # lists do not sort
+        sort = _names(query["sort"], "sort", [*sortable, *("-" + n for n in sortable)])[0]
+        name = sort.removeprefix("-")
+        # null sorts first ascending; tuples keep None away from comparisons with numbers.
+        torrents.sort(key=lambda t: (t.status[name] is not None, t.status[name]),
+                      reverse=sort.startswith("-"))
+    offset, limit = _count(query, "offset", 0), _count(query, "limit", None)
+    return torrents[offset:None if limit is None else offset + limit], len(torrents)
+
+
+_FILTERS = [_query("state", "only these states, comma-separated"),
+            _query("paused", "only paused (true) or running (false) ones",
+                   enum=["true", "false"]),
+            _query("label", "only torrents with this label")]
+
+
+@api("GET", "/torrents", "listTorrents", {
+    "200": _answer("the torrents", _ref("TorrentList"))}, parameters=[
+        *_FILTERS, _query("sort", "a status field; a leading - sorts descending"),
+        _query("limit", "at most this many", pattern="^[0-9]+$"),
+        _query("offset", "skip this many first", pattern="^[0-9]+$"),
+        _FIELDS_PARAMETER])
+async def list_torrents(request):
+    """Torrents' status: filtered, sorted, paged, trimmed"""
+    engine = request.app[ENGINE]
+    if not request.query:
+        return await _respond(request, engine.listing())
+    torrents, total = _select(engine, request.query)
+    if "fields" not in request.query:
+        # The common case, polling everything, joins bytes serialised at status changes.
+        items = b",".join(t.summary for t in torrents)
+    else:
+        fields = _names(request.query["fields"], "fields", status_fields())
+        items = (await _to_json(lambda: _Slices({name: t.field(name) for name in fields}
+                                                for t in torrents),
+                                "files" in fields or len(torrents) > LARGE_LISTING))[1:-1]
+    return await _respond(request, _listing_body(items, total))
+
+
+async def _to_json(build, in_thread):
+    """build() serialised as JSON bytes. When it may hold file lists or many torrents,
+    in a thread and with _json: 100,000 files take a third of a second, and all fields
+    of 10,000 torrents 0.15 s, which would stall the loop."""
+    if in_thread:
+        return await asyncio.to_thread(lambda: _json(build()))
+    return json.dumps(build(), separators=(",", ":")).encode()
+
+
+async def _respond(request, body):
+    """A JSON answer of bytes already serialised. A large one waits its turn (LARGE_AT_ONCE
+    at a time), then goes out in pieces, giving the loop back between them: writing
+    hundreds of megabyte-sized listings at once, or one in a single send(), would keep
+    every small request, health checks included, waiting."""
+    if len(body) < LARGE_BODY:
+        return web.Response(body=body, content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    async with request.app[LARGE_WRITES]:
+        await response.prepare(request)
+        view = memoryview(body)
+        for start in range(0, len(body), WRITE_PIECE):
+            await response.write(view[start:start + WRITE_PIECE])
+            await asyncio.sleep(0)  # write() yields only when the socket is full
+        await response.write_eof()
+    return response
+
+
+def _requested_torrent(request):
+    """The torrent named by the path's {infohash}: 400 if malformed, 404 if unknown."""
+    return request.app[ENGINE].lookup(parse_infohash(request.match_info["infohash"]))
+
+
+@api("GET", "/torrents/{infohash}", "getTorrent", {
+    "200": _answer("its status", {"anyOf": [_ref("Status"), _ref("StatusFields")]})},
+    (404, 503), parameters=[INFOHASH_PARAMETER, _FIELDS_PARAMETER])
+async def get_torrent(request):
+    """One torrent's status"""
+    torrent = _requested_torrent(request)
+    if not request.query:
+        return await _respond(request, await torrent.body())
+    _known_parameters(request.query, ("fields",))
+    fields = _names(request.query["fields"], "fields", status_fields())
+    return await _respond(request, await _to_json(
+        lambda: {name: torrent.field(name) for name in fields}, "files" in fields))
+
+
+@api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 409, 503),
+     parameters=[INFOHASH_PARAMETER, _query(
+         "delete_files", "true also deletes the data; case-insensitive",
+         enum=["true", "false", "1", "0"], default="false")])
+async def delete_torrent(request):
+    """Remove a torrent, and its data with delete_files=true"""
+    torrent = _requested_torrent(request)
+    flag = request.query.get("delete_files", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise ApiError(400, "delete_files must be true or false")
+    delete_files = flag in ("true", "1")
+    failure = await request.app[ENGINE].remove(torrent, delete_files)
+    return web.json_response({"detail": f"removed {torrent.infohash}" + (
+        f", but {failure}" if failure else " and its files" if delete_files else "")})
+
+
+def _one(action, act, done, summary, errors=(404, 503)):
+    """PUT /torrents/{infohash}/<action>: act(engine, torrent) on that torrent."""
+    async def handler(request):
+        torrent = _requested_torrent(request)
+        await act(request.app[ENGINE], torrent)
+        return web.json_response({"detail": f"{done} {torrent.infohash}"})
+    handler.__doc__ = summary
+    return api("PUT", f"/torrents/{{infohash}}/{action}", f"{action}Torrent", {"200": DONE},
+               errors, parameters=[INFOHASH_PARAMETER])(handler)
+
+
+pause_torrent = _one("pause", TorrentEngine.pause, "paused", "Pause it")
+resume_torrent = _one("resume", TorrentEngine.resume, "resumed", "Resume it")
+
+
+# --------------------------------------------------------------------------- #
+# Application and command line
+# --------------------------------------------------------------------------- #
+
+#: What each error status means, for the API description.
+_ERRORS = {
+    400: "malformed request, unknown field or bad value",
+    401: "missing or wrong bearer token",
+    403: "a cross-site browser request, or a Host other than localhost while no token "
+         "is set",
+    404: "no such torrent",
+    408: "the request body did not arrive in time",
+    409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
+         "that leads outside the roots), or it is there with another save_path",
+    413: "body, upload or fetched .torrent too large",
+    415: "unsupported Content-Type",
+    422: "not a valid, or not a safe, .torrent; or a value out of range",
+    502: "fetching torrent_url failed",
+    503: "libtorrent did not confirm the change in time, or the torrent is still being "
+         "added; retry",
+}
+
+
+@functools.cache
+def openapi_document():
+    """The API description served at /openapi.json, built from ROUTES, STATUS, SETTINGS
+    and OPTIONS once every extension has added its rows. A test checks that it names
+    every route, and that real answers match it."""
+    status = _object({field.name: field.schema for field in STATUS})
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "TorrentFlow", "version": __version__, "description":
+                 "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
+                 "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
+        "security": [{"bearerAuth": []}],
+        "paths": {},
+        "components": {
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "--token, --token-file or TORRENTFLOW_TOKEN. Without one no "
+                "token is asked for, but only requests addressed to localhost are served."}},
+            "schemas": {
+                "Error": _object({"detail": {"type": "string"}}),
+                "Message": _object({"detail": {"type": "string"}}),
+                "Added": _object({"infohash": {
+                    "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
+                    "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
+                "Health": _object({"status": {"type": "string", "enum": ["ok"]},
+                                   "torrents": {"type": "integer", "minimum": 0},
+                                   "loading": {"type": "boolean"},
+                                   "listen_port": {"type": "integer", "minimum": 0}},
+                                  required=["status"]),
+                "TorrentList": _object({
+                    "torrents": {"type": "array", "items": _ref("StatusFields")},
+                    "total": {"type": "integer", "minimum": 0,
+                              "description": "matching torrents before paging"}}),
+                "Status": status,
+                "Summary": {**status, "required": [f.name for f in STATUS if f.listed],
+                            "description": "a torrent in GET /torrents without fields=: "
+                            "its status without the per-file list"},
+                "StatusFields": {**status, "required": [], "description":
+                                 "every Status field, or those named by ?fields="},
+            },
+            "responses": {str(code): _answer(description, _ref("Error"), {
+                "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
+                if code == 401 else None) for code, description in _ERRORS.items()},
+        },
+    }
+    for method, path, _, operation in ROUTES:
+        path = re.sub(r":[^}]*}", "}", path)  # aiohttp's {path:.*} is OpenAPI's {path}
+        if callable(operation.get("requestBody")):  # built from tables extensions fill
+            operation = {**operation, "requestBody": operation["requestBody"]()}
+        document["paths"].setdefault(path, {})[method.lower()] = operation
+    return document
+
+
+#: The extensions: each a setup(app, engine) that make_app calls before the engine
+#: starts, to keep its state under its own AppKey and add the engine's listeners.
+EXTENSIONS = []
+
+
+def make_app(config):
+    """Build the aiohttp application; the engine and the extensions start and stop with it."""
+    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_REQUEST_BYTES)
+    app[CONFIG] = config
+    app[REQUESTS] = collections.Counter()
+    app[LARGE_WRITES] = asyncio.Semaphore(LARGE_AT_ONCE)
+    for method, path, handler, _ in ROUTES:
+        app.router.add_route(method, path, handler)
+
+    async def lifecycle(app):
+        engine = TorrentEngine(config)
+        for setup in EXTENSIONS:
+            setup(app, engine)
+        await engine.start()
+        app[ENGINE] = engine
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=config.fetch_timeout),
+            headers={"User-Agent": f"TorrentFlow/{__version__}"},
+        ) as client:
+            app[HTTP_CLIENT] = client
+            yield
+        await engine.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+class StartupError(Exception):
+    """A problem that keeps the daemon from starting; main() reports it and exits 2."""
+
+
+def _directory_problem(directory, error):
+    """Say why a directory cannot be used, and who the daemon runs as: the usual cause
+    in a container is a bind mount that the image's user cannot write."""
+    return (f"cannot use the directory {directory}: {error.strerror or error} (the daemon "
+            f"runs as uid {os.getuid()}; create the directory and give that user write "
+            "access, for example with mkdir and chown)")
+
+
+def _raise_descriptor_limit():
+    """Raise the soft open-file limit to the hard one: peers, files and API connections
+    all need descriptors, and 1024 (systemd's default) is few for a seedbox."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def _quiet_resource_errors(loop):
+    """Report "out of descriptors" on accept at most every 10 s, not one traceback per
+    attempt: asyncio retries accept() in a loop, and would flood the log."""
+    last = [0.0]
+
+    def handler(loop, context):
+        error = context.get("exception")
+        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE,
+                                                          errno.ENOBUFS, errno.ENOMEM):
+            if time.monotonic() - last[0] >= 10:
+                last[0] = time.monotonic()
+                log.error("%s: %s (see --max-connections and ulimit -n)",
+                          context.get("message"), error.strerror)
+            return
+        loop.default_exception_handler(context)
+    loop.set_exception_handler(handler)
+
+
+async def serve(config):
+    """Run until SIGTERM or SIGINT, then shut down in order: requests, torrents, session."""
+    loop = asyncio.get_running_loop()
+    _quiet_resource_errors(loop)
+    runner = web.AppRunner(make_app(config), access_log=None,
+                           shutdown_timeout=REQUEST_DRAIN_SECONDS,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT, lingering_time=2.0)
+    await runner.setup()
+    site = GuardedSite(runner, config.host, config.port, config.max_connections)
+    await site.start()
+    sweep = asyncio.create_task(site.guard.sweep())
+    for host, port, *_ in runner.addresses:
+        log.info("TorrentFlow %s API listening on http://%s:%d", __version__,
+                 f"[{host}]" if ":" in host else host, port)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    started = time.monotonic()
+    # Whatever the disk does, the process ends: a save stuck on a hung mount, or a
+    # thread blocked in the kernel, must not outlive the container's stop grace.
+    watchdog = threading.Timer(config.shutdown_timeout + SHUTDOWN_MARGIN, _exit_now)
+    watchdog.daemon = True
+    watchdog.start()
+    sweep.cancel()
+    await runner.cleanup()
+    log.info("stopped in %.2f s", time.monotonic() - started)
+
+
+def _exit_now():
+    """End the process at once: the shutdown overran its deadline."""
+    log.error("shutdown took longer than --shutdown-timeout plus %g s; exiting now",
+              SHUTDOWN_MARGIN)
+    logging.shutdown()
+    os._exit(1)
+
+
+class _SafeLog(logging.Filter):
+    """Escape control characters and cut long values in every log record: names and
+    URLs come from strangers, and must neither forge lines nor fill the disk."""
+
+    _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+    def filter(self, record):
+        if record.args:
+            record.args = tuple(_cut(arg) for arg in (
+                record.args if isinstance(record.args, tuple) else (record.args,)))
+        record.msg = self._CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}",
+                                       record.getMessage())
+        record.args = ()
+        return True
+
+
+def _cut(value):
+    """A value for a log line: strings longer than MAX_LOGGED are cut."""
+    if isinstance(value, (str, bytes)) and len(value) > MAX_LOGGED:
+        return f"{value[:MAX_LOGGED]!s}... ({len(value)} in all)"
+    return value
+
+
+def main(argv=None):
+    """Entry point: parse the config, log to stderr, serve."""
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_SafeLog())
+    log.info("open-file limit: %d", _raise_descriptor_limit())
+    if config.log_level != "debug":
+        # aiohttp logs every malformed request with a traceback at ERROR: anyone who
+        # can connect could fill the log. Handler errors are logged by error_middleware.
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    try:
+        import uvloop  # optional: about 1.6x the requests per second of asyncio's loop
+    except ImportError:
+        uvloop = None
+    log.info("event loop: %s", "uvloop" if uvloop else "asyncio (install uvloop for speed)")
+    try:
+        (uvloop.run if uvloop else asyncio.run)(serve(config))
+    except StartupError as error:
+        log.error("cannot start: %s", error)
+        return 2
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    return 0
+
+
+# The core ends here
+
+
+# --------------------------------------------------------------------------- #
+# Extension: per-torrent control and /settings. PATCH /torrents/{infohash} (file
+# priorities, limits, trackers, moves), recheck, reannounce, bulk pause and resume,
+# seeding limits, and GET/PATCH /settings
+# --------------------------------------------------------------------------- #
+
+#: Seconds a PATCH of save_path waits for the move; past it, the answer is 202 and the
+#: status shows moving_to until the move ends.
+MOVE_WAIT = 10.0
+
+
+def _priorities_value(value):
+    """File priorities 0 to 7: a list, one per file (in a form, comma-separated), or
+    {"index": priority} for some of them."""
+    if isinstance(value, str):
+        value = value.split(",")
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else None
+    if items is None:
+        raise TypeError("must be a list of priorities, or an object of index: priority")
+    chosen = {}
+    for index, priority in items:
+        try:
+            index = int(index)
+        except ValueError:
+            raise TypeError(f"{index!r} is not a file index") from None
+        chosen[index] = _number(int, 0, high=7)(priority)
+    return chosen if isinstance(value, dict) else list(chosen.values())
+
+
+def _trackers_value(value):
+    """Tracker URLs: a list of them (one tier each), or a list of lists (tiers)."""
+    if not isinstance(value, list) or not all(isinstance(item, (str, list)) for item in value):
+        raise TypeError("must be a list of URLs, or a list of lists of URLs for tiers")
+    tiers = [[item] if isinstance(item, str) else item for item in value]
+    urls = [(url, tier) for tier, urls in enumerate(tiers) for url in urls]
+    if not all(isinstance(url, str) for url, _ in urls):
+        raise TypeError("every tracker must be a URL string")
+    if len(urls) > MAX_TRACKERS:
+        raise ValueError(f"at most {MAX_TRACKERS} trackers")
+    for url, _ in urls:
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https", "udp") or \
+                not url.isprintable():
+            raise ValueError(f"{url!r} is not an http(s) or udp tracker URL")
+    return urls
+
+
+def _flag_setter(bit):
+    """Set or clear a torrent flag, in add_torrent_params or on a handle."""
+    def apply(target, value):
+        if isinstance(target, lt.add_torrent_params):
+            target.flags = target.flags | bit if value else target.flags & ~bit
+        elif value:
+            target.set_flags(bit)
+        else:
+            target.unset_flags(bit)
+    return apply
+
+
+def _limit_setter(name):
+    """Set a limit, 0 meaning none, in add_torrent_params or on a handle (set_<name>)."""
+    def apply(target, value):
+        if isinstance(target, lt.add_torrent_params):
+            setattr(target, name, value or -1)
+        else:
+            getattr(target, "set_" + name)(value or -1)
+    return apply
+
+
+def _preset_priorities(params, chosen):
+    """file_priorities at add, on a worker thread: libtorrent's full list for a torrent
+    with metadata, or, for a magnet, the notes that keep the choice until it comes."""
+    if isinstance(chosen, dict):
+        raise ApiError(400, "file_priorities must be a list when adding a torrent")
+    if params.ti is None:
+        # A magnet's files are unknown, padding files too: libtorrent downloads nothing
+        # when the metadata comes, and _map_chosen then maps the list past the padding.
+        params.flags |= lt.torrent_flags.default_dont_download
+        return {"chosen_priorities": chosen}
+    files = _files_of(params.ti)
+    if len(chosen) != len(files):
+        raise ApiError(422, f"file_priorities has {len(chosen)} entries; the torrent has "
+                       f"{len(files)} files")
+    full = [4] * params.ti.num_files()
+    for (index, _, _), priority in zip(files, chosen):
+        full[index] = priority
+    params.file_priorities = full
+    return None
+
+
+def _saved_path(value):
+    """A path the daemon wrote into a resume file: absolute, without NUL."""
+    if not isinstance(value, str) or "\x00" in value or not os.path.isabs(value):
+        raise ValueError("not an absolute path")
+    return value
+
+
+def _saved_text(value):
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value[:MAX_TEXT]
+
+
+def _saved_mark(value):
+    """The limits a torrent last reached: [ratio, seconds]."""
+    if not isinstance(value, list) or len(value) != 2 or not all(
+            isinstance(limit, (int, float)) and not isinstance(limit, bool) for limit in value):
+        raise TypeError("not two limits")
+    return value
+
+
+_PRIORITY = {"type": "integer", "minimum": 0, "maximum": 7}
+_LIMIT = {"type": "integer", "minimum": 0}
+SETTINGS.extend((
+    Setting("sequential_download", {"type": "boolean"}, _boolean,
+            _flag_setter(lt.torrent_flags.sequential_download)),
+    Setting("file_priorities", {"anyOf": [
+        {"type": "array", "items": _PRIORITY},
+        {"type": "object", "additionalProperties": _PRIORITY}]}, _priorities_value,
+        _preset_priorities),
+    Setting("download_limit", _LIMIT, _number(int, 0), _limit_setter("download_limit")),
+    Setting("upload_limit", _LIMIT, _number(int, 0), _limit_setter("upload_limit")),
+    Setting("max_connections", _LIMIT, _number(int, 2, 0), _limit_setter("max_connections")),
+    Setting("max_uploads", _LIMIT, _number(int, 0), _limit_setter("max_uploads")),
+    Setting("ratio_limit", {"type": "number", "minimum": -2}, _number(float, 0, -1, -2),
+            noted=True),
+    Setting("seeding_time_limit", {"type": "integer", "minimum": -2},
+            _number(int, 0, -1, -2), noted=True),
+    Setting("trackers", {"type": "array", "items": {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}},
+        _trackers_value, when="change"),
+    Setting("save_path", {"type": "string"}, None, when="change"),
+))
+NOTES.update({
+    "ratio_limit": (-1, _number(float, 0, -1, -2)),
+    "seeding_time_limit": (-1, _number(int, 0, -1, -2)),
+    "limit_reached": (None, _saved_text),
+    "limit_mark": (None, _saved_mark),
+    # file priorities given for a magnet, until its metadata comes
+    "chosen_priorities": (None, lambda value: _priorities_value(value) if isinstance(
+        value, list) else _priorities_value(None)),
+    "moving_to": (None, _saved_path),  # during a move
+})
+STATUS.extend((
+    Field("download_limit", "integer", False, "its own limit, bytes/s; 0 for none",
+          lambda torrent, status: max(0, status.download_limit)),
+    Field("upload_limit", "integer", False, "its own limit, bytes/s; 0 for none",
+          lambda torrent, status: max(0, status.upload_limit)),
+    Field("max_connections", "integer", False, "its own peer connection limit; 0 for none",
+          lambda torrent, status: max(0, status.connections_limit)),
+    Field("max_uploads", "integer", False, "its own unchoke slot limit; 0 for none",
+          lambda torrent, status: max(0, status.uploads_limit)),
+    Field("ratio_limit", "number", False, "the ratio at which it stops seeding: -1 the "
+          "session's default, -2 none", lambda torrent, status: torrent.notes["ratio_limit"]),
+    Field("seeding_time_limit", "integer", False, "seconds of seeding after which it stops: "
+          "-1 the session's default, -2 none",
+          lambda torrent, status: torrent.notes["seeding_time_limit"]),
+    Field("limit_reached", "string", True, "which seeding limit stopped it, until resumed",
+          lambda torrent, status: torrent.notes["limit_reached"]),
+    Field("moving_to", "string", True, "where its data is being moved, during a move",
+          lambda torrent, status: torrent.notes["moving_to"]),
+))
+
+
+async def configure(engine, torrent, settings):
+    """Change a torrent's settings (parsed by parse_settings); return once libtorrent
+    has taken them, they are saved, and a fresh status shows them. A move of
+    save_path is waited for MOVE_WAIT; the result says whether it is done."""
+    priorities, trackers = settings.pop("file_priorities", None), settings.pop("trackers", None)
+    save_path = settings.pop("save_path", torrent.save_path)
+    if priorities is not None:
+        priorities = _priorities(torrent, priorities)
+    for url, _ in trackers or ():
+        if not _url_allowed(url, engine.config.local_only):
+            raise ApiError(422, f"tracker {url!r} is not allowed here (see --local-only "
+                           "and the Security section of the README)")
+    with _handle_call():
+        for name, value in settings.items():
+            setting = settings_for("change")[name]
+            if setting.noted:
+                torrent.notes[name] = value
+            elif setting.apply:
+                setting.apply(torrent.handle, value)
+        if trackers is not None:
+            torrent.handle.replace_trackers([{"url": url, "tier": tier}
+                                             for url, tier in trackers])
+    if priorities is not None:
+        await _prioritize(engine, torrent, priorities)
+    moved = True
+    if save_path != torrent.save_path:
+        moved = await move(engine, torrent, save_path)
+    await engine.save(torrent)  # libtorrent answers it after every change posted above
+    await engine.confirm(torrent, lambda status: True, "the change")
+    return moved
+
+
+async def _prioritize(engine, torrent, priorities):
+    """Set libtorrent's full list of file priorities; return once it has them."""
+    if priorities == torrent.file_priorities:
+        return  # libtorrent would not say so
+    with _handle_call():
+        torrent.handle.prioritize_files(priorities)
+    # libtorrent applies them on its disk thread and says so in file_prio_alert.
+    await engine.expect(torrent.ids, lt.file_prio_alert, "the file priorities")
+    torrent.file_priorities = priorities
+    torrent.refreshed_files()
+
+
+def _priorities(torrent, chosen):
+    """libtorrent's full list of file priorities from a list of one per file, or an
+    {index: priority} object: 409 before metadata, 422 for a wrong count or index."""
+    if torrent.info is None:
+        raise ApiError(409, "file_priorities need the metadata, which has not arrived")
+    files = [index for index, _, _ in torrent.info["files"]]
+    full = list(torrent.file_priorities) + [4] * (torrent.info["all_files"]
+                                                  - len(torrent.file_priorities))
+    if isinstance(chosen, list):
+        if len(chosen) != len(files):
+            raise ApiError(422, f"file_priorities has {len(chosen)} entries; the "
+                           f"torrent has {len(files)} files")
+        chosen = dict(zip(files, chosen))
+    files = set(files)  # a list would make this loop quadratic: minutes at 100,000
+    for index, priority in chosen.items():
+        if index not in files:
+            raise ApiError(422, f"file_priorities: no file with index {index}")
+        full[index] = priority
+    return full
+
+
+async def _map_chosen(engine, torrent):
+    """A metadata listener: map file priorities chosen for a magnet at add, now that its
+    files are known; a list that does not fit stops the torrent with the reason."""
+    chosen = torrent.notes["chosen_priorities"]
+    if chosen is None:
+        return
+    try:
+        await _prioritize(engine, torrent, _priorities(torrent, chosen))
+        torrent.notes["chosen_priorities"] = None
+        await engine.save(torrent)
+    except ApiError as error:
+        torrent.fault = error.detail
+        engine.stop(torrent)
+
+
+def _hold_chosen(params, notes):
+    """A load listener: file priorities chosen for a magnet and not yet mapped past its
+    padding. libtorrent keeps no default_dont_download in resume data, so nothing may
+    download until then."""
+    if notes["chosen_priorities"] is not None:
+        params.flags |= lt.torrent_flags.default_dont_download
+        if params.ti is not None:
+            params.file_priorities = [0] * params.ti.num_files()
+
+
+async def move(engine, torrent, save_path):
+    """Move a torrent's data within the roots; True once moved, False if it goes on
+    past MOVE_WAIT (the status shows moving_to until it ends)."""
+    if torrent.notes["moving_to"] is not None:
+        raise ApiError(409, f"torrent {torrent.infohash} is already moving")
+    # Saved first: a crash in the middle leaves files in both places, and the next
+    # start must know where to look (see _where_data_is).
+    torrent.notes["moving_to"] = save_path
+    try:
+        await engine.save(torrent)
+        with _handle_call():
+            torrent.handle.move_storage(save_path, lt.move_flags_t.fail_if_exist)
+            torrent.handle.post_status()  # a move changes nothing else the status shows
+    except BaseException:  # a failed save, or the request cancelled at shutdown
+        torrent.notes["moving_to"] = None
+        raise
+    moving = engine.spawn(_moved(engine, torrent, save_path), f"move {torrent.infohash}")
+    done, _ = await asyncio.wait([moving], timeout=MOVE_WAIT)
+    if done:
+        moving.result()  # the failure, if it failed
+    return bool(done)
+
+
+async def _moved(engine, torrent, save_path):
+    """Wait for a move to end, however long it takes; record how it went."""
+    def outcome(alert):
+        if isinstance(alert, lt.storage_moved_alert):
+            return ""
+        # fail_if_exist reports a file in the way as error 0, "Success", with the
+        # path of the file it would have moved, not of the one in the way.
+        if not alert.error.value():
+            return "one of its files is already there"
+        return f"{alert.error.message()}: {engine.shown(alert.file_path())}"
+    try:
+        failure = await engine.expect(torrent.ids, (lt.storage_moved_alert,
+                                                    lt.storage_moved_failed_alert),
+                                      "the move", outcome, timeout=None)
+    finally:
+        torrent.notes["moving_to"] = None
+        engine.refresh(torrent)
+    if failure:
+        torrent.fault = f"moving to {engine.shown(save_path)} failed: {failure}"
+        engine.save(torrent)
+        raise ApiError(409, torrent.fault)
+    # The event carries the torrent's status: wait for one that shows the new place.
+    await engine.confirm(torrent, lambda status: True, "the move")
+    engine.emit("moved", torrent, engine.shown(save_path))
+    await engine.settled()
+    engine.save(torrent)
+
+
+def _finish_move(engine, params, notes):
+    """A load listener: a move a crash cut short ends where the data is whole, and that
+    place is checked (_where_data_is)."""
+    if notes["moving_to"]:
+        params.save_path = _where_data_is(params, notes["moving_to"], engine.inside_roots)
+        notes["moving_to"] = None
+        params.have_pieces = []  # check what reached that place
+
+
+def _where_data_is(params, moving_to, inside_roots):
+    """Where a saved torrent's data is, after a move a crash cut short: the target if
+    every file is whole there, else where it was, with the files the move had already
+    renamed to the target put back. (Within one file system libtorrent renames file by
+    file; across two it copies them all, then deletes the originals.) Blocking: run in
+    a thread."""
+    if not (moving_to and params.ti and inside_roots(moving_to)):
+        return params.save_path
+    files = _files_of(params.ti)
+    if _missing_file(moving_to, files, params.file_priorities) is None:
+        return moving_to
+    for _, path, _ in files:
+        moved, original = os.path.join(moving_to, path), os.path.join(params.save_path, path)
+        if os.path.isfile(moved) and not os.path.islink(moved) and not os.path.lexists(
+                original):
+            with contextlib.suppress(OSError):  # another file system: a copy, left there
+                os.makedirs(os.path.dirname(original), exist_ok=True)
+                os.rename(moved, original)
+    return params.save_path
+
+
+async def recheck(engine, torrent):
+    """Check every piece on disk (a paused torrent is checked when resumed)."""
+    await engine.confined(torrent)
+    with _handle_call():
+        torrent.handle.force_recheck()
+    await engine.confirm(torrent, lambda status: True, "the recheck")
+
+
+async def queue_move(engine, torrent, move):
+    """Move it to the top or bottom of libtorrent's queue, or one place up or down;
+    return once the cache shows every torrent's new place."""
+    with _handle_call():
+        getattr(torrent.handle, f"queue_position_{move}")()
+    # The torrents it passed moved too. libtorrent answers in order, so their fresh
+    # status is in the cache by the time this torrent's is.
+    engine.refresh()
+    await engine.confirm(torrent, lambda status: True, "the queue move")
+
+
+async def reannounce(engine, torrent):
+    """Announce to every tracker now, minimum intervals notwithstanding."""
+    with _handle_call():
+        torrent.handle.force_reannounce(0, lt.reannounce_flags_t.ignore_min_interval)
+
+
+def _enforce_limits(engine, torrent):
+    """Apply on_limit to a finished torrent that reached its ratio or seeding time.
+
+    The limits it reached are noted: an operator who resumes it lets it seed on,
+    until its limits change and it reaches the new ones.
+    """
+    status, notes = torrent.status, torrent.notes
+    if not status["is_finished"] or status["paused"] or torrent.removing:
+        return
+    limits = [engine.settings[key] if notes[key] == -1 else notes[key]
+              for key in ("ratio_limit", "seeding_time_limit")]
+    if limits == notes["limit_mark"]:
+        return
+    seeding = status["seeding_time"] + int(time.time() - torrent.updated)
+    if 0 <= limits[0] <= status["ratio"]:
+        reached = f"ratio {status['ratio']:g} reached its limit {limits[0]:g}"
+    elif 0 <= limits[1] <= seeding:
+        reached = f"{seeding} s of seeding reached its limit {limits[1]} s"
+    else:
+        return
+    notes["limit_mark"], notes["limit_reached"] = limits, reached
+    action = engine.settings["on_limit"]
+    engine.emit("limit_reached", torrent, f"{reached}; {action.replace('_', ' ')}")
+    if action == "pause":
+        engine.stop(torrent)
+    else:
+        engine.spawn(engine.remove(torrent, action == "remove_with_files"),
+                     f"remove {torrent.infohash}")
+
+
+SETTINGS_LOCK = web.AppKey("settings_lock", asyncio.Lock)
+
+
+async def configure_session(engine, lock, changes):
+    """Save session settings (parsed) for the next start, then apply and announce
+    them: a change the state directory could not keep is not made."""
+    async with lock:  # each write holds every change before it
+        changes = {key: value for key, value in changes.items()
+                   if engine.settings[key] != value}
+        if not changes:
+            return
+        settings = {**engine.settings, **changes}
+        with _state_io("saving the settings"):
+            await engine.store.put(SETTINGS_FILE, json.dumps(settings, indent=1).encode())
+        engine.settings.update(changes)
+    engine.apply_settings()
+    engine.emit("settings", detail=", ".join(f"{k}={v}" for k, v in changes.items()))
+    await engine.settled()
+
+
+def _control_setup(app, engine):
+    app[SETTINGS_LOCK] = asyncio.Lock()
+    engine.listen("tick", lambda: [_enforce_limits(engine, t) for t in engine.torrents()])
+    engine.listen("resume", lambda torrent: torrent.notes.update(limit_reached=None))
+    engine.listen("metadata", lambda torrent: _map_chosen(engine, torrent))
+    engine.listen("load", _hold_chosen)
+    engine.listen("load", lambda params, notes: _finish_move(engine, params, notes))
+
+
+EXTENSIONS.append(_control_setup)
+
+
+@api("PATCH", "/torrents/{infohash}", "changeTorrent", {
+    "200": _answer("changed; its new status", _ref("Status")),
+    "202": _answer("changed; its data is still being moved", _ref("Status"))},
+    (404, 408, 409, 415, 422, 503), parameters=[INFOHASH_PARAMETER],
+    requestBody=lambda: {"required": True, "content": {"application/json": {
+        "schema": _object({name: setting.schema for name, setting
+                           in settings_for("change").items()}, required=[])}}})
+async def change_torrent(request):
+    """Change a torrent's settings; save_path moves its data"""
+    torrent, engine = _requested_torrent(request), request.app[ENGINE]
+    fields = await read_fields(request, list(settings_for("change")),
+                               types=("application/json",))
+    settings = parse_settings(fields, "change")
+    if "save_path" in settings:
+        settings["save_path"] = await asyncio.to_thread(resolve_save_path, engine.roots,
+                                                        _text(settings, "save_path"))
+    moved = await configure(engine, torrent, settings)
+    return web.Response(body=await torrent.body(), status=200 if moved else 202,
+                        content_type="application/json")
+
+
+recheck_torrent = _one("recheck", recheck, "rechecking", "Check every piece on disk again",
+                       (404, 409, 503))
+reannounce_torrent = _one("reannounce", reannounce, "announcing",
+                          "Announce to every tracker now")
+
+
+def _bulk(action):
+    """PUT /torrents/pause or /resume: the action on every torrent the filters choose."""
+    async def handler(request):
+        engine = request.app[ENGINE]
+        torrents = _matching(engine, request.query, ("state", "paused", "label"))
+        done = await asyncio.gather(*(getattr(engine, action)(t) for t in torrents),
+                                    return_exceptions=True)
+        count = sum(1 for outcome in done if not isinstance(outcome, BaseException))
+        return web.json_response({"detail": f"{action}d {count} of {len(torrents)} "
+                                  "torrents", "count": count})
+    handler.__doc__ = f"{action.capitalize()} every torrent, or those the filters choose"
+    return api("PUT", f"/torrents/{action}", f"{action}Torrents", {
+        "200": _answer("how many", _object({"detail": {"type": "string"},
+                                            "count": {"type": "integer"}}))},
+        parameters=_FILTERS)(handler)
+
+
+pause_torrents, resume_torrents = _bulk("pause"), _bulk("resume")
+
+
+def _session_options():
+    """The options PATCH /settings changes, by their key there."""
+    return {option.setting: option for option in OPTIONS if option.setting}
+
+
+def _settings_schema():
+    return _object({key: {**option.schema, "description": option.help}
+                    for key, option in _session_options().items()})
+
+
+@api("GET", "/settings", "getSettings", {"200": _answer("the settings", _settings_schema())})
+async def get_settings(request):
+    """The session's settings"""
+    return web.json_response(request.app[ENGINE].settings)
+
+
+@api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings",
+                                                             _settings_schema())},
+     (408, 415, 422, 503), requestBody={"required": True, "content": {"application/json": {
+         "schema": {**_settings_schema(), "required": []}}}})
+async def change_settings(request):
+    """Change session settings; they are kept for the next start"""
+    engine, options = request.app[ENGINE], _session_options()
+    fields = await read_fields(request, list(options), types=("application/json",))
+    await configure_session(engine, request.app[SETTINGS_LOCK], parse_values(
+        fields, {key: option.parse for key, option in options.items()},
+        {key: option.schema for key, option in options.items()}))
+    return web.json_response(engine.settings)
+
+
+# --------------------------------------------------------------------------- #
+# Extension: peer and tracker views. GET /torrents/{infohash}/peers and /trackers,
+# and when a tracker last reported on the swarm
+# --------------------------------------------------------------------------- #
+
+#: Peer flag bits by name; the 2.1.1 bindings lack uTP's and SSL's.
+_PEER_FLAGS = {**{name: getattr(lt.peer_info, name) for name in (
+    "interesting", "choked", "remote_interested", "remote_choked", "supports_extensions",
+    "outgoing_connection", "handshake", "connecting", "on_parole", "seed",
+    "optimistic_unchoke", "snubbed", "upload_only", "endgame_mode", "holepunched",
+    "rc4_encrypted", "plaintext_encrypted")}, "utp_socket": 1 << 17, "ssl_socket": 1 << 18}
+#: How a peer was found, by bit; the bindings lack "incoming".
+_PEER_SOURCES = {"tracker": 1, "dht": 2, "pex": 4, "lsd": 8, "resume": 16, "incoming": 32}
+
+
+def _peer(info):
+    """One connected peer as the API shows it."""
+    host, port = info.ip
+    flags = info.flags
+    kind = "web" if info.connection_type != lt.peer_info.standard_bittorrent else \
+        "utp" if flags & _PEER_FLAGS["utp_socket"] else "tcp"
+    return {"ip": host, "port": port,
+            "client": info.client.decode("utf-8", "replace")[:64],
+            "progress": round(info.progress * 100, 2),
+            "download_rate": info.payload_down_speed, "upload_rate": info.payload_up_speed,
+            "total_download": info.total_download, "total_upload": info.total_upload,
+            "connection": kind,
+            "encrypted": bool(flags & (lt.peer_info.rc4_encrypted
+                                       | lt.peer_info.plaintext_encrypted)),
+            "flags": [name for name, bit in _PEER_FLAGS.items() if flags & bit],
+            "source": [name for name, bit in _PEER_SOURCES.items() if info.source & bit]}
+
+
+def _tracker(entry, heard, slot):
+    """One tracker as the API shows it; heard is what its alerts said lately, and slot
+    the hash it announces: 0 for v1, 1 for v2. libtorrent reports each endpoint and
+    hash apart, and copies only the first endpoint's v1 state to the top level, which
+    a v2-only torrent never uses."""
+    answered, error = heard.get(entry["url"], (None, ""))
+    # Until it has an endpoint (just added, or paused), nothing is known.
+    state = entry["endpoints"][0]["info_hashes"][slot] if entry["endpoints"] else {
+        **entry, "scrape_complete": -1, "scrape_incomplete": -1, "scrape_downloaded": -1}
+    failed = state["fails"] or state["last_error"]["value"]
+    status = ("updating" if state["updating"] else "error" if failed
+              else "working" if entry["verified"] or answered else "not_contacted")
+    return {"url": entry["url"], "tier": entry["tier"], "status": status,
+            "message": state["message"] or (error if failed else ""),
+            "seeds": state["scrape_complete"], "peers": state["scrape_incomplete"],
+            "downloaded": state["scrape_downloaded"], "last_announce": answered,
+            "next_announce": state["next_announce"] if (state["next_announce"] or 0) > 0
+            else None}
+
+
+async def peers(engine, torrent):
+    """The connected peers. Reading peer_info_alert's list raises TypeError in the
+    2.1.1 bindings (no converter; a test watches for that to change), so a worker
+    thread asks libtorrent's thread instead; the loop never waits on it."""
+    with _handle_call():
+        return [_peer(peer) for peer in await asyncio.to_thread(torrent.handle.get_peer_info)]
+
+
+async def trackers(engine, torrent):
+    """The torrent's trackers (tracker_list_alert's list has the same gap)."""
+    heard = torrent.extra.get("trackers_heard", {})
+    with _handle_call():
+        return [_tracker(entry, heard, int(len(torrent.ids[0]) == 64))
+                for entry in await asyncio.to_thread(torrent.handle.trackers)]
+
+
+def _on_tracker_reply(engine, alert):
+    """Note when a tracker last reported on the swarm, or why it did not."""
+    torrent = engine.torrent_of(alert)
+    if torrent is None:
+        return
+    heard, url = torrent.extra.setdefault("trackers_heard", {}), alert.tracker_url()
+    if isinstance(alert, lt.tracker_error_alert):
+        heard[url] = (None, alert.failure_reason() or alert.error_message() or alert.message())
+    else:
+        torrent.extra["last_scrape"] = time.time()
+        heard[url] = (int(torrent.extra["last_scrape"]), "")
+
+
+def _views_setup(app, engine):
+    for kind in (lt.tracker_reply_alert, lt.scrape_reply_alert, lt.tracker_error_alert):
+        engine.on_alert(kind, _on_tracker_reply)
+
+
+EXTENSIONS.append(_views_setup)
+STATUS.append(Field("last_scrape", "integer", True, "seconds since a tracker last "
+                    "reported counts", lambda torrent, status: _seconds_since(
+                        torrent.extra.get("last_scrape"))))
+
+
+@api("GET", "/torrents/{infohash}/peers", "listPeers", {
+    "200": _answer("its connected peers", _object({"peers": {"type": "array", "items": _object({
+        "ip": {"type": "string"}, "port": {"type": "integer"},
+        "client": {"type": "string"}, "progress": {"type": "number"},
+        **dict.fromkeys(("download_rate", "upload_rate", "total_download",
+                         "total_upload"), {"type": "integer"}),
+        "connection": {"type": "string", "enum": ["tcp", "utp", "web"]},
+        "encrypted": {"type": "boolean"},
+        "flags": {"type": "array", "items": {"type": "string", "enum": list(_PEER_FLAGS)}},
+        "source": {"type": "array", "items": {"type": "string",
+                                              "enum": list(_PEER_SOURCES)}}})}}))},
+    (404, 503), parameters=[INFOHASH_PARAMETER])
+async def torrent_peers(request):
+    """Its connected peers"""
+    torrent = _requested_torrent(request)
+    return web.json_response({"peers": await peers(request.app[ENGINE], torrent)})
+
+
+@api("GET", "/torrents/{infohash}/trackers", "listTrackers", {
+    "200": _answer("its trackers", _object({"trackers": {"type": "array", "items": _object({
+        "url": {"type": "string"}, "tier": {"type": "integer"},
+        "status": {"type": "string", "enum": ["not_contacted", "working", "updating",
+                                              "error"]},
+        "message": {"type": "string"},
+        **dict.fromkeys(("seeds", "peers", "downloaded"), {
+            "type": "integer", "description": "from the last scrape or announce; -1 if "
+            "unknown"}),
+        **dict.fromkeys(("last_announce", "next_announce"), {
+            "type": ["integer", "null"], "description": "Unix time"})})}}))},
+    (404, 503), parameters=[INFOHASH_PARAMETER])
+async def torrent_trackers(request):
+    """Its trackers and what they last said"""
+    torrent = _requested_torrent(request)
+    return web.json_response({"trackers": await trackers(request.app[ENGINE], torrent)})
+
+
+# --------------------------------------------------------------------------- #
+# Extension: events. The event log, GET /events streams (Server-Sent Events) and
+# webhooks, all fed from the engine's "event" listener
+# --------------------------------------------------------------------------- #
+
+#: Every kind of event.
+EVENT_TYPES = ("added", "metadata", "state", "paused", "resumed", "finished", "error", "moved",
+               "limit_reached", "removed", "settings")
+#: Events kept for GET /events clients that reconnect with Last-Event-ID.
+EVENT_RING = 10_000
+#: Event ids reserved at a time in the state directory (EVENT_COUNTER).
+EVENT_ID_BLOCK = 10_000
+EVENT_COUNTER = "event-id"
+#: Events one GET /events client may fall behind before it is cut off: it must never
+#: make the daemon wait or hold unbounded memory.
+SUBSCRIBER_QUEUE = 1000
+#: GET /events streams at once; each holds an API connection for as long as it lasts.
+MAX_SUBSCRIBERS = 32
+#: Seconds between comments on an idle event stream, so proxies keep it open.
+HEARTBEAT = 15.0
+#: Bytes an event stream may have in flight to its reader (in the daemon and in the
+#: kernel each).
+STREAM_BUFFER = 32 * 1024
+#: Seconds a write to an event stream may wait for the client to read.
+STREAM_WRITE_TIMEOUT = 10.0
+#: Webhook delivery: seconds per attempt, longest pause between attempts, how long an
+#: event is retried, and how many events each target's queue holds.
+WEBHOOK_TIMEOUT = 10.0
+WEBHOOK_MAX_DELAY = 600.0
+WEBHOOK_RETRY_FOR = 24 * 3600.0
+WEBHOOK_QUEUE = 10_000
 #: The status fields an event carries about its torrent.
 EVENT_FIELDS = ("infohash", "name", "state", "progress", "paused", "error", "save_path",
                 "total_size", "labels")
+
+
+def _webhook_url(text):
+    """An http(s) URL."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as error:
+        raise ValueError(f"not a URL: {error}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("give an http:// or https:// URL")
+    return text
+
+
+def _event_types(text):
+    """Event types, comma-separated."""
+    types = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in types if name not in EVENT_TYPES]
+    if unknown or not types:
+        raise ValueError(f"unknown event type {(unknown or [''])[0]!r}; give some of "
+                         + ", ".join(EVENT_TYPES))
+    return types
+
+
+def _local_webhooks(values):
+    """With --local-only, every webhook must name this host: nothing leaves it."""
+    for url in values["webhooks"] if values["local_only"] else ():
+        if not _is_local_url(url):
+            return f"with --local-only, {url!r} must name localhost or a loopback address"
+    return None
+
+
+OPTIONS.extend((
+    Option("webhooks", _webhook_url, (), "POST events as JSON to this http(s) URL; repeat "
+           "for more", repeat=" ", flag_name="webhook", check=_local_webhooks),
+    Option("webhook_events", _event_types, ("finished", "error", "removed"), "the events "
+           "webhooks get, comma-separated"),
+    Option("webhook_secret", str, None, "sign webhook bodies with HMAC-SHA256 under this "
+           "key (X-TorrentFlow-Signature)", secret=True),
+    Option("webhook_secret_file", Path, None, "read the webhook secret from this file"),
+))
 
 
 def _logged(awaitable, what):
@@ -1974,2158 +4651,20 @@ class Events:
         return [event for event in self.ring if event["id"] > last_id]
 
 
+EVENTS = web.AppKey("events", Events)
 
-# --------------------------------------------------------------------------- #
-# Engine: the owner of the libtorrent session
-# --------------------------------------------------------------------------- #
 
-#: The key of waits on alerts that concern the session rather than one torrent.
-SESSION = "session"
+def _events_setup(app, engine):
+    events = app[EVENTS] = Events(engine.config, engine.store)
+    engine.listen("start", events.start)
+    engine.listen("close", events.close)
+    engine.listen("event", lambda kind, torrent, detail: events.publish(
+        kind, torrent and torrent.infohash, torrent and torrent.status, detail))
+    engine.listen("health", lambda: [f"the {task.get_name()} task stopped"
+                                     for task in events.tasks if task.done()])
 
 
-class _Slices(list):
-    """A list that may be long (an entry per file, or per torrent): _json serialises it
-    a slice at a time."""
-
-
-def _json(value):
-    """value as JSON bytes, _Slices a slice at a time. json.dumps holds the GIL for a
-    whole call: 100,000 file entries in one call would stall the event loop even from a
-    thread, while slices let it run in between."""
-    if isinstance(value, _Slices):
-        return b"[%s]" % b",".join(_json_slice(value[start:start + JSON_SLICE])
-                                   for start in range(0, len(value), JSON_SLICE))
-    if isinstance(value, dict):
-        return b"{%s}" % b",".join(b"%s:%s" % (json.dumps(str(key)).encode(), _json(item))
-                                   for key, item in value.items())
-    if isinstance(value, (list, tuple)):
-        return b"[%s]" % b",".join(_json(item) for item in value)
-    return json.dumps(value).encode()
-
-
-def _json_slice(items):
-    """The JSON of a slice of a _Slices, without its brackets; items that hold _Slices
-    themselves (torrents with their files) go through _json one by one."""
-    if any(isinstance(inner, _Slices) for item in items if isinstance(item, (dict, list))
-           for inner in (item.values() if isinstance(item, dict) else item)):
-        return b",".join(_json(item) for item in items)
-    return json.dumps(items, separators=(",", ":")).encode()[1:-1]
-
-
-class _Torrent:
-    """What the daemon knows about one torrent: its handle and cached status, and what
-    libtorrent does not keep: the .torrent's own fields, a magnet's x.pe peers, and
-    the daemon's own notes, saved in the resume file beside libtorrent's data."""
-
-    # Slots: a library of ten thousand torrents holds ten thousand of these.
-    __slots__ = ("handle", "ids", "infohash", "number", "notes", "creation",
-                 "magnet_peers", "file_priorities", "save_path", "info", "file_progress",
-                 "status", "_summary", "_full", "total_done", "progress_stale", "counted",
-                 "sample", "rates", "updated", "last_scrape", "trackers_heard",
-                 "flushing_since", "saved_as", "disk_error", "fault", "learning", "dirty",
-                 "added", "saving", "next_save", "force_save", "removing")
-
-    def __init__(self, params, notes=None, saved_as=None):
-        self.handle = None            # once libtorrent has added it
-        self.number = 0               # its id in Transmission's RPC
-        self.ids = _params_ids(params)
-        self.infohash = self.ids[0]
-        self.saved_as = saved_as      # the name of its resume file, once it has one
-        notes = notes or {}
-        #: The daemon's notes, saved with the resume data: the order torrents were
-        #: added in, whether "finished" was announced, and payload bytes over its life
-        #: (libtorrent's own all-time counters drop what moved since their last tick).
-        self.notes = {"order": notes.get("order") or time.time_ns(),
-                      "finished": notes.get("finished", params.completed_time > 0),
-                      "downloaded": notes.get("downloaded", params.total_downloaded),
-                      "uploaded": notes.get("uploaded", params.total_uploaded),
-                      "labels": notes.get("labels", []),
-                      "ratio_limit": notes.get("ratio_limit", -1),
-                      "seeding_time_limit": notes.get("seeding_time_limit", -1),
-                      "limit_reached": notes.get("limit_reached"),
-                      "limit_mark": notes.get("limit_mark"),
-                      # file priorities given for a magnet, until its metadata comes
-                      "chosen_priorities": notes.get("chosen_priorities"),
-                      "moving_to": notes.get("moving_to")}  # during a move
-        # libtorrent drops the .torrent's fields outside the info dict, and every
-        # x.pe peer that failed to connect, yet they may be a magnet's only source.
-        self.creation = (params.creation_date, params.created_by, params.comment)
-        self.magnet_peers = list(params.peers) if params.ti is None else []
-        self.file_priorities = list(params.file_priorities)
-        self.save_path = params.save_path
-        self.info = None              # _metadata() once known
-        self.file_progress = None     # bytes downloaded per file index
-        self.status = None            # the status dict (files aside), once one arrived
-        self._summary = None          # the status serialised for listings, on demand
-        self._full = None             # ...and with its files, for GET of this torrent
-        self.total_done = -1          # bytes done when file progress was last asked for
-        self.progress_stale = False   # whether file_progress lags total_done
-        self.counted = (0, 0)         # libtorrent's session counters, last added to notes
-        self.sample = (0.0, 0, 0)     # (time, payload down, payload up) the rates start at
-        self.rates = (0, 0)           # payload bytes/s down and up, over the last second
-        self.updated = 0.0            # when the last status arrived
-        self.last_scrape = None       # when a tracker last reported swarm counts
-        self.trackers_heard = {}      # url -> (when it last answered, its last error)
-        self.flushing_since = None    # when a flush of its finished download was asked for
-        self.disk_error = ""          # the last file error, while it keeps the torrent stuck
-        self.fault = ""               # why the daemon stopped it, until it is resumed
-        self.learning = False         # whether its metadata is being read, or was
-        self.dirty = False            # whether libtorrent has changes not yet saved
-        self.added = None             # the task of its add, until it is saved
-        self.saving = None            # the save in flight
-        self.next_save = None         # the save that follows it, shared by all who ask
-        self.force_save = False       # whether that one must write even if unchanged
-        self.removing = False
-
-    @property
-    def aliases(self):
-        """Every id it answers to; a v2-only torrent also to its hash's first 40 digits,
-        the form qBittorrent shows."""
-        return [*self.ids, self.ids[0][:40]] if len(self.ids[0]) == 64 else self.ids
-
-    def error(self, status):
-        """libtorrent's error, the daemon's reason for stopping it, or the disk error
-        libtorrent meets with upload mode instead of an error."""
-        if status.errc.value():
-            return status.errc.message()
-        return self.fault or self.disk_error
-
-    def files(self):
-        """The files list of the status, with progress and priority, or None.
-
-        Progress is counted in whole pieces and fetched a moment after the status, so
-        once the torrent is finished every wanted file shows complete, as it is."""
-        if self.info is None:
-            return None
-        finished, seeding = self.status["is_finished"], self.status["is_seeding"]
-        progress, priorities = self.file_progress or (), self.file_priorities
-        entries = _Slices()
-        for index, path, size in self.info["files"]:
-            priority = int(priorities[index]) if index < len(priorities) else 4
-            downloaded = (size if seeding or (finished and priority)
-                          else progress[index] if index < len(progress) else 0)
-            entries.append({"index": index, "path": path, "size": size,
-                            "downloaded": downloaded, "priority": priority,
-                            "progress": round(100 * downloaded / size, 4) if size else 100.0})
-        return entries
-
-    def field(self, name):
-        """One status field's value."""
-        return self.files() if name == "files" else self.status[name]
-
-    def update(self, status):
-        """Take a fresh torrent_status; return the old id if the canonical one changed."""
-        ids = _hash_ids(status.info_hashes) or self.ids
-        old = self.infohash if ids[0] != self.infohash else None
-        self.ids, self.infohash, self.updated = ids, ids[0], time.time()
-        self.save_path = status.save_path
-        self._measure(status)
-        if not status.flags & lt.torrent_flags.upload_mode:
-            self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
-        self.status = _status_dict(self, status)
-        self._summary = self._full = None
-        return old
-
-    def _measure(self, status):
-        """Payload rates over the last second from libtorrent's byte counters.
-
-        libtorrent's own rates decay over tens of seconds and stop being reported when
-        a torrent goes idle; counting bytes gives 0 within two seconds of the last one.
-        """
-        now, down, up = time.time(), status.total_payload_download, status.total_payload_upload
-        counted_down, counted_up = self.counted
-        if down < counted_down or up < counted_up:  # libtorrent started them again
-            counted_down = counted_up = 0
-        self.notes["downloaded"] += down - counted_down
-        self.notes["uploaded"] += up - counted_up
-        self.counted = (down, up)
-        then, down_before, up_before = self.sample
-        if status.flags & lt.torrent_flags.paused or down < down_before or up < up_before:
-            self.sample, self.rates = (now, down, up), (0, 0)
-        elif now - then >= 1.0:
-            self.rates = (int((down - down_before) / (now - then)),
-                          int((up - up_before) / (now - then)))
-            self.sample = (now, down, up)
-
-    def refreshed_files(self):
-        """The per-file progress changed: the full status must be serialised again."""
-        self._full = None
-
-    @property
-    def summary(self):
-        """The status without its files, serialised once per change, for listings."""
-        if self._summary is None:
-            self._summary = json.dumps(self.status, separators=(",", ":")).encode()
-        return self._summary
-
-    async def body(self):
-        """The whole status, files included, serialised once per change. In a thread:
-        a torrent of 100,000 files takes a third of a second, which would stall the loop."""
-        if self._full is None:
-            # The summary is taken here: cached from the thread, it could outlive a
-            # status that changed meanwhile.
-            status, progress, summary = self.status, self.file_progress, self.summary
-            priorities = self.file_priorities
-            full = await asyncio.to_thread(
-                lambda: b"".join((summary[:-1], b',"files":', _json(self.files()), b"}")))
-            if (self.status is status and self.file_progress is progress
-                    and self.file_priorities is priorities):
-                self._full = full  # nothing changed meanwhile
-            return full
-        return self._full
-
-
-@contextlib.contextmanager
-def _handle_call():
-    """A handle that libtorrent already dropped means the torrent is gone: 404."""
-    try:
-        yield
-    except RuntimeError as error:
-        raise ApiError(404, f"torrent not found ({error})") from None
-
-
-@contextlib.contextmanager
-def _state_io(what):
-    """A state directory that fails is the daemon's trouble, not the client's: 503."""
-    try:
-        yield
-    except OSError as error:
-        log.error("state directory: %s failed: %s", what, error)
-        raise ApiError(503, f"the state directory failed while {what}: "
-                       f"{error.strerror or error}", RETRY_AFTER) from None
-
-
-def _listing_body(items, total):
-    """{"torrents": [items], "total": total} from already serialised items."""
-    return b"".join((b'{"torrents":[', items, b'],"total":%d}' % total))
-
-
-#: Peer flag bits by name; the 2.1.1 bindings lack uTP's and SSL's.
-_PEER_FLAGS = {**{name: getattr(lt.peer_info, name) for name in (
-    "interesting", "choked", "remote_interested", "remote_choked", "supports_extensions",
-    "outgoing_connection", "handshake", "connecting", "on_parole", "seed",
-    "optimistic_unchoke", "snubbed", "upload_only", "endgame_mode", "holepunched",
-    "rc4_encrypted", "plaintext_encrypted")}, "utp_socket": 1 << 17, "ssl_socket": 1 << 18}
-#: How a peer was found, by bit; the bindings lack "incoming".
-_PEER_SOURCES = {"tracker": 1, "dht": 2, "pex": 4, "lsd": 8, "resume": 16, "incoming": 32}
-
-
-def _peer(info):
-    """One connected peer as the API shows it."""
-    host, port = info.ip
-    flags = info.flags
-    kind = "web" if info.connection_type != lt.peer_info.standard_bittorrent else \
-        "utp" if flags & _PEER_FLAGS["utp_socket"] else "tcp"
-    return {"ip": host, "port": port,
-            "client": info.client.decode("utf-8", "replace")[:64],
-            "progress": round(info.progress * 100, 2),
-            "download_rate": info.payload_down_speed, "upload_rate": info.payload_up_speed,
-            "total_download": info.total_download, "total_upload": info.total_upload,
-            "connection": kind,
-            "encrypted": bool(flags & (lt.peer_info.rc4_encrypted
-                                       | lt.peer_info.plaintext_encrypted)),
-            "flags": [name for name, bit in _PEER_FLAGS.items() if flags & bit],
-            "source": [name for name, bit in _PEER_SOURCES.items() if info.source & bit]}
-
-
-def _tracker(entry, heard, slot):
-    """One tracker as the API shows it; heard is what its alerts said lately, and slot
-    the hash it announces: 0 for v1, 1 for v2. libtorrent reports each endpoint and
-    hash apart, and copies only the first endpoint's v1 state to the top level, which
-    a v2-only torrent never uses."""
-    answered, error = heard.get(entry["url"], (None, ""))
-    # Until it has an endpoint (just added, or paused), nothing is known.
-    state = entry["endpoints"][0]["info_hashes"][slot] if entry["endpoints"] else {
-        **entry, "scrape_complete": -1, "scrape_incomplete": -1, "scrape_downloaded": -1}
-    failed = state["fails"] or state["last_error"]["value"]
-    status = ("updating" if state["updating"] else "error" if failed
-              else "working" if entry["verified"] or answered else "not_contacted")
-    return {"url": entry["url"], "tier": entry["tier"], "status": status,
-            "message": state["message"] or (error if failed else ""),
-            "seeds": state["scrape_complete"], "peers": state["scrape_incomplete"],
-            "downloaded": state["scrape_downloaded"], "last_announce": answered,
-            "next_announce": state["next_announce"] if (state["next_announce"] or 0) > 0
-            else None}
-
-
-def _file_progress(handles):
-    """Bytes per file for each handle (None if it is gone); file_progress_alert's list
-    cannot be read in the 2.1.1 bindings (see peers). Blocking: run in a thread."""
-    result = []
-    for handle in handles:
-        try:
-            result.append(handle.file_progress(lt.torrent_handle.piece_granularity))
-        except RuntimeError:
-            result.append(None)
-    return result
-
-
-def _ip_filter(local_only):
-    """The session's IP filter, for peers, trackers and web seeds alike, after DNS.
-
-    With --local-only only loopback is allowed; otherwise everything but this host's
-    own addresses, where local services listen that a torrent must not reach.
-    """
-    ip_filter = lt.ip_filter()
-    if local_only:
-        ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
-        ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
-        ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
-        ip_filter.add_rule("::1", "::1", 0)
-    else:
-        for network in _HOST_OWN:
-            ip_filter.add_rule(str(network[0]), str(network[-1]), 1)
-    return ip_filter
-
-
-def _log_failure(task):
-    """Report a task nobody awaits that failed: its work would stop silently."""
-    if not task.cancelled() and task.exception() is not None:
-        error = task.exception()
-        if isinstance(error, ApiError):
-            log.error("%s: %s", task.get_name(), error.detail)
-        else:
-            log.error("%s failed", task.get_name(), exc_info=error)
-
-
-class TorrentEngine:
-    """Owns the libtorrent session, its alert loop, the status cache and the state dir.
-
-    Only the alert loop calls pop_alerts(). A request either reads the cache, or posts
-    work to libtorrent and awaits expect(), which the alert loop resolves. (The peer and
-    tracker views, and per-file progress, call libtorrent's getters in a worker thread.)
-    """
-
-    def __init__(self, config):
-        self.config = config
-        self.store = StateStore(config.state_dir)
-        self.events = Events(config, self.store)
-        self.counts = collections.Counter()  # alerts_dropped, saves, save_failures
-        #: Transmission's RPC: its session id, torrent numbers, and recent removals.
-        self.rpc_session_id = secrets.token_urlsafe(24)
-        self._numbers = itertools.count(1)
-        self.removed = collections.deque(maxlen=10_000)  # (time, number)
-        self.started = time.monotonic()
-        #: Where files may be written: the download directory, then the allowed roots.
-        self.roots = [Path(os.path.realpath(root)) for root in
-                      (config.download_dir, *config.allowed_save_roots)]
-        self.listen_port = None
-        self.was_clean = True         # whether the last run ended with a clean shutdown
-        #: The session's settings (GET/PATCH /settings): flags, then what PATCH saved.
-        self.settings = {o.setting: getattr(config, o.name) for o in OPTIONS if o.setting}
-        self.problems = {}            # what is wrong beyond one torrent, for /health
-        self._unsaved = {}            # torrent -> why its last save failed
-        self._settings_lock = asyncio.Lock()
-        self._session = None
-        self._torrents = {}           # _Torrent -> None: every torrent, in added order
-        self._by_id = {}              # hex id -> _Torrent
-        self._by_handle = {}          # libtorrent handle -> _Torrent
-        self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
-        self._unlisted = 0            # torrents without a status yet
-        self._loaded = False          # whether every saved torrent was handed over
-        self._checks_at_once = 1      # libtorrent's active_checking, paced by _pace_checks
-        self._listing = None          # the plain listing body, until a status changes
-        self._tasks = {}              # name -> the engine's long-running tasks
-        self._background = set()      # short tasks nobody awaits (saves, removals)
-        self._wakeup = asyncio.Event()
-        self._alert_socket = None
-        self._notify_socket = None
-
-    # -- lifecycle ---------------------------------------------------------- #
-
-    async def start(self):
-        """Create the session, start the alert loop, and begin loading saved torrents."""
-        loop = asyncio.get_running_loop()
-        self.was_clean, saved = await self.store.prepare(self.config.download_dir)
-        self.settings.update(_valid_settings(saved))
-        await self.events.start()
-        params = lt.session_params({**session_settings(self.config),
-                                    **_session_pack(self.settings)})
-        # pread avoids the RSS growth of memory-mapped I/O on large torrents.
-        params.disk_io_constructor = "pread_disk_io_constructor"
-        self._session = lt.session(params)
-        self._session.set_ip_filter(_ip_filter(self.config.local_only))
-        # Every peer in one class, so the session's limits hold for peers on the LAN and
-        # on loopback too (libtorrent exempts those by default).
-        everyone = lt.ip_filter()
-        for first, last in (("0.0.0.0", "255.255.255.255"),
-                            ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")):
-            everyone.add_rule(first, last, 1 << self._session.global_peer_class_id)
-        self._session.set_peer_class_filter(everyone)
-        self.listen_port = self._session.listen_port()  # a blocking call: once, at start
-        self._check_listening()
-        self._alert_socket, self._notify_socket = socket.socketpair()
-        self._alert_socket.setblocking(False)
-        # libtorrent writes a byte here when alerts arrive; it must never block its thread.
-        self._notify_socket.setblocking(False)
-        self._session.set_alert_fd(self._notify_socket.fileno())
-        loop.add_reader(self._alert_socket.fileno(), self._on_alert_fd)
-        for name, work in (("alerts", self._alert_loop), ("status", self._status_loop),
-                           ("save", self._save_loop), ("load", self._load_saved),
-                           ("watch", self._watch_loop)):
-            self._tasks[name] = asyncio.create_task(work(), name=f"tf-{name}")
-            self._tasks[name].add_done_callback(_log_failure)
-        log.info("BitTorrent listening on %s, port %d (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
-                 self.config.listen_interfaces, self.listen_port,
-                 *("on" if flag else "off" for flag in (
-                     self.config.dht, self.config.lsd, self.config.upnp, self.config.natpmp)))
-
-    async def close(self):
-        """Finish adds under way, pause, save every torrent that changed, drop the session.
-
-        The state directory is marked clean only if every save made it, so that the next
-        start knows whether the resume files can be trusted.
-        """
-        if self._session is None:
-            return
-        others = [task for name, task in self._tasks.items() if name != "alerts"]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
-        deadline = time.monotonic() + self.config.shutdown_timeout
-        adding = [t.added for t in self._torrents if t.added and not t.added.done()]
-        if adding:
-            # An add whose request was cut off by the shutdown still ends saved.
-            await asyncio.wait(adding, timeout=self.config.shutdown_timeout)
-        self._session.pause()
-        torrents = [t for t in self._torrents if t.handle is not None and not t.removing]
-        saves = [self.save(torrent, force=False) for torrent in torrents]
-        done, pending = await asyncio.wait(
-            saves, timeout=max(0.1, deadline - time.monotonic())) if saves else (set(), set())
-        failed = [f for f in done if f.exception()]
-        saved = sum(1 for f in done if not f.exception() and f.result())
-        log.info("saved %d changed torrents of %d at shutdown", saved, len(torrents))
-        # A check cut short saved only the pieces checked so far: the next start must
-        # check again, as after a crash, or a whole torrent would stay short of 100.
-        checking = sum(1 for t in torrents if t.status and t.status["state"] == "checking_files")
-        if pending or failed or checking:
-            log.warning("not marking the stop clean: %d torrents could not be saved, %d "
-                        "were being checked", len(pending) + len(failed), checking)
-        else:
-            with contextlib.suppress(OSError):
-                await asyncio.wait_for(self.store.put(CLEAN_MARK, b""),
-                                       max(0.1, deadline - time.monotonic()))
-        await self.events.close()
-        for task in [self._tasks["alerts"], *self._background]:
-            task.cancel()
-        await asyncio.gather(self._tasks["alerts"], *self._background, return_exceptions=True)
-        asyncio.get_running_loop().remove_reader(self._alert_socket.fileno())
-        self.store.close()
-        # The session's destructor waits up to STOP_TRACKER_TIMEOUT for trackers to
-        # acknowledge "stopped", holding the GIL: let the last reference go in a thread.
-        last_reference = [self._session]
-        self._session = None
-        await asyncio.to_thread(last_reference.clear)
-        self._alert_socket.close()
-        self._notify_socket.close()
-
-    def _check_listening(self):
-        """Stop the start if a listen address is taken or nothing listens at all.
-
-        listen_port() has waited for the session to bind, so the outcome is already in
-        the alert queue; the alert loop has not started, so this is its only reader."""
-        failures = [alert for alert in self._session.pop_alerts()
-                    if isinstance(alert, lt.listen_failed_alert)]
-        for alert in failures:
-            log.warning("cannot listen on %s:%d: %s", alert.address, alert.port,
-                        alert.error.message())
-        taken = [a for a in failures if a.error.value() == errno.EADDRINUSE]
-        if taken or not self.listen_port:
-            alert = (taken or failures or [None])[0]
-            where = f"{alert.address}:{alert.port}" if alert else self.config.listen_interfaces
-            raise StartupError(f"BitTorrent cannot listen on {where}"
-                               + (f" ({alert.error.message()})" if alert else "")
-                               + "; choose another address or port with --listen-interfaces "
-                               "(TORRENTFLOW_LISTEN_INTERFACES), or port 0 for any free one")
-
-    def _on_listen(self, alert):
-        """A listen socket failed or came back after the start: /health tells."""
-        if isinstance(alert, lt.listen_failed_alert):
-            self.problems["listen"] = alert.message()
-        else:
-            self.problems.pop("listen", None)
-
-    @property
-    def loading(self):
-        """True until every saved torrent is back and listed."""
-        return not self._loaded or self._unlisted > 0
-
-    def health(self):
-        """What is wrong with the daemon as a whole: a list of reasons, empty if nothing."""
-        dead = [f"the {name} task stopped" for name, task in self._tasks.items()
-                if task.done() and (name != "load" or task.cancelled() or task.exception())]
-        dead += [f"the {task.get_name()} task stopped" for task in self.events.tasks
-                 if task.done()]
-        return [*dead, *self.problems.values(), *itertools.islice(self._unsaved.values(), 1)]
-
-    # -- waiting on libtorrent ------------------------------------------------ #
-
-    async def expect(self, ids, kinds, what, match=None, timeout=ALERT_WAIT):
-        """Wait for the alert loop to see an alert of these kinds about the torrent with
-        these ids (or SESSION) for which match(alert) is not None; return that value.
-
-        The one way a request waits for libtorrent's alerts. Alerts die at the next pop,
-        so match copies what the caller needs. An alert that does not come within timeout
-        (one lost in an overflowing queue) becomes a 503; a removal fails the wait with 404.
-        """
-        future = asyncio.get_running_loop().create_future()
-        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        waiter = (kinds, match or (lambda alert: True), future)
-        self._waiters[ids[0]].append(waiter)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
-                           "try again", RETRY_AFTER) from None
-        finally:
-            # Still under ids[0]: a torrent's ids only grow (a v2 magnet gains its v1 id),
-            # and alerts are matched against all of them.
-            self._waiters[ids[0]].remove(waiter)
-            if not self._waiters[ids[0]]:
-                del self._waiters[ids[0]]
-
-    def _settle(self, ids, alert):
-        """Resolve the waits this alert answers; a match that fails fails its wait only."""
-        for key in ids:
-            for kinds, match, future in self._waiters.get(key, ()):
-                if isinstance(alert, kinds) and not future.done():
-                    try:
-                        value = match(alert)
-                    except Exception as error:
-                        future.set_exception(error)
-                        continue
-                    if value is not None:
-                        future.set_result(value)
-
-    def _spawn(self, coroutine, name):
-        """Run work nobody awaits; kept referenced, and its failure logged."""
-        task = asyncio.create_task(coroutine, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        task.add_done_callback(_log_failure)
-        return task
-
-    async def metadata_read(self, torrent):
-        """Wait until metadata libtorrent has is read too (torrent.info, in a thread)."""
-        if torrent.status["has_metadata"] and torrent.info is None:
-            await self._confirm(torrent, lambda status: torrent.info is not None,
-                                "reading the metadata")
-
-    async def _confirm(self, torrent, predicate, what):
-        """Ask for a fresh status and wait until one satisfies predicate(status dict)."""
-        with _handle_call():
-            torrent.handle.post_status()
-        await self.expect(torrent.ids, lt.state_update_alert, what,
-                          lambda alert: True if predicate(torrent.status) else None)
-
-    # -- requests ----------------------------------------------------------- #
-
-    def lookup(self, infohash):
-        """The torrent with this id: 404 if unknown or being removed, 503 while it is
-        still being added or loaded from the state directory."""
-        torrent = self._by_id.get(infohash)
-        if torrent is None or torrent.removing:
-            raise ApiError(404, f"no torrent with infohash {infohash}")
-        if torrent.status is None:
-            raise ApiError(503, f"torrent {infohash} is still being added; try again",
-                           RETRY_AFTER)
-        return torrent
-
-    def torrents(self):
-        """Every torrent that has a status to serve, in the order they were added."""
-        return (t for t in self._torrents if t.status is not None and not t.removing)
-
-    def listing(self):
-        """The body of a plain GET /torrents, rebuilt only after something changed."""
-        if self._listing is None:
-            bodies = [t.summary for t in self.torrents()]
-            self._listing = _listing_body(b",".join(bodies), len(bodies))
-        return self._listing
-
-    def count(self):
-        """How many torrents the daemon holds, those still loading included."""
-        return len(self._torrents)
-
-    def inside_roots(self, path):
-        """Whether a path really lies inside a save root. Touches the disk: in a thread."""
-        return _resolved(path, self.roots)[1]
-
-    def shown(self, path):
-        """A path as the API shows it: relative to the download directory when inside."""
-        path = Path(path)
-        return str(path.relative_to(self.roots[0])) if path.is_relative_to(self.roots[0]) \
-            else str(path)
-
-    async def add(self, params, settings=None, anywhere=False):
-        """Add a torrent with settings (parsed; they apply only to a new torrent); return
-        (infohash, created) once it is saved and has a status. One already there with
-        another save_path is a 409, or with anywhere (Transmission's way) a duplicate."""
-        settings = settings or {}
-        # 100,000 files take 0.1 s to list: in a thread, before anything is decided.
-        files = await asyncio.to_thread(_files_of, params.ti) if params.ti is not None \
-            and settings.get("file_priorities") is not None else None
-        ids = _params_ids(params)
-        existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
-        if existing is not None and existing.removing:
-            # Being deleted: let that finish, then add it afresh.
-            await self.expect(existing.ids, lt.torrent_removed_alert,
-                              "the removal of the earlier copy")
-            existing = None
-        if existing is not None:
-            if existing.added is not None:
-                # Asked for twice, maybe at once: answer when the first add is saved.
-                await asyncio.shield(existing.added)
-            if existing.save_path != params.save_path and not anywhere:
-                raise ApiError(409, f"torrent {existing.infohash} is already there, with "
-                               f"save_path {self.shown(existing.save_path)!r}")
-            return existing.infohash, False
-        keep_reachable(params, self.config.local_only)
-        chosen = _preset(params, settings, files)
-        torrent = _Torrent(params)
-        torrent.notes["chosen_priorities"] = chosen
-        torrent.notes.update({name: value for name, value in settings.items()
-                              if SETTINGS_BY_NAME[name].noted})
-        self._register(torrent)
-        torrent.added = self._spawn(self._add(torrent, params), f"add {torrent.infohash}")
-        # Shielded: a client that hangs up must not leave a torrent added but unsaved.
-        await asyncio.shield(torrent.added)
-        return torrent.infohash, True
-
-    async def _add(self, torrent, params):
-        """Post the add and wait for libtorrent to take it; then admit it."""
-        try:
-            self._session.async_add_torrent(params)
-        except (ValueError, RuntimeError) as error:
-            self._forget(torrent)
-            raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
-        try:
-            refusal = await self.expect(torrent.ids, lt.add_torrent_alert, "the add",
-                                        lambda alert: alert.error.message()
-                                        if alert.error.value() else "")
-        except ApiError:
-            if torrent.handle is None:
-                self._forget(torrent)  # if the alert comes after all, _on_add admits it
-            raise
-        if refusal:
-            raise ApiError(422, f"libtorrent refused the torrent: {refusal}")
-        await self._admit(torrent)
-
-    async def _admit(self, torrent):
-        """Save a torrent libtorrent has just added, or take it out again: an add is
-        confirmed only once it is in the state directory."""
-        try:
-            await self.save(torrent)
-        except ApiError:
-            with contextlib.suppress(ApiError):
-                await self.remove(torrent, delete_files=False)
-            raise
-        if torrent.status is None:
-            await self._confirm(torrent, lambda status: True, "the first status")
-        self._emit("added", torrent)
-        await self.events.settled()
-        torrent.added = None  # saved: a second add of it need not wait
-
-    async def pause(self, torrent):
-        """Pause and take it out of the queue, so libtorrent does not restart it."""
-        with _handle_call():
-            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
-            torrent.handle.pause()
-        await self._confirm(torrent, lambda status: status["paused"]
-                            and not status["auto_managed"], "the pause")
-        await self.save(torrent)
-
-    async def resume(self, torrent, queued=True):
-        """Resume and hand it back to the queue, or (queued false) start it now, past the
-        queue's limits; after an error, recheck and retry."""
-        await self.confined(torrent)
-        torrent.notes["limit_reached"] = None
-        with _handle_call():
-            if queued:
-                torrent.handle.set_flags(lt.torrent_flags.auto_managed)
-            else:
-                torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
-            if torrent.disk_error or torrent.fault or torrent.status["error"]:
-                # Resuming says the fault is fixed. A piece can pass its hash check in
-                # memory and then fail to be written, so check what reached the disk.
-                torrent.disk_error = torrent.fault = ""
-                torrent.handle.clear_error()
-                torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
-                torrent.handle.force_recheck()
-            torrent.handle.resume()
-        await self._confirm(torrent, lambda status: status["auto_managed"] if queued
-                            else not status["paused"], "the resume")
-        await self.save(torrent)
-
-    async def remove(self, torrent, delete_files):
-        """Remove it, its resume file first; return once libtorrent confirmed, with why
-        its files could not be deleted, if they could not.
-
-        If the resume file cannot be deleted, or libtorrent does not confirm in time,
-        the torrent stays whole and the answer is 503, so that a retry can finish.
-        """
-        if delete_files:
-            await self.confined(torrent)  # never delete outside the roots
-        # Checked after that wait, so two DELETEs at once remove it once.
-        if torrent.removing:
-            raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
-        torrent.removing = True
-        self._listing = None
-        # Shielded: a client that hangs up must not leave a removal half done.
-        return await asyncio.shield(self._spawn(self._remove(torrent, delete_files),
-                                                f"remove {torrent.infohash}"))
-
-    async def _remove(self, torrent, delete_files):
-        name = torrent.saved_as
-        try:
-            # After a hybrid conflict the survivor may keep its file under this name.
-            if name and not any(t.saved_as == name for t in self._torrents if t is not torrent):
-                with _state_io(f"deleting the resume file of {torrent.infohash}"):
-                    await self.store.delete(name)
-            torrent.saved_as = None
-            failure = await self._drop(torrent, delete_files and torrent.info is not None)
-        except BaseException:
-            if torrent in self._torrents:
-                torrent.removing = False
-                self._listing = None
-                if name is not None:
-                    self.save(torrent)  # the resume file comes back for the retry
-            raise
-        self._emit("removed", torrent, failure)
-        await self.events.settled()
-        return failure
-
-    async def _drop(self, torrent, delete_files):
-        """Remove the torrent from libtorrent, with its files if asked; wait for it.
-        Return why the files could not be deleted, or None."""
-        steps = {lt.torrent_removed_alert, lt.torrent_deleted_alert} if delete_files else {
-            lt.torrent_removed_alert}
-        failure = None
-
-        def step(alert):
-            nonlocal failure
-            if isinstance(alert, lt.torrent_delete_failed_alert):
-                failure = f"its files could not be deleted: {alert.error.message()}"
-            steps.discard(lt.torrent_removed_alert if isinstance(
-                alert, lt.torrent_removed_alert) else lt.torrent_deleted_alert)
-            return None if steps else True
-        try:
-            self._session.remove_torrent(torrent.handle,
-                                         lt.session.delete_files if delete_files else 0)
-        except RuntimeError:  # libtorrent dropped it already (a removal's alert was lost)
-            self._forget(torrent)
-            return
-        await self.expect(torrent.ids, (lt.torrent_removed_alert, lt.torrent_deleted_alert,
-                                        lt.torrent_delete_failed_alert), "the removal", step)
-        return failure
-
-    # -- operator control --------------------------------------------------- #
-
-    async def control(self, torrents, action):
-        """Pause or resume several torrents; how many did as asked."""
-        done = await asyncio.gather(*(getattr(self, action)(t) for t in torrents),
-                                    return_exceptions=True)
-        return sum(1 for outcome in done if not isinstance(outcome, BaseException))
-
-    async def configure(self, torrent, settings):
-        """Change a torrent's settings (parsed by parse_settings); return once libtorrent
-        has taken them, they are saved, and a fresh status shows them. A move of
-        save_path is waited for MOVE_WAIT; the result says whether it is done."""
-        if "file_priorities" in settings:
-            settings["file_priorities"] = self._priorities(torrent, settings["file_priorities"])
-        for url, _ in settings.get("trackers", ()):
-            if not _url_allowed(url, self.config.local_only):
-                raise ApiError(422, f"tracker {url!r} is not allowed here (see --local-only "
-                               "and the Security section of the README)")
-        with _handle_call():
-            for name, value in settings.items():
-                setting = SETTINGS_BY_NAME[name]
-                if setting.noted:
-                    torrent.notes[name] = value
-                elif name == "trackers":
-                    torrent.handle.replace_trackers([{"url": url, "tier": tier}
-                                                     for url, tier in value])
-                elif setting.apply:
-                    setting.apply(torrent.handle, value)
-        if "file_priorities" in settings:
-            await self._prioritize(torrent, settings["file_priorities"])
-        moved = True
-        if settings.get("save_path", torrent.save_path) != torrent.save_path:
-            moved = await self.move(torrent, settings["save_path"])
-        await self.save(torrent)  # libtorrent answers it after every change posted above
-        await self._confirm(torrent, lambda status: True, "the change")
-        return moved
-
-    async def _prioritize(self, torrent, priorities):
-        """Set libtorrent's full list of file priorities; return once it has them."""
-        if priorities == torrent.file_priorities:
-            return  # libtorrent would not say so
-        with _handle_call():
-            torrent.handle.prioritize_files(priorities)
-        # libtorrent applies them on its disk thread and says so in file_prio_alert.
-        await self.expect(torrent.ids, lt.file_prio_alert, "the file priorities")
-        torrent.file_priorities = priorities
-        torrent.refreshed_files()
-
-    def _priorities(self, torrent, chosen):
-        """libtorrent's full list of file priorities from a list of one per file, or an
-        {index: priority} object: 409 before metadata, 422 for a wrong count or index."""
-        if torrent.info is None:
-            raise ApiError(409, "file_priorities need the metadata, which has not arrived")
-        files = [index for index, _, _ in torrent.info["files"]]
-        full = list(torrent.file_priorities) + [4] * (torrent.info["all_files"]
-                                                      - len(torrent.file_priorities))
-        if isinstance(chosen, list):
-            if len(chosen) != len(files):
-                raise ApiError(422, f"file_priorities has {len(chosen)} entries; the "
-                               f"torrent has {len(files)} files")
-            chosen = dict(zip(files, chosen))
-        files = set(files)  # a list would make this loop quadratic: minutes at 100,000
-        for index, priority in chosen.items():
-            if index not in files:
-                raise ApiError(422, f"file_priorities: no file with index {index}")
-            full[index] = priority
-        return full
-
-    async def move(self, torrent, save_path):
-        """Move a torrent's data within the roots; True once moved, False if it goes on
-        past MOVE_WAIT (the status shows moving_to until it ends)."""
-        if torrent.notes["moving_to"] is not None:
-            raise ApiError(409, f"torrent {torrent.infohash} is already moving")
-        # Saved first: a crash in the middle leaves files in both places, and the next
-        # start must know where to look (see _where_data_is).
-        torrent.notes["moving_to"] = save_path
-        try:
-            await self.save(torrent)
-            with _handle_call():
-                torrent.handle.move_storage(save_path, lt.move_flags_t.fail_if_exist)
-                torrent.handle.post_status()  # a move changes nothing else the status shows
-        except BaseException:  # a failed save, or the request cancelled at shutdown
-            torrent.notes["moving_to"] = None
-            raise
-        moving = self._spawn(self._moved(torrent, save_path), f"move {torrent.infohash}")
-        done, _ = await asyncio.wait([moving], timeout=MOVE_WAIT)
-        if done:
-            moving.result()  # the failure, if it failed
-        return bool(done)
-
-    async def _moved(self, torrent, save_path):
-        """Wait for a move to end, however long it takes; record how it went."""
-        def outcome(alert):
-            if isinstance(alert, lt.storage_moved_alert):
-                return ""
-            # fail_if_exist reports a file in the way as error 0, "Success", with the
-            # path of the file it would have moved, not of the one in the way.
-            if not alert.error.value():
-                return "one of its files is already there"
-            return f"{alert.error.message()}: {self.shown(alert.file_path())}"
-        try:
-            failure = await self.expect(torrent.ids, (lt.storage_moved_alert,
-                                                      lt.storage_moved_failed_alert),
-                                        "the move", outcome, timeout=None)
-        finally:
-            torrent.notes["moving_to"] = None
-            with contextlib.suppress(RuntimeError):
-                torrent.handle.post_status()
-        if failure:
-            torrent.fault = f"moving to {self.shown(save_path)} failed: {failure}"
-            self.save(torrent)
-            raise ApiError(409, torrent.fault)
-        # The event carries the torrent's status: wait for one that shows the new place.
-        await self._confirm(torrent, lambda status: True, "the move")
-        self._emit("moved", torrent, self.shown(save_path))
-        await self.events.settled()
-        self.save(torrent)
-
-    async def recheck(self, torrent):
-        """Check every piece on disk (a paused torrent is checked when resumed)."""
-        await self.confined(torrent)
-        with _handle_call():
-            torrent.handle.force_recheck()
-        await self._confirm(torrent, lambda status: True, "the recheck")
-
-    async def queue(self, torrent, move):
-        """Move it to the top or bottom of libtorrent's queue, or one place up or down;
-        return once the cache shows every torrent's new place."""
-        with _handle_call():
-            getattr(torrent.handle, f"queue_position_{move}")()
-        # The torrents it passed moved too. libtorrent answers in order, so their fresh
-        # status is in the cache by the time this torrent's is.
-        self._session.post_torrent_updates()
-        await self._confirm(torrent, lambda status: True, "the queue move")
-
-    async def reannounce(self, torrent):
-        """Announce to every tracker now, minimum intervals notwithstanding."""
-        with _handle_call():
-            torrent.handle.force_reannounce(0, lt.reannounce_flags_t.ignore_min_interval)
-
-    async def peers(self, torrent):
-        """The connected peers. Reading peer_info_alert's list raises TypeError in the
-        2.1.1 bindings (no converter; a test watches for that to change), so a worker
-        thread asks libtorrent's thread instead; the loop never waits on it."""
-        with _handle_call():
-            return [_peer(peer) for peer in await asyncio.to_thread(torrent.handle.get_peer_info)]
-
-    async def trackers(self, torrent):
-        """The torrent's trackers (tracker_list_alert's list has the same gap)."""
-        with _handle_call():
-            return [_tracker(entry, torrent.trackers_heard, int(len(torrent.ids[0]) == 64))
-                    for entry in await asyncio.to_thread(torrent.handle.trackers)]
-
-    async def configure_session(self, changes):
-        """Save session settings (parsed) for the next start, then apply and announce
-        them: a change the state directory could not keep is not made."""
-        async with self._settings_lock:  # each write holds every change before it
-            changes = {key: value for key, value in changes.items()
-                       if self.settings[key] != value}
-            if not changes:
-                return
-            settings = {**self.settings, **changes}
-            with _state_io("saving the settings"):
-                await self.store.put(SETTINGS_FILE, json.dumps(settings, indent=1).encode())
-            self.settings.update(changes)
-        self._session.apply_settings(_session_pack(self.settings))
-        self.events.publish("settings", detail=", ".join(f"{k}={v}" for k, v in changes.items()))
-        await self.events.settled()
-
-    async def session_stats(self):
-        """libtorrent's session counters, fresh: {metric name: value}."""
-        self._session.post_session_stats()
-        return await self.expect((SESSION,), lt.session_stats_alert, "the statistics",
-                                 lambda alert: dict(alert.values))
-
-    def _enforce_limits(self, torrent):
-        """Apply on_limit to a finished torrent that reached its ratio or seeding time.
-
-        The limits it reached are noted: an operator who resumes it lets it seed on,
-        until its limits change and it reaches the new ones.
-        """
-        status, notes = torrent.status, torrent.notes
-        if not status["is_finished"] or status["paused"] or torrent.removing:
-            return
-        limits = [self.settings[key] if notes[key] == -1 else notes[key]
-                  for key in ("ratio_limit", "seeding_time_limit")]
-        if limits == notes["limit_mark"]:
-            return
-        seeding = status["seeding_time"] + int(time.time() - torrent.updated)
-        if 0 <= limits[0] <= status["ratio"]:
-            reached = f"ratio {status['ratio']:g} reached its limit {limits[0]:g}"
-        elif 0 <= limits[1] <= seeding:
-            reached = f"{seeding} s of seeding reached its limit {limits[1]} s"
-        else:
-            return
-        notes["limit_mark"], notes["limit_reached"] = limits, reached
-        action = self.settings["on_limit"]
-        self._emit("limit_reached", torrent, f"{reached}; {action.replace('_', ' ')}")
-        if action == "pause":
-            self._stop(torrent)
-        else:
-            self._spawn(self.remove(torrent, action == "remove_with_files"),
-                        f"remove {torrent.infohash}")
-
-    # -- saving ------------------------------------------------------------- #
-
-    def save(self, torrent, force=True):
-        """A future of a save of the torrent as it is now: True once written, False if
-        nothing needed writing (or it is gone).
-
-        One save per torrent is in flight at a time. A request joins the save waiting to
-        follow it, so the data written always holds every change made before the call,
-        and a backlog never grows beyond one waiting save per torrent.
-        """
-        torrent.force_save |= force
-        if torrent.next_save is None:
-            torrent.next_save = self._spawn(self._save(torrent, torrent.saving),
-                                            f"save {torrent.infohash}")
-        return torrent.next_save
-
-    async def _save(self, torrent, previous):
-        """Ask libtorrent for the resume data once the previous save is done; write it."""
-        if previous is not None:
-            await asyncio.wait([previous])
-        torrent.saving, torrent.next_save = torrent.next_save, None
-        flags = SAVE_FULL if torrent.force_save else SAVE_IF_MODIFIED
-        torrent.force_save = False
-        try:
-            if torrent.handle is None or torrent.removing:
-                return False
-            try:
-                torrent.handle.save_resume_data(flags)
-            except RuntimeError:  # already removed: nothing left to save
-                return False
-            data = await self.expect(torrent.ids, (lt.save_resume_data_alert,
-                                                   lt.save_resume_data_failed_alert),
-                                     "saving the torrent", self._resume_data(torrent))
-            if not data or torrent.removing:
-                return False
-            old_name = torrent.saved_as
-            try:
-                with _state_io(f"saving {torrent.infohash}"):
-                    await self.store.write(torrent.infohash, data,
-                                           old_name if old_name != torrent.infohash else None)
-            except ApiError as error:
-                self.counts["save_failures"] += 1
-                self._unsaved[torrent] = error.detail  # a full disk is still writable
-                # libtorrent has handed this data over: write it in full at the next try.
-                torrent.force_save = True
-                raise
-            self.counts["saves"] += 1
-            self._unsaved.pop(torrent, None)
-            torrent.saved_as = torrent.infohash
-            return True
-        finally:
-            if torrent.saving is asyncio.current_task():
-                torrent.saving = None
-
-    def _resume_data(self, torrent):
-        """A match for a save's alert: the bytes to write, or b"" if there are none."""
-        def take(alert):
-            if isinstance(alert, lt.save_resume_data_failed_alert):
-                if alert.error.value() != RESUME_NOT_MODIFIED and not torrent.removing:
-                    log.warning("could not save resume data for %s: %s", torrent.infohash,
-                                alert.error.message())
-                return b""
-            params = alert.params
-            torrent.file_priorities = list(params.file_priorities)
-            if params.ti is None and torrent.magnet_peers:
-                params.peers = list(dict.fromkeys([*params.peers, *torrent.magnet_peers]))
-            # A copy: the alert dies at the next pop.
-            return _with_notes(lt.write_resume_data_buf(params), torrent.notes)
-        return take
-
-    # -- the alert loop ----------------------------------------------------- #
-
-    def _on_alert_fd(self):
-        """libtorrent wrote to the alert socket: drain it and wake the alert loop."""
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while self._alert_socket.recv(4096):
-                pass
-        self._wakeup.set()
-
-    async def _alert_loop(self):
-        """The only caller of pop_alerts(). Dispatch is synchronous: alerts die at the next pop."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            for alert in self._session.pop_alerts():
-                try:
-                    if self._waiters:
-                        self._settle(self._alert_ids(alert), alert)
-                    handler = self._ALERT_HANDLERS.get(type(alert))
-                    if handler is not None:
-                        handler(self, alert)
-                except Exception:
-                    log.exception("error while handling %s", type(alert).__name__)
-
-    def _alert_ids(self, alert):
-        """The ids of the torrent an alert is about, or (SESSION,)."""
-        if isinstance(alert, lt.add_torrent_alert):
-            return _params_ids(alert.params)
-        torrent = self._by_handle.get(alert.handle) if isinstance(alert, lt.torrent_alert) \
-            else None
-        if torrent is not None:
-            return torrent.ids
-        hashes = getattr(alert, "info_hashes", None)
-        return _hash_ids(hashes) if hashes is not None else (SESSION,)
-
-    def _torrent_of(self, alert):
-        return self._by_handle.get(alert.handle)
-
-    def _on_state_update(self, alert):
-        """Cache each changed torrent's status and wake requests waiting for it."""
-        self._listing = None
-        for status in alert.status:
-            torrent = self._by_handle.get(status.handle)
-            if torrent is None or self._holding_back(torrent, status):
-                continue
-            try:
-                self._take_status(torrent, status)
-                self._settle(torrent.ids, alert)
-            except Exception:  # one bad status must not keep the others from the cache
-                log.exception("could not take the status of %s", torrent.infohash)
-
-    def _take_status(self, torrent, status):
-        """Cache one torrent's status and do the bookkeeping that follows it."""
-        before = torrent.status
-        old = torrent.update(status)
-        if old:
-            log.info("%s is now known by its v1 id %s", old, torrent.infohash)
-        self._index(torrent)
-        if before is None:
-            self._unlisted -= 1
-        if torrent.info is not None and torrent.total_done != status.total_done:
-            torrent.total_done = status.total_done
-            torrent.progress_stale = True
-        torrent.dirty = bool(status.need_save_resume_data)
-        if status.has_metadata and torrent.info is None and not torrent.learning:
-            torrent.learning = True
-            self._spawn(self._learn(torrent, status.torrent_file), f"read {torrent.infohash}")
-        self._announce(torrent, before)
-
-    async def _learn(self, torrent, torrent_info):
-        """Read the metadata off the loop, holding metadata from peers to the checks an
-        upload gets: a stranger's 250,000 files must not be listed on every status."""
-        problem, info = await asyncio.to_thread(_checked_metadata, torrent_info,
-                                                torrent.creation)
-        if problem:
-            torrent.fault = f"refused its metadata: {problem}"
-            self._stop(torrent)
-            return
-        torrent.info = info
-        torrent.progress_stale = True
-        chosen = torrent.notes["chosen_priorities"]
-        if chosen is not None:  # asked for at add, before the files were known
-            try:
-                await self._prioritize(torrent, self._priorities(torrent, chosen))
-                torrent.notes["chosen_priorities"] = None
-                await self.save(torrent)
-            except ApiError as error:
-                torrent.fault = error.detail
-                self._stop(torrent)
-        with contextlib.suppress(RuntimeError):
-            torrent.handle.post_status()
-
-    def _announce(self, torrent, before):
-        """Emit the events a new status means, compared with the one before it."""
-        now = torrent.status
-        if before is not None:
-            if now["has_metadata"] and not before["has_metadata"]:
-                self._emit("metadata", torrent)
-            if now["state"] != before["state"]:
-                self._emit("state", torrent, f"{before['state']} -> {now['state']}")
-            if _held(now) != _held(before):
-                self._emit("paused" if _held(now) else "resumed", torrent)
-            if now["error"] and now["error"] != before["error"]:
-                self._emit("error", torrent, now["error"])
-        if now["is_finished"] and not torrent.notes["finished"]:
-            torrent.notes["finished"] = True  # once per torrent, restarts included
-            self._emit("finished", torrent)
-            self.save(torrent)
-        elif now["state"] == "downloading" and not now["is_finished"]:
-            torrent.notes["finished"] = False  # wanted again: it may finish again
-
-    def _emit(self, kind, torrent, detail=None):
-        """One thing that happened to a torrent."""
-        self.events.publish(kind, torrent.infohash, torrent.status, detail)
-
-    @staticmethod
-    def _holding_back(torrent, status):
-        """Serve the previous status while a just-finished torrent's writes are flushed.
-
-        A script that sees "finished" reads the files next; they must be complete by
-        then. A flush that never reports back is not waited for beyond FLUSH_WAIT.
-        """
-        return (torrent.flushing_since is not None
-                and time.time() - torrent.flushing_since < FLUSH_WAIT
-                and status.is_finished and torrent.status is not None
-                and not torrent.status["is_finished"])
-
-    def _register(self, torrent):
-        """Make a torrent known by its ids, before libtorrent has it."""
-        self._torrents[torrent] = None
-        torrent.number = next(self._numbers)
-        self._index(torrent)
-        self._unlisted += 1
-
-    def _index(self, torrent):
-        """Point each of the torrent's ids at it; an alias never takes another's id."""
-        for key in torrent.aliases:
-            if key in torrent.ids:
-                self._by_id[key] = torrent
-            else:
-                self._by_id.setdefault(key, torrent)
-
-    def _forget(self, torrent):
-        """Drop every trace of a torrent libtorrent no longer holds."""
-        if self._torrents.pop(torrent, False) is False:
-            return
-        self._listing = None
-        self._unsaved.pop(torrent, None)
-        self.removed.append((time.time(), torrent.number))
-        self._by_handle.pop(torrent.handle, None)
-        for key in torrent.aliases:
-            if self._by_id.get(key) is torrent:
-                del self._by_id[key]
-        if torrent.status is None:
-            self._unlisted -= 1
-        # Every wait on it fails, but a removal's: torrent_deleted_alert is yet to come.
-        for key in torrent.ids:
-            for kinds, _, future in self._waiters.get(key, ()):
-                if not future.done() and lt.torrent_deleted_alert not in kinds:
-                    future.set_exception(ApiError(404, f"torrent {torrent.infohash} was removed"))
-
-    def _on_add(self, alert):
-        """Attach the handle of a torrent libtorrent added, or forget a refused one."""
-        ids = _params_ids(alert.params)
-        torrent = next((self._by_id[i] for i in ids if i in self._by_id), None)
-        if alert.error.value():
-            log.warning("could not add torrent %s: %s", ids[0], alert.error.message())
-            if torrent is not None and torrent.handle is None:
-                self._forget(torrent)
-            return
-        if torrent is None:  # its request gave up waiting: save it now, or take it out
-            torrent = _Torrent(alert.params)
-            self._register(torrent)
-            torrent.added = self._spawn(self._admit(torrent), f"add {torrent.infohash}")
-        if torrent.handle is None:
-            torrent.handle = alert.handle
-            self._by_handle[alert.handle] = torrent
-
-    def _on_removed(self, alert):
-        """libtorrent dropped the torrent: forget it."""
-        torrent = self._torrent_of(alert)
-        if torrent is not None:
-            self._forget(torrent)
-
-    def _on_conflict(self, alert):
-        """Two magnets, one by v1 and one by v2 hash, turned out to be one hybrid torrent.
-
-        libtorrent stops both with an error. Keep the one that has the metadata, drop the
-        other (its data, if any, stays), and let the survivor answer to both hashes.
-        """
-        keep, drop = self._torrent_of(alert), self._by_handle.get(alert.conflicting_torrent)
-        if None in (keep, drop) or keep.removing or drop.removing:
-            return  # a DELETE under way settles it
-        log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
-                    drop.infohash, keep.infohash)
-        drop.removing = True
-        self._listing = None
-        self._spawn(self._remove(drop, delete_files=False), f"drop {drop.infohash}")
-        with contextlib.suppress(RuntimeError):
-            keep.handle.clear_error()
-            if keep.status is None or keep.status["auto_managed"]:
-                keep.handle.resume()
-            keep.handle.post_status()
-
-    def _on_flushed(self, alert):
-        """The finished torrent's bytes are in its files: now it may show as finished."""
-        torrent = self._torrent_of(alert)
-        if torrent is not None and torrent.flushing_since:
-            torrent.flushing_since = None
-            with contextlib.suppress(RuntimeError):
-                torrent.handle.post_status()
-
-    def _on_tracker_reply(self, alert):
-        """Note when a tracker last reported on the swarm, or why it did not."""
-        torrent = self._torrent_of(alert)
-        if torrent is None:
-            return
-        url = alert.tracker_url()
-        if isinstance(alert, lt.tracker_error_alert):
-            torrent.trackers_heard[url] = (None, alert.failure_reason()
-                                           or alert.error_message() or alert.message())
-        else:
-            torrent.last_scrape = time.time()
-            torrent.trackers_heard[url] = (int(torrent.last_scrape), "")
-
-    def _on_dropped(self, alert):
-        self.counts["alerts_dropped"] += 1
-        log.warning("libtorrent dropped alerts: the queue overflowed")
-
-    def _on_change(self, alert):
-        """Refresh the cache at once on a change of state, and save what must be saved."""
-        torrent = self._torrent_of(alert)
-        if torrent is None:
-            return
-        if isinstance(alert, lt.file_error_alert):
-            torrent.disk_error = f"{alert.error.message()}: {alert.filename()}"
-        if isinstance(alert, lt.torrent_finished_alert):
-            # The last pieces may still sit in libtorrent's write buffer; see _on_flushed.
-            with contextlib.suppress(RuntimeError):
-                torrent.handle.flush_cache()
-                torrent.flushing_since = time.time()
-            if torrent.status is not None and torrent.status["auto_managed"]:
-                self._start_next_download()
-        if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
-            self.save(torrent)
-        with contextlib.suppress(RuntimeError):
-            torrent.handle.post_status()
-
-    def _start_next_download(self):
-        """A queued download takes the place of one that finished, now. libtorrent's queue
-        starts it only on its next one-second tick: 20 downloads of 32 MiB on loopback,
-        3 at a time, ran at 0.3 of the unqueued rate. The next tick keeps this choice, as
-        it is the one the tick would make (the lowest queue position)."""
-        waiting = [t for t in self.torrents() if t.status["queued"]
-                   and t.status["state"] in ("downloading", "downloading_metadata")]
-        if waiting:
-            with contextlib.suppress(RuntimeError):
-                min(waiting, key=lambda t: t.status["queue_position"]).handle.resume()
-
-    _ALERT_HANDLERS = {
-        lt.state_update_alert: _on_state_update,
-        lt.add_torrent_alert: _on_add,
-        lt.torrent_removed_alert: _on_removed,
-        lt.cache_flushed_alert: _on_flushed,
-        lt.torrent_conflict_alert: _on_conflict,
-        lt.tracker_reply_alert: _on_tracker_reply,
-        lt.scrape_reply_alert: _on_tracker_reply,
-        lt.tracker_error_alert: _on_tracker_reply,
-        lt.listen_failed_alert: _on_listen,
-        lt.listen_succeeded_alert: _on_listen,
-        lt.alerts_dropped_alert: _on_dropped,
-        **dict.fromkeys((lt.metadata_received_alert, lt.torrent_finished_alert,
-                         lt.torrent_paused_alert, lt.torrent_resumed_alert,
-                         lt.state_changed_alert, lt.torrent_error_alert,
-                         lt.file_error_alert), _on_change),
-    }
-
-    # -- periodic work ------------------------------------------------------ #
-
-    async def _status_loop(self):
-        """Feed the cache: changed torrents' status, then their per-file progress."""
-        while True:
-            self._session.post_torrent_updates()
-            await asyncio.sleep(STATUS_INTERVAL)
-            # libtorrent stops reporting torrents that went idle: ask, so rates reach 0.
-            quiet = time.time() - 2 * STATUS_INTERVAL
-            stale, checking = [], []
-            for torrent in self._torrents:
-                if any(torrent.rates) and torrent.updated < quiet:
-                    with contextlib.suppress(RuntimeError):
-                        torrent.handle.post_status()
-                if torrent.progress_stale:
-                    torrent.progress_stale = False
-                    stale.append(torrent)
-                if torrent.status and torrent.status["state"] == "checking_files":
-                    checking.append(torrent.status["total_wanted"])
-                if torrent.status:
-                    self._enforce_limits(torrent)
-            self._pace_checks(checking)
-            if stale:
-                progress = await asyncio.to_thread(_file_progress, [t.handle for t in stale])
-                for torrent, files in zip(stale, progress):
-                    if files is not None and not torrent.removing:
-                        torrent.file_progress = files
-                        torrent.refreshed_files()
-
-    def _pace_checks(self, sizes):
-        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET.
-
-        The queue starts at most active_checking checks per one-second tick; at its
-        default of 1, a thousand small torrents take a thousand seconds. Many small
-        torrents check together; large ones take turns, so a disk is not asked to
-        read many large files at once.
-        """
-        wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
-        if wanted != self._checks_at_once:
-            self._checks_at_once = wanted
-            self._session.apply_settings({"active_checking": wanted})
-
-    async def _save_loop(self):
-        """Save torrents that changed, so a crash loses at most one interval."""
-        while True:
-            await asyncio.sleep(self.config.save_interval)
-            for torrent in self._torrents:
-                if ((torrent.dirty or torrent.force_save) and not torrent.removing
-                        and torrent.saving is None and torrent.next_save is None):
-                    torrent.dirty = False
-                    self.save(torrent, force=False)
-
-    async def _load_saved(self):
-        """Add every saved torrent back, in batches, while the API already answers."""
-        try:
-            saved = await self.store.load(self.inside_roots)
-            places = await asyncio.to_thread(lambda: [_where_data_is(
-                params, notes.get("moving_to"), self.inside_roots) for _, params, notes in saved])
-            # A finished torrent whose files are gone (a drive not mounted) must not
-            # quietly download everything again: it stays paused, with the reason.
-            missing = await asyncio.to_thread(lambda: [
-                _missing_file(place, _files_of(params.ti), params.file_priorities)
-                if notes.get("finished") and params.ti else None
-                for (_, params, notes), place in zip(saved, places)])
-            checking = 0
-            for start in range(0, len(saved), LOAD_BATCH):
-                for (name, params, notes), lost, place in zip(
-                        saved[start:start + LOAD_BATCH], missing[start:start + LOAD_BATCH],
-                        places[start:start + LOAD_BATCH]):
-                    checking += self._revive(name, params, notes, lost, place)
-                await asyncio.sleep(0)
-            if saved:
-                log.info("loading %d saved torrents", len(saved))
-            if not self.was_clean:
-                log.warning("the last run did not stop cleanly: checking the data of %d "
-                            "torrents that were downloading", checking)
-        finally:
-            self._loaded = True
-
-    def _revive(self, name, params, notes, lost, place):
-        """Hand one saved torrent to libtorrent; lost names a file of a finished torrent
-        that is gone, place is where its data is (_where_data_is). Return whether its
-        data is checked because a crash may have left it ahead of its resume data."""
-        checking = False
-        if notes.get("moving_to"):  # a move a crash cut short
-            params.save_path, notes["moving_to"] = place, None
-            params.have_pieces = []  # check what reached that place
-        if notes.get("chosen_priorities") is not None:
-            # Chosen for a magnet and not yet mapped past its padding: libtorrent keeps
-            # no default_dont_download in resume data, so nothing may download till then.
-            params.flags |= lt.torrent_flags.default_dont_download
-            if params.ti is not None:
-                params.file_priorities = [0] * params.ti.num_files()
-        if lost:
-            params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
-        elif not self.was_clean and self._lagging(params):
-            # Without the pieces it was saved with, libtorrent checks the files: what
-            # reached the disk since is kept, not downloaded again.
-            params.have_pieces = []
-            checking = True
-        torrent = _Torrent(params, notes, saved_as=name)
-        torrent.fault = lost and f"missing or truncated file: {lost}"
-        self._register(torrent)
-        try:
-            self._session.async_add_torrent(params)
-        except (ValueError, RuntimeError) as error:
-            log.error("could not load saved torrent %s: %s", torrent.infohash, error)
-            self._forget(torrent)
-        return checking
-
-    @staticmethod
-    def _lagging(params):
-        """Whether a torrent's resume data may lag its files after a crash: it was
-        running (or queued) and incomplete. A paused one was saved when it paused."""
-        running = params.flags & lt.torrent_flags.auto_managed or not (
-            params.flags & lt.torrent_flags.paused)
-        return (params.ti is not None and running
-                and sum(params.have_pieces) < params.ti.num_pieces())
-
-    async def _watch_loop(self):
-        """Watch the disk under the daemon.
-
-        Every second: the directories are writable, and every downloading torrent's save
-        path still resolves inside the roots (a symlink swapped in would send its writes
-        elsewhere). Every DATA_CHECK_INTERVAL: the same for every other torrent, and the
-        files of finished torrents are all there. A torrent that fails is stopped with
-        the reason in its error; resuming it checks again.
-        """
-        while self.loading:
-            await asyncio.sleep(STATUS_INTERVAL)
-        next_full_check = 0.0
-        while True:
-            full = time.monotonic() >= next_full_check
-            if full:
-                next_full_check = time.monotonic() + DATA_CHECK_INTERVAL
-            torrents = [t for t in self.torrents() if not t.fault and (
-                full or t.status["state"] == "downloading" and not t.status["paused"])]
-            places = [self._places(t) for t in torrents]
-            checks = [(t.save_path, t.info["files"], list(t.file_priorities))
-                      if full and t.status["is_finished"] and t.info else None
-                      for t in torrents]
-            dirs = {"download": self.config.download_dir, "state": self.store.root}
-            problems, faults = await asyncio.to_thread(_inspect_disk, self.roots, dirs,
-                                                       places, checks)
-            self.problems = {**problems, **{name: problem for name, problem
-                                            in self.problems.items() if name == "listen"}}
-            for torrent, fault in zip(torrents, faults):
-                if fault and not torrent.fault and not torrent.removing:
-                    torrent.fault = fault
-                    self._stop(torrent)
-            await asyncio.sleep(WATCH_INTERVAL)
-
-    def _places(self, torrent):
-        """The paths where a torrent's files go: its save path, and the top directory
-        or file its name makes there."""
-        name = torrent.info and torrent.status["name"]
-        return [torrent.save_path, *([os.path.join(torrent.save_path, name)] if name else [])]
-
-    async def confined(self, torrent):
-        """Refuse (409) to let libtorrent open a torrent's files if its save path now
-        resolves outside the roots; stop the torrent with the reason."""
-        fault = await asyncio.to_thread(_outside_roots, self.roots, self._places(torrent))
-        if fault:
-            torrent.fault = fault
-            self._stop(torrent)
-            raise ApiError(409, f"torrent {torrent.infohash}: {fault}")
-
-    def _stop(self, torrent):
-        """Pause a torrent the daemon found a fault in, or that reached a limit; resume
-        clears the fault."""
-        with contextlib.suppress(RuntimeError):
-            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
-            torrent.handle.pause()
-            torrent.handle.post_status()
-        self.save(torrent)
-
-
-def _held(status):
-    """Paused by hand or by a fault, not by libtorrent's queue."""
-    return status["paused"] and (not status["auto_managed"] or bool(status["error"]))
-
-
-def _outside_roots(roots, places):
-    """Why one of places (a save path and what is in it) leads outside every root, or
-    None. Blocking: run in a thread."""
-    for place in places:
-        real, inside = _resolved(place, roots)
-        if not inside:
-            return f"{place} now leads outside the save roots (to {real})"
-    return None
-
-
-def _session_pack(settings):
-    """libtorrent's part of the session settings, as settings_pack entries."""
-    return {"download_rate_limit": settings["download_limit"],
-            "upload_rate_limit": settings["upload_limit"],
-            "active_downloads": settings["max_active_downloads"],
-            "active_seeds": settings["max_active_seeds"],
-            "active_limit": settings["max_active_torrents"],
-            "connections_limit": settings["max_connections"]}
-
-
-SESSION_OPTIONS = {option.setting: option for option in OPTIONS if option.setting}
-
-
-def _valid_settings(saved):
-    """The settings a file holds that are still known and valid; the rest is logged."""
-    valid = {}
-    for key, value in saved.items():
-        try:
-            valid[key] = SESSION_OPTIONS[key].parse(value)
-        except (KeyError, TypeError, ValueError):
-            log.warning("ignoring the saved setting %s=%r", key, value)
-    return valid
-
-
-def _where_data_is(params, moving_to, inside_roots):
-    """Where a saved torrent's data is, after a move a crash cut short: the target if
-    every file is whole there, else where it was, with the files the move had already
-    renamed to the target put back. (Within one file system libtorrent renames file by
-    file; across two it copies them all, then deletes the originals.) Blocking: run in
-    a thread."""
-    if not (moving_to and params.ti and inside_roots(moving_to)):
-        return params.save_path
-    files = _files_of(params.ti)
-    if _missing_file(moving_to, files, params.file_priorities) is None:
-        return moving_to
-    for _, path, _ in files:
-        moved, original = os.path.join(moving_to, path), os.path.join(params.save_path, path)
-        if os.path.isfile(moved) and not os.path.islink(moved) and not os.path.lexists(
-                original):
-            with contextlib.suppress(OSError):  # another file system: a copy, left there
-                os.makedirs(os.path.dirname(original), exist_ok=True)
-                os.rename(moved, original)
-    return params.save_path
-
-
-def _missing_file(save_path, files, priorities):
-    """The first wanted file that is missing or shorter than it should be, or None.
-    Only sizes are compared: reading the data would take hours."""
-    for index, path, size in files:
-        if index < len(priorities) and not priorities[index]:
-            continue
-        try:
-            if os.stat(os.path.join(save_path, path)).st_size < size:
-                return path
-        except OSError:
-            return path
-    return None
-
-
-def _inspect_disk(roots, directories, places, checks):
-    """What is wrong with the directories ({name: problem}), and for each torrent the
-    reason to stop it, or None. Blocking: run in a thread."""
-    problems = {name: f"the {name} directory {directory} is not writable"
-                for name, directory in directories.items()
-                if not os.access(directory, os.W_OK | os.X_OK)}
-    faults = []
-    for where, check in zip(places, checks):
-        fault = _outside_roots(roots, where)
-        if fault is None and check is not None:
-            missing = _missing_file(*check)
-            fault = missing and f"missing or truncated file: {missing}"
-        faults.append(fault)
-    return problems, faults
-
-
-# --------------------------------------------------------------------------- #
-# Metrics
-# --------------------------------------------------------------------------- #
-
-#: (name, type, help, libtorrent session counter, scale) of the metrics taken from
-#: post_session_stats(): libtorrent counts these itself, no sum over torrents.
-SESSION_METRICS = (
-    ("payload_received_bytes_total", "counter", "payload bytes received",
-     "net.recv_payload_bytes", 1),
-    ("payload_sent_bytes_total", "counter", "payload bytes sent", "net.sent_payload_bytes", 1),
-    ("received_bytes_total", "counter", "bytes received, protocol included",
-     "net.recv_bytes", 1),
-    ("sent_bytes_total", "counter", "bytes sent, protocol included", "net.sent_bytes", 1),
-    ("peers_connected", "gauge", "connected peers", "peer.num_peers_connected", 1),
-    ("dht_nodes", "gauge", "DHT nodes known", "dht.dht_nodes", 1),
-    ("disk_read_bytes_total", "counter", "bytes read from disk", "disk.num_blocks_read", 16384),
-    ("disk_written_bytes_total", "counter", "bytes written to disk",
-     "disk.num_blocks_written", 16384),
-    ("disk_queued_jobs", "gauge", "disk jobs waiting", "disk.queued_disk_jobs", 1),
-)
-
-
-def _label(value):
-    """A Prometheus label value, escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def process_figures():
-    """(resident bytes, open descriptors) of this process, from /proc: run in a thread,
-    as listing thousands of descriptors takes a while."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE"), len(os.listdir("/proc/self/fd"))
-
-
-def render_metrics(engine, stats, requests, per_torrent, process):
-    """GET /metrics in Prometheus' text format 0.0.4; process is process_figures()."""
-    lines = []
-
-    def metric(name, kind, help_text, samples):
-        lines.extend((f"# HELP torrentflow_{name} {help_text}",
-                      f"# TYPE torrentflow_{name} {kind}"))
-        for labels, value in samples:
-            text = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
-            lines.append(f"torrentflow_{name}{{{text}}} {value}" if text
-                         else f"torrentflow_{name} {value}")
-    torrents = list(engine.torrents())
-    states = collections.Counter(t.status["state"] for t in torrents)
-    metric("torrents", "gauge", "torrents by state",
-           [({"state": state}, states[state]) for state in STATES])
-    metric("torrents_paused", "gauge", "paused torrents, by you or by the queue",
-           [({}, sum(t.status["paused"] for t in torrents))])
-    for name, kind, help_text, key, scale in SESSION_METRICS:
-        metric(name, kind, help_text, [({}, stats.get(key, 0) * scale)])
-    for direction, index in (("download", 0), ("upload", 1)):
-        metric(f"{direction}_rate_bytes", "gauge", f"payload bytes/s, {direction}",
-               [({}, sum(t.rates[index] for t in torrents))])
-    counts = engine.counts
-    metric("alerts_dropped_total", "counter", "times libtorrent's alert queue overflowed",
-           [({}, counts["alerts_dropped"])])
-    metric("resume_saves_total", "counter", "resume files written", [({}, counts["saves"])])
-    metric("resume_save_failures_total", "counter", "resume files that could not be written",
-           [({}, counts["save_failures"])])
-    hooks = engine.events.webhooks
-    for name, key in (("deliveries", "delivered"), ("delivery_failures", "failed"),
-                      ("dropped", "dropped")):
-        metric(f"webhook_{name}_total", "counter", f"webhook {name.replace('_', ' ')}",
-               [({"url": h.url}, h.counts[key]) for h in hooks])
-    metric("webhook_queued", "gauge", "events waiting for delivery",
-           [({"url": h.url}, len(h.pending)) for h in hooks])
-    metric("event_subscribers", "gauge", "open GET /events streams",
-           [({}, len(engine.events.subscribers))])
-    metric("http_requests_total", "counter", "API requests by route and status",
-           [({"route": route, "status": status}, count)
-            for (route, status), count in sorted(requests.items())])
-    metric("resident_memory_bytes", "gauge", "the process's resident memory",
-           [({}, process[0])])
-    metric("open_fds", "gauge", "the process's open file descriptors", [({}, process[1])])
-    if per_torrent:
-        for field, kind, name in (
-                ("progress", "gauge", "progress"), ("download_rate", "gauge", "download_rate"),
-                ("upload_rate", "gauge", "upload_rate"),
-                ("total_download", "counter", "downloaded_bytes_total"),
-                ("total_upload", "counter", "uploaded_bytes_total"),
-                ("num_peers", "gauge", "num_peers")):
-            metric(f"torrent_{name}", kind, f"each torrent's {field}", [
-                ({"infohash": t.infohash, "name": t.status["name"]}, t.status[field])
-                for t in torrents])
-    return "\n".join(lines) + "\n"
-
-
-
-# --------------------------------------------------------------------------- #
-# HTTP API: each handler is declared with its route and its OpenAPI operation
-# --------------------------------------------------------------------------- #
-
-ENGINE = web.AppKey("engine", TorrentEngine)
-CONFIG = web.AppKey("config", Config)
-HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
-REQUESTS = web.AppKey("requests", collections.Counter)
-LARGE_WRITES = web.AppKey("large_writes", asyncio.Semaphore)
-
-#: (method, path, handler, OpenAPI operation) of every route; make_app and the
-#: OpenAPI document both come from it.
-ROUTES = []
-#: Error answers every protected route can give.
-COMMON_ERRORS = (400, 401, 403)
-
-
-def _ref(name, kind="schemas"):
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _object(properties, required=None):
-    """A closed object: every property required unless told otherwise."""
-    return {"type": "object", "properties": properties,
-            "required": list(properties) if required is None else required,
-            "additionalProperties": False}
-
-
-def _answer(description, schema, headers=None, links=None, media="application/json"):
-    """An OpenAPI response."""
-    response = {"description": description, "content": {media: {"schema": schema}}}
-    if headers:
-        response["headers"] = headers
-    if links:
-        response["links"] = links
-    return response
-
-
-def _query(name, description, **schema):
-    """An optional query parameter."""
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "string", **schema}}
-
-
-INFOHASH_PARAMETER = {
-    "name": "infohash", "in": "path", "required": True,
-    "description": "v1 or v2 infohash, any case",
-    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$"}}
-DONE = _answer("done", _ref("Message"))
-
-
-def api(method, path, operation_id, responses, errors=(), parameters=(), public=False,
-        **extra):
-    """Declare a handler's route and its OpenAPI operation together.
-
-    A public route needs no token; every other one can answer 400, 401 and 403 besides
-    the errors named here. The handler's docstring is the operation's summary.
-    """
-    def register(handler):
-        codes = (403,) if public else (*COMMON_ERRORS, *errors)
-        operation = {
-            "operationId": operation_id, "summary": handler.__doc__.split("\n")[0],
-            **({"parameters": list(parameters)} if parameters else {}), **extra,
-            **({"security": []} if public else {}),
-            "responses": {**responses, **{str(code): _ref(str(code), "responses")
-                                          for code in sorted(codes)}}}
-        ROUTES.append((method, path, handler, operation))
-        return handler
-    return register
-
-
-def _require_utf8(charset, what):
-    """Refuse a declared charset other than UTF-8."""
-    # Every text field is UTF-8; guessing another charset would turn bytes into paths.
-    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
-        raise ApiError(400, f"{what} must be UTF-8, not {charset!r}")
-
-
-#: The request bodies the API reads.
-BODY_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
-
-
-@contextlib.asynccontextmanager
-async def _body_deadline():
-    """One deadline for reading a whole request body, then 408."""
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            yield
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s",
-                       {"Connection": "close"}) from None
-
-
-async def read_fields(request, names, upload=None, types=BODY_TYPES):
-    """The fields of a form (multipart or urlencoded) or JSON object body.
-
-    Only names are accepted, each once; upload names the one multipart field that
-    carries a file (bytes). Bodies are counted while read, capped, and given one
-    deadline in all: a client that sends a byte now and then holds nothing for long.
-    """
-    content_type = request.content_type
-    if content_type not in types:
-        raise ApiError(415, f"send {', '.join(types)}")
-    multipart = content_type == "multipart/form-data"
-    # Refuse early what aiohttp would otherwise receive in full before refusing.
-    limit = MAX_REQUEST_BYTES if multipart else MAX_FORM_BYTES
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body too large: more than {limit} bytes")
-    async with _body_deadline():
-        if multipart:
-            fields = await _multipart_fields(request, names, upload)
-        else:
-            body = await _read_limited(request.content.read, MAX_FORM_BYTES)
-    if not multipart:
-        _require_utf8(request.charset, "the body")
-        fields = _decode(content_type, body, len(names))
-    unknown = sorted(set(fields) - set(names))
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(names)}")
-    if upload in fields and not isinstance(fields[upload], bytes):
-        raise ApiError(400, f"{upload} must be uploaded as a file in multipart/form-data")
-    return fields
-
-
-def _decode(content_type, body, most):
-    """The fields of a JSON object or an urlencoded form of at most most fields."""
-    try:
-        if content_type == "application/json":
-            fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
-        else:
-            fields = _unique_keys(urllib.parse.parse_qsl(
-                body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict",
-                max_num_fields=most))
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        kind = "JSON" if content_type == "application/json" else "form"
-        raise ApiError(400, f"malformed {kind} body: {error}") from None
-    if not isinstance(fields, dict):
-        raise ApiError(400, "the JSON body must be an object")
-    return fields
-
-
-def _unique_keys(pairs):
-    """A dict of (key, value) pairs; a repeated key is refused, never last-wins."""
-    fields = dict(pairs)
-    if len(fields) != len(pairs):
-        raise ValueError("a field is repeated")
-    return fields
-
-
-async def _multipart_fields(request, names, upload):
-    """The fields of a multipart body: the upload under the request's cap, each text
-    field under the cap of a JSON body."""
-    fields, size = {}, 0
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, aiohttp.BodyPartReader):
-                raise ApiError(400, "nested multipart bodies are not accepted")
-            if part.name not in names or part.name in fields:
-                raise ApiError(400, f"unexpected or repeated form field {part.name!r}")
-            cap = MAX_REQUEST_BYTES if part.name == upload else size + MAX_FORM_BYTES
-            data = await _read_limited(part.read_chunk, cap, f"form field {part.name}", size)
-            size += len(data)
-            if part.name != upload:
-                _require_utf8(part.get_charset(None), f"form field {part.name}")
-                data = data.decode()
-            fields[part.name] = data
-    except (ValueError, AssertionError, UnicodeDecodeError, aiohttp.ClientError,
-            aiohttp.http_exceptions.HttpProcessingError) as error:
-        raise ApiError(400, f"malformed multipart body: {error}") from None
-    return fields
-
-
-def _text(fields, name):
-    """A text field as a string that any path or URL can hold, or "" if absent."""
-    value = fields.get(name, "")
-    if not isinstance(value, str):
-        raise ApiError(400, f"{name} must be a string")
-    try:  # JSON can carry lone surrogates, which no path or URL can hold
-        value.encode()
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{name} is not valid Unicode") from None
-    return value
-
-
-async def _params_from_source(request, url, upload):
-    """Turn torrent_url or torrent_file into libtorrent add_torrent_params."""
-    if bool(url) == bool(upload):
-        raise ApiError(400, "give exactly one of torrent_url or torrent_file")
-    if url:
-        if url.lower().startswith("magnet:"):
-            return params_from_magnet(url)
-        config = request.app[CONFIG]
-        fetched = await fetch_torrent_url(request.app[HTTP_CLIENT], url,
-                                          config.fetch_timeout, config.local_only)
-        if isinstance(fetched, str):
-            return params_from_magnet(fetched)
-        upload = fetched
-    return await asyncio.to_thread(params_from_torrent, upload)
-
-
-_ADD_FIELDS = {
-    "torrent_url": {"type": "string", "description": "a magnet link or an http(s) URL of "
-                    "a .torrent; give this or torrent_file"},
-    "save_path": {"type": "string", "description": "relative to the download directory, "
-                  "or absolute inside it or an --allowed-save-root"},
-}
-_ADD_SETTINGS = [setting for setting in TORRENT_SETTINGS if "add" in setting.when]
-_CHANGE_SETTINGS = [setting for setting in TORRENT_SETTINGS if "change" in setting.when]
-#: In a form every value is text: "true", "1,4,0", "a,b".
-_ADD_FORM = {"type": "object", "additionalProperties": False, "properties": {
-    **_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in _ADD_SETTINGS}}}
-_ADD_JSON = {**_ADD_FORM, "properties": {
-    **_ADD_FIELDS, **{setting.name: setting.schema for setting in _ADD_SETTINGS}}}
-ADD_NAMES = ("torrent_url", "torrent_file", "save_path",
-             *(setting.name for setting in _ADD_SETTINGS))
-_ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"}}},
-          "links": {name: {"operationId": name,
-                           "parameters": {"infohash": "$response.body#/infohash"}}
-                    for name in ("getTorrent", "pauseTorrent", "resumeTorrent",
-                                 "deleteTorrent")}}
-
-
-@api("POST", "/torrents", "addTorrent", {
-    "201": _answer("added", _ref("Added"), **_ADDED),
-    "200": _answer("already present", _ref("Added"), **_ADDED)},
-    (408, 409, 413, 415, 422, 502, 503), requestBody={"required": True, "content": {
-        "multipart/form-data": {"schema": {**_ADD_FORM, "properties": {
-            **_ADD_FIELDS, "torrent_file": {
-                "type": "string", "contentMediaType": "application/x-bittorrent",
-                "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}}}},
-        "application/x-www-form-urlencoded": {"schema": _ADD_FORM},
-        "application/json": {"schema": _ADD_JSON, "example": {
-            "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4,
-            "save_path": "example"}}}})
-async def add_torrent(request):
-    """Add a magnet link, an http(s) .torrent URL or an upload"""
-    fields = await read_fields(request, ADD_NAMES, upload="torrent_file")
-    settings = parse_settings(fields, "add", request.content_type == "application/json")
-    params = await _params_from_source(request, _text(fields, "torrent_url"),
-                                       fields.get("torrent_file"))
-    engine = request.app[ENGINE]
-    params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots,
-                                               _text(fields, "save_path"))
-    infohash, created = await engine.add(params, settings)
-    return web.json_response({"infohash": infohash}, status=201 if created else 200,
-                             headers={"Location": f"/torrents/{infohash}"})
-
-
-def _names(text, what, allowed):
-    """A comma-separated list of names from allowed, or 400."""
-    chosen = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    bad = [name for name in chosen if name not in allowed]
-    if bad or not chosen:
-        valid = ", ".join(name for name in allowed if not name.startswith("-"))
-        raise ApiError(400, f"{what}: unknown name {(bad or [''])[0]!r}; valid: {valid}")
-    return chosen
-
-
-def _count(query, name, default):
-    """A whole number from the query string, or default."""
-    text = query.get(name)
-    if text is None:
-        return default
-    # "²".isdigit() is True, and int() refuses 4,300 digits with a ValueError.
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise ApiError(400, f"{name} must be a whole number below 10**18")
-    return int(text)
-
-
-_FIELDS_PARAMETER = _query("fields", "only these status fields, comma-separated; files "
-                           "only appears in a listing when named here")
-#: Status fields a listing can sort by: lists do not sort.
-SORTABLE = tuple(name for name in STATUS_FIELDS if name != "files")
-LIST_PARAMETERS = {"state", "paused", "label", "sort", "limit", "offset", "fields"}
-
-
-def _known_parameters(query, known):
-    """Refuse query parameters other than the known ones."""
-    unknown = sorted(set(query) - set(known))
-    if unknown:
-        raise ApiError(400, f"unknown query parameter {unknown[0]!r}")
-
-
-def _matching(engine, query, known):
-    """The torrents that the filters in query (state=, paused=, label=) choose, after
-    refusing parameters other than the known ones."""
-    _known_parameters(query, known)
-    paused = query.get("paused")
-    if paused not in (None, "true", "false"):
-        raise ApiError(400, "paused must be true or false")
-    torrents = list(engine.torrents())
-    if "state" in query:
-        states = set(_names(query["state"], "state", STATES))
-        torrents = [t for t in torrents if t.status["state"] in states]
-    if paused is not None:
-        torrents = [t for t in torrents if t.status["paused"] is (paused == "true")]
-    if "label" in query:
-        torrents = [t for t in torrents if query["label"] in t.notes["labels"]]
-    return torrents
-
-
-def _select(engine, query):
-    """The torrents GET /torrents' filter, sort and paging parameters choose; and the
-    total before paging."""
-    torrents = _matching(engine, query, LIST_PARAMETERS)
-    if "sort" in query:
-        sort = _names(query["sort"], "sort", [*SORTABLE, *("-" + n for n in SORTABLE)])[0]
-        name = sort.removeprefix("-")
-        # null sorts first ascending; tuples keep None away from comparisons with numbers.
-        torrents.sort(key=lambda t: (t.status[name] is not None, t.status[name]),
-                      reverse=sort.startswith("-"))
-    offset, limit = _count(query, "offset", 0), _count(query, "limit", None)
-    return torrents[offset:None if limit is None else offset + limit], len(torrents)
-
-
-_FILTERS = [_query("state", "only these states, comma-separated"),
-            _query("paused", "only paused (true) or running (false) ones",
-                   enum=["true", "false"]),
-            _query("label", "only torrents with this label")]
-
-
-@api("GET", "/torrents", "listTorrents", {
-    "200": _answer("the torrents", _ref("TorrentList"))}, parameters=[
-        *_FILTERS, _query("sort", "a status field; a leading - sorts descending"),
-        _query("limit", "at most this many", pattern="^[0-9]+$"),
-        _query("offset", "skip this many first", pattern="^[0-9]+$"),
-        _FIELDS_PARAMETER])
-async def list_torrents(request):
-    """Torrents' status: filtered, sorted, paged, trimmed"""
-    engine = request.app[ENGINE]
-    if not request.query:
-        return await _respond(request, engine.listing())
-    torrents, total = _select(engine, request.query)
-    if "fields" not in request.query:
-        # The common case, polling everything, joins bytes serialised at status changes.
-        items = b",".join(t.summary for t in torrents)
-    else:
-        fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
-        items = (await _to_json(lambda: _Slices({name: t.field(name) for name in fields}
-                                                for t in torrents),
-                                "files" in fields or len(torrents) > LARGE_LISTING))[1:-1]
-    return await _respond(request, _listing_body(items, total))
-
-
-async def _to_json(build, in_thread):
-    """build() serialised as JSON bytes. When it may hold file lists or many torrents,
-    in a thread and with _json: 100,000 files take a third of a second, and all fields
-    of 10,000 torrents 0.15 s, which would stall the loop."""
-    if in_thread:
-        return await asyncio.to_thread(lambda: _json(build()))
-    return json.dumps(build(), separators=(",", ":")).encode()
-
-
-async def _respond(request, body):
-    """A JSON answer of bytes already serialised. A large one waits its turn (LARGE_AT_ONCE
-    at a time), then goes out in pieces, giving the loop back between them: writing
-    hundreds of megabyte-sized listings at once, or one in a single send(), would keep
-    every small request, health checks included, waiting."""
-    if len(body) < LARGE_BODY:
-        return web.Response(body=body, content_type="application/json")
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    response.content_length = len(body)
-    async with request.app[LARGE_WRITES]:
-        await response.prepare(request)
-        view = memoryview(body)
-        for start in range(0, len(body), WRITE_PIECE):
-            await response.write(view[start:start + WRITE_PIECE])
-            await asyncio.sleep(0)  # write() yields only when the socket is full
-        await response.write_eof()
-    return response
-
-
-def _requested_torrent(request):
-    """The torrent named by the path's {infohash}: 400 if malformed, 404 if unknown."""
-    return request.app[ENGINE].lookup(parse_infohash(request.match_info["infohash"]))
-
-
-@api("GET", "/torrents/{infohash}", "getTorrent", {
-    "200": _answer("its status", {"anyOf": [_ref("Status"), _ref("StatusFields")]})},
-    (404, 503), parameters=[INFOHASH_PARAMETER, _FIELDS_PARAMETER])
-async def get_torrent(request):
-    """One torrent's status"""
-    torrent = _requested_torrent(request)
-    _known_parameters(request.query, ("fields",))
-    if "fields" not in request.query:
-        return await _respond(request, await torrent.body())
-    fields = _names(request.query["fields"], "fields", STATUS_FIELDS)
-    return await _respond(request, await _to_json(
-        lambda: {name: torrent.field(name) for name in fields}, "files" in fields))
-
-
-@api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 409, 503),
-     parameters=[INFOHASH_PARAMETER, _query(
-         "delete_files", "true also deletes the data; case-insensitive",
-         enum=["true", "false", "1", "0"], default="false")])
-async def delete_torrent(request):
-    """Remove a torrent, and its data with delete_files=true"""
-    torrent = _requested_torrent(request)
-    flag = request.query.get("delete_files", "false").lower()
-    if flag not in ("true", "false", "1", "0"):
-        raise ApiError(400, "delete_files must be true or false")
-    delete_files = flag in ("true", "1")
-    failure = await request.app[ENGINE].remove(torrent, delete_files)
-    return web.json_response({"detail": f"removed {torrent.infohash}" + (
-        f", but {failure}" if failure else " and its files" if delete_files else "")})
-
-
-def _one(action, done, summary, errors=(404, 503)):
-    """PUT /torrents/{infohash}/<action>: the engine's action on that torrent."""
-    async def handler(request):
-        torrent = _requested_torrent(request)
-        await getattr(request.app[ENGINE], action)(torrent)
-        return web.json_response({"detail": f"{done} {torrent.infohash}"})
-    handler.__doc__ = summary
-    return api("PUT", f"/torrents/{{infohash}}/{action}", f"{action}Torrent", {"200": DONE},
-               errors, parameters=[INFOHASH_PARAMETER])(handler)
-
-
-pause_torrent = _one("pause", "paused", "Pause it")
-resume_torrent = _one("resume", "resumed", "Resume it")
-
-
-@api("PATCH", "/torrents/{infohash}", "changeTorrent", {
-    "200": _answer("changed; its new status", _ref("Status")),
-    "202": _answer("changed; its data is still being moved", _ref("Status"))},
-    (404, 408, 409, 415, 422, 503), parameters=[INFOHASH_PARAMETER],
-    requestBody={"required": True, "content": {"application/json": {"schema": _object(
-        {setting.name: setting.schema for setting in _CHANGE_SETTINGS}, required=[])}}})
-async def change_torrent(request):
-    """Change a torrent's settings; save_path moves its data"""
-    torrent, engine = _requested_torrent(request), request.app[ENGINE]
-    fields = await read_fields(request, [s.name for s in _CHANGE_SETTINGS],
-                               types=("application/json",))
-    settings = parse_settings(fields, "change")
-    if "save_path" in settings:
-        settings["save_path"] = await asyncio.to_thread(resolve_save_path, engine.roots,
-                                                        _text(settings, "save_path"))
-    moved = await engine.configure(torrent, settings)
-    return web.Response(body=await torrent.body(), status=200 if moved else 202,
-                        content_type="application/json")
-
-
-@api("GET", "/torrents/{infohash}/peers", "listPeers", {
-    "200": _answer("its connected peers", _ref("Peers"))}, (404, 503),
-    parameters=[INFOHASH_PARAMETER])
-async def torrent_peers(request):
-    """Its connected peers"""
-    torrent = _requested_torrent(request)
-    return web.json_response({"peers": await request.app[ENGINE].peers(torrent)})
-
-
-@api("GET", "/torrents/{infohash}/trackers", "listTrackers", {
-    "200": _answer("its trackers", _ref("Trackers"))}, (404, 503),
-    parameters=[INFOHASH_PARAMETER])
-async def torrent_trackers(request):
-    """Its trackers and what they last said"""
-    torrent = _requested_torrent(request)
-    return web.json_response({"trackers": await request.app[ENGINE].trackers(torrent)})
-
-
-recheck_torrent = _one("recheck", "rechecking", "Check every piece on disk again",
-                       (404, 409, 503))
-reannounce_torrent = _one("reannounce", "announcing", "Announce to every tracker now")
-
-
-def _bulk(action):
-    """PUT /torrents/pause or /resume: the action on every torrent the filters choose."""
-    async def handler(request):
-        engine = request.app[ENGINE]
-        torrents = _matching(engine, request.query, ("state", "paused", "label"))
-        count = await engine.control(torrents, action)
-        return web.json_response({"detail": f"{action}d {count} of {len(torrents)} "
-                                  "torrents", "count": count})
-    handler.__doc__ = f"{action.capitalize()} every torrent, or those the filters choose"
-    return api("PUT", f"/torrents/{action}", f"{action}Torrents", {
-        "200": _answer("how many", _ref("Count"))}, parameters=_FILTERS)(handler)
-
-
-pause_torrents, resume_torrents = _bulk("pause"), _bulk("resume")
-
-
-@api("GET", "/settings", "getSettings", {"200": _answer("the settings", _ref("Settings"))})
-async def get_settings(request):
-    """The session's settings"""
-    return web.json_response(request.app[ENGINE].settings)
-
-
-@api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings", _ref("Settings"))},
-     (408, 415, 422, 503), requestBody={"required": True, "content": {"application/json": {
-         "schema": _ref("SettingsChange")}}})
-async def change_settings(request):
-    """Change session settings; they are kept for the next start"""
-    engine = request.app[ENGINE]
-    fields = await read_fields(request, list(SESSION_OPTIONS), types=("application/json",))
-    await engine.configure_session(parse_values(
-        fields, {key: option.parse for key, option in SESSION_OPTIONS.items()},
-        {key: option.schema for key, option in SESSION_OPTIONS.items()}))
-    return web.json_response(engine.settings)
+EXTENSIONS.append(_events_setup)
 
 
 def _sse(event, kind=None):
@@ -4149,13 +4688,12 @@ async def event_stream(request):
     _known_parameters(request.query, ("types", "infohash"))
     types = _names(request.query["types"], "types", EVENT_TYPES) \
         if "types" in request.query else EVENT_TYPES
-    engine = request.app[ENGINE]
+    engine, events = request.app[ENGINE], request.app[EVENTS]
     infohashes = {_main_id(engine, parse_infohash(text))
                   for text in request.query.getall("infohash", [])}
     last = request.headers.get("Last-Event-ID")
     if last is not None and not (last.isascii() and last.isdigit() and len(last) < 19):
         raise ApiError(400, "Last-Event-ID must be an event id")
-    events = engine.events
     subscriber = events.subscribe(set(types), infohashes)
     try:
         return await _stream(request, subscriber, events, last)
@@ -4232,8 +4770,101 @@ async def _woken(wake, request):
         **dict.fromkeys(("delivered", "failed", "dropped"), {"type": "integer"})})}}))})
 async def webhooks(request):
     """Each webhook target: its queue, last success and last error"""
-    hooks = request.app[ENGINE].events.webhooks
-    return web.json_response({"webhooks": [hook.view() for hook in hooks]})
+    return web.json_response({"webhooks": [hook.view() for hook in request.app[EVENTS].webhooks]})
+
+
+# --------------------------------------------------------------------------- #
+# Extension: metrics. GET /metrics in Prometheus' text format
+# --------------------------------------------------------------------------- #
+
+#: (name, type, help, libtorrent session counter, scale) of the metrics taken from
+#: post_session_stats(): libtorrent counts these itself, no sum over torrents.
+SESSION_METRICS = (
+    ("payload_received_bytes_total", "counter", "payload bytes received",
+     "net.recv_payload_bytes", 1),
+    ("payload_sent_bytes_total", "counter", "payload bytes sent", "net.sent_payload_bytes", 1),
+    ("received_bytes_total", "counter", "bytes received, protocol included",
+     "net.recv_bytes", 1),
+    ("sent_bytes_total", "counter", "bytes sent, protocol included", "net.sent_bytes", 1),
+    ("peers_connected", "gauge", "connected peers", "peer.num_peers_connected", 1),
+    ("dht_nodes", "gauge", "DHT nodes known", "dht.dht_nodes", 1),
+    ("disk_read_bytes_total", "counter", "bytes read from disk", "disk.num_blocks_read", 16384),
+    ("disk_written_bytes_total", "counter", "bytes written to disk",
+     "disk.num_blocks_written", 16384),
+    ("disk_queued_jobs", "gauge", "disk jobs waiting", "disk.queued_disk_jobs", 1),
+)
+
+OPTIONS.append(Option("metrics_per_torrent", _boolean, False, "GET /metrics also gives "
+                      "series per torrent, labelled by infohash and name (many torrents "
+                      "make many series)"))
+
+
+def _label(value):
+    """A Prometheus label value, escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def process_figures():
+    """(resident bytes, open descriptors) of this process, from /proc: run in a thread,
+    as listing thousands of descriptors takes a while."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE"), len(os.listdir("/proc/self/fd"))
+
+
+def render_metrics(engine, events, stats, requests, per_torrent, process):
+    """GET /metrics in Prometheus' text format 0.0.4; process is process_figures()."""
+    lines = []
+
+    def metric(name, kind, help_text, samples):
+        lines.extend((f"# HELP torrentflow_{name} {help_text}",
+                      f"# TYPE torrentflow_{name} {kind}"))
+        for labels, value in samples:
+            text = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
+            lines.append(f"torrentflow_{name}{{{text}}} {value}" if text
+                         else f"torrentflow_{name} {value}")
+    torrents = list(engine.torrents())
+    states = collections.Counter(t.status["state"] for t in torrents)
+    metric("torrents", "gauge", "torrents by state",
+           [({"state": state}, states[state]) for state in STATES])
+    metric("torrents_paused", "gauge", "paused torrents, by you or by the queue",
+           [({}, sum(t.status["paused"] for t in torrents))])
+    for name, kind, help_text, key, scale in SESSION_METRICS:
+        metric(name, kind, help_text, [({}, stats.get(key, 0) * scale)])
+    for direction, index in (("download", 0), ("upload", 1)):
+        metric(f"{direction}_rate_bytes", "gauge", f"payload bytes/s, {direction}",
+               [({}, sum(t.rates[index] for t in torrents))])
+    counts = engine.counts
+    metric("alerts_dropped_total", "counter", "times libtorrent's alert queue overflowed",
+           [({}, counts["alerts_dropped"])])
+    metric("resume_saves_total", "counter", "resume files written", [({}, counts["saves"])])
+    metric("resume_save_failures_total", "counter", "resume files that could not be written",
+           [({}, counts["save_failures"])])
+    hooks = events.webhooks
+    for name, key in (("deliveries", "delivered"), ("delivery_failures", "failed"),
+                      ("dropped", "dropped")):
+        metric(f"webhook_{name}_total", "counter", f"webhook {name.replace('_', ' ')}",
+               [({"url": h.url}, h.counts[key]) for h in hooks])
+    metric("webhook_queued", "gauge", "events waiting for delivery",
+           [({"url": h.url}, len(h.pending)) for h in hooks])
+    metric("event_subscribers", "gauge", "open GET /events streams",
+           [({}, len(events.subscribers))])
+    metric("http_requests_total", "counter", "API requests by route and status",
+           [({"route": route, "status": status}, count)
+            for (route, status), count in sorted(requests.items())])
+    metric("resident_memory_bytes", "gauge", "the process's resident memory",
+           [({}, process[0])])
+    metric("open_fds", "gauge", "the process's open file descriptors", [({}, process[1])])
+    if per_torrent:
+        for field, kind, name in (
+                ("progress", "gauge", "progress"), ("download_rate", "gauge", "download_rate"),
+                ("upload_rate", "gauge", "upload_rate"),
+                ("total_download", "counter", "downloaded_bytes_total"),
+                ("total_upload", "counter", "uploaded_bytes_total"),
+                ("num_peers", "gauge", "num_peers")):
+            metric(f"torrent_{name}", kind, f"each torrent's {field}", [
+                ({"infohash": t.infohash, "name": t.status["name"]}, t.status[field])
+                for t in torrents])
+    return "\n".join(lines) + "\n"
 
 
 @api("GET", "/metrics", "metrics", {"200": _answer(
@@ -4243,15 +4874,19 @@ async def metrics(request):
     engine = request.app[ENGINE]
     stats = await engine.session_stats()
     process = await asyncio.to_thread(process_figures)
-    text = render_metrics(engine, stats, request.app[REQUESTS],
+    requests = collections.Counter()
+    for (route, status), count in request.app[REQUESTS].items():
+        requests[route.canonical if route else "unmatched", status] += count
+    text = render_metrics(engine, request.app[EVENTS], stats, requests,
                           request.app[CONFIG].metrics_per_torrent, process)
     return web.Response(text=text, headers={
         "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 # --------------------------------------------------------------------------- #
-# Transmission RPC: the subset that transmission-remote, Sonarr, Radarr and
-# transmission-rpc use, mapped onto the engine and the status table
+# Extension: Transmission RPC, the subset that transmission-remote, Sonarr, Radarr
+# and transmission-rpc use, mapped onto the engine and the status table; and a
+# directory served at /transmission/web/ for Transmission's web client
 # --------------------------------------------------------------------------- #
 
 #: What the RPC reports about itself: Sonarr reads version (>= 2.40, and >= 4 for labels).
@@ -4259,6 +4894,54 @@ RPC_VERSION = {"version": f"4.0.6 (TorrentFlow {__version__})", "rpc-version": 1
                "rpc-version-semver": "5.3.0", "rpc-version-minimum": 14}
 #: Seconds a torrent counts as "recently-active" after a change, and a removal too.
 RPC_RECENT = 60.0
+
+#: Transmission's clients know only a user name and a password.
+BASIC_REALMS["/transmission/"] = "Transmission"
+
+
+def _directory(text):
+    """A directory that exists, by its real path."""
+    if not os.path.isdir(text):
+        raise ValueError("give a directory that exists")
+    return Path(os.path.realpath(text))
+
+
+OPTIONS.append(Option("web_ui", _directory, None, "serve this directory at "
+                      "/transmission/web/, with the API's token rules: Transmission's web "
+                      "client, for example /usr/share/transmission/web (Debian's "
+                      "transmission-common)"))
+
+
+class RpcState:
+    """What the RPC keeps beside the engine: its session id, each torrent's number
+    (Transmission's ids, in the order it first lists them), and recent removals."""
+
+    def __init__(self):
+        self.session_id = secrets.token_urlsafe(24)
+        self.numbers = {}                                # _Torrent -> its number
+        self._next = itertools.count(1)
+        self.removed = collections.deque(maxlen=10_000)  # (time, number)
+
+    def number(self, torrent):
+        if torrent not in self.numbers:
+            self.numbers[torrent] = next(self._next)
+        return self.numbers[torrent]
+
+    def forget(self, torrent):
+        number = self.numbers.pop(torrent, None)
+        if number is not None:
+            self.removed.append((time.time(), number))
+
+
+RPC = web.AppKey("rpc", RpcState)
+
+
+def _rpc_setup(app, engine):
+    state = app[RPC] = RpcState()
+    engine.listen("forget", state.forget)
+
+
+EXTENSIONS.append(_rpc_setup)
 
 
 def _rpc_status(status):
@@ -4315,7 +4998,7 @@ def _rpc_tracker(index, tracker):
 #: Every torrent-get field, as a function of (torrent, status dict, session settings,
 #: extra) where extra holds the slow views (trackers, peers) fetched when asked for.
 RPC_FIELDS = {
-    "id": lambda t, s, c, x: t.number,
+    "id": lambda t, s, c, x: x["id"],
     "hashString": lambda t, s, c, x: t.infohash,
     "name": lambda t, s, c, x: s["name"],
     "downloadDir": lambda t, s, c, x: s["save_path"],
@@ -4432,10 +5115,10 @@ class RpcError(Exception):
     """A request the RPC refuses: its result string."""
 
 
-def _rpc_ids(engine, arguments):
+def _rpc_ids(request, arguments):
     """The torrents ids names: absent is all; a number, a hash, or a list of either; or
     "recently-active". Unknown ids are left out, as Transmission does."""
-    torrents = list(engine.torrents())
+    torrents, rpc = list(request.app[ENGINE].torrents()), request.app[RPC]
     ids = arguments.get("ids")
     if ids is None:
         return torrents
@@ -4446,7 +5129,7 @@ def _rpc_ids(engine, arguments):
     if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids):
         raise RpcError("ids must be numbers, hash strings or lists of them")
     wanted = {i.lower() if isinstance(i, str) else i for i in ids}
-    return [t for t in torrents if t.number in wanted or wanted & set(t.aliases)]
+    return [t for t in torrents if rpc.number(t) in wanted or wanted & set(t.aliases)]
 
 
 def _rpc_indices(torrent, arguments, key):
@@ -4539,12 +5222,12 @@ def _rpc_trackers(current, arguments):
 async def _rpc_set(engine, torrents, arguments):
     """torrent-set, and torrent-add's file choices."""
     for torrent in torrents:
-        trackers = None
+        current = None
         if {"trackerList", "trackerAdd", "trackerRemove"} & set(arguments):
-            trackers = [(tracker["url"], tracker["tier"])
-                        for tracker in await engine.trackers(torrent)]
-        await engine.configure(torrent, parse_settings(
-            _rpc_settings(torrent, arguments, trackers), "change"))
+            current = [(tracker["url"], tracker["tier"])
+                       for tracker in await trackers(engine, torrent)]
+        await configure(engine, torrent, parse_settings(
+            _rpc_settings(torrent, arguments, current), "change"))
     return {}
 
 
@@ -4558,9 +5241,11 @@ async def _rpc_get(request, engine, arguments):
     known = [name for name in dict.fromkeys(fields) if name in RPC_FIELDS]
     slow = {"trackers": {"trackers", "trackerStats", "trackerList"} & set(known),
             "peers": "peers" in known}
-    torrents, table = list(_rpc_ids(engine, arguments)), arguments.get("format") == "table"
-    extras = [{name: await getattr(engine, name)(torrent) if needed else []
-               for name, needed in slow.items()} for torrent in torrents]
+    torrents, table = list(_rpc_ids(request, arguments)), arguments.get("format") == "table"
+    views, rpc = {"trackers": trackers, "peers": peers}, request.app[RPC]
+    extras = [{"id": rpc.number(torrent), **{name: await views[name](engine, torrent)
+                                            if needed else [] for name, needed in slow.items()}}
+              for torrent in torrents]
 
     def build():
         rows = [[RPC_FIELDS[name](torrent, torrent.status, engine.settings, extra)
@@ -4572,7 +5257,7 @@ async def _rpc_get(request, engine, arguments):
     answer = {"torrents": await asyncio.to_thread(build) if request["large_answer"]
               else build()}
     if arguments.get("ids") == "recently-active":
-        answer["removed"] = [number for moment, number in engine.removed
+        answer["removed"] = [number for moment, number in rpc.removed
                              if moment >= time.time() - RPC_RECENT]
     return answer
 
@@ -4604,13 +5289,14 @@ async def _rpc_add(request, engine, arguments):
         await engine.metadata_read(torrent)
         await _rpc_set(engine, [torrent], arguments)
     return {"torrent-added" if created else "torrent-duplicate": {
-        "id": torrent.number, "name": torrent.status["name"], "hashString": torrent.infohash}}
+        "id": request.app[RPC].number(torrent), "name": torrent.status["name"],
+        "hashString": torrent.infohash}}
 
 
 def _rpc_each(action):
     """A method that does action(engine, torrent, arguments) to each torrent named."""
     async def method(request, engine, arguments):
-        for torrent in _rpc_ids(engine, arguments):
+        for torrent in _rpc_ids(request, arguments):
             await action(engine, torrent, arguments)
         return {}
     return method
@@ -4622,14 +5308,15 @@ async def _rpc_location(engine, torrent, arguments):
         raise RpcError("no location")
     if arguments.get("move") is not True:
         raise RpcError("only a move of the data (move: true) is supported")
-    await engine.configure(torrent, {"save_path": await asyncio.to_thread(
+    await configure(engine, torrent, {"save_path": await asyncio.to_thread(
         resolve_save_path, engine.roots, location)})
 
 
-def _rpc_session(engine, config):
+def _rpc_session(request):
     """session-get's fields."""
+    engine, config = request.app[ENGINE], request.app[CONFIG]
     settings = engine.settings
-    return {**RPC_VERSION, "session-id": engine.rpc_session_id,
+    return {**RPC_VERSION, "session-id": request.app[RPC].session_id,
             "download-dir": str(engine.roots[0]), "config-dir": str(config.state_dir),
             "peer-port": engine.listen_port, "blocklist-size": 0, "blocklist-enabled": False,
             "speed-limit-down": settings["download_limit"] // 1000,
@@ -4670,7 +5357,7 @@ RPC_SESSION_SET = {
 
 async def _rpc_session_set(request, engine, arguments):
     """session-set: the keys above, mapped onto PATCH /settings; others are ignored."""
-    changes, current = {}, _rpc_session(engine, request.app[CONFIG])
+    changes, current = {}, _rpc_session(request)
     for key, (setting, scale, enabled) in RPC_SESSION_SET.items():
         if key in arguments or enabled in arguments:
             value = arguments.get(key, current[key])
@@ -4683,8 +5370,8 @@ async def _rpc_session_set(request, engine, arguments):
                      - {e for _, _, e in RPC_SESSION_SET.values()})
     if ignored:
         log.debug("session-set ignores %s", ", ".join(ignored))
-    await engine.configure_session(parse_values(
-        changes, {key: option.parse for key, option in SESSION_OPTIONS.items()}))
+    await configure_session(engine, request.app[SETTINGS_LOCK], parse_values(
+        changes, {key: option.parse for key, option in _session_options().items()}))
     return {}
 
 
@@ -4724,26 +5411,26 @@ def _disk_usage(path):
 #: Every method the RPC speaks; anything else answers "method not supported".
 RPC_METHODS = {
     "session-get": lambda request, engine, arguments: _rpc_fields(
-        _rpc_session(engine, request.app[CONFIG]), arguments),
+        _rpc_session(request), arguments),
     "session-set": _rpc_session_set,
     "session-stats": _rpc_stats,
     "free-space": _rpc_free_space,
     "torrent-get": _rpc_get,
     "torrent-add": _rpc_add,
     "torrent-set": lambda request, engine, arguments: _rpc_set(
-        engine, _rpc_ids(engine, arguments), arguments),
+        engine, _rpc_ids(request, arguments), arguments),
     "torrent-start": _rpc_each(lambda engine, torrent, arguments: engine.resume(torrent)),
     "torrent-start-now": _rpc_each(lambda engine, torrent, arguments: engine.resume(
         torrent, queued=False)),
     "torrent-stop": _rpc_each(lambda engine, torrent, arguments: engine.pause(torrent)),
-    "torrent-verify": _rpc_each(lambda engine, torrent, arguments: engine.recheck(torrent)),
-    "torrent-reannounce": _rpc_each(lambda engine, torrent, arguments: engine.reannounce(
-        torrent)),
+    "torrent-verify": _rpc_each(lambda engine, torrent, arguments: recheck(engine, torrent)),
+    "torrent-reannounce": _rpc_each(lambda engine, torrent, arguments: reannounce(
+        engine, torrent)),
     "torrent-remove": _rpc_each(lambda engine, torrent, arguments: engine.remove(
         torrent, arguments.get("delete-local-data") is True)),
     "torrent-set-location": _rpc_each(_rpc_location),
     **{f"queue-move-{move}": _rpc_each(lambda engine, torrent, arguments, move=move:
-                                       engine.queue(torrent, move))
+                                       queue_move(engine, torrent, move))
        for move in ("top", "up", "down", "bottom")},
 }
 
@@ -4795,11 +5482,11 @@ async def _rpc_call(request, body):
         "schema": {"type": "object"}}}})
 async def transmission_rpc(request):
     """Transmission's RPC, for the tools that speak it"""
-    engine = request.app[ENGINE]
+    session_id = request.app[RPC].session_id
     # Transmission's defence against cross-site requests, which its clients expect.
-    if request.headers.get("X-Transmission-Session-Id") != engine.rpc_session_id:
+    if request.headers.get("X-Transmission-Session-Id") != session_id:
         raise ApiError(409, "send the X-Transmission-Session-Id header of this answer",
-                       {"X-Transmission-Session-Id": engine.rpc_session_id})
+                       {"X-Transmission-Session-Id": session_id})
     if request.method != "POST":
         raise ApiError(405, "send the call as a POST", {"Allow": "POST"})
     async with _body_deadline():  # any Content-Type: transmission-remote sends a form's
@@ -4847,408 +5534,6 @@ def _web_file(root, relative):
     except OSError:  # a name too long, or a directory it may not look into
         raise missing from None
     return target
-
-
-# --------------------------------------------------------------------------- #
-# API description: /health, /openapi.json and the document built from ROUTES
-# --------------------------------------------------------------------------- #
-
-@api("GET", "/health", "health", {"200": _answer("healthy", _ref("Health")),
-                                  "503": _ref("503", "responses")}, public=True)
-async def health(request):
-    """Whether the daemon is healthy; needs no token, and tells more with it"""
-    engine, token = request.app[ENGINE], request.app[CONFIG].token
-    problems = engine.health()
-    # Without the token, only the verdict: nothing for a stranger to learn.
-    if token is not None and _bearer_error(request, token) is not None:
-        if problems:
-            raise ApiError(503, "unhealthy")
-        return web.json_response({"status": "ok"})
-    if problems:
-        raise ApiError(503, "unhealthy: " + "; ".join(problems))
-    return web.json_response({"status": "ok", "torrents": engine.count(),
-                              "loading": engine.loading, "listen_port": engine.listen_port})
-
-
-@api("GET", "/openapi.json", "openapi", {"200": _answer("this document", {"type": "object"})},
-     public=True)
-async def openapi(request):
-    """This document; needs no token"""
-    return web.json_response(OPENAPI)
-
-
-#: Requests anyone may make: a health check cannot carry a secret, and the API
-#: description holds none.
-PUBLIC_ROUTES = {(method, path) for method, path, _, operation in ROUTES
-                 if operation.get("security") == []}
-
-_STATUS_SCHEMA = _object({field.name: field.schema for field in STATUS})
-_SETTINGS_SCHEMA = _object({key: {**option.schema, "description": option.help}
-                            for key, option in SESSION_OPTIONS.items()})
-_ERRORS = {
-    400: "malformed request, unknown field or bad value",
-    401: "missing or wrong bearer token",
-    403: "a cross-site browser request, or a Host other than localhost while no token "
-         "is set",
-    404: "no such torrent",
-    408: "the request body did not arrive in time",
-    409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
-         "that leads outside the roots), or it is there with another save_path",
-    413: "body, upload or fetched .torrent too large",
-    415: "unsupported Content-Type",
-    422: "not a valid, or not a safe, .torrent; or a value out of range",
-    502: "fetching torrent_url failed",
-    503: "libtorrent did not confirm the change in time, or the torrent is still being "
-         "added; retry",
-}
-
-#: The API description served at /openapi.json, built from ROUTES and STATUS.
-#: test_torrentflow.py checks that it names every route, and that real answers match.
-OPENAPI = {
-    "openapi": "3.1.0",
-    "info": {"title": "TorrentFlow", "version": __version__, "description":
-             "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
-             "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
-    "security": [{"bearerAuth": []}],
-    "paths": {},
-    "components": {
-        "securitySchemes": {"bearerAuth": {
-            "type": "http", "scheme": "bearer",
-            "description": "--token, --token-file or TORRENTFLOW_TOKEN. Without one no "
-            "token is asked for, but only requests addressed to localhost are served."}},
-        "schemas": {
-            "Error": _object({"detail": {"type": "string"}}),
-            "Message": _object({"detail": {"type": "string"}}),
-            "Added": _object({"infohash": {
-                "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
-                "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
-            "Health": _object({"status": {"type": "string", "enum": ["ok"]},
-                               "torrents": {"type": "integer", "minimum": 0},
-                               "loading": {"type": "boolean"},
-                               "listen_port": {"type": "integer", "minimum": 0}},
-                              required=["status"]),
-            "TorrentList": _object({
-                "torrents": {"type": "array", "items": _ref("StatusFields")},
-                "total": {"type": "integer", "minimum": 0,
-                          "description": "matching torrents before paging"}}),
-            "Status": _STATUS_SCHEMA,
-            "RpcAnswer": {"type": "object", "required": ["result", "arguments"],
-                          "properties": {"result": {"type": "string"},
-                                         "arguments": {"type": "object"},
-                                         "tag": {"type": "integer"}}},
-            "Settings": _SETTINGS_SCHEMA,
-            "SettingsChange": {**_SETTINGS_SCHEMA, "required": []},
-            "Count": _object({"detail": {"type": "string"}, "count": {"type": "integer"}}),
-            "Peers": _object({"peers": {"type": "array", "items": _object({
-                "ip": {"type": "string"}, "port": {"type": "integer"},
-                "client": {"type": "string"}, "progress": {"type": "number"},
-                **dict.fromkeys(("download_rate", "upload_rate", "total_download",
-                                 "total_upload"), {"type": "integer"}),
-                "connection": {"type": "string", "enum": ["tcp", "utp", "web"]},
-                "encrypted": {"type": "boolean"},
-                "flags": {"type": "array", "items": {"type": "string",
-                                                     "enum": list(_PEER_FLAGS)}},
-                "source": {"type": "array", "items": {"type": "string",
-                                                      "enum": list(_PEER_SOURCES)}}})}}),
-            "Trackers": _object({"trackers": {"type": "array", "items": _object({
-                "url": {"type": "string"}, "tier": {"type": "integer"},
-                "status": {"type": "string", "enum": ["not_contacted", "working",
-                                                      "updating", "error"]},
-                "message": {"type": "string"},
-                **dict.fromkeys(("seeds", "peers", "downloaded"), {
-                    "type": "integer", "description": "from the last scrape or announce; "
-                    "-1 if unknown"}),
-                **dict.fromkeys(("last_announce", "next_announce"), {
-                    "type": ["integer", "null"], "description": "Unix time"})})}}),
-            "Summary": {**_STATUS_SCHEMA, "required": [f.name for f in STATUS if f.listed],
-                        "description": "a torrent in GET /torrents without fields=: its "
-                        "status without the per-file list"},
-            "StatusFields": {**_STATUS_SCHEMA, "required": [], "description":
-                             "every Status field, or those named by ?fields="},
-        },
-        "responses": {str(code): _answer(description, _ref("Error"), {
-            "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
-            if code == 401 else None) for code, description in _ERRORS.items()},
-    },
-}
-for _method, _path, _handler, _operation in ROUTES:
-    _path = re.sub(r":[^}]*}", "}", _path)  # aiohttp's {path:.*} is OpenAPI's {path}
-    OPENAPI["paths"].setdefault(_path, {})[_method.lower()] = _operation
-
-
-# --------------------------------------------------------------------------- #
-# Application and command line
-# --------------------------------------------------------------------------- #
-
-def make_app(config):
-    """Build the aiohttp application; the engine starts and stops with it."""
-    app = web.Application(middlewares=[count_middleware, error_middleware, access_middleware],
-                          client_max_size=MAX_REQUEST_BYTES)
-    app[CONFIG] = config
-    app[REQUESTS] = collections.Counter()
-    app[LARGE_WRITES] = asyncio.Semaphore(LARGE_AT_ONCE)
-    for method, path, handler, _ in ROUTES:
-        app.router.add_route(method, path, handler)
-
-    async def lifecycle(app):
-        engine = TorrentEngine(config)
-        await engine.start()
-        app[ENGINE] = engine
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=config.fetch_timeout),
-            headers={"User-Agent": f"TorrentFlow/{__version__}"},
-        ) as client:
-            app[HTTP_CLIENT] = client
-            yield
-        await engine.close()
-
-    app.cleanup_ctx.append(lifecycle)
-    return app
-
-
-class _Connection(asyncio.Protocol):
-    """One API connection: aiohttp's own protocol inside, watched by the guard.
-
-    Its state is "head" (waiting for a complete request head, since head_since),
-    "ready" (a head is in), "busy" (a request runs) or "idle" (between requests).
-    """
-
-    def __init__(self, guard):
-        self.guard, self.inner = guard, guard.server()
-        self.transport = None
-        self.state, self.head_since, self.tail = "head", time.monotonic(), b""
-
-    def connection_made(self, transport):
-        self.transport = transport
-        self.inner.connection_made(transport)
-        self.guard.admit(self)
-
-    def data_received(self, data):
-        if self.state in ("head", "idle"):
-            if self.state == "idle":
-                self.state, self.head_since, self.tail = "head", time.monotonic(), b""
-            # A head ends with CRLF CRLF after a request line: aiohttp skips blank lines
-            # before one, so bare CRLFs must not shield a connection from eviction.
-            text = self.tail + data if self.tail else data.lstrip(b"\r\n")
-            if b"\r\n\r\n" in text:  # the head is in: never evicted now
-                self.state, self.tail = "ready", b""
-            else:
-                self.tail = text[-3:]
-        self.inner.data_received(data)
-
-    def eof_received(self):
-        return self.inner.eof_received()
-
-    def pause_writing(self):
-        self.inner.pause_writing()
-
-    def resume_writing(self):
-        self.inner.resume_writing()
-
-    def connection_lost(self, exc):
-        self.guard.forget(self)
-        self.inner.connection_lost(exc)
-
-
-class ConnectionGuard:
-    """Bounds what API connections can hold: a protocol factory for the API's socket.
-
-    A connection gets HEAD_TIMEOUT to send a complete request head. Past
-    --max-connections, a new connection pushes out the oldest one still sending its
-    head, else the one idle the longest, else it is refused itself; a connection whose
-    request is in or running is never dropped. So half-open sockets cannot use up the
-    descriptors, and a client with a token always gets through.
-    """
-
-    def __init__(self, server, limit):
-        self.server, self.limit = server, limit
-        self.connections = {}   # _Connection -> None, oldest first
-        self._by_handler = {}   # aiohttp's protocol -> _Connection
-        self._dropped = 0       # since the last log line
-        server.request_handler = self._tracked(server.request_handler)
-
-    def __call__(self):
-        return _Connection(self)
-
-    def admit(self, connection):
-        self.connections[connection] = None
-        self._by_handler[connection.inner] = connection
-        if len(self.connections) > self.limit:
-            victim = next((c for c in self.connections if c.state == "head"), None) or \
-                next((c for c in self.connections if c.state == "idle"), connection)
-            self.drop(victim)
-
-    def forget(self, connection):
-        self.connections.pop(connection, None)
-        self._by_handler.pop(connection.inner, None)
-
-    def drop(self, connection):
-        self.forget(connection)
-        connection.transport.abort()  # frees the descriptor now, without TIME_WAIT
-        self._dropped += 1
-
-    def _tracked(self, handle):
-        """aiohttp's request handler, telling each connection when a request runs."""
-        async def tracked(request):
-            connection = self._by_handler.get(request.protocol)
-            if connection is not None:
-                connection.state = "busy"
-            try:
-                return await handle(request)
-            finally:
-                if connection is not None:
-                    connection.state = "idle"
-        return tracked
-
-    async def sweep(self):
-        """Close connections slow to send a head; log drops at most every 10 s."""
-        reported = time.monotonic()
-        while True:
-            await asyncio.sleep(1)
-            late = time.monotonic() - HEAD_TIMEOUT
-            for connection in [c for c in self.connections
-                               if c.state == "head" and c.head_since < late]:
-                self.drop(connection)
-            if self._dropped and time.monotonic() - reported >= 10:
-                log.warning("closed %d API connections that were slow to send a request "
-                            "or over --max-connections (%d open)", self._dropped,
-                            len(self.connections))
-                self._dropped, reported = 0, time.monotonic()
-
-
-class GuardedSite(web.BaseSite):
-    """aiohttp's TCP site, with its connections made through a ConnectionGuard."""
-
-    def __init__(self, runner, host, port, limit):
-        super().__init__(runner, backlog=LISTEN_BACKLOG)
-        self._host, self._port = host, port
-        self.guard = ConnectionGuard(runner.server, limit)
-
-    @property
-    def name(self):
-        return f"http://{self._host}:{self._port}"
-
-    async def start(self):
-        await super().start()
-        self._server = await asyncio.get_running_loop().create_server(
-            self.guard, self._host, self._port, backlog=self._backlog)
-
-
-def _raise_descriptor_limit():
-    """Raise the soft open-file limit to the hard one: peers, files and API connections
-    all need descriptors, and 1024 (systemd's default) is few for a seedbox."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    return soft
-
-
-def _quiet_resource_errors(loop):
-    """Report "out of descriptors" on accept at most every 10 s, not one traceback per
-    attempt: asyncio retries accept() in a loop, and would flood the log."""
-    last = [0.0]
-
-    def handler(loop, context):
-        error = context.get("exception")
-        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE,
-                                                          errno.ENOBUFS, errno.ENOMEM):
-            if time.monotonic() - last[0] >= 10:
-                last[0] = time.monotonic()
-                log.error("%s: %s (see --max-connections and ulimit -n)",
-                          context.get("message"), error.strerror)
-            return
-        loop.default_exception_handler(context)
-    loop.set_exception_handler(handler)
-
-
-async def serve(config):
-    """Run until SIGTERM or SIGINT, then shut down in order: requests, torrents, session."""
-    loop = asyncio.get_running_loop()
-    _quiet_resource_errors(loop)
-    runner = web.AppRunner(make_app(config), access_log=None,
-                           shutdown_timeout=REQUEST_DRAIN_SECONDS,
-                           keepalive_timeout=KEEPALIVE_TIMEOUT, lingering_time=2.0)
-    await runner.setup()
-    site = GuardedSite(runner, config.host, config.port, config.max_connections)
-    await site.start()
-    sweep = asyncio.create_task(site.guard.sweep())
-    for host, port, *_ in runner.addresses:
-        log.info("TorrentFlow %s API listening on http://%s:%d", __version__,
-                 f"[{host}]" if ":" in host else host, port)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("stopping")
-    started = time.monotonic()
-    # Whatever the disk does, the process ends: a save stuck on a hung mount, or a
-    # thread blocked in the kernel, must not outlive the container's stop grace.
-    watchdog = threading.Timer(config.shutdown_timeout + SHUTDOWN_MARGIN, _exit_now)
-    watchdog.daemon = True
-    watchdog.start()
-    sweep.cancel()
-    await runner.cleanup()
-    log.info("stopped in %.2f s", time.monotonic() - started)
-
-
-def _exit_now():
-    """End the process at once: the shutdown overran its deadline."""
-    log.error("shutdown took longer than --shutdown-timeout plus %g s; exiting now",
-              SHUTDOWN_MARGIN)
-    logging.shutdown()
-    os._exit(1)
-
-
-class _SafeLog(logging.Filter):
-    """Escape control characters and cut long values in every log record: names and
-    URLs come from strangers, and must neither forge lines nor fill the disk."""
-
-    _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-    def filter(self, record):
-        if record.args:
-            record.args = tuple(_cut(arg) for arg in (
-                record.args if isinstance(record.args, tuple) else (record.args,)))
-        record.msg = self._CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}",
-                                       record.getMessage())
-        record.args = ()
-        return True
-
-
-def _cut(value):
-    """A value for a log line: strings longer than MAX_LOGGED are cut."""
-    if isinstance(value, (str, bytes)) and len(value) > MAX_LOGGED:
-        return f"{value[:MAX_LOGGED]!s}... ({len(value)} in all)"
-    return value
-
-
-def main(argv=None):
-    """Entry point: parse the config, log to stderr, serve."""
-    config = parse_config(argv)
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_SafeLog())
-    log.info("open-file limit: %d", _raise_descriptor_limit())
-    if config.log_level != "debug":
-        # aiohttp logs every malformed request with a traceback at ERROR: anyone who
-        # can connect could fill the log. Handler errors are logged by error_middleware.
-        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    try:
-        import uvloop  # optional: about 1.6x the requests per second of asyncio's loop
-    except ImportError:
-        uvloop = None
-    log.info("event loop: %s", "uvloop" if uvloop else "asyncio (install uvloop for speed)")
-    try:
-        (uvloop.run if uvloop else asyncio.run)(serve(config))
-    except StartupError as error:
-        log.error("cannot start: %s", error)
-        return 2
-    except OSError as error:
-        log.error("cannot start: %s", error)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
