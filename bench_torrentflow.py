@@ -77,6 +77,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -156,7 +157,9 @@ STATUS_SCENARIOS = (("one", "one", None), ("all", "all", None),
 ANCHOR_PROGRAMS = {"transmission": ("transmission-daemon",
                                     "apt-get install -y transmission-daemon")}
 #: Anchors' names in the table's ratio columns, which are 10 characters wide.
-ANCHOR_SHORT_NAMES = {"transmission": "Transm"}
+ANCHOR_SHORT_NAMES = {"transmission": "Transm", "floor": "floor"}
+#: Anchors' names in the table's server column, where they differ from the JSON's.
+ANCHOR_LABELS = {"floor": "aiohttp floor"}
 #: The figures of one status load, as the table's columns (see _load_cells).
 LOAD_COLUMNS = ("req/s", "p50 ms", "p99 ms", "max ms", "errors", "body KiB")
 #: The torrent-get fields asked of Transmission: 40, as in ANCHORS.md, picked to match
@@ -181,6 +184,7 @@ LIBRARY_CHILD = "--library-child"
 MANY_CHILD = "--many-child"
 SEEDERS_CHILD = "--seeders-child"
 LOAD_CHILD = "--load-child"
+FLOOR_CHILD = "--floor-child"
 #: The sections, in the order they run.
 SECTIONS = ("download", "api", "library", "many", "memory", "listing")
 #: library: one torrent's data (one file) and its piece size.
@@ -684,17 +688,21 @@ async def bench_library(args, count, root, anchors=()):
     """Load count tiny torrents into a fresh daemon; measure RSS, the API, then restart.
 
     anchors: started peers holding the same torrents, measured beside the daemon's API.
+    The daemon has an API token, as it must have beyond loopback: every request
+    carries its Authorization header.
     """
     connector = aiohttp.TCPConnector(limit=args.add_concurrency)
     async with aiohttp.ClientSession(connector=connector) as client, \
-            Daemon(args.daemon, root) as daemon:
+            Daemon(args.daemon, root, token=True) as daemon:
         result = {"count": count, "start_s": round(await daemon.start(client), 3)}
         await asyncio.sleep(args.settle)
         result["rss_empty_kib"] = daemon.rss_kib()
         started = time.perf_counter()
-        infohashes = await add_many(lambda torrent: api_add(client, daemon.url, torrent),
-                                    library_torrents(count), args.add_concurrency)
-        await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
+        infohashes = await add_many(
+            lambda torrent: api_add(client, daemon.url, torrent, daemon.headers),
+            library_torrents(count), args.add_concurrency)
+        await poll_until(lambda: listed(client, daemon.url, count, daemon.headers),
+                         PROCESS_DEADLINE,
                          f"{count} torrents to be listed", interval=0.1)
         result["add_s"] = round(time.perf_counter() - started, 3)
         progress(f"{count} torrents: added and listed in {result['add_s']:.1f} s")
@@ -702,9 +710,13 @@ async def bench_library(args, count, root, anchors=()):
         result["rss_loaded_kib"] = daemon.rss_kib()
         result["kib_per_torrent"] = round(
             (result["rss_loaded_kib"] - result["rss_empty_kib"]) / count, 1)
-        result["load"], anchor_loads = await measure_status_api(
-            args, client, daemon_requests(daemon.url, infohashes[0]),
-            {anchor.name: anchor.status_requests(infohashes[0]) for anchor in anchors})
+        requests = daemon_requests(daemon.url, infohashes[0], daemon.headers)
+        # The aiohttp floor goes first, so that it is measured right after the daemon.
+        async with AiohttpFloor(client, requests["one"], root / "floor") as floor:
+            anchors = [floor, *anchors]
+            result["load"], anchor_loads = await measure_status_api(
+                args, client, requests,
+                {anchor.name: anchor.status_requests(infohashes[0]) for anchor in anchors})
         if anchors:
             result["anchors"] = {anchor.name: {**anchor.facts, "load": anchor_loads[anchor.name]}
                                  for anchor in anchors}
@@ -745,20 +757,22 @@ async def add_many(add, torrents, concurrency):
     return infohashes
 
 
-async def listed(client, url, count):
+async def listed(client, url, count, headers=None):
     """True once GET /torrents lists at least count torrents."""
-    async with client.get(f"{url}/torrents") as response:
+    async with client.get(f"{url}/torrents", headers=headers) as response:
         body = await response.read()
     # Every status has one "infohash" key; counting it is much cheaper than parsing
     # megabytes of JSON, which would slow this poller and so the timing.
     return response.status == 200 and body.count(b'"infohash":') >= count
 
 
-def daemon_requests(url, infohash):
-    """The daemon's status requests: one torrent's (infohash) and all of them."""
-    return {"one": StatusRequest(f"{url}/torrents/{infohash}"),
-            "all": StatusRequest(f"{url}/torrents"),
-            "metrics": StatusRequest(f"{url}/metrics")}
+def daemon_requests(url, infohash, headers=None):
+    """The daemon's status requests: one torrent's (infohash) and all of them.
+
+    headers: the daemon's Authorization header, if it has a token (Daemon.headers)."""
+    return {"one": StatusRequest(f"{url}/torrents/{infohash}", headers=headers),
+            "all": StatusRequest(f"{url}/torrents", headers=headers),
+            "metrics": StatusRequest(f"{url}/metrics", headers=headers)}
 
 
 async def measure_status_api(args, client, requests, anchor_requests=None):
@@ -810,8 +824,9 @@ async def measure_restart(args, client, daemon, count):
     """Stop gracefully, start again on the same state dir, time /health and the full list."""
     result = {"stop_s": round(await daemon.stop(), 3)}
     result["health_s"] = round(await daemon.start(client), 3)
-    await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
-                     f"{count} torrents to be listed after the restart", interval=0.02)
+    await poll_until(lambda: listed(client, daemon.url, count, daemon.headers),
+                     PROCESS_DEADLINE, f"{count} torrents to be listed after the restart",
+                     interval=0.02)
     result["all_listed_s"] = round(time.perf_counter() - daemon.started_at, 3)
     await asyncio.sleep(args.settle)
     result["rss_kib"] = daemon.rss_kib()
@@ -1210,8 +1225,9 @@ class ChildProcess:
         return line
 
     async def ready(self):
-        """Wait for "ready"; the child has set up and waits for "go"."""
-        await self._line(PROCESS_DEADLINE)
+        """Wait for "ready" (or what the child says instead, returned as text): the
+        child has set up and waits for "go"."""
+        return (await self._line(PROCESS_DEADLINE)).decode()
 
     async def go(self):
         """Send "go"; return its JSON result."""
@@ -1644,6 +1660,12 @@ class StatusRequest:
                                   skip_auto_headers=("Accept-Encoding",)) as response:
             return response.status, await response.read()
 
+    async def answer(self, client):
+        """As send, with the response's headers too: (status, headers, body bytes)."""
+        async with client.request(self.method, self.url, data=self.body, headers=self.headers,
+                                  skip_auto_headers=("Accept-Encoding",)) as response:
+            return response.status, response.headers.copy(), await response.read()
+
     def wrk_lua(self):
         """Lua that makes wrk send this request instead of its default GET."""
         lines = [f'wrk.method = "{self.method}"']
@@ -1729,13 +1751,19 @@ def latency_summary(latencies):
 # --------------------------------------------------------------------------- #
 
 class Daemon:
-    """One torrentflow.py process on 127.0.0.1, started and stopped by its own PID."""
+    """One torrentflow.py process on 127.0.0.1, started and stopped by its own PID.
 
-    def __init__(self, script, root, download_dir=None, extra_args=()):
+    With token=True it gets a random API token (through --token-file) and then
+    refuses requests without it; headers holds the Authorization header to send.
+    """
+
+    def __init__(self, script, root, download_dir=None, extra_args=(), token=False):
         self.script = script
         self.root = root
         self.download_dir = download_dir or root / "downloads"
         self.extra_args = list(extra_args)
+        self.token = secrets.token_hex(16) if token else None
+        self.headers = {"Authorization": f"Bearer {self.token}"} if token else {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
@@ -1753,11 +1781,17 @@ class Daemon:
         return [sys.executable, str(self.script), "--local-only",
                 "--listen-interfaces", "127.0.0.1:0", "--host", "127.0.0.1",
                 "--port", str(self.port), "--download-dir", str(self.download_dir),
-                "--state-dir", str(self.root / "state"), *self.extra_args]
+                "--state-dir", str(self.root / "state"),
+                *(("--token-file", str(self.root / "token")) if self.token else ()),
+                *self.extra_args]
 
     async def start(self, client):
         """Spawn it; return the seconds from spawn until GET /health answered 200."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.token:
+            token_file = self.root / "token"
+            token_file.touch(mode=0o600)
+            token_file.write_text(self.token + "\n")
         # The environment must not override the command line's loopback-only setup.
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TORRENTFLOW_")}
         with open(self.root / "daemon.log", "ab") as log:  # a file: a pipe could fill up
@@ -1984,6 +2018,114 @@ class Transmission:
             self.process.wait(timeout=PROCESS_DEADLINE)
 
 
+class AiohttpFloor:
+    """The aiohttp floor: a bare aiohttp app answering one of the daemon's requests.
+
+    It runs in a child process (floor_child: the same Python, and the daemon's choice
+    of event loop, uvloop if it imports, else asyncio's) and serves, at the same route
+    GET /torrents/{infohash}, the exact bytes the daemon answered that request with,
+    fetched from the daemon first (with its Authorization header), under the same
+    Content-Type. Its requests carry the same headers as the daemon's, so a load tool
+    sends both the same request but for the port. What the daemon's req/s lacks of
+    the floor's is then the daemon's own work: routing, auth, the status cache and
+    JSON, its middlewares; what aiohttp and the loop cost is common to both.
+    Measured like an anchor (name "floor"), right after the daemon.
+    """
+
+    name = "floor"
+
+    def __init__(self, client, request, root):
+        self.client = client
+        self.request = request  # the daemon's StatusRequest for one torrent
+        self.root = root
+        self.url = None
+        self.facts = {}
+        self.child = None
+
+    async def __aenter__(self):
+        status, headers, body = await self.request.answer(self.client)
+        if status != 200:
+            raise RuntimeError(f"GET {self.request.url} answered {status}: {body[:300]!r}")
+        path = urllib.parse.urlsplit(self.request.url).path
+        infohash = path.rsplit("/", 1)[1]
+        self.root.mkdir(parents=True, exist_ok=True)
+        body_file = self.root / "answer.bin"
+        body_file.write_bytes(body)
+        content_type = headers.get("Content-Type", "application/octet-stream")
+        self.child = ChildProcess(FLOOR_CHILD, {
+            "answers": {infohash: str(body_file)}, "content_type": content_type})
+        await self.child.__aenter__()
+        try:
+            started = json.loads(await self.child.ready())
+            self.url = f"http://127.0.0.1:{started['port']}"
+            # Check that it answers what the daemon did, byte for byte.
+            mirror = self.status_requests(infohash)["one"]
+            their_status, their_headers, their_body = await mirror.answer(self.client)
+            if (their_status, their_body, their_headers.get("Content-Type")) != (
+                    200, body, content_type):
+                raise RuntimeError(f"the aiohttp floor answered {their_status}, "
+                                   f"{their_headers.get('Content-Type')!r}, "
+                                   f"{len(their_body)} bytes, not the daemon's answer")
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        self.facts = {"loop": started["loop"], "aiohttp": aiohttp.__version__,
+                      "python": platform.python_version(), "route": "/torrents/{infohash}",
+                      "content_type": content_type, "response_bytes": len(body),
+                      # the daemon's answer had these headers too; the floor's does not
+                      "daemon_only_headers": sorted({name.lower() for name in headers}
+                                                     - {name.lower() for name in their_headers})}
+        progress(f"  aiohttp floor ({started['loop']}) serves the daemon's {len(body)}-byte "
+                 f"answer to GET {path}")
+        return self
+
+    async def __aexit__(self, *exc_info):
+        if self.child is not None:
+            await self.child.__aexit__(*exc_info)
+            self.child = None
+
+    def status_requests(self, infohash):
+        """The daemon's request for one torrent, to the floor: the same headers."""
+        return {"one": StatusRequest(f"{self.url}/torrents/{infohash}",
+                                     headers=self.request.headers)}
+
+
+def floor_child(spec_text):
+    """Child mode: the aiohttp floor (see AiohttpFloor). Prints {"port", "loop"} as
+    one JSON line once it listens, and serves until its stdin closes."""
+    spec = json.loads(spec_text)
+    answers = {infohash: Path(file).read_bytes() for infohash, file in spec["answers"].items()}
+    try:
+        import uvloop  # the daemon's choice: uvloop when it imports, else asyncio's loop
+    except ImportError:
+        uvloop = None
+    run = uvloop.run if uvloop else asyncio.run
+    run(_serve_floor(answers, spec["content_type"], "uvloop" if uvloop else "asyncio"))
+    return 0
+
+
+async def _serve_floor(answers, content_type, loop_name):
+    headers = {"Content-Type": content_type}
+
+    async def status(request):
+        body = answers.get(request.match_info["infohash"])
+        if body is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/torrents/{infohash}", status)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(json.dumps({"port": runner.addresses[0][1], "loop": loop_name}), flush=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        await runner.cleanup()
+
+
 class Seeder:
     """A libtorrent session on 127.0.0.1 seeding known-good data (seed_mode, TCP only)."""
 
@@ -2091,12 +2233,14 @@ class ManyTracker(Tracker):
                             content_type="text/plain")
 
 
-async def api_add(client, url, torrent):
-    """POST /torrents with torrent_file as a multipart upload; return the infohash."""
+async def api_add(client, url, torrent, headers=None):
+    """POST /torrents with torrent_file as a multipart upload; return the infohash.
+
+    headers: the daemon's Authorization header, if it has a token (Daemon.headers)."""
     form = aiohttp.FormData()
     form.add_field("torrent_file", torrent, filename="bench.torrent",
                    content_type="application/x-bittorrent")
-    async with client.post(f"{url}/torrents", data=form) as response:
+    async with client.post(f"{url}/torrents", data=form, headers=headers) as response:
         body = await response.json()
         if response.status not in (200, 201):
             raise RuntimeError(f"POST /torrents answered {response.status}: {body}")
@@ -2301,14 +2445,21 @@ def _api_table(libraries):
                               *_load_cells(figures),
                               *(_or_dash(figures.get(f"ratio_to_{name}")) for name in anchors),
                               widths=widths))
-            lines += [_row(library["count"], name, their["request"], *_load_cells(their),
-                           widths=widths)
+            lines += [_row(library["count"], ANCHOR_LABELS.get(name, name), their["request"],
+                           *_load_cells(their), widths=widths)
                       for name in anchors for their in theirs.get(name, {}).get("load", ())
                       if their["request"] == figures["request"]]
     for name in anchors:
+        label = ANCHOR_LABELS.get(name, name)
         lines.append(f"TF/{ANCHOR_SHORT_NAMES[name]}: TorrentFlow's req/s divided by "
-                     f"{name}'s for the same request in this run; {name} answers "
-                     f"torrent-get POSTs with {len(TRANSMISSION_FIELDS)} fields.")
+                     f"{label}'s for the same request in this run; " + (
+                         "the aiohttp floor is a bare aiohttp app (same Python and loop) "
+                         "serving the daemon's answer, fetched first, as is."
+                         if name == "floor" else
+                         f"{name} answers torrent-get POSTs with {len(TRANSMISSION_FIELDS)} "
+                         "fields."))
+    lines.append("The daemon has an API token; its requests and the floor's carry its "
+                 "Authorization header.")
     return lines
 
 
@@ -2329,6 +2480,8 @@ def _memory_table(libraries):
                           library["add_s"], widths=(9, 11)))
     for library in libraries:
         for name, facts in library.get("anchors", {}).items():
+            if "rss_loaded_kib" not in facts:
+                continue  # the aiohttp floor holds no torrents
             lines.append(f"{name} beside it, {library['count']} paused torrents: "
                          f"{facts['rss_loaded_kib'] / 1024:.1f} MiB, added and listed in "
                          f"{facts['add_s']} s")
@@ -2509,7 +2662,8 @@ def _row(*cells, widths=(9,)):
 
 #: Child modes: the first argument -> the function that runs it (with the second).
 CHILDREN = {LIBRARY_CHILD: library_child, MANY_CHILD: many_child,
-            SEEDERS_CHILD: seeders_child, LOAD_CHILD: load_child}
+            SEEDERS_CHILD: seeders_child, LOAD_CHILD: load_child,
+            FLOOR_CHILD: floor_child}
 
 
 if __name__ == "__main__":
