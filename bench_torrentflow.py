@@ -1677,17 +1677,19 @@ class StatusRequest:
 
 async def wrk_load(request, connections, duration, nice=0):
     """Run wrk with a Lua hook that prints its figures as one JSON line; nice: its
-    scheduling niceness (0: the same as everything else)."""
+    scheduling niceness (0: the same as everything else). wrk takes whole seconds
+    only: a fractional duration is rounded up (req/s uses wrk's own elapsed time)."""
+    seconds = max(1, int(-(-duration // 1)))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(request.wrk_lua() + WRK_SCRIPT)
     try:
         process = await asyncio.create_subprocess_exec(
             *(("nice", "-n", str(nice)) if nice else ()),
-            "wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration:g}s",
+            "wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s",
             "--timeout", "30s", "-s", script.name, request.url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
-            output, _ = await asyncio.wait_for(process.communicate(), duration + 60)
+            output, _ = await asyncio.wait_for(process.communicate(), seconds + 60)
         except asyncio.TimeoutError:
             process.kill()
             await process.wait()
