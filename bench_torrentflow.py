@@ -214,6 +214,18 @@ TRANSMISSION_STATUSES = ("stopped", "check-wait", "check", "download-wait", "dow
 #: library: an anchor whose torrents neither seed nor check, with none more seeding for
 #: this many seconds, will not get there by itself.
 STALL_SECONDS = 10.0
+#: --quick: the download's MiB and alternating runs per contender (daemon and raw),
+#: the seconds of each status load, and the alternating status rounds (daemon, then
+#: the aiohttp floor). About 40 s in all on 2 cores; it must stay under 60 s.
+QUICK_SIZE_MIB = 128
+QUICK_RUNS = 5
+QUICK_DURATION = 3.0
+QUICK_STATUS_ROUNDS = 3
+#: --quick: the download race runs QUICK_MIN_RUNS rounds, then more (up to --runs)
+#: only while they fit in QUICK_DOWNLOAD_BUDGET seconds, so that a slow machine
+#: trades runs, not the minute.
+QUICK_MIN_RUNS = 2
+QUICK_DOWNLOAD_BUDGET = 25.0
 MB = 1e6
 MIB = 1024 * 1024
 
@@ -230,13 +242,23 @@ def parse_args(argv=None):
         "against raw libtorrent, all on 127.0.0.1.")
     parser.add_argument("--daemon", type=Path, default=here / "torrentflow.py",
                         help="torrentflow.py to benchmark (default: the one beside this file)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"within a minute: the daemon against raw libtorrent on a "
+                        f"{QUICK_SIZE_MIB} MiB download ({QUICK_MIN_RUNS} to --runs "
+                        f"alternating runs each, as many as fit in "
+                        f"{QUICK_DOWNLOAD_BUDGET:g} s) "
+                        "and GET /torrents/{infohash} with 1 torrent against the aiohttp "
+                        "floor; ends with one 'quick: ...' line. --sections, --contenders "
+                        "and --counts do not apply; no JSON unless --out is given")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"any of {', '.join(SECTIONS)} (api includes its own VmRSS "
                         "and restart figures); default: all of them")
-    parser.add_argument("--size-mib", type=int, default=1024,
-                        help="download payload in MiB (default %(default)s)")
-    parser.add_argument("--runs", type=int, default=3,
-                        help="alternating download runs per contender (default %(default)s)")
+    parser.add_argument("--size-mib", type=int, default=None,
+                        help=f"download payload in MiB (default 1024; {QUICK_SIZE_MIB} "
+                        "with --quick)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help=f"alternating download runs per contender (default 3; "
+                        f"{QUICK_RUNS} with --quick)")
     parser.add_argument("--contenders", default="daemon,raw,tuned",
                         help="download contenders: daemon, then any of "
                         f"{', '.join(RAW_CONTENDERS)} (default %(default)s)")
@@ -249,8 +271,9 @@ def parse_args(argv=None):
                         "large library (default %(default)s)")
     parser.add_argument("--restart-min", type=int, default=1000,
                         help="measure restart for counts at least this big (default %(default)s)")
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="seconds per load measurement (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help=f"seconds per load measurement (default 5; {QUICK_DURATION:g} "
+                        "with --quick)")
     parser.add_argument("--connections", type=int, default=32,
                         help="concurrent connections for the load (default %(default)s)")
     parser.add_argument("--add-concurrency", type=int, default=16,
@@ -284,11 +307,22 @@ def parse_args(argv=None):
                         "machines would; 0 to let them compete (default %(default)s)")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
-    parser.add_argument("--out", type=Path, default=Path("bench_torrentflow.json"),
-                        help="where to write the JSON results (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the JSON results (default "
+                        "bench_torrentflow.json; none with --quick)")
     parser.add_argument("--tmp", type=Path, default=None,
                         help="parent of the temp dir (default: the system's)")
     args = parser.parse_args(argv)
+    for name, full, quick in (("size_mib", 1024, QUICK_SIZE_MIB), ("runs", 3, QUICK_RUNS),
+                              ("duration", 5.0, QUICK_DURATION)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.out is None and not args.quick:
+        args.out = Path("bench_torrentflow.json")
+    if args.quick:
+        if args.try_settings is not None:
+            parser.error("--quick races the daemon against raw only: no --try")
+        args.contenders = "daemon,raw"
     args.sections = _choices(parser, "--sections", args.sections, SECTIONS)
     args.many_contenders = _choices(parser, "--many-contenders", args.many_contenders,
                                     tuple(MANY_CONTENDERS))
@@ -306,8 +340,8 @@ def parse_args(argv=None):
         parser.error("--counts takes comma-separated integers")
     if not args.daemon.is_file():
         parser.error(f"--daemon {args.daemon} does not exist")
-    if args.size_mib < 1 or args.runs < 1 or min(args.counts) < 1:
-        parser.error("--size-mib, --runs and every count must be positive")
+    if args.size_mib < 1 or args.runs < 1 or min(args.counts) < 1 or args.duration <= 0:
+        parser.error("--size-mib, --runs, --duration and every count must be positive")
     if min(args.many_torrents, args.many_size_mib, args.listing_torrents,
            args.listing_clients) < 1 or args.listing_duration <= 0:
         parser.error("the --many-* and --listing-* figures must be positive")
@@ -329,16 +363,23 @@ def main(argv=None):
         return raw_child(argv[1])
     if argv[:1] and argv[0] in CHILDREN:
         return CHILDREN[argv[0]](argv[1])
+    started = time.perf_counter()
     args = parse_args(argv)
     torrentflow = import_daemon(args.daemon)
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-", dir=args.tmp))
     try:
-        results = asyncio.run(run_benchmark(args, torrentflow, workdir))
+        results = asyncio.run((run_quick if args.quick else run_benchmark)(
+            args, torrentflow, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(render_table(results))
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nJSON written to {args.out}")
+    if args.quick:
+        results["seconds"] = round(time.perf_counter() - started, 1)
+    print(render_quick(results) if args.quick else render_table(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nJSON written to {args.out}")
+    if args.quick:
+        return quick_verdict(results)
     return 0
 
 
@@ -380,15 +421,91 @@ async def run_benchmark(args, torrentflow, workdir):
 
 
 # --------------------------------------------------------------------------- #
+# --quick: download against raw, status against the aiohttp floor
+# --------------------------------------------------------------------------- #
+
+async def run_quick(args, torrentflow, workdir):
+    """--quick: the download race (daemon and raw, --size-mib, --runs alternating
+    runs, sha1 checked at done and after stop, no probe run), then the status race."""
+    progress(f"quick: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+             f"load tool {load_tool(args)}")
+    results = {"quick": True, "machine": machine_info(), "args": _jsonable(vars(args)),
+               "daemon_sha1": sha1_file(args.daemon)}
+    results["download"] = await bench_downloads(args, torrentflow, workdir / "download",
+                                                probe_run=False,
+                                                budget=QUICK_DOWNLOAD_BUDGET)
+    results["status"] = await quick_status(args, workdir / "status")
+    return results
+
+
+async def quick_status(args, root):
+    """GET /torrents/{infohash} with 1 torrent: the daemon (with a token) against the
+    aiohttp floor serving its answer, QUICK_STATUS_ROUNDS alternating rounds of
+    --duration seconds each, daemon first; ratio = median daemon req/s / median floor's.
+    """
+    tool = load_tool(args)
+    runs = {"daemon": [], "floor": []}
+    async with aiohttp.ClientSession() as client, \
+            Daemon(args.daemon, root / "daemon", token=True) as daemon:
+        await daemon.start(client)
+        infohash = await api_add(client, daemon.url, library_torrents(1)[0], daemon.headers)
+        await poll_until(lambda: listed(client, daemon.url, 1, daemon.headers),
+                         PROCESS_DEADLINE, "the torrent to be listed")
+        request = daemon_requests(daemon.url, infohash, daemon.headers)["one"]
+        async with AiohttpFloor(client, request, root / "floor") as floor:
+            requests = {"daemon": request, "floor": floor.status_requests(infohash)["one"]}
+            for round_ in range(QUICK_STATUS_ROUNDS):
+                for name, which in requests.items():
+                    figures = await measure_request(args, tool, client, which, "one",
+                                                    args.connections)
+                    runs[name].append(figures)
+                    progress(f"status round {round_ + 1} {name}: {_load_summary(figures)}")
+        await daemon.stop()
+    medians = {name: statistics.median(f["req_s"] for f in figures)
+               for name, figures in runs.items()}
+    return {"request": "GET /torrents/{infohash}, 1 torrent", "tool": tool,
+            "connections": args.connections, "duration_s": args.duration,
+            "rounds": QUICK_STATUS_ROUNDS, "runs": runs, "floor": floor.facts,
+            "daemon_req_s": medians["daemon"], "floor_req_s": medians["floor"],
+            "ratio_to_floor": (round(medians["daemon"] / medians["floor"], 3)
+                               if medians["floor"] else None)}
+
+
+def quick_line(results):
+    """The line --quick ends with."""
+    contenders = results["download"]["contenders"]
+    download = contenders["daemon"]["median_mb_s"] / contenders["raw"]["median_mb_s"]
+    status = results["status"]
+    floor = status["daemon_req_s"] / status["floor_req_s"] if status["floor_req_s"] else 0
+    return (f"quick: download {download:.2f}x raw, status {floor:.2f}x aiohttp floor "
+            f"({status['daemon_req_s']:.0f} req/s)")
+
+
+def quick_verdict(results):
+    """--quick's exit status: 0 whatever the figures, 1 only if a downloaded file's
+    sha1 did not match (when reported complete, or after the stop)."""
+    bad = [f"{name} run {index + 1}" for name, runs in results["download"]["runs"].items()
+           for index, run in enumerate(runs)
+           if not (run["sha1_at_done"] and run["sha1_after_stop"])]
+    if bad:
+        progress(f"quick: sha1 MISMATCH in {', '.join(bad)}")
+    print(quick_line(results), flush=True)
+    return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------- #
 # Section 1: download throughput
 # --------------------------------------------------------------------------- #
 
-async def bench_downloads(args, torrentflow, root):
+async def bench_downloads(args, torrentflow, root, probe_run=True, budget=None):
     """Alternate the contenders, each downloading one payload from one seeder.
 
-    The daemon's runs poll only its progress. One extra daemon run afterwards also
-    polls GET /health every 10 ms, whose slowest answer shows the longest loop stall.
+    The daemon's runs poll only its progress. One extra daemon run afterwards (unless
+    probe_run is false) also polls GET /health every 10 ms, whose slowest answer
+    shows the longest loop stall. budget: seconds; past QUICK_MIN_RUNS rounds, no
+    round starts that would (at the pace of the rounds so far) end after it.
     """
+    started = time.perf_counter()
     payload = make_payload(root / "source" / "payload.bin", args.size_mib * MIB)
     torrent = make_torrent(payload)
     seeder = Seeder().seed(torrent, payload.parent)
@@ -398,11 +515,16 @@ async def bench_downloads(args, torrentflow, root):
             race = DownloadRace(args, torrentflow, client, seeder, payload,
                                 with_tracker(torrent, tracker.url), root)
             for run in range(args.runs):
+                elapsed = time.perf_counter() - started
+                if (budget is not None and run >= QUICK_MIN_RUNS
+                        and elapsed * (run + 1) / run > budget):
+                    progress(f"download: {run} runs each fill the {budget:g} s budget")
+                    break
                 shift = run % len(args.contenders)  # nobody always goes first
                 for name in args.contenders[shift:] + args.contenders[:shift]:
                     runs[name].append(await race.run(name, f"run {run + 1}"))
             probed = None
-            if "daemon" in runs:
+            if "daemon" in runs and probe_run:
                 probed = await race.run("daemon", "probe run", with_probe=True)
     finally:
         seeder.close()
@@ -784,7 +906,7 @@ async def measure_status_api(args, client, requests, anchor_requests=None):
     Returns (the daemon's figures, name -> the peer's figures).
     """
     anchor_requests = anchor_requests or {}
-    tool = "wrk" if shutil.which("wrk") and not args.no_wrk else "python"
+    tool = load_tool(args)
     results, anchor_results = [], {name: [] for name in anchor_requests}
     for name, which, connections in STATUS_SCENARIOS:
         connections = connections or args.connections
@@ -802,6 +924,11 @@ async def measure_status_api(args, client, requests, anchor_requests=None):
                      f"{figures[f'ratio_to_{anchor}']}")
         results.append(figures)
     return results, anchor_results
+
+
+def load_tool(args):
+    """wrk when it is installed (and not --no-wrk), else the Python load generator."""
+    return "wrk" if shutil.which("wrk") and not args.no_wrk else "python"
 
 
 async def measure_request(args, tool, client, request, name, connections):
@@ -1605,7 +1732,7 @@ async def bench_listing(args, root):
         status, body = await request.send(client)
         if status != 200:
             raise RuntimeError(f"GET /torrents answered {status}")
-        tool = "wrk" if shutil.which("wrk") and not args.no_wrk else "python"
+        tool = load_tool(args)
         probe = HealthProbe(client)
         cpu_before = daemon.cpu_seconds()
         async with probe.watching(daemon.url):
@@ -2393,6 +2520,29 @@ def render_table(results):
         lines += _memory_section_table(results["memory"])
     if "listing" in results:
         lines += _listing_table(results["listing"])
+    return "\n".join(lines)
+
+
+def render_quick(results):
+    """--quick's report, without its last line (quick_line)."""
+    status = results["status"]
+    lines = [f"TorrentFlow --quick, {results['machine']['time']}, "
+             f"{results['machine']['cpus']} CPUs, load average "
+             f"{' '.join(f'{x:.2f}' for x in results['machine']['loadavg'])}"]
+    lines += _download_table(results["download"])
+    lines += ["", f"Status API: {status['request']} ({status['tool']}, "
+              f"{status['connections']} connections, {status['rounds']} alternating rounds "
+              f"of {status['duration_s']:g} s; the daemon has a token, both requests carry it)",
+              _row("server", "round", *LOAD_COLUMNS, widths=(14,))]
+    for name, label in (("daemon", "torrentflow"), ("floor", "aiohttp floor")):
+        lines += [_row(label, index + 1, *_load_cells(figures), widths=(14,))
+                  for index, figures in enumerate(status["runs"][name])]
+    lines.append(f"Medians: torrentflow {status['daemon_req_s']:.0f} req/s, aiohttp floor "
+                 f"({status['floor']['loop']}) {status['floor_req_s']:.0f} req/s")
+    if status["tool"] == "python":
+        lines.append("No wrk: the Python load generator shares 2 cores with the server and "
+                     "is likely the limit of both; install wrk for a meaningful ratio.")
+    lines.append(f"\nWhole run: {results['seconds']} s")
     return "\n".join(lines)
 
 
