@@ -1308,11 +1308,13 @@ def full_daemon_settings(torrentflow):
     """daemon_settings plus the queue and connection limits the daemon applies from its
     defaults (libtorrent's own defaults today, so this changes nothing unless they do)."""
     settings = daemon_settings(torrentflow)
+    # Private names of torrentflow.py, which may change: without them, the settings
+    # are session_settings' alone.
     pack = getattr(torrentflow, "_session_pack", None)
     if pack is not None:
-        defaults = {option.setting: option.default for option in torrentflow.OPTIONS
-                    if option.setting}
-        with contextlib.suppress(KeyError, TypeError):
+        with contextlib.suppress(AttributeError, KeyError, TypeError):
+            defaults = {option.setting: option.default for option in torrentflow.OPTIONS
+                        if option.setting}
             settings.update(pack(defaults))
     return settings
 
