@@ -16,10 +16,18 @@ One run measures, side by side:
    its slowest answer is the longest event-loop stall during a download.
 2. Status API: req/s, p50 and p99 of GET /torrents/{infohash} and GET /torrents
    with 1, 1000 (and, with --counts, 10000) torrents loaded, via wrk when it is
-   installed, else a bounded aiohttp load generator. With --anchors transmission, a
-   transmission-daemon holding the same torrents answers the same requests as
-   torrent-get POSTs (40 fields), each right after the daemon's, and the table shows
-   TorrentFlow's req/s divided by Transmission's.
+   installed, else a bounded aiohttp load generator. The daemon has an API token
+   here, and every request carries its Authorization: Bearer header. GET
+   /torrents/{infohash} is measured again right after the daemon, with the same tool,
+   against "the aiohttp floor": a bare aiohttp app in a child process (the same
+   Python and the daemon's choice of loop, uvloop if it imports, else asyncio's) that
+   serves at the same route the exact bytes and Content-Type the daemon answered,
+   fetched from the daemon first, to the same request headers; the TF/floor column
+   is the daemon's req/s divided by the floor's, what is left to the daemon's own
+   work. With --anchors transmission, a transmission-daemon holding the same
+   torrents answers the same requests as torrent-get POSTs (40 fields), each right
+   after the daemon's (and the floor's), and the table shows TorrentFlow's req/s
+   divided by Transmission's.
 3. Memory: VmRSS of the idle daemon, empty and with each count; KiB per torrent.
 4. Restart: with the torrents saved, the time from process start until GET /health
    answers and until GET /torrents lists them all.
@@ -47,8 +55,23 @@ named after its --sections name:
 8. listing: GET /health p50/p99/max, probed every 10 ms, while --listing-clients
    clients fetch GET /torrents over --listing-torrents torrents.
 
+--quick measures, in under a minute (about 40 s on 2 cores), the two ratios to
+watch while changing the daemon, and ends with one line:
+
+    quick: download X.XXx raw, status X.XXx aiohttp floor (N req/s)
+
+download: the median MB/s of the daemon divided by raw libtorrent's (the daemon's
+settings, section 1's "raw") on a 128 MiB torrent, alternating runs, 2 each and then
+up to --runs (5) while they fit in 25 s, every file's sha1 checked when reported
+complete and after the stop. status: GET /torrents/{infohash} with 1 torrent, the
+daemon's median req/s divided by the aiohttp floor's, 3 alternating rounds of 3 s
+(wrk, else the Python generator, which on 2 cores limits both); N is the daemon's
+median req/s. It exits 0 whatever the figures (a measurement, not a test), and 1
+only if a downloaded file's sha1 did not match. It writes JSON only with --out.
+
 Run it beside torrentflow.py:
 
+    python bench_torrentflow.py --quick              # two ratios, under a minute
     python bench_torrentflow.py                      # every section, about 4 minutes
     python bench_torrentflow.py --sections download,api   # sections 1 to 4 only
     python bench_torrentflow.py --size-mib 128 --duration 2 --counts 1,100
