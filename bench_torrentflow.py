@@ -16,10 +16,18 @@ One run measures, side by side:
    its slowest answer is the longest event-loop stall during a download.
 2. Status API: req/s, p50 and p99 of GET /torrents/{infohash} and GET /torrents
    with 1, 1000 (and, with --counts, 10000) torrents loaded, via wrk when it is
-   installed, else a bounded aiohttp load generator. With --anchors transmission, a
-   transmission-daemon holding the same torrents answers the same requests as
-   torrent-get POSTs (40 fields), each right after the daemon's, and the table shows
-   TorrentFlow's req/s divided by Transmission's.
+   installed, else a bounded aiohttp load generator. The daemon has an API token
+   here, and every request carries its Authorization: Bearer header. GET
+   /torrents/{infohash} is measured again right after the daemon, with the same tool,
+   against "the aiohttp floor": a bare aiohttp app in a child process (the same
+   Python and the daemon's choice of loop, uvloop if it imports, else asyncio's) that
+   serves at the same route the exact bytes and Content-Type the daemon answered,
+   fetched from the daemon first, to the same request headers; the TF/floor column
+   is the daemon's req/s divided by the floor's, what is left to the daemon's own
+   work. With --anchors transmission, a transmission-daemon holding the same
+   torrents answers the same requests as torrent-get POSTs (40 fields), each right
+   after the daemon's (and the floor's), and the table shows TorrentFlow's req/s
+   divided by Transmission's.
 3. Memory: VmRSS of the idle daemon, empty and with each count; KiB per torrent.
 4. Restart: with the torrents saved, the time from process start until GET /health
    answers and until GET /torrents lists them all.
@@ -47,8 +55,23 @@ named after its --sections name:
 8. listing: GET /health p50/p99/max, probed every 10 ms, while --listing-clients
    clients fetch GET /torrents over --listing-torrents torrents.
 
+--quick measures, in under a minute (about 40 s on 2 cores), the two ratios to
+watch while changing the daemon, and ends with one line:
+
+    quick: download X.XXx raw, status X.XXx aiohttp floor (N req/s)
+
+download: the median MB/s of the daemon divided by raw libtorrent's (the daemon's
+settings, section 1's "raw") on a 128 MiB torrent, alternating runs, 2 each and then
+up to --runs (5) while they fit in 25 s, every file's sha1 checked when reported
+complete and after the stop. status: GET /torrents/{infohash} with 1 torrent, the
+daemon's median req/s divided by the aiohttp floor's, 3 alternating rounds of 3 s
+(wrk, else the Python generator, which on 2 cores limits both); N is the daemon's
+median req/s. It exits 0 whatever the figures (a measurement, not a test), and 1
+only if a downloaded file's sha1 did not match. It writes JSON only with --out.
+
 Run it beside torrentflow.py:
 
+    python bench_torrentflow.py --quick              # two ratios, under a minute
     python bench_torrentflow.py                      # every section, about 4 minutes
     python bench_torrentflow.py --sections download,api   # sections 1 to 4 only
     python bench_torrentflow.py --size-mib 128 --duration 2 --counts 1,100
@@ -77,6 +100,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -156,7 +180,9 @@ STATUS_SCENARIOS = (("one", "one", None), ("all", "all", None),
 ANCHOR_PROGRAMS = {"transmission": ("transmission-daemon",
                                     "apt-get install -y transmission-daemon")}
 #: Anchors' names in the table's ratio columns, which are 10 characters wide.
-ANCHOR_SHORT_NAMES = {"transmission": "Transm"}
+ANCHOR_SHORT_NAMES = {"transmission": "Transm", "floor": "floor"}
+#: Anchors' names in the table's server column, where they differ from the JSON's.
+ANCHOR_LABELS = {"floor": "aiohttp floor"}
 #: The figures of one status load, as the table's columns (see _load_cells).
 LOAD_COLUMNS = ("req/s", "p50 ms", "p99 ms", "max ms", "errors", "body KiB")
 #: The torrent-get fields asked of Transmission: 40, as in ANCHORS.md, picked to match
@@ -181,6 +207,7 @@ LIBRARY_CHILD = "--library-child"
 MANY_CHILD = "--many-child"
 SEEDERS_CHILD = "--seeders-child"
 LOAD_CHILD = "--load-child"
+FLOOR_CHILD = "--floor-child"
 #: The sections, in the order they run.
 SECTIONS = ("download", "api", "library", "many", "memory", "listing")
 #: library: one torrent's data (one file) and its piece size.
@@ -210,6 +237,18 @@ TRANSMISSION_STATUSES = ("stopped", "check-wait", "check", "download-wait", "dow
 #: library: an anchor whose torrents neither seed nor check, with none more seeding for
 #: this many seconds, will not get there by itself.
 STALL_SECONDS = 10.0
+#: --quick: the download's MiB and alternating runs per contender (daemon and raw),
+#: the seconds of each status load, and the alternating status rounds (daemon, then
+#: the aiohttp floor). About 40 s in all on 2 cores; it must stay under 60 s.
+QUICK_SIZE_MIB = 128
+QUICK_RUNS = 5
+QUICK_DURATION = 3.0
+QUICK_STATUS_ROUNDS = 3
+#: --quick: the download race runs QUICK_MIN_RUNS rounds, then more (up to --runs)
+#: only while they fit in QUICK_DOWNLOAD_BUDGET seconds, so that a slow machine
+#: trades runs, not the minute.
+QUICK_MIN_RUNS = 2
+QUICK_DOWNLOAD_BUDGET = 25.0
 MB = 1e6
 MIB = 1024 * 1024
 
@@ -226,13 +265,23 @@ def parse_args(argv=None):
         "against raw libtorrent, all on 127.0.0.1.")
     parser.add_argument("--daemon", type=Path, default=here / "torrentflow.py",
                         help="torrentflow.py to benchmark (default: the one beside this file)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"within a minute: the daemon against raw libtorrent on a "
+                        f"{QUICK_SIZE_MIB} MiB download ({QUICK_MIN_RUNS} to --runs "
+                        f"alternating runs each, as many as fit in "
+                        f"{QUICK_DOWNLOAD_BUDGET:g} s) "
+                        "and GET /torrents/{infohash} with 1 torrent against the aiohttp "
+                        "floor; ends with one 'quick: ...' line. --sections, --contenders "
+                        "and --counts do not apply; no JSON unless --out is given")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"any of {', '.join(SECTIONS)} (api includes its own VmRSS "
                         "and restart figures); default: all of them")
-    parser.add_argument("--size-mib", type=int, default=1024,
-                        help="download payload in MiB (default %(default)s)")
-    parser.add_argument("--runs", type=int, default=3,
-                        help="alternating download runs per contender (default %(default)s)")
+    parser.add_argument("--size-mib", type=int, default=None,
+                        help=f"download payload in MiB (default 1024; {QUICK_SIZE_MIB} "
+                        "with --quick)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help=f"alternating download runs per contender (default 3; "
+                        f"{QUICK_RUNS} with --quick)")
     parser.add_argument("--contenders", default="daemon,raw,tuned",
                         help="download contenders: daemon, then any of "
                         f"{', '.join(RAW_CONTENDERS)} (default %(default)s)")
@@ -245,8 +294,9 @@ def parse_args(argv=None):
                         "large library (default %(default)s)")
     parser.add_argument("--restart-min", type=int, default=1000,
                         help="measure restart for counts at least this big (default %(default)s)")
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="seconds per load measurement (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help=f"seconds per load measurement (default 5; {QUICK_DURATION:g} "
+                        "with --quick)")
     parser.add_argument("--connections", type=int, default=32,
                         help="concurrent connections for the load (default %(default)s)")
     parser.add_argument("--add-concurrency", type=int, default=16,
@@ -280,11 +330,22 @@ def parse_args(argv=None):
                         "machines would; 0 to let them compete (default %(default)s)")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
-    parser.add_argument("--out", type=Path, default=Path("bench_torrentflow.json"),
-                        help="where to write the JSON results (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the JSON results (default "
+                        "bench_torrentflow.json; none with --quick)")
     parser.add_argument("--tmp", type=Path, default=None,
                         help="parent of the temp dir (default: the system's)")
     args = parser.parse_args(argv)
+    for name, full, quick in (("size_mib", 1024, QUICK_SIZE_MIB), ("runs", 3, QUICK_RUNS),
+                              ("duration", 5.0, QUICK_DURATION)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.out is None and not args.quick:
+        args.out = Path("bench_torrentflow.json")
+    if args.quick:
+        if args.try_settings is not None:
+            parser.error("--quick races the daemon against raw only: no --try")
+        args.contenders = "daemon,raw"
     args.sections = _choices(parser, "--sections", args.sections, SECTIONS)
     args.many_contenders = _choices(parser, "--many-contenders", args.many_contenders,
                                     tuple(MANY_CONTENDERS))
@@ -302,8 +363,8 @@ def parse_args(argv=None):
         parser.error("--counts takes comma-separated integers")
     if not args.daemon.is_file():
         parser.error(f"--daemon {args.daemon} does not exist")
-    if args.size_mib < 1 or args.runs < 1 or min(args.counts) < 1:
-        parser.error("--size-mib, --runs and every count must be positive")
+    if args.size_mib < 1 or args.runs < 1 or min(args.counts) < 1 or args.duration <= 0:
+        parser.error("--size-mib, --runs, --duration and every count must be positive")
     if min(args.many_torrents, args.many_size_mib, args.listing_torrents,
            args.listing_clients) < 1 or args.listing_duration <= 0:
         parser.error("the --many-* and --listing-* figures must be positive")
@@ -325,16 +386,23 @@ def main(argv=None):
         return raw_child(argv[1])
     if argv[:1] and argv[0] in CHILDREN:
         return CHILDREN[argv[0]](argv[1])
+    started = time.perf_counter()
     args = parse_args(argv)
     torrentflow = import_daemon(args.daemon)
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-", dir=args.tmp))
     try:
-        results = asyncio.run(run_benchmark(args, torrentflow, workdir))
+        results = asyncio.run((run_quick if args.quick else run_benchmark)(
+            args, torrentflow, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(render_table(results))
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nJSON written to {args.out}")
+    if args.quick:
+        results["seconds"] = round(time.perf_counter() - started, 1)
+    print(render_quick(results) if args.quick else render_table(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nJSON written to {args.out}")
+    if args.quick:
+        return quick_verdict(results)
     return 0
 
 
@@ -376,15 +444,91 @@ async def run_benchmark(args, torrentflow, workdir):
 
 
 # --------------------------------------------------------------------------- #
+# --quick: download against raw, status against the aiohttp floor
+# --------------------------------------------------------------------------- #
+
+async def run_quick(args, torrentflow, workdir):
+    """--quick: the download race (daemon and raw, --size-mib, --runs alternating
+    runs, sha1 checked at done and after stop, no probe run), then the status race."""
+    progress(f"quick: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+             f"load tool {load_tool(args)}")
+    results = {"quick": True, "machine": machine_info(), "args": _jsonable(vars(args)),
+               "daemon_sha1": sha1_file(args.daemon)}
+    results["download"] = await bench_downloads(args, torrentflow, workdir / "download",
+                                                probe_run=False,
+                                                budget=QUICK_DOWNLOAD_BUDGET)
+    results["status"] = await quick_status(args, workdir / "status")
+    return results
+
+
+async def quick_status(args, root):
+    """GET /torrents/{infohash} with 1 torrent: the daemon (with a token) against the
+    aiohttp floor serving its answer, QUICK_STATUS_ROUNDS alternating rounds of
+    --duration seconds each, daemon first; ratio = median daemon req/s / median floor's.
+    """
+    tool = load_tool(args)
+    runs = {"daemon": [], "floor": []}
+    async with aiohttp.ClientSession() as client, \
+            Daemon(args.daemon, root / "daemon", token=True) as daemon:
+        await daemon.start(client)
+        infohash = await api_add(client, daemon.url, library_torrents(1)[0], daemon.headers)
+        await poll_until(lambda: listed(client, daemon.url, 1, daemon.headers),
+                         PROCESS_DEADLINE, "the torrent to be listed")
+        request = daemon_requests(daemon.url, infohash, daemon.headers)["one"]
+        async with AiohttpFloor(client, request, root / "floor") as floor:
+            requests = {"daemon": request, "floor": floor.status_requests(infohash)["one"]}
+            for round_ in range(QUICK_STATUS_ROUNDS):
+                for name, which in requests.items():
+                    figures = await measure_request(args, tool, client, which, "one",
+                                                    args.connections)
+                    runs[name].append(figures)
+                    progress(f"status round {round_ + 1} {name}: {_load_summary(figures)}")
+        await daemon.stop()
+    medians = {name: statistics.median(f["req_s"] for f in figures)
+               for name, figures in runs.items()}
+    return {"request": "GET /torrents/{infohash}, 1 torrent", "tool": tool,
+            "connections": args.connections, "duration_s": args.duration,
+            "rounds": QUICK_STATUS_ROUNDS, "runs": runs, "floor": floor.facts,
+            "daemon_req_s": medians["daemon"], "floor_req_s": medians["floor"],
+            "ratio_to_floor": (round(medians["daemon"] / medians["floor"], 3)
+                               if medians["floor"] else None)}
+
+
+def quick_line(results):
+    """The line --quick ends with."""
+    contenders = results["download"]["contenders"]
+    download = contenders["daemon"]["median_mb_s"] / contenders["raw"]["median_mb_s"]
+    status = results["status"]
+    floor = status["daemon_req_s"] / status["floor_req_s"] if status["floor_req_s"] else 0
+    return (f"quick: download {download:.2f}x raw, status {floor:.2f}x aiohttp floor "
+            f"({status['daemon_req_s']:.0f} req/s)")
+
+
+def quick_verdict(results):
+    """--quick's exit status: 0 whatever the figures, 1 only if a downloaded file's
+    sha1 did not match (when reported complete, or after the stop)."""
+    bad = [f"{name} run {index + 1}" for name, runs in results["download"]["runs"].items()
+           for index, run in enumerate(runs)
+           if not (run["sha1_at_done"] and run["sha1_after_stop"])]
+    if bad:
+        progress(f"quick: sha1 MISMATCH in {', '.join(bad)}")
+    print(quick_line(results), flush=True)
+    return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------- #
 # Section 1: download throughput
 # --------------------------------------------------------------------------- #
 
-async def bench_downloads(args, torrentflow, root):
+async def bench_downloads(args, torrentflow, root, probe_run=True, budget=None):
     """Alternate the contenders, each downloading one payload from one seeder.
 
-    The daemon's runs poll only its progress. One extra daemon run afterwards also
-    polls GET /health every 10 ms, whose slowest answer shows the longest loop stall.
+    The daemon's runs poll only its progress. One extra daemon run afterwards (unless
+    probe_run is false) also polls GET /health every 10 ms, whose slowest answer
+    shows the longest loop stall. budget: seconds; past QUICK_MIN_RUNS rounds, no
+    round starts that would (at the pace of the rounds so far) end after it.
     """
+    started = time.perf_counter()
     payload = make_payload(root / "source" / "payload.bin", args.size_mib * MIB)
     torrent = make_torrent(payload)
     seeder = Seeder().seed(torrent, payload.parent)
@@ -394,11 +538,16 @@ async def bench_downloads(args, torrentflow, root):
             race = DownloadRace(args, torrentflow, client, seeder, payload,
                                 with_tracker(torrent, tracker.url), root)
             for run in range(args.runs):
+                elapsed = time.perf_counter() - started
+                if (budget is not None and run >= QUICK_MIN_RUNS
+                        and elapsed * (run + 1) / run > budget):
+                    progress(f"download: {run} runs each fill the {budget:g} s budget")
+                    break
                 shift = run % len(args.contenders)  # nobody always goes first
                 for name in args.contenders[shift:] + args.contenders[:shift]:
                     runs[name].append(await race.run(name, f"run {run + 1}"))
             probed = None
-            if "daemon" in runs:
+            if "daemon" in runs and probe_run:
                 probed = await race.run("daemon", "probe run", with_probe=True)
     finally:
         seeder.close()
@@ -684,17 +833,21 @@ async def bench_library(args, count, root, anchors=()):
     """Load count tiny torrents into a fresh daemon; measure RSS, the API, then restart.
 
     anchors: started peers holding the same torrents, measured beside the daemon's API.
+    The daemon has an API token, as it must have beyond loopback: every request
+    carries its Authorization header.
     """
     connector = aiohttp.TCPConnector(limit=args.add_concurrency)
     async with aiohttp.ClientSession(connector=connector) as client, \
-            Daemon(args.daemon, root) as daemon:
+            Daemon(args.daemon, root, token=True) as daemon:
         result = {"count": count, "start_s": round(await daemon.start(client), 3)}
         await asyncio.sleep(args.settle)
         result["rss_empty_kib"] = daemon.rss_kib()
         started = time.perf_counter()
-        infohashes = await add_many(lambda torrent: api_add(client, daemon.url, torrent),
-                                    library_torrents(count), args.add_concurrency)
-        await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
+        infohashes = await add_many(
+            lambda torrent: api_add(client, daemon.url, torrent, daemon.headers),
+            library_torrents(count), args.add_concurrency)
+        await poll_until(lambda: listed(client, daemon.url, count, daemon.headers),
+                         PROCESS_DEADLINE,
                          f"{count} torrents to be listed", interval=0.1)
         result["add_s"] = round(time.perf_counter() - started, 3)
         progress(f"{count} torrents: added and listed in {result['add_s']:.1f} s")
@@ -702,9 +855,13 @@ async def bench_library(args, count, root, anchors=()):
         result["rss_loaded_kib"] = daemon.rss_kib()
         result["kib_per_torrent"] = round(
             (result["rss_loaded_kib"] - result["rss_empty_kib"]) / count, 1)
-        result["load"], anchor_loads = await measure_status_api(
-            args, client, daemon_requests(daemon.url, infohashes[0]),
-            {anchor.name: anchor.status_requests(infohashes[0]) for anchor in anchors})
+        requests = daemon_requests(daemon.url, infohashes[0], daemon.headers)
+        # The aiohttp floor goes first, so that it is measured right after the daemon.
+        async with AiohttpFloor(client, requests["one"], root / "floor") as floor:
+            anchors = [floor, *anchors]
+            result["load"], anchor_loads = await measure_status_api(
+                args, client, requests,
+                {anchor.name: anchor.status_requests(infohashes[0]) for anchor in anchors})
         if anchors:
             result["anchors"] = {anchor.name: {**anchor.facts, "load": anchor_loads[anchor.name]}
                                  for anchor in anchors}
@@ -745,20 +902,22 @@ async def add_many(add, torrents, concurrency):
     return infohashes
 
 
-async def listed(client, url, count):
+async def listed(client, url, count, headers=None):
     """True once GET /torrents lists at least count torrents."""
-    async with client.get(f"{url}/torrents") as response:
+    async with client.get(f"{url}/torrents", headers=headers) as response:
         body = await response.read()
     # Every status has one "infohash" key; counting it is much cheaper than parsing
     # megabytes of JSON, which would slow this poller and so the timing.
     return response.status == 200 and body.count(b'"infohash":') >= count
 
 
-def daemon_requests(url, infohash):
-    """The daemon's status requests: one torrent's (infohash) and all of them."""
-    return {"one": StatusRequest(f"{url}/torrents/{infohash}"),
-            "all": StatusRequest(f"{url}/torrents"),
-            "metrics": StatusRequest(f"{url}/metrics")}
+def daemon_requests(url, infohash, headers=None):
+    """The daemon's status requests: one torrent's (infohash) and all of them.
+
+    headers: the daemon's Authorization header, if it has a token (Daemon.headers)."""
+    return {"one": StatusRequest(f"{url}/torrents/{infohash}", headers=headers),
+            "all": StatusRequest(f"{url}/torrents", headers=headers),
+            "metrics": StatusRequest(f"{url}/metrics", headers=headers)}
 
 
 async def measure_status_api(args, client, requests, anchor_requests=None):
@@ -770,7 +929,7 @@ async def measure_status_api(args, client, requests, anchor_requests=None):
     Returns (the daemon's figures, name -> the peer's figures).
     """
     anchor_requests = anchor_requests or {}
-    tool = "wrk" if shutil.which("wrk") and not args.no_wrk else "python"
+    tool = load_tool(args)
     results, anchor_results = [], {name: [] for name in anchor_requests}
     for name, which, connections in STATUS_SCENARIOS:
         connections = connections or args.connections
@@ -788,6 +947,11 @@ async def measure_status_api(args, client, requests, anchor_requests=None):
                      f"{figures[f'ratio_to_{anchor}']}")
         results.append(figures)
     return results, anchor_results
+
+
+def load_tool(args):
+    """wrk when it is installed (and not --no-wrk), else the Python load generator."""
+    return "wrk" if shutil.which("wrk") and not args.no_wrk else "python"
 
 
 async def measure_request(args, tool, client, request, name, connections):
@@ -810,8 +974,9 @@ async def measure_restart(args, client, daemon, count):
     """Stop gracefully, start again on the same state dir, time /health and the full list."""
     result = {"stop_s": round(await daemon.stop(), 3)}
     result["health_s"] = round(await daemon.start(client), 3)
-    await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
-                     f"{count} torrents to be listed after the restart", interval=0.02)
+    await poll_until(lambda: listed(client, daemon.url, count, daemon.headers),
+                     PROCESS_DEADLINE, f"{count} torrents to be listed after the restart",
+                     interval=0.02)
     result["all_listed_s"] = round(time.perf_counter() - daemon.started_at, 3)
     await asyncio.sleep(args.settle)
     result["rss_kib"] = daemon.rss_kib()
@@ -1166,11 +1331,13 @@ def full_daemon_settings(torrentflow):
     """daemon_settings plus the queue and connection limits the daemon applies from its
     defaults (libtorrent's own defaults today, so this changes nothing unless they do)."""
     settings = daemon_settings(torrentflow)
+    # Private names of torrentflow.py, which may change: without them, the settings
+    # are session_settings' alone.
     pack = getattr(torrentflow, "_session_pack", None)
     if pack is not None:
-        defaults = {option.setting: option.default for option in torrentflow.OPTIONS
-                    if option.setting}
-        with contextlib.suppress(KeyError, TypeError):
+        with contextlib.suppress(AttributeError, KeyError, TypeError):
+            defaults = {option.setting: option.default for option in torrentflow.OPTIONS
+                        if option.setting}
             settings.update(pack(defaults))
     return settings
 
@@ -1210,8 +1377,9 @@ class ChildProcess:
         return line
 
     async def ready(self):
-        """Wait for "ready"; the child has set up and waits for "go"."""
-        await self._line(PROCESS_DEADLINE)
+        """Wait for "ready" (or what the child says instead, returned as text): the
+        child has set up and waits for "go"."""
+        return (await self._line(PROCESS_DEADLINE)).decode()
 
     async def go(self):
         """Send "go"; return its JSON result."""
@@ -1589,7 +1757,7 @@ async def bench_listing(args, root):
         status, body = await request.send(client)
         if status != 200:
             raise RuntimeError(f"GET /torrents answered {status}")
-        tool = "wrk" if shutil.which("wrk") and not args.no_wrk else "python"
+        tool = load_tool(args)
         probe = HealthProbe(client)
         cpu_before = daemon.cpu_seconds()
         async with probe.watching(daemon.url):
@@ -1644,6 +1812,12 @@ class StatusRequest:
                                   skip_auto_headers=("Accept-Encoding",)) as response:
             return response.status, await response.read()
 
+    async def answer(self, client):
+        """As send, with the response's headers too: (status, headers, body bytes)."""
+        async with client.request(self.method, self.url, data=self.body, headers=self.headers,
+                                  skip_auto_headers=("Accept-Encoding",)) as response:
+            return response.status, response.headers.copy(), await response.read()
+
     def wrk_lua(self):
         """Lua that makes wrk send this request instead of its default GET."""
         lines = [f'wrk.method = "{self.method}"']
@@ -1655,17 +1829,19 @@ class StatusRequest:
 
 async def wrk_load(request, connections, duration, nice=0):
     """Run wrk with a Lua hook that prints its figures as one JSON line; nice: its
-    scheduling niceness (0: the same as everything else)."""
+    scheduling niceness (0: the same as everything else). wrk takes whole seconds
+    only: a fractional duration is rounded up (req/s uses wrk's own elapsed time)."""
+    seconds = max(1, int(-(-duration // 1)))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(request.wrk_lua() + WRK_SCRIPT)
     try:
         process = await asyncio.create_subprocess_exec(
             *(("nice", "-n", str(nice)) if nice else ()),
-            "wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration:g}s",
+            "wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s",
             "--timeout", "30s", "-s", script.name, request.url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
-            output, _ = await asyncio.wait_for(process.communicate(), duration + 60)
+            output, _ = await asyncio.wait_for(process.communicate(), seconds + 60)
         except asyncio.TimeoutError:
             process.kill()
             await process.wait()
@@ -1729,13 +1905,19 @@ def latency_summary(latencies):
 # --------------------------------------------------------------------------- #
 
 class Daemon:
-    """One torrentflow.py process on 127.0.0.1, started and stopped by its own PID."""
+    """One torrentflow.py process on 127.0.0.1, started and stopped by its own PID.
 
-    def __init__(self, script, root, download_dir=None, extra_args=()):
+    With token=True it gets a random API token (through --token-file) and then
+    refuses requests without it; headers holds the Authorization header to send.
+    """
+
+    def __init__(self, script, root, download_dir=None, extra_args=(), token=False):
         self.script = script
         self.root = root
         self.download_dir = download_dir or root / "downloads"
         self.extra_args = list(extra_args)
+        self.token = secrets.token_hex(16) if token else None
+        self.headers = {"Authorization": f"Bearer {self.token}"} if token else {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
@@ -1753,11 +1935,17 @@ class Daemon:
         return [sys.executable, str(self.script), "--local-only",
                 "--listen-interfaces", "127.0.0.1:0", "--host", "127.0.0.1",
                 "--port", str(self.port), "--download-dir", str(self.download_dir),
-                "--state-dir", str(self.root / "state"), *self.extra_args]
+                "--state-dir", str(self.root / "state"),
+                *(("--token-file", str(self.root / "token")) if self.token else ()),
+                *self.extra_args]
 
     async def start(self, client):
         """Spawn it; return the seconds from spawn until GET /health answered 200."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.token:
+            token_file = self.root / "token"
+            token_file.touch(mode=0o600)
+            token_file.write_text(self.token + "\n")
         # The environment must not override the command line's loopback-only setup.
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TORRENTFLOW_")}
         with open(self.root / "daemon.log", "ab") as log:  # a file: a pipe could fill up
@@ -1984,6 +2172,114 @@ class Transmission:
             self.process.wait(timeout=PROCESS_DEADLINE)
 
 
+class AiohttpFloor:
+    """The aiohttp floor: a bare aiohttp app answering one of the daemon's requests.
+
+    It runs in a child process (floor_child: the same Python, and the daemon's choice
+    of event loop, uvloop if it imports, else asyncio's) and serves, at the same route
+    GET /torrents/{infohash}, the exact bytes the daemon answered that request with,
+    fetched from the daemon first (with its Authorization header), under the same
+    Content-Type. Its requests carry the same headers as the daemon's, so a load tool
+    sends both the same request but for the port. What the daemon's req/s lacks of
+    the floor's is then the daemon's own work: routing, auth, the status cache and
+    JSON, its middlewares; what aiohttp and the loop cost is common to both.
+    Measured like an anchor (name "floor"), right after the daemon.
+    """
+
+    name = "floor"
+
+    def __init__(self, client, request, root):
+        self.client = client
+        self.request = request  # the daemon's StatusRequest for one torrent
+        self.root = root
+        self.url = None
+        self.facts = {}
+        self.child = None
+
+    async def __aenter__(self):
+        status, headers, body = await self.request.answer(self.client)
+        if status != 200:
+            raise RuntimeError(f"GET {self.request.url} answered {status}: {body[:300]!r}")
+        path = urllib.parse.urlsplit(self.request.url).path
+        infohash = path.rsplit("/", 1)[1]
+        self.root.mkdir(parents=True, exist_ok=True)
+        body_file = self.root / "answer.bin"
+        body_file.write_bytes(body)
+        content_type = headers.get("Content-Type", "application/octet-stream")
+        self.child = ChildProcess(FLOOR_CHILD, {
+            "answers": {infohash: str(body_file)}, "content_type": content_type})
+        await self.child.__aenter__()
+        try:
+            started = json.loads(await self.child.ready())
+            self.url = f"http://127.0.0.1:{started['port']}"
+            # Check that it answers what the daemon did, byte for byte.
+            mirror = self.status_requests(infohash)["one"]
+            their_status, their_headers, their_body = await mirror.answer(self.client)
+            if (their_status, their_body, their_headers.get("Content-Type")) != (
+                    200, body, content_type):
+                raise RuntimeError(f"the aiohttp floor answered {their_status}, "
+                                   f"{their_headers.get('Content-Type')!r}, "
+                                   f"{len(their_body)} bytes, not the daemon's answer")
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        self.facts = {"loop": started["loop"], "aiohttp": aiohttp.__version__,
+                      "python": platform.python_version(), "route": "/torrents/{infohash}",
+                      "content_type": content_type, "response_bytes": len(body),
+                      # the daemon's answer had these headers too; the floor's does not
+                      "daemon_only_headers": sorted({name.lower() for name in headers}
+                                                     - {name.lower() for name in their_headers})}
+        progress(f"  aiohttp floor ({started['loop']}) serves the daemon's {len(body)}-byte "
+                 f"answer to GET {path}")
+        return self
+
+    async def __aexit__(self, *exc_info):
+        if self.child is not None:
+            await self.child.__aexit__(*exc_info)
+            self.child = None
+
+    def status_requests(self, infohash):
+        """The daemon's request for one torrent, to the floor: the same headers."""
+        return {"one": StatusRequest(f"{self.url}/torrents/{infohash}",
+                                     headers=self.request.headers)}
+
+
+def floor_child(spec_text):
+    """Child mode: the aiohttp floor (see AiohttpFloor). Prints {"port", "loop"} as
+    one JSON line once it listens, and serves until its stdin closes."""
+    spec = json.loads(spec_text)
+    answers = {infohash: Path(file).read_bytes() for infohash, file in spec["answers"].items()}
+    try:
+        import uvloop  # the daemon's choice: uvloop when it imports, else asyncio's loop
+    except ImportError:
+        uvloop = None
+    run = uvloop.run if uvloop else asyncio.run
+    run(_serve_floor(answers, spec["content_type"], "uvloop" if uvloop else "asyncio"))
+    return 0
+
+
+async def _serve_floor(answers, content_type, loop_name):
+    headers = {"Content-Type": content_type}
+
+    async def status(request):
+        body = answers.get(request.match_info["infohash"])
+        if body is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/torrents/{infohash}", status)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(json.dumps({"port": runner.addresses[0][1], "loop": loop_name}), flush=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        await runner.cleanup()
+
+
 class Seeder:
     """A libtorrent session on 127.0.0.1 seeding known-good data (seed_mode, TCP only)."""
 
@@ -2091,12 +2387,14 @@ class ManyTracker(Tracker):
                             content_type="text/plain")
 
 
-async def api_add(client, url, torrent):
-    """POST /torrents with torrent_file as a multipart upload; return the infohash."""
+async def api_add(client, url, torrent, headers=None):
+    """POST /torrents with torrent_file as a multipart upload; return the infohash.
+
+    headers: the daemon's Authorization header, if it has a token (Daemon.headers)."""
     form = aiohttp.FormData()
     form.add_field("torrent_file", torrent, filename="bench.torrent",
                    content_type="application/x-bittorrent")
-    async with client.post(f"{url}/torrents", data=form) as response:
+    async with client.post(f"{url}/torrents", data=form, headers=headers) as response:
         body = await response.json()
         if response.status not in (200, 201):
             raise RuntimeError(f"POST /torrents answered {response.status}: {body}")
@@ -2250,6 +2548,29 @@ def render_table(results):
     return "\n".join(lines)
 
 
+def render_quick(results):
+    """--quick's report, without its last line (quick_line)."""
+    status = results["status"]
+    lines = [f"TorrentFlow --quick, {results['machine']['time']}, "
+             f"{results['machine']['cpus']} CPUs, load average "
+             f"{' '.join(f'{x:.2f}' for x in results['machine']['loadavg'])}"]
+    lines += _download_table(results["download"])
+    lines += ["", f"Status API: {status['request']} ({status['tool']}, "
+              f"{status['connections']} connections, {status['rounds']} alternating rounds "
+              f"of {status['duration_s']:g} s; the daemon has a token, both requests carry it)",
+              _row("server", "round", *LOAD_COLUMNS, widths=(14,))]
+    for name, label in (("daemon", "torrentflow"), ("floor", "aiohttp floor")):
+        lines += [_row(label, index + 1, *_load_cells(figures), widths=(14,))
+                  for index, figures in enumerate(status["runs"][name])]
+    lines.append(f"Medians: torrentflow {status['daemon_req_s']:.0f} req/s, aiohttp floor "
+                 f"({status['floor']['loop']}) {status['floor_req_s']:.0f} req/s")
+    if status["tool"] == "python":
+        lines.append("No wrk: the Python load generator shares 2 cores with the server and "
+                     "is likely the limit of both; install wrk for a meaningful ratio.")
+    lines.append(f"\nWhole run: {results['seconds']} s")
+    return "\n".join(lines)
+
+
 def _download_table(download):
     runs = len(next(iter(download["runs"].values())))
     lines = ["", f"Download {download['size_mib']} MiB over TCP on 127.0.0.1, {runs} "
@@ -2301,14 +2622,21 @@ def _api_table(libraries):
                               *_load_cells(figures),
                               *(_or_dash(figures.get(f"ratio_to_{name}")) for name in anchors),
                               widths=widths))
-            lines += [_row(library["count"], name, their["request"], *_load_cells(their),
-                           widths=widths)
+            lines += [_row(library["count"], ANCHOR_LABELS.get(name, name), their["request"],
+                           *_load_cells(their), widths=widths)
                       for name in anchors for their in theirs.get(name, {}).get("load", ())
                       if their["request"] == figures["request"]]
     for name in anchors:
+        label = ANCHOR_LABELS.get(name, name)
         lines.append(f"TF/{ANCHOR_SHORT_NAMES[name]}: TorrentFlow's req/s divided by "
-                     f"{name}'s for the same request in this run; {name} answers "
-                     f"torrent-get POSTs with {len(TRANSMISSION_FIELDS)} fields.")
+                     f"{label}'s for the same request in this run; " + (
+                         "the aiohttp floor is a bare aiohttp app (same Python and loop) "
+                         "serving the daemon's answer, fetched first, as is."
+                         if name == "floor" else
+                         f"{name} answers torrent-get POSTs with {len(TRANSMISSION_FIELDS)} "
+                         "fields."))
+    lines.append("The daemon has an API token; its requests and the floor's carry its "
+                 "Authorization header.")
     return lines
 
 
@@ -2329,6 +2657,8 @@ def _memory_table(libraries):
                           library["add_s"], widths=(9, 11)))
     for library in libraries:
         for name, facts in library.get("anchors", {}).items():
+            if "rss_loaded_kib" not in facts:
+                continue  # the aiohttp floor holds no torrents
             lines.append(f"{name} beside it, {library['count']} paused torrents: "
                          f"{facts['rss_loaded_kib'] / 1024:.1f} MiB, added and listed in "
                          f"{facts['add_s']} s")
@@ -2509,7 +2839,8 @@ def _row(*cells, widths=(9,)):
 
 #: Child modes: the first argument -> the function that runs it (with the second).
 CHILDREN = {LIBRARY_CHILD: library_child, MANY_CHILD: many_child,
-            SEEDERS_CHILD: seeders_child, LOAD_CHILD: load_child}
+            SEEDERS_CHILD: seeders_child, LOAD_CHILD: load_child,
+            FLOOR_CHILD: floor_child}
 
 
 if __name__ == "__main__":
