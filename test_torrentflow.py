@@ -12,6 +12,7 @@ security (token, browser defences, hostile input, OpenAPI), persistence, review 
 cases.
 """
 
+import ast
 import asyncio
 import base64
 import contextlib
@@ -4131,3 +4132,32 @@ def test_the_readme_documents_every_status_field():
     rows = readme_table("### The status object")
     documented = [name for row in rows for name in re.findall(r"`(\w+)`", row[0])]
     assert documented == torrentflow.status_fields()
+
+
+# --------------------------------------------------------------------------- #
+# The seam: the core never names an extension
+# --------------------------------------------------------------------------- #
+
+def test_nothing_above_the_seam_names_anything_defined_below_it():
+    """The core reads alone: extensions plug in through its tables and the engine's
+    listeners, so no module-level name defined only below "# The core ends here" is
+    used above it."""
+    source = (HERE / "torrentflow.py").read_text()
+    seam = source.splitlines().index("# The core ends here") + 1
+    tree = ast.parse(source)
+    defined = {True: set(), False: set()}  # above the seam, below it
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = {node.name}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {name.id for target in targets for name in ast.walk(target)
+                     if isinstance(name, ast.Name)}
+        else:
+            names = set()
+        defined[node.lineno < seam] |= names
+    below_only = defined[False] - defined[True]
+    assert {"configure", "Events", "RpcState", "render_metrics", "peers"} <= below_only
+    used_above = {node.id for node in ast.walk(tree)
+                  if isinstance(node, ast.Name) and node.lineno < seam}
+    assert not used_above & below_only, sorted(used_above & below_only)
