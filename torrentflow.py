@@ -266,6 +266,7 @@ def _choice(*names):
         if text.lower() not in names:
             raise ValueError(f"give one of {', '.join(names)}")
         return text.lower()
+    parse.choices = names
     return parse
 
 
@@ -436,17 +437,34 @@ class Config:
         return f"Config({', '.join(shown)})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with an error that is one line and a pointer to --help, not the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\nsee {self.prog} --help\n")
+
+
+def _shown(value):
+    """An option's default as --help and the README show it."""
+    if value in (None, ()):
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
 def _option_parser():
     """argparse for OPTIONS; values stay text here and are parsed once, in parse_config."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torrentflow.py",
         description="TorrentFlow: a BitTorrent daemon with an HTTP JSON API.",
         epilog="Every option also reads TORRENTFLOW_<NAME> from the environment (for "
         "example TORRENTFLOW_PORT); the command line wins. See README.md.")
     parser.add_argument("--version", action="version", version=f"TorrentFlow {__version__}")
     for option in OPTIONS:
-        default = option.default if option.default not in (None, ()) else "none"
-        text = f"{option.help} (default {default}; {option.env})"
+        choices = getattr(option.parse, "choices", None)
+        text = (f"{option.help}" + (f": {', '.join(choices)}" if choices else "")
+                + f" (default {_shown(option.default)}; {option.env})")
         if option.parse is _boolean:
             parser.add_argument(option.flag, action=argparse.BooleanOptionalAction,
                                 help=text)
@@ -1406,11 +1424,12 @@ class StateStore:
     def _prepare(self, download_dir):
         """(whether the last run stopped cleanly, the settings PATCH /settings saved)."""
         first_run = not self.resume_dir.is_dir()
-        for directory in (download_dir, self.resume_dir):
+        for directory, option in ((download_dir, "--download-dir (TORRENTFLOW_DOWNLOAD_DIR)"),
+                                  (self.resume_dir, "--state-dir (TORRENTFLOW_STATE_DIR)")):
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise StartupError(_directory_problem(directory, error)) from None
+                raise StartupError(_directory_problem(directory, error, option)) from None
         # Writes a crash interrupted; the old files stand. Only in the daemon's own
         # folders: the state directory itself may hold someone else's files.
         for leftover in [*self.resume_dir.glob("*.tmp"), *self.root.glob("webhooks/*/*.tmp")]:
@@ -1501,7 +1520,10 @@ class StateStore:
                 log.warning("skipping %s: not a regular file", path)
         loaded = self._unique([(name, *read) for name, read in (
             (name, self._read(name, allowed)) for name in sorted(names)) if read is not None])
-        loaded.sort(key=lambda read: read[2].get("order") or read[1].added_time * 10**9)
+        # The order the daemon noted, else libtorrent's time of adding; a hand-edited
+        # order that is no number must not stop the load (its note is refused later).
+        loaded.sort(key=lambda read: read[2]["order"] if type(read[2].get("order")) is int
+                    else read[1].added_time * 10**9)
         return loaded
 
     def _unique(self, loaded):
@@ -2032,9 +2054,9 @@ class _Torrent:
 
     @property
     def aliases(self):
-        """Every id it answers to; a v2-only torrent also to its hash's first 40 digits,
-        the form qBittorrent shows."""
-        return [*self.ids, self.ids[0][:40]] if len(self.ids[0]) == 64 else self.ids
+        """Every id it answers to; also a v2 hash's first 40 digits, the form
+        qBittorrent shows for v2-only and hybrid torrents."""
+        return [*self.ids, *(key[:40] for key in self.ids if len(key) == 64)]
 
     def error(self, status):
         """libtorrent's error, the daemon's reason for stopping it, or the disk error
@@ -2506,6 +2528,11 @@ class TorrentEngine:
                                f"save_path {self.shown(existing.save_path)!r}")
             return existing.infohash, False
         keep_reachable(params, self.config.local_only)
+        # libtorrent adds a torrent paused for its queue to start at its next tick, up to
+        # a second later, meanwhile showing "queued": start it now; the queue still
+        # holds back what is over its limits. (A paused add is not auto-managed.)
+        if params.flags & lt.torrent_flags.auto_managed:
+            params.flags &= ~lt.torrent_flags.paused
         torrent = _Torrent(params)
         self._register(torrent)
         torrent.added = self.spawn(self._add(torrent, params, settings),
@@ -3617,12 +3644,15 @@ class StartupError(Exception):
     """A problem that keeps the daemon from starting; main() reports it and exits 2."""
 
 
-def _directory_problem(directory, error):
-    """Say why a directory cannot be used, and who the daemon runs as: the usual cause
-    in a container is a bind mount that the image's user cannot write."""
-    return (f"cannot use the directory {directory}: {error.strerror or error} (the daemon "
-            f"runs as uid {os.getuid()}; create the directory and give that user write "
-            "access, for example with mkdir and chown)")
+def _directory_problem(directory, error, option):
+    """Say why a directory an option names cannot be used, and who the daemon runs as:
+    the usual cause in a container is a bind mount that the image's user cannot write."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        return (f"{option}: {directory}, or a directory above it, is a file, not a "
+                "directory; give a directory")
+    return (f"{option}: cannot use the directory {directory}: {error.strerror or error} "
+            f"(the daemon runs as uid {os.getuid()}; create the directory and give that "
+            "user write access, for example with mkdir and chown)")
 
 
 def _raise_descriptor_limit():
@@ -3662,7 +3692,14 @@ async def serve(config):
                            keepalive_timeout=KEEPALIVE_TIMEOUT, lingering_time=2.0)
     await runner.setup()
     site = GuardedSite(runner, config.host, config.port, config.max_connections)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise StartupError(f"the API cannot listen on {config.host}:{config.port} "
+                           f"({error.strerror or error}); choose another port with --port "
+                           "(TORRENTFLOW_PORT), or another address with --host "
+                           "(TORRENTFLOW_HOST)") from None
     sweep = asyncio.create_task(site.guard.sweep())
     for host, port, *_ in runner.addresses:
         log.info("TorrentFlow %s API listening on http://%s:%d", __version__,
@@ -5452,9 +5489,11 @@ async def _rpc_call(request, body):
         return {**answer, "result": f"more than {RPC_MAX_VALUES} values in one call"}
     try:
         call = json.loads(body)
-        method, arguments = call["method"], call.get("arguments", {})
+        method, arguments = call["method"], call.get("arguments") or {}
         if not isinstance(method, str) or not isinstance(arguments, dict):
             raise ValueError
+        # As in Transmission, null means "not given" (stig sends "labels": null).
+        arguments = {key: value for key, value in arguments.items() if value is not None}
     except (ValueError, KeyError, TypeError, RecursionError):
         return {**answer, "result": "no method name"}
     if isinstance(call.get("tag"), int) and not isinstance(call["tag"], bool):
