@@ -3440,7 +3440,7 @@ _FILTERS = [_query("state", "only these states, comma-separated"),
 async def list_torrents(request):
     """Torrents' status: filtered, sorted, paged, trimmed"""
     engine = request.app[ENGINE]
-    if not request.query:
+    if not request.query_string:
         return await _respond(request, engine.listing())
     torrents, total = _select(engine, request.query)
     if "fields" not in request.query:
@@ -3463,13 +3463,16 @@ async def _to_json(build, in_thread):
     return json.dumps(build(), separators=(",", ":")).encode()
 
 
+_JSON = {"Content-Type": "application/json"}
+
+
 async def _respond(request, body):
     """A JSON answer of bytes already serialised. A large one waits its turn (LARGE_AT_ONCE
     at a time), then goes out in pieces, giving the loop back between them: writing
     hundreds of megabyte-sized listings at once, or one in a single send(), would keep
     every small request, health checks included, waiting."""
     if len(body) < LARGE_BODY:
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, headers=_JSON)
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     response.content_length = len(body)
     async with request.app[LARGE_WRITES]:
@@ -3484,7 +3487,10 @@ async def _respond(request, body):
 
 def _requested_torrent(request):
     """The torrent named by the path's {infohash}: 400 if malformed, 404 if unknown."""
-    return request.app[ENGINE].lookup(parse_infohash(request.match_info["infohash"]))
+    text, engine = request.match_info["infohash"], request.app[ENGINE]
+    with contextlib.suppress(ApiError):  # an id as the daemon writes it needs no parsing
+        return engine.lookup(text)
+    return engine.lookup(parse_infohash(text))
 
 
 @api("GET", "/torrents/{infohash}", "getTorrent", {
@@ -3493,7 +3499,7 @@ def _requested_torrent(request):
 async def get_torrent(request):
     """One torrent's status"""
     torrent = _requested_torrent(request)
-    if not request.query:
+    if not request.query_string:
         return await _respond(request, await torrent.body())
     _known_parameters(request.query, ("fields",))
     fields = _names(request.query["fields"], "fields", status_fields())
