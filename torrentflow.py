@@ -2528,11 +2528,6 @@ class TorrentEngine:
                                f"save_path {self.shown(existing.save_path)!r}")
             return existing.infohash, False
         keep_reachable(params, self.config.local_only)
-        # libtorrent adds a torrent paused for its queue to start at its next tick, up to
-        # a second later, meanwhile showing "queued": start it now; the queue still
-        # holds back what is over its limits. (A paused add is not auto-managed.)
-        if params.flags & lt.torrent_flags.auto_managed:
-            params.flags &= ~lt.torrent_flags.paused
         torrent = _Torrent(params)
         self._register(torrent)
         torrent.added = self.spawn(self._add(torrent, params, settings),
