@@ -2449,6 +2449,84 @@ async def test_half_open_connections_do_not_take_the_daemon_down(tmp_path):
         await process.close()
 
 
+#: Four floods of a client without the token, each in a process of its own: COUNT
+#: sockets that keep up, for SECONDS, "keepalive" (GET /health, then a request every 2 s
+#: on the same socket), "body" (a POST head whose body never comes), "heads" (half a
+#: head) or "silent" (nothing). Each socket starts again when the daemon closes it.
+#: Arguments: PORT MODE COUNT SECONDS.
+FLOOD_ATTACK = """
+import asyncio, resource, sys, time
+port, mode, count, seconds = int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 256), hard))
+FIRST = {"keepalive": b"GET /health HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n",
+         "body": b"POST /torrents HTTP/1.1\\r\\nHost: localhost\\r\\nContent-Type: "
+                 b"application/json\\r\\nContent-Length: 1000\\r\\n\\r\\n{",
+         "heads": b"GET /health HTTP/1.1\\r\\nHost: localhost\\r\\n", "silent": b""}[mode]
+
+async def hold(until):
+    while time.monotonic() < until:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+        except (OSError, asyncio.TimeoutError):
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            while time.monotonic() < until:
+                writer.write(FIRST)
+                if mode != "keepalive":
+                    await asyncio.wait_for(reader.read(1), max(0.01, until - time.monotonic()))
+                    break
+                if not await asyncio.wait_for(reader.read(65536), 5):
+                    break
+                await asyncio.sleep(2)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.transport.abort()
+
+async def main():
+    until = time.monotonic() + seconds
+    await asyncio.gather(*(hold(until) for _ in range(count)))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_client_with_the_token_gets_through_every_flood(tmp_path):
+    """Past --max-connections, idle and half-sent connections make room, oldest first,
+    for a fresh one; a stranger's are not kept alive near the cap. So a client with the
+    token, opening a fresh connection every 100 ms, gets through each flood."""
+    process = DaemonProcess(tmp_path, extra=["--token", TOKEN, "--max-connections", "64"],
+                            headers=AUTH)
+    try:
+        await process.start()
+        for mode in ("keepalive", "body", "heads", "silent"):
+            attacker = subprocess.Popen([sys.executable, "-c", FLOOD_ATTACK,
+                                         str(process.port), mode, "300", "8"])
+            try:
+                await asyncio.sleep(2)  # the flood fills every place first
+                tried = succeeded = 0
+                until = time.monotonic() + 5
+                while time.monotonic() < until:
+                    tried += 1
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with aiohttp.ClientSession(headers=AUTH) as session:
+                            async with session.get(f"http://127.0.0.1:{process.port}/torrents",
+                                                   timeout=aiohttp.ClientTimeout(total=2)) as r:
+                                succeeded += r.status == 200
+                    await asyncio.sleep(0.1)
+            finally:
+                attacker.kill()
+                attacker.wait(10)
+            print(f"{mode} flood: {succeeded} of {tried} fresh connections with the token "
+                  "got through")
+            assert succeeded >= 0.95 * tried, (mode, succeeded, tried)
+        assert process.log_path.stat().st_size < 100_000
+    finally:
+        await process.close()
+
+
 async def test_a_magnet_with_thousands_of_trackers_is_refused_at_once(daemon, tmp_path):
     """Adding 20,000 trackers would freeze libtorrent's session thread for a minute."""
     seeder, source, _, infohash = await slow_download(

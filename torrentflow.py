@@ -383,8 +383,8 @@ OPTIONS = [
     Option("insecure_no_auth", _boolean, False, "serve the API without a token on a "
            "non-loopback --host; only when something else guards the port"),
     #: Each API connection costs a descriptor; the rest go to peers and files.
-    Option("max_connections", _number(int, 1), 256, "simultaneous API connections; past it, a "
-           "connection still sending its request head, else the oldest idle one, is closed"),
+    Option("max_connections", _number(int, 1), 256, "simultaneous API connections; past it, the "
+           "longest-idle one, else the oldest one still sending its request head, is closed"),
     # The session's settings: flags give their values at start, PATCH /settings changes
     # them, and values set by PATCH are saved and win over flags at the next start.
     Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use "
@@ -772,6 +772,7 @@ class _Connection(asyncio.Protocol):
         if self.state in ("head", "idle"):
             if self.state == "idle":
                 self.state, self.head_since, self.tail = "head", time.monotonic(), b""
+                self.guard.idle.pop(self, None)
             # A head ends with CRLF CRLF after a request line: aiohttp skips blank lines
             # before one, so bare CRLFs must not shield a connection from eviction.
             text = self.tail + data if self.tail else data.lstrip(b"\r\n")
@@ -799,15 +800,18 @@ class ConnectionGuard:
     """Bounds what API connections can hold: a protocol factory for the API's socket.
 
     A connection gets HEAD_TIMEOUT to send a complete request head. Past
-    --max-connections, a new connection pushes out the oldest one still sending its
-    head, else the one idle the longest, else it is refused itself; a connection whose
-    request is in or running is never dropped. So half-open sockets cannot use up the
-    descriptors, and a client with a token always gets through.
+    --max-connections, a new connection pushes out the one idle the longest, else the
+    oldest one still sending its head, else it is refused itself; a connection whose
+    request is in or running is never dropped, and a fresh one never while another is
+    idle. Near the cap, a connection whose request carried no token is closed after its
+    answer instead of being kept alive. So idle or half-open sockets, a stranger's or
+    not, cannot use up the places, and a client with a token always gets through.
     """
 
     def __init__(self, server, limit):
         self.server, self.limit = server, limit
         self.connections = {}   # _Connection -> None, oldest first
+        self.idle = {}          # the idle ones -> None, longest idle first
         self._by_handler = {}   # aiohttp's protocol -> _Connection
         self._dropped = 0       # since the last log line
         server.request_handler = self._tracked(server.request_handler)
@@ -819,12 +823,14 @@ class ConnectionGuard:
         self.connections[connection] = None
         self._by_handler[connection.inner] = connection
         if len(self.connections) > self.limit:
-            victim = next((c for c in self.connections if c.state == "head"), None) or \
-                next((c for c in self.connections if c.state == "idle"), connection)
+            victim = next(iter(self.idle), None) or next(
+                (c for c in self.connections if c.state == "head" and c is not connection),
+                connection)
             self.drop(victim)
 
     def forget(self, connection):
         self.connections.pop(connection, None)
+        self.idle.pop(connection, None)
         self._by_handler.pop(connection.inner, None)
 
     def drop(self, connection):
@@ -839,10 +845,16 @@ class ConnectionGuard:
             if connection is not None:
                 connection.state = "busy"
             try:
-                return await handle(request)
+                response = await handle(request)
+                # Near the cap, a stranger's socket is not kept for its next request.
+                if len(self.connections) * 4 >= self.limit * 3 and (
+                        response.status == 401 or "Authorization" not in request.headers):
+                    response.force_close()
+                return response
             finally:
-                if connection is not None:
+                if connection is not None and connection in self.connections:
                     connection.state = "idle"
+                    self.idle[connection] = None
         return tracked
 
     async def sweep(self):
