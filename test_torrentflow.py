@@ -4349,3 +4349,35 @@ async def test_a_bad_note_in_one_resume_file_falls_back_and_the_rest_load(proces
         assert filtered["total"] == 0  # never a substring match
     if value != "just-a-string":  # a form's comma-separated labels: one valid label
         assert "ignoring its saved" in process.log_path.read_text()
+
+
+#: A tracker URL that Transmission's web client would render as an attribute holding an
+#: inline event handler: a stranger's script on the daemon's origin.
+HOSTILE_TRACKER = ("http://127.0.0.1:1/\"style=\"position:fixed;top:0;left:0;width:100%;"
+                   "height:100%\"onmouseover=\"fetch('/transmission/rpc')\"x=\"")
+
+
+async def test_tracker_urls_that_hold_markup_are_refused_from_every_source(daemon, payload):
+    source, _ = payload
+    _, body = await add(daemon, torrent_file=make_torrent(source / "single.bin",
+                                                          tracker=HOSTILE_TRACKER))
+    infohash = body["infohash"]
+    _, magnet_body = await add(daemon, torrent_url="magnet:?xt=urn:btih:" + "cd" * 20
+                               + "&tr=" + urllib.parse.quote(HOSTILE_TRACKER, safe="")
+                               + "&tr=http%3A%2F%2F127.0.0.1%3A1%2Fannounce")
+    for added in (infohash, magnet_body["infohash"]):
+        answer = await (await daemon.get(f"/torrents/{added}/trackers")).json()
+        assert HOSTILE_TRACKER not in [tracker["url"] for tracker in answer["trackers"]]
+    # The magnet's harmless tracker stays: only the one with markup went.
+    answer = await (await daemon.get(f"/torrents/{magnet_body['infohash']}/trackers")).json()
+    assert [tracker["url"] for tracker in answer["trackers"]] == [
+        "http://127.0.0.1:1/announce"]
+    for mark in ('"', "'", " ", "<", ">", "\\", "`"):
+        await error_of(await daemon.patch(f"/torrents/{infohash}", json={
+            "trackers": [f"http://127.0.0.1:1/a{mark}b"]}), 422, "backtick")
+    _, answer = await rpc(daemon, "torrent-set", {"ids": [infohash],
+                                                  "trackerAdd": [HOSTILE_TRACKER]})
+    assert "backtick" in answer["result"], answer
+    _, answer = await rpc(daemon, "torrent-get", {"ids": [infohash],
+                                                  "fields": ["trackerStats"]})
+    assert answer["arguments"]["torrents"][0]["trackerStats"] == []

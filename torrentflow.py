@@ -1250,8 +1250,16 @@ def keep_reachable(params, local_only):
     return params
 
 
+#: Characters no working tracker or web-seed URL holds, which a web page that shows the
+#: URL inside an attribute (Transmission's web client does) would read as markup.
+_MARKUP = frozenset("\"' <>\\`")
+
+
 def _url_allowed(url, local_only):
-    """Whether the daemon may call a URL a torrent names (see keep_reachable)."""
+    """Whether the daemon may call a URL a torrent or a client names, and show it: not
+    to this host (nor, with --local-only, anywhere else), and no markup in it."""
+    if not _MARKUP.isdisjoint(url):
+        return False
     return _is_local_url(url) if local_only else not _is_private_to_host(url)
 
 
@@ -3969,8 +3977,9 @@ async def configure(engine, torrent, settings):
         priorities = _priorities(torrent, priorities)
     for url, _ in trackers or ():
         if not _url_allowed(url, engine.config.local_only):
-            raise ApiError(422, f"tracker {url!r} is not allowed here (see --local-only "
-                           "and the Security section of the README)")
+            raise ApiError(422, f"tracker {url!r} is not allowed here: it names this host, "
+                           "or leaves it under --local-only, or holds a quote, space, <, >, "
+                           "backslash or backtick")
     with _handle_call():
         for name, value in settings.items():
             setting = settings_for("change")[name]
