@@ -4381,3 +4381,25 @@ async def test_tracker_urls_that_hold_markup_are_refused_from_every_source(daemo
     _, answer = await rpc(daemon, "torrent-get", {"ids": [infohash],
                                                   "fields": ["trackerStats"]})
     assert answer["arguments"]["torrents"][0]["trackerStats"] == []
+
+
+async def test_a_path_that_climbs_out_of_its_root_is_refused_by_its_text(daemon, tmp_path):
+    """A .. that leaves the root and comes back in is refused before the disk is looked
+    at, with one answer whatever is there: else the answers map what is outside."""
+    (tmp_path / "outside" / "realdir").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "outside" / "link").symlink_to(tmp_path / "elsewhere" / "deep")
+    downloads = tmp_path / "downloads"
+    answers = set()
+    for name in ("realdir", "link", "nosuchdir"):
+        for path in (f"{downloads}/../outside/{name}/../../downloads",
+                     f"../outside/{name}/../../downloads/x"):
+            response = await daemon.post("/torrents", data={"torrent_url": MAGNET,
+                                                            "save_path": path})
+            answers.add((response.status, (await response.json())["detail"]))
+            _, answer = await rpc(daemon, "free-space", {"path": path})
+            answers.add(("rpc", answer["result"]))
+    assert len(answers) == 2 and all("inside the download directory" in detail
+                                     for _, detail in answers), answers
+    assert (400, "save_path must stay inside the download directory") in answers
+    assert (await (await daemon.get("/torrents")).json())["total"] == 0

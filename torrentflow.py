@@ -1021,10 +1021,18 @@ def resolve_save_path(roots, requested):
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
     allowed = roots if os.path.isabs(requested) else roots[:1]
+    outside = ApiError(400, "save_path must stay inside the download directory"
+                       + (" or an allowed save root" if len(allowed) > 1 else ""))
+    # Decided on the text first, the same whatever exists: a .. that climbs out and back
+    # in (a/../../x/../a) would otherwise tell, by the answer, what is on the disk.
+    depth = 0
+    for part in Path(requested).parts[1 if os.path.isabs(requested) else 0:]:
+        depth += -1 if part == ".." else part != "."
+        if depth < 0 or (part == ".." and os.path.isabs(requested)):
+            raise outside
     target, inside = _resolved(roots[0] / requested, allowed)
     if not inside:
-        raise ApiError(400, "save_path must stay inside the download directory"
-                       + (" or an allowed save root" if len(allowed) > 1 else ""))
+        raise outside
     try:
         a_file = target.exists() and not target.is_dir()
     except OSError as error:  # a name too long, or a directory it may not look into
