@@ -4403,3 +4403,22 @@ async def test_a_path_that_climbs_out_of_its_root_is_refused_by_its_text(daemon,
                                      for _, detail in answers), answers
     assert (400, "save_path must stay inside the download directory") in answers
     assert (await (await daemon.get("/torrents")).json())["total"] == 0
+
+
+async def test_a_second_daemon_on_the_same_state_dir_stops_at_once(process, tmp_path):
+    """It would load the same torrents, and its clean stop would vouch for the first
+    daemon's files after that one crashed."""
+    await process.start()
+    second = subprocess.run(
+        [sys.executable, str(HERE / "torrentflow.py"), "--local-only", "--listen-interfaces",
+         "127.0.0.1:0", "--port", "0", "--download-dir", str(tmp_path / "other"),
+         "--state-dir", str(process.state_dir)], capture_output=True, text=True, timeout=60,
+        env=CLEAN_ENV)
+    assert second.returncode == 2, second.stderr
+    assert str(process.state_dir) in second.stderr and "in use" in second.stderr
+    assert not (process.state_dir / torrentflow.CLEAN_MARK).exists()
+    assert (await process.client.get("/health")).status == 200
+    await process.stop(signal.SIGTERM)
+    assert (process.state_dir / torrentflow.CLEAN_MARK).exists()
+    await process.start()  # the lock went with the first process
+    assert (await process.client.get("/health")).status == 200

@@ -55,6 +55,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -1392,6 +1393,7 @@ class StateStore:
         self.quarantine_dir = root / "quarantine"
         self._jobs = queue.SimpleQueue()
         self._renamed = set()  # directories the batch under way renamed or deleted in
+        self._lock_fd = None   # the state directory, held with flock while running
         self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
         self._thread.start()
 
@@ -1437,8 +1439,12 @@ class StateStore:
         return self._submit(lambda: None)
 
     def close(self):
-        """Let the thread end once the jobs before this one are done."""
+        """Let the thread end once the jobs before this one are done, then let the
+        state directory go."""
         self._jobs.put((None, (), None))
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _path(self, name):
         return self.resume_dir / f"{name}.resume"
@@ -1449,6 +1455,18 @@ class StateStore:
         and the settings PATCH /settings saved."""
         return await self._submit(self._prepare, download_dir)
 
+    def _lock(self):
+        """Hold the state directory alone for the life of the process: a second daemon on
+        it would load the same torrents, and its clean stop would vouch for this one's
+        files. The kernel lets go when the process ends, however it ends."""
+        self._lock_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StartupError(f"--state-dir (TORRENTFLOW_STATE_DIR): {self.root} is in use "
+                               "by another TorrentFlow; give each daemon its own") from None
+
     def _prepare(self, download_dir):
         """(whether the last run stopped cleanly, the settings PATCH /settings saved)."""
         first_run = not self.resume_dir.is_dir()
@@ -1458,6 +1476,7 @@ class StateStore:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise StartupError(_directory_problem(directory, error, option)) from None
+        self._lock()
         # Writes a crash interrupted; the old files stand. Only in the daemon's own
         # folders: the state directory itself may hold someone else's files.
         for leftover in [*self.resume_dir.glob("*.tmp"), *self.root.glob("webhooks/*/*.tmp")]:
