@@ -924,7 +924,9 @@ PROTECTED = [("GET", "/torrents"), ("POST", "/torrents"), ("GET", "/torrents/" +
 @pytest.fixture
 async def guarded(tmp_path, aiohttp_client):
     """A daemon with a token; the client sends none unless told to."""
-    return await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path, "--token", TOKEN)))
+    # Its own state directory: a test may run it beside the daemon fixture.
+    return await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--token", TOKEN, "--state-dir", str(tmp_path / "guarded-state"))))
 
 
 # --------------------------------------------------------------------------- #

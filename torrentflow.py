@@ -385,7 +385,7 @@ OPTIONS = [
            "non-loopback --host; only when something else guards the port"),
     #: Each API connection costs a descriptor; the rest go to peers and files.
     Option("max_connections", _number(int, 1), 256, "simultaneous API connections; past it, the "
-           "longest-idle one, else the oldest one still sending its request head, is closed"),
+           "oldest one still sending its request head, else the longest-idle one, is closed"),
     # The session's settings: flags give their values at start, PATCH /settings changes
     # them, and values set by PATCH are saved and win over flags at the next start.
     Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use "
@@ -801,8 +801,8 @@ class ConnectionGuard:
     """Bounds what API connections can hold: a protocol factory for the API's socket.
 
     A connection gets HEAD_TIMEOUT to send a complete request head. Past
-    --max-connections, a new connection pushes out the one idle the longest, else the
-    oldest one still sending its head, else it is refused itself; a connection whose
+    --max-connections, a new connection pushes out the oldest one still sending its
+    head, else the one idle the longest, else it is refused itself; a connection whose
     request is in or running is never dropped, and a fresh one never while another is
     idle. Near the cap, a connection whose request carried no token is closed after its
     answer instead of being kept alive. So idle or half-open sockets, a stranger's or
@@ -824,9 +824,9 @@ class ConnectionGuard:
         self.connections[connection] = None
         self._by_handler[connection.inner] = connection
         if len(self.connections) > self.limit:
-            victim = next(iter(self.idle), None) or next(
-                (c for c in self.connections if c.state == "head" and c is not connection),
-                connection)
+            victim = next((c for c in self.connections
+                           if c.state == "head" and c is not connection), None) or next(
+                iter(self.idle), connection)
             self.drop(victim)
 
     def forget(self, connection):
