@@ -4424,3 +4424,50 @@ async def test_a_second_daemon_on_the_same_state_dir_stops_at_once(process, tmp_
     assert (process.state_dir / torrentflow.CLEAN_MARK).exists()
     await process.start()  # the lock went with the first process
     assert (await process.client.get("/health")).status == 200
+
+
+def rss_of(pid):
+    """Resident bytes of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def test_large_bodies_in_flight_share_one_budget(tmp_path):
+    """Eight 20 MiB RPC bodies at once: those past the budget are answered 503 with
+    Retry-After before their bodies are read, and the daemon's memory stays bounded."""
+    process = DaemonProcess(tmp_path, extra=["--token", TOKEN], headers=AUTH)
+    try:
+        await process.start()
+        pid, url = process.process.pid, f"http://127.0.0.1:{process.port}/transmission/rpc"
+        session = (await process.client.get("/transmission/rpc")).headers[
+            "X-Transmission-Session-Id"]
+        before, peak = rss_of(pid), [0]
+
+        head, tail = b'{"method": "session-get", "arguments": {"x": "', b'"}}'
+
+        async def body():
+            yield head
+            for _ in range(20):
+                peak[0] = max(peak[0], rss_of(pid))
+                yield b"a" * (1024 * 1024)
+                await asyncio.sleep(0.05)
+            yield tail
+
+        async def call(client):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with client.post(url, data=body(), headers={
+                        "X-Transmission-Session-Id": session, "Content-Type": "application/json",
+                        "Content-Length": str(len(head) + 20 * 1024 * 1024 + len(tail))},
+                        ) as response:
+                    return response.status, response.headers.get("Retry-After")
+            return "closed", None
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            answers = await asyncio.gather(*(call(client) for _ in range(8)))
+        print(f"answers: {answers}; RSS {before >> 20} MiB before, {peak[0] >> 20} at most")
+        assert (503, "1") in answers and (200, None) in answers, answers
+        assert peak[0] - before < 200 * 1024 * 1024
+        assert (await process.client.get("/health")).status == 200
+    finally:
+        await process.close()

@@ -137,6 +137,9 @@ HEAD_TIMEOUT = 5.0
 KEEPALIVE_TIMEOUT = 15.0
 #: Seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s.
 BODY_TIMEOUT = 30.0
+#: Bytes of request bodies read (and parsed) at once, all clients together; past it a
+#: request with a body is answered 503. 64 RPC calls of 20 MiB each once held 1.3 GB.
+BODY_BUDGET = 64 * 1024 * 1024
 #: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time, in pieces
 #: of WRITE_PIECE bytes (see _respond): one send() of a 2.6 MB listing held the loop
 #: for up to 200 ms, and small requests waited behind it (README, Performance).
@@ -616,6 +619,7 @@ CONFIG = web.AppKey("config", Config)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 REQUESTS = web.AppKey("requests", collections.Counter)
 LARGE_WRITES = web.AppKey("large_writes", asyncio.Semaphore)
+BODIES = web.AppKey("bodies", collections.Counter)  # "bytes": of bodies being read
 
 #: Path prefixes whose clients can send only a user name and a password (Transmission's
 #: tools, media players), with the realm their 401 names: there HTTP Basic with the
@@ -3233,14 +3237,23 @@ BODY_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "appli
 
 
 @contextlib.asynccontextmanager
-async def _body_deadline():
-    """One deadline for reading a whole request body, then 408."""
+async def _body_deadline(request, limit):
+    """While a body of at most limit bytes is read and used: its share of BODY_BUDGET
+    (503 if that is spent), and one deadline for reading it all (then 408)."""
+    size = min(limit, request.content_length or limit)
+    reading = request.app[BODIES]
+    if reading["bytes"] + size > BODY_BUDGET:
+        raise ApiError(503, "too many request bodies are being read at once; try again",
+                       {**RETRY_AFTER, "Connection": "close"})
+    reading["bytes"] += size
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
             yield
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s",
                        {"Connection": "close"}) from None
+    finally:
+        reading["bytes"] -= size
 
 
 async def read_fields(request, names, upload=None, types=BODY_TYPES):
@@ -3258,14 +3271,13 @@ async def read_fields(request, names, upload=None, types=BODY_TYPES):
     limit = MAX_REQUEST_BYTES if multipart else MAX_FORM_BYTES
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body too large: more than {limit} bytes")
-    async with _body_deadline():
+    async with _body_deadline(request, limit):
         if multipart:
             fields = await _multipart_fields(request, names, upload)
         else:
             body = await _read_limited(request.content.read, MAX_FORM_BYTES)
-    if not multipart:
-        _require_utf8(request.charset, "the body")
-        fields = _decode(content_type, body, len(names))
+            _require_utf8(request.charset, "the body")
+            fields = _decode(content_type, body, len(names))
     unknown = sorted(set(fields) - set(names))
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(names)}")
@@ -3667,6 +3679,7 @@ def make_app(config):
     app[CONFIG] = config
     app[REQUESTS] = collections.Counter()
     app[LARGE_WRITES] = asyncio.Semaphore(LARGE_AT_ONCE)
+    app[BODIES] = collections.Counter()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
 
@@ -5577,9 +5590,10 @@ async def transmission_rpc(request):
                        {"X-Transmission-Session-Id": session_id})
     if request.method != "POST":
         raise ApiError(405, "send the call as a POST", {"Allow": "POST"})
-    async with _body_deadline():  # any Content-Type: transmission-remote sends a form's
-        body = await _read_limited(request.content.read, 2 * MAX_REQUEST_BYTES)
-    answer = await _rpc_call(request, body)
+    # Any Content-Type: transmission-remote sends a form's.
+    async with _body_deadline(request, 2 * MAX_REQUEST_BYTES):
+        answer = await _rpc_call(request, await _read_limited(request.content.read,
+                                                              2 * MAX_REQUEST_BYTES))
     return web.Response(body=await _to_json(lambda: answer, request.get("large_answer")),
                         content_type="application/json")
 
