@@ -2116,15 +2116,21 @@ class _Torrent:
             return status.errc.message()
         return self.fault or self.disk_error
 
-    def files(self):
-        """The files list of the status, with progress and priority, or None.
+    def snapshot(self):
+        """The status and the per-file lists as they are now. Each is replaced, never
+        changed in place, so a worker thread can read a snapshot while the loop goes on."""
+        return self.status, self.file_progress, self.file_priorities
+
+    def files(self, snapshot=None):
+        """The files list of the status (of a snapshot), with progress and priority, or
+        None.
 
         Progress is counted in whole pieces and fetched a moment after the status, so
         once the torrent is finished every wanted file shows complete, as it is."""
         if self.info is None:
             return None
-        finished, seeding = self.status["is_finished"], self.status["is_seeding"]
-        progress, priorities = self.file_progress or (), self.file_priorities
+        status, progress, priorities = snapshot or self.snapshot()
+        finished, seeding, progress = status["is_finished"], status["is_seeding"], progress or ()
         entries = _Slices()
         for index, path, size in self.info["files"]:
             priority = int(priorities[index]) if index < len(priorities) else 4
@@ -2135,9 +2141,12 @@ class _Torrent:
                             "progress": round(100 * downloaded / size, 4) if size else 100.0})
         return entries
 
-    def field(self, name):
-        """One status field's value."""
-        return self.files() if name == "files" else self.status[name]
+    def fields(self, names):
+        """A function that gives these status fields as they are now, even when it is
+        called later on a worker thread: one answer never mixes two statuses."""
+        snapshot = self.snapshot()
+        return lambda: {name: self.files(snapshot) if name == "files" else snapshot[0][name]
+                        for name in names}
 
     def update(self, status):
         """Take a fresh torrent_status; return the old id if the canonical one changed."""
@@ -2190,12 +2199,11 @@ class _Torrent:
         if self._full is None:
             # The summary is taken here: cached from the thread, it could outlive a
             # status that changed meanwhile.
-            status, progress, summary = self.status, self.file_progress, self.summary
-            priorities = self.file_priorities
+            snapshot, summary = self.snapshot(), self.summary
             full = await asyncio.to_thread(
-                lambda: b"".join((summary[:-1], b',"files":', _json(self.files()), b"}")))
-            if (self.status is status and self.file_progress is progress
-                    and self.file_priorities is priorities):
+                lambda: b"".join((summary[:-1], b',"files":', _json(self.files(snapshot)),
+                                  b"}")))
+            if all(now is then for now, then in zip(self.snapshot(), snapshot)):
                 self._full = full  # nothing changed meanwhile
             return full
         return self._full
@@ -3502,8 +3510,8 @@ async def list_torrents(request):
         items = b",".join(t.summary for t in torrents)
     else:
         fields = _names(request.query["fields"], "fields", status_fields())
-        items = (await _to_json(lambda: _Slices({name: t.field(name) for name in fields}
-                                                for t in torrents),
+        builders = [t.fields(fields) for t in torrents]
+        items = (await _to_json(lambda: _Slices(build() for build in builders),
                                 "files" in fields or len(torrents) > LARGE_LISTING))[1:-1]
     return await _respond(request, _listing_body(items, total))
 
@@ -3557,8 +3565,7 @@ async def get_torrent(request):
         return await _respond(request, await torrent.body())
     _known_parameters(request.query, ("fields",))
     fields = _names(request.query["fields"], "fields", status_fields())
-    return await _respond(request, await _to_json(
-        lambda: {name: torrent.field(name) for name in fields}, "files" in fields))
+    return await _respond(request, await _to_json(torrent.fields(fields), "files" in fields))
 
 
 @api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 409, 503),
