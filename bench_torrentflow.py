@@ -54,6 +54,8 @@ named after its --sections name:
    from a bare python3 to an empty daemon: where the memory goes.
 8. listing: GET /health p50/p99/max, probed every 10 ms, while --listing-clients
    clients fetch GET /torrents over --listing-torrents torrents.
+9. bulk: PUT /torrents/pause, then /resume, over --bulk-torrents torrents (10,001 by
+   default), with GET /health probed every 10 ms; and the alerts libtorrent dropped.
 
 --quick measures, in under a minute (about 40 s on 2 cores), the two ratios to
 watch while changing the daemon, and ends with one line:
@@ -209,7 +211,7 @@ SEEDERS_CHILD = "--seeders-child"
 LOAD_CHILD = "--load-child"
 FLOOR_CHILD = "--floor-child"
 #: The sections, in the order they run.
-SECTIONS = ("download", "api", "library", "many", "memory", "listing")
+SECTIONS = ("download", "api", "library", "many", "memory", "listing", "bulk")
 #: library: one torrent's data (one file) and its piece size.
 LIBRARY_SIZE = 64 * 1024
 LIBRARY_PIECE = 16 * 1024
@@ -318,6 +320,8 @@ def parse_args(argv=None):
     parser.add_argument("--many-contenders", default="daemon,raw",
                         help="many: any of " + ", ".join(MANY_CONTENDERS)
                         + " (default %(default)s)")
+    parser.add_argument("--bulk-torrents", type=int, default=10_001,
+                        help="bulk: torrents paused and resumed at once (default 10001)")
     parser.add_argument("--listing-torrents", type=int, default=2000,
                         help="listing: torrents loaded (default %(default)s)")
     parser.add_argument("--listing-clients", type=int, default=200,
@@ -438,6 +442,8 @@ async def run_benchmark(args, torrentflow, workdir):
         results["memory"] = await bench_memory(args, torrentflow, workdir / "memory")
     if "listing" in args.sections:
         results["listing"] = await bench_listing(args, workdir / "listing")
+    if "bulk" in args.sections:
+        results["bulk"] = await bench_bulk(args, workdir / "bulk")
     results["cpu_probe_after_mb_s"] = cpu_probe()
     return results
 
@@ -1783,6 +1789,48 @@ async def bench_listing(args, root):
     return result
 
 
+async def bench_bulk(args, root):
+    """PUT /torrents/pause, then /resume, over --bulk-torrents torrents, with GET /health
+    probed every 10 ms: seconds each, /health p99 and max, and the alerts libtorrent
+    dropped (torrentflow_alerts_dropped_total) before and after."""
+    count = args.bulk_torrents
+    connector = aiohttp.TCPConnector(limit=args.add_concurrency)
+    async with aiohttp.ClientSession(connector=connector) as client, \
+            Daemon(args.daemon, root) as daemon:
+        await daemon.start(client)
+        await add_many(lambda torrent: api_add(client, daemon.url, torrent),
+                       library_torrents(count), args.add_concurrency)
+        await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
+                         f"{count} torrents to be listed", interval=0.5)
+        await asyncio.sleep(args.settle)
+        result = {"torrents": count, "dropped_before": await _dropped_alerts(client, daemon)}
+        for action in ("pause", "resume"):
+            probe = HealthProbe(client)
+            started = time.perf_counter()
+            async with probe.watching(daemon.url):
+                async with client.put(f"{daemon.url}/torrents/{action}",
+                                      timeout=aiohttp.ClientTimeout(total=600)) as response:
+                    answer = await response.json()
+            result[action] = {"seconds": round(time.perf_counter() - started, 2),
+                              "count": answer.get("count"), "health": probe.summary()}
+        result["dropped_after"] = await _dropped_alerts(client, daemon)
+        await daemon.stop()
+    for action in ("pause", "resume"):
+        figures = result[action]
+        progress(f"bulk {action} of {count}: {figures['seconds']} s, {figures['count']} done; "
+                 f"/health p99 {figures['health']['p99_ms']} max {figures['health']['max_ms']} ms")
+    progress(f"bulk: alerts dropped {result['dropped_before']} -> {result['dropped_after']}")
+    return result
+
+
+async def _dropped_alerts(client, daemon):
+    """torrentflow_alerts_dropped_total from the daemon's /metrics."""
+    async with client.get(f"{daemon.url}/metrics") as response:
+        text = await response.text()
+    match = re.search(r"^torrentflow_alerts_dropped_total (\d+)", text, re.M)
+    return int(match.group(1)) if match else None
+
+
 def load_child(spec_text):
     """Child mode: python_load of one GET in a process of its own; prints its figures."""
     spec = json.loads(spec_text)
@@ -2545,6 +2593,16 @@ def render_table(results):
         lines += _memory_section_table(results["memory"])
     if "listing" in results:
         lines += _listing_table(results["listing"])
+    if "bulk" in results:
+        bulk = results["bulk"]
+        lines += ["", f"Bulk actions over {bulk['torrents']} torrents (GET /health probed "
+                  "every 10 ms)", _row("action", "seconds", "done", "p99 ms", "max ms",
+                                       widths=(10,))]
+        lines += [_row(action, bulk[action]["seconds"], bulk[action]["count"],
+                       bulk[action]["health"]["p99_ms"], bulk[action]["health"]["max_ms"],
+                       widths=(10,)) for action in ("pause", "resume")]
+        lines.append(f"Alerts libtorrent dropped: {bulk['dropped_before']} before, "
+                     f"{bulk['dropped_after']} after")
     return "\n".join(lines)
 
 

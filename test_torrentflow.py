@@ -4471,3 +4471,19 @@ async def test_large_bodies_in_flight_share_one_budget(tmp_path):
         assert (await process.client.get("/health")).status == 200
     finally:
         await process.close()
+
+
+async def test_data_deleted_during_a_download_stops_it_with_the_reason(daemon, tmp_path):
+    """A download whose file was deleted went on from 17% to 100% into the unlinked file:
+    the periodic data check now covers the files a download has written to."""
+    seeder, _, _, infohash = await slow_download(daemon, tmp_path, "gone.bin",
+                                                 8 * 1024 * 1024, 150_000)
+    written = tmp_path / "downloads" / "gone.bin"
+    await wait_until(lambda: written.exists() and written.stat().st_size > 0,
+                     what="the download to write its file")
+    written.unlink()
+    status = await wait_status(daemon, infohash, lambda s: s["error"],
+                               deadline=2 * torrentflow.DATA_CHECK_INTERVAL + 10,
+                               what="the deleted file to be noticed")
+    assert "missing or truncated file: gone.bin" in status["error"] and status["paused"]
+    assert status["progress"] < 100

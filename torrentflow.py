@@ -2065,7 +2065,7 @@ class _Torrent:
                  "status", "_summary", "_full", "total_done", "progress_stale", "counted",
                  "sample", "rates", "updated", "flushing_since", "saved_as", "disk_error",
                  "fault", "learning", "dirty", "added", "saving", "next_save", "force_save",
-                 "removing")
+                 "removing", "written")
 
     def __init__(self, params, notes=None, saved_as=None):
         self.handle = None            # once libtorrent has added it
@@ -2102,6 +2102,7 @@ class _Torrent:
         self.next_save = None         # the save that follows it, shared by all who ask
         self.force_save = False       # whether that one must write even if unchanged
         self.removing = False
+        self.written = None           # file_progress at the last full disk check
 
     @property
     def aliases(self):
@@ -3171,8 +3172,10 @@ class TorrentEngine:
         Every second: the directories are writable, and every downloading torrent's save
         path still resolves inside the roots (a symlink swapped in would send its writes
         elsewhere). Every DATA_CHECK_INTERVAL: the same for every other torrent, and the
-        files of finished torrents are all there. A torrent that fails is stopped with
-        the reason in its error; resuming it checks again.
+        files of finished torrents are all there, and those a download had written to by
+        the check before (a check of what was just written could race its write). A
+        torrent that fails is stopped with the reason in its error; resuming it checks
+        again.
         """
         while self.loading:
             await asyncio.sleep(STATUS_INTERVAL)
@@ -3184,9 +3187,7 @@ class TorrentEngine:
             torrents = [t for t in self.torrents() if not t.fault and (
                 full or t.status["state"] == "downloading" and not t.status["paused"])]
             places = [self._places(t) for t in torrents]
-            checks = [(t.save_path, t.info["files"], list(t.file_priorities))
-                      if full and t.status["is_finished"] and t.info else None
-                      for t in torrents]
+            checks = [self._files_to_check(t) if full else None for t in torrents]
             dirs = {"download": self.config.download_dir, "state": self.store.root}
             problems, faults = await asyncio.to_thread(_inspect_disk, self.roots, dirs,
                                                        places, checks)
@@ -3197,6 +3198,19 @@ class TorrentEngine:
                     torrent.fault = fault
                     self.stop(torrent)
             await asyncio.sleep(WATCH_INTERVAL)
+
+    def _files_to_check(self, torrent):
+        """(save path, (index, path, least size) of files, priorities) that must be on
+        disk: every file of a finished torrent, or those a download had written to at
+        the last full check, which only need to exist; or None."""
+        if torrent.info is None:
+            return None
+        files, written = torrent.info["files"], torrent.written
+        torrent.written = torrent.file_progress
+        if not torrent.status["is_finished"]:
+            files = [(index, path, 0) for index, path, _ in files
+                     if index < len(written or ()) and written[index]]
+        return torrent.save_path, files, list(torrent.file_priorities)
 
     def _places(self, torrent):
         """The paths where a torrent's files go: its save path, and the top directory
@@ -4305,9 +4319,14 @@ def _bulk(action):
     async def handler(request):
         engine = request.app[ENGINE]
         torrents = _matching(engine, request.query, ("state", "paused", "label"))
-        done = await asyncio.gather(*(getattr(engine, action)(t) for t in torrents),
-                                    return_exceptions=True)
-        count = sum(1 for outcome in done if not isinstance(outcome, BaseException))
+        count = 0
+        # LOAD_BATCH at a time, each confirmed and saved before the next: 10,001 at once
+        # overflowed libtorrent's alert queue and kept /health waiting for seconds.
+        for start in range(0, len(torrents), LOAD_BATCH):
+            done = await asyncio.gather(*(getattr(engine, action)(t) for t in
+                                          torrents[start:start + LOAD_BATCH]),
+                                        return_exceptions=True)
+            count += sum(1 for outcome in done if not isinstance(outcome, BaseException))
         return web.json_response({"detail": f"{action}d {count} of {len(torrents)} "
                                   "torrents", "count": count})
     handler.__doc__ = f"{action.capitalize()} every torrent, or those the filters choose"
