@@ -3969,6 +3969,11 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
         "Authorization": "Basic " + base64.b64encode(b"u:wrong-token-xyz").decode()})
     assert wrong.status == 401
     assert wrong.headers["WWW-Authenticate"] == 'Basic realm="Transmission"'
+    # The raw token after "Basic", without base64 of user:password, is no credential.
+    raw_token = await guarded.post("/transmission/rpc", json={"method": "session-get"},
+                                   headers={"Authorization": f"Basic {TOKEN}",
+                                            "X-Transmission-Session-Id": session})
+    assert raw_token.status == 401
     raw = await guarded.post("/transmission/rpc", data=b"{not json", headers={
         **AUTH, "X-Transmission-Session-Id": session,
         "Content-Type": "application/x-www-form-urlencoded"})

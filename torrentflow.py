@@ -759,8 +759,10 @@ def _bearer_error(request, token):
         if path.startswith(prefix):
             realm = name
     if realm and scheme.lower() == "basic":
-        with contextlib.suppress(ValueError):
+        try:
             given = base64.b64decode(given.strip(), validate=True).decode().partition(":")[2]
+        except ValueError:  # not base64 of user:password, such as the raw token
+            given = ""
     elif scheme.lower() != "bearer":
         given = ""
     challenge = f'Basic realm="{realm}"' if realm else 'Bearer realm="torrentflow"'
