@@ -2304,7 +2304,6 @@ class TorrentEngine:
         #: The session's settings (GET/PATCH /settings): flags, then what PATCH saved.
         self.settings = {o.setting: getattr(config, o.name) for o in OPTIONS if o.setting}
         self.problems = {}            # what is wrong beyond one torrent, for /health
-        self._unsaved = {}            # torrent -> why its last save failed
         self._session = None
         self._torrents = {}           # _Torrent -> None: every torrent, in added order
         self._by_id = {}              # hex id -> _Torrent
@@ -2322,6 +2321,8 @@ class TorrentEngine:
         self._wakeup = asyncio.Event()
         self._alert_socket = None
         self._notify_socket = None
+        self.watch = _DiskWatch(self)
+        self.saves = _Saves(self)
 
     # -- extensions ---------------------------------------------------------- #
 
@@ -2383,8 +2384,8 @@ class TorrentEngine:
         self._session.set_alert_fd(self._notify_socket.fileno())
         loop.add_reader(self._alert_socket.fileno(), self._on_alert_fd)
         for name, work in (("alerts", self._alert_loop), ("status", self._status_loop),
-                           ("save", self._save_loop), ("load", self._load_saved),
-                           ("watch", self._watch_loop)):
+                           ("save", self.saves.run), ("load", self._load_saved),
+                           ("watch", self.watch.run)):
             self._tasks[name] = asyncio.create_task(work(), name=f"tf-{name}")
             self._tasks[name].add_done_callback(_log_failure)
         log.info("BitTorrent listening on %s, port %d (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
@@ -2479,7 +2480,7 @@ class TorrentEngine:
                 if task.done() and (name != "load" or task.cancelled() or task.exception())]
         found = [problem for check in self._listeners["health"] for problem in check()]
         return [*dead, *found, *self.problems.values(),
-                *itertools.islice(self._unsaved.values(), 1)]
+                *itertools.islice(self.saves.unsaved.values(), 1)]
 
     # -- waiting on libtorrent ------------------------------------------------ #
 
@@ -2566,6 +2567,10 @@ class TorrentEngine:
             raise ApiError(503, f"torrent {infohash} is still being added; try again",
                            RETRY_AFTER)
         return torrent
+
+    def all(self):
+        """Every torrent, those still being added or loaded included."""
+        return self._torrents
 
     def knows(self, infohash):
         """Whether a torrent answers to this id, exactly as written."""
@@ -2767,72 +2772,8 @@ class TorrentEngine:
     # -- saving ------------------------------------------------------------- #
 
     def save(self, torrent, force=True):
-        """A future of a save of the torrent as it is now: True once written, False if
-        nothing needed writing (or it is gone).
-
-        One save per torrent is in flight at a time. A request joins the save waiting to
-        follow it, so the data written always holds every change made before the call,
-        and a backlog never grows beyond one waiting save per torrent.
-        """
-        torrent.force_save |= force
-        if torrent.next_save is None:
-            torrent.next_save = self.spawn(self._save(torrent, torrent.saving),
-                                            f"save {torrent.infohash}")
-        return torrent.next_save
-
-    async def _save(self, torrent, previous):
-        """Ask libtorrent for the resume data once the previous save is done; write it."""
-        if previous is not None:
-            await asyncio.wait([previous])
-        torrent.saving, torrent.next_save = torrent.next_save, None
-        flags = SAVE_FULL if torrent.force_save else SAVE_IF_MODIFIED
-        torrent.force_save = False
-        try:
-            if torrent.handle is None or torrent.removing:
-                return False
-            try:
-                torrent.handle.save_resume_data(flags)
-            except RuntimeError:  # already removed: nothing left to save
-                return False
-            data = await self.expect(torrent.ids, (lt.save_resume_data_alert,
-                                                   lt.save_resume_data_failed_alert),
-                                     "saving the torrent", self._resume_data(torrent))
-            if not data or torrent.removing:
-                return False
-            old_name = torrent.saved_as
-            try:
-                with _state_io(f"saving {torrent.infohash}"):
-                    await self.store.write(torrent.infohash, data,
-                                           old_name if old_name != torrent.infohash else None)
-            except ApiError as error:
-                self.counts["save_failures"] += 1
-                self._unsaved[torrent] = error.detail  # a full disk is still writable
-                # libtorrent has handed this data over: write it in full at the next try.
-                torrent.force_save = True
-                raise
-            self.counts["saves"] += 1
-            self._unsaved.pop(torrent, None)
-            torrent.saved_as = torrent.infohash
-            return True
-        finally:
-            if torrent.saving is asyncio.current_task():
-                torrent.saving = None
-
-    def _resume_data(self, torrent):
-        """A match for a save's alert: the bytes to write, or b"" if there are none."""
-        def take(alert):
-            if isinstance(alert, lt.save_resume_data_failed_alert):
-                if alert.error.value() != RESUME_NOT_MODIFIED and not torrent.removing:
-                    log.warning("could not save resume data for %s: %s", torrent.infohash,
-                                alert.error.message())
-                return b""
-            params = alert.params
-            torrent.file_priorities = list(params.file_priorities)
-            if params.ti is None and torrent.magnet_peers:
-                params.peers = list(dict.fromkeys([*params.peers, *torrent.magnet_peers]))
-            # A copy: the alert dies at the next pop.
-            return _with_notes(lt.write_resume_data_buf(params), torrent.notes)
-        return take
+        """A future of a save of the torrent as it is now (see _Saves.save)."""
+        return self.saves.save(torrent, force)
 
     # -- the alert loop ----------------------------------------------------- #
 
@@ -2876,7 +2817,7 @@ class TorrentEngine:
         self._listing = None
         for status in alert.status:
             torrent = self._by_handle.get(status.handle)
-            if torrent is None or self._holding_back(torrent, status):
+            if torrent is None or _holding_back(torrent, status):
                 continue
             try:
                 self._take_status(torrent, status)
@@ -2936,17 +2877,6 @@ class TorrentEngine:
         elif now["state"] == "downloading" and not now["is_finished"]:
             torrent.notes["finished"] = False  # wanted again: it may finish again
 
-    @staticmethod
-    def _holding_back(torrent, status):
-        """Serve the previous status while a just-finished torrent's writes are flushed.
-
-        A script that sees "finished" reads the files next; they must be complete by
-        then. A flush that never reports back is not waited for beyond FLUSH_WAIT.
-        """
-        return (torrent.flushing_since is not None
-                and time.time() - torrent.flushing_since < FLUSH_WAIT
-                and status.is_finished and torrent.status is not None
-                and not torrent.status["is_finished"])
 
     def _register(self, torrent):
         """Make a torrent known by its ids, before libtorrent has it."""
@@ -2967,7 +2897,7 @@ class TorrentEngine:
         if self._torrents.pop(torrent, False) is False:
             return
         self._listing = None
-        self._unsaved.pop(torrent, None)
+        self.saves.unsaved.pop(torrent, None)
         self._notify("forget", torrent)
         self._by_handle.pop(torrent.handle, None)
         for key in torrent.aliases:
@@ -3119,36 +3049,153 @@ class TorrentEngine:
             self._checks_at_once = wanted
             self._session.apply_settings({"active_checking": wanted})
 
-    async def _save_loop(self):
+    async def _load_saved(self):
+        """Add every saved torrent back (see _Library), while the API already answers."""
+        try:
+            await _Library(self).run()
+        finally:
+            self._loaded = True
+
+    async def confined(self, torrent):
+        """Refuse (409) to let libtorrent open a torrent's files if its save path now
+        resolves outside the roots (see _DiskWatch)."""
+        await self.watch.confined(torrent)
+
+    def stop(self, torrent):
+        """Pause a torrent the daemon found a fault in, or that reached a limit; resume
+        clears the fault."""
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
+            torrent.handle.pause()
+            torrent.handle.post_status()
+        self.save(torrent)
+
+
+
+def _holding_back(torrent, status):
+    """Serve the previous status while a just-finished torrent's writes are flushed.
+
+    A script that sees "finished" reads the files next; they must be complete by
+    then. A flush that never reports back is not waited for beyond FLUSH_WAIT.
+    """
+    return (torrent.flushing_since is not None
+            and time.time() - torrent.flushing_since < FLUSH_WAIT
+            and status.is_finished and torrent.status is not None
+            and not torrent.status["is_finished"])
+
+
+class _Saves:
+    """Each torrent's resume data written to the state directory: when asked, when it
+    changed (every --save-interval), one save in flight per torrent."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.unsaved = {}             # torrent -> why its last save failed
+
+    def save(self, torrent, force=True):
+        """A future of a save of the torrent as it is now: True once written, False if
+        nothing needed writing (or it is gone).
+
+        One save per torrent is in flight at a time. A request joins the save waiting to
+        follow it, so the data written always holds every change made before the call,
+        and a backlog never grows beyond one waiting save per torrent.
+        """
+        torrent.force_save |= force
+        if torrent.next_save is None:
+            torrent.next_save = self.engine.spawn(self._save(torrent, torrent.saving),
+                                                   f"save {torrent.infohash}")
+        return torrent.next_save
+
+    async def _save(self, torrent, previous):
+        """Ask libtorrent for the resume data once the previous save is done; write it."""
+        if previous is not None:
+            await asyncio.wait([previous])
+        torrent.saving, torrent.next_save = torrent.next_save, None
+        flags = SAVE_FULL if torrent.force_save else SAVE_IF_MODIFIED
+        torrent.force_save = False
+        try:
+            if torrent.handle is None or torrent.removing:
+                return False
+            try:
+                torrent.handle.save_resume_data(flags)
+            except RuntimeError:  # already removed: nothing left to save
+                return False
+            data = await self.engine.expect(torrent.ids, (lt.save_resume_data_alert,
+                                                          lt.save_resume_data_failed_alert),
+                                            "saving the torrent", self._resume_data(torrent))
+            if not data or torrent.removing:
+                return False
+            old_name = torrent.saved_as
+            try:
+                with _state_io(f"saving {torrent.infohash}"):
+                    await self.engine.store.write(
+                        torrent.infohash, data, old_name if old_name != torrent.infohash else None)
+            except ApiError as error:
+                self.engine.counts["save_failures"] += 1
+                self.unsaved[torrent] = error.detail  # a full disk is still writable
+                # libtorrent has handed this data over: write it in full at the next try.
+                torrent.force_save = True
+                raise
+            self.engine.counts["saves"] += 1
+            self.unsaved.pop(torrent, None)
+            torrent.saved_as = torrent.infohash
+            return True
+        finally:
+            if torrent.saving is asyncio.current_task():
+                torrent.saving = None
+
+    def _resume_data(self, torrent):
+        """A match for a save's alert: the bytes to write, or b"" if there are none."""
+        def take(alert):
+            if isinstance(alert, lt.save_resume_data_failed_alert):
+                if alert.error.value() != RESUME_NOT_MODIFIED and not torrent.removing:
+                    log.warning("could not save resume data for %s: %s", torrent.infohash,
+                                alert.error.message())
+                return b""
+            params = alert.params
+            torrent.file_priorities = list(params.file_priorities)
+            if params.ti is None and torrent.magnet_peers:
+                params.peers = list(dict.fromkeys([*params.peers, *torrent.magnet_peers]))
+            # A copy: the alert dies at the next pop.
+            return _with_notes(lt.write_resume_data_buf(params), torrent.notes)
+        return take
+
+    async def run(self):
         """Save torrents that changed, so a crash loses at most one interval."""
         while True:
-            await asyncio.sleep(self.config.save_interval)
-            for torrent in self._torrents:
+            await asyncio.sleep(self.engine.config.save_interval)
+            for torrent in self.engine.all():
                 if ((torrent.dirty or torrent.force_save) and not torrent.removing
                         and torrent.saving is None and torrent.next_save is None):
                     torrent.dirty = False
                     self.save(torrent, force=False)
 
-    async def _load_saved(self):
-        """Add every saved torrent back, in batches, while the API already answers."""
-        try:
-            saved = await self.store.load(self.inside_roots)
-            missing = await asyncio.to_thread(self._prepare_saved, saved)
-            checking = 0
-            for start in range(0, len(saved), LOAD_BATCH):
-                for (name, params, notes), lost in zip(saved[start:start + LOAD_BATCH],
-                                                       missing[start:start + LOAD_BATCH]):
-                    checking += self._revive(name, params, notes, lost)
-                await asyncio.sleep(0)
-            if saved:
-                log.info("loading %d saved torrents", len(saved))
-            if not self.was_clean:
-                log.warning("the last run did not stop cleanly: checking the data of %d "
-                            "torrents that were downloading", checking)
-        finally:
-            self._loaded = True
 
-    def _prepare_saved(self, saved):
+class _Library:
+    """The engine's start: every torrent of the state directory handed back to libtorrent,
+    its notes checked, with what a crash or a missing drive left to check or hold."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def run(self):
+        """Add every saved torrent back, in batches."""
+        engine = self.engine
+        saved = await engine.store.load(engine.inside_roots)
+        missing = await asyncio.to_thread(self._prepare, saved)
+        checking = 0
+        for start in range(0, len(saved), LOAD_BATCH):
+            for (name, params, notes), lost in zip(saved[start:start + LOAD_BATCH],
+                                                   missing[start:start + LOAD_BATCH]):
+                checking += self._revive(name, params, notes, lost)
+            await asyncio.sleep(0)
+        if saved:
+            log.info("loading %d saved torrents", len(saved))
+        if not engine.was_clean:
+            log.warning("the last run did not stop cleanly: checking the data of %d "
+                        "torrents that were downloading", checking)
+
+    def _prepare(self, saved):
         """Check the notes of saved torrents, let the load listeners adjust them, and
         return for each the file of a finished torrent that is gone, or None: one whose
         drive is not mounted must not quietly download everything again. On a worker
@@ -3157,7 +3204,7 @@ class TorrentEngine:
         for index, (name, params, notes) in enumerate(saved):
             notes = _checked_notes(notes, _note_defaults(params), name)
             saved[index] = (name, params, notes)
-            self._notify("load", params, notes)
+            self.engine._notify("load", params, notes)
             missing.append(_missing_file(params.save_path, _files_of(params.ti),
                                          params.file_priorities)
                            if notes["finished"] and params.ti else None)
@@ -3170,19 +3217,19 @@ class TorrentEngine:
         checking = False
         if lost:
             params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
-        elif not self.was_clean and self._lagging(params):
+        elif not self.engine.was_clean and self._lagging(params):
             # Without the pieces it was saved with, libtorrent checks the files: what
             # reached the disk since is kept, not downloaded again.
             params.have_pieces = []
             checking = True
         torrent = _Torrent(params, notes, saved_as=name)
         torrent.fault = lost and f"missing or truncated file: {lost}"
-        self._register(torrent)
+        self.engine._register(torrent)
         try:
-            self._session.async_add_torrent(params)
+            self.engine._session.async_add_torrent(params)
         except (ValueError, RuntimeError) as error:
             log.error("could not load saved torrent %s: %s", torrent.infohash, error)
-            self._forget(torrent)
+            self.engine._forget(torrent)
         return checking
 
     @staticmethod
@@ -3194,7 +3241,16 @@ class TorrentEngine:
         return (params.ti is not None and running
                 and sum(params.have_pieces) < params.ti.num_pieces())
 
-    async def _watch_loop(self):
+
+class _DiskWatch:
+    """The disk under the daemon, watched for what someone else does to it: directories
+    that are no longer writable, save paths swapped for symlinks out of the roots, data
+    deleted under a torrent."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def run(self):
         """Watch the disk under the daemon.
 
         Every second: the directories are writable, and every downloading torrent's save
@@ -3205,26 +3261,27 @@ class TorrentEngine:
         torrent that fails is stopped with the reason in its error; resuming it checks
         again.
         """
-        while self.loading:
+        engine = self.engine
+        while engine.loading:
             await asyncio.sleep(STATUS_INTERVAL)
         next_full_check = 0.0
         while True:
             full = time.monotonic() >= next_full_check
             if full:
                 next_full_check = time.monotonic() + DATA_CHECK_INTERVAL
-            torrents = [t for t in self.torrents() if not t.fault and (
+            torrents = [t for t in engine.torrents() if not t.fault and (
                 full or t.status["state"] == "downloading" and not t.status["paused"])]
-            places = [self._places(t) for t in torrents]
+            places = [self.places(t) for t in torrents]
             checks = [self._files_to_check(t) if full else None for t in torrents]
-            dirs = {"download": self.config.download_dir, "state": self.store.root}
-            problems, faults = await asyncio.to_thread(_inspect_disk, self.roots, dirs,
+            dirs = {"download": engine.config.download_dir, "state": engine.store.root}
+            problems, faults = await asyncio.to_thread(_inspect_disk, engine.roots, dirs,
                                                        places, checks)
-            self.problems = {**problems, **{name: problem for name, problem
-                                            in self.problems.items() if name == "listen"}}
+            engine.problems = {**problems, **{name: problem for name, problem
+                                              in engine.problems.items() if name == "listen"}}
             for torrent, fault in zip(torrents, faults):
                 if fault and not torrent.fault and not torrent.removing:
                     torrent.fault = fault
-                    self.stop(torrent)
+                    engine.stop(torrent)
             await asyncio.sleep(WATCH_INTERVAL)
 
     def _files_to_check(self, torrent):
@@ -3240,7 +3297,8 @@ class TorrentEngine:
                      if index < len(written or ()) and written[index]]
         return torrent.save_path, files, list(torrent.file_priorities)
 
-    def _places(self, torrent):
+    @staticmethod
+    def places(torrent):
         """The paths where a torrent's files go: its save path, and the top directory
         or file its name makes there."""
         name = torrent.info and torrent.status["name"]
@@ -3249,21 +3307,11 @@ class TorrentEngine:
     async def confined(self, torrent):
         """Refuse (409) to let libtorrent open a torrent's files if its save path now
         resolves outside the roots; stop the torrent with the reason."""
-        fault = await asyncio.to_thread(_outside_roots, self.roots, self._places(torrent))
+        fault = await asyncio.to_thread(_outside_roots, self.engine.roots, self.places(torrent))
         if fault:
             torrent.fault = fault
-            self.stop(torrent)
+            self.engine.stop(torrent)
             raise ApiError(409, f"torrent {torrent.infohash}: {fault}")
-
-    def stop(self, torrent):
-        """Pause a torrent the daemon found a fault in, or that reached a limit; resume
-        clears the fault."""
-        with contextlib.suppress(RuntimeError):
-            torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
-            torrent.handle.pause()
-            torrent.handle.post_status()
-        self.save(torrent)
-
 
 def _held(status):
     """Paused by hand or by a fault, not by libtorrent's queue."""
