@@ -3779,8 +3779,8 @@ def make_app(config):
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, served(app, method, path, handler))
     # Last: any other path or method, without a token (see _no_route).
-    app.router.add_route("*", "/{path:.*}", served(app, "*", "unmatched", _no_route,
-                                                   public=True))
+    app.router.add_route("*", r"/{path:[\s\S]*}", served(app, "*", "unmatched", _no_route,
+                                                         public=True))
 
     async def lifecycle(app):
         engine = TorrentEngine(config)
