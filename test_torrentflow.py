@@ -3986,18 +3986,25 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
             ("torrent-get", {"fields": ["id"], "ids": {"x": 1}}, "ids must be"),
             ("torrent-add", {}, "no filename or metainfo"),
             ("torrent-add", {"metainfo": "!!!"}, "invalid or corrupt"),
-            ("torrent-add", {"filename": MAGNET, "download-dir": "/etc"}, "save_path"),
+            # Directories are refused in the RPC's words: the key the client sent.
+            ("torrent-add", {"filename": MAGNET, "download-dir": "/etc"},
+             "download-dir must stay inside the download directory"),
             ("torrent-set-location", {"ids": [1], "move": True}, "no location"),
+            ("torrent-set-location", {"ids": [1], "move": True, "location": "/etc"},
+             "location must stay inside the download directory"),
+            ("torrent-set-location", {"ids": [1], "move": True, "location": "a\x00b"},
+             "location contains a NUL byte"),
             ("torrent-set", {"ids": [1], "labels": "x"}, "labels"),
             ("torrent-set", {"ids": [1], "files-wanted": [0]}, "metadata"),
             ("torrent-set", {"ids": [1], "seedRatioMode": [1]}, "0, 1 or 2"),
             ("torrent-add", {"filename": MAGNET[:-2] + "99", "files-wanted": [0]}, "metadata"),
             ("session-set", {"speed-limit-down": "9" * 100_000}, "must be a number"),
             ("session-set", {"speed-limit-up": "fast"}, "must be a number"),
-            ("free-space", {"path": "/etc"}, "save_path"),
+            ("free-space", {"path": "/etc"}, "path must stay inside the download directory"),
             ("free-space", {"path": "\udcff"}, "not valid Unicode")):
         status, answer = await rpc(guarded, method, arguments, session, tag=7)
         assert status == 200 and words in answer["result"] and answer["result"] != "success"
+        assert "save_path" not in answer["result"], answer
         assert answer["tag"] == 7
     # A refused add added nothing.
     assert (await guarded.get("/torrents/" + "ab" * 19 + "99", headers=AUTH)).status == 404

@@ -5462,6 +5462,15 @@ async def _rpc_get(request, engine, arguments):
     return answer
 
 
+async def _rpc_directory(engine, arguments, key):
+    """The directory the argument key names, confined as save_path is; a refusal names
+    key (download-dir, location or path), the word the client sent."""
+    try:
+        return await asyncio.to_thread(resolve_save_path, engine.roots, _text(arguments, key))
+    except ApiError as error:
+        raise RpcError(error.detail.replace("save_path", key, 1)) from None
+
+
 async def _rpc_add(request, engine, arguments):
     """torrent-add: a magnet or URL in filename, or a .torrent in base64 metainfo."""
     if "metainfo" in arguments:
@@ -5474,8 +5483,7 @@ async def _rpc_add(request, engine, arguments):
         params = await _params_from_source(request, arguments["filename"], None)
     else:
         raise RpcError("no filename or metainfo specified")
-    directory = _text(arguments, "download-dir")
-    params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots, directory)
+    params.save_path = await _rpc_directory(engine, arguments, "download-dir")
     settings = parse_settings({**_rpc_settings(None, arguments),
                                "paused": bool(arguments.get("paused", False))}, "add")
     choices = any(key in arguments for key in RPC_FILE_CHOICES)
@@ -5508,8 +5516,8 @@ async def _rpc_location(engine, torrent, arguments):
         raise RpcError("no location")
     if arguments.get("move") is not True:
         raise RpcError("only a move of the data (move: true) is supported")
-    await configure(engine, torrent, {"save_path": await asyncio.to_thread(
-        resolve_save_path, engine.roots, location)})
+    await configure(engine, torrent, {
+        "save_path": await _rpc_directory(engine, arguments, "location")})
 
 
 def _rpc_session(request):
@@ -5594,7 +5602,7 @@ async def _rpc_free_space(request, engine, arguments):
     path = _text(arguments, "path")
     if not path:
         raise RpcError("directory path argument is missing")
-    target = await asyncio.to_thread(resolve_save_path, engine.roots, path)
+    target = await _rpc_directory(engine, arguments, "path")
     usage = await asyncio.to_thread(_disk_usage, target)
     return {"path": path, "size-bytes": usage.free, "total_size": usage.total}
 
