@@ -4236,6 +4236,50 @@ async def test_transmissions_web_client_lists_and_pauses_a_torrent(aiohttp_clien
         await browser.close()
 
 
+async def test_the_rpc_keeps_each_torrents_file_as_transmission_does(guarded_process,
+                                                                      seeders, tmp_path):
+    """Transmission keeps a copy of each .torrent and names it in torrentFile (FlexGet's
+    from_transmission reads it). TorrentFlow writes it to the state directory once the
+    metadata is known, whether from a file or from peers; a copy lost while the daemon
+    was down is written again at the next start, and a removal takes it along."""
+    process = guarded_process
+    await process.start()
+    source = make_payload(tmp_path / "source", {"uploaded.bin": 40_000, "fetched.bin": 100_000})
+    uploaded = make_torrent(source / "uploaded.bin", comment="kept as added",
+                            tracker="http://127.0.0.1:9/announce")
+    fetched = make_torrent(source / "fetched.bin")
+    seeder = seeders().seed(fetched, source)
+    for arguments in ({"metainfo": base64.b64encode(uploaded).decode()},
+                      {"filename": seeder.magnet(fetched)}, {"filename": MAGNET}):
+        _, answer = await rpc(process.client, "torrent-add", arguments)
+        assert answer["result"] == "success", answer
+    _, answer = await rpc(process.client, "torrent-get", {"fields": ["hashString",
+                                                                      "torrentFile"]})
+    copies = {torrent["hashString"]: Path(torrent["torrentFile"])
+              for torrent in answer["arguments"]["torrents"]}
+    assert copies == {infohash: process.state_dir / "torrents" / f"{infohash}.torrent"
+                      for infohash in (infohash_of(uploaded), infohash_of(fetched), "ab" * 20)}
+    uploaded_copy, fetched_copy = copies[infohash_of(uploaded)], copies[infohash_of(fetched)]
+    await wait_until(lambda: uploaded_copy.is_file() and fetched_copy.is_file(),
+                     what="the .torrent copies")
+    assert uploaded_copy.read_bytes() == uploaded  # its tracker and comment too
+    assert infohash_of(fetched_copy.read_bytes()) == infohash_of(fetched)
+    assert not copies["ab" * 20].exists()  # no metadata, no .torrent
+    # At a start, each torrent's metadata is read again, and a missing copy comes back.
+    await process.stop()
+    uploaded_copy.unlink()
+    await process.start()
+    await wait_until(uploaded_copy.is_file, what="the lost copy to be written again")
+    assert uploaded_copy.read_bytes() == uploaded
+    # Removed, the copy is gone by the time the answer comes.
+    for infohash, delete in ((infohash_of(uploaded), False), (infohash_of(fetched), True)):
+        _, answer = await rpc(process.client, "torrent-remove", {
+            "ids": [infohash], "delete-local-data": delete})
+        assert answer["result"] == "success", answer
+        assert not copies[infohash].exists()
+    assert await process.infohashes() == {"ab" * 20}
+
+
 # --------------------------------------------------------------------------- #
 # The README is held to the tables in the code
 # --------------------------------------------------------------------------- #

@@ -5112,33 +5112,97 @@ OPTIONS.append(Option("web_ui", _directory, None, "serve this directory at "
                       "transmission-common)"))
 
 
+#: The folder of the state directory where each torrent's .torrent is kept, as
+#: Transmission keeps them in its own: torrent-get's torrentFile names the copy, and
+#: tools such as FlexGet's from_transmission read that field.
+RPC_TORRENT_FILES = "torrents"
+
+
 class RpcState:
     """What the RPC keeps beside the engine: its session id, each torrent's number
-    (Transmission's ids, in the order it first lists them), and recent removals."""
+    (Transmission's ids, in the order it first lists them), recent removals, and the
+    .torrent copies in the state directory."""
 
-    def __init__(self):
+    def __init__(self, state_dir):
         self.session_id = secrets.token_urlsafe(24)
         self.numbers = {}                                # _Torrent -> its number
         self._next = itertools.count(1)
         self.removed = collections.deque(maxlen=10_000)  # (time, number)
+        self.folder = os.path.join(os.path.abspath(state_dir), RPC_TORRENT_FILES)
+        self.copies = {}  # a .torrent copy's name in the state directory -> its torrent
 
     def number(self, torrent):
         if torrent not in self.numbers:
             self.numbers[torrent] = next(self._next)
         return self.numbers[torrent]
 
-    def forget(self, torrent):
+    def torrent_file(self, torrent):
+        """The absolute path of the torrent's .torrent copy, there once its metadata is."""
+        return f"{self.folder}{os.sep}{torrent.infohash}.torrent"
+
+    def forget(self, engine, torrent):
         number = self.numbers.pop(torrent, None)
         if number is not None:
             self.removed.append((time.time(), number))
+        name = _rpc_copy_name(torrent)
+        if self.copies.get(name) is torrent:  # not a same-named survivor's
+            del self.copies[name]
+            _logged(engine.store.drop(name), f"dropping {name}")
+
+    async def keep(self, engine, torrent):
+        """A metadata listener: write the torrent's .torrent copy unless it exists (a
+        new torrent's, or one lost while the daemon was down)."""
+        name = _rpc_copy_name(torrent)
+        self.copies[name] = torrent
+        try:
+            data = await asyncio.to_thread(_rpc_torrent_bytes, engine.store.root / name,
+                                           torrent)
+        except RuntimeError:  # libtorrent dropped it meanwhile
+            return
+        if data is not None and self.copies.get(name) is torrent:  # not removed meanwhile
+            _logged(engine.store.put(name, data), f"writing {name}")
+
+
+def _rpc_copy_name(torrent):
+    """The name of a torrent's .torrent copy, relative to the state directory."""
+    return f"{RPC_TORRENT_FILES}/{torrent.infohash}.torrent"
+
+
+def _rpc_torrent_bytes(path, torrent):
+    """The torrent's .torrent, or None if path holds it already: its info dict byte for
+    byte, its trackers and web seeds as the daemon keeps them, and the fields it was
+    added with. A v2 torrent's piece layers are left out, as libtorrent writes them only
+    through a Python copy of the whole file (a tenth of a second for 60,000 files, with
+    the GIL held); a client fetches them from peers. Blocking: run in a thread."""
+    if os.path.exists(path):
+        return None
+    metadata = torrent.handle.torrent_file()
+    if metadata is None:
+        return None
+    tiers = {}  # bencoded text is bytes (lt.bencode deprecates str)
+    for tracker in torrent.handle.trackers():
+        tiers.setdefault(tracker["tier"], []).append(tracker["url"].encode())
+    urls = [url for tier in tiers.values() for url in tier]
+    created, creator, comment = torrent.creation
+    fields = {"announce": urls[0] if urls else None,
+              "announce-list": list(tiers.values()) if len(urls) > 1 else None,
+              "comment": comment.encode(), "created by": creator.encode(),
+              "creation date": created,
+              "url-list": [url.encode() for url in torrent.handle.url_seeds()]}
+    fields = {key: value for key, value in fields.items() if value}
+    # A bencoded dict is its keys in order: the info dict goes between the two halves.
+    before = lt.bencode({key: value for key, value in fields.items() if key < "info"})
+    after = lt.bencode({key: value for key, value in fields.items() if key > "info"})
+    return before[:-1] + b"4:info" + metadata.info_section() + after[1:]
 
 
 RPC = web.AppKey("rpc", RpcState)
 
 
 def _rpc_setup(app, engine):
-    state = app[RPC] = RpcState()
-    engine.listen("forget", state.forget)
+    state = app[RPC] = RpcState(engine.config.state_dir)
+    engine.listen("forget", lambda torrent: state.forget(engine, torrent))
+    engine.listen("metadata", lambda torrent: state.keep(engine, torrent))
 
 
 EXTENSIONS.append(_rpc_setup)
@@ -5196,7 +5260,8 @@ def _rpc_tracker(index, tracker):
 
 
 #: Every torrent-get field, as a function of (torrent, status dict, session settings,
-#: extra) where extra holds the slow views (trackers, peers) fetched when asked for.
+#: extra) where extra holds its id, its .torrent copy's path, and the slow views
+#: (trackers, peers) fetched when asked for.
 RPC_FIELDS = {
     "id": lambda t, s, c, x: x["id"],
     "hashString": lambda t, s, c, x: t.infohash,
@@ -5255,6 +5320,7 @@ RPC_FIELDS = {
     "activityDate": lambda t, s, c, x: _rpc_activity(s),
     "dateCreated": lambda t, s, c, x: s["creation_date"] or 0,
     "editDate": lambda t, s, c, x: 0, "manualAnnounceTime": lambda t, s, c, x: -1,
+    "torrentFile": lambda t, s, c, x: x["torrentFile"],
     "comment": lambda t, s, c, x: s["comment"] or "",
     "creator": lambda t, s, c, x: s["creator"] or "",
     "magnetLink": lambda t, s, c, x: (f"magnet:?xt=urn:btih:{s['info_hash_v1']}"
@@ -5443,8 +5509,9 @@ async def _rpc_get(request, engine, arguments):
             "peers": "peers" in known}
     torrents, table = list(_rpc_ids(request, arguments)), arguments.get("format") == "table"
     views, rpc = {"trackers": trackers, "peers": peers}, request.app[RPC]
-    extras = [{"id": rpc.number(torrent), **{name: await views[name](engine, torrent)
-                                            if needed else [] for name, needed in slow.items()}}
+    extras = [{"id": rpc.number(torrent), "torrentFile": rpc.torrent_file(torrent),
+               **{name: await views[name](engine, torrent) if needed else []
+                  for name, needed in slow.items()}}
               for torrent in torrents]
 
     def build():
