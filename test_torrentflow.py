@@ -4280,6 +4280,79 @@ async def test_the_rpc_keeps_each_torrents_file_as_transmission_does(guarded_pro
     assert await process.infohashes() == {"ab" * 20}
 
 
+async def stig(process, tmp_path, *command, succeeds=True):
+    """The output of stig's CLI run against the daemon. It takes where to connect only
+    from settings, so they come in an rc file: Basic auth, any user, the token as
+    password. Not on a terminal, its listings are tab-separated and unformatted."""
+    rc = tmp_path / "stig.rc"
+    rc.write_text(f"set connect.host 127.0.0.1\nset connect.port {process.port}\n"
+                  f"set connect.user stig\nset connect.password {TOKEN}\n")
+    home = tmp_path / "stig-home"  # stig reads (and may write) nothing of the user's
+    env = {key: value for key, value in CLEAN_ENV.items() if key not in ("COLUMNS", "LINES")}
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "stig", "--rcfile", str(rc), "--notui",
+                         *command], capture_output=True, text=True, timeout=DEADLINE,
+        env={**env, "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
+             "XDG_CACHE_HOME": str(home / "cache"), "XDG_DATA_HOME": str(home / "data")})
+    assert (result.returncode == 0) == succeeds, (command, result.stdout, result.stderr)
+    return result.stdout + result.stderr
+
+
+async def test_stig_drives_the_daemon(guarded_process, seeders, tracker, tmp_path):
+    """stig (a Transmission TUI and CLI, PyPI's stig) adds, lists, stops, starts,
+    verifies, moves and removes with data, each step checked against the REST view."""
+    pytest.importorskip("stig", reason="stig is a test-only dependency; .ci/run installs it")
+    process = guarded_process
+    torrent, source, layout = swarm_torrent(tmp_path, tracker, seeders(), 1024 * 1024)
+    (tmp_path / "data.torrent").write_bytes(torrent)
+    infohash = infohash_of(torrent)
+    await process.start()
+    assert "Added data.bin" in await stig(process, tmp_path, "add",
+                                          str(tmp_path / "data.torrent"))
+    await wait_complete(process.client, infohash)
+
+    async def listed():
+        row, = (await stig(process, tmp_path, "ls", "--columns",
+                           "id,infohash,name,path,%downloaded,status")).splitlines()
+        return row.split("\t")
+    assert (await listed())[:5] == ["1", infohash, "data.bin", str(process.download_dir),
+                                    "100.0"]
+    assert "Stopping data.bin" in await stig(process, tmp_path, "stop", "data.bin")
+    assert (await process.status(infohash))["paused"]
+    assert (await listed())[5] == "stopped"
+    # A byte flipped while it is stopped: only a verify finds the piece and fetches it again.
+    target = process.download_dir / "data.bin"
+    data = bytearray(target.read_bytes())
+    data[500_000] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert "Verifying data.bin" in await stig(process, tmp_path, "verify", "data.bin")
+    assert "Starting data.bin" in await stig(process, tmp_path, "start", "data.bin")
+    assert not (await process.status(infohash))["paused"]
+    assert (await listed())[5] != "stopped"
+    await wait_status(process.client, infohash, lambda s: not s["state"].startswith(
+        "checking"), what="the check to end")
+    # The piece the check found bad comes from the seeder the tracker names: a new one, as
+    # libtorrent waits a minute (min_reconnect_time) to dial the one the stop hung up on.
+    tracker.seeder = seeders().seed(torrent, source)
+    assert "Announcing: data.bin" in await stig(process, tmp_path, "announce", "data.bin")
+    await wait_until(lambda: same_tree(source, process.download_dir, layout),
+                     what="the verify to find the flipped byte")
+    await wait_complete(process.client, infohash)
+    moved = process.download_dir / "moved"
+    await stig(process, tmp_path, "move", "data.bin", str(moved))
+    await wait_status(process.client, infohash, lambda s: s["save_path"] == str(moved),
+                      what="stig's move")
+    await wait_until(lambda: same_tree(source, moved, layout), what="the moved data")
+    assert (await listed())[3] == str(moved)
+    # A refusal names the RPC's word for the directory (stig capitalises it).
+    refused = await stig(process, tmp_path, "move", "data.bin", "/etc", succeeds=False)
+    assert "Location must stay inside the download directory" in refused
+    assert "Deleting data.bin (including files)" in await stig(
+        process, tmp_path, "rm", "--delete-files", "data.bin")
+    assert await process.infohashes() == set()
+    assert not (moved / "data.bin").exists()
+
+
 # --------------------------------------------------------------------------- #
 # The README is held to the tables in the code
 # --------------------------------------------------------------------------- #

@@ -5210,12 +5210,16 @@ EXTENSIONS.append(_rpc_setup)
 
 def _rpc_status(status):
     """Transmission's status number: 0 stopped, 1-2 (queued to) verify, 3-4 (queued to)
-    download, 5-6 (queued to) seed."""
+    download, 5-6 (queued to) seed. A stopped torrent is 0 even with a check asked for:
+    libtorrent checks it only once it is started (Transmission at once, so it never
+    shows one waiting), and stig starts only a torrent that shows stopped."""
     done = status["is_finished"]
+    if status["paused"] and not status["queued"]:
+        return 0
     if status["state"].startswith("checking"):
         return 1 if status["queued"] else 2
     if status["paused"]:
-        return (5 if done else 3) if status["queued"] else 0
+        return 5 if done else 3
     return 6 if done else 4
 
 
