@@ -4353,6 +4353,56 @@ async def test_stig_drives_the_daemon(guarded_process, seeders, tracker, tmp_pat
     assert not (moved / "data.bin").exists()
 
 
+#: FlexGet: .ci/run installs it in a venv of its own (it pins dozens of packages) and
+#: names its program in $FLEXGET.
+FLEXGET = os.environ.get("FLEXGET") or shutil.which("flexget")
+
+
+async def flexget(tmp_path, *arguments):
+    """The output of one FlexGet run on the config in tmp_path/flexget, which also
+    holds its database and log. Wide columns, so that --dump cuts no value short."""
+    folder = tmp_path / "flexget"
+    result = await asyncio.to_thread(
+        subprocess.run, [FLEXGET, "-c", str(folder / "config.yml"), *arguments],
+        capture_output=True, text=True, timeout=2 * DEADLINE, cwd=folder,
+        env={**CLEAN_ENV, "HOME": str(folder), "COLUMNS": "1000"})
+    assert result.returncode == 0, (arguments, result.stdout, result.stderr)
+    return result.stdout + result.stderr
+
+
+@pytest.mark.skipif(FLEXGET is None, reason="FlexGet is a test-only dependency: .ci/run "
+                    "installs it and names it in $FLEXGET")
+async def test_flexget_lists_and_purges_a_torrent(guarded_process, seeders, tracker,
+                                                  tmp_path):
+    """FlexGet's from_transmission input, the cleanup FlexGet recommends, lists the
+    torrent with its .torrent copy, and its transmission output purges it with its data."""
+    process = guarded_process
+    torrent, source, layout = swarm_torrent(tmp_path, tracker, seeders(), 1024 * 1024)
+    infohash = infohash_of(torrent)
+    await process.start()
+    await add(process.client, torrent_file=torrent)
+    await wait_complete(process.client, infohash)
+    copy = process.state_dir / "torrents" / f"{infohash}.torrent"
+    await wait_until(copy.is_file, what="the .torrent copy")
+    daemon = {"host": "127.0.0.1", "port": process.port, "username": "flexget",
+              "password": TOKEN}
+    (tmp_path / "flexget").mkdir()
+    (tmp_path / "flexget" / "config.yml").write_text(json.dumps({"tasks": {  # JSON is YAML
+        "list": {"from_transmission": daemon},
+        "purge": {"from_transmission": daemon, "accept_all": True,
+                  "transmission": {**daemon, "action": "purge"}}}}))
+    listed = await flexget(tmp_path, "execute", "--tasks", "list", "--dump")
+    entry = dict(re.findall(r"^(\w+)\s*: (.*?)\s*$", listed, re.MULTILINE))
+    assert entry["title"] == "data.bin", listed
+    assert entry["torrent_info_hash"].lower() == infohash
+    assert entry["transmission_torrentFile"] == entry["location"] == str(copy)
+    assert entry["transmission_downloadDir"] == str(process.download_dir)
+    purged = await flexget(tmp_path, "execute", "--tasks", "purge")
+    assert "purged data.bin from transmission" in purged, purged
+    assert await process.infohashes() == set()
+    assert not (process.download_dir / "data.bin").exists() and not copy.exists()
+
+
 # --------------------------------------------------------------------------- #
 # The README is held to the tables in the code
 # --------------------------------------------------------------------------- #
