@@ -3986,18 +3986,25 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
             ("torrent-get", {"fields": ["id"], "ids": {"x": 1}}, "ids must be"),
             ("torrent-add", {}, "no filename or metainfo"),
             ("torrent-add", {"metainfo": "!!!"}, "invalid or corrupt"),
-            ("torrent-add", {"filename": MAGNET, "download-dir": "/etc"}, "save_path"),
+            # Directories are refused in the RPC's words: the key the client sent.
+            ("torrent-add", {"filename": MAGNET, "download-dir": "/etc"},
+             "download-dir must stay inside the download directory"),
             ("torrent-set-location", {"ids": [1], "move": True}, "no location"),
+            ("torrent-set-location", {"ids": [1], "move": True, "location": "/etc"},
+             "location must stay inside the download directory"),
+            ("torrent-set-location", {"ids": [1], "move": True, "location": "a\x00b"},
+             "location contains a NUL byte"),
             ("torrent-set", {"ids": [1], "labels": "x"}, "labels"),
             ("torrent-set", {"ids": [1], "files-wanted": [0]}, "metadata"),
             ("torrent-set", {"ids": [1], "seedRatioMode": [1]}, "0, 1 or 2"),
             ("torrent-add", {"filename": MAGNET[:-2] + "99", "files-wanted": [0]}, "metadata"),
             ("session-set", {"speed-limit-down": "9" * 100_000}, "must be a number"),
             ("session-set", {"speed-limit-up": "fast"}, "must be a number"),
-            ("free-space", {"path": "/etc"}, "save_path"),
+            ("free-space", {"path": "/etc"}, "path must stay inside the download directory"),
             ("free-space", {"path": "\udcff"}, "not valid Unicode")):
         status, answer = await rpc(guarded, method, arguments, session, tag=7)
         assert status == 200 and words in answer["result"] and answer["result"] != "success"
+        assert "save_path" not in answer["result"], answer
         assert answer["tag"] == 7
     # A refused add added nothing.
     assert (await guarded.get("/torrents/" + "ab" * 19 + "99", headers=AUTH)).status == 404
@@ -4227,6 +4234,173 @@ async def test_transmissions_web_client_lists_and_pauses_a_torrent(aiohttp_clien
             what="the web client to show it paused")
     finally:
         await browser.close()
+
+
+async def test_the_rpc_keeps_each_torrents_file_as_transmission_does(guarded_process,
+                                                                      seeders, tmp_path):
+    """Transmission keeps a copy of each .torrent and names it in torrentFile (FlexGet's
+    from_transmission reads it). TorrentFlow writes it to the state directory once the
+    metadata is known, whether from a file or from peers; a copy lost while the daemon
+    was down is written again at the next start, and a removal takes it along."""
+    process = guarded_process
+    await process.start()
+    source = make_payload(tmp_path / "source", {"uploaded.bin": 40_000, "fetched.bin": 100_000})
+    uploaded = make_torrent(source / "uploaded.bin", comment="kept as added",
+                            tracker="http://127.0.0.1:9/announce")
+    fetched = make_torrent(source / "fetched.bin")
+    seeder = seeders().seed(fetched, source)
+    for arguments in ({"metainfo": base64.b64encode(uploaded).decode()},
+                      {"filename": seeder.magnet(fetched)}, {"filename": MAGNET}):
+        _, answer = await rpc(process.client, "torrent-add", arguments)
+        assert answer["result"] == "success", answer
+    _, answer = await rpc(process.client, "torrent-get", {"fields": ["hashString",
+                                                                      "torrentFile"]})
+    copies = {torrent["hashString"]: Path(torrent["torrentFile"])
+              for torrent in answer["arguments"]["torrents"]}
+    assert copies == {infohash: process.state_dir / "torrents" / f"{infohash}.torrent"
+                      for infohash in (infohash_of(uploaded), infohash_of(fetched), "ab" * 20)}
+    uploaded_copy, fetched_copy = copies[infohash_of(uploaded)], copies[infohash_of(fetched)]
+    await wait_until(lambda: uploaded_copy.is_file() and fetched_copy.is_file(),
+                     what="the .torrent copies")
+    assert uploaded_copy.read_bytes() == uploaded  # its tracker and comment too
+    assert infohash_of(fetched_copy.read_bytes()) == infohash_of(fetched)
+    assert not copies["ab" * 20].exists()  # no metadata, no .torrent
+    # At a start, each torrent's metadata is read again, and a missing copy comes back.
+    await process.stop()
+    uploaded_copy.unlink()
+    await process.start()
+    await wait_until(uploaded_copy.is_file, what="the lost copy to be written again")
+    assert uploaded_copy.read_bytes() == uploaded
+    # Removed, the copy is gone by the time the answer comes.
+    for infohash, delete in ((infohash_of(uploaded), False), (infohash_of(fetched), True)):
+        _, answer = await rpc(process.client, "torrent-remove", {
+            "ids": [infohash], "delete-local-data": delete})
+        assert answer["result"] == "success", answer
+        assert not copies[infohash].exists()
+    assert await process.infohashes() == {"ab" * 20}
+
+
+async def stig(process, tmp_path, *command, succeeds=True):
+    """The output of stig's CLI run against the daemon. It takes where to connect only
+    from settings, so they come in an rc file: Basic auth, any user, the token as
+    password. Not on a terminal, its listings are tab-separated and unformatted."""
+    rc = tmp_path / "stig.rc"
+    rc.write_text(f"set connect.host 127.0.0.1\nset connect.port {process.port}\n"
+                  f"set connect.user stig\nset connect.password {TOKEN}\n")
+    home = tmp_path / "stig-home"  # stig reads (and may write) nothing of the user's
+    env = {key: value for key, value in CLEAN_ENV.items() if key not in ("COLUMNS", "LINES")}
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "stig", "--rcfile", str(rc), "--notui",
+                         *command], capture_output=True, text=True, timeout=DEADLINE,
+        env={**env, "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
+             "XDG_CACHE_HOME": str(home / "cache"), "XDG_DATA_HOME": str(home / "data")})
+    assert (result.returncode == 0) == succeeds, (command, result.stdout, result.stderr)
+    return result.stdout + result.stderr
+
+
+async def test_stig_drives_the_daemon(guarded_process, seeders, tracker, tmp_path):
+    """stig (a Transmission TUI and CLI, PyPI's stig) adds, lists, stops, starts,
+    verifies, moves and removes with data, each step checked against the REST view."""
+    pytest.importorskip("stig", reason="stig is a test-only dependency; .ci/run installs it")
+    process = guarded_process
+    torrent, source, layout = swarm_torrent(tmp_path, tracker, seeders(), 1024 * 1024)
+    (tmp_path / "data.torrent").write_bytes(torrent)
+    infohash = infohash_of(torrent)
+    await process.start()
+    assert "Added data.bin" in await stig(process, tmp_path, "add",
+                                          str(tmp_path / "data.torrent"))
+    await wait_complete(process.client, infohash)
+
+    async def listed():
+        row, = (await stig(process, tmp_path, "ls", "--columns",
+                           "id,infohash,name,path,%downloaded,status")).splitlines()
+        return row.split("\t")
+    assert (await listed())[:5] == ["1", infohash, "data.bin", str(process.download_dir),
+                                    "100.0"]
+    assert "Stopping data.bin" in await stig(process, tmp_path, "stop", "data.bin")
+    assert (await process.status(infohash))["paused"]
+    assert (await listed())[5] == "stopped"
+    # A byte flipped while it is stopped: only a verify finds the piece and fetches it again.
+    target = process.download_dir / "data.bin"
+    data = bytearray(target.read_bytes())
+    data[500_000] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert "Verifying data.bin" in await stig(process, tmp_path, "verify", "data.bin")
+    assert "Starting data.bin" in await stig(process, tmp_path, "start", "data.bin")
+    assert not (await process.status(infohash))["paused"]
+    assert (await listed())[5] != "stopped"
+    await wait_status(process.client, infohash, lambda s: not s["state"].startswith(
+        "checking"), what="the check to end")
+    # The piece the check found bad comes from the seeder the tracker names: a new one, as
+    # libtorrent waits a minute (min_reconnect_time) to dial the one the stop hung up on.
+    tracker.seeder = seeders().seed(torrent, source)
+    assert "Announcing: data.bin" in await stig(process, tmp_path, "announce", "data.bin")
+    await wait_until(lambda: same_tree(source, process.download_dir, layout),
+                     what="the verify to find the flipped byte")
+    await wait_complete(process.client, infohash)
+    moved = process.download_dir / "moved"
+    await stig(process, tmp_path, "move", "data.bin", str(moved))
+    await wait_status(process.client, infohash, lambda s: s["save_path"] == str(moved),
+                      what="stig's move")
+    await wait_until(lambda: same_tree(source, moved, layout), what="the moved data")
+    assert (await listed())[3] == str(moved)
+    # A refusal names the RPC's word for the directory (stig capitalises it).
+    refused = await stig(process, tmp_path, "move", "data.bin", "/etc", succeeds=False)
+    assert "Location must stay inside the download directory" in refused
+    assert "Deleting data.bin (including files)" in await stig(
+        process, tmp_path, "rm", "--delete-files", "data.bin")
+    assert await process.infohashes() == set()
+    assert not (moved / "data.bin").exists()
+
+
+#: FlexGet: .ci/run installs it in a venv of its own (it pins dozens of packages) and
+#: names its program in $FLEXGET.
+FLEXGET = os.environ.get("FLEXGET") or shutil.which("flexget")
+
+
+async def flexget(tmp_path, *arguments):
+    """The output of one FlexGet run on the config in tmp_path/flexget, which also
+    holds its database and log. Wide columns, so that --dump cuts no value short."""
+    folder = tmp_path / "flexget"
+    result = await asyncio.to_thread(
+        subprocess.run, [FLEXGET, "-c", str(folder / "config.yml"), *arguments],
+        capture_output=True, text=True, timeout=2 * DEADLINE, cwd=folder,
+        env={**CLEAN_ENV, "HOME": str(folder), "COLUMNS": "1000"})
+    assert result.returncode == 0, (arguments, result.stdout, result.stderr)
+    return result.stdout + result.stderr
+
+
+@pytest.mark.skipif(FLEXGET is None, reason="FlexGet is a test-only dependency: .ci/run "
+                    "installs it and names it in $FLEXGET")
+async def test_flexget_lists_and_purges_a_torrent(guarded_process, seeders, tracker,
+                                                  tmp_path):
+    """FlexGet's from_transmission input, the cleanup FlexGet recommends, lists the
+    torrent with its .torrent copy, and its transmission output purges it with its data."""
+    process = guarded_process
+    torrent, source, layout = swarm_torrent(tmp_path, tracker, seeders(), 1024 * 1024)
+    infohash = infohash_of(torrent)
+    await process.start()
+    await add(process.client, torrent_file=torrent)
+    await wait_complete(process.client, infohash)
+    copy = process.state_dir / "torrents" / f"{infohash}.torrent"
+    await wait_until(copy.is_file, what="the .torrent copy")
+    daemon = {"host": "127.0.0.1", "port": process.port, "username": "flexget",
+              "password": TOKEN}
+    (tmp_path / "flexget").mkdir()
+    (tmp_path / "flexget" / "config.yml").write_text(json.dumps({"tasks": {  # JSON is YAML
+        "list": {"from_transmission": daemon},
+        "purge": {"from_transmission": daemon, "accept_all": True,
+                  "transmission": {**daemon, "action": "purge"}}}}))
+    listed = await flexget(tmp_path, "execute", "--tasks", "list", "--dump")
+    entry = dict(re.findall(r"^(\w+)\s*: (.*?)\s*$", listed, re.MULTILINE))
+    assert entry["title"] == "data.bin", listed
+    assert entry["torrent_info_hash"].lower() == infohash
+    assert entry["transmission_torrentFile"] == entry["location"] == str(copy)
+    assert entry["transmission_downloadDir"] == str(process.download_dir)
+    purged = await flexget(tmp_path, "execute", "--tasks", "purge")
+    assert "purged data.bin from transmission" in purged, purged
+    assert await process.infohashes() == set()
+    assert not (process.download_dir / "data.bin").exists() and not copy.exists()
 
 
 # --------------------------------------------------------------------------- #

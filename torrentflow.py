@@ -5112,33 +5112,97 @@ OPTIONS.append(Option("web_ui", _directory, None, "serve this directory at "
                       "transmission-common)"))
 
 
+#: The folder of the state directory where each torrent's .torrent is kept, as
+#: Transmission keeps them in its own: torrent-get's torrentFile names the copy, and
+#: tools such as FlexGet's from_transmission read that field.
+RPC_TORRENT_FILES = "torrents"
+
+
 class RpcState:
     """What the RPC keeps beside the engine: its session id, each torrent's number
-    (Transmission's ids, in the order it first lists them), and recent removals."""
+    (Transmission's ids, in the order it first lists them), recent removals, and the
+    .torrent copies in the state directory."""
 
-    def __init__(self):
+    def __init__(self, state_dir):
         self.session_id = secrets.token_urlsafe(24)
         self.numbers = {}                                # _Torrent -> its number
         self._next = itertools.count(1)
         self.removed = collections.deque(maxlen=10_000)  # (time, number)
+        self.folder = os.path.join(os.path.abspath(state_dir), RPC_TORRENT_FILES)
+        self.copies = {}  # a .torrent copy's name in the state directory -> its torrent
 
     def number(self, torrent):
         if torrent not in self.numbers:
             self.numbers[torrent] = next(self._next)
         return self.numbers[torrent]
 
-    def forget(self, torrent):
+    def torrent_file(self, torrent):
+        """The absolute path of the torrent's .torrent copy, there once its metadata is."""
+        return f"{self.folder}{os.sep}{torrent.infohash}.torrent"
+
+    def forget(self, engine, torrent):
         number = self.numbers.pop(torrent, None)
         if number is not None:
             self.removed.append((time.time(), number))
+        name = _rpc_copy_name(torrent)
+        if self.copies.get(name) is torrent:  # not a same-named survivor's
+            del self.copies[name]
+            _logged(engine.store.drop(name), f"dropping {name}")
+
+    async def keep(self, engine, torrent):
+        """A metadata listener: write the torrent's .torrent copy unless it exists (a
+        new torrent's, or one lost while the daemon was down)."""
+        name = _rpc_copy_name(torrent)
+        self.copies[name] = torrent
+        try:
+            data = await asyncio.to_thread(_rpc_torrent_bytes, engine.store.root / name,
+                                           torrent)
+        except RuntimeError:  # libtorrent dropped it meanwhile
+            return
+        if data is not None and self.copies.get(name) is torrent:  # not removed meanwhile
+            _logged(engine.store.put(name, data), f"writing {name}")
+
+
+def _rpc_copy_name(torrent):
+    """The name of a torrent's .torrent copy, relative to the state directory."""
+    return f"{RPC_TORRENT_FILES}/{torrent.infohash}.torrent"
+
+
+def _rpc_torrent_bytes(path, torrent):
+    """The torrent's .torrent, or None if path holds it already: its info dict byte for
+    byte, its trackers and web seeds as the daemon keeps them, and the fields it was
+    added with. A v2 torrent's piece layers are left out, as libtorrent writes them only
+    through a Python copy of the whole file (a tenth of a second for 60,000 files, with
+    the GIL held); a client fetches them from peers. Blocking: run in a thread."""
+    if os.path.exists(path):
+        return None
+    metadata = torrent.handle.torrent_file()
+    if metadata is None:
+        return None
+    tiers = {}  # bencoded text is bytes (lt.bencode deprecates str)
+    for tracker in torrent.handle.trackers():
+        tiers.setdefault(tracker["tier"], []).append(tracker["url"].encode())
+    urls = [url for tier in tiers.values() for url in tier]
+    created, creator, comment = torrent.creation
+    fields = {"announce": urls[0] if urls else None,
+              "announce-list": list(tiers.values()) if len(urls) > 1 else None,
+              "comment": comment.encode(), "created by": creator.encode(),
+              "creation date": created,
+              "url-list": [url.encode() for url in torrent.handle.url_seeds()]}
+    fields = {key: value for key, value in fields.items() if value}
+    # A bencoded dict is its keys in order: the info dict goes between the two halves.
+    before = lt.bencode({key: value for key, value in fields.items() if key < "info"})
+    after = lt.bencode({key: value for key, value in fields.items() if key > "info"})
+    return before[:-1] + b"4:info" + metadata.info_section() + after[1:]
 
 
 RPC = web.AppKey("rpc", RpcState)
 
 
 def _rpc_setup(app, engine):
-    state = app[RPC] = RpcState()
-    engine.listen("forget", state.forget)
+    state = app[RPC] = RpcState(engine.config.state_dir)
+    engine.listen("forget", lambda torrent: state.forget(engine, torrent))
+    engine.listen("metadata", lambda torrent: state.keep(engine, torrent))
 
 
 EXTENSIONS.append(_rpc_setup)
@@ -5146,12 +5210,16 @@ EXTENSIONS.append(_rpc_setup)
 
 def _rpc_status(status):
     """Transmission's status number: 0 stopped, 1-2 (queued to) verify, 3-4 (queued to)
-    download, 5-6 (queued to) seed."""
+    download, 5-6 (queued to) seed. A stopped torrent is 0 even with a check asked for:
+    libtorrent checks it only once it is started (Transmission at once, so it never
+    shows one waiting), and stig starts only a torrent that shows stopped."""
     done = status["is_finished"]
+    if status["paused"] and not status["queued"]:
+        return 0
     if status["state"].startswith("checking"):
         return 1 if status["queued"] else 2
     if status["paused"]:
-        return (5 if done else 3) if status["queued"] else 0
+        return 5 if done else 3
     return 6 if done else 4
 
 
@@ -5196,7 +5264,8 @@ def _rpc_tracker(index, tracker):
 
 
 #: Every torrent-get field, as a function of (torrent, status dict, session settings,
-#: extra) where extra holds the slow views (trackers, peers) fetched when asked for.
+#: extra) where extra holds its id, its .torrent copy's path, and the slow views
+#: (trackers, peers) fetched when asked for.
 RPC_FIELDS = {
     "id": lambda t, s, c, x: x["id"],
     "hashString": lambda t, s, c, x: t.infohash,
@@ -5255,6 +5324,7 @@ RPC_FIELDS = {
     "activityDate": lambda t, s, c, x: _rpc_activity(s),
     "dateCreated": lambda t, s, c, x: s["creation_date"] or 0,
     "editDate": lambda t, s, c, x: 0, "manualAnnounceTime": lambda t, s, c, x: -1,
+    "torrentFile": lambda t, s, c, x: x["torrentFile"],
     "comment": lambda t, s, c, x: s["comment"] or "",
     "creator": lambda t, s, c, x: s["creator"] or "",
     "magnetLink": lambda t, s, c, x: (f"magnet:?xt=urn:btih:{s['info_hash_v1']}"
@@ -5443,8 +5513,9 @@ async def _rpc_get(request, engine, arguments):
             "peers": "peers" in known}
     torrents, table = list(_rpc_ids(request, arguments)), arguments.get("format") == "table"
     views, rpc = {"trackers": trackers, "peers": peers}, request.app[RPC]
-    extras = [{"id": rpc.number(torrent), **{name: await views[name](engine, torrent)
-                                            if needed else [] for name, needed in slow.items()}}
+    extras = [{"id": rpc.number(torrent), "torrentFile": rpc.torrent_file(torrent),
+               **{name: await views[name](engine, torrent) if needed else []
+                  for name, needed in slow.items()}}
               for torrent in torrents]
 
     def build():
@@ -5462,6 +5533,15 @@ async def _rpc_get(request, engine, arguments):
     return answer
 
 
+async def _rpc_directory(engine, arguments, key):
+    """The directory the argument key names, confined as save_path is; a refusal names
+    key (download-dir, location or path), the word the client sent."""
+    try:
+        return await asyncio.to_thread(resolve_save_path, engine.roots, _text(arguments, key))
+    except ApiError as error:
+        raise RpcError(error.detail.replace("save_path", key, 1)) from None
+
+
 async def _rpc_add(request, engine, arguments):
     """torrent-add: a magnet or URL in filename, or a .torrent in base64 metainfo."""
     if "metainfo" in arguments:
@@ -5474,8 +5554,7 @@ async def _rpc_add(request, engine, arguments):
         params = await _params_from_source(request, arguments["filename"], None)
     else:
         raise RpcError("no filename or metainfo specified")
-    directory = _text(arguments, "download-dir")
-    params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots, directory)
+    params.save_path = await _rpc_directory(engine, arguments, "download-dir")
     settings = parse_settings({**_rpc_settings(None, arguments),
                                "paused": bool(arguments.get("paused", False))}, "add")
     choices = any(key in arguments for key in RPC_FILE_CHOICES)
@@ -5508,8 +5587,8 @@ async def _rpc_location(engine, torrent, arguments):
         raise RpcError("no location")
     if arguments.get("move") is not True:
         raise RpcError("only a move of the data (move: true) is supported")
-    await configure(engine, torrent, {"save_path": await asyncio.to_thread(
-        resolve_save_path, engine.roots, location)})
+    await configure(engine, torrent, {
+        "save_path": await _rpc_directory(engine, arguments, "location")})
 
 
 def _rpc_session(request):
@@ -5594,7 +5673,7 @@ async def _rpc_free_space(request, engine, arguments):
     path = _text(arguments, "path")
     if not path:
         raise RpcError("directory path argument is missing")
-    target = await asyncio.to_thread(resolve_save_path, engine.roots, path)
+    target = await _rpc_directory(engine, arguments, "path")
     usage = await asyncio.to_thread(_disk_usage, target)
     return {"path": path, "size-bytes": usage.free, "total_size": usage.total}
 
