@@ -942,7 +942,8 @@ async def test_every_route_but_health_and_spec_needs_the_token(guarded):
         assert (await guarded.get(path)).status == 200
     # A path no route has says so before any token is asked for (stig reported a wrong
     # URL as "Authentication failed"); the route table is public in /openapi.json.
-    for method, path in (("GET", "/nowhere"), ("POST", "/rpc"), ("GET", "/transmission/x")):
+    for method, path in (("GET", "/nowhere"), ("POST", "/rpc"), ("GET", "/transmission/x"),
+                         ("GET", "/x%0Ay")):
         basic = "Basic " + base64.b64encode(b"user:wrong-password").decode()
         for headers in ({}, {"Authorization": basic}):
             response = await guarded.request(method, path, headers=headers)
