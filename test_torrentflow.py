@@ -1694,7 +1694,9 @@ class DaemonProcess:
                 if response.status != 200:
                     return None
                 status = await response.json()
-                return status if not status["state"].startswith("checking") else None
+                # Its metadata is read off the loop a moment after its first status.
+                read = status["files"] is not None or not status["has_metadata"]
+                return status if read and not status["state"].startswith("checking") else None
         return await wait_until(listed, deadline=30, what=f"{infohash} to come back")
 
 
