@@ -4671,3 +4671,12 @@ async def test_data_deleted_during_a_download_stops_it_with_the_reason(daemon, t
                                what="the deleted file to be noticed")
     assert "missing or truncated file: gone.bin" in status["error"] and status["paused"]
     assert status["progress"] < 100
+
+
+async def test_a_new_torrent_shows_the_state_it_is_in_at_once(daemon, payload):
+    """Not paused and queued until libtorrent's queue ticks, up to a second later, when
+    the queue has room: started at once, as that tick would."""
+    source, _ = payload
+    _, body = await add(daemon, torrent_file=make_torrent(source / "single.bin"))
+    status = await status_of(daemon, body["infohash"])
+    assert status["paused"] is False and status["queued"] is False, status

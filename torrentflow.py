@@ -2666,6 +2666,12 @@ class TorrentEngine:
             raise
         if torrent.status is None:
             await self.confirm(torrent, lambda status: True, "the first status")
+        if torrent.status["queued"] and self._queue_has_room():
+            # libtorrent's queue would start it at its next tick, up to a second later,
+            # showing it queued meanwhile: start it now, as that tick would.
+            with contextlib.suppress(RuntimeError):
+                torrent.handle.resume()
+            await self.confirm(torrent, lambda status: True, "the start")
         self.emit("added", torrent)
         await self.settled()
         torrent.added = None  # saved: a second add of it need not wait
@@ -2982,6 +2988,15 @@ class TorrentEngine:
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
             self.save(torrent)
         self.refresh(torrent)
+
+    def _queue_has_room(self):
+        """Whether libtorrent's queue would start one more download now."""
+        running = [t for t in self.torrents() if t.status["auto_managed"]
+                   and not t.status["paused"]]
+        downloads = sum(1 for t in running if not t.status["is_finished"])
+        return all(limit < 0 or used < limit for limit, used in (
+            (self.settings["max_active_downloads"], downloads),
+            (self.settings["max_active_torrents"], len(running))))
 
     def _start_next_download(self):
         """A queued download takes the place of one that finished, now. libtorrent's queue
