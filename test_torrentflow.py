@@ -4407,6 +4407,47 @@ async def test_flexget_lists_and_purges_a_torrent(guarded_process, seeders, trac
 
 
 # --------------------------------------------------------------------------- #
+# Hardened extensions: webhooks, RPC bodies, the web client
+# --------------------------------------------------------------------------- #
+
+async def rpc_session(client):
+    """The RPC's session id, as a client's first request learns it."""
+    return (await client.get("/transmission/rpc", headers=AUTH)).headers[
+        "X-Transmission-Session-Id"]
+
+
+async def test_rpc_refuses_repeated_keys(guarded):
+    """{"method": "session-get", "method": "torrent-stop"} stopped every torrent: the
+    RPC took the last of repeated keys. A repeated key, at any depth, is refused with a
+    result string, and nothing happens."""
+    added = await guarded.post("/torrents", json={"torrent_url": MAGNET}, headers=AUTH)
+    assert added.status == 201
+    headers = {**AUTH, "X-Transmission-Session-Id": await rpc_session(guarded)}
+    for body in ('{"method":"session-get","method":"torrent-stop"}',
+                 '{"method":"torrent-stop","arguments":{"ids":["%s"],"ids":["%s"]}}'
+                 % ("cd" * 20, MAGNET[-40:]),
+                 '{"method":"torrent-stop","arguments":{"ids":[{"a":1,"a":2}]}}'):
+        response = await guarded.post("/transmission/rpc", data=body, headers=headers)
+        answer = await response.json()
+        assert response.status == 200 and set(answer) == {"arguments", "result"}, answer
+        assert "repeated" in answer["result"], answer
+    # Not stopped (a stop takes it out of the queue's hands).
+    assert (await status_of_guarded(guarded, MAGNET[-40:]))["auto_managed"]
+    # The same call without the repeat does what it says.
+    _, answer = await rpc(guarded, "torrent-stop", {"ids": [MAGNET[-40:]]},
+                          headers["X-Transmission-Session-Id"])
+    assert answer["result"] == "success"
+    stopped = await status_of_guarded(guarded, MAGNET[-40:])
+    assert stopped["paused"] and not stopped["auto_managed"]
+
+
+async def status_of_guarded(client, infohash):
+    response = await client.get(f"/torrents/{infohash}", headers=AUTH)
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+# --------------------------------------------------------------------------- #
 # The README is held to the tables in the code
 # --------------------------------------------------------------------------- #
 

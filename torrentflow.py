@@ -5722,6 +5722,18 @@ async def _rpc_fields(answer, arguments):
     return {key: value for key, value in answer.items() if key in fields}
 
 
+def _rpc_object(pairs):
+    """A JSON object of an RPC call; a repeated key is refused, as the REST API does.
+    Last-wins made {"method": "session-get", "method": "torrent-stop"} stop every
+    torrent, where a proxy or a log that reads the first key sees a session-get."""
+    try:
+        return _unique_keys(pairs)
+    except ValueError:
+        counts = collections.Counter(key for key, _ in pairs)
+        repeated = next(key for key, count in counts.items() if count > 1)
+        raise RpcError(f"the key {_cut(repeated)!r} is repeated") from None
+
+
 async def _rpc_call(request, body):
     """One RPC request: {"result", "arguments", "tag"}, never an exception."""
     answer = {"arguments": {}, "result": "success"}
@@ -5730,12 +5742,14 @@ async def _rpc_call(request, body):
     if sum(body.count(mark) for mark in (b",", b"[", b"{")) > RPC_MAX_VALUES:
         return {**answer, "result": f"more than {RPC_MAX_VALUES} values in one call"}
     try:
-        call = json.loads(body)
+        call = json.loads(body, object_pairs_hook=_rpc_object)
         method, arguments = call["method"], call.get("arguments") or {}
         if not isinstance(method, str) or not isinstance(arguments, dict):
             raise ValueError
         # As in Transmission, null means "not given" (stig sends "labels": null).
         arguments = {key: value for key, value in arguments.items() if value is not None}
+    except RpcError as error:
+        return {**answer, "result": str(error)}
     except (ValueError, KeyError, TypeError, RecursionError):
         return {**answer, "result": "no method name"}
     if isinstance(call.get("tag"), int) and not isinstance(call["tag"], bool):
