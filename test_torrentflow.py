@@ -4441,6 +4441,66 @@ async def test_rpc_refuses_repeated_keys(guarded):
     assert stopped["paused"] and not stopped["auto_managed"]
 
 
+async def test_webhook_credentials_show_as_stars(aiohttp_server, tmp_path, capsys):
+    """A webhook URL's credentials are used, and shown nowhere: not in GET /webhooks,
+    /metrics, /health or the log, nor in the message that refuses the URL at start."""
+    receiver = await receiver_at(aiohttp_server)
+    password, token = "hook-pass-0123456789", "hook-token-0123456789"
+    with_password = receiver.url.replace("http://", f"http://hook-user:{password}@")
+    user_only = f"http://{token}@127.0.0.1:1/hook"  # nothing listens: it fails
+    process = DaemonProcess(tmp_path, extra=[
+        "--webhook", with_password, "--webhook", user_only, "--webhook-events", "added"])
+    try:
+        await process.start()
+        await add(process.client, torrent_url=MAGNET)
+        await wait_until(lambda: receiver.received, deadline=30, what="the delivery")
+        assert receiver.received[0][0]["Authorization"] == "Basic " + base64.b64encode(
+            f"hook-user:{password}".encode()).decode()
+
+        async def failed_once():
+            async with process.client.get("/webhooks") as response:
+                views = (await response.json())["webhooks"]
+            return views if all(view["last_error"] or view["last_success"]
+                                for view in views) else None
+        views = await wait_until(failed_once, deadline=30, what="the failed delivery")
+        shown = receiver.url.replace("http://", "http://hook-user:***@")
+        assert [view["url"] for view in views] == [shown, "http://***@127.0.0.1:1/hook"]
+        async with process.client.get("/metrics") as response:
+            metrics = await response.text()
+        assert f'url="{shown}"' in metrics
+        async with process.client.get("/health") as response:
+            health = await response.text()
+    finally:
+        await process.close()
+    for text in (json.dumps(views), metrics, health, process.log()):
+        assert password not in text and token not in text
+    # Refused at start, the URL is named without its password.
+    with pytest.raises(SystemExit):
+        daemon_config(tmp_path, "--webhook", f"http://someone:{password}@example.com/x")
+    error = capsys.readouterr().err
+    assert "someone:***@example.com" in error and password not in error
+
+
+async def test_a_webhook_url_with_cr_or_lf_stops_the_start(tmp_path, capsys):
+    """urlsplit drops CR and LF quietly, so such a URL passed the check, and the text
+    as given was posted to. It stops the start with status 2, naming the option."""
+    url = "http://127.0.0.1:9/hook\r\nX-Injected: yes"
+    started = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(HERE / "torrentflow.py"), "--local-only",
+                         "--listen-interfaces", "127.0.0.1:0", "--port", "0",
+                         "--download-dir", str(tmp_path / "downloads"),
+                         "--state-dir", str(tmp_path / "state"), "--webhook", url],
+        capture_output=True, text=True, timeout=15, env=CLEAN_ENV, cwd=tmp_path)
+    assert started.returncode == 2, started.stderr
+    assert "--webhook / TORRENTFLOW_WEBHOOKS" in started.stderr
+    assert "control characters" in started.stderr
+    for url in ("http://127.0.0.1:9/a\nb", "http://127.0.0.1:9/a\rb"):
+        with pytest.raises(SystemExit) as stopped:
+            torrentflow.parse_config(["--local-only"], environ={"TORRENTFLOW_WEBHOOKS": url})
+        assert stopped.value.code == 2
+        assert "--webhook / TORRENTFLOW_WEBHOOKS" in capsys.readouterr().err
+
+
 async def status_of_guarded(client, infohash):
     response = await client.get(f"/torrents/{infohash}", headers=AUTH)
     assert response.status == 200, await response.text()

@@ -4613,7 +4613,10 @@ EVENT_FIELDS = ("infohash", "name", "state", "progress", "paused", "error", "sav
 
 
 def _webhook_url(text):
-    """An http(s) URL."""
+    """An http(s) URL, without spaces or control characters: urlsplit drops CR and LF
+    quietly, but the URL as given is the one posted to."""
+    if re.search("[\x00-\x20\x7f]", text):
+        raise ValueError("a URL holds no spaces or control characters (CR, LF, tab...)")
     try:
         parts = urllib.parse.urlsplit(text)
     except ValueError as error:
@@ -4621,6 +4624,17 @@ def _webhook_url(text):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("give an http:// or https:// URL")
     return text
+
+
+def _shown_url(url):
+    """A webhook URL as the daemon shows it (GET /webhooks, /metrics, the log): its
+    password as ***, or a user name without one (often a token itself) as ***."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return url.replace(netloc, f"{user}:***@{host}" if colon else f"***@{host}", 1)
 
 
 def _event_types(text):
@@ -4637,7 +4651,8 @@ def _local_webhooks(values):
     """With --local-only, every webhook must name this host: nothing leaves it."""
     for url in values["webhooks"] if values["local_only"] else ():
         if not _is_local_url(url):
-            return f"with --local-only, {url!r} must name localhost or a loopback address"
+            return (f"with --local-only, {_shown_url(url)!r} must name localhost or a "
+                    "loopback address")
     return None
 
 
@@ -4689,6 +4704,7 @@ class _Webhook:
 
     def __init__(self, url, types, secret, store):
         self.url, self.types, self.secret, self.store = url, types, secret, store
+        self.shown = _shown_url(url)  # the URL wherever it is shown: no credentials
         self.folder = f"webhooks/{hashlib.sha1(url.encode()).hexdigest()[:16]}"
         self.pending = {}             # event id -> the JSON body, oldest first
         self.posting = None           # the id of the event being posted
@@ -4713,7 +4729,7 @@ class _Webhook:
             return  # dropped already: the queue overflowed while it was being posted
         self.counts["dropped"] += 1
         _logged(self.store.drop(f"{self.folder}/{event_id}.json"), "dropping an event")
-        log.warning("webhook %s: dropped event %d: %s", self.url, event_id, why)
+        log.warning("webhook %s: dropped event %d: %s", self.shown, event_id, why)
 
     async def deliver(self, client):
         """Post the queued events one by one, for ever."""
@@ -4763,13 +4779,15 @@ class _Webhook:
                     return True
                 self.last_error = f"HTTP {response.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-            self.last_error = str(error) or type(error).__name__
+            # An error may quote the URL: shown in GET /webhooks, it must not hold secrets.
+            self.last_error = (str(error) or type(error).__name__).replace(
+                self.url, self.shown)
         self.counts["failed"] += 1
         return False
 
     def view(self):
         """What GET /webhooks shows of this target."""
-        return {"url": self.url, "events": sorted(self.types), "queued": len(self.pending),
+        return {"url": self.shown, "events": sorted(self.types), "queued": len(self.pending),
                 "last_success": self.last_success, "last_error": self.last_error,
                 **{name: self.counts[name] for name in ("delivered", "failed", "dropped")}}
 
@@ -4796,7 +4814,8 @@ class Events:
             self.next_id = int(saved.get(EVENT_COUNTER, b"0"))
         await self._reserve()
         self.client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
-        self.tasks = [asyncio.create_task(hook.deliver(self.client), name=f"webhook {hook.url}")
+        self.tasks = [asyncio.create_task(hook.deliver(self.client),
+                                          name=f"webhook {hook.shown}")
                       for hook in self.webhooks]
         for task in self.tasks:
             task.add_done_callback(_log_failure)
@@ -5046,9 +5065,9 @@ def render_metrics(engine, events, stats, requests, per_torrent, process):
     for name, key in (("deliveries", "delivered"), ("delivery_failures", "failed"),
                       ("dropped", "dropped")):
         metric(f"webhook_{name}_total", "counter", f"webhook {name.replace('_', ' ')}",
-               [({"url": h.url}, h.counts[key]) for h in hooks])
+               [({"url": h.shown}, h.counts[key]) for h in hooks])
     metric("webhook_queued", "gauge", "events waiting for delivery",
-           [({"url": h.url}, len(h.pending)) for h in hooks])
+           [({"url": h.shown}, len(h.pending)) for h in hooks])
     metric("event_subscribers", "gauge", "open GET /events streams",
            [({}, len(events.subscribers))])
     metric("http_requests_total", "counter", "API requests by route and status",
