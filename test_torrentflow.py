@@ -4441,6 +4441,54 @@ async def test_rpc_refuses_repeated_keys(guarded):
     assert stopped["paused"] and not stopped["auto_managed"]
 
 
+async def test_a_malformed_webhook_queue_file_is_quarantined_and_the_rest_delivered(
+        aiohttp_server, tmp_path):
+    """One malformed file in a webhook's queue (not JSON, a list, not UTF-8, CR/LF in
+    its type, no time) stopped every delivery to its target, at every start. Each is
+    moved to quarantine/ with one warning, and the events around them are delivered."""
+    receiver = await receiver_at(aiohttp_server)
+    now = int(time.time())
+
+    def event(number, **fields):
+        return json.dumps({"id": number, "type": "added", "time": now, "infohash": None,
+                           "detail": f"queued {number}", "torrent": None, **fields}).encode()
+    malformed = {"1.json": b"{not json", "2.json": b"[1, 2]",
+                 "3.json": event(3).replace(b"added", b"added\xff"),
+                 "4.json": event(4, type="added\r\nX-Injected: yes"),
+                 "5.json": json.dumps({"id": 5, "type": "added"}).encode(),
+                 "notes.json": event(6)}
+    process = DaemonProcess(tmp_path, extra=["--webhook", receiver.url,
+                                             "--webhook-events", "added"])
+    folder = process.state_dir / "webhooks" / hashlib.sha1(
+        receiver.url.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True)
+    for name, body in {**malformed, "7.json": event(7), "9.json": event(9)}.items():
+        (folder / name).write_bytes(body)
+    (process.state_dir / "event-id").write_text("100")  # new events follow the queue
+    try:
+        await process.start()
+        _, body = await add(process.client, torrent_url=MAGNET)
+
+        def delivered():
+            return sorted(e["id"] for e in receiver.delivered().values())
+        await wait_until(lambda: len(delivered()) == 3, deadline=30, what="the deliveries")
+        ordered = [json.loads(raw)["id"] for _, raw in receiver.received]
+        assert ordered == delivered() == [7, 9, 101]
+        assert json.loads(receiver.received[-1][1])["infohash"] == body["infohash"]
+        assert all("X-Injected" not in headers for headers, _ in receiver.received)
+        async with process.client.get("/health") as response:
+            assert response.status == 200, await response.text()
+    finally:
+        await process.close()
+    assert not list(folder.iterdir())
+    aside = {path.name.rpartition(".")[0]: path.read_bytes()
+             for path in (process.state_dir / "quarantine" / "webhooks" / folder.name).iterdir()}
+    assert aside == malformed
+    log = process.log()
+    for name in malformed:
+        assert log.count(f"moved queue file {name} ") == 1, log
+
+
 async def test_webhook_credentials_show_as_stars(aiohttp_server, tmp_path, capsys):
     """A webhook URL's credentials are used, and shown nowhere: not in GET /webhooks,
     /metrics, /health or the log, nor in the message that refuses the URL at start."""

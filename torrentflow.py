@@ -4698,6 +4698,27 @@ class _Subscriber:
             self.wake.set()
 
 
+def _queued_problem(name, body):
+    """Why a file of a webhook's queue cannot be delivered, or None. The daemon wrote
+    it, but a disk fault or a hand edit may have changed it since, and one file that
+    breaks the delivery task would stop its target's deliveries for good."""
+    number = name.removesuffix(".json")
+    if number == name or not (number.isascii() and number.isdigit() and len(number) < 19):
+        return "not named <event id>.json"
+    try:
+        event = json.loads(body.decode())
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        return f"not UTF-8 JSON: {error}"
+    if not isinstance(event, dict):
+        return "not a JSON object"
+    # The type goes into a header, and the time decides when retrying ends.
+    if event.get("type") not in EVENT_TYPES:
+        return "no known event type"
+    if type(event.get("time")) is not int:
+        return "no time"
+    return None
+
+
 class _Webhook:
     """One webhook target: its queue of events, kept in the state directory until
     delivered, and the task that delivers them in order, retrying with backoff."""
@@ -4734,7 +4755,10 @@ class _Webhook:
     async def deliver(self, client):
         """Post the queued events one by one, for ever."""
         for name, body in (await self.store.read(self.folder)).items():
-            with contextlib.suppress(ValueError):
+            problem = _queued_problem(name, body)
+            if problem:
+                await self._quarantine(name, body, problem)
+            else:
                 self.pending.setdefault(int(name.removesuffix(".json")), body)
         self.pending = dict(sorted(self.pending.items()))
         attempt = 0
@@ -4760,6 +4784,19 @@ class _Webhook:
             # Exponential backoff with jitter, so that retries from many daemons spread.
             await asyncio.sleep(min(WEBHOOK_MAX_DELAY, 2 ** (attempt - 1))
                                 * random.uniform(0.5, 1.5))
+
+    async def _quarantine(self, name, body, why):
+        """Move a queue file that cannot be delivered aside, under quarantine/."""
+        target = f"quarantine/{self.folder}/{name}.{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            await self.store.put(target, body)
+            await self.store.drop(f"{self.folder}/{name}")
+        except OSError as error:
+            log.warning("webhook %s: skipping queue file %s (%s), which cannot be moved "
+                        "aside: %s", self.shown, name, why, error)
+            return
+        log.warning("webhook %s: moved queue file %s to %s: %s", self.shown, name, target,
+                    why)
 
     async def _post(self, client, event_id, body):
         """One delivery; True on a 2xx answer."""
