@@ -15,6 +15,7 @@ cases.
 import ast
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -1326,8 +1327,8 @@ async def test_the_spec_documents_every_route(daemon):
         torrentflow.openapi_document()))
     routed = set()
     for route in daemon.app.router.routes():
-        if route.method in ("HEAD", "*"):
-            continue  # aiohttp's automatic twin of each GET, and the catch-all for 404
+        if route.method == "*":
+            continue  # the catch-all that answers 404 and 405
         path = route.resource.canonical
         routed.add((route.method.lower(), path))
         assert route.method.lower() in spec["paths"].get(path, {}), (route.method, path)
@@ -4547,6 +4548,62 @@ async def test_a_webhook_url_with_cr_or_lf_stops_the_start(tmp_path, capsys):
             torrentflow.parse_config(["--local-only"], environ={"TORRENTFLOW_WEBHOOKS": url})
         assert stopped.value.code == 2
         assert "--webhook / TORRENTFLOW_WEBHOOKS" in capsys.readouterr().err
+
+
+#: Swaps a name between a regular file and a symlink to a secret, as fast as it can,
+#: for a few seconds: python3 -c FLIP NAME SECRET SECONDS.
+FLIP = """import os, sys, time
+name, secret, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    os.symlink(secret, name + ".link")
+    os.replace(name + ".link", name)
+    with open(name + ".plain", "w") as file:
+        file.write("plain")
+    os.replace(name + ".plain", name)
+"""
+
+
+async def test_the_web_client_serves_the_file_it_opened_and_answers_head(
+        aiohttp_client, tmp_path):
+    """A file of the web directory flipped between a regular file and a symlink to a
+    secret outside it: answers carried the secret, as the path was checked and then
+    opened again. Every answer is now the regular file or a 404. HEAD answers too; a
+    FIFO, and a symlink even to a file inside, are not served."""
+    web_ui = tmp_path / "web"
+    web_ui.mkdir()
+    (web_ui / "index.html").write_text("<p>the index</p>")
+    (web_ui / "flip.txt").write_text("plain")
+    (web_ui / "inner.html").symlink_to(web_ui / "index.html")
+    os.mkfifo(web_ui / "pipe")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET from outside")
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--token", TOKEN, "--web-ui", str(web_ui))), headers=AUTH)
+    head = await client.head("/transmission/web/")
+    assert head.status == 200 and head.content_type == "text/html"
+    assert head.headers["Content-Length"] == str(len("<p>the index</p>"))
+    assert await head.read() == b""
+    assert (await client.head("/transmission/web/missing.js")).status == 404
+    for name in ("pipe", "inner.html", "flip.txt/x", "..%2Fsecret.txt"):
+        await error_of(await client.get(f"/transmission/web/{name}"), 404, "no such file")
+
+    async def fetch():
+        async with client.get("/transmission/web/flip.txt") as response:
+            return response.status, await response.read()
+    flipper = subprocess.Popen([sys.executable, "-c", FLIP, str(web_ui / "flip.txt"),
+                                str(secret), "10"])
+    answers = collections.Counter()
+    try:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            answers.update(await asyncio.gather(*(fetch() for _ in range(8))))
+    finally:
+        flipper.kill()
+        flipper.wait()
+    print(dict(answers))
+    assert {status for status, _ in answers} == {200, 404}
+    assert {body for status, body in answers if status == 200} == {b"plain"}
 
 
 async def status_of_guarded(client, infohash):

@@ -5856,36 +5856,90 @@ for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rp
         {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
 
 
+#: The Content-Type of each kind of file a web client holds; others are served as bytes
+#: (with nosniff, a browser then neither runs nor renders them).
+WEB_TYPES = {".html": "text/html", ".htm": "text/html", ".js": "text/javascript",
+             ".mjs": "text/javascript", ".css": "text/css", ".json": "application/json",
+             ".map": "application/json", ".webmanifest": "application/manifest+json",
+             ".txt": "text/plain", ".png": "image/png", ".gif": "image/gif",
+             ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+             ".svg": "image/svg+xml", ".ico": "image/x-icon", ".woff": "font/woff",
+             ".woff2": "font/woff2", ".ttf": "font/ttf"}
+#: Bytes of a web client file read at once, in a worker thread.
+WEB_PIECE = 256 * 1024
+_WEB_PATH = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "a file under the --web-ui directory; empty for its index.html"}
+
+
 @api("GET", "/transmission/web/{path:.*}", "transmissionWeb", {"200": _answer(
-    "the file", {"type": "string"}, media="*/*")}, (404,), parameters=[{
-        "name": "path", "in": "path", "required": True, "schema": {"type": "string"},
-        "description": "a file under the --web-ui directory; empty for its index.html"}])
+    "the file", {"type": "string"}, media="*/*")}, (404,), parameters=[_WEB_PATH])
 async def transmission_web(request):
     """A file of the --web-ui directory, such as Transmission's web client"""
     root = request.app[CONFIG].web_ui
     if root is None:
         raise ApiError(404, "no web client is served; start the daemon with --web-ui DIR")
-    path = await asyncio.to_thread(_web_file, root, request.match_info["path"])
-    return web.FileResponse(path, headers={"Cache-Control": "no-cache",
-                                           "X-Content-Type-Options": "nosniff"})
+    descriptor, name, size = await asyncio.to_thread(_web_file, root,
+                                                     request.match_info["path"])
+    # The file served is the one _web_file opened: its name may point elsewhere now.
+    with open(descriptor, "rb") as file:
+        response = web.StreamResponse(headers={
+            "Content-Type": WEB_TYPES.get(os.path.splitext(name)[1].lower(),
+                                          "application/octet-stream"),
+            "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+        response.content_length = size
+        await response.prepare(request)
+        left = size if request.method == "GET" else 0
+        while left > 0:
+            piece = await asyncio.to_thread(file.read, min(left, WEB_PIECE))
+            if not piece:  # it shrank since: end the connection, so the cut shows
+                response.force_close()
+                break
+            await response.write(piece)
+            left -= len(piece)
+        await response.write_eof()
+    return response
+
+
+api("HEAD", "/transmission/web/{path:.*}", "transmissionWebHead", {"200": {
+    "description": "the file's headers"}}, (404,), parameters=[_WEB_PATH])(transmission_web)
 
 
 def _web_file(root, relative):
-    """The regular file under root that relative names (a directory's index.html), or
-    404. Symlinks and .. are resolved before the check, so nothing outside root is
-    served. Touches the disk: run in a thread."""
+    """(an open descriptor, the name, the size) of the regular file under root that
+    relative names (a directory's index.html), or 404. Each name on the way is opened
+    inside the directory opened before it, and a symlink or .. is never followed: a name
+    swapped for a symlink after any check cannot lead outside root, since the file
+    served is the one opened here. Touches the disk: run in a thread."""
     missing = ApiError(404, "no such file in the web client")
-    if "\x00" in relative:
+    names = [name for name in relative.split("/") if name not in ("", ".")]
+    if "\x00" in relative or ".." in names:
         raise missing
+    # O_NONBLOCK: opening a FIFO someone put there must not wait for a writer.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        target, inside = _resolved(root / relative, [root])
-        if target.is_dir():
-            target, inside = _resolved(target / "index.html", [root])
-        if not inside or not target.is_file():
-            raise missing
-    except OSError:  # a name too long, or a directory it may not look into
+        descriptor = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # it went away since the start
         raise missing from None
-    return target
+
+    def enter(name):
+        nonlocal descriptor
+        parent = descriptor
+        descriptor = os.open(name, flags, dir_fd=parent)
+        os.close(parent)
+    try:
+        for name in names:
+            enter(name)
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            names.append("index.html")
+            enter("index.html")
+        info = os.fstat(descriptor)
+    except OSError:  # missing, a symlink, a name too long, a directory it may not enter
+        os.close(descriptor)
+        raise missing from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise missing
+    return descriptor, names[-1], info.st_size
 
 
 if __name__ == "__main__":
