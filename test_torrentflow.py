@@ -4550,6 +4550,78 @@ async def test_a_webhook_url_with_cr_or_lf_stops_the_start(tmp_path, capsys):
         assert "--webhook / TORRENTFLOW_WEBHOOKS" in capsys.readouterr().err
 
 
+#: Collects the page's Content-Security-Policy violations, from before its first script:
+#: "<directive> <what was blocked> <the class of the element that asked>".
+VIOLATIONS = """window.violations = [];
+document.addEventListener("securitypolicyviolation", event => window.violations.push(
+    [event.violatedDirective, event.blockedURI, event.target.className].join(" ")));"""
+
+
+@pytest.mark.skipif(CHROMIUM is None or not (WEB_CLIENT / "index.html").is_file(),
+                    reason="needs Debian's chromium and transmission-common")
+async def test_an_injected_handler_in_the_web_client_runs_no_script(
+        aiohttp_client, aiohttp_server, tmp_path):
+    """Transmission 3.00's web client writes a tracker's URL into a title attribute with
+    only < and > escaped, so a URL holding "onmouseover=" ran a stranger's script on the
+    daemon's origin. Under the policy /transmission/web/ is served with, hovering over
+    it in Chromium runs nothing, and nothing reaches another origin."""
+    spy = Receiver()  # another origin: whatever reaches it leaked
+    spy.app.router.add_get("/{name}", spy.hook)
+    spy.server = await aiohttp_server(spy.app)
+    web_ui = tmp_path / "web"
+    shutil.copytree(WEB_CLIENT, web_ui)
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--token", TOKEN, "--web-ui", str(web_ui))), headers=AUTH)
+    _, body = await add(client, torrent_url=MAGNET + "&dn=hostile-tracker")
+    leak = str(spy.server.make_url("/"))
+    hostile = (f"http://127.0.0.1:1/announce\"onmouseover=\"window.injected=true;"
+               f"fetch('{leak}script')\"style=\"background:url({leak}style)\"x=\"")
+    # Put straight into libtorrent, as a URL that got past the daemon's input checks
+    # would be: the policy is the defence under test, not those checks.
+    engine = client.app[torrentflow.ENGINE]
+    engine.lookup(body["infohash"]).handle.add_tracker({"url": hostile, "tier": 0})
+    page = await client.get("/transmission/web/")
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy.split(
+        "script-src")[1].split(";")[0] and "connect-src 'self'" in policy
+
+    browser = Chromium(tmp_path / "chromium")
+    try:
+        await browser.start()
+        await browser.call("Page.enable")
+        await browser.call("Page.addScriptToEvaluateOnNewDocument", source=VIOLATIONS)
+        await browser.call("Network.enable")
+        await browser.call("Network.setExtraHTTPHeaders", headers={
+            "Authorization": "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()})
+        await browser.call("Page.navigate", url=str(client.make_url("/transmission/web/")))
+        row = "document.querySelector('#torrent_list li')"
+        await wait_until(lambda: browser.evaluate(f"{row} !== null"), what="the torrent's row")
+        await browser.evaluate(f"{row}.click(); $('#toolbar-inspector').click(); "
+                               "$('#inspector-tab-trackers').click(); 0")
+        tracker = "document.querySelector('.tracker_host[onmouseover]')"
+        await wait_until(lambda: browser.evaluate(
+            f"{tracker} !== null && {tracker}.getBoundingClientRect().width > 0"),
+            what="the Trackers tab to show the injected attribute")
+        x, y = await browser.evaluate(f"(box => [box.x + box.width / 2, box.y + box.height / 2])"
+                                      f"({tracker}.getBoundingClientRect())")
+        await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        # Either the handler ran, or the browser reports that it refused it.
+        await wait_until(lambda: browser.evaluate(
+            "window.injected === true || window.violations.includes("
+            "'script-src-attr inline tracker_host')"), what="the hover's outcome")
+        assert await browser.evaluate("window.injected === undefined")
+        await wait_until(lambda: browser.evaluate(
+            f"window.violations.some(v => v.startsWith('img-src {leak}style'))"),
+            what="the foreign background to be refused")
+        # A script that does run (here, the test's own) cannot reach another origin either.
+        fetched = await browser.call("Runtime.evaluate", awaitPromise=True, expression=(
+            f"fetch('{leak}fetch').then(() => 'sent', error => 'refused')"))
+        assert fetched["result"]["value"] == "refused"
+    finally:
+        await browser.close()
+    assert spy.received == []
+
+
 #: Swaps a name between a regular file and a symlink to a secret, as fast as it can,
 #: for a few seconds: python3 -c FLIP NAME SECRET SECONDS.
 FLIP = """import os, sys, time
