@@ -4678,6 +4678,39 @@ async def test_the_web_client_serves_the_file_it_opened_and_answers_head(
     assert {body for status, body in answers if status == 200} == {b"plain"}
 
 
+async def test_every_event_the_stream_sends_matches_its_description(daemon, tmp_path):
+    """schemathesis 4 checks each Server-Sent Event against the schema of GET /events
+    (ST108), which described the stream as a string. Each event of a real stream, a
+    reset included, matches the schema of one event, its data the event schema."""
+    spec = torrentflow.openapi_document()
+    media = spec["paths"]["/events"]["get"]["responses"]["200"]["content"][
+        "text/event-stream"]
+    item = media.get("itemSchema", media["schema"])  # OpenAPI 3.2 has a keyword for it
+    reader = EventReader(await daemon.get("/events"))
+    _, body = await add(daemon, torrent_url=MAGNET + "&dn=described")
+    for action in ("pause", "resume"):
+        assert (await daemon.put(f"/torrents/{body['infohash']}/{action}")).status == 200
+    assert (await daemon.patch("/settings", json={"upload_limit": 1000})).status == 200
+    assert (await daemon.delete(f"/torrents/{body['infohash']}")).status == 200
+    seen = await reader.until("removed")
+    reset = EventReader(await daemon.get("/events", headers={"Last-Event-ID": "99999"}))
+    seen.append(await reset.next())
+    assert [kind for kind, _, _ in seen] == [
+        "added", "paused", "resumed", "settings", "removed", "reset"], seen
+    for kind, data, event_id in seen:
+        event = {"event": kind, "data": json.dumps(data),
+                 **({"id": event_id} if event_id else {})}
+        validate(spec, item, event)
+        choices = item["properties"]["data"]["contentSchema"]["anyOf"]
+        errors = []
+        for choice in choices:
+            try:
+                validate(spec, choice, data)
+            except AssertionError as error:
+                errors.append(str(error))
+        assert len(errors) < len(choices), (kind, errors)
+
+
 async def status_of_guarded(client, infohash):
     response = await client.get(f"/torrents/{infohash}", headers=AUTH)
     assert response.status == 200, await response.text()

@@ -4926,19 +4926,42 @@ def _events_setup(app, engine):
 EXTENSIONS.append(_events_setup)
 
 
+#: One event, as the data of a GET /events event and the body of a webhook's POST.
+EVENT_SCHEMA = _object({
+    "id": {"type": "integer", "minimum": 1},
+    "type": {"type": "string", "enum": list(EVENT_TYPES)},
+    "time": {"type": "integer", "description": "Unix time"},
+    "infohash": {"type": ["string", "null"]},
+    "detail": {"type": ["string", "null"]},
+    "torrent": {**_object({field.name: field.schema for field in STATUS
+                           if field.name in EVENT_FIELDS}), "type": ["object", "null"]}})
+#: One Server-Sent Event of GET /events, as a reader parses it: its event (the type),
+#: its id and its data, the event as JSON; reset and overflow carry {}. It is the
+#: schema of the stream's media type: OpenAPI 3.1 has no keyword for one item of a
+#: stream (3.2's itemSchema), and schemathesis reads a 3.1 schema of text/event-stream
+#: as each event's, validating every one it receives.
+SSE_SCHEMA = {"type": "object", "required": ["event", "data"], "properties": {
+    "event": {"enum": [*EVENT_TYPES, "reset", "overflow"]},
+    "id": {"type": "string", "pattern": "^[0-9]+$"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [EVENT_SCHEMA, {"type": "object", "maxProperties": 0}]}}}}
+
+
 def _sse(event, kind=None):
     """One Server-Sent Event."""
     head = f"id: {event['id']}\nevent: {event['type']}\n" if event else f"event: {kind}\n"
     return (head + f"data: {json.dumps(event or {}, separators=(',', ':'))}\n\n").encode()
 
 
-@api("GET", "/events", "events", {"200": {
-    "description": "a stream of Server-Sent Events: id, event (its type) and data (the "
-    "event as JSON); a comment every 15 s while idle; event: reset when Last-Event-ID is "
-    "too old, event: overflow before a reader that fell behind is cut off",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}, (503,),
-    parameters=[_query("types", "only these event types, comma-separated"),
-                _query("infohash", "only events of this torrent; repeatable"),
+@api("GET", "/events", "events", {"200": _answer(
+    "a stream of Server-Sent Events, each described here: id, event (its type) and data "
+    "(the event as JSON); a comment every 15 s while idle; event: reset when "
+    "Last-Event-ID is too old, event: overflow before a reader that fell behind is cut "
+    "off", SSE_SCHEMA, media="text/event-stream")}, (503,),
+    parameters=[_query("types", "only these event types, comma-separated",
+                       pattern=f"^({'|'.join(EVENT_TYPES)})(,({'|'.join(EVENT_TYPES)}))*$"),
+                _query("infohash", "only events of this torrent; repeatable",
+                       pattern=INFOHASH_PARAMETER["schema"]["pattern"]),
                 {"name": "Last-Event-ID", "in": "header", "required": False,
                  "description": "resume after this event id",
                  "schema": {"type": "string", "pattern": "^[0-9]+$"}}])
