@@ -4657,7 +4657,7 @@ async def test_the_web_client_serves_the_file_it_opened_and_answers_head(
     assert head.headers["Content-Length"] == str(len("<p>the index</p>"))
     assert await head.read() == b""
     assert (await client.head("/transmission/web/missing.js")).status == 404
-    for name in ("pipe", "inner.html", "flip.txt/x", "..%2Fsecret.txt"):
+    for name in ("pipe", "inner.html", "flip.txt/x", "..%2Fsecret.txt", "a%0Ab"):
         await error_of(await client.get(f"/transmission/web/{name}"), 404, "no such file")
 
     async def fetch():

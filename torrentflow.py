@@ -5901,9 +5901,12 @@ WEB_TYPES = {".html": "text/html", ".htm": "text/html", ".js": "text/javascript"
 WEB_PIECE = 256 * 1024
 _WEB_PATH = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "a file under the --web-ui directory; empty for its index.html"}
+#: The route of every path under /transmission/web/: [\s\S], as . misses a newline, and
+#: a %0A in a name must reach the handler's 404, not aiohttp's text/plain one.
+WEB_ROUTE = r"/transmission/web/{path:[\s\S]*}"
 
 
-@api("GET", "/transmission/web/{path:.*}", "transmissionWeb", {"200": _answer(
+@api("GET", WEB_ROUTE, "transmissionWeb", {"200": _answer(
     "the file", {"type": "string"}, media="*/*")}, (404,), parameters=[_WEB_PATH])
 async def transmission_web(request):
     """A file of the --web-ui directory, such as Transmission's web client"""
@@ -5933,7 +5936,7 @@ async def transmission_web(request):
     return response
 
 
-api("HEAD", "/transmission/web/{path:.*}", "transmissionWebHead", {"200": {
+api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
     "description": "the file's headers"}}, (404,), parameters=[_WEB_PATH])(transmission_web)
 
 
