@@ -15,6 +15,7 @@ cases.
 import ast
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -1326,8 +1327,8 @@ async def test_the_spec_documents_every_route(daemon):
         torrentflow.openapi_document()))
     routed = set()
     for route in daemon.app.router.routes():
-        if route.method in ("HEAD", "*"):
-            continue  # aiohttp's automatic twin of each GET, and the catch-all for 404
+        if route.method == "*":
+            continue  # the catch-all that answers 404 and 405
         path = route.resource.canonical
         routed.add((route.method.lower(), path))
         assert route.method.lower() in spec["paths"].get(path, {}), (route.method, path)
@@ -4404,6 +4405,316 @@ async def test_flexget_lists_and_purges_a_torrent(guarded_process, seeders, trac
     assert "purged data.bin from transmission" in purged, purged
     assert await process.infohashes() == set()
     assert not (process.download_dir / "data.bin").exists() and not copy.exists()
+
+
+# --------------------------------------------------------------------------- #
+# Hardened extensions: webhooks, RPC bodies, the web client
+# --------------------------------------------------------------------------- #
+
+async def rpc_session(client):
+    """The RPC's session id, as a client's first request learns it."""
+    return (await client.get("/transmission/rpc", headers=AUTH)).headers[
+        "X-Transmission-Session-Id"]
+
+
+async def test_rpc_refuses_repeated_keys(guarded):
+    """{"method": "session-get", "method": "torrent-stop"} stopped every torrent: the
+    RPC took the last of repeated keys. A repeated key, at any depth, is refused with a
+    result string, and nothing happens."""
+    added = await guarded.post("/torrents", json={"torrent_url": MAGNET}, headers=AUTH)
+    assert added.status == 201
+    headers = {**AUTH, "X-Transmission-Session-Id": await rpc_session(guarded)}
+    for body in ('{"method":"session-get","method":"torrent-stop"}',
+                 '{"method":"torrent-stop","arguments":{"ids":["%s"],"ids":["%s"]}}'
+                 % ("cd" * 20, MAGNET[-40:]),
+                 '{"method":"torrent-stop","arguments":{"ids":[{"a":1,"a":2}]}}'):
+        response = await guarded.post("/transmission/rpc", data=body, headers=headers)
+        answer = await response.json()
+        assert response.status == 200 and set(answer) == {"arguments", "result"}, answer
+        assert "repeated" in answer["result"], answer
+    # Not stopped (a stop takes it out of the queue's hands).
+    assert (await status_of_guarded(guarded, MAGNET[-40:]))["auto_managed"]
+    # The same call without the repeat does what it says.
+    _, answer = await rpc(guarded, "torrent-stop", {"ids": [MAGNET[-40:]]},
+                          headers["X-Transmission-Session-Id"])
+    assert answer["result"] == "success"
+    stopped = await status_of_guarded(guarded, MAGNET[-40:])
+    assert stopped["paused"] and not stopped["auto_managed"]
+
+
+async def test_a_malformed_webhook_queue_file_is_quarantined_and_the_rest_delivered(
+        aiohttp_server, tmp_path):
+    """One malformed file in a webhook's queue (not JSON, a list, not UTF-8, CR/LF in
+    its type, no time) stopped every delivery to its target, at every start. Each is
+    moved to quarantine/ with one warning, and the events around them are delivered."""
+    receiver = await receiver_at(aiohttp_server)
+    now = int(time.time())
+
+    def event(number, **fields):
+        return json.dumps({"id": number, "type": "added", "time": now, "infohash": None,
+                           "detail": f"queued {number}", "torrent": None, **fields}).encode()
+    malformed = {"1.json": b"{not json", "2.json": b"[1, 2]",
+                 "3.json": event(3).replace(b"added", b"added\xff"),
+                 "4.json": event(4, type="added\r\nX-Injected: yes"),
+                 "5.json": json.dumps({"id": 5, "type": "added"}).encode(),
+                 "notes.json": event(6)}
+    process = DaemonProcess(tmp_path, extra=["--webhook", receiver.url,
+                                             "--webhook-events", "added"])
+    folder = process.state_dir / "webhooks" / hashlib.sha1(
+        receiver.url.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True)
+    for name, body in {**malformed, "7.json": event(7), "9.json": event(9)}.items():
+        (folder / name).write_bytes(body)
+    (process.state_dir / "event-id").write_text("100")  # new events follow the queue
+    try:
+        await process.start()
+        _, body = await add(process.client, torrent_url=MAGNET)
+
+        def delivered():
+            return sorted(e["id"] for e in receiver.delivered().values())
+        await wait_until(lambda: len(delivered()) == 3, deadline=30, what="the deliveries")
+        ordered = [json.loads(raw)["id"] for _, raw in receiver.received]
+        assert ordered == delivered() == [7, 9, 101]
+        assert json.loads(receiver.received[-1][1])["infohash"] == body["infohash"]
+        assert all("X-Injected" not in headers for headers, _ in receiver.received)
+        async with process.client.get("/health") as response:
+            assert response.status == 200, await response.text()
+    finally:
+        await process.close()
+    assert not list(folder.iterdir())
+    aside = {path.name.rpartition(".")[0]: path.read_bytes()
+             for path in (process.state_dir / "quarantine" / "webhooks" / folder.name).iterdir()}
+    assert aside == malformed
+    log = process.log()
+    for name in malformed:
+        assert log.count(f"moved queue file {name} ") == 1, log
+
+
+async def test_webhook_credentials_show_as_stars(aiohttp_server, tmp_path, capsys):
+    """A webhook URL's credentials are used, and shown nowhere: not in GET /webhooks,
+    /metrics, /health or the log, nor in the message that refuses the URL at start."""
+    receiver = await receiver_at(aiohttp_server)
+    password, token = "hook-pass-0123456789", "hook-token-0123456789"
+    with_password = receiver.url.replace("http://", f"http://hook-user:{password}@")
+    user_only = f"http://{token}@127.0.0.1:1/hook"  # nothing listens: it fails
+    process = DaemonProcess(tmp_path, extra=[
+        "--webhook", with_password, "--webhook", user_only, "--webhook-events", "added"])
+    try:
+        await process.start()
+        await add(process.client, torrent_url=MAGNET)
+        await wait_until(lambda: receiver.received, deadline=30, what="the delivery")
+        assert receiver.received[0][0]["Authorization"] == "Basic " + base64.b64encode(
+            f"hook-user:{password}".encode()).decode()
+
+        async def failed_once():
+            async with process.client.get("/webhooks") as response:
+                views = (await response.json())["webhooks"]
+            return views if all(view["last_error"] or view["last_success"]
+                                for view in views) else None
+        views = await wait_until(failed_once, deadline=30, what="the failed delivery")
+        shown = receiver.url.replace("http://", "http://hook-user:***@")
+        assert [view["url"] for view in views] == [shown, "http://***@127.0.0.1:1/hook"]
+        async with process.client.get("/metrics") as response:
+            metrics = await response.text()
+        assert f'url="{shown}"' in metrics
+        async with process.client.get("/health") as response:
+            health = await response.text()
+    finally:
+        await process.close()
+    for text in (json.dumps(views), metrics, health, process.log()):
+        assert password not in text and token not in text
+    # Refused at start, the URL is named without its password.
+    with pytest.raises(SystemExit):
+        daemon_config(tmp_path, "--webhook", f"http://someone:{password}@example.com/x")
+    error = capsys.readouterr().err
+    assert "someone:***@example.com" in error and password not in error
+
+
+async def test_a_webhook_url_with_cr_or_lf_stops_the_start(tmp_path, capsys):
+    """urlsplit drops CR and LF quietly, so such a URL passed the check, and the text
+    as given was posted to. It stops the start with status 2, naming the option."""
+    url = "http://127.0.0.1:9/hook\r\nX-Injected: yes"
+    started = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(HERE / "torrentflow.py"), "--local-only",
+                         "--listen-interfaces", "127.0.0.1:0", "--port", "0",
+                         "--download-dir", str(tmp_path / "downloads"),
+                         "--state-dir", str(tmp_path / "state"), "--webhook", url],
+        capture_output=True, text=True, timeout=15, env=CLEAN_ENV, cwd=tmp_path)
+    assert started.returncode == 2, started.stderr
+    assert "--webhook / TORRENTFLOW_WEBHOOKS" in started.stderr
+    assert "control characters" in started.stderr
+    for url in ("http://127.0.0.1:9/a\nb", "http://127.0.0.1:9/a\rb"):
+        with pytest.raises(SystemExit) as stopped:
+            torrentflow.parse_config(["--local-only"], environ={"TORRENTFLOW_WEBHOOKS": url})
+        assert stopped.value.code == 2
+        assert "--webhook / TORRENTFLOW_WEBHOOKS" in capsys.readouterr().err
+
+
+#: Collects the page's Content-Security-Policy violations, from before its first script:
+#: "<directive> <what was blocked> <the class of the element that asked>".
+VIOLATIONS = """window.violations = [];
+document.addEventListener("securitypolicyviolation", event => window.violations.push(
+    [event.violatedDirective, event.blockedURI, event.target.className].join(" ")));"""
+
+
+@pytest.mark.skipif(CHROMIUM is None or not (WEB_CLIENT / "index.html").is_file(),
+                    reason="needs Debian's chromium and transmission-common")
+async def test_an_injected_handler_in_the_web_client_runs_no_script(
+        aiohttp_client, aiohttp_server, tmp_path):
+    """Transmission 3.00's web client writes a tracker's URL into a title attribute with
+    only < and > escaped, so a URL holding "onmouseover=" ran a stranger's script on the
+    daemon's origin. Under the policy /transmission/web/ is served with, hovering over
+    it in Chromium runs nothing, and nothing reaches another origin."""
+    spy = Receiver()  # another origin: whatever reaches it leaked
+    spy.app.router.add_get("/{name}", spy.hook)
+    spy.server = await aiohttp_server(spy.app)
+    web_ui = tmp_path / "web"
+    shutil.copytree(WEB_CLIENT, web_ui)
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--token", TOKEN, "--web-ui", str(web_ui))), headers=AUTH)
+    _, body = await add(client, torrent_url=MAGNET + "&dn=hostile-tracker")
+    leak = str(spy.server.make_url("/"))
+    hostile = (f"http://127.0.0.1:1/announce\"onmouseover=\"window.injected=true;"
+               f"fetch('{leak}script')\"style=\"background:url({leak}style)\"x=\"")
+    # Put straight into libtorrent, as a URL that got past the daemon's input checks
+    # would be: the policy is the defence under test, not those checks.
+    engine = client.app[torrentflow.ENGINE]
+    engine.lookup(body["infohash"]).handle.add_tracker({"url": hostile, "tier": 0})
+    page = await client.get("/transmission/web/")
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy.split(
+        "script-src")[1].split(";")[0] and "connect-src 'self'" in policy
+
+    browser = Chromium(tmp_path / "chromium")
+    try:
+        await browser.start()
+        await browser.call("Page.enable")
+        await browser.call("Page.addScriptToEvaluateOnNewDocument", source=VIOLATIONS)
+        await browser.call("Network.enable")
+        await browser.call("Network.setExtraHTTPHeaders", headers={
+            "Authorization": "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()})
+        await browser.call("Page.navigate", url=str(client.make_url("/transmission/web/")))
+        row = "document.querySelector('#torrent_list li')"
+        await wait_until(lambda: browser.evaluate(f"{row} !== null"), what="the torrent's row")
+        await browser.evaluate(f"{row}.click(); $('#toolbar-inspector').click(); "
+                               "$('#inspector-tab-trackers').click(); 0")
+        tracker = "document.querySelector('.tracker_host[onmouseover]')"
+        await wait_until(lambda: browser.evaluate(
+            f"{tracker} !== null && {tracker}.getBoundingClientRect().width > 0"),
+            what="the Trackers tab to show the injected attribute")
+        x, y = await browser.evaluate(f"(box => [box.x + box.width / 2, box.y + box.height / 2])"
+                                      f"({tracker}.getBoundingClientRect())")
+        await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        # Either the handler ran, or the browser reports that it refused it.
+        await wait_until(lambda: browser.evaluate(
+            "window.injected === true || window.violations.includes("
+            "'script-src-attr inline tracker_host')"), what="the hover's outcome")
+        assert await browser.evaluate("window.injected === undefined")
+        await wait_until(lambda: browser.evaluate(
+            f"window.violations.some(v => v.startsWith('img-src {leak}style'))"),
+            what="the foreign background to be refused")
+        # A script that does run (here, the test's own) cannot reach another origin either.
+        fetched = await browser.call("Runtime.evaluate", awaitPromise=True, expression=(
+            f"fetch('{leak}fetch').then(() => 'sent', error => 'refused')"))
+        assert fetched["result"]["value"] == "refused"
+    finally:
+        await browser.close()
+    assert spy.received == []
+
+
+#: Swaps a name between a regular file and a symlink to a secret, as fast as it can,
+#: for a few seconds: python3 -c FLIP NAME SECRET SECONDS.
+FLIP = """import os, sys, time
+name, secret, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    os.symlink(secret, name + ".link")
+    os.replace(name + ".link", name)
+    with open(name + ".plain", "w") as file:
+        file.write("plain")
+    os.replace(name + ".plain", name)
+"""
+
+
+async def test_the_web_client_serves_the_file_it_opened_and_answers_head(
+        aiohttp_client, tmp_path):
+    """A file of the web directory flipped between a regular file and a symlink to a
+    secret outside it: answers carried the secret, as the path was checked and then
+    opened again. Every answer is now the regular file or a 404. HEAD answers too; a
+    FIFO, and a symlink even to a file inside, are not served."""
+    web_ui = tmp_path / "web"
+    web_ui.mkdir()
+    (web_ui / "index.html").write_text("<p>the index</p>")
+    (web_ui / "flip.txt").write_text("plain")
+    (web_ui / "inner.html").symlink_to(web_ui / "index.html")
+    os.mkfifo(web_ui / "pipe")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET from outside")
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(
+        tmp_path, "--token", TOKEN, "--web-ui", str(web_ui))), headers=AUTH)
+    head = await client.head("/transmission/web/")
+    assert head.status == 200 and head.content_type == "text/html"
+    assert head.headers["Content-Length"] == str(len("<p>the index</p>"))
+    assert await head.read() == b""
+    assert (await client.head("/transmission/web/missing.js")).status == 404
+    for name in ("pipe", "inner.html", "flip.txt/x", "..%2Fsecret.txt", "a%0Ab"):
+        await error_of(await client.get(f"/transmission/web/{name}"), 404, "no such file")
+
+    async def fetch():
+        async with client.get("/transmission/web/flip.txt") as response:
+            return response.status, await response.read()
+    flipper = subprocess.Popen([sys.executable, "-c", FLIP, str(web_ui / "flip.txt"),
+                                str(secret), "10"])
+    answers = collections.Counter()
+    try:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            answers.update(await asyncio.gather(*(fetch() for _ in range(8))))
+    finally:
+        flipper.kill()
+        flipper.wait()
+    print(dict(answers))
+    assert {status for status, _ in answers} == {200, 404}
+    assert {body for status, body in answers if status == 200} == {b"plain"}
+
+
+async def test_every_event_the_stream_sends_matches_its_description(daemon, tmp_path):
+    """schemathesis 4 checks each Server-Sent Event against the schema of GET /events
+    (ST108), which described the stream as a string. Each event of a real stream, a
+    reset included, matches the schema of one event, its data the event schema."""
+    spec = torrentflow.openapi_document()
+    media = spec["paths"]["/events"]["get"]["responses"]["200"]["content"][
+        "text/event-stream"]
+    item = media.get("itemSchema", media["schema"])  # OpenAPI 3.2 has a keyword for it
+    reader = EventReader(await daemon.get("/events"))
+    _, body = await add(daemon, torrent_url=MAGNET + "&dn=described")
+    for action in ("pause", "resume"):
+        assert (await daemon.put(f"/torrents/{body['infohash']}/{action}")).status == 200
+    assert (await daemon.patch("/settings", json={"upload_limit": 1000})).status == 200
+    assert (await daemon.delete(f"/torrents/{body['infohash']}")).status == 200
+    seen = await reader.until("removed")
+    reset = EventReader(await daemon.get("/events", headers={"Last-Event-ID": "99999"}))
+    seen.append(await reset.next())
+    assert [kind for kind, _, _ in seen] == [
+        "added", "paused", "resumed", "settings", "removed", "reset"], seen
+    for kind, data, event_id in seen:
+        event = {"event": kind, "data": json.dumps(data),
+                 **({"id": event_id} if event_id else {})}
+        validate(spec, item, event)
+        choices = item["properties"]["data"]["contentSchema"]["anyOf"]
+        errors = []
+        for choice in choices:
+            try:
+                validate(spec, choice, data)
+            except AssertionError as error:
+                errors.append(str(error))
+        assert len(errors) < len(choices), (kind, errors)
+
+
+async def status_of_guarded(client, infohash):
+    response = await client.get(f"/torrents/{infohash}", headers=AUTH)
+    assert response.status == 200, await response.text()
+    return await response.json()
 
 
 # --------------------------------------------------------------------------- #

@@ -4628,7 +4628,10 @@ EVENT_FIELDS = ("infohash", "name", "state", "progress", "paused", "error", "sav
 
 
 def _webhook_url(text):
-    """An http(s) URL."""
+    """An http(s) URL, without spaces or control characters: urlsplit drops CR and LF
+    quietly, but the URL as given is the one posted to."""
+    if re.search("[\x00-\x20\x7f]", text):
+        raise ValueError("a URL holds no spaces or control characters (CR, LF, tab...)")
     try:
         parts = urllib.parse.urlsplit(text)
     except ValueError as error:
@@ -4636,6 +4639,17 @@ def _webhook_url(text):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("give an http:// or https:// URL")
     return text
+
+
+def _shown_url(url):
+    """A webhook URL as the daemon shows it (GET /webhooks, /metrics, the log): its
+    password as ***, or a user name without one (often a token itself) as ***."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return url.replace(netloc, f"{user}:***@{host}" if colon else f"***@{host}", 1)
 
 
 def _event_types(text):
@@ -4652,7 +4666,8 @@ def _local_webhooks(values):
     """With --local-only, every webhook must name this host: nothing leaves it."""
     for url in values["webhooks"] if values["local_only"] else ():
         if not _is_local_url(url):
-            return f"with --local-only, {url!r} must name localhost or a loopback address"
+            return (f"with --local-only, {_shown_url(url)!r} must name localhost or a "
+                    "loopback address")
     return None
 
 
@@ -4698,12 +4713,34 @@ class _Subscriber:
             self.wake.set()
 
 
+def _queued_problem(name, body):
+    """Why a file of a webhook's queue cannot be delivered, or None. The daemon wrote
+    it, but a disk fault or a hand edit may have changed it since, and one file that
+    breaks the delivery task would stop its target's deliveries for good."""
+    number = name.removesuffix(".json")
+    if number == name or not (number.isascii() and number.isdigit() and len(number) < 19):
+        return "not named <event id>.json"
+    try:
+        event = json.loads(body.decode())
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        return f"not UTF-8 JSON: {error}"
+    if not isinstance(event, dict):
+        return "not a JSON object"
+    # The type goes into a header, and the time decides when retrying ends.
+    if event.get("type") not in EVENT_TYPES:
+        return "no known event type"
+    if type(event.get("time")) is not int:
+        return "no time"
+    return None
+
+
 class _Webhook:
     """One webhook target: its queue of events, kept in the state directory until
     delivered, and the task that delivers them in order, retrying with backoff."""
 
     def __init__(self, url, types, secret, store):
         self.url, self.types, self.secret, self.store = url, types, secret, store
+        self.shown = _shown_url(url)  # the URL wherever it is shown: no credentials
         self.folder = f"webhooks/{hashlib.sha1(url.encode()).hexdigest()[:16]}"
         self.pending = {}             # event id -> the JSON body, oldest first
         self.posting = None           # the id of the event being posted
@@ -4728,12 +4765,15 @@ class _Webhook:
             return  # dropped already: the queue overflowed while it was being posted
         self.counts["dropped"] += 1
         _logged(self.store.drop(f"{self.folder}/{event_id}.json"), "dropping an event")
-        log.warning("webhook %s: dropped event %d: %s", self.url, event_id, why)
+        log.warning("webhook %s: dropped event %d: %s", self.shown, event_id, why)
 
     async def deliver(self, client):
         """Post the queued events one by one, for ever."""
         for name, body in (await self.store.read(self.folder)).items():
-            with contextlib.suppress(ValueError):
+            problem = _queued_problem(name, body)
+            if problem:
+                await self._quarantine(name, body, problem)
+            else:
                 self.pending.setdefault(int(name.removesuffix(".json")), body)
         self.pending = dict(sorted(self.pending.items()))
         attempt = 0
@@ -4760,6 +4800,19 @@ class _Webhook:
             await asyncio.sleep(min(WEBHOOK_MAX_DELAY, 2 ** (attempt - 1))
                                 * random.uniform(0.5, 1.5))
 
+    async def _quarantine(self, name, body, why):
+        """Move a queue file that cannot be delivered aside, under quarantine/."""
+        target = f"quarantine/{self.folder}/{name}.{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            await self.store.put(target, body)
+            await self.store.drop(f"{self.folder}/{name}")
+        except OSError as error:
+            log.warning("webhook %s: skipping queue file %s (%s), which cannot be moved "
+                        "aside: %s", self.shown, name, why, error)
+            return
+        log.warning("webhook %s: moved queue file %s to %s: %s", self.shown, name, target,
+                    why)
+
     async def _post(self, client, event_id, body):
         """One delivery; True on a 2xx answer."""
         event = json.loads(body)
@@ -4778,13 +4831,15 @@ class _Webhook:
                     return True
                 self.last_error = f"HTTP {response.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-            self.last_error = str(error) or type(error).__name__
+            # An error may quote the URL: shown in GET /webhooks, it must not hold secrets.
+            self.last_error = (str(error) or type(error).__name__).replace(
+                self.url, self.shown)
         self.counts["failed"] += 1
         return False
 
     def view(self):
         """What GET /webhooks shows of this target."""
-        return {"url": self.url, "events": sorted(self.types), "queued": len(self.pending),
+        return {"url": self.shown, "events": sorted(self.types), "queued": len(self.pending),
                 "last_success": self.last_success, "last_error": self.last_error,
                 **{name: self.counts[name] for name in ("delivered", "failed", "dropped")}}
 
@@ -4811,7 +4866,8 @@ class Events:
             self.next_id = int(saved.get(EVENT_COUNTER, b"0"))
         await self._reserve()
         self.client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
-        self.tasks = [asyncio.create_task(hook.deliver(self.client), name=f"webhook {hook.url}")
+        self.tasks = [asyncio.create_task(hook.deliver(self.client),
+                                          name=f"webhook {hook.shown}")
                       for hook in self.webhooks]
         for task in self.tasks:
             task.add_done_callback(_log_failure)
@@ -4885,19 +4941,42 @@ def _events_setup(app, engine):
 EXTENSIONS.append(_events_setup)
 
 
+#: One event, as the data of a GET /events event and the body of a webhook's POST.
+EVENT_SCHEMA = _object({
+    "id": {"type": "integer", "minimum": 1},
+    "type": {"type": "string", "enum": list(EVENT_TYPES)},
+    "time": {"type": "integer", "description": "Unix time"},
+    "infohash": {"type": ["string", "null"]},
+    "detail": {"type": ["string", "null"]},
+    "torrent": {**_object({field.name: field.schema for field in STATUS
+                           if field.name in EVENT_FIELDS}), "type": ["object", "null"]}})
+#: One Server-Sent Event of GET /events, as a reader parses it: its event (the type),
+#: its id and its data, the event as JSON; reset and overflow carry {}. It is the
+#: schema of the stream's media type: OpenAPI 3.1 has no keyword for one item of a
+#: stream (3.2's itemSchema), and schemathesis reads a 3.1 schema of text/event-stream
+#: as each event's, validating every one it receives.
+SSE_SCHEMA = {"type": "object", "required": ["event", "data"], "properties": {
+    "event": {"enum": [*EVENT_TYPES, "reset", "overflow"]},
+    "id": {"type": "string", "pattern": "^[0-9]+$"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [EVENT_SCHEMA, {"type": "object", "maxProperties": 0}]}}}}
+
+
 def _sse(event, kind=None):
     """One Server-Sent Event."""
     head = f"id: {event['id']}\nevent: {event['type']}\n" if event else f"event: {kind}\n"
     return (head + f"data: {json.dumps(event or {}, separators=(',', ':'))}\n\n").encode()
 
 
-@api("GET", "/events", "events", {"200": {
-    "description": "a stream of Server-Sent Events: id, event (its type) and data (the "
-    "event as JSON); a comment every 15 s while idle; event: reset when Last-Event-ID is "
-    "too old, event: overflow before a reader that fell behind is cut off",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}, (503,),
-    parameters=[_query("types", "only these event types, comma-separated"),
-                _query("infohash", "only events of this torrent; repeatable"),
+@api("GET", "/events", "events", {"200": _answer(
+    "a stream of Server-Sent Events, each described here: id, event (its type) and data "
+    "(the event as JSON); a comment every 15 s while idle; event: reset when "
+    "Last-Event-ID is too old, event: overflow before a reader that fell behind is cut "
+    "off", SSE_SCHEMA, media="text/event-stream")}, (503,),
+    parameters=[_query("types", "only these event types, comma-separated",
+                       pattern=f"^({'|'.join(EVENT_TYPES)})(,({'|'.join(EVENT_TYPES)}))*$"),
+                _query("infohash", "only events of this torrent; repeatable",
+                       pattern=INFOHASH_PARAMETER["schema"]["pattern"]),
                 {"name": "Last-Event-ID", "in": "header", "required": False,
                  "description": "resume after this event id",
                  "schema": {"type": "string", "pattern": "^[0-9]+$"}}])
@@ -5061,9 +5140,9 @@ def render_metrics(engine, events, stats, requests, per_torrent, process):
     for name, key in (("deliveries", "delivered"), ("delivery_failures", "failed"),
                       ("dropped", "dropped")):
         metric(f"webhook_{name}_total", "counter", f"webhook {name.replace('_', ' ')}",
-               [({"url": h.url}, h.counts[key]) for h in hooks])
+               [({"url": h.shown}, h.counts[key]) for h in hooks])
     metric("webhook_queued", "gauge", "events waiting for delivery",
-           [({"url": h.url}, len(h.pending)) for h in hooks])
+           [({"url": h.shown}, len(h.pending)) for h in hooks])
     metric("event_subscribers", "gauge", "open GET /events streams",
            [({}, len(events.subscribers))])
     metric("http_requests_total", "counter", "API requests by route and status",
@@ -5737,6 +5816,18 @@ async def _rpc_fields(answer, arguments):
     return {key: value for key, value in answer.items() if key in fields}
 
 
+def _rpc_object(pairs):
+    """A JSON object of an RPC call; a repeated key is refused, as the REST API does.
+    Last-wins made {"method": "session-get", "method": "torrent-stop"} stop every
+    torrent, where a proxy or a log that reads the first key sees a session-get."""
+    try:
+        return _unique_keys(pairs)
+    except ValueError:
+        counts = collections.Counter(key for key, _ in pairs)
+        repeated = next(key for key, count in counts.items() if count > 1)
+        raise RpcError(f"the key {_cut(repeated)!r} is repeated") from None
+
+
 async def _rpc_call(request, body):
     """One RPC request: {"result", "arguments", "tag"}, never an exception."""
     answer = {"arguments": {}, "result": "success"}
@@ -5745,12 +5836,14 @@ async def _rpc_call(request, body):
     if sum(body.count(mark) for mark in (b",", b"[", b"{")) > RPC_MAX_VALUES:
         return {**answer, "result": f"more than {RPC_MAX_VALUES} values in one call"}
     try:
-        call = json.loads(body)
+        call = json.loads(body, object_pairs_hook=_rpc_object)
         method, arguments = call["method"], call.get("arguments") or {}
         if not isinstance(method, str) or not isinstance(arguments, dict):
             raise ValueError
         # As in Transmission, null means "not given" (stig sends "labels": null).
         arguments = {key: value for key, value in arguments.items() if value is not None}
+    except RpcError as error:
+        return {**answer, "result": str(error)}
     except (ValueError, KeyError, TypeError, RecursionError):
         return {**answer, "result": "no method name"}
     if isinstance(call.get("tag"), int) and not isinstance(call["tag"], bool):
@@ -5801,36 +5894,103 @@ for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rp
         {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
 
 
-@api("GET", "/transmission/web/{path:.*}", "transmissionWeb", {"200": _answer(
-    "the file", {"type": "string"}, media="*/*")}, (404,), parameters=[{
-        "name": "path", "in": "path", "required": True, "schema": {"type": "string"},
-        "description": "a file under the --web-ui directory; empty for its index.html"}])
+#: What a browser may do on a page of the web client: run and load only the daemon's
+#: own files, never inline script or event handlers (Transmission 3.00's client puts a
+#: tracker URL in an attribute with only < and > escaped), and talk to no other origin.
+#: Inline styles stay allowed, as jQuery UI and its context menu add style elements and
+#: attributes: with scripts and every other origin shut out, they can only restyle the
+#: page. data: images too: jQuery probes with one.
+WEB_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+              "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+              "form-action 'self'; frame-ancestors 'none'")
+#: The Content-Type of each kind of file a web client holds; others are served as bytes
+#: (with nosniff, a browser then neither runs nor renders them).
+WEB_TYPES = {".html": "text/html", ".htm": "text/html", ".js": "text/javascript",
+             ".mjs": "text/javascript", ".css": "text/css", ".json": "application/json",
+             ".map": "application/json", ".webmanifest": "application/manifest+json",
+             ".txt": "text/plain", ".png": "image/png", ".gif": "image/gif",
+             ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+             ".svg": "image/svg+xml", ".ico": "image/x-icon", ".woff": "font/woff",
+             ".woff2": "font/woff2", ".ttf": "font/ttf"}
+#: Bytes of a web client file read at once, in a worker thread.
+WEB_PIECE = 256 * 1024
+_WEB_PATH = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "a file under the --web-ui directory; empty for its index.html"}
+#: The route of every path under /transmission/web/: [\s\S], as . misses a newline, and
+#: a %0A in a name must reach the handler's 404, not aiohttp's text/plain one.
+WEB_ROUTE = r"/transmission/web/{path:[\s\S]*}"
+
+
+@api("GET", WEB_ROUTE, "transmissionWeb", {"200": _answer(
+    "the file", {"type": "string"}, media="*/*")}, (404,), parameters=[_WEB_PATH])
 async def transmission_web(request):
     """A file of the --web-ui directory, such as Transmission's web client"""
     root = request.app[CONFIG].web_ui
     if root is None:
         raise ApiError(404, "no web client is served; start the daemon with --web-ui DIR")
-    path = await asyncio.to_thread(_web_file, root, request.match_info["path"])
-    return web.FileResponse(path, headers={"Cache-Control": "no-cache",
-                                           "X-Content-Type-Options": "nosniff"})
+    descriptor, name, size = await asyncio.to_thread(_web_file, root,
+                                                     request.match_info["path"])
+    # The file served is the one _web_file opened: its name may point elsewhere now.
+    with open(descriptor, "rb") as file:
+        response = web.StreamResponse(headers={
+            "Content-Type": WEB_TYPES.get(os.path.splitext(name)[1].lower(),
+                                          "application/octet-stream"),
+            "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": WEB_POLICY})
+        response.content_length = size
+        await response.prepare(request)
+        left = size if request.method == "GET" else 0
+        while left > 0:
+            piece = await asyncio.to_thread(file.read, min(left, WEB_PIECE))
+            if not piece:  # it shrank since: end the connection, so the cut shows
+                response.force_close()
+                break
+            await response.write(piece)
+            left -= len(piece)
+        await response.write_eof()
+    return response
+
+
+api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
+    "description": "the file's headers"}}, (404,), parameters=[_WEB_PATH])(transmission_web)
 
 
 def _web_file(root, relative):
-    """The regular file under root that relative names (a directory's index.html), or
-    404. Symlinks and .. are resolved before the check, so nothing outside root is
-    served. Touches the disk: run in a thread."""
+    """(an open descriptor, the name, the size) of the regular file under root that
+    relative names (a directory's index.html), or 404. Each name on the way is opened
+    inside the directory opened before it, and a symlink or .. is never followed: a name
+    swapped for a symlink after any check cannot lead outside root, since the file
+    served is the one opened here. Touches the disk: run in a thread."""
     missing = ApiError(404, "no such file in the web client")
-    if "\x00" in relative:
+    names = [name for name in relative.split("/") if name not in ("", ".")]
+    if "\x00" in relative or ".." in names:
         raise missing
+    # O_NONBLOCK: opening a FIFO someone put there must not wait for a writer.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        target, inside = _resolved(root / relative, [root])
-        if target.is_dir():
-            target, inside = _resolved(target / "index.html", [root])
-        if not inside or not target.is_file():
-            raise missing
-    except OSError:  # a name too long, or a directory it may not look into
+        descriptor = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # it went away since the start
         raise missing from None
-    return target
+
+    def enter(name):
+        nonlocal descriptor
+        parent = descriptor
+        descriptor = os.open(name, flags, dir_fd=parent)
+        os.close(parent)
+    try:
+        for name in names:
+            enter(name)
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            names.append("index.html")
+            enter("index.html")
+        info = os.fstat(descriptor)
+    except OSError:  # missing, a symlink, a name too long, a directory it may not enter
+        os.close(descriptor)
+        raise missing from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise missing
+    return descriptor, names[-1], info.st_size
 
 
 if __name__ == "__main__":
