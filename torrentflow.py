@@ -64,6 +64,7 @@ import itertools
 import json
 import logging
 import math
+import mimetypes
 import os
 import queue
 import random
