@@ -4680,3 +4680,94 @@ async def test_a_new_torrent_shows_the_state_it_is_in_at_once(daemon, payload):
     _, body = await add(daemon, torrent_file=make_torrent(source / "single.bin"))
     status = await status_of(daemon, body["infohash"])
     assert status["paused"] is False and status["queued"] is False, status
+
+
+# --------------------------------------------------------------------------- #
+# Streaming: play while it downloads
+# --------------------------------------------------------------------------- #
+
+MIB = 1024 * 1024
+
+
+def file_url(infohash, index=0):
+    return f"/torrents/{infohash}/files/{index}"
+
+
+async def read_range(client, url, byte_range=None):
+    """The body of GET url, checked 206 with a Range header (bytes=first-last), else 200."""
+    headers = {"Range": f"bytes={byte_range}"} if byte_range else {}
+    async with client.get(url, headers=headers) as response:
+        assert response.status == (206 if byte_range else 200), await response.text()
+        return await response.read()
+
+
+async def test_a_stream_sends_the_end_first_and_every_byte_from_a_slow_seeder(daemon, tmp_path):
+    """A 64 MiB file from a seeder held to 2 MB/s: its last MiB is complete while the
+    torrent is below 50%; a full read from the start and a read from the middle, begun
+    at the same time, both match the source."""
+    source = make_payload(tmp_path / "source", {"movie.mkv": 64 * MIB})
+    torrent = make_torrent(source / "movie.mkv", piece_size=256 * 1024)
+    seeder = Seeder(rate_limit=2_000_000).seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    url, original = file_url(body["infohash"]), (source / "movie.mkv").read_bytes()
+    await wait_status(daemon, body["infohash"], lambda s: s["has_metadata"], what="metadata")
+    whole = asyncio.create_task(read_range(daemon, url))
+    middle = asyncio.create_task(read_range(daemon, url, f"{40 * MIB}-"))
+    assert await read_range(daemon, url, f"-{MIB}") == original[-MIB:]
+    assert (await status_of(daemon, body["infohash"]))["progress"] < 50
+    unlimit(seeder)  # the rest need not take half a minute
+    assert await middle == original[40 * MIB:]
+    assert hashlib.sha1(await whole).digest() == hashlib.sha1(original).digest()
+    await wait_status(daemon, body["infohash"], lambda s: s["streams"] == [], what="no streams")
+
+
+FFMPEG_MISSING = not (shutil.which("ffmpeg") and shutil.which("ffprobe"))
+
+
+async def run_tool(*argv):
+    """(exit code, stdout) of a command that must end within DEADLINE; stderr goes into
+    the assertion message of a failure."""
+    process = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), DEADLINE)
+    assert process.returncode == 0, (argv, err.decode(errors="replace"))
+    return out.decode()
+
+
+@pytest.fixture
+async def streaming(tmp_path, aiohttp_client):
+    """A daemon with a token, and a client that sends it."""
+    return await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path, "--token", TOKEN)),
+                                headers=AUTH)
+
+
+async def slow_movie(client, tmp_path, rate):
+    """A 40 s MP4 with its index (moov) at the end, the hard case, seeded at rate bytes/s
+    and added by magnet: (its stream URL, its bytes, the seeder), once its metadata is in."""
+    movie = tmp_path / "source" / "clip.mp4"
+    movie.parent.mkdir()
+    await run_tool("ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=duration=40:"
+                   "size=320x180:rate=25,noise=alls=40:allf=t", "-c:v", "mpeg4", "-b:v", "3M",
+                   str(movie))
+    data = movie.read_bytes()
+    assert data.index(b"moov") > data.index(b"mdat") > 0
+    torrent = make_torrent(movie, piece_size=64 * 1024)
+    seeder = Seeder(rate_limit=rate).seed(torrent, movie.parent)
+    _, body = await add(client, torrent_url=seeder.magnet(torrent))
+    await wait_status(client, body["infohash"], lambda s: s["has_metadata"], what="metadata")
+    return str(client.make_url(file_url(body["infohash"]))), data, seeder, body["infohash"]
+
+
+@pytest.mark.skipif(FFMPEG_MISSING, reason="needs ffmpeg and ffprobe (Debian's ffmpeg)")
+async def test_ffprobe_and_ffmpeg_play_a_file_while_it_downloads(streaming, tmp_path):
+    url, data, _, infohash = await slow_movie(streaming, tmp_path, 400_000)
+    bearer = ["-headers", f"Authorization: Bearer {TOKEN}\r\n"]
+    duration = await run_tool("ffprobe", "-v", "error", *bearer, "-show_entries",
+                              "format=duration", "-of", "csv=p=0", url)
+    assert abs(float(duration) - 40) < 0.5
+    assert (await status_of(streaming, infohash))["progress"] < 50
+    frame = tmp_path / "middle.png"
+    await run_tool("ffmpeg", "-v", "error", *bearer, "-ss", "20", "-i", url, "-frames:v", "1",
+                   str(frame))
+    assert frame.read_bytes().startswith(b"\x89PNG")
+    assert (await status_of(streaming, infohash))["progress"] < 100

@@ -5834,5 +5834,236 @@ def _web_file(root, relative):
     return target
 
 
+
+# --------------------------------------------------------------------------- #
+# Extension: streaming. GET and HEAD /torrents/{infohash}/files/{index} serve a file
+# in byte ranges while it downloads: the pieces ahead of each reader get deadlines,
+# and a byte leaves only once libtorrent has verified its piece
+# --------------------------------------------------------------------------- #
+
+#: Bytes ahead of a reader whose pieces get deadlines. libtorrent's deadline picker
+#: scales badly with many pieces under deadline.
+READ_AHEAD = 8 * 1024 * 1024
+#: A deadline's milliseconds per MiB between the reader and the piece: a 4 MiB/s player.
+DEADLINE_PER_MIB = 250
+#: The deadline of a piece a reader waits for, in milliseconds: a minute ago. It is late,
+#: and must come before every piece that is only read ahead, any reader's.
+LATE = -60_000
+#: Bytes the kernel holds for a stream's client: a client that stops reading stops its
+#: reader, and the deadlines it gives, soon after.
+STREAM_SEND_BUFFER = 256 * 1024
+
+OPTIONS.append(Option("max_streams", _number(int, 1), 16, "file streams served at once "
+                      "(GET /torrents/{infohash}/files/{index}); past it the answer is 503"))
+STATUS.append(Field("streams", {"type": "array", "items": _object({
+    "file": {"type": "integer"}, "position": {"type": "integer"}})}, False,
+    "its file streams: each one's file index and next byte", lambda torrent, status: [
+        {"file": r.index, "position": r.position} for r in torrent.extra.get("streams", ())]))
+#: Players know only a user name and a password: http://any:TOKEN@host:port/...
+BASIC_REALMS["/torrents/{infohash}/files/"] = "TorrentFlow"
+STREAMS = web.AppKey("streams", set)
+
+
+def _streams_setup(app, engine):
+    readers = app[STREAMS] = set()
+    # The status shows where each reader is, even in a torrent that is idle otherwise.
+    engine.listen("tick", lambda: [engine.refresh(t) for t in {r.torrent for r in readers}])
+
+
+EXTENSIONS.append(_streams_setup)
+
+
+class _Reader:
+    """One GET of a file: where it is in its range, and the deadlines it gave."""
+
+    def __init__(self, torrent, index, size, offset, span):
+        self.torrent, self.index, self.size, self.offset = torrent, index, size, offset
+        self.position, self.end = span
+        self.armed = -1             # the farthest piece ahead given a deadline
+
+    def piece(self, position):
+        return (self.offset + position) // self.torrent.info["piece_length"]
+
+    def window(self):
+        """The pieces it wants soon: READ_AHEAD from its position within its range, and
+        its file's first and last, where containers keep their index."""
+        front = self.piece(min(self.end, self.position + READ_AHEAD) - 1)
+        return {*range(self.piece(self.position), front + 1), self.piece(0),
+                self.piece(self.size - 1)}, front
+
+    def arm(self, pieces):
+        """Give pieces deadlines. Those its torrent's readers wait for are late already
+        (libtorrent reads them once verified, at once if they are, and posts them in a
+        read_piece_alert); the others are due sooner the nearer they are."""
+        start, waited = self.offset + self.position, {
+            reader.piece(reader.position) for reader in self.torrent.extra["streams"]}
+        with _handle_call():
+            for piece in sorted(pieces):
+                distance = max(0, piece * self.torrent.info["piece_length"] - start)
+                self.torrent.handle.set_piece_deadline(*(
+                    (piece, LATE, lt.deadline_flags_t.alert_when_available) if piece in waited
+                    else (piece, distance * DEADLINE_PER_MIB >> 20)))
+
+    async def verified(self, request, engine):
+        """The bytes of the piece at its position, once verified. Each second it waits, it
+        sees whether the client hung up or the torrent stopped, and gives back the
+        deadlines a recheck took."""
+        (window, front), piece = self.window(), self.piece(self.position)
+        pieces = window if self.armed < 0 else {piece, *range(self.armed + 1, front + 1)}
+        while True:
+            self.arm(pieces)
+            self.armed, pieces = max(self.armed, front), window
+            with contextlib.suppress(ApiError):  # 503 after a second; 404 once removed
+                return await engine.expect(self.torrent.ids, lt.read_piece_alert, "a piece",
+                                           lambda alert: alert.buffer if alert.piece == piece
+                                           and not alert.error.value() else None, 1.0)
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the client hung up")
+            if self.torrent.status["error"]:
+                raise ApiError(409, f"torrent {self.torrent.infohash} stopped: "
+                               f"{self.torrent.status['error']}")
+
+    def close(self):
+        """Clear the deadlines no other reader of its torrent needs."""
+        readers = self.torrent.extra["streams"]
+        readers.remove(self)
+        needed = {piece for other in readers for piece in other.window()[0]}
+        with contextlib.suppress(RuntimeError):  # the torrent is gone
+            for piece in self.window()[0] - needed:
+                self.torrent.handle.reset_piece_deadline(piece)
+
+
+def _byte_range(header, size):
+    """(first, end) of the bytes a Range header asks for, or None. Only its first range:
+    players send one. 416 if that holds no byte of the file."""
+    if header is None:
+        return None
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)(,.*)?", header.replace(" ", ""))
+    if match and match[1]:
+        span = int(match[1]), min(size, int(match[2]) + 1) if match[2] else size
+    elif match and match[2]:
+        span = max(0, size - int(match[2])), size
+    if not (match and (match[1] or match[2]) and span[0] < span[1]):
+        raise ApiError(416, f"{header!r} holds no byte of this file of {size} bytes",
+                       {"Content-Range": f"bytes */{size}"})
+    return span
+
+
+def _read_own(save_path, path, roots, position, verified):
+    """The bytes at position of a torrent's file if it is its own (no symlink on the way
+    from the save path, inside the roots) and they are those verified; else None.
+    Blocking: run in a thread."""
+    place = os.path.join(save_path, path)
+    with contextlib.suppress(OSError):
+        descriptor = os.open(place, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            real, inside = _resolved(place, roots)
+            if inside and real == Path(os.path.realpath(save_path), path):
+                own = os.pread(descriptor, len(verified), position)
+                return own if own == verified else None
+        finally:
+            os.close(descriptor)
+    return None
+
+
+async def _own_bytes(engine, reader, path, data):
+    """The reader's bytes to the end of their piece (data), read from its file on disk:
+    libtorrent may still hold a piece's last blocks, so a mismatch is flushed."""
+    torrent, start = reader.torrent, reader.offset + reader.position
+    begin = start - reader.piece(reader.position) * torrent.info["piece_length"]
+    verified = memoryview(data)[begin:begin + min(len(data) - begin, reader.end - reader.position)]
+    for _ in range(3):
+        own = await asyncio.to_thread(_read_own, torrent.save_path, path, engine.roots,
+                                      reader.position, verified)
+        if own is not None:
+            return own
+        with _handle_call():
+            torrent.handle.flush_cache()
+        await engine.expect(torrent.ids, lt.cache_flushed_alert, "writing its pieces")
+    raise ApiError(409, f"{path} is not the file torrent {torrent.infohash} verified")
+
+
+_SENT = {name: {"required": True, "schema": {"type": "string"}}
+         for name in ("Accept-Ranges", "ETag", "Content-Disposition", "Content-Range")}
+
+
+@api("GET", "/torrents/{infohash}/files/{index}", "streamFile", {
+    "200": _answer("the file", {"type": "string"}, dict(list(_SENT.items())[:3]), media="*/*"),
+    "206": _answer("the range Content-Range names", {"type": "string"}, _SENT, media="*/*"),
+    "304": {"description": "unchanged: If-None-Match holds its ETag"},
+    "416": _answer("no byte of the range is in the file", _ref("Error"),
+                   {"Content-Range": _SENT["Content-Range"]})}, (404, 409, 503), parameters=[
+    INFOHASH_PARAMETER, {"name": "index", "in": "path", "required": True, "description":
+                         "the file's index in its status' files", "schema": {"type": "integer"}}])
+async def stream_file(request):
+    """A file's bytes, in byte ranges too, while it downloads"""
+    torrent, engine, text = _requested_torrent(request), request.app[ENGINE], request.match_info["index"]
+    if torrent.info is None:
+        raise ApiError(409, f"torrent {torrent.infohash}: metadata not yet known", RETRY_AFTER)
+    entry = next((entry for entry in torrent.info["files"] if str(entry[0]) == text), None)
+    if entry is None:
+        raise ApiError(404, f"torrent {torrent.infohash} has no file with index {text}")
+    (index, path, size), etag = entry, f'"{torrent.infohash}-{text}"'
+    name = os.path.basename(path)
+    plain = re.sub(r'[^ -~]|["\\]', "_", name)
+    headers = {"Accept-Ranges": "bytes", "ETag": etag, "Content-Disposition": (  # RFC 6266
+        f"inline; filename=\"{plain}\"; filename*=UTF-8''{urllib.parse.quote(name, '')}"),
+        "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    span = _byte_range(request.headers.get("Range") if request.headers.get(
+        "If-Range", etag) == etag else None, size)
+    start, end = span or (0, size)
+    if span:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    status, have = torrent.status, (torrent.file_progress or [0] * (index + 1))[index]
+    if status["error"] or _held(status) and not status["is_seeding"] and have < size:
+        raise ApiError(409, f"torrent {torrent.infohash} " + (
+            f"stopped: {status['error']}" if status["error"] else
+            "is paused; resume it to stream a file it does not have whole"))
+    response = web.StreamResponse(status=206 if span else 200, headers=headers)
+    response.content_length = end - start
+    if request.method == "HEAD" or start == end:
+        return response
+    with _handle_call():
+        offset = await asyncio.to_thread(
+            lambda: torrent.handle.torrent_file().layout().file_offset(index))
+    readers = request.app[STREAMS]
+    if len(readers) >= request.app[CONFIG].max_streams:
+        raise ApiError(503, f"already {len(readers)} streams, the most allowed", RETRY_AFTER)
+    reader = _Reader(torrent, index, size, offset, (start, end))
+    readers.add(reader)
+    torrent.extra.setdefault("streams", []).append(reader)
+    try:
+        await engine.confined(torrent)
+        if index < len(torrent.file_priorities) and not torrent.file_priorities[index]:
+            await _prioritize(engine, torrent, _priorities(torrent, {index: 4}))
+            engine.save(torrent)
+            response.headers["X-File-Priority"] = "raised from 0 to 4: it downloads now"
+        while reader.position < end:
+            own = await _own_bytes(engine, reader, path, await reader.verified(request, engine))
+            if not response.prepared:
+                await response.prepare(request)
+                with contextlib.suppress(OSError, AttributeError):
+                    request.transport.get_extra_info("socket").setsockopt(
+                        socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+            await response.write(own)
+            reader.position += len(own)
+    except ApiError:
+        if not response.prepared:
+            raise
+        response.force_close()  # cut short: the client sees the body end early
+    except ConnectionError:
+        pass  # the client hung up
+    finally:
+        readers.discard(reader)
+        reader.close()
+    return response
+
+
+api("HEAD", "/torrents/{infohash}/files/{index}", "streamFileHead", ROUTES[-1][3]["responses"],
+    (404, 409, 503), parameters=ROUTES[-1][3]["parameters"])(stream_file)
+
+
 if __name__ == "__main__":
     sys.exit(main())
