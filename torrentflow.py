@@ -5836,21 +5836,18 @@ def _web_file(root, relative):
 
 
 # --------------------------------------------------------------------------- #
-# Extension: streaming. GET and HEAD /torrents/{infohash}/files/{index} serve a file
-# in byte ranges while it downloads: the pieces ahead of each reader get deadlines,
-# and a byte leaves only once libtorrent has verified its piece
+# Extension: streaming. GET /torrents/{infohash}/files/{index}: a file in byte ranges
+# while it downloads, the pieces ahead of each reader under deadline, verified bytes only
 # --------------------------------------------------------------------------- #
 
-#: Bytes ahead of a reader whose pieces get deadlines. libtorrent's deadline picker
-#: scales badly with many pieces under deadline.
+#: Bytes ahead of a reader under deadline: libtorrent's deadline picker scales badly.
 READ_AHEAD = 8 * 1024 * 1024
 #: A deadline's milliseconds per MiB between the reader and the piece: a 4 MiB/s player.
 DEADLINE_PER_MIB = 250
-#: The deadline of a piece a reader waits for, in milliseconds: a minute ago. It is late,
-#: and must come before every piece that is only read ahead, any reader's.
+#: The deadline (ms) of a piece a reader waits for: a minute ago, before any read-ahead.
 LATE = -60_000
 #: Bytes the kernel holds for a stream's client: a client that stops reading stops its
-#: reader, and the deadlines it gives, soon after.
+#: reader, and the deadlines it gives, soon after; memory stays at a piece or two.
 STREAM_SEND_BUFFER = 256 * 1024
 
 OPTIONS.append(Option("max_streams", _number(int, 1), 16, "file streams served at once "
@@ -5861,13 +5858,12 @@ STATUS.append(Field("streams", {"type": "array", "items": _object({
         {"file": r.index, "position": r.position} for r in torrent.extra.get("streams", ())]))
 #: Players know only a user name and a password: http://any:TOKEN@host:port/...
 BASIC_REALMS["/torrents/{infohash}/files/"] = "TorrentFlow"
-STREAMS = web.AppKey("streams", set)
 
 
 def _streams_setup(app, engine):
-    readers = app[STREAMS] = set()
     # The status shows where each reader is, even in a torrent that is idle otherwise.
-    engine.listen("tick", lambda: [engine.refresh(t) for t in {r.torrent for r in readers}])
+    engine.listen("tick", lambda: [engine.refresh(torrent) for torrent in engine.torrents()
+                                   if torrent.extra.get("streams")])
 
 
 EXTENSIONS.append(_streams_setup)
@@ -5876,8 +5872,8 @@ EXTENSIONS.append(_streams_setup)
 class _Reader:
     """One GET of a file: where it is in its range, and the deadlines it gave."""
 
-    def __init__(self, torrent, index, size, offset, span):
-        self.torrent, self.index, self.size, self.offset = torrent, index, size, offset
+    def __init__(self, torrent, entry, offset, span):
+        self.torrent, (self.index, self.path, self.size), self.offset = torrent, entry, offset
         self.position, self.end = span
         self.armed = -1             # the farthest piece ahead given a deadline
 
@@ -5892,9 +5888,8 @@ class _Reader:
                 self.piece(self.size - 1)}, front
 
     def arm(self, pieces):
-        """Give pieces deadlines. Those its torrent's readers wait for are late already
-        (libtorrent reads them once verified, at once if they are, and posts them in a
-        read_piece_alert); the others are due sooner the nearer they are."""
+        """Give pieces deadlines: late for those a reader waits for, which libtorrent reads
+        once verified and posts in a read_piece_alert; the others sooner the nearer."""
         start, waited = self.offset + self.position, {
             reader.piece(reader.position) for reader in self.torrent.extra["streams"]}
         with _handle_call():
@@ -5905,18 +5900,19 @@ class _Reader:
                     else (piece, distance * DEADLINE_PER_MIB >> 20)))
 
     async def verified(self, request, engine):
-        """The bytes of the piece at its position, once verified. Each second it waits, it
-        sees whether the client hung up or the torrent stopped, and gives back the
-        deadlines a recheck took."""
+        """Its bytes to the end of their piece, once verified. Each second it waits: has the
+        client hung up, has the torrent stopped? and the deadlines a recheck took are back."""
         (window, front), piece = self.window(), self.piece(self.position)
         pieces = window if self.armed < 0 else {piece, *range(self.armed + 1, front + 1)}
         while True:
             self.arm(pieces)
             self.armed, pieces = max(self.armed, front), window
             with contextlib.suppress(ApiError):  # 503 after a second; 404 once removed
-                return await engine.expect(self.torrent.ids, lt.read_piece_alert, "a piece",
+                data = await engine.expect(self.torrent.ids, lt.read_piece_alert, "a piece",
                                            lambda alert: alert.buffer if alert.piece == piece
                                            and not alert.error.value() else None, 1.0)
+                begin = self.offset + self.position - piece * self.torrent.info["piece_length"]
+                return memoryview(data)[begin:begin + self.end - self.position]
             if request.transport is None or request.transport.is_closing():
                 raise ConnectionResetError("the client hung up")
             if self.torrent.status["error"]:
@@ -5949,106 +5945,75 @@ def _byte_range(header, size):
     return span
 
 
-def _read_own(save_path, path, roots, position, verified):
-    """The bytes at position of a torrent's file if it is its own (no symlink on the way
-    from the save path, inside the roots) and they are those verified; else None.
-    Blocking: run in a thread."""
-    place = os.path.join(save_path, path)
-    with contextlib.suppress(OSError):
-        descriptor = os.open(place, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            real, inside = _resolved(place, roots)
-            if inside and real == Path(os.path.realpath(save_path), path):
-                own = os.pread(descriptor, len(verified), position)
-                return own if own == verified else None
-        finally:
-            os.close(descriptor)
-    return None
+def _in_place(save_path, path, roots):
+    """Whether a torrent's file is inside the roots, no symlink on its way. In a thread."""
+    real, inside = _resolved(os.path.join(save_path, path), roots)
+    return inside and real == Path(os.path.realpath(save_path), path)
 
 
-async def _own_bytes(engine, reader, path, data):
-    """The reader's bytes to the end of their piece (data), read from its file on disk:
-    libtorrent may still hold a piece's last blocks, so a mismatch is flushed."""
-    torrent, start = reader.torrent, reader.offset + reader.position
-    begin = start - reader.piece(reader.position) * torrent.info["piece_length"]
-    verified = memoryview(data)[begin:begin + min(len(data) - begin, reader.end - reader.position)]
-    for _ in range(3):
-        own = await asyncio.to_thread(_read_own, torrent.save_path, path, engine.roots,
-                                      reader.position, verified)
-        if own is not None:
-            return own
-        with _handle_call():
-            torrent.handle.flush_cache()
-        await engine.expect(torrent.ids, lt.cache_flushed_alert, "writing its pieces")
-    raise ApiError(409, f"{path} is not the file torrent {torrent.infohash} verified")
+_TEXT = {"required": True, "schema": {"type": "string"}}
+_FILE = dict.fromkeys(("Accept-Ranges", "ETag", "Content-Disposition"), _TEXT)
 
 
-_SENT = {name: {"required": True, "schema": {"type": "string"}}
-         for name in ("Accept-Ranges", "ETag", "Content-Disposition", "Content-Range")}
-
-
-@api("GET", "/torrents/{infohash}/files/{index}", "streamFile", {
-    "200": _answer("the file", {"type": "string"}, dict(list(_SENT.items())[:3]), media="*/*"),
-    "206": _answer("the range Content-Range names", {"type": "string"}, _SENT, media="*/*"),
-    "304": {"description": "unchanged: If-None-Match holds its ETag"},
-    "416": _answer("no byte of the range is in the file", _ref("Error"),
-                   {"Content-Range": _SENT["Content-Range"]})}, (404, 409, 503), parameters=[
-    INFOHASH_PARAMETER, {"name": "index", "in": "path", "required": True, "description":
-                         "the file's index in its status' files", "schema": {"type": "integer"}}])
 async def stream_file(request):
     """A file's bytes, in byte ranges too, while it downloads"""
-    torrent, engine, text = _requested_torrent(request), request.app[ENGINE], request.match_info["index"]
+    torrent, text = _requested_torrent(request), request.match_info["index"]
     if torrent.info is None:
         raise ApiError(409, f"torrent {torrent.infohash}: metadata not yet known", RETRY_AFTER)
     entry = next((entry for entry in torrent.info["files"] if str(entry[0]) == text), None)
     if entry is None:
         raise ApiError(404, f"torrent {torrent.infohash} has no file with index {text}")
-    (index, path, size), etag = entry, f'"{torrent.infohash}-{text}"'
+    (index, path, size), etag = entry, f'"{torrent.infohash}-{entry[0]}"'
     name = os.path.basename(path)
-    plain = re.sub(r'[^ -~]|["\\]', "_", name)
     headers = {"Accept-Ranges": "bytes", "ETag": etag, "Content-Disposition": (  # RFC 6266
-        f"inline; filename=\"{plain}\"; filename*=UTF-8''{urllib.parse.quote(name, '')}"),
+        "inline; filename=\"%s\"; filename*=UTF-8''%s" % (
+            re.sub(r'[^ -~]|["\\]', "_", name), urllib.parse.quote(name, ""))),
         "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream"}
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     span = _byte_range(request.headers.get("Range") if request.headers.get(
         "If-Range", etag) == etag else None, size)
-    start, end = span or (0, size)
-    if span:
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    status, have = torrent.status, (torrent.file_progress or [0] * (index + 1))[index]
-    if status["error"] or _held(status) and not status["is_seeding"] and have < size:
-        raise ApiError(409, f"torrent {torrent.infohash} " + (
-            f"stopped: {status['error']}" if status["error"] else
-            "is paused; resume it to stream a file it does not have whole"))
+    headers.update({"Content-Range": f"bytes {span[0]}-{span[1] - 1}/{size}"} if span else {})
+    if torrent.status["error"]:
+        raise ApiError(409, f"torrent {torrent.infohash} stopped: {torrent.status['error']}")
+    if _held(torrent.status) and (torrent.file_progress or [0] * (index + 1))[index] < size:
+        raise ApiError(409, f"torrent {torrent.infohash} is paused: resume it to stream this")
     response = web.StreamResponse(status=206 if span else 200, headers=headers)
-    response.content_length = end - start
-    if request.method == "HEAD" or start == end:
-        return response
+    response.content_length = span[1] - span[0] if span else size
+    if request.method != "HEAD" and response.content_length:
+        await _send_range(request, response, torrent, entry, span or (0, size))
+    return response
+
+
+async def _send_range(request, response, torrent, entry, span):
+    """Send a file's range, each piece once verified and while the file is in its place,
+    within --max-streams. A file at priority 0 is raised to 4 first, and the answer says so."""
+    engine = request.app[ENGINE]
     with _handle_call():
         offset = await asyncio.to_thread(
-            lambda: torrent.handle.torrent_file().layout().file_offset(index))
-    readers = request.app[STREAMS]
-    if len(readers) >= request.app[CONFIG].max_streams:
-        raise ApiError(503, f"already {len(readers)} streams, the most allowed", RETRY_AFTER)
-    reader = _Reader(torrent, index, size, offset, (start, end))
-    readers.add(reader)
+            lambda: torrent.handle.torrent_file().layout().file_offset(entry[0]))
+    streams = sum(len(other.extra.get("streams", ())) for other in engine.torrents())
+    if streams >= request.app[CONFIG].max_streams:
+        raise ApiError(503, f"already {streams} streams, the most allowed", RETRY_AFTER)
+    reader = _Reader(torrent, entry, offset, span)
     torrent.extra.setdefault("streams", []).append(reader)
     try:
         await engine.confined(torrent)
-        if index < len(torrent.file_priorities) and not torrent.file_priorities[index]:
-            await _prioritize(engine, torrent, _priorities(torrent, {index: 4}))
+        if torrent.file_priorities[entry[0]:entry[0] + 1] == [0]:
+            await _prioritize(engine, torrent, _priorities(torrent, {entry[0]: 4}))
             engine.save(torrent)
             response.headers["X-File-Priority"] = "raised from 0 to 4: it downloads now"
-        while reader.position < end:
-            own = await _own_bytes(engine, reader, path, await reader.verified(request, engine))
+        while reader.position < reader.end:
+            data = await reader.verified(request, engine)
+            if not await asyncio.to_thread(_in_place, torrent.save_path, entry[1], engine.roots):
+                raise ApiError(409, f"{entry[1]} of {torrent.infohash} is not in its place")
             if not response.prepared:
                 await response.prepare(request)
                 with contextlib.suppress(OSError, AttributeError):
                     request.transport.get_extra_info("socket").setsockopt(
                         socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
-            await response.write(own)
-            reader.position += len(own)
+            await response.write(data)
+            reader.position += len(data)
     except ApiError:
         if not response.prepared:
             raise
@@ -6056,13 +6021,21 @@ async def stream_file(request):
     except ConnectionError:
         pass  # the client hung up
     finally:
-        readers.discard(reader)
         reader.close()
-    return response
+        engine.refresh(torrent)
 
 
-api("HEAD", "/torrents/{infohash}/files/{index}", "streamFileHead", ROUTES[-1][3]["responses"],
-    (404, 409, 503), parameters=ROUTES[-1][3]["parameters"])(stream_file)
+for _method in ("GET", "HEAD"):
+    api(_method, "/torrents/{infohash}/files/{index}", f"streamFile{_method.title()}", {
+        "200": _answer("the file", {"type": "string"}, _FILE, media="*/*"),
+        "206": _answer("the range Content-Range names", {"type": "string"},
+                       {**_FILE, "Content-Range": _TEXT}, media="*/*"),
+        "304": {"description": "unchanged: If-None-Match holds its ETag"},
+        "416": _answer("no byte of the range is in the file", _ref("Error"),
+                       {"Content-Range": _TEXT})}, (404, 409, 503), parameters=[
+        INFOHASH_PARAMETER, {"name": "index", "in": "path", "required": True, "schema": {
+            "type": "integer"}, "description": "the file's index in its status' files"}])(
+        stream_file)
 
 
 if __name__ == "__main__":
