@@ -5881,8 +5881,7 @@ class _Reader:
         return (self.offset + position) // self.torrent.info["piece_length"]
 
     def window(self):
-        """The pieces it wants soon: READ_AHEAD from its position within its range, and
-        its file's first and last, where containers keep their index."""
+        """Pieces it wants soon: READ_AHEAD from here, and its file's ends, where indexes sit."""
         front = self.piece(min(self.end, self.position + READ_AHEAD) - 1)
         return {*range(self.piece(self.position), front + 1), self.piece(0),
                 self.piece(self.size - 1)}, front
@@ -5921,9 +5920,8 @@ class _Reader:
 
     def close(self):
         """Clear the deadlines no other reader of its torrent needs."""
-        readers = self.torrent.extra["streams"]
-        readers.remove(self)
-        needed = {piece for other in readers for piece in other.window()[0]}
+        self.torrent.extra["streams"].remove(self)
+        needed = {piece for other in self.torrent.extra["streams"] for piece in other.window()[0]}
         with contextlib.suppress(RuntimeError):  # the torrent is gone
             for piece in self.window()[0] - needed:
                 self.torrent.handle.reset_piece_deadline(piece)
@@ -5976,7 +5974,8 @@ async def stream_file(request):
     headers.update({"Content-Range": f"bytes {span[0]}-{span[1] - 1}/{size}"} if span else {})
     if torrent.status["error"]:
         raise ApiError(409, f"torrent {torrent.infohash} stopped: {torrent.status['error']}")
-    if _held(torrent.status) and (torrent.file_progress or [0] * (index + 1))[index] < size:
+    status, have = torrent.status, (torrent.file_progress or [0] * (index + 1))[index]
+    if _held(status) and not status["is_seeding"] and have < size:
         raise ApiError(409, f"torrent {torrent.infohash} is paused: resume it to stream this")
     response = web.StreamResponse(status=206 if span else 200, headers=headers)
     response.content_length = span[1] - span[0] if span else size
