@@ -5846,8 +5846,8 @@ READ_AHEAD = 8 * 1024 * 1024
 DEADLINE_PER_MIB = 250
 #: The deadline (ms) of a piece a reader waits for: a minute ago, before any read-ahead.
 LATE = -60_000
-#: Bytes the kernel holds for a stream's client: a client that stops reading stops its
-#: reader, and the deadlines it gives, soon after; memory stays at a piece or two.
+#: Bytes the kernel, and each write, hold for a stream's client: a client that stops
+#: reading stops its reader, and its deadlines, soon after; it holds about one piece.
 STREAM_SEND_BUFFER = 256 * 1024
 
 OPTIONS.append(Option("max_streams", _number(int, 1), 16, "file streams served at once "
@@ -5873,7 +5873,7 @@ class _Reader:
     """One GET of a file: where it is in its range, and the deadlines it gave."""
 
     def __init__(self, torrent, entry, offset, span):
-        self.torrent, (self.index, self.path, self.size), self.offset = torrent, entry, offset
+        self.torrent, self.index, self.size, self.offset = torrent, entry[0], entry[2], offset
         self.position, self.end = span
         self.armed = -1             # the farthest piece ahead given a deadline
 
@@ -5996,6 +5996,9 @@ async def _send_range(request, response, torrent, entry, span):
         raise ApiError(503, f"already {streams} streams, the most allowed", RETRY_AFTER)
     reader = _Reader(torrent, entry, offset, span)
     torrent.extra.setdefault("streams", []).append(reader)
+    with contextlib.suppress(OSError, AttributeError):  # see STREAM_SEND_BUFFER
+        request.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
     try:
         await engine.confined(torrent)
         if torrent.file_priorities[entry[0]:entry[0] + 1] == [0]:
@@ -6006,12 +6009,9 @@ async def _send_range(request, response, torrent, entry, span):
             data = await reader.verified(request, engine)
             if not await asyncio.to_thread(_in_place, torrent.save_path, entry[1], engine.roots):
                 raise ApiError(409, f"{entry[1]} of {torrent.infohash} is not in its place")
-            if not response.prepared:
-                await response.prepare(request)
-                with contextlib.suppress(OSError, AttributeError):
-                    request.transport.get_extra_info("socket").setsockopt(
-                        socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
-            await response.write(data)
+            await response.prepare(request)  # once: it returns at once after that
+            for start in range(0, len(data), STREAM_SEND_BUFFER):  # what waits is copied
+                await response.write(data[start:start + STREAM_SEND_BUFFER])
             reader.position += len(data)
     except ApiError:
         if not response.prepared:
