@@ -4985,3 +4985,18 @@ async def test_a_player_may_carry_the_token_in_the_url(streaming, tmp_path):
     duration = await run_tool("ffprobe", "-v", "error", "-show_entries", "format=duration",
                               "-of", "csv=p=0", url)
     assert abs(float(duration) - 2) < 0.5
+
+
+@pytest.mark.parametrize("version", [0, lt.create_torrent.v2_only], ids=["hybrid", "v2"])
+async def test_files_of_hybrid_and_v2_torrents_stream_past_their_padding(daemon, tmp_path,
+                                                                        version):
+    layout = {"mixed/a.bin": 100_000, "mixed/b.bin": 50_000, "mixed/c.bin": 70_000}
+    root = make_payload(tmp_path / "downloads", layout)
+    torrent = make_torrent(root / "mixed", version=version)
+    infohash = await added_and_checked(daemon, torrent)
+    for path, index in file_indexes(torrent).items():
+        if path in layout:  # not a padding file
+            data = (root / path).read_bytes()
+            assert await read_range(daemon, file_url(infohash, index)) == data
+            assert await read_range(daemon, file_url(infohash, index), "16000-40000") == \
+                data[16000:40001]
