@@ -4701,13 +4701,14 @@ async def read_range(client, url, byte_range=None):
         return await response.read()
 
 
-async def test_a_stream_sends_the_end_first_and_every_byte_from_a_slow_seeder(daemon, tmp_path):
+async def test_a_stream_sends_the_end_first_and_every_byte_from_a_slow_seeder(daemon, seeders,
+                                                                             tmp_path):
     """A 64 MiB file from a seeder held to 2 MB/s: its last MiB is complete while the
     torrent is below 50%; a full read from the start and a read from the middle, begun
     at the same time, both match the source."""
     source = make_payload(tmp_path / "source", {"movie.mkv": 64 * MIB})
     torrent = make_torrent(source / "movie.mkv", piece_size=256 * 1024)
-    seeder = Seeder(rate_limit=2_000_000).seed(torrent, source)
+    seeder = seeders(rate_limit=2_000_000).seed(torrent, source)
     _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
     url, original = file_url(body["infohash"]), (source / "movie.mkv").read_bytes()
     await wait_status(daemon, body["infohash"], lambda s: s["has_metadata"], what="metadata")
@@ -4725,8 +4726,8 @@ FFMPEG_MISSING = not (shutil.which("ffmpeg") and shutil.which("ffprobe"))
 
 
 async def run_tool(*argv):
-    """(exit code, stdout) of a command that must end within DEADLINE; stderr goes into
-    the assertion message of a failure."""
+    """The output of a command that must succeed within DEADLINE; a failure shows its
+    stderr."""
     process = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
                                                    stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), DEADLINE)
@@ -4741,9 +4742,9 @@ async def streaming(tmp_path, aiohttp_client):
                                 headers=AUTH)
 
 
-async def slow_movie(client, tmp_path, rate):
+async def slow_movie(client, seeders, tmp_path, rate):
     """A 40 s MP4 with its index (moov) at the end, the hard case, seeded at rate bytes/s
-    and added by magnet: (its stream URL, its bytes, the seeder), once its metadata is in."""
+    and added by magnet: (its stream URL, its infohash), once its metadata is in."""
     movie = tmp_path / "source" / "clip.mp4"
     movie.parent.mkdir()
     await run_tool("ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=duration=40:"
@@ -4752,15 +4753,17 @@ async def slow_movie(client, tmp_path, rate):
     data = movie.read_bytes()
     assert data.index(b"moov") > data.index(b"mdat") > 0
     torrent = make_torrent(movie, piece_size=64 * 1024)
-    seeder = Seeder(rate_limit=rate).seed(torrent, movie.parent)
+    seeder = seeders(rate_limit=rate).seed(torrent, movie.parent)
     _, body = await add(client, torrent_url=seeder.magnet(torrent))
     await wait_status(client, body["infohash"], lambda s: s["has_metadata"], what="metadata")
-    return str(client.make_url(file_url(body["infohash"]))), data, seeder, body["infohash"]
+    return str(client.make_url(file_url(body["infohash"]))), body["infohash"]
 
 
 @pytest.mark.skipif(FFMPEG_MISSING, reason="needs ffmpeg and ffprobe (Debian's ffmpeg)")
-async def test_ffprobe_and_ffmpeg_play_a_file_while_it_downloads(streaming, tmp_path):
-    url, data, _, infohash = await slow_movie(streaming, tmp_path, 400_000)
+async def test_ffprobe_and_ffmpeg_play_a_file_while_it_downloads(streaming, seeders, tmp_path):
+    """ffprobe reads the duration, which takes the index at the end, and ffmpeg a frame
+    from the middle, while the torrent comes from a seeder held to 400 kB/s."""
+    url, infohash = await slow_movie(streaming, seeders, tmp_path, 400_000)
     bearer = ["-headers", f"Authorization: Bearer {TOKEN}\r\n"]
     duration = await run_tool("ffprobe", "-v", "error", *bearer, "-show_entries",
                               "format=duration", "-of", "csv=p=0", url)
@@ -4858,6 +4861,7 @@ async def test_a_waiting_reader_shows_in_the_status_and_a_hang_up_leaves_nothing
         {"file": 0, "position": MIB}], what="the reader, waiting at the first missing byte")
     response.close()  # the player goes away
     await wait_status(daemon, infohash, lambda s: s["streams"] == [], what="the reader gone")
+    # Nothing waits on libtorrent for it any more, and no task of it is left.
     await wait_until(lambda: not engine._waiters and len(asyncio.all_tasks()) <= tasks,
                      what="no waits and no tasks left")
 
@@ -4946,8 +4950,8 @@ async def test_a_magnet_without_metadata_is_409_and_a_file_at_priority_0_starts(
 
 async def test_a_file_swapped_for_a_symlink_is_never_served(daemon, tmp_path):
     torrent, top = in_place(tmp_path, {"two/a.bin": 100_000, "two/b.bin": 100_000})
-    infohash, url = await added_and_checked(daemon, torrent), file_url(
-        infohash_of(torrent), file_indexes(torrent)["two/a.bin"])
+    infohash = await added_and_checked(daemon, torrent)
+    url = file_url(infohash, file_indexes(torrent)["two/a.bin"])
     (top / "a.bin").unlink()
     (top / "a.bin").symlink_to(top / "b.bin")  # inside the roots, but not the torrent's a.bin
     await error_of(await daemon.get(url), 409, "not in its place")
