@@ -5834,7 +5834,6 @@ def _web_file(root, relative):
     return target
 
 
-
 # --------------------------------------------------------------------------- #
 # Extension: streaming. GET /torrents/{infohash}/files/{index}: a file in byte ranges
 # while it downloads, the pieces ahead of each reader under deadline, verified bytes only
