@@ -32,7 +32,7 @@ One run measures, side by side:
 4. Restart: with the torrents saved, the time from process start until GET /health
    answers and until GET /torrents lists them all.
 
-Sections 1 to 4 are "download" and "api" in --sections; four more follow, each
+Sections 1 to 4 are "download" and "api" in --sections; six more follow, each
 named after its --sections name:
 
 5. library: N torrents of 64 KiB (one file, 16 KiB pieces) whose data is already
@@ -56,6 +56,12 @@ named after its --sections name:
    clients fetch GET /torrents over --listing-torrents torrents.
 9. bulk: PUT /torrents/pause, then /resume, over --bulk-torrents torrents (10,001 by
    default), with GET /health probed every 10 ms; and the alerts libtorrent dropped.
+10. stream: GET /torrents/{infohash}/files/0 of a --stream-size-mib file (the daemon
+    has a token), with GET /health probed every 10 ms: read whole from the moment of
+    the add while it downloads from an unlimited seeder (MB/s, first byte); then
+    --stream-seeks reads of 1 MiB at fixed pseudo-random offsets of a second torrent
+    held to --stream-rate-mb MB/s (time to the first byte after each seek, and to the
+    whole MiB); then the first file again, whole, from disk (MB/s).
 
 --quick measures, in under a minute (about 40 s on 2 cores), the two ratios to
 watch while changing the daemon, and ends with one line:
@@ -211,7 +217,7 @@ SEEDERS_CHILD = "--seeders-child"
 LOAD_CHILD = "--load-child"
 FLOOR_CHILD = "--floor-child"
 #: The sections, in the order they run.
-SECTIONS = ("download", "api", "library", "many", "memory", "listing", "bulk")
+SECTIONS = ("download", "api", "library", "many", "memory", "listing", "bulk", "stream")
 #: library: one torrent's data (one file) and its piece size.
 LIBRARY_SIZE = 64 * 1024
 LIBRARY_PIECE = 16 * 1024
@@ -251,6 +257,10 @@ QUICK_STATUS_ROUNDS = 3
 #: trades runs, not the minute.
 QUICK_MIN_RUNS = 2
 QUICK_DOWNLOAD_BUDGET = 25.0
+#: stream: the bytes each seek reads, and the seed of the seeks' offsets (the same
+#: offsets every run, so that runs compare).
+STREAM_SEEK_BYTES = 1024 * 1024
+STREAM_SEEK_SEED = 19
 MB = 1e6
 MIB = 1024 * 1024
 
@@ -332,6 +342,12 @@ def parse_args(argv=None):
                         help="listing: niceness of the load generator, so that on a small "
                         "machine it takes the CPU the daemon leaves, as clients on other "
                         "machines would; 0 to let them compete (default %(default)s)")
+    parser.add_argument("--stream-size-mib", type=int, default=256,
+                        help="stream: MiB of each streamed file (default %(default)s)")
+    parser.add_argument("--stream-rate-mb", type=float, default=4.0,
+                        help="stream: MB/s the seeker's seeder sends (default %(default)s)")
+    parser.add_argument("--stream-seeks", type=int, default=6,
+                        help="stream: seeks of the second file (default %(default)s)")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--out", type=Path, default=None,
@@ -372,6 +388,9 @@ def parse_args(argv=None):
     if min(args.many_torrents, args.many_size_mib, args.listing_torrents,
            args.listing_clients) < 1 or args.listing_duration <= 0:
         parser.error("the --many-* and --listing-* figures must be positive")
+    if args.stream_size_mib < 32 or args.stream_rate_mb <= 0 or args.stream_seeks < 1:
+        parser.error("--stream-size-mib must be at least 32, --stream-rate-mb and "
+                     "--stream-seeks positive")
     return args
 
 
@@ -444,6 +463,8 @@ async def run_benchmark(args, torrentflow, workdir):
         results["listing"] = await bench_listing(args, workdir / "listing")
     if "bulk" in args.sections:
         results["bulk"] = await bench_bulk(args, workdir / "bulk")
+    if "stream" in args.sections:
+        results["stream"] = await bench_stream(args, workdir / "stream")
     results["cpu_probe_after_mb_s"] = cpu_probe()
     return results
 
@@ -1842,6 +1863,124 @@ def load_child(spec_text):
 
 
 # --------------------------------------------------------------------------- #
+# Section 9: streaming a file while it downloads
+# --------------------------------------------------------------------------- #
+
+async def bench_stream(args, root):
+    """Three phases on one daemon with a token, GET /health probed every 10 ms in each:
+    a file read whole from its add while it downloads from an unlimited seeder; seeks
+    in a second file whose seeder is held to --stream-rate-mb; the first file again,
+    whole, once it is on disk. Every read is checked against the source's bytes."""
+    size = args.stream_size_mib * MIB
+    fast_path = make_payload(root / "source" / "fast.bin", size)
+    slow_path = make_payload(root / "source" / "slow.bin", size)
+    fast, slow = Seeder(), Seeder()
+    rate = int(args.stream_rate_mb * MB)
+    slow.session.set_peer_class(slow.session.local_peer_class_id,
+                                {"upload_limit": rate, "download_limit": rate})
+    fast_torrent, slow_torrent = make_torrent(fast_path), make_torrent(slow_path)
+    fast.seed(fast_torrent, fast_path.parent)
+    slow.seed(slow_torrent, slow_path.parent)
+    result = {"size_mib": args.stream_size_mib, "seeker_rate_mb_s": args.stream_rate_mb,
+              "piece_kib": lt.load_torrent_buffer(fast_torrent).ti.piece_length() // 1024}
+    try:
+        async with aiohttp.ClientSession() as client, \
+                Daemon(args.daemon, root / "daemon", token=True) as daemon, \
+                Tracker(fast) as fast_tracker, Tracker(slow) as slow_tracker:
+            await daemon.start(client)
+            reader = StreamReader(client, daemon)
+            async with HealthProbe(client).watching(daemon.url) as probe:
+                started = time.perf_counter()
+                infohash = await api_add(client, daemon.url, with_tracker(
+                    fast_torrent, fast_tracker.url), daemon.headers)
+                first, _, data = await reader.read(infohash, started=started)
+                result["downloading"] = reader.figures(size, first, started, probe)
+                reader.check(data, fast_path.read_bytes())
+            async with HealthProbe(client).watching(daemon.url) as probe:
+                infohash = await api_add(client, daemon.url, with_tracker(
+                    slow_torrent, slow_tracker.url), daemon.headers)
+                result["seeks"] = await reader.seeks(args, infohash, slow_path, probe)
+            async with HealthProbe(client).watching(daemon.url) as probe:
+                started = time.perf_counter()
+                first, _, data = await reader.read(reader.first_infohash, started=started)
+                result["from_disk"] = reader.figures(size, first, started, probe)
+                reader.check(data, fast_path.read_bytes())
+            await daemon.stop()
+    finally:
+        fast.close()
+        slow.close()
+        shutil.rmtree(root / "source", ignore_errors=True)
+    for phase in ("downloading", "from_disk"):
+        figures = result[phase]
+        progress(f"stream {phase}: {figures['mb_s']} MB/s, first byte "
+                 f"{figures['first_byte_ms']} ms; /health p99 {figures['health']['p99_ms']} ms")
+    seeks = result["seeks"]
+    progress(f"stream seeks: first byte median {seeks['first_byte_ms']['median']} ms, max "
+             f"{seeks['first_byte_ms']['max']} ms; torrent at {seeks['progress_after']}%; "
+             f"/health p99 {seeks['health']['p99_ms']} ms")
+    return result
+
+
+class StreamReader:
+    """Reads a daemon's file streams: the time to each one's first byte and its end."""
+
+    def __init__(self, client, daemon):
+        self.client, self.daemon = client, daemon
+        self.first_infohash = None
+
+    async def read(self, infohash, byte_range=None, started=None):
+        """(seconds to the first byte, seconds to the last, the bytes) of file 0."""
+        self.first_infohash = self.first_infohash or infohash
+        started = started or time.perf_counter()
+        headers = {**self.daemon.headers, **({"Range": byte_range} if byte_range else {})}
+        url = f"{self.daemon.url}/torrents/{infohash}/files/0"
+        timeout = aiohttp.ClientTimeout(total=PROCESS_DEADLINE)
+        async with self.client.get(url, headers=headers, timeout=timeout) as response:
+            if response.status not in (200, 206):
+                raise RuntimeError(f"GET {url} answered {response.status}: "
+                                   f"{await response.text()}")
+            chunks = [await response.content.readany()]
+            first = time.perf_counter() - started
+            chunks += [chunk async for chunk in response.content.iter_chunked(MIB)]
+        return first, time.perf_counter() - started, b"".join(chunks)
+
+    async def seeks(self, args, infohash, source, probe):
+        """--stream-seeks reads of STREAM_SEEK_BYTES at offsets past the first 16 MiB."""
+        data, rng = source.read_bytes(), random.Random(STREAM_SEEK_SEED)
+        firsts, wholes = [], []
+        for _ in range(args.stream_seeks):
+            offset = rng.randrange(16 * MIB, len(data) - STREAM_SEEK_BYTES)
+            end = offset + STREAM_SEEK_BYTES
+            first, whole, got = await self.read(infohash, f"bytes={offset}-{end - 1}")
+            self.check(got, data[offset:end])
+            firsts.append(first)
+            wholes.append(whole)
+        async with self.client.get(f"{self.daemon.url}/torrents/{infohash}",
+                                   headers=self.daemon.headers) as response:
+            done = (await response.json())["progress"]
+        return {"seeks": args.stream_seeks, "bytes_each": STREAM_SEEK_BYTES,
+                "first_byte_ms": _spread(firsts), "whole_ms": _spread(wholes),
+                "progress_after": round(done, 1), "health": probe.summary()}
+
+    @staticmethod
+    def figures(size, first, started, probe):
+        seconds = time.perf_counter() - started
+        return {"mb_s": round(size / seconds / MB, 1), "seconds": round(seconds, 2),
+                "first_byte_ms": round(first * 1000, 1), "health": probe.summary()}
+
+    @staticmethod
+    def check(got, expected):
+        if got != expected:
+            raise RuntimeError(f"a stream sent {len(got)} bytes that are not the source's")
+
+
+def _spread(seconds):
+    """Median and max of durations in seconds, as milliseconds."""
+    return {"median": round(statistics.median(seconds) * 1000, 1),
+            "max": round(max(seconds) * 1000, 1)}
+
+
+# --------------------------------------------------------------------------- #
 # Load generators
 # --------------------------------------------------------------------------- #
 
@@ -2603,6 +2742,8 @@ def render_table(results):
                        widths=(10,)) for action in ("pause", "resume")]
         lines.append(f"Alerts libtorrent dropped: {bulk['dropped_before']} before, "
                      f"{bulk['dropped_after']} after")
+    if "stream" in results:
+        lines += _stream_table(results["stream"])
     return "\n".join(lines)
 
 
@@ -2882,6 +3023,27 @@ def _listing_table(listing):
             f"Target: /health p99 under {HEALTH_TARGET_MS:g} ms: "
             + ("met" if health["p99_ms"] is not None and health["p99_ms"] < HEALTH_TARGET_MS
                else "NOT met") + f"; the daemon used {listing['daemon_cpu_pct']}% of a core."]
+
+
+def _stream_table(stream):
+    seeks, health = stream["seeks"], lambda figures: figures["health"]
+    rows = [("downloading, unlimited", stream["downloading"]),
+            ("from disk", stream["from_disk"])]
+    return ["", f"Streaming GET /torrents/{{infohash}}/files/0: {stream['size_mib']} MiB, "
+            f"{stream['piece_kib']} KiB pieces, with a token; GET /health every 10 ms",
+            _row("read", "MB/s", "1st byte ms", "/health p50", "p99 ms", "max ms",
+                 widths=(24,)),
+            *(_row(name, figures["mb_s"], figures["first_byte_ms"], health(figures)["p50_ms"],
+                   health(figures)["p99_ms"], health(figures)["max_ms"], widths=(24,))
+              for name, figures in rows),
+            _row(f"{seeks['seeks']} seeks, 1 MiB each", "", seeks["first_byte_ms"]["median"],
+                 health(seeks)["p50_ms"], health(seeks)["p99_ms"], health(seeks)["max_ms"],
+                 widths=(24,)),
+            f"Seeks in a file whose seeder sends {stream['seeker_rate_mb_s']:g} MB/s: first "
+            f"byte median {seeks['first_byte_ms']['median']} ms, max "
+            f"{seeks['first_byte_ms']['max']} ms; the whole MiB median "
+            f"{seeks['whole_ms']['median']} ms; the torrent was at {seeks['progress_after']}% "
+            "after the last."]
 
 
 def _row(*cells, widths=(9,)):

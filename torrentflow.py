@@ -64,6 +64,7 @@ import itertools
 import json
 import logging
 import math
+import mimetypes
 import os
 import queue
 import random
@@ -5991,6 +5992,208 @@ def _web_file(root, relative):
         os.close(descriptor)
         raise missing
     return descriptor, names[-1], info.st_size
+
+
+# --------------------------------------------------------------------------- #
+# Extension: streaming. GET /torrents/{infohash}/files/{index}: a file in byte ranges
+# while it downloads, the pieces ahead of each reader under deadline, verified bytes only
+# --------------------------------------------------------------------------- #
+
+#: Bytes ahead of a reader under deadline: libtorrent's deadline picker scales badly.
+READ_AHEAD = 8 * 1024 * 1024
+#: A deadline's milliseconds per MiB between the reader and the piece: a 4 MiB/s player.
+DEADLINE_PER_MIB = 250
+#: The deadline (ms) of a piece a reader waits for: a minute ago, before any read-ahead.
+LATE = -60_000
+#: Bytes the kernel, and each write, hold for a stream's client: a client that stops
+#: reading stops its reader, and its deadlines, soon after; it holds about one piece.
+STREAM_SEND_BUFFER = 256 * 1024
+
+OPTIONS.append(Option("max_streams", _number(int, 1), 16, "file streams served at once "
+                      "(GET /torrents/{infohash}/files/{index}); past it the answer is 503"))
+STATUS.append(Field("streams", {"type": "array", "items": _object({
+    "file": {"type": "integer"}, "position": {"type": "integer"}})}, False,
+    "its file streams: each one's file index and next byte", lambda torrent, status: [
+        {"file": r.index, "position": r.position} for r in torrent.extra.get("streams", ())]))
+#: Players know only a user name and a password: http://any:TOKEN@host:port/...
+BASIC_REALMS["/torrents/{infohash}/files/"] = "TorrentFlow"
+
+
+def _streams_setup(app, engine):
+    # The status shows where each reader is, even in a torrent that is idle otherwise.
+    engine.listen("tick", lambda: [engine.refresh(torrent) for torrent in engine.torrents()
+                                   if torrent.extra.get("streams")])
+
+
+EXTENSIONS.append(_streams_setup)
+
+
+class _Reader:
+    """One GET of a file: where it is in its range, and the deadlines it gave."""
+
+    def __init__(self, torrent, entry, offset, span):
+        self.torrent, self.index, self.size, self.offset = torrent, entry[0], entry[2], offset
+        self.position, self.end = span
+        self.armed = -1             # the farthest piece ahead given a deadline
+
+    def piece(self, position):
+        return (self.offset + position) // self.torrent.info["piece_length"]
+
+    def window(self):
+        """Pieces it wants soon: READ_AHEAD from here, and its file's ends, where indexes sit."""
+        front = self.piece(min(self.end, self.position + READ_AHEAD) - 1)
+        return {*range(self.piece(self.position), front + 1), self.piece(0),
+                self.piece(self.size - 1)}, front
+
+    def arm(self, pieces):
+        """Give pieces deadlines: late for those a reader waits for, which libtorrent reads
+        once verified and posts in a read_piece_alert; the others sooner the nearer."""
+        start, waited = self.offset + self.position, {
+            reader.piece(reader.position) for reader in self.torrent.extra["streams"]}
+        with _handle_call():
+            for piece in sorted(pieces):
+                distance = max(0, piece * self.torrent.info["piece_length"] - start)
+                self.torrent.handle.set_piece_deadline(*(
+                    (piece, LATE, lt.deadline_flags_t.alert_when_available) if piece in waited
+                    else (piece, distance * DEADLINE_PER_MIB >> 20)))
+
+    async def verified(self, request, engine):
+        """Its bytes to the end of their piece, once verified. Each second it waits: has the
+        client hung up, has the torrent stopped? and the deadlines a recheck took are back."""
+        (window, front), piece = self.window(), self.piece(self.position)
+        pieces = window if self.armed < 0 else {piece, *range(self.armed + 1, front + 1)}
+        while True:
+            self.arm(pieces)
+            self.armed, pieces = max(self.armed, front), window
+            with contextlib.suppress(ApiError):  # 503 after a second; 404 once removed
+                data = await engine.expect(self.torrent.ids, lt.read_piece_alert, "a piece",
+                                           lambda alert: alert.buffer if alert.piece == piece
+                                           and not alert.error.value() else None, 1.0)
+                begin = self.offset + self.position - piece * self.torrent.info["piece_length"]
+                return memoryview(data)[begin:begin + self.end - self.position]
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the client hung up")
+            if self.torrent.status["error"]:
+                raise ApiError(409, f"torrent {self.torrent.infohash} stopped: "
+                               f"{self.torrent.status['error']}")
+
+    def close(self):
+        """Clear the deadlines no other reader of its torrent needs."""
+        self.torrent.extra["streams"].remove(self)
+        needed = {piece for other in self.torrent.extra["streams"] for piece in other.window()[0]}
+        with contextlib.suppress(RuntimeError):  # the torrent is gone
+            for piece in self.window()[0] - needed:
+                self.torrent.handle.reset_piece_deadline(piece)
+
+
+def _byte_range(header, size):
+    """(first, end) of the bytes a Range header asks for, or None. Only its first range:
+    players send one. 416 if that holds no byte of the file."""
+    if header is None:
+        return None
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)(,.*)?", header.replace(" ", ""))
+    if match and match[1]:
+        span = int(match[1]), min(size, int(match[2]) + 1) if match[2] else size
+    elif match and match[2]:
+        span = max(0, size - int(match[2])), size
+    if not (match and (match[1] or match[2]) and span[0] < span[1]):
+        raise ApiError(416, f"{header!r} holds no byte of this file of {size} bytes",
+                       {"Content-Range": f"bytes */{size}"})
+    return span
+
+
+def _in_place(save_path, path, roots):
+    """Whether a torrent's file is inside the roots, no symlink on its way. In a thread."""
+    real, inside = _resolved(os.path.join(save_path, path), roots)
+    return inside and real == Path(os.path.realpath(save_path), path)
+
+
+_TEXT = {"required": True, "schema": {"type": "string"}}
+_FILE = dict.fromkeys(("Accept-Ranges", "ETag", "Content-Disposition"), _TEXT)
+
+
+async def stream_file(request):
+    """A file's bytes, in byte ranges too, while it downloads"""
+    torrent, text = _requested_torrent(request), request.match_info["index"]
+    if torrent.info is None:
+        raise ApiError(409, f"torrent {torrent.infohash}: metadata not yet known", RETRY_AFTER)
+    entry = next((entry for entry in torrent.info["files"] if str(entry[0]) == text), None)
+    if entry is None:
+        raise ApiError(404, f"torrent {torrent.infohash} has no file with index {text}")
+    (index, path, size), etag = entry, f'"{torrent.infohash}-{entry[0]}"'
+    name = os.path.basename(path)
+    headers = {"Accept-Ranges": "bytes", "ETag": etag, "Content-Disposition": (  # RFC 6266
+        "inline; filename=\"%s\"; filename*=UTF-8''%s" % (
+            re.sub(r'[^ -~]|["\\]', "_", name), urllib.parse.quote(name, ""))),
+        "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    span = _byte_range(request.headers.get("Range") if request.headers.get(
+        "If-Range", etag) == etag else None, size)
+    headers.update({"Content-Range": f"bytes {span[0]}-{span[1] - 1}/{size}"} if span else {})
+    if torrent.status["error"]:
+        raise ApiError(409, f"torrent {torrent.infohash} stopped: {torrent.status['error']}")
+    status, have = torrent.status, (torrent.file_progress or [0] * (index + 1))[index]
+    if _held(status) and not status["is_seeding"] and have < size:
+        raise ApiError(409, f"torrent {torrent.infohash} is paused: resume it to stream this")
+    response = web.StreamResponse(status=206 if span else 200, headers=headers)
+    response.content_length = span[1] - span[0] if span else size
+    if request.method != "HEAD" and response.content_length:
+        await _send_range(request, response, torrent, entry, span or (0, size))
+    return response
+
+
+async def _send_range(request, response, torrent, entry, span):
+    """Send a file's range, each piece once verified and while the file is in its place,
+    within --max-streams. A file at priority 0 is raised to 4 first, and the answer says so."""
+    engine = request.app[ENGINE]
+    with _handle_call():
+        offset = await asyncio.to_thread(
+            lambda: torrent.handle.torrent_file().layout().file_offset(entry[0]))
+    streams = sum(len(other.extra.get("streams", ())) for other in engine.torrents())
+    if streams >= request.app[CONFIG].max_streams:
+        raise ApiError(503, f"already {streams} streams, the most allowed", RETRY_AFTER)
+    reader = _Reader(torrent, entry, offset, span)
+    torrent.extra.setdefault("streams", []).append(reader)
+    with contextlib.suppress(OSError, AttributeError):  # see STREAM_SEND_BUFFER
+        request.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+    try:
+        await engine.confined(torrent)
+        if torrent.file_priorities[entry[0]:entry[0] + 1] == [0]:
+            await _prioritize(engine, torrent, _priorities(torrent, {entry[0]: 4}))
+            engine.save(torrent)
+            response.headers["X-File-Priority"] = "raised from 0 to 4: it downloads now"
+        while reader.position < reader.end:
+            data = await reader.verified(request, engine)
+            if not await asyncio.to_thread(_in_place, torrent.save_path, entry[1], engine.roots):
+                raise ApiError(409, f"{entry[1]} of {torrent.infohash} is not in its place")
+            await response.prepare(request)  # once: it returns at once after that
+            for start in range(0, len(data), STREAM_SEND_BUFFER):  # what waits is copied
+                await response.write(data[start:start + STREAM_SEND_BUFFER])
+            reader.position += len(data)
+    except ApiError:
+        if not response.prepared:
+            raise
+        response.force_close()  # cut short: the client sees the body end early
+    except ConnectionError:
+        pass  # the client hung up
+    finally:
+        reader.close()
+        engine.refresh(torrent)
+
+
+for _method in ("GET", "HEAD"):
+    api(_method, "/torrents/{infohash}/files/{index}", f"streamFile{_method.title()}", {
+        "200": _answer("the file", {"type": "string"}, _FILE, media="*/*"),
+        "206": _answer("the range Content-Range names", {"type": "string"},
+                       {**_FILE, "Content-Range": _TEXT}, media="*/*"),
+        "304": {"description": "unchanged: If-None-Match holds its ETag"},
+        "416": _answer("no byte of the range is in the file", _ref("Error"),
+                       {"Content-Range": _TEXT})}, (404, 409, 503), parameters=[
+        INFOHASH_PARAMETER, {"name": "index", "in": "path", "required": True, "schema": {
+            "type": "integer"}, "description": "the file's index in its status' files"}])(
+        stream_file)
 
 
 if __name__ == "__main__":
