@@ -5286,9 +5286,6 @@ async def test_a_stream_needs_the_token_as_every_route(streaming, tmp_path):
     assert await read_range(streaming, path) == (top / "clip.mp4").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="BASIC_REALMS is matched against the request path, "
-                   "which starts with the infohash: the core must match it against the "
-                   "route's path (see the report of issue 19)")
 @pytest.mark.skipif(FFMPEG_MISSING, reason="needs ffmpeg and ffprobe (Debian's ffmpeg)")
 async def test_a_player_may_carry_the_token_in_the_url(streaming, tmp_path):
     movie = tmp_path / "downloads" / "short.mp4"

@@ -622,9 +622,10 @@ REQUESTS = web.AppKey("requests", collections.Counter)
 LARGE_WRITES = web.AppKey("large_writes", asyncio.Semaphore)
 BODIES = web.AppKey("bodies", collections.Counter)  # "bytes": of bodies being read
 
-#: Path prefixes whose clients can send only a user name and a password (Transmission's
-#: tools, media players), with the realm their 401 names: there HTTP Basic with the
-#: token as the password (any user name) is taken too. Extensions add rows.
+#: Prefixes of route paths, as declared ({infohash} and all), whose clients can send
+#: only a user name and a password (Transmission's tools, media players), with the realm
+#: their 401 names: there HTTP Basic with the token as the password (any user name) is
+#: taken too. Extensions add rows.
 BASIC_REALMS = {}
 
 #: Requests anyone may make, without the token: a health check cannot carry a secret,
@@ -640,10 +641,12 @@ def served(app, method, path, handler, public=None):
     public = (method, path) in PUBLIC_ROUTES if public is None else public
     route = re.sub(r":[^}]*}", "}", path)  # its label: aiohttp's {path:.*} is {path}
     config, counts = app[CONFIG], app[REQUESTS]
+    realm = next((name for prefix, name in BASIC_REALMS.items() if path.startswith(prefix)),
+                 None)
 
     async def serve(request):
         try:
-            _check_access(request, config, public)
+            _check_access(request, config, public, realm)
             response = await handler(request)
         except ApiError as error:
             response = web.json_response({"detail": error.detail}, status=error.status,
@@ -679,7 +682,7 @@ async def _no_route(request):
     raise ApiError(404, "Not Found")
 
 
-def _check_access(request, config, public):
+def _check_access(request, config, public, realm):
     """Refuse cross-site browser requests, foreign Host names without a token, and
     requests to a route that is not public without the token when one is set."""
     reason = _cross_site(request)
@@ -691,7 +694,7 @@ def _check_access(request, config, public):
                            "loopback address are served (this blocks DNS rebinding); set a "
                            "token to use another name")
     elif not public:
-        failure = _bearer_error(request, config.token)
+        failure = _bearer_error(request, config.token, realm)
         if failure:
             detail, challenge = failure
             raise ApiError(401, detail, {"WWW-Authenticate": challenge})
@@ -748,17 +751,11 @@ def _host_allowed(host_header, insecure_no_auth):
     return insecure_no_auth
 
 
-def _bearer_error(request, token):
-    """Why the Authorization header does not carry the token, or None if it does.
-
-    Under the BASIC_REALMS paths, HTTP Basic with the token as the password (any user
-    name) is accepted too.
-    """
+def _bearer_error(request, token, realm=None):
+    """Why the Authorization header does not carry the token, or None if it does. With a
+    realm (the route's, from BASIC_REALMS), HTTP Basic with the token as the password
+    (any user name) is accepted too."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    path, realm = request.raw_path, None
-    for prefix, name in BASIC_REALMS.items():
-        if path.startswith(prefix):
-            realm = name
     if realm and scheme.lower() == "basic":
         try:
             given = base64.b64decode(given.strip(), validate=True).decode().partition(":")[2]
