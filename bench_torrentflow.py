@@ -718,6 +718,9 @@ def raw_child(spec_text):
     started = time.perf_counter()
     add_params = lt.load_torrent_buffer(Path(spec["torrent"]).read_bytes())
     add_params.save_path = str(Path(spec["file"]).parent)
+    # Started at once, as the daemon starts a download when its queue has room; added
+    # paused, libtorrent's queue would start it at its next tick, up to a second later.
+    add_params.flags &= ~lt.torrent_flags.paused
     handle = session.add_torrent(add_params)
     while not _is_complete(handle.status()):
         if time.perf_counter() - started > spec["deadline"]:

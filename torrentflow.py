@@ -3,8 +3,8 @@
 One process runs one libtorrent session and serves a JSON API over it: add, inspect,
 pause, resume and remove torrents (/torrents...), and /health. Extensions add per-torrent
 control and the session's settings (/settings), peer and tracker views, a live event
-stream (/events) with webhooks, Prometheus metrics (/metrics), and Transmission's RPC
-(/transmission/rpc). GET /openapi.json describes every route and field.
+stream (/events) with webhooks, Prometheus metrics (/metrics), Transmission's RPC
+(/transmission/rpc), and streaming a file while it downloads. GET /openapi.json describes every route and field.
 
 Run it with ``python torrentflow.py --local-only`` to try it on one machine, or without
 --local-only to join the public swarm (``--help`` lists every option). Each option can
@@ -34,7 +34,7 @@ How this file reads, top to bottom. The core comes first, in order of trust:
 
 Then the line "The core ends here", and the extensions, each in a section of its own:
 per-torrent control and /settings; peer and tracker views; events, SSE and webhooks;
-metrics; Transmission RPC and its web client. An extension adds rows to the core's
+metrics; Transmission RPC and its web client; streaming a file while it downloads. An extension adds rows to the core's
 tables (ROUTES through @api, OPTIONS, STATUS, SETTINGS, NOTES), a setup function to
 EXTENSIONS, and listeners to the engine (TorrentEngine.listen, .on_alert). The core
 never names an extension.
