@@ -2664,7 +2664,7 @@ class TorrentEngine:
             raise
         if torrent.status is None:
             await self.confirm(torrent, lambda status: True, "the first status")
-        if torrent.status["queued"] and self._queue_has_room():
+        if torrent.status["queued"] and _queue_has_room(self.torrents(), self.settings):
             # libtorrent's queue would start it at its next tick, up to a second later,
             # showing it queued meanwhile: start it now, as that tick would.
             with contextlib.suppress(RuntimeError):
@@ -2987,15 +2987,6 @@ class TorrentEngine:
             self.save(torrent)
         self.refresh(torrent)
 
-    def _queue_has_room(self):
-        """Whether libtorrent's queue would start one more download now."""
-        running = [t for t in self.torrents() if t.status["auto_managed"]
-                   and not t.status["paused"]]
-        downloads = sum(1 for t in running if not t.status["is_finished"])
-        return all(limit < 0 or used < limit for limit, used in (
-            (self.settings["max_active_downloads"], downloads),
-            (self.settings["max_active_torrents"], len(running))))
-
     def _start_next_download(self):
         """A queued download takes the place of one that finished, now. libtorrent's queue
         starts it only on its next one-second tick: 20 downloads of 32 MiB on loopback,
@@ -3083,6 +3074,15 @@ class TorrentEngine:
             torrent.handle.post_status()
         self.save(torrent)
 
+
+
+def _queue_has_room(torrents, settings):
+    """Whether libtorrent's queue would start one more download now."""
+    running = [t for t in torrents if t.status["auto_managed"] and not t.status["paused"]]
+    downloads = sum(1 for t in running if not t.status["is_finished"])
+    return all(limit < 0 or used < limit for limit, used in (
+        (settings["max_active_downloads"], downloads),
+        (settings["max_active_torrents"], len(running))))
 
 
 def _holding_back(torrent, status):
