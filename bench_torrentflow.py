@@ -1774,12 +1774,7 @@ async def bench_listing(args, root):
     connector = aiohttp.TCPConnector(limit=args.add_concurrency)
     async with aiohttp.ClientSession(connector=connector) as client, \
             Daemon(args.daemon, root) as daemon:
-        await daemon.start(client)
-        await add_many(lambda torrent: api_add(client, daemon.url, torrent),
-                       library_torrents(count), args.add_concurrency)
-        await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
-                         f"{count} torrents to be listed", interval=0.1)
-        await asyncio.sleep(args.settle)
+        await _start_with_library(args, client, daemon, count)
         idle = HealthProbe(client)
         async with idle.watching(daemon.url):
             await asyncio.sleep(2)
@@ -1813,6 +1808,17 @@ async def bench_listing(args, root):
     return result
 
 
+async def _start_with_library(args, client, daemon, count):
+    """Start the daemon, add count tiny torrents, and wait until all are listed and the
+    daemon has settled."""
+    await daemon.start(client)
+    await add_many(lambda torrent: api_add(client, daemon.url, torrent),
+                   library_torrents(count), args.add_concurrency)
+    await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
+                     f"{count} torrents to be listed", interval=0.1)
+    await asyncio.sleep(args.settle)
+
+
 async def bench_bulk(args, root):
     """PUT /torrents/pause, then /resume, over --bulk-torrents torrents, with GET /health
     probed every 10 ms: seconds each, /health p99 and max, and the alerts libtorrent
@@ -1821,12 +1827,7 @@ async def bench_bulk(args, root):
     connector = aiohttp.TCPConnector(limit=args.add_concurrency)
     async with aiohttp.ClientSession(connector=connector) as client, \
             Daemon(args.daemon, root) as daemon:
-        await daemon.start(client)
-        await add_many(lambda torrent: api_add(client, daemon.url, torrent),
-                       library_torrents(count), args.add_concurrency)
-        await poll_until(lambda: listed(client, daemon.url, count), PROCESS_DEADLINE,
-                         f"{count} torrents to be listed", interval=0.5)
-        await asyncio.sleep(args.settle)
+        await _start_with_library(args, client, daemon, count)
         result = {"torrents": count, "dropped_before": await _dropped_alerts(client, daemon)}
         for action in ("pause", "resume"):
             probe = HealthProbe(client)
