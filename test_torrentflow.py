@@ -2341,38 +2341,6 @@ async def _sample(client, path, until, latencies, interval=0.1):
         await asyncio.sleep(interval)
 
 
-#: An attacker in a process of its own, so that it does not slow the test's own loop:
-#: COUNT sockets that connect, send half a request head and hold it, again whenever the
-#: daemon closes them, for SECONDS. Arguments: PORT COUNT SECONDS.
-HALF_OPEN_ATTACK = """
-import asyncio, resource, sys, time
-port, count, seconds = map(int, sys.argv[1:])
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 256), hard))
-
-async def hold(until):
-    while time.monotonic() < until:
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-        except (OSError, asyncio.TimeoutError):
-            await asyncio.sleep(0.05)
-            continue
-        try:
-            writer.write(b"GET /health HTTP/1.1\\r\\nHost: localhost\\r\\n")
-            await asyncio.wait_for(reader.read(1), max(0.01, until - time.monotonic()))
-        except (OSError, asyncio.TimeoutError):
-            pass
-        finally:
-            writer.transport.abort()
-
-async def main():
-    until = time.monotonic() + seconds
-    await asyncio.gather(*(hold(until) for _ in range(count)))
-
-asyncio.run(main())
-"""
-
-
 @contextlib.asynccontextmanager
 async def guarded_site(limit):
     """A one-route aiohttp app ("ok" at /) behind the daemon's ConnectionGuard, on a free
@@ -2432,8 +2400,8 @@ async def test_half_open_connections_do_not_take_the_daemon_down(tmp_path):
                             prefix=["prlimit", "--nofile=1024:1024", "--"])
     try:
         await process.start()
-        attacker = subprocess.Popen([sys.executable, "-c", HALF_OPEN_ATTACK,
-                                     str(process.port), "2000", "20"])
+        attacker = subprocess.Popen([sys.executable, "-c", FLOOD_ATTACK,
+                                     str(process.port), "heads", "2000", "20"])
         try:
             until = time.monotonic() + 20
             health, listing = [], []
