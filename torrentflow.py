@@ -1525,7 +1525,10 @@ class StateStore:
     def drop(self, relative):
         """Delete state/relative, durably; awaitable."""
         def drop():
-            (self.root / relative).unlink(missing_ok=True)
+            try:
+                (self.root / relative).unlink()
+            except FileNotFoundError:
+                return  # nothing changed: its directory, maybe never made, needs no fsync
             self._renamed.add((self.root / relative).parent)
         return self._submit(drop)
 
