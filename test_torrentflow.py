@@ -2225,7 +2225,9 @@ async def test_a_v2_magnet_of_a_hybrid_takes_its_v1_id_with_the_metadata(
     hashes, source, layout = hybrid_swarm(tmp_path, seeder)
     magnet = f"magnet:?xt=urn:btmh:1220{hashes.v2}&x.pe=127.0.0.1:{seeder.port}"
     _, body = await add(daemon, torrent_url=magnet)
-    assert body["infohash"] == str(hashes.v2)
+    # A download starts at once: the metadata, and with it the v1 id, may come before
+    # the add is answered.
+    assert body["infohash"] in (str(hashes.v2), str(hashes.v1))
 
     async def renamed():
         status = await status_of(daemon, str(hashes.v2))
