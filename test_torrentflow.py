@@ -2469,6 +2469,14 @@ asyncio.run(main())
 """
 
 
+def connections_to(port):
+    """How many established TCP connections the kernel holds to a local port (their
+    server side, in /proc/net/tcp: state 01, local port in hex)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[1].endswith(f":{port:04X}")
+               and line.split()[3] == "01")
+
+
 async def test_a_client_with_the_token_gets_through_every_flood(tmp_path):
     """Past --max-connections, idle and half-sent connections make room, oldest first,
     for a fresh one; a stranger's are not kept alive near the cap. So a client with the
@@ -2481,7 +2489,9 @@ async def test_a_client_with_the_token_gets_through_every_flood(tmp_path):
             attacker = subprocess.Popen([sys.executable, "-c", FLOOD_ATTACK,
                                          str(process.port), mode, "300", "8"])
             try:
-                await asyncio.sleep(2)  # the flood fills every place first
+                # The flood fills every place first.
+                await wait_until(lambda: connections_to(process.port) >= 64,
+                                 what=f"the {mode} flood to fill the places")
                 tried = succeeded = 0
                 until = time.monotonic() + 5
                 while time.monotonic() < until:

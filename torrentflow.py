@@ -2667,9 +2667,11 @@ class TorrentEngine:
             raise
         if torrent.status is None:
             await self.confirm(torrent, lambda status: True, "the first status")
-        if torrent.status["queued"] and _queue_has_room(self.torrents(), self.settings):
+        next_one = self._next_in_queue(torrent)
+        if next_one is torrent and _queue_has_room(self.torrents(), self.settings):
             # libtorrent's queue would start it at its next tick, up to a second later,
-            # showing it queued meanwhile: start it now, as that tick would.
+            # showing it queued meanwhile: start it now, as that tick would. Only if it
+            # is next: one queued before it may have just been started (_on_change).
             with contextlib.suppress(RuntimeError):
                 torrent.handle.resume()
             await self.confirm(torrent, lambda status: True, "the start")
@@ -2995,11 +2997,17 @@ class TorrentEngine:
         starts it only on its next one-second tick: 20 downloads of 32 MiB on loopback,
         3 at a time, ran at 0.3 of the unqueued rate. The next tick keeps this choice, as
         it is the one the tick would make (the lowest queue position)."""
-        waiting = [t for t in self.torrents() if t.status["queued"]
-                   and t.status["state"] in ("downloading", "downloading_metadata")]
-        if waiting:
+        following = self._next_in_queue()
+        if following is not None:
             with contextlib.suppress(RuntimeError):
-                min(waiting, key=lambda t: t.status["queue_position"]).handle.resume()
+                following.handle.resume()
+
+    def _next_in_queue(self, candidate=None):
+        """The queued download libtorrent's next tick would start first, if any; a
+        candidate just added counts as one whatever its first state."""
+        waiting = [t for t in self.torrents() if t.status["queued"] and (
+            t is candidate or t.status["state"] in ("downloading", "downloading_metadata"))]
+        return min(waiting, key=lambda t: t.status["queue_position"], default=None)
 
     _ALERT_HANDLERS = {
         lt.state_update_alert: _on_state_update,
