@@ -1,48 +1,44 @@
 """TorrentFlow: a BitTorrent daemon driven by an HTTP JSON API.
 
-One process runs one libtorrent session and serves a JSON API over it: add, inspect,
-pause, resume and remove torrents (/torrents...), and /health. Extensions add per-torrent
-control and the session's settings (/settings), peer and tracker views, a live event
-stream (/events) with webhooks, Prometheus metrics (/metrics), Transmission's RPC
-(/transmission/rpc), and streaming a file while it downloads. GET /openapi.json describes every route and field.
+One process runs one libtorrent session and serves a JSON API over it: add, inspect, pause,
+resume and remove torrents (/torrents...), and /health. Extensions add per-torrent control
+and /settings, peer and tracker views, live events (/events) with webhooks, Prometheus
+/metrics, Transmission's RPC (/transmission/rpc) and streaming a file while it downloads.
+GET /openapi.json describes every route and field; README.md is the operator's manual.
 
-Run it with ``python torrentflow.py --local-only`` to try it on one machine, or without
---local-only to join the public swarm (``--help`` lists every option). Each option can
-also be set through an environment variable, TORRENTFLOW_<OPTION> (for example
-TORRENTFLOW_TOKEN, TORRENTFLOW_PORT or TORRENTFLOW_DOWNLOAD_DIR); the command line wins.
+Run ``python torrentflow.py --local-only`` to try it on one machine, or leave out
+--local-only to join the public swarm; ``--help`` lists every option. Each option can also
+be set in the environment as TORRENTFLOW_<OPTION> (TORRENTFLOW_TOKEN, TORRENTFLOW_PORT,
+TORRENTFLOW_DOWNLOAD_DIR...); the command line wins.
 
 With a token set, every request but GET /health and GET /openapi.json must carry
 ``Authorization: Bearer <token>``. Without one the daemon refuses to listen beyond
-loopback, and answers only requests addressed to localhost. Requests a browser sends
-on behalf of another site are always refused. Every torrent is written to the state
-directory before the API confirms it, and again whenever it changes. README.md is the
-operator's manual.
+loopback, and answers only requests addressed to localhost. Requests a browser sends on
+behalf of another site are always refused. Every torrent is written to the state
+directory before the API confirms it, and again whenever it changes.
 
-How this file reads, top to bottom. The core comes first, in order of trust:
+The map, top to bottom. The core comes first, in order of trust:
 
     Constants, Configuration   limits with their reasons; OPTIONS -> argparse, Config
-    Unauthenticated reach      the connection guard, the access checks, the route table,
-                               the public routes, /health and /openapi.json
-    What strangers control     hashes, save paths, magnets, .torrent files, URL
-                               fetches, metadata, trackers and DHT nodes from peers
+    Unauthenticated reach      connection guard, access checks, route table, public
+                               routes, /health, /openapi.json
+    What strangers control     hashes, save paths, magnets, .torrent files, URL fetches;
+                               metadata, trackers and DHT nodes from peers
     The state directory        StateStore, and the checks on what it gives back
     Status and settings        the STATUS and SETTINGS tables -> status dicts, schemas
     Engine                     TorrentEngine, the one owner of the libtorrent session
-    HTTP API                   request bodies and the seed's verbs: add, list, status,
-                               pause, resume, remove
+    HTTP API                   request bodies; the verbs add, list, status, pause,
+                               resume, remove
     Application                make_app, serve, main
 
-Then the line "The core ends here", and the extensions, each in a section of its own:
-per-torrent control and /settings; peer and tracker views; events, SSE and webhooks;
-metrics; Transmission RPC and its web client; streaming a file while it downloads. An extension adds rows to the core's
-tables (ROUTES through @api, OPTIONS, STATUS, SETTINGS, NOTES), a setup function to
-EXTENSIONS, and listeners to the engine (TorrentEngine.listen, .on_alert). The core
-never names an extension.
+Then the line "The core ends here", and one section per extension, in the order listed
+above. An extension adds rows to the core's tables (ROUTES through @api, OPTIONS, STATUS,
+SETTINGS, NOTES), a setup function to EXTENSIONS and listeners to the engine
+(TorrentEngine.listen, .on_alert); the core never names one.
 
-A request flows middleware -> handler -> engine method; the engine posts work to
-libtorrent and awaits TorrentEngine.expect(), which the alert loop resolves. Alerts
-flow the other way: the alert loop pops them, an _on_* method updates the status
-cache, and expect() wakes whatever request waited for that alert.
+A request flows served() -> handler -> engine method; the engine posts work to libtorrent
+and awaits TorrentEngine.expect(). The alert loop pops alerts, an _on_* method updates the
+status cache, and expect() wakes the request that waited for that alert.
 """
 
 from __future__ import annotations
