@@ -90,115 +90,87 @@ log = logging.getLogger("torrentflow")
 # Constants
 # --------------------------------------------------------------------------- #
 
-#: Largest .torrent accepted, by upload or by URL. Real ones are kilobytes to a few
-#: MB (a 100 GiB torrent with 16 KiB pieces is about 130 MB of hashes, which nobody makes).
+#: Largest .torrent accepted, by upload or by URL; real ones are kilobytes to a few MB.
 MAX_TORRENT_BYTES = 10 * 1024 * 1024
 #: Request bodies may carry one .torrent plus form overhead, nothing more.
 MAX_REQUEST_BYTES = MAX_TORRENT_BYTES + 64 * 1024
-#: JSON and urlencoded bodies hold a URL and a path: a 10 MB one is only there to make
-#: the parser build millions of objects.
+#: JSON and urlencoded bodies hold a URL and a path; more only makes the parser build objects.
 MAX_FORM_BYTES = 64 * 1024
-#: More files than any real torrent has; every status answer lists them all, so a
-#: torrent with millions of tiny files would make each GET cost megabytes.
+#: More files than any real torrent has; every status answer lists them all.
 MAX_TORRENT_FILES = 100_000
-#: Trackers and web seeds one torrent may name. Real torrents name a few dozen; adding
-#: one costs libtorrent's session thread time that grows with the square of the count.
+#: Trackers and web seeds per torrent: libtorrent's cost of adding grows with the square.
 MAX_TRACKERS = 200
 MAX_WEB_SEEDS = 100
-#: Characters of free text kept from a torrent (comment, creator, a magnet's dn=): a
-#: 10 MiB comment would otherwise be copied into every status and listing.
+#: Characters kept of a torrent's free text (comment, creator, dn=), copied into every status.
 MAX_TEXT = 4096
 #: Characters of any one value in a log line; longer ones are cut.
 MAX_LOGGED = 300
 #: Shorter tokens can be guessed by a client that is free to try as often as it likes.
 MIN_TOKEN_LENGTH = 16
 #: Limits handed to libtorrent's bdecoder, so a crafted file cannot exhaust memory or stack.
-TORRENT_LIMITS = {
-    "max_buffer_size": MAX_TORRENT_BYTES,
-    "max_pieces": 2_000_000,
-    "max_decode_depth": 100,
-    "max_decode_tokens": 3_000_000,
-}
+TORRENT_LIMITS = {"max_buffer_size": MAX_TORRENT_BYTES, "max_pieces": 2_000_000,
+                  "max_decode_depth": 100, "max_decode_tokens": 3_000_000}
 #: Indexers redirect once or twice; more than this is a loop or an attack.
 FETCH_MAX_REDIRECTS = 5
-#: How often libtorrent is asked for the status of torrents that changed. Events
-#: that matter (state changes, finishing) refresh the cache at once besides.
+#: Seconds between status updates of changed torrents; state changes refresh at once.
 STATUS_INTERVAL = 0.5
-#: Startup adds saved torrents in batches this size, so requests are served in between:
-#: posting 200 adds takes about a millisecond, well under any request's patience.
+#: Startup adds saved torrents in batches this size, so requests are served in between.
 LOAD_BATCH = 200
-#: Seconds a new API connection has to send a complete request head; a client that
-#: holds sockets half open must not hold the daemon's descriptors.
+#: Seconds a new API connection has to send a request head, so half-open sockets go.
 HEAD_TIMEOUT = 5.0
 #: Seconds an idle keep-alive API connection stays open; clients reconnect at will.
 KEEPALIVE_TIMEOUT = 15.0
 #: Seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s.
 BODY_TIMEOUT = 30.0
-#: Bytes of request bodies read (and parsed) at once, all clients together; past it a
-#: request with a body is answered 503. 64 RPC calls of 20 MiB each once held 1.3 GB.
+#: Bytes of request bodies read and parsed at once, all clients together, to bound memory;
+#: past it a request with a body is answered 503.
 BODY_BUDGET = 64 * 1024 * 1024
-#: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time, in pieces
-#: of WRITE_PIECE bytes (see _respond): one send() of a 2.6 MB listing held the loop
-#: for up to 200 ms, and small requests waited behind it (README, Performance).
+#: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time, WRITE_PIECE
+#: bytes per send (see _respond), so one large send() does not hold the loop.
 LARGE_BODY = 256 * 1024
 LARGE_AT_ONCE = 4
 WRITE_PIECE = 512 * 1024
-#: File entries serialised in one json.dumps call (see _json): about 1.5 ms, during
-#: which the event loop waits for the GIL.
+#: File entries serialised per json.dumps call (see _json), so the loop gets the GIL back.
 JSON_SLICE = 500
-#: Torrents above which a fields= listing or an RPC torrent-get is built and serialised
-#: on a worker thread: all fields of 10,000 torrents take 0.15 s to serialise.
+#: Torrents above which a fields= listing or torrent-get is serialised on a worker thread.
 LARGE_LISTING = 500
 #: Connections the kernel queues for the API before the daemon accepts them.
 LISTEN_BACKLOG = 128
-#: In-flight requests get this long to finish when the daemon stops. Every request
-#: answers in milliseconds except a torrent_url fetch, which is not worth waiting for.
+#: Seconds in-flight requests get to finish at stop; all but a URL fetch take milliseconds.
 REQUEST_DRAIN_SECONDS = 1.0
-#: Seconds past --shutdown-timeout after which a stop that hangs (a dead disk, a stuck
-#: thread) ends the process anyway: the session's own teardown needs about one.
+#: Seconds past --shutdown-timeout after which a hung stop (a dead disk) exits anyway.
 SHUTDOWN_MARGIN = 2.0
-#: Seconds the session waits for trackers to acknowledge "stopped" at shutdown. The
-#: session's destructor holds the GIL for that long, so it is short: with the saves,
-#: the whole stop must fit in a container's 10 s grace.
+#: Seconds trackers get to acknowledge "stopped": the session holds the GIL meanwhile, and
+#: the whole stop, saves included, must fit in a container's 10 s grace.
 STOP_TRACKER_TIMEOUT = 1
-#: Longest wait for libtorrent to confirm a request (add, pause, save...). It answers in
-#: milliseconds; an alert lost in a full queue must not hang the request for ever.
+#: Longest wait for libtorrent to confirm a request, so a lost alert cannot hang it.
 ALERT_WAIT = 30.0
-#: Seconds a finished torrent may keep showing as unfinished while its writes are flushed;
-#: flushing takes milliseconds, so this only bounds a flush that never reports back.
+#: Longest a finished torrent shows as unfinished while a flush never reports back.
 FLUSH_WAIT = 10.0
 #: What a 503 tells the client: libtorrent normally answers in milliseconds.
 RETRY_AFTER = {"Retry-After": "1"}
 #: libtorrent's error for "resume data not modified since the last save": not a failure.
 RESUME_NOT_MODIFIED = 143
-#: The key of the daemon's own notes on a torrent in its resume file. libtorrent ignores
-#: it, and it sorts after all of libtorrent's keys, so appending it keeps the bencoding
-#: canonical without decoding a file that may hold megabytes of metadata.
+#: The key of the daemon's notes in a resume file. libtorrent ignores it, and it sorts
+#: after libtorrent's keys, so appending it keeps the bencoding canonical.
 NOTES_KEY = b"x-torrentflow"
 #: The file in the state directory whose presence says the last run saved everything.
 CLEAN_MARK = "clean-shutdown"
 #: The file in the state directory that keeps what PATCH /settings set.
 SETTINGS_FILE = "settings.json"
-#: Bytes of torrent data checked at once (see _pace_checks): a thousand small torrents
-#: check together, torrents of a gigabyte or more one after another.
+#: Bytes of torrent data checked at once (see _pace_checks): many small torrents, or one big.
 CHECK_BUDGET = 1024 ** 3
-#: Seconds between checks that the directories are writable and that downloading
-#: torrents' save paths still lead inside the roots: the longest a symlink swapped in
-#: by someone who can write to the download directory redirects writes.
+#: Seconds between checks of the directories and of downloading torrents' save paths:
+#: the longest a symlink swapped into the download directory redirects writes.
 WATCH_INTERVAL = 1.0
-#: Seconds between checks that every torrent's save path leads inside the roots and
-#: that finished torrents' files are still there. Sizes only: cheap, even for 10,000.
+#: Seconds between checks of every save path and of finished torrents' file sizes.
 DATA_CHECK_INTERVAL = 10.0
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
-ALERT_MASK = (
-    lt.alert_category.error
-    | lt.alert_category.status
-    | lt.alert_category.storage
-    | lt.alert_category.tracker
-)
+ALERT_MASK = (lt.alert_category.error | lt.alert_category.status
+              | lt.alert_category.storage | lt.alert_category.tracker)
 #: Resume data with the info dict, so a magnet's metadata survives, written after the
-#: torrent's pending writes reach the disk, so the saved pieces are really there.
+#: pending writes reach the disk, so the saved pieces are really there.
 SAVE_FULL = lt.save_resume_flags_t.save_info_dict | lt.save_resume_flags_t.flush_disk_cache
 #: The same, skipped (error 143) when nothing changed since the last save.
 SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
