@@ -535,19 +535,14 @@ def parse_config(argv=None, environ=None):
 def session_settings(config):
     """The libtorrent settings_pack for this config (the benchmark reuses it)."""
     settings = {
-        "listen_interfaces": config.listen_interfaces,
+        "listen_interfaces": config.listen_interfaces, "enable_dht": config.dht,
+        "enable_lsd": config.lsd, "enable_upnp": config.upnp, "enable_natpmp": config.natpmp,
         # A port that is taken must stop the start, not quietly become another one:
         # incoming peers would keep knocking at the forwarded port.
-        "max_retry_port_bind": 0,
-        "listen_system_port_fallback": False,
-        "enable_dht": config.dht,
-        "enable_lsd": config.lsd,
-        "enable_upnp": config.upnp,
-        "enable_natpmp": config.natpmp,
-        "alert_mask": int(ALERT_MASK),
+        "max_retry_port_bind": 0, "listen_system_port_fallback": False,
         # Bursts of state changes on thousands of torrents must not push out the
         # alerts that resolve requests; the loop drains the queue continuously.
-        "alert_queue_size": 10000,
+        "alert_mask": int(ALERT_MASK), "alert_queue_size": 10000,
         "stop_tracker_timeout": STOP_TRACKER_TIMEOUT,
         "user_agent": f"TorrentFlow/{__version__} libtorrent/{lt.__version__}",
         "peer_fingerprint": lt.generate_fingerprint("TF", *map(int, __version__.split(".")), 0),
@@ -557,14 +552,15 @@ def session_settings(config):
         "max_metadata_size": MAX_TORRENT_BYTES,
     }
     if config.local_only:
-        settings["dht_bootstrap_nodes"] = ""
-        # uTP over loopback collapses to a few MB/s; every local peer speaks TCP.
-        settings["enable_outgoing_utp"] = False
-        # Every local peer has the address 127.0.0.1: tell them apart by port.
-        settings["allow_multiple_connections_per_ip"] = True
-        # A few local peers, all ours: after a pause, dial them again at once instead
-        # of the 60 s that spares strangers on the internet.
-        settings["min_reconnect_time"] = 1
+        settings.update(
+            dht_bootstrap_nodes="",
+            # uTP over loopback collapses to a few MB/s; every local peer speaks TCP.
+            enable_outgoing_utp=False,
+            # Every local peer has the address 127.0.0.1: tell them apart by port.
+            allow_multiple_connections_per_ip=True,
+            # A few local peers, all ours: after a pause, dial them again at once instead
+            # of the 60 s that spares strangers on the internet.
+            min_reconnect_time=1)
     return settings
 
 
