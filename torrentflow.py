@@ -748,6 +748,9 @@ class _Connection(asyncio.Protocol):
         self.guard, self.inner = guard, guard.server()
         self.transport = None
         self.state, self.head_since, self.tail = "head", time.monotonic(), b""
+        # The rest of the protocol is aiohttp's own.
+        self.eof_received, self.pause_writing, self.resume_writing = (
+            self.inner.eof_received, self.inner.pause_writing, self.inner.resume_writing)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -767,15 +770,6 @@ class _Connection(asyncio.Protocol):
             else:
                 self.tail = text[-3:]
         self.inner.data_received(data)
-
-    def eof_received(self):
-        return self.inner.eof_received()
-
-    def pause_writing(self):
-        self.inner.pause_writing()
-
-    def resume_writing(self):
-        self.inner.resume_writing()
 
     def connection_lost(self, exc):
         self.guard.forget(self)
@@ -897,12 +891,8 @@ def _object(properties, required=None):
 
 def _answer(description, schema, headers=None, links=None, media="application/json"):
     """An OpenAPI response."""
-    response = {"description": description, "content": {media: {"schema": schema}}}
-    if headers:
-        response["headers"] = headers
-    if links:
-        response["links"] = links
-    return response
+    return {"description": description, "content": {media: {"schema": schema}},
+            **({"headers": headers} if headers else {}), **({"links": links} if links else {})}
 
 
 def _query(name, description, **schema):
@@ -945,12 +935,11 @@ async def health(request):
     engine, token = request.app[ENGINE], request.app[CONFIG].token
     problems = engine.health()
     # Without the token, only the verdict: nothing for a stranger to learn.
-    if token is not None and _bearer_error(request, token) is not None:
-        if problems:
-            raise ApiError(503, "unhealthy")
-        return web.json_response({"status": "ok"})
+    stranger = token is not None and _bearer_error(request, token) is not None
     if problems:
-        raise ApiError(503, "unhealthy: " + "; ".join(problems))
+        raise ApiError(503, "unhealthy" if stranger else "unhealthy: " + "; ".join(problems))
+    if stranger:
+        return web.json_response({"status": "ok"})
     return web.json_response({"status": "ok", "torrents": engine.count(),
                               "loading": engine.loading, "listen_port": engine.listen_port})
 
