@@ -727,8 +727,7 @@ def _bearer_error(request, token, realm=None):
     if not given.strip():
         return "this API needs the header Authorization: Bearer <token>", challenge
     # Constant time, so response timing does not reveal how much of a guess was right.
-    if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
-                           token.encode()):
+    if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         return None
     return "invalid token", challenge + ('' if realm else ', error="invalid_token"')
 
@@ -799,10 +798,8 @@ class ConnectionGuard:
         self.connections[connection] = None
         self._by_handler[connection.inner] = connection
         if len(self.connections) > self.limit:
-            victim = next((c for c in self.connections
-                           if c.state == "head" and c is not connection), None) or next(
-                iter(self.idle), connection)
-            self.drop(victim)
+            heads = (c for c in self.connections if c.state == "head" and c is not connection)
+            self.drop(next(heads, None) or next(iter(self.idle), connection))
 
     def forget(self, connection):
         self.connections.pop(connection, None)
@@ -870,8 +867,6 @@ class GuardedSite(web.BaseSite):
 #: (method, path, handler, OpenAPI operation) of every route; make_app and the
 #: OpenAPI document both come from it.
 ROUTES = []
-#: Error answers every protected route can give.
-COMMON_ERRORS = (400, 401, 403)
 
 
 def _ref(name, kind="schemas"):
@@ -912,7 +907,7 @@ def api(method, path, operation_id, responses, errors=(), parameters=(), **extra
     """
     def register(handler):
         public = (method, path) in PUBLIC_ROUTES
-        codes = (403,) if public else (*COMMON_ERRORS, *errors)
+        codes = (403,) if public else (400, 401, 403, *errors)
         operation = {
             "operationId": operation_id, "summary": handler.__doc__.split("\n")[0],
             **({"parameters": list(parameters)} if parameters else {}), **extra,
