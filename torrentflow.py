@@ -227,7 +227,6 @@ def _number(kind, low, *special, high=2**31 - 1):
     return parse
 
 
-#: A TCP port.
 _port = _number(int, 0, high=65535)
 
 
@@ -429,8 +428,7 @@ def _shown(value):
 def _option_parser():
     """argparse for OPTIONS; values stay text here and are parsed once, in parse_config."""
     parser = _Parser(
-        prog="torrentflow.py",
-        description="TorrentFlow: a BitTorrent daemon with an HTTP JSON API.",
+        "torrentflow.py", description="TorrentFlow: a BitTorrent daemon with an HTTP JSON API.",
         epilog="Every option also reads TORRENTFLOW_<NAME> from the environment (for "
         "example TORRENTFLOW_PORT); the command line wins. See README.md.")
     parser.add_argument("--version", action="version", version=f"TorrentFlow {__version__}")
@@ -439,8 +437,7 @@ def _option_parser():
         text = (f"{option.help}" + (f": {', '.join(choices)}" if choices else "")
                 + f" (default {_shown(option.default)}; {option.env})")
         if option.parse is _boolean:
-            parser.add_argument(option.flag, action=argparse.BooleanOptionalAction,
-                                help=text)
+            parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, help=text)
         else:
             parser.add_argument(option.flag, action="append" if option.repeat else None,
                                 dest=option.name, metavar=option.name.upper(), help=text)
