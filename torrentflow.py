@@ -342,8 +342,7 @@ OPTIONS = [
     #: Saving at SIGTERM must end inside the 10 s that Docker and Kubernetes allow.
     Option("shutdown_timeout", _seconds, 8.0, "seconds allowed for saving every torrent "
            "on SIGTERM; keep it under your container's stop grace"),
-    #: A fetch must end in this time, redirects included, so a silent server cannot hold
-    #: a request (and its memory) forever.
+    #: So a silent server cannot hold a request (and its memory) forever.
     Option("fetch_timeout", _seconds, 30.0, "seconds allowed for downloading a "
            "torrent_url, redirects included"),
     Option("token", str, None, "API token: every request but GET /health and "
@@ -581,10 +580,9 @@ REQUESTS = web.AppKey("requests", collections.Counter)
 LARGE_WRITES = web.AppKey("large_writes", asyncio.Semaphore)
 BODIES = web.AppKey("bodies", collections.Counter)  # "bytes": of bodies being read
 
-#: Prefixes of route paths, as declared ({infohash} and all), whose clients can send
-#: only a user name and a password (Transmission's tools, media players), with the realm
-#: their 401 names: there HTTP Basic with the token as the password (any user name) is
-#: taken too. Extensions add rows.
+#: Route path prefixes, as declared ({infohash} and all), whose clients can send only a user
+#: name and password (Transmission's tools, media players) -> the realm their 401 names.
+#: There HTTP Basic with the token as password (any user name) is taken too. Extensions add rows.
 BASIC_REALMS = {}
 
 #: Requests anyone may make, without the token: a health check cannot carry a secret,
