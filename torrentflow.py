@@ -342,7 +342,7 @@ OPTIONS = [
     #: Saving at SIGTERM must end inside the 10 s that Docker and Kubernetes allow.
     Option("shutdown_timeout", _seconds, 8.0, "seconds allowed for saving every torrent "
            "on SIGTERM; keep it under your container's stop grace"),
-    #: So a silent server cannot hold a request (and its memory) forever.
+    #: A silent server must not hold a request (and its memory) forever.
     Option("fetch_timeout", _seconds, 30.0, "seconds allowed for downloading a "
            "torrent_url, redirects included"),
     Option("token", str, None, "API token: every request but GET /health and "
@@ -548,15 +548,14 @@ def session_settings(config):
         "max_metadata_size": MAX_TORRENT_BYTES,
     }
     if config.local_only:
-        settings.update(
-            dht_bootstrap_nodes="",
-            # uTP over loopback collapses to a few MB/s; every local peer speaks TCP.
-            enable_outgoing_utp=False,
-            # Every local peer has the address 127.0.0.1: tell them apart by port.
-            allow_multiple_connections_per_ip=True,
-            # A few local peers, all ours: after a pause, dial them again at once instead
-            # of the 60 s that spares strangers on the internet.
-            min_reconnect_time=1)
+        settings["dht_bootstrap_nodes"] = ""
+        # uTP over loopback collapses to a few MB/s; every local peer speaks TCP.
+        settings["enable_outgoing_utp"] = False
+        # Every local peer has the address 127.0.0.1: tell them apart by port.
+        settings["allow_multiple_connections_per_ip"] = True
+        # A few local peers, all ours: after a pause, dial them again at once instead
+        # of the 60 s that spares strangers on the internet.
+        settings["min_reconnect_time"] = 1
     return settings
 
 
