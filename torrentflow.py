@@ -1012,12 +1012,8 @@ def parse_infohash(text):
 
 def _hash_ids(info_hashes):
     """The hex ids a torrent answers to, canonical (v1 when there is one) first."""
-    ids = []
-    if info_hashes.has_v1():
-        ids.append(str(info_hashes.v1))
-    if info_hashes.has_v2():
-        ids.append(str(info_hashes.v2))
-    return ids
+    ids = [str(info_hashes.v1)] if info_hashes.has_v1() else []
+    return ids + ([str(info_hashes.v2)] if info_hashes.has_v2() else [])
 
 
 def _params_ids(params):
@@ -1026,31 +1022,29 @@ def _params_ids(params):
 
 
 def _resolved(path, roots):
-    """(path's real path, with symlinks and .. resolved; whether it lies inside one of
-    roots). Touches the disk: run in a thread."""
+    """(path's real path, symlinks and .. resolved; whether it lies inside one of roots).
+    Touches the disk: run in a thread."""
     real = Path(os.path.realpath(path))
     return real, any(real.is_relative_to(root) for root in roots)
 
 
 def resolve_save_path(roots, requested):
-    """The real directory a requested save_path names, checked to lie inside the roots.
-
-    roots[0] is the download directory: a relative path lies under it, an absolute one
-    may name a directory inside any root. Symlinks and ``..`` are resolved before the
-    check. Nothing is created: libtorrent makes the directory when it writes the first
-    file, so an add that fails leaves nothing behind. Touches the disk: run in a thread.
-    """
+    """The real directory a requested save_path names, checked to lie inside the roots:
+    a relative path under roots[0] (the download directory), an absolute one inside any
+    root. Nothing is created: libtorrent makes the directory when it writes the first
+    file, so an add that fails leaves nothing behind. Touches the disk: run in a thread."""
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
-    allowed = roots if os.path.isabs(requested) else roots[:1]
+    absolute = os.path.isabs(requested)
+    allowed = roots if absolute else roots[:1]
     outside = ApiError(400, "save_path must stay inside the download directory"
                        + (" or an allowed save root" if len(allowed) > 1 else ""))
     # Decided on the text first, the same whatever exists: a .. that climbs out and back
     # in (a/../../x/../a) would otherwise tell, by the answer, what is on the disk.
     depth = 0
-    for part in Path(requested).parts[1 if os.path.isabs(requested) else 0:]:
+    for part in Path(requested).parts[1 if absolute else 0:]:
         depth += -1 if part == ".." else part != "."
-        if depth < 0 or (part == ".." and os.path.isabs(requested)):
+        if depth < 0 or (part == ".." and absolute):
             raise outside
     target, inside = _resolved(roots[0] / requested, allowed)
     if not inside:
@@ -1065,12 +1059,9 @@ def resolve_save_path(roots, requested):
 
 
 def _readable(params):
-    """False if a name, path or URL in params is not UTF-8.
-
-    libtorrent keeps a magnet's %-decoded dn= and tr=, a .torrent's announce and a resume
-    file's save_path as raw bytes; Python raises on every later read of them, in the
-    add, in each status and in each alert, so such a torrent could never be served.
-    """
+    """False if a name, path or URL in params is not UTF-8. libtorrent keeps a magnet's
+    %-decoded dn= and tr=, a .torrent's announce and a resume file's save_path as bytes;
+    Python raises on every later read of them, so such a torrent could never be served."""
     try:
         params.name, params.save_path, params.trackers, params.url_seeds, params.dht_nodes
     except UnicodeDecodeError:
@@ -1080,9 +1071,9 @@ def _readable(params):
 
 def params_from_magnet(uri):
     """Parse a magnet link (honouring tr= trackers and x.pe= peers), or raise 400."""
-    # Counted before libtorrent sees them: adding a torrent costs the session thread
-    # time that grows with the square of its trackers (15,000 froze every transfer).
-    if len(uri) > MAX_FORM_BYTES:  # it is parsed on the event loop
+    # Counted before libtorrent sees them: an add costs the session thread time that
+    # grows with the square of the trackers. The length is capped: parsed on the loop.
+    if len(uri) > MAX_FORM_BYTES:
         raise ApiError(413, f"a magnet link may be at most {MAX_FORM_BYTES} characters")
     # libtorrent reads tr.1=, tr.2=... as tr=, and TR= too: count them as such.
     keys = [re.sub(r"\.\d+$", "", key.lower())
@@ -1107,10 +1098,8 @@ def params_from_magnet(uri):
 
 def params_from_torrent(data):
     """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread.
-
     libtorrent would sanitise hostile file names and write inside save_path anyway;
-    refusing them tells the client the file is hostile instead of renaming quietly.
-    """
+    refusing them tells the client the file is hostile instead of renaming quietly."""
     if len(data) > MAX_TORRENT_BYTES:
         raise ApiError(413, f"a .torrent may be at most {MAX_TORRENT_BYTES} bytes")
     try:
@@ -1123,8 +1112,7 @@ def params_from_torrent(data):
         raise ApiError(422, f"a torrent may name at most {MAX_TRACKERS} trackers and "
                        f"{MAX_WEB_SEEDS} web seeds")
     params.comment, params.created_by = params.comment[:MAX_TEXT], params.created_by[:MAX_TEXT]
-    problem = _unsafe_info(params.ti)
-    if problem:
+    if problem := _unsafe_info(params.ti):
         raise ApiError(422, f"not a valid torrent file: {problem}")
     return params
 
@@ -1150,16 +1138,15 @@ def _unsafe_info(info):
 
 def _bdecode(data, start=0):
     """(the bencoded value at start, the index after it), for bytes libtorrent already
-    parsed. In Python, not lt.bdecode: that keeps the GIL for a whole call (0.23 s for
-    100,000 files), while Python code lets the event loop run in between."""
+    parsed. Not lt.bdecode: that holds the GIL for the whole call, and a long info dict
+    would stall the event loop; Python code lets it run in between."""
     kind = data[start:start + 1]
     if kind in (b"d", b"l"):
         items, index = [], start + 1
         while data[index:index + 1] != b"e":
             item, index = _bdecode(data, index)
             items.append(item)
-        value = dict(zip(items[::2], items[1::2])) if kind == b"d" else items
-        return value, index + 1
+        return (dict(zip(items[::2], items[1::2])) if kind == b"d" else items), index + 1
     if kind == b"i":
         end = data.index(b"e", start)
         return int(data[start + 1:end]), end + 1
@@ -1178,9 +1165,8 @@ def _unsafe_file_name(info):
     files = info.get(b"files")  # v1 multi-file; libtorrent ignores it if not a list
     for entry in files if isinstance(files, list) else ():
         if isinstance(entry, dict):
-            paths += [entry.get(b"path") or [b""], entry.get(b"path.utf-8") or [],
-                      entry.get(b"symlink path") or [],
-                      entry.get(b"symlink path.utf-8") or []]
+            paths += [entry.get(b"path") or [b""]] + [entry.get(key) or [] for key in (
+                b"path.utf-8", b"symlink path", b"symlink path.utf-8")]
     pending = [info.get(b"file tree") or {}]  # v2, nested: {element: {...}, b"": leaf}
     while pending:  # depth is bounded by the decoder's max_decode_depth
         tree = pending.pop()
@@ -1211,16 +1197,11 @@ def _metadata(torrent_info, creation):
     """Fields that need metadata; computed once, when metadata first arrives."""
     files = _files_of(torrent_info)
     return {
-        "total_size": sum(size for _, _, size in files),
-        "num_files": len(files),
-        "total_pieces": torrent_info.num_pieces(),
-        "piece_length": torrent_info.piece_length(),
+        "total_size": sum(size for _, _, size in files), "num_files": len(files),
+        "total_pieces": torrent_info.num_pieces(), "piece_length": torrent_info.piece_length(),
         "creation_date": _epoch_or_none(creation[0] or torrent_info.creation_date()),
-        "creator": creation[1] or None,
-        "comment": creation[2] or None,
-        "files": files,
-        "all_files": torrent_info.num_files(),  # libtorrent's count, padding included
-    }
+        "creator": creation[1] or None, "comment": creation[2] or None, "files": files,
+        "all_files": torrent_info.num_files()}  # libtorrent's count, padding included
 
 
 def _checked_metadata(torrent_info, creation):
@@ -1250,28 +1231,24 @@ def _is_private_to_host(url):
     """True when a URL names this host itself: localhost, or one of _HOST_OWN. A URL
     too malformed to tell counts as private, so it is dropped."""
     try:
-        host = urllib.parse.urlsplit(url).hostname or ""
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
     except ValueError:  # such as an unclosed [ in http://[::1/announce
         return True
     try:
-        address = ipaddress.ip_address(host)
+        return any(ipaddress.ip_address(host) in network for network in _HOST_OWN)
     except ValueError:
-        return host.lower() == "localhost" or host.lower().endswith(".localhost")
-    return any(address in network for network in _HOST_OWN)
+        return host == "localhost" or host.endswith(".localhost")
 
 
 def keep_reachable(params, local_only):
     """Drop the trackers, web seeds and DHT nodes a torrent's author may not make the
-    daemon call.
-
-    With --local-only, everything outside loopback: nothing leaves the host. Otherwise
-    this host's own addresses: a .torrent must not make the daemon send requests to a
-    local service. The IP filter blocks the same addresses after DNS lookups too.
-    """
+    daemon call: with --local-only, all outside loopback; otherwise this host's own
+    addresses, so that a .torrent cannot make the daemon call a local service. The IP
+    filter blocks the same addresses after DNS lookups too."""
     # Tiers are a list beside the URLs: filter the pairs, or tiers slide onto other URLs.
     tiers = list(params.tracker_tiers) + [0] * (len(params.trackers) - len(params.tracker_tiers))
-    kept = [(url, tier) for url, tier in zip(params.trackers, tiers) if _url_allowed(
-        url, local_only)]
+    kept = [(url, tier) for url, tier in zip(params.trackers, tiers)
+            if _url_allowed(url, local_only)]
     params.trackers, params.tracker_tiers = [url for url, _ in kept], [tier for _, tier in kept]
     params.url_seeds = [url for url in params.url_seeds if _url_allowed(url, local_only)]
     params.dht_nodes = [(host, port) for host, port in params.dht_nodes if _url_allowed(
@@ -1294,20 +1271,13 @@ def _url_allowed(url, local_only):
 
 
 def _ip_filter(local_only):
-    """The session's IP filter, for peers, trackers and web seeds alike, after DNS.
-
-    With --local-only only loopback is allowed; otherwise everything but this host's
-    own addresses, where local services listen that a torrent must not reach.
-    """
+    """The session's IP filter, for peers, trackers and web seeds alike, after DNS: with
+    --local-only only loopback is allowed, else all but this host's own addresses."""
     ip_filter = lt.ip_filter()
-    if local_only:
-        ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
-        ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
-        ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
-        ip_filter.add_rule("::1", "::1", 0)
-    else:
-        for network in _HOST_OWN:
-            ip_filter.add_rule(str(network[0]), str(network[-1]), 1)
+    rules = [("0.0.0.0", "255.255.255.255", 1), ("127.0.0.0", "127.255.255.255", 0),
+             ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1), ("::1", "::1", 0)]
+    for rule in rules if local_only else [(str(net[0]), str(net[-1]), 1) for net in _HOST_OWN]:
+        ip_filter.add_rule(*rule)
     return ip_filter
 
 
@@ -1400,6 +1370,11 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _on_state_thread(method):
+    """A StateStore method that runs on the store's thread: a call returns an awaitable."""
+    return functools.wraps(method)(lambda self, *args: self._submit(method, self, *args))
+
+
 class StateStore:
     """The state directory: one resume file per torrent, written atomically.
 
@@ -1425,16 +1400,15 @@ class StateStore:
         return asyncio.wrap_future(future)
 
     def _run(self):
-        """Run jobs in order; a batch's directory is fsynced once, before any answer."""
+        """Run jobs in order; a batch's directories are fsynced once, before any answer."""
         while True:
             batch = [self._jobs.get()]
             while not self._jobs.empty() and len(batch) < 1000:
                 batch.append(self._jobs.get_nowait())
-            done, synced, self._renamed, closing = [], None, set(), False
+            done, synced, self._renamed = [], None, set()
             for function, args, future in batch:
                 if function is None:
-                    closing = True  # after the jobs before it are synced and answered
-                    break
+                    break  # close: after the jobs before it are synced and answered
                 if not future.set_running_or_notify_cancel():
                     continue  # whoever asked has given up (the daemon is stopping)
                 try:
@@ -1447,12 +1421,11 @@ class StateStore:
             except OSError as error:
                 synced = error
             for future, result, error in done:
-                error = error or synced
-                if error is not None:
-                    future.set_exception(error)
+                if error or synced:
+                    future.set_exception(error or synced)
                 else:
                     future.set_result(result)
-            if closing:
+            if function is None:
                 return
 
     def barrier(self):
@@ -1470,26 +1443,11 @@ class StateStore:
     def _path(self, name):
         return self.resume_dir / f"{name}.resume"
 
-    async def prepare(self, download_dir):
+    @_on_state_thread
+    def prepare(self, download_dir):
         """Create the directories, clear writes a crash interrupted, and take down the
-        mark of a clean shutdown; return whether the last run left one (or none ran),
-        and the settings PATCH /settings saved."""
-        return await self._submit(self._prepare, download_dir)
-
-    def _lock(self):
-        """Hold the state directory alone for the life of the process: a second daemon on
-        it would load the same torrents, and its clean stop would vouch for this one's
-        files. The kernel lets go when the process ends, however it ends."""
-        self._lock_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StartupError(f"--state-dir (TORRENTFLOW_STATE_DIR): {self.root} is in use "
-                               "by another TorrentFlow; give each daemon its own") from None
-
-    def _prepare(self, download_dir):
-        """(whether the last run stopped cleanly, the settings PATCH /settings saved)."""
+        mark of a clean shutdown; (whether the last run left one or none ran, the
+        settings PATCH /settings saved)."""
         first_run = not self.resume_dir.is_dir()
         for directory, option in ((download_dir, "--download-dir (TORRENTFLOW_DOWNLOAD_DIR)"),
                                   (self.resume_dir, "--state-dir (TORRENTFLOW_STATE_DIR)")):
@@ -1497,7 +1455,16 @@ class StateStore:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise StartupError(_directory_problem(directory, error, option)) from None
-        self._lock()
+        # Held alone for the life of the process: a second daemon on it would load the
+        # same torrents, and its clean stop would vouch for this one's files. The kernel
+        # lets go when the process ends, however it ends.
+        self._lock_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StartupError(f"--state-dir (TORRENTFLOW_STATE_DIR): {self.root} is in use "
+                               "by another TorrentFlow; give each daemon its own") from None
         # Writes a crash interrupted; the old files stand. Only in the daemon's own
         # folders: the state directory itself may hold someone else's files.
         for leftover in [*self.resume_dir.glob("*.tmp"), *self.root.glob("webhooks/*/*.tmp")]:
@@ -1515,38 +1482,33 @@ class StateStore:
             settings = {}
         return was_clean, settings if isinstance(settings, dict) else {}
 
+    @_on_state_thread
     def put(self, relative, data):
-        """Write state/relative atomically (its directory made if need be); awaitable."""
-        def put():
-            (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
-            self._atomic(self.root / relative, data)
-        return self._submit(put)
+        """Write state/relative atomically (its directory made if need be)."""
+        (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
+        self._atomic(self.root / relative, data)
 
+    @_on_state_thread
     def drop(self, relative):
-        """Delete state/relative, durably; awaitable."""
-        def drop():
-            try:
-                (self.root / relative).unlink()
-            except FileNotFoundError:
-                return  # nothing changed: its directory, maybe never made, needs no fsync
-            self._renamed.add((self.root / relative).parent)
-        return self._submit(drop)
+        """Delete state/relative, durably."""
+        try:
+            (self.root / relative).unlink()
+        except FileNotFoundError:
+            return  # nothing changed: its directory, maybe never made, needs no fsync
+        self._renamed.add((self.root / relative).parent)
 
-    async def read(self, relative):
+    @_on_state_thread
+    def read(self, relative):
         """The files of the directory state/relative, {name: bytes}; or of one file,
         {name: bytes} too. Missing is empty; anything but a regular file is skipped."""
-        def read():
-            path = self.root / relative
-            paths = sorted(path.iterdir()) if path.is_dir() else [path]
-            return {p.name: p.read_bytes() for p in paths
-                    if p.exists() and stat.S_ISREG(p.lstat().st_mode)}
-        return await self._submit(read)
+        path = self.root / relative
+        paths = sorted(path.iterdir()) if path.is_dir() else [path]
+        return {p.name: p.read_bytes() for p in paths
+                if p.exists() and stat.S_ISREG(p.lstat().st_mode)}
 
-    async def write(self, name, data, old_name=None):
+    @_on_state_thread
+    def write(self, name, data, old_name=None):
         """Write a resume file durably, the previous copy kept as .bak; drop old_name's."""
-        await self._submit(self._write, name, data, old_name)
-
-    def _write(self, name, data, old_name):
         self._atomic(self._path(name), data, backup=True)
         if old_name:  # a v2-only magnet that gained its v1 id with the metadata
             self._delete(old_name)
@@ -1564,9 +1526,9 @@ class StateStore:
         os.replace(temp, path)
         self._renamed.add(path.parent)
 
-    async def delete(self, name):
-        """Delete a torrent's resume file and its backup, durably."""
-        await self._submit(self._delete, name)
+    def delete(self, name):
+        """Delete a torrent's resume file and its backup, durably; awaitable."""
+        return self._submit(self._delete, name)
 
     def _delete(self, name):
         path = self._path(name)
@@ -1574,12 +1536,10 @@ class StateStore:
             file.unlink(missing_ok=True)
         self._renamed.add(self.resume_dir)
 
-    async def load(self, allowed):
+    @_on_state_thread
+    def load(self, allowed):
         """(file name, add_torrent_params, notes) of every saved torrent, in the order
         they were added; allowed(save_path) says whether a save path may be used."""
-        return await self._submit(self._load, allowed)
-
-    def _load(self, allowed):
         names = set()
         for path in self.resume_dir.iterdir():
             if path.suffix not in (".resume", ".bak"):
@@ -1682,10 +1642,8 @@ def _labels_value(value):
 #: parse checks a value read back from a file with the API's own rules; a value it
 #: refuses falls back to the default, with a warning. Extensions add rows.
 NOTES = {
-    # the order torrents were added in (ns since the epoch)
-    "order": (None, _number(int, 1, high=2**63)),
-    # whether the finished event was announced
-    "finished": (None, _boolean),
+    "order": (None, _number(int, 1, high=2**63)),  # the order of adding (ns since epoch)
+    "finished": (None, _boolean),  # whether the finished event was announced
     # payload bytes over its life: libtorrent's all-time counters drop what moved since
     # their last tick
     "downloaded": (None, _number(int, 0, high=2**63)),
