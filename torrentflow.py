@@ -1029,10 +1029,9 @@ def _resolved(path, roots):
 
 
 def resolve_save_path(roots, requested):
-    """The real directory a requested save_path names, checked to lie inside the roots:
-    a relative path under roots[0] (the download directory), an absolute one inside any
-    root. Nothing is created: libtorrent makes the directory when it writes the first
-    file, so an add that fails leaves nothing behind. Touches the disk: run in a thread."""
+    """The real directory save_path names, checked to lie inside the roots (a relative
+    one under roots[0], the download directory). Nothing is created: libtorrent makes it
+    at the first write, so a failed add leaves nothing behind. Run in a thread."""
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
     absolute = os.path.isabs(requested)
@@ -1241,10 +1240,9 @@ def _is_private_to_host(url):
 
 
 def keep_reachable(params, local_only):
-    """Drop the trackers, web seeds and DHT nodes a torrent's author may not make the
-    daemon call: with --local-only, all outside loopback; otherwise this host's own
-    addresses, so that a .torrent cannot make the daemon call a local service. The IP
-    filter blocks the same addresses after DNS lookups too."""
+    """Drop the trackers, web seeds and DHT nodes the daemon may not call: with
+    --local-only all outside loopback, else this host's own addresses, so that a .torrent
+    cannot reach a local service. The IP filter blocks the same after DNS lookups."""
     # Tiers are a list beside the URLs: filter the pairs, or tiers slide onto other URLs.
     tiers = list(params.tracker_tiers) + [0] * (len(params.trackers) - len(params.tracker_tiers))
     kept = [(url, tier) for url, tier in zip(params.trackers, tiers)
@@ -1376,12 +1374,10 @@ def _on_state_thread(method):
 
 
 class StateStore:
-    """The state directory: one resume file per torrent, written atomically.
-
-    Every read and write runs on one thread of its own, in the order asked, so a write
-    and a delete of one file never cross, and the event loop never waits on the disk.
-    The thread is a daemon: a disk that hangs cannot keep the process from exiting.
-    """
+    """The state directory: one resume file per torrent, written atomically. Every read
+    and write runs on one thread of its own, in the order asked, so a write and a delete
+    of one file never cross, and the event loop never waits on the disk. The thread is a
+    daemon: a disk that hangs cannot keep the process from exiting."""
 
     def __init__(self, root):
         self.root = root
@@ -1433,8 +1429,7 @@ class StateStore:
         return self._submit(lambda: None)
 
     def close(self):
-        """Let the thread end once the jobs before this one are done, then let the
-        state directory go."""
+        """End the thread once the jobs before this one are done; let the directory go."""
         self._jobs.put((None, (), None))
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -1445,9 +1440,8 @@ class StateStore:
 
     @_on_state_thread
     def prepare(self, download_dir):
-        """Create the directories, clear writes a crash interrupted, and take down the
-        mark of a clean shutdown; (whether the last run left one or none ran, the
-        settings PATCH /settings saved)."""
+        """Make the directories, clear interrupted writes and take down the clean-shutdown
+        mark; (whether the last run left one or none ran, the settings /settings saved)."""
         first_run = not self.resume_dir.is_dir()
         for directory, option in ((download_dir, "--download-dir (TORRENTFLOW_DOWNLOAD_DIR)"),
                                   (self.resume_dir, "--state-dir (TORRENTFLOW_STATE_DIR)")):
@@ -1558,10 +1552,9 @@ class StateStore:
         return loaded
 
     def _unique(self, loaded):
-        """One entry per torrent. A torrent in two files (a crash between writing a v2
-        magnet's file under the v1 id its metadata gave it and deleting the old one, or
-        a copy) keeps the file named by its own id, else the one that knows more ids;
-        the other is set aside."""
+        """One entry per torrent. Of two files with one torrent (a crash between writing a
+        v2 magnet's file under its new v1 id and deleting the old, or a copy), the one named
+        by its own id, else the one that knows more ids, is kept; the other set aside."""
         loaded.sort(key=lambda read: (read[0] != _hash_ids(read[1].info_hashes)[0],
                                       -len(_hash_ids(read[1].info_hashes))))
         kept, known = [], set()
@@ -1764,9 +1757,7 @@ class Field:
     type: object           # a JSON type name, or a JSON schema
     nullable: bool
     description: str
-    #: (torrent, torrent_status) -> the JSON value; None reads the torrent_status
-    #: attribute of the same name.
-    value: object = None
+    value: object = None   # (torrent, torrent_status) -> JSON; None: the status attribute
     listed: bool = True    # in GET /torrents without fields=; a per-file list is not
 
     @property
@@ -1791,8 +1782,7 @@ STATES = sorted(str(state) for state in lt.torrent_status.states.values.values()
 _FILE_ENTRY = {"type": "object", "additionalProperties": False,
                "required": ["index", "path", "size", "downloaded", "progress", "priority"],
                "properties": {
-                   "index": {"type": "integer", "minimum": 0},
-                   "path": {"type": "string"},
+                   "index": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
                    "size": {"type": "integer", "minimum": 0},
                    "downloaded": {"type": "integer", "minimum": 0},
                    "progress": {"type": "number", "minimum": 0, "maximum": 100},
@@ -1921,14 +1911,12 @@ def _status_dict(torrent, status):
 
 
 class _Slices(list):
-    """A list that may be long (an entry per file, or per torrent): _json serialises it
-    a slice at a time."""
+    """A list that may be long (an entry per file or torrent): _json does it in slices."""
 
 
 def _json(value):
-    """value as JSON bytes, _Slices a slice at a time. json.dumps holds the GIL for a
-    whole call: 100,000 file entries in one call would stall the event loop even from a
-    thread, while slices let it run in between."""
+    """value as JSON bytes, _Slices a slice at a time: json.dumps holds the GIL for a
+    whole call, so one long list would stall the event loop even from a thread."""
     if isinstance(value, _Slices):
         return b"[%s]" % b",".join(_json_slice(value[start:start + JSON_SLICE])
                                    for start in range(0, len(value), JSON_SLICE))
@@ -1960,8 +1948,7 @@ class Setting:
 
     name: str
     schema: dict
-    parse: object          # a JSON value (or a form's text) -> the value; TypeError
-                           # means malformed (400), ValueError out of range (422)
+    parse: object          # JSON (or a form's text) -> the value; TypeError: 400, ValueError: 422
     #: (add_torrent_params or handle, value): libtorrent's part. For the params of an
     #: add it runs on a worker thread, and may return notes to keep on the torrent.
     apply: object = None
@@ -1975,8 +1962,7 @@ SETTINGS = [
     Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
         params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
         if value else params.flags), when="add"),
-    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value,
-            noted=True),
+    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value, noted=True),
 ]
 
 
@@ -1987,7 +1973,7 @@ def settings_for(when):
 
 def _preset(params, settings):
     """Put settings given at add into add_torrent_params; return the notes they make.
-    On a worker thread: a setting may list 100,000 files."""
+    On a worker thread: a setting may list every file."""
     notes = {}
     for name, value in settings.items():
         setting = settings_for("add")[name]
@@ -2000,8 +1986,7 @@ def _preset(params, settings):
 
 def parse_values(fields, parsers, schemas=None):
     """Each field named in parsers, parsed: 400 if malformed, 422 if out of range. With
-    schemas (a JSON body), text is refused where the schema wants another type; the
-    parsers take text only for forms."""
+    schemas (a JSON body), text is refused where the schema wants another type."""
     values = {}
     for name, value in fields.items():
         if name not in parsers:
