@@ -1368,6 +1368,11 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+#: Largest file StateStore.read gives back (a webhook's queued event, the event counter):
+#: real ones are a few kilobytes.
+MAX_STATE_FILE = 1024 * 1024
+
+
 def _on_state_thread(method):
     """A StateStore method that runs on the store's thread: a call returns an awaitable."""
     return functools.wraps(method)(lambda self, *args: self._submit(method, self, *args))
@@ -1384,7 +1389,7 @@ class StateStore:
         self.resume_dir = root / "resume"
         self.quarantine_dir = root / "quarantine"
         self._jobs = queue.SimpleQueue()
-        self._renamed = set()  # directories the batch under way renamed or deleted in
+        self._renamed = set()  # directories the job under way renamed or deleted in
         self._lock_fd = None   # the state directory, held with flock while running
         self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
         self._thread.start()
@@ -1401,24 +1406,27 @@ class StateStore:
             batch = [self._jobs.get()]
             while not self._jobs.empty() and len(batch) < 1000:
                 batch.append(self._jobs.get_nowait())
-            done, synced, self._renamed = [], None, set()
+            done, failed = [], {}
             for function, args, future in batch:
                 if function is None:
                     break  # close: after the jobs before it are synced and answered
                 if not future.set_running_or_notify_cancel():
                     continue  # whoever asked has given up (the daemon is stopping)
+                self._renamed = set()
                 try:
-                    done.append((future, function(*args), None))
+                    done.append((future, function(*args), None, self._renamed))
                 except BaseException as error:
-                    done.append((future, None, error))
-            try:
-                for directory in self._renamed:
+                    done.append((future, None, error, self._renamed))
+            # A directory that fails its fsync fails only the jobs that changed it.
+            for directory in set().union(*(renamed for *_, renamed in done)):
+                try:
                     _fsync_dir(directory)
-            except OSError as error:
-                synced = error
-            for future, result, error in done:
-                if error or synced:
-                    future.set_exception(error or synced)
+                except OSError as error:
+                    failed[directory] = error
+            for future, result, error, renamed in done:
+                error = error or next((failed[path] for path in renamed if path in failed), None)
+                if error:
+                    future.set_exception(error)
                 else:
                     future.set_result(result)
             if function is None:
@@ -1494,11 +1502,17 @@ class StateStore:
     @_on_state_thread
     def read(self, relative):
         """The files of the directory state/relative, {name: bytes}; or of one file,
-        {name: bytes} too. Missing is empty; anything but a regular file is skipped."""
-        path = self.root / relative
-        paths = sorted(path.iterdir()) if path.is_dir() else [path]
-        return {p.name: p.read_bytes() for p in paths
-                if p.exists() and stat.S_ISREG(p.lstat().st_mode)}
+        {name: bytes} too. Missing is empty; anything but a regular file is skipped, and
+        so is one over MAX_STATE_FILE: corrupt or planted, it must not fill the memory."""
+        path, found = self.root / relative, {}
+        for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+            if file.exists() and stat.S_ISREG(file.lstat().st_mode):
+                with open(file, "rb") as stream:
+                    found[file.name] = stream.read(MAX_STATE_FILE + 1)
+                if len(found[file.name]) > MAX_STATE_FILE:
+                    log.warning("skipping %s: more than %d bytes", file, MAX_STATE_FILE)
+                    del found[file.name]
+        return found
 
     @_on_state_thread
     def write(self, name, data, old_name=None):
