@@ -5292,3 +5292,44 @@ async def test_files_of_hybrid_and_v2_torrents_stream_past_their_padding(daemon,
             assert await read_range(daemon, file_url(infohash, index)) == data
             assert await read_range(daemon, file_url(infohash, index), "16000-40000") == \
                 data[16000:40001]
+
+
+async def test_the_state_store_skips_a_file_too_large_to_read_whole(tmp_path, caplog):
+    """A queue file over MAX_STATE_FILE (corrupt, or planted) is skipped with a warning,
+    never read whole into memory; the files beside it are read."""
+    store = torrentflow.StateStore(tmp_path)
+    try:
+        folder = tmp_path / "webhooks" / "target"
+        folder.mkdir(parents=True)
+        (folder / "1.json").write_bytes(b'{"type": "added"}')
+        with open(folder / "2.json", "wb") as huge:  # sparse: no disk space taken
+            huge.truncate(torrentflow.MAX_STATE_FILE + 1)
+        assert await store.read("webhooks/target") == {"1.json": b'{"type": "added"}'}
+        assert any("2.json: more than" in r.getMessage() for r in caplog.records)
+    finally:
+        store.close()
+
+
+async def test_a_failed_directory_fsync_fails_only_the_jobs_that_changed_it(tmp_path):
+    """In one batch of the state thread, a directory whose fsync fails (here, removed
+    before the batch's fsyncs) fails the write into it, not the others."""
+    store = torrentflow.StateStore(tmp_path)
+    try:
+        started, release = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def hold():  # keeps the thread busy until the next jobs are queued, as one batch
+            loop.call_soon_threadsafe(started.set)
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        held = store._submit(hold)
+        await started.wait()
+        lost = store.put("gone/a", b"a")
+        removed = store._submit(shutil.rmtree, tmp_path / "gone")
+        kept = store.put("kept/b", b"b")
+        release.set()
+        await held
+        results = await asyncio.gather(lost, removed, kept, return_exceptions=True)
+        assert isinstance(results[0], OSError) and results[1:] == [None, None]
+        assert (tmp_path / "kept" / "b").read_bytes() == b"b"
+    finally:
+        store.close()

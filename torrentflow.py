@@ -950,12 +950,8 @@ def parse_infohash(text):
 
 def _hash_ids(info_hashes):
     """The hex ids a torrent answers to, canonical (v1 when there is one) first."""
-    ids = []
-    if info_hashes.has_v1():
-        ids.append(str(info_hashes.v1))
-    if info_hashes.has_v2():
-        ids.append(str(info_hashes.v2))
-    return ids
+    ids = [str(info_hashes.v1)] if info_hashes.has_v1() else []
+    return ids + ([str(info_hashes.v2)] if info_hashes.has_v2() else [])
 
 
 def _params_ids(params):
@@ -964,31 +960,28 @@ def _params_ids(params):
 
 
 def _resolved(path, roots):
-    """(path's real path, with symlinks and .. resolved; whether it lies inside one of
-    roots). Touches the disk: run in a thread."""
+    """(path's real path, symlinks and .. resolved; whether it lies inside one of roots).
+    Touches the disk: run in a thread."""
     real = Path(os.path.realpath(path))
     return real, any(real.is_relative_to(root) for root in roots)
 
 
 def resolve_save_path(roots, requested):
-    """The real directory a requested save_path names, checked to lie inside the roots.
-
-    roots[0] is the download directory: a relative path lies under it, an absolute one
-    may name a directory inside any root. Symlinks and ``..`` are resolved before the
-    check. Nothing is created: libtorrent makes the directory when it writes the first
-    file, so an add that fails leaves nothing behind. Touches the disk: run in a thread.
-    """
+    """The real directory save_path names, checked to lie inside the roots (a relative
+    one under roots[0], the download directory). Nothing is created: libtorrent makes it
+    at the first write, so a failed add leaves nothing behind. Run in a thread."""
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
-    allowed = roots if os.path.isabs(requested) else roots[:1]
+    absolute = os.path.isabs(requested)
+    allowed = roots if absolute else roots[:1]
     outside = ApiError(400, "save_path must stay inside the download directory"
                        + (" or an allowed save root" if len(allowed) > 1 else ""))
     # Decided on the text first, the same whatever exists: a .. that climbs out and back
     # in (a/../../x/../a) would otherwise tell, by the answer, what is on the disk.
     depth = 0
-    for part in Path(requested).parts[1 if os.path.isabs(requested) else 0:]:
+    for part in Path(requested).parts[1 if absolute else 0:]:
         depth += -1 if part == ".." else part != "."
-        if depth < 0 or (part == ".." and os.path.isabs(requested)):
+        if depth < 0 or (part == ".." and absolute):
             raise outside
     target, inside = _resolved(roots[0] / requested, allowed)
     if not inside:
@@ -1003,12 +996,9 @@ def resolve_save_path(roots, requested):
 
 
 def _readable(params):
-    """False if a name, path or URL in params is not UTF-8.
-
-    libtorrent keeps a magnet's %-decoded dn= and tr=, a .torrent's announce and a resume
-    file's save_path as raw bytes; Python raises on every later read of them, in the
-    add, in each status and in each alert, so such a torrent could never be served.
-    """
+    """False if a name, path or URL in params is not UTF-8. libtorrent keeps a magnet's
+    %-decoded dn= and tr=, a .torrent's announce and a resume file's save_path as bytes;
+    Python raises on every later read of them, so such a torrent could never be served."""
     try:
         params.name, params.save_path, params.trackers, params.url_seeds, params.dht_nodes
     except UnicodeDecodeError:
@@ -1018,9 +1008,9 @@ def _readable(params):
 
 def params_from_magnet(uri):
     """Parse a magnet link (honouring tr= trackers and x.pe= peers), or raise 400."""
-    # Counted before libtorrent sees them: adding a torrent costs the session thread
-    # time that grows with the square of its trackers (15,000 froze every transfer).
-    if len(uri) > MAX_FORM_BYTES:  # it is parsed on the event loop
+    # Counted before libtorrent sees them: an add costs the session thread time that
+    # grows with the square of the trackers. The length is capped: parsed on the loop.
+    if len(uri) > MAX_FORM_BYTES:
         raise ApiError(413, f"a magnet link may be at most {MAX_FORM_BYTES} characters")
     # libtorrent reads tr.1=, tr.2=... as tr=, and TR= too: count them as such.
     keys = [re.sub(r"\.\d+$", "", key.lower())
@@ -1045,10 +1035,8 @@ def params_from_magnet(uri):
 
 def params_from_torrent(data):
     """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread.
-
     libtorrent would sanitise hostile file names and write inside save_path anyway;
-    refusing them tells the client the file is hostile instead of renaming quietly.
-    """
+    refusing them tells the client the file is hostile instead of renaming quietly."""
     if len(data) > MAX_TORRENT_BYTES:
         raise ApiError(413, f"a .torrent may be at most {MAX_TORRENT_BYTES} bytes")
     try:
@@ -1061,8 +1049,7 @@ def params_from_torrent(data):
         raise ApiError(422, f"a torrent may name at most {MAX_TRACKERS} trackers and "
                        f"{MAX_WEB_SEEDS} web seeds")
     params.comment, params.created_by = params.comment[:MAX_TEXT], params.created_by[:MAX_TEXT]
-    problem = _unsafe_info(params.ti)
-    if problem:
+    if problem := _unsafe_info(params.ti):
         raise ApiError(422, f"not a valid torrent file: {problem}")
     return params
 
@@ -1088,16 +1075,15 @@ def _unsafe_info(info):
 
 def _bdecode(data, start=0):
     """(the bencoded value at start, the index after it), for bytes libtorrent already
-    parsed. In Python, not lt.bdecode: that keeps the GIL for a whole call (0.23 s for
-    100,000 files), while Python code lets the event loop run in between."""
+    parsed. Not lt.bdecode: that holds the GIL for the whole call, and a long info dict
+    would stall the event loop; Python code lets it run in between."""
     kind = data[start:start + 1]
     if kind in (b"d", b"l"):
         items, index = [], start + 1
         while data[index:index + 1] != b"e":
             item, index = _bdecode(data, index)
             items.append(item)
-        value = dict(zip(items[::2], items[1::2])) if kind == b"d" else items
-        return value, index + 1
+        return (dict(zip(items[::2], items[1::2])) if kind == b"d" else items), index + 1
     if kind == b"i":
         end = data.index(b"e", start)
         return int(data[start + 1:end]), end + 1
@@ -1116,9 +1102,8 @@ def _unsafe_file_name(info):
     files = info.get(b"files")  # v1 multi-file; libtorrent ignores it if not a list
     for entry in files if isinstance(files, list) else ():
         if isinstance(entry, dict):
-            paths += [entry.get(b"path") or [b""], entry.get(b"path.utf-8") or [],
-                      entry.get(b"symlink path") or [],
-                      entry.get(b"symlink path.utf-8") or []]
+            paths += [entry.get(b"path") or [b""]] + [entry.get(key) or [] for key in (
+                b"path.utf-8", b"symlink path", b"symlink path.utf-8")]
     pending = [info.get(b"file tree") or {}]  # v2, nested: {element: {...}, b"": leaf}
     while pending:  # depth is bounded by the decoder's max_decode_depth
         tree = pending.pop()
@@ -1149,16 +1134,11 @@ def _metadata(torrent_info, creation):
     """Fields that need metadata; computed once, when metadata first arrives."""
     files = _files_of(torrent_info)
     return {
-        "total_size": sum(size for _, _, size in files),
-        "num_files": len(files),
-        "total_pieces": torrent_info.num_pieces(),
-        "piece_length": torrent_info.piece_length(),
+        "total_size": sum(size for _, _, size in files), "num_files": len(files),
+        "total_pieces": torrent_info.num_pieces(), "piece_length": torrent_info.piece_length(),
         "creation_date": _epoch_or_none(creation[0] or torrent_info.creation_date()),
-        "creator": creation[1] or None,
-        "comment": creation[2] or None,
-        "files": files,
-        "all_files": torrent_info.num_files(),  # libtorrent's count, padding included
-    }
+        "creator": creation[1] or None, "comment": creation[2] or None, "files": files,
+        "all_files": torrent_info.num_files()}  # libtorrent's count, padding included
 
 
 def _checked_metadata(torrent_info, creation):
@@ -1188,28 +1168,23 @@ def _is_private_to_host(url):
     """True when a URL names this host itself: localhost, or one of _HOST_OWN. A URL
     too malformed to tell counts as private, so it is dropped."""
     try:
-        host = urllib.parse.urlsplit(url).hostname or ""
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
     except ValueError:  # such as an unclosed [ in http://[::1/announce
         return True
     try:
-        address = ipaddress.ip_address(host)
+        return any(ipaddress.ip_address(host) in network for network in _HOST_OWN)
     except ValueError:
-        return host.lower() == "localhost" or host.lower().endswith(".localhost")
-    return any(address in network for network in _HOST_OWN)
+        return host == "localhost" or host.endswith(".localhost")
 
 
 def keep_reachable(params, local_only):
-    """Drop the trackers, web seeds and DHT nodes a torrent's author may not make the
-    daemon call.
-
-    With --local-only, everything outside loopback: nothing leaves the host. Otherwise
-    this host's own addresses: a .torrent must not make the daemon send requests to a
-    local service. The IP filter blocks the same addresses after DNS lookups too.
-    """
+    """Drop the trackers, web seeds and DHT nodes the daemon may not call: with
+    --local-only all outside loopback, else this host's own addresses, so that a .torrent
+    cannot reach a local service. The IP filter blocks the same after DNS lookups."""
     # Tiers are a list beside the URLs: filter the pairs, or tiers slide onto other URLs.
     tiers = list(params.tracker_tiers) + [0] * (len(params.trackers) - len(params.tracker_tiers))
-    kept = [(url, tier) for url, tier in zip(params.trackers, tiers) if _url_allowed(
-        url, local_only)]
+    kept = [(url, tier) for url, tier in zip(params.trackers, tiers)
+            if _url_allowed(url, local_only)]
     params.trackers, params.tracker_tiers = [url for url, _ in kept], [tier for _, tier in kept]
     params.url_seeds = [url for url in params.url_seeds if _url_allowed(url, local_only)]
     params.dht_nodes = [(host, port) for host, port in params.dht_nodes if _url_allowed(
@@ -1232,20 +1207,13 @@ def _url_allowed(url, local_only):
 
 
 def _ip_filter(local_only):
-    """The session's IP filter, for peers, trackers and web seeds alike, after DNS.
-
-    With --local-only only loopback is allowed; otherwise everything but this host's
-    own addresses, where local services listen that a torrent must not reach.
-    """
+    """The session's IP filter, for peers, trackers and web seeds alike, after DNS: with
+    --local-only only loopback is allowed, else all but this host's own addresses."""
     ip_filter = lt.ip_filter()
-    if local_only:
-        ip_filter.add_rule("0.0.0.0", "255.255.255.255", 1)
-        ip_filter.add_rule("127.0.0.0", "127.255.255.255", 0)
-        ip_filter.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
-        ip_filter.add_rule("::1", "::1", 0)
-    else:
-        for network in _HOST_OWN:
-            ip_filter.add_rule(str(network[0]), str(network[-1]), 1)
+    rules = [("0.0.0.0", "255.255.255.255", 1), ("127.0.0.0", "127.255.255.255", 0),
+             ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1), ("::1", "::1", 0)]
+    for rule in rules if local_only else [(str(net[0]), str(net[-1]), 1) for net in _HOST_OWN]:
+        ip_filter.add_rule(*rule)
     return ip_filter
 
 
@@ -1338,20 +1306,28 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-class StateStore:
-    """The state directory: one resume file per torrent, written atomically.
+#: Largest file StateStore.read gives back (a webhook's queued event, the event counter):
+#: real ones are a few kilobytes.
+MAX_STATE_FILE = 1024 * 1024
 
-    Every read and write runs on one thread of its own, in the order asked, so a write
-    and a delete of one file never cross, and the event loop never waits on the disk.
-    The thread is a daemon: a disk that hangs cannot keep the process from exiting.
-    """
+
+def _on_state_thread(method):
+    """A StateStore method that runs on the store's thread: a call returns an awaitable."""
+    return functools.wraps(method)(lambda self, *args: self._submit(method, self, *args))
+
+
+class StateStore:
+    """The state directory: one resume file per torrent, written atomically. Every read
+    and write runs on one thread of its own, in the order asked, so a write and a delete
+    of one file never cross, and the event loop never waits on the disk. The thread is a
+    daemon: a disk that hangs cannot keep the process from exiting."""
 
     def __init__(self, root):
         self.root = root
         self.resume_dir = root / "resume"
         self.quarantine_dir = root / "quarantine"
         self._jobs = queue.SimpleQueue()
-        self._renamed = set()  # directories the batch under way renamed or deleted in
+        self._renamed = set()  # directories the job under way renamed or deleted in
         self._lock_fd = None   # the state directory, held with flock while running
         self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
         self._thread.start()
@@ -1363,34 +1339,35 @@ class StateStore:
         return asyncio.wrap_future(future)
 
     def _run(self):
-        """Run jobs in order; a batch's directory is fsynced once, before any answer."""
+        """Run jobs in order; a batch's directories are fsynced once, before any answer."""
         while True:
             batch = [self._jobs.get()]
             while not self._jobs.empty() and len(batch) < 1000:
                 batch.append(self._jobs.get_nowait())
-            done, synced, self._renamed, closing = [], None, set(), False
+            done, failed = [], {}
             for function, args, future in batch:
                 if function is None:
-                    closing = True  # after the jobs before it are synced and answered
-                    break
+                    break  # close: after the jobs before it are synced and answered
                 if not future.set_running_or_notify_cancel():
                     continue  # whoever asked has given up (the daemon is stopping)
+                self._renamed = set()
                 try:
-                    done.append((future, function(*args), None))
+                    done.append((future, function(*args), None, self._renamed))
                 except BaseException as error:
-                    done.append((future, None, error))
-            try:
-                for directory in self._renamed:
+                    done.append((future, None, error, self._renamed))
+            # A directory that fails its fsync fails only the jobs that changed it.
+            for directory in set().union(*(renamed for *_, renamed in done)):
+                try:
                     _fsync_dir(directory)
-            except OSError as error:
-                synced = error
-            for future, result, error in done:
-                error = error or synced
-                if error is not None:
+                except OSError as error:
+                    failed[directory] = error
+            for future, result, error, renamed in done:
+                error = error or next((failed[path] for path in renamed if path in failed), None)
+                if error:
                     future.set_exception(error)
                 else:
                     future.set_result(result)
-            if closing:
+            if function is None:
                 return
 
     def barrier(self):
@@ -1398,8 +1375,7 @@ class StateStore:
         return self._submit(lambda: None)
 
     def close(self):
-        """Let the thread end once the jobs before this one are done, then let the
-        state directory go."""
+        """End the thread once the jobs before this one are done; let the directory go."""
         self._jobs.put((None, (), None))
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -1408,26 +1384,10 @@ class StateStore:
     def _path(self, name):
         return self.resume_dir / f"{name}.resume"
 
-    async def prepare(self, download_dir):
-        """Create the directories, clear writes a crash interrupted, and take down the
-        mark of a clean shutdown; return whether the last run left one (or none ran),
-        and the settings PATCH /settings saved."""
-        return await self._submit(self._prepare, download_dir)
-
-    def _lock(self):
-        """Hold the state directory alone for the life of the process: a second daemon on
-        it would load the same torrents, and its clean stop would vouch for this one's
-        files. The kernel lets go when the process ends, however it ends."""
-        self._lock_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StartupError(f"--state-dir (TORRENTFLOW_STATE_DIR): {self.root} is in use "
-                               "by another TorrentFlow; give each daemon its own") from None
-
-    def _prepare(self, download_dir):
-        """(whether the last run stopped cleanly, the settings PATCH /settings saved)."""
+    @_on_state_thread
+    def prepare(self, download_dir):
+        """Make the directories, clear interrupted writes and take down the clean-shutdown
+        mark; (whether the last run left one or none ran, the settings /settings saved)."""
         first_run = not self.resume_dir.is_dir()
         for directory, option in ((download_dir, "--download-dir (TORRENTFLOW_DOWNLOAD_DIR)"),
                                   (self.resume_dir, "--state-dir (TORRENTFLOW_STATE_DIR)")):
@@ -1435,7 +1395,16 @@ class StateStore:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise StartupError(_directory_problem(directory, error, option)) from None
-        self._lock()
+        # Held alone for the life of the process: a second daemon on it would load the
+        # same torrents, and its clean stop would vouch for this one's files. The kernel
+        # lets go when the process ends, however it ends.
+        self._lock_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StartupError(f"--state-dir (TORRENTFLOW_STATE_DIR): {self.root} is in use "
+                               "by another TorrentFlow; give each daemon its own") from None
         # Writes a crash interrupted; the old files stand. Only in the daemon's own
         # folders: the state directory itself may hold someone else's files.
         for leftover in [*self.resume_dir.glob("*.tmp"), *self.root.glob("webhooks/*/*.tmp")]:
@@ -1453,38 +1422,39 @@ class StateStore:
             settings = {}
         return was_clean, settings if isinstance(settings, dict) else {}
 
+    @_on_state_thread
     def put(self, relative, data):
-        """Write state/relative atomically (its directory made if need be); awaitable."""
-        def put():
-            (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
-            self._atomic(self.root / relative, data)
-        return self._submit(put)
+        """Write state/relative atomically (its directory made if need be)."""
+        (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
+        self._atomic(self.root / relative, data)
 
+    @_on_state_thread
     def drop(self, relative):
-        """Delete state/relative, durably; awaitable."""
-        def drop():
-            try:
-                (self.root / relative).unlink()
-            except FileNotFoundError:
-                return  # nothing changed: its directory, maybe never made, needs no fsync
-            self._renamed.add((self.root / relative).parent)
-        return self._submit(drop)
+        """Delete state/relative, durably."""
+        try:
+            (self.root / relative).unlink()
+        except FileNotFoundError:
+            return  # nothing changed: its directory, maybe never made, needs no fsync
+        self._renamed.add((self.root / relative).parent)
 
-    async def read(self, relative):
+    @_on_state_thread
+    def read(self, relative):
         """The files of the directory state/relative, {name: bytes}; or of one file,
-        {name: bytes} too. Missing is empty; anything but a regular file is skipped."""
-        def read():
-            path = self.root / relative
-            paths = sorted(path.iterdir()) if path.is_dir() else [path]
-            return {p.name: p.read_bytes() for p in paths
-                    if p.exists() and stat.S_ISREG(p.lstat().st_mode)}
-        return await self._submit(read)
+        {name: bytes} too. Missing is empty; anything but a regular file is skipped, and
+        so is one over MAX_STATE_FILE: corrupt or planted, it must not fill the memory."""
+        path, found = self.root / relative, {}
+        for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+            if file.exists() and stat.S_ISREG(file.lstat().st_mode):
+                with open(file, "rb") as stream:
+                    found[file.name] = stream.read(MAX_STATE_FILE + 1)
+                if len(found[file.name]) > MAX_STATE_FILE:
+                    log.warning("skipping %s: more than %d bytes", file, MAX_STATE_FILE)
+                    del found[file.name]
+        return found
 
-    async def write(self, name, data, old_name=None):
+    @_on_state_thread
+    def write(self, name, data, old_name=None):
         """Write a resume file durably, the previous copy kept as .bak; drop old_name's."""
-        await self._submit(self._write, name, data, old_name)
-
-    def _write(self, name, data, old_name):
         self._atomic(self._path(name), data, backup=True)
         if old_name:  # a v2-only magnet that gained its v1 id with the metadata
             self._delete(old_name)
@@ -1502,9 +1472,9 @@ class StateStore:
         os.replace(temp, path)
         self._renamed.add(path.parent)
 
-    async def delete(self, name):
-        """Delete a torrent's resume file and its backup, durably."""
-        await self._submit(self._delete, name)
+    def delete(self, name):
+        """Delete a torrent's resume file and its backup, durably; awaitable."""
+        return self._submit(self._delete, name)
 
     def _delete(self, name):
         path = self._path(name)
@@ -1512,12 +1482,10 @@ class StateStore:
             file.unlink(missing_ok=True)
         self._renamed.add(self.resume_dir)
 
-    async def load(self, allowed):
+    @_on_state_thread
+    def load(self, allowed):
         """(file name, add_torrent_params, notes) of every saved torrent, in the order
         they were added; allowed(save_path) says whether a save path may be used."""
-        return await self._submit(self._load, allowed)
-
-    def _load(self, allowed):
         names = set()
         for path in self.resume_dir.iterdir():
             if path.suffix not in (".resume", ".bak"):
@@ -1536,10 +1504,9 @@ class StateStore:
         return loaded
 
     def _unique(self, loaded):
-        """One entry per torrent. A torrent in two files (a crash between writing a v2
-        magnet's file under the v1 id its metadata gave it and deleting the old one, or
-        a copy) keeps the file named by its own id, else the one that knows more ids;
-        the other is set aside."""
+        """One entry per torrent. Of two files with one torrent (a crash between writing a
+        v2 magnet's file under its new v1 id and deleting the old, or a copy), the one named
+        by its own id, else the one that knows more ids, is kept; the other set aside."""
         loaded.sort(key=lambda read: (read[0] != _hash_ids(read[1].info_hashes)[0],
                                       -len(_hash_ids(read[1].info_hashes))))
         kept, known = [], set()
@@ -1620,10 +1587,8 @@ def _labels_value(value):
 #: parse checks a value read back from a file with the API's own rules; a value it
 #: refuses falls back to the default, with a warning. Extensions add rows.
 NOTES = {
-    # the order torrents were added in (ns since the epoch)
-    "order": (None, _number(int, 1, high=2**63)),
-    # whether the finished event was announced
-    "finished": (None, _boolean),
+    "order": (None, _number(int, 1, high=2**63)),  # the order of adding (ns since epoch)
+    "finished": (None, _boolean),  # whether the finished event was announced
     # payload bytes over its life: libtorrent's all-time counters drop what moved since
     # their last tick
     "downloaded": (None, _number(int, 0, high=2**63)),
@@ -1744,9 +1709,7 @@ class Field:
     type: object           # a JSON type name, or a JSON schema
     nullable: bool
     description: str
-    #: (torrent, torrent_status) -> the JSON value; None reads the torrent_status
-    #: attribute of the same name.
-    value: object = None
+    value: object = None   # (torrent, torrent_status) -> JSON; None: the status attribute
     listed: bool = True    # in GET /torrents without fields=; a per-file list is not
 
     @property
@@ -1771,8 +1734,7 @@ STATES = sorted(str(state) for state in lt.torrent_status.states.values.values()
 _FILE_ENTRY = {"type": "object", "additionalProperties": False,
                "required": ["index", "path", "size", "downloaded", "progress", "priority"],
                "properties": {
-                   "index": {"type": "integer", "minimum": 0},
-                   "path": {"type": "string"},
+                   "index": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
                    "size": {"type": "integer", "minimum": 0},
                    "downloaded": {"type": "integer", "minimum": 0},
                    "progress": {"type": "number", "minimum": 0, "maximum": 100},
@@ -1901,14 +1863,12 @@ def _status_dict(torrent, status):
 
 
 class _Slices(list):
-    """A list that may be long (an entry per file, or per torrent): _json serialises it
-    a slice at a time."""
+    """A list that may be long (an entry per file or torrent): _json does it in slices."""
 
 
 def _json(value):
-    """value as JSON bytes, _Slices a slice at a time. json.dumps holds the GIL for a
-    whole call: 100,000 file entries in one call would stall the event loop even from a
-    thread, while slices let it run in between."""
+    """value as JSON bytes, _Slices a slice at a time: json.dumps holds the GIL for a
+    whole call, so one long list would stall the event loop even from a thread."""
     if isinstance(value, _Slices):
         return b"[%s]" % b",".join(_json_slice(value[start:start + JSON_SLICE])
                                    for start in range(0, len(value), JSON_SLICE))
@@ -1940,8 +1900,7 @@ class Setting:
 
     name: str
     schema: dict
-    parse: object          # a JSON value (or a form's text) -> the value; TypeError
-                           # means malformed (400), ValueError out of range (422)
+    parse: object          # JSON (or a form's text) -> the value; TypeError: 400, ValueError: 422
     #: (add_torrent_params or handle, value): libtorrent's part. For the params of an
     #: add it runs on a worker thread, and may return notes to keep on the torrent.
     apply: object = None
@@ -1955,8 +1914,7 @@ SETTINGS = [
     Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
         params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
         if value else params.flags), when="add"),
-    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value,
-            noted=True),
+    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value, noted=True),
 ]
 
 
@@ -1967,7 +1925,7 @@ def settings_for(when):
 
 def _preset(params, settings):
     """Put settings given at add into add_torrent_params; return the notes they make.
-    On a worker thread: a setting may list 100,000 files."""
+    On a worker thread: a setting may list every file."""
     notes = {}
     for name, value in settings.items():
         setting = settings_for("add")[name]
@@ -1980,8 +1938,7 @@ def _preset(params, settings):
 
 def parse_values(fields, parsers, schemas=None):
     """Each field named in parsers, parsed: 400 if malformed, 422 if out of range. With
-    schemas (a JSON body), text is refused where the schema wants another type; the
-    parsers take text only for forms."""
+    schemas (a JSON body), text is refused where the schema wants another type."""
     values = {}
     for name, value in fields.items():
         if name not in parsers:
