@@ -3567,15 +3567,11 @@ def _matching(engine, query, known):
     paused = query.get("paused")
     if paused not in (None, "true", "false"):
         raise ApiError(400, "paused must be true or false")
-    torrents = list(engine.torrents())
-    if "state" in query:
-        states = set(_names(query["state"], "state", STATES))
-        torrents = [t for t in torrents if t.status["state"] in states]
-    if paused is not None:
-        torrents = [t for t in torrents if t.status["paused"] is (paused == "true")]
-    if "label" in query:
-        torrents = [t for t in torrents if query["label"] in t.notes["labels"]]
-    return torrents
+    states = set(_names(query["state"], "state", STATES)) if "state" in query else None
+    label = query.get("label")
+    return [t for t in engine.torrents() if (states is None or t.status["state"] in states)
+            and (paused is None or t.status["paused"] is (paused == "true"))
+            and (label is None or label in t.notes["labels"])]
 
 
 def _select(engine, query):
@@ -3701,8 +3697,7 @@ resume_torrent = _one("resume", TorrentEngine.resume, "resumed", "Resume it")
 _ERRORS = {
     400: "malformed request, unknown field or bad value",
     401: "missing or wrong bearer token",
-    403: "a cross-site browser request, or a Host other than localhost while no token "
-         "is set",
+    403: "a cross-site browser request, or a Host other than localhost while no token is set",
     404: "no such torrent",
     408: "the request body did not arrive in time",
     409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
@@ -3712,30 +3707,26 @@ _ERRORS = {
     422: "not a valid, or not a safe, .torrent; or a value out of range",
     502: "fetching torrent_url failed",
     503: "libtorrent did not confirm the change in time, or the torrent is still being "
-         "added; retry",
-}
+         "added; retry"}
 
 
 @functools.cache
 def openapi_document():
     """The API description served at /openapi.json, built from ROUTES, STATUS, SETTINGS
-    and OPTIONS once every extension has added its rows. A test checks that it names
-    every route, and that real answers match it."""
-    status, string = _object({field.name: field.schema for field in STATUS}), {"type": "string"}
+    and OPTIONS once every extension has added its rows; tests hold real answers to it."""
+    status = _object({field.name: field.schema for field in STATUS})
+    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
     schemas = {
         "Error": _object({"detail": string}), "Message": _object({"detail": string}),
         "Added": _object({"infohash": {
             "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
             "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
-        "Health": _object({"status": {"type": "string", "enum": ["ok"]},
-                           "torrents": {"type": "integer", "minimum": 0},
-                           "loading": {"type": "boolean"},
-                           "listen_port": {"type": "integer", "minimum": 0}},
+        "Health": _object({"status": {"type": "string", "enum": ["ok"]}, "torrents": count,
+                           "loading": {"type": "boolean"}, "listen_port": count},
                           required=["status"]),
         "TorrentList": _object({
             "torrents": {"type": "array", "items": _ref("StatusFields")},
-            "total": {"type": "integer", "minimum": 0,
-                      "description": "matching torrents before paging"}}),
+            "total": {**count, "description": "matching torrents before paging"}}),
         "Status": status,
         "Summary": {**status, "required": [f.name for f in STATUS if f.listed],
                     "description": "a torrent in GET /torrents without fields=: its status "
