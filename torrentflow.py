@@ -3408,10 +3408,12 @@ def _decode(content_type, body, most):
     """The fields of a JSON object or an urlencoded form of at most most fields."""
     kind = "JSON" if content_type == "application/json" else "form"
     try:
-        fields = (json.loads(body.decode(), object_pairs_hook=_unique_keys) if kind == "JSON"
-                  else _unique_keys(urllib.parse.parse_qsl(
-                      body.decode(), keep_blank_values=True, strict_parsing=True,
-                      errors="strict", max_num_fields=most)))
+        if kind == "JSON":
+            fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
+        else:
+            fields = _unique_keys(urllib.parse.parse_qsl(
+                body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict",
+                max_num_fields=most))
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise ApiError(400, f"malformed {kind} body: {error}") from None
     if not isinstance(fields, dict):
