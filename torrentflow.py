@@ -3243,7 +3243,6 @@ def _held(status):
 # --------------------------------------------------------------------------- #
 
 def _require_utf8(charset, what):
-    """Refuse a declared charset other than UTF-8."""
     # Every text field is UTF-8; guessing another charset would turn bytes into paths.
     if charset is not None and charset.lower() not in ("utf-8", "utf8"):
         raise ApiError(400, f"{what} must be UTF-8, not {charset!r}")
@@ -3274,12 +3273,9 @@ async def _body_deadline(request, limit):
 
 
 async def read_fields(request, names, upload=None, types=BODY_TYPES):
-    """The fields of a form (multipart or urlencoded) or JSON object body.
-
-    Only names are accepted, each once; upload names the one multipart field that
-    carries a file (bytes). Bodies are counted while read, capped, and given one
-    deadline in all: a client that sends a byte now and then holds nothing for long.
-    """
+    """The fields of a form or JSON object body: only names, each once; upload names the
+    multipart field that carries a file (bytes). One deadline for the whole body: a
+    client that sends a byte now and then holds nothing for long."""
     content_type = request.content_type
     if content_type not in types:
         raise ApiError(415, f"send {', '.join(types)}")
@@ -3305,15 +3301,15 @@ async def read_fields(request, names, upload=None, types=BODY_TYPES):
 
 def _decode(content_type, body, most):
     """The fields of a JSON object or an urlencoded form of at most most fields."""
+    kind = "JSON" if content_type == "application/json" else "form"
     try:
-        if content_type == "application/json":
+        if kind == "JSON":
             fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
         else:
             fields = _unique_keys(urllib.parse.parse_qsl(
                 body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict",
                 max_num_fields=most))
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        kind = "JSON" if content_type == "application/json" else "form"
         raise ApiError(400, f"malformed {kind} body: {error}") from None
     if not isinstance(fields, dict):
         raise ApiError(400, "the JSON body must be an object")
@@ -3329,8 +3325,7 @@ def _unique_keys(pairs):
 
 
 async def _multipart_fields(request, names, upload):
-    """The fields of a multipart body: the upload under the request's cap, each text
-    field under the cap of a JSON body."""
+    """A multipart body's fields: the upload within the request's cap, text within a form's."""
     fields, size = {}, 0
     try:
         reader = await request.multipart()
@@ -3384,31 +3379,28 @@ _ADD_FIELDS = {
     "torrent_url": {"type": "string", "description": "a magnet link or an http(s) URL of "
                     "a .torrent; give this or torrent_file"},
     "save_path": {"type": "string", "description": "relative to the download directory, "
-                  "or absolute inside it or an --allowed-save-root"},
-}
-_ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"}}},
-          "links": {name: {"operationId": name,
-                           "parameters": {"infohash": "$response.body#/infohash"}}
-                    for name in ("getTorrent", "pauseTorrent", "resumeTorrent",
-                                 "deleteTorrent")}}
+                  "or absolute inside it or an --allowed-save-root"}}
+_ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"}}}, "links": {
+    name: {"operationId": name, "parameters": {"infohash": "$response.body#/infohash"}}
+    for name in ("getTorrent", "pauseTorrent", "resumeTorrent", "deleteTorrent")}}
 
 
 def _add_body():
     """The request body POST /torrents takes, SETTINGS rows included. In a form every
     value is text: "true", "1,4,0", "a,b"."""
     settings = settings_for("add").values()
-    form = {"type": "object", "additionalProperties": False, "properties": {
-        **_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in settings}}}
-    return {"required": True, "content": {
-        "multipart/form-data": {"schema": {**form, "properties": {
-            **form["properties"], "torrent_file": {
-                "type": "string", "contentMediaType": "application/x-bittorrent",
-                "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}}}},
-        "application/x-www-form-urlencoded": {"schema": form},
-        "application/json": {"schema": {**form, "properties": {
-            **_ADD_FIELDS, **{setting.name: setting.schema for setting in settings}}},
-            "example": {"torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4,
-                        "save_path": "example"}}}}
+    form = {**_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in settings}}
+    upload = {"type": "string", "contentMediaType": "application/x-bittorrent",
+              "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}
+    content = {media: {"schema": {"type": "object", "additionalProperties": False,
+                                  "properties": properties}} for media, properties in (
+        ("multipart/form-data", {**form, "torrent_file": upload}),
+        ("application/x-www-form-urlencoded", form),
+        ("application/json", {**_ADD_FIELDS, **{setting.name: setting.schema
+                                                for setting in settings}}))}
+    content["application/json"]["example"] = {
+        "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4, "save_path": "example"}
+    return {"required": True, "content": content}
 
 
 @api("POST", "/torrents", "addTorrent", {
@@ -3453,7 +3445,9 @@ def _count(query, name, default):
 
 _FIELDS_PARAMETER = _query("fields", "only these status fields, comma-separated; files "
                            "only appears in a listing when named here")
-LIST_PARAMETERS = {"state", "paused", "label", "sort", "limit", "offset", "fields"}
+_FILTERS = [_query("state", "only these states, comma-separated"),
+            _query("paused", "only paused (true) or running (false) ones", enum=["true", "false"]),
+            _query("label", "only torrents with this label")]
 
 
 def _known_parameters(query, known):
@@ -3470,21 +3464,18 @@ def _matching(engine, query, known):
     paused = query.get("paused")
     if paused not in (None, "true", "false"):
         raise ApiError(400, "paused must be true or false")
-    torrents = list(engine.torrents())
-    if "state" in query:
-        states = set(_names(query["state"], "state", STATES))
-        torrents = [t for t in torrents if t.status["state"] in states]
-    if paused is not None:
-        torrents = [t for t in torrents if t.status["paused"] is (paused == "true")]
-    if "label" in query:
-        torrents = [t for t in torrents if query["label"] in t.notes["labels"]]
-    return torrents
+    states = set(_names(query["state"], "state", STATES)) if "state" in query else None
+    label = query.get("label")
+    return [t for t in engine.torrents() if (states is None or t.status["state"] in states)
+            and (paused is None or t.status["paused"] is (paused == "true"))
+            and (label is None or label in t.notes["labels"])]
 
 
 def _select(engine, query):
     """The torrents GET /torrents' filter, sort and paging parameters choose; and the
     total before paging."""
-    torrents = _matching(engine, query, LIST_PARAMETERS)
+    torrents = _matching(engine, query, ("state", "paused", "label", "sort", "limit",
+                                         "offset", "fields"))
     if "sort" in query:
         sortable = [name for name in status_fields() if name != "files"]  # lists do not sort
         sort = _names(query["sort"], "sort", [*sortable, *("-" + n for n in sortable)])[0]
@@ -3494,12 +3485,6 @@ def _select(engine, query):
                       reverse=sort.startswith("-"))
     offset, limit = _count(query, "offset", 0), _count(query, "limit", None)
     return torrents[offset:None if limit is None else offset + limit], len(torrents)
-
-
-_FILTERS = [_query("state", "only these states, comma-separated"),
-            _query("paused", "only paused (true) or running (false) ones",
-                   enum=["true", "false"]),
-            _query("label", "only torrents with this label")]
 
 
 @api("GET", "/torrents", "listTorrents", {
@@ -3526,24 +3511,18 @@ async def list_torrents(request):
 
 
 async def _to_json(build, in_thread):
-    """build() serialised as JSON bytes. When it may hold file lists or many torrents,
-    in a thread and with _json: 100,000 files take a third of a second, and all fields
-    of 10,000 torrents 0.15 s, which would stall the loop."""
+    """build() serialised as JSON bytes; in a thread, with _json, when it may be large
+    (file lists, many torrents): that would stall the loop."""
     if in_thread:
         return await asyncio.to_thread(lambda: _json(build()))
     return json.dumps(build(), separators=(",", ":")).encode()
 
 
-_JSON = {"Content-Type": "application/json"}
-
-
 async def _respond(request, body):
-    """A JSON answer of bytes already serialised. A large one waits its turn (LARGE_AT_ONCE
-    at a time), then goes out in pieces, giving the loop back between them: writing
-    hundreds of megabyte-sized listings at once, or one in a single send(), would keep
-    every small request, health checks included, waiting."""
+    """A JSON answer of bytes already serialised. A large one waits its turn, then goes out
+    in pieces, giving the loop back between them: small requests must not wait behind it."""
     if len(body) < LARGE_BODY:
-        return web.Response(body=body, headers=_JSON)
+        return web.Response(body=body, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     response.content_length = len(body)
     async with request.app[LARGE_WRITES]:
@@ -3615,8 +3594,7 @@ resume_torrent = _one("resume", TorrentEngine.resume, "resumed", "Resume it")
 _ERRORS = {
     400: "malformed request, unknown field or bad value",
     401: "missing or wrong bearer token",
-    403: "a cross-site browser request, or a Host other than localhost while no token "
-         "is set",
+    403: "a cross-site browser request, or a Host other than localhost while no token is set",
     404: "no such torrent",
     408: "the request body did not arrive in time",
     409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
@@ -3626,55 +3604,46 @@ _ERRORS = {
     422: "not a valid, or not a safe, .torrent; or a value out of range",
     502: "fetching torrent_url failed",
     503: "libtorrent did not confirm the change in time, or the torrent is still being "
-         "added; retry",
-}
+         "added; retry"}
 
 
 @functools.cache
 def openapi_document():
     """The API description served at /openapi.json, built from ROUTES, STATUS, SETTINGS
-    and OPTIONS once every extension has added its rows. A test checks that it names
-    every route, and that real answers match it."""
+    and OPTIONS once every extension has added its rows; tests hold real answers to it."""
     status = _object({field.name: field.schema for field in STATUS})
+    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
+    schemas = {
+        "Error": _object({"detail": string}), "Message": _object({"detail": string}),
+        "Added": _object({"infohash": {
+            "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
+            "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
+        "Health": _object({"status": {"type": "string", "enum": ["ok"]}, "torrents": count,
+                           "loading": {"type": "boolean"}, "listen_port": count},
+                          required=["status"]),
+        "TorrentList": _object({
+            "torrents": {"type": "array", "items": _ref("StatusFields")},
+            "total": {**count, "description": "matching torrents before paging"}}),
+        "Status": status,
+        "Summary": {**status, "required": [f.name for f in STATUS if f.listed],
+                    "description": "a torrent in GET /torrents without fields=: its status "
+                    "without the per-file list"},
+        "StatusFields": {**status, "required": [],
+                         "description": "every Status field, or those named by ?fields="}}
+    responses = {str(code): _answer(description, _ref("Error"), {
+        "WWW-Authenticate": {"required": True, "schema": string}} if code == 401 else None)
+        for code, description in _ERRORS.items()}
+    bearer = {"type": "http", "scheme": "bearer", "description": "--token, --token-file or "
+              "TORRENTFLOW_TOKEN. Without one no token is asked for, but only requests "
+              "addressed to localhost are served."}
     document = {
         "openapi": "3.1.0",
         "info": {"title": "TorrentFlow", "version": __version__, "description":
                  "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
                  "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
-        "security": [{"bearerAuth": []}],
-        "paths": {},
-        "components": {
-            "securitySchemes": {"bearerAuth": {
-                "type": "http", "scheme": "bearer",
-                "description": "--token, --token-file or TORRENTFLOW_TOKEN. Without one no "
-                "token is asked for, but only requests addressed to localhost are served."}},
-            "schemas": {
-                "Error": _object({"detail": {"type": "string"}}),
-                "Message": _object({"detail": {"type": "string"}}),
-                "Added": _object({"infohash": {
-                    "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
-                    "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
-                "Health": _object({"status": {"type": "string", "enum": ["ok"]},
-                                   "torrents": {"type": "integer", "minimum": 0},
-                                   "loading": {"type": "boolean"},
-                                   "listen_port": {"type": "integer", "minimum": 0}},
-                                  required=["status"]),
-                "TorrentList": _object({
-                    "torrents": {"type": "array", "items": _ref("StatusFields")},
-                    "total": {"type": "integer", "minimum": 0,
-                              "description": "matching torrents before paging"}}),
-                "Status": status,
-                "Summary": {**status, "required": [f.name for f in STATUS if f.listed],
-                            "description": "a torrent in GET /torrents without fields=: "
-                            "its status without the per-file list"},
-                "StatusFields": {**status, "required": [], "description":
-                                 "every Status field, or those named by ?fields="},
-            },
-            "responses": {str(code): _answer(description, _ref("Error"), {
-                "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
-                if code == 401 else None) for code, description in _ERRORS.items()},
-        },
-    }
+        "security": [{"bearerAuth": []}], "paths": {}, "components": {
+            "securitySchemes": {"bearerAuth": bearer}, "schemas": schemas,
+            "responses": responses}}
     for method, path, _, operation in ROUTES:
         path = re.sub(r":[^}]*}", "}", path)  # aiohttp's {path:.*} is OpenAPI's {path}
         if callable(operation.get("requestBody")):  # built from tables extensions fill
@@ -3708,9 +3677,8 @@ def make_app(config):
         await engine.start()
         app[ENGINE] = engine
         async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=config.fetch_timeout),
-            headers={"User-Agent": f"TorrentFlow/{__version__}"},
-        ) as client:
+                timeout=aiohttp.ClientTimeout(total=config.fetch_timeout),
+                headers={"User-Agent": f"TorrentFlow/{__version__}"}) as client:
             app[HTTP_CLIENT] = client
             yield
         await engine.close()
@@ -3849,12 +3817,9 @@ def main(argv=None):
     log.info("event loop: %s", "uvloop" if uvloop else "asyncio (install uvloop for speed)")
     try:
         (uvloop.run if uvloop else asyncio.run)(serve(config))
-    except StartupError as error:
+    except (StartupError, OSError) as error:
         log.error("cannot start: %s", error)
-        return 2
-    except OSError as error:
-        log.error("cannot start: %s", error)
-        return 1
+        return 2 if isinstance(error, StartupError) else 1
     return 0
 
 
