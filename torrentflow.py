@@ -4488,27 +4488,23 @@ _PEER_SOURCES = {"tracker": 1, "dht": 2, "pex": 4, "lsd": 8, "resume": 16, "inco
 
 def _peer(info):
     """One connected peer as the API shows it."""
-    host, port = info.ip
-    flags = info.flags
+    (host, port), flags = info.ip, info.flags
     kind = "web" if info.connection_type != lt.peer_info.standard_bittorrent else \
         "utp" if flags & _PEER_FLAGS["utp_socket"] else "tcp"
-    return {"ip": host, "port": port,
-            "client": info.client.decode("utf-8", "replace")[:64],
+    return {"ip": host, "port": port, "client": info.client.decode("utf-8", "replace")[:64],
             "progress": round(info.progress * 100, 2),
             "download_rate": info.payload_down_speed, "upload_rate": info.payload_up_speed,
             "total_download": info.total_download, "total_upload": info.total_upload,
-            "connection": kind,
-            "encrypted": bool(flags & (lt.peer_info.rc4_encrypted
-                                       | lt.peer_info.plaintext_encrypted)),
+            "connection": kind, "encrypted": bool(flags & (
+                lt.peer_info.rc4_encrypted | lt.peer_info.plaintext_encrypted)),
             "flags": [name for name, bit in _PEER_FLAGS.items() if flags & bit],
             "source": [name for name, bit in _PEER_SOURCES.items() if info.source & bit]}
 
 
 def _tracker(entry, heard, slot):
-    """One tracker as the API shows it; heard is what its alerts said lately, and slot
-    the hash it announces: 0 for v1, 1 for v2. libtorrent reports each endpoint and
-    hash apart, and copies only the first endpoint's v1 state to the top level, which
-    a v2-only torrent never uses."""
+    """One tracker as the API shows it; heard is what its alerts said lately, slot the
+    hash it announces (0 v1, 1 v2): libtorrent copies only the first endpoint's v1 state
+    to the top level, which a v2-only torrent never uses."""
     answered, error = heard.get(entry["url"], (None, ""))
     # Until it has an endpoint (just added, or paused), nothing is known.
     state = entry["endpoints"][0]["info_hashes"][slot] if entry["endpoints"] else {
@@ -4525,9 +4521,8 @@ def _tracker(entry, heard, slot):
 
 
 async def peers(engine, torrent):
-    """The connected peers. Reading peer_info_alert's list raises TypeError in the
-    2.1.1 bindings (no converter; a test watches for that to change), so a worker
-    thread asks libtorrent's thread instead; the loop never waits on it."""
+    """The connected peers. peer_info_alert's list raises TypeError in the 2.1.1 bindings
+    (a test watches for that to change), so a worker thread asks libtorrent instead."""
     with _handle_call():
         return [_peer(peer) for peer in await asyncio.to_thread(torrent.handle.get_peer_info)]
 
@@ -4566,15 +4561,14 @@ STATUS.append(Field("last_scrape", "integer", True, "seconds since a tracker las
 
 @api("GET", "/torrents/{infohash}/peers", "listPeers", {
     "200": _answer("its connected peers", _object({"peers": {"type": "array", "items": _object({
-        "ip": {"type": "string"}, "port": {"type": "integer"},
-        "client": {"type": "string"}, "progress": {"type": "number"},
-        **dict.fromkeys(("download_rate", "upload_rate", "total_download",
-                         "total_upload"), {"type": "integer"}),
+        "ip": {"type": "string"}, "port": {"type": "integer"}, "client": {"type": "string"},
+        "progress": {"type": "number"}, **dict.fromkeys((
+            "download_rate", "upload_rate", "total_download", "total_upload"), {
+                "type": "integer"}),
         "connection": {"type": "string", "enum": ["tcp", "utp", "web"]},
-        "encrypted": {"type": "boolean"},
-        "flags": {"type": "array", "items": {"type": "string", "enum": list(_PEER_FLAGS)}},
-        "source": {"type": "array", "items": {"type": "string",
-                                              "enum": list(_PEER_SOURCES)}}})}}))},
+        "encrypted": {"type": "boolean"}, **{key: {"type": "array", "items": {
+            "type": "string", "enum": list(names)}} for key, names in (
+                ("flags", _PEER_FLAGS), ("source", _PEER_SOURCES))}})}}))},
     (404, 503), parameters=[INFOHASH_PARAMETER])
 async def torrent_peers(request):
     """Its connected peers"""
@@ -4584,13 +4578,10 @@ async def torrent_peers(request):
 
 @api("GET", "/torrents/{infohash}/trackers", "listTrackers", {
     "200": _answer("its trackers", _object({"trackers": {"type": "array", "items": _object({
-        "url": {"type": "string"}, "tier": {"type": "integer"},
-        "status": {"type": "string", "enum": ["not_contacted", "working", "updating",
-                                              "error"]},
-        "message": {"type": "string"},
-        **dict.fromkeys(("seeds", "peers", "downloaded"), {
-            "type": "integer", "description": "from the last scrape or announce; -1 if "
-            "unknown"}),
+        "url": {"type": "string"}, "tier": {"type": "integer"}, "status": {
+            "type": "string", "enum": ["not_contacted", "working", "updating", "error"]},
+        "message": {"type": "string"}, **dict.fromkeys(("seeds", "peers", "downloaded"), {
+            "type": "integer", "description": "from the last scrape or announce; -1 if unknown"}),
         **dict.fromkeys(("last_announce", "next_announce"), {
             "type": ["integer", "null"], "description": "Unix time"})})}}))},
     (404, 503), parameters=[INFOHASH_PARAMETER])
@@ -4794,20 +4785,17 @@ class _Webhook:
             event_id, body = next(iter(self.pending.items()))
             self.posting = event_id
             delivered = await self._post(client, event_id, body)
-            self.posting = None
+            self.posting, attempt = None, attempt + 1
             if delivered:
                 self.pending.pop(event_id, None)
                 _logged(self.store.drop(f"{self.folder}/{event_id}.json"), "a delivered event")
-                attempt = 0
-                continue
-            attempt += 1
-            if time.time() - json.loads(body)["time"] > WEBHOOK_RETRY_FOR:
+            elif time.time() - json.loads(body)["time"] > WEBHOOK_RETRY_FOR:
                 self._give_up(event_id, f"undelivered for {WEBHOOK_RETRY_FOR:g} s")
-                attempt = 0
+            else:  # exponential backoff with jitter, so that retries from many daemons spread
+                await asyncio.sleep(min(WEBHOOK_MAX_DELAY, 2 ** (attempt - 1))
+                                    * random.uniform(0.5, 1.5))
                 continue
-            # Exponential backoff with jitter, so that retries from many daemons spread.
-            await asyncio.sleep(min(WEBHOOK_MAX_DELAY, 2 ** (attempt - 1))
-                                * random.uniform(0.5, 1.5))
+            attempt = 0
 
     async def _quarantine(self, name, body, why):
         """Move a queue file that cannot be delivered aside, under quarantine/."""
@@ -4959,11 +4947,9 @@ EVENT_SCHEMA = _object({
     "detail": {"type": ["string", "null"]},
     "torrent": {**_object({field.name: field.schema for field in STATUS
                            if field.name in EVENT_FIELDS}), "type": ["object", "null"]}})
-#: One Server-Sent Event of GET /events, as a reader parses it: its event (the type),
-#: its id and its data, the event as JSON; reset and overflow carry {}. It is the
-#: schema of the stream's media type: OpenAPI 3.1 has no keyword for one item of a
-#: stream (3.2's itemSchema), and schemathesis reads a 3.1 schema of text/event-stream
-#: as each event's, validating every one it receives.
+#: One Server-Sent Event of GET /events as a reader parses it: event (the type), id, and
+#: data, the event as JSON ({} for reset and overflow). The stream's schema is one item's:
+#: 3.1 lacks 3.2's itemSchema, and schemathesis validates each event received against it.
 SSE_SCHEMA = {"type": "object", "required": ["event", "data"], "properties": {
     "event": {"enum": [*EVENT_TYPES, "reset", "overflow"]},
     "id": {"type": "string", "pattern": "^[0-9]+$"},
@@ -5016,14 +5002,12 @@ def _main_id(engine, infohash):
 
 
 async def _stream(request, subscriber, events, last):
-    """Write a subscriber's events, those after last first, until it falls too far
-    behind or goes away; a reader that stops reading is cut off, with a last
-    event: overflow after what it has."""
+    """Write a subscriber's events, those after last first, until it falls too far behind
+    or goes away; a reader that stops reading is cut off with a last event: overflow."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    # Small buffers: a reader that stops reading is noticed within a few hundred
-    # events, and holds little memory until it is cut off.
+    # Small buffers: a reader that stops is noticed soon, and holds little memory till cut.
     request.transport.set_write_buffer_limits(high=STREAM_BUFFER)
     with contextlib.suppress(OSError, AttributeError):
         request.transport.get_extra_info("socket").setsockopt(
@@ -5243,11 +5227,16 @@ class RpcState:
         """The absolute path of the torrent's .torrent copy, there once its metadata is."""
         return f"{self.folder}{os.sep}{torrent.infohash}.torrent"
 
+    @staticmethod
+    def copy_name(torrent):
+        """The name of the torrent's .torrent copy, relative to the state directory."""
+        return f"{RPC_TORRENT_FILES}/{torrent.infohash}.torrent"
+
     def forget(self, engine, torrent):
         number = self.numbers.pop(torrent, None)
         if number is not None:
             self.removed.append((time.time(), number))
-        name = _rpc_copy_name(torrent)
+        name = self.copy_name(torrent)
         if self.copies.get(name) is torrent:  # not a same-named survivor's
             del self.copies[name]
             _logged(engine.store.drop(name), f"dropping {name}")
@@ -5255,7 +5244,7 @@ class RpcState:
     async def keep(self, engine, torrent):
         """A metadata listener: write the torrent's .torrent copy unless it exists (a
         new torrent's, or one lost while the daemon was down)."""
-        name = _rpc_copy_name(torrent)
+        name = self.copy_name(torrent)
         self.copies[name] = torrent
         try:
             data = await asyncio.to_thread(_rpc_torrent_bytes, engine.store.root / name,
@@ -5266,17 +5255,11 @@ class RpcState:
             _logged(engine.store.put(name, data), f"writing {name}")
 
 
-def _rpc_copy_name(torrent):
-    """The name of a torrent's .torrent copy, relative to the state directory."""
-    return f"{RPC_TORRENT_FILES}/{torrent.infohash}.torrent"
-
-
 def _rpc_torrent_bytes(path, torrent):
     """The torrent's .torrent, or None if path holds it already: its info dict byte for
-    byte, its trackers and web seeds as the daemon keeps them, and the fields it was
-    added with. A v2 torrent's piece layers are left out, as libtorrent writes them only
-    through a Python copy of the whole file (a tenth of a second for 60,000 files, with
-    the GIL held); a client fetches them from peers. Blocking: run in a thread."""
+    byte, its trackers and web seeds as the daemon keeps them, and the fields it was added
+    with. Not a v2 torrent's piece layers, which libtorrent writes only through a slow
+    Python copy of the whole file, GIL held; peers give them. Blocking: run in a thread."""
     if os.path.exists(path):
         return None
     metadata = torrent.handle.torrent_file()
@@ -5331,20 +5314,13 @@ def _rpc_priority(priority):
     return -1 if priority < 4 else 1 if priority > 5 else 0
 
 
-def _rpc_limit(torrent, key, own):
-    """(limit, mode) for seedRatioLimit/seedIdleLimit: mode 0 the session's, 1 its own,
-    2 none."""
+def _rpc_limit(torrent, settings, key):
+    """(limit, mode) of seedRatio*/seedIdle* (key's, in minutes for the idle limit): mode
+    0 the session's, 1 its own, 2 none."""
     value = torrent.notes[key]
-    if value == -2:
-        return 0, 2
-    return (value, 1) if value >= 0 else (max(0, own), 0)
-
-
-def _rpc_activity(status):
-    """When payload last moved, as a Unix time; 0 if it never did."""
-    idle = [seconds for seconds in (status["time_since_upload"], status["time_since_download"])
-            if seconds is not None]
-    return int(time.time()) - min(idle) if idle else 0
+    limit, mode = (0, 2) if value == -2 else (value, 1) if value >= 0 else (
+        max(0, settings[key]), 0)
+    return (int(limit // 60), mode) if key == "seeding_time_limit" else (limit, mode)
 
 
 def _rpc_tracker(index, tracker):
@@ -5366,20 +5342,43 @@ def _rpc_tracker(index, tracker):
             "downloadCount": tracker["downloaded"]}
 
 
+#: torrent-get fields that are a status field as it is: {field: status key}.
+RPC_STATUS_KEYS = {
+    "name": "name", "downloadDir": "save_path", "sizeWhenDone": "total_wanted",
+    "haveValid": "total_done", "errorString": "error", "uploadedEver": "total_upload",
+    "downloadedEver": "total_download", "secondsSeeding": "seeding_time", "labels": "labels",
+    "rateDownload": "download_rate", "rateUpload": "upload_rate", "peersConnected": "num_peers",
+    "addedDate": "added_time", "startDate": "added_time"}
+#: Those whose status field is null without metadata: {field: (status key, value then)}.
+RPC_NULLABLE_KEYS = {
+    "totalSize": ("total_size", 0), "fileCount": ("num_files", 0),
+    "file-count": ("num_files", 0), "doneDate": ("completed_time", 0),
+    "dateCreated": ("creation_date", 0), "pieceCount": ("total_pieces", 0),
+    "pieceSize": ("piece_length", 0), "comment": ("comment", ""), "creator": ("creator", "")}
+#: Those the daemon has no counterpart of: always the same.
+RPC_CONSTANTS = {
+    "haveUnchecked": 0, "corruptEver": 0, "desiredAvailable": 0, "isStalled": False,
+    "isPrivate": False, "etaIdle": -1, "group": "", "editDate": 0, "manualAnnounceTime": -1,
+    "honorsSessionLimits": True, "bandwidthPriority": 0, "webseeds": [],
+    "webseedsSendingToUs": 0}
+
+
+def _per_file(entry):
+    """A torrent-get field with entry(file) for each file."""
+    return lambda t, s, c, x: _Slices(entry(file) for file in t.files() or ())
+
+
 #: Every torrent-get field, as a function of (torrent, status dict, session settings,
 #: extra) where extra holds its id, its .torrent copy's path, and the slow views
 #: (trackers, peers) fetched when asked for.
 RPC_FIELDS = {
-    "id": lambda t, s, c, x: x["id"],
+    **{name: lambda t, s, c, x, key=key: s[key] for name, key in RPC_STATUS_KEYS.items()},
+    **{name: lambda t, s, c, x, key=key, null=null: s[key] or null
+       for name, (key, null) in RPC_NULLABLE_KEYS.items()},
+    **{name: lambda t, s, c, x, value=value: value for name, value in RPC_CONSTANTS.items()},
+    "id": lambda t, s, c, x: x["id"], "torrentFile": lambda t, s, c, x: x["torrentFile"],
     "hashString": lambda t, s, c, x: t.infohash,
-    "name": lambda t, s, c, x: s["name"],
-    "downloadDir": lambda t, s, c, x: s["save_path"],
-    "totalSize": lambda t, s, c, x: s["total_size"] or 0,
-    "sizeWhenDone": lambda t, s, c, x: s["total_wanted"],
     "leftUntilDone": lambda t, s, c, x: s["total_wanted"] - s["total_wanted_done"],
-    "haveValid": lambda t, s, c, x: s["total_done"],
-    "haveUnchecked": lambda t, s, c, x: 0, "corruptEver": lambda t, s, c, x: 0,
-    "desiredAvailable": lambda t, s, c, x: 0,
     "percentDone": lambda t, s, c, x: round(s["total_wanted_done"] / s["total_wanted"], 4)
     if s["total_wanted"] else float(s["has_metadata"]),
     "percentComplete": lambda t, s, c, x: round(s["progress"] / 100, 4),
@@ -5388,72 +5387,42 @@ RPC_FIELDS = {
     if s["state"] == "checking_files" else 0,
     # Done seeding: stopped by a seeding limit, which Sonarr waits for to remove it.
     "isFinished": lambda t, s, c, x: bool(s["paused"] and s["limit_reached"]),
-    "isStalled": lambda t, s, c, x: False, "isPrivate": lambda t, s, c, x: False,
     "status": lambda t, s, c, x: _rpc_status(s),
     "eta": lambda t, s, c, x: -1 if s["is_finished"] or s["paused"] else -2
     if not s["download_rate"] else (s["total_wanted"] - s["total_wanted_done"])
     // s["download_rate"],
-    "etaIdle": lambda t, s, c, x: -1,
     "error": lambda t, s, c, x: 3 if s["error"] else 0,
-    "errorString": lambda t, s, c, x: s["error"],
-    "uploadedEver": lambda t, s, c, x: s["total_upload"],
-    "downloadedEver": lambda t, s, c, x: s["total_download"],
     "uploadRatio": lambda t, s, c, x: s["ratio"] if s["total_wanted"] else -1,
     "secondsDownloading": lambda t, s, c, x: s["active_time"] - s["finished_time"],
-    "secondsSeeding": lambda t, s, c, x: s["seeding_time"],
-    "seedRatioLimit": lambda t, s, c, x: _rpc_limit(t, "ratio_limit", c["ratio_limit"])[0],
-    "seedRatioMode": lambda t, s, c, x: _rpc_limit(t, "ratio_limit", c["ratio_limit"])[1],
-    "seedIdleLimit": lambda t, s, c, x: int(_rpc_limit(
-        t, "seeding_time_limit", c["seeding_time_limit"])[0] // 60),
-    "seedIdleMode": lambda t, s, c, x: _rpc_limit(
-        t, "seeding_time_limit", c["seeding_time_limit"])[1],
-    "labels": lambda t, s, c, x: s["labels"],
-    "group": lambda t, s, c, x: "",
-    "fileCount": lambda t, s, c, x: s["num_files"] or 0,
-    "file-count": lambda t, s, c, x: s["num_files"] or 0,
-    "rateDownload": lambda t, s, c, x: s["download_rate"],
-    "rateUpload": lambda t, s, c, x: s["upload_rate"],
-    "peersConnected": lambda t, s, c, x: s["num_peers"],
+    "seedRatioLimit": lambda t, s, c, x: _rpc_limit(t, c, "ratio_limit")[0],
+    "seedRatioMode": lambda t, s, c, x: _rpc_limit(t, c, "ratio_limit")[1],
+    "seedIdleLimit": lambda t, s, c, x: _rpc_limit(t, c, "seeding_time_limit")[0],
+    "seedIdleMode": lambda t, s, c, x: _rpc_limit(t, c, "seeding_time_limit")[1],
     "peersGettingFromUs": lambda t, s, c, x: s["num_peers"] if s["upload_rate"] else 0,
     "peersSendingToUs": lambda t, s, c, x: s["num_seeds"] if s["download_rate"] else 0,
     "peersFrom": lambda t, s, c, x: dict.fromkeys(
         ("fromCache", "fromDht", "fromIncoming", "fromLpd", "fromLtep", "fromPex"), 0)
     | {"fromTracker": s["num_peers"]},
-    "peer-limit": lambda t, s, c, x: s["max_connections"] or c["max_connections"],
-    "maxConnectedPeers": lambda t, s, c, x: s["max_connections"] or c["max_connections"],
-    "addedDate": lambda t, s, c, x: s["added_time"],
-    "startDate": lambda t, s, c, x: s["added_time"],
-    "doneDate": lambda t, s, c, x: s["completed_time"] or 0,
-    "activityDate": lambda t, s, c, x: _rpc_activity(s),
-    "dateCreated": lambda t, s, c, x: s["creation_date"] or 0,
-    "editDate": lambda t, s, c, x: 0, "manualAnnounceTime": lambda t, s, c, x: -1,
-    "torrentFile": lambda t, s, c, x: x["torrentFile"],
-    "comment": lambda t, s, c, x: s["comment"] or "",
-    "creator": lambda t, s, c, x: s["creator"] or "",
+    **dict.fromkeys(("peer-limit", "maxConnectedPeers"), lambda t, s, c, x: s[
+        "max_connections"] or c["max_connections"]),
+    # When payload last moved, as a Unix time; 0 if it never did.
+    "activityDate": lambda t, s, c, x: max((int(time.time()) - seconds for seconds in (
+        s["time_since_upload"], s["time_since_download"]) if seconds is not None), default=0),
     "magnetLink": lambda t, s, c, x: (f"magnet:?xt=urn:btih:{s['info_hash_v1']}"
                                       if s["info_hash_v1"] else
                                       f"magnet:?xt=urn:btmh:1220{s['info_hash_v2']}")
     + f"&dn={urllib.parse.quote(s['name'])}",
-    "pieceCount": lambda t, s, c, x: s["total_pieces"] or 0,
-    "pieceSize": lambda t, s, c, x: s["piece_length"] or 0,
     "downloadLimit": lambda t, s, c, x: s["download_limit"] // 1000,
     "downloadLimited": lambda t, s, c, x: s["download_limit"] > 0,
     "uploadLimit": lambda t, s, c, x: s["upload_limit"] // 1000,
     "uploadLimited": lambda t, s, c, x: s["upload_limit"] > 0,
-    "honorsSessionLimits": lambda t, s, c, x: True,
-    "bandwidthPriority": lambda t, s, c, x: 0,
     "queuePosition": lambda t, s, c, x: max(0, s["queue_position"]),
-    "webseeds": lambda t, s, c, x: [], "webseedsSendingToUs": lambda t, s, c, x: 0,
-    "files": lambda t, s, c, x: _Slices({"name": f["path"], "length": f["size"],
-                                         "bytesCompleted": f["downloaded"]}
-                                        for f in t.files() or ()),
-    "fileStats": lambda t, s, c, x: _Slices({"bytesCompleted": f["downloaded"],
-                                             "wanted": bool(f["priority"]),
-                                             "priority": _rpc_priority(f["priority"])}
-                                            for f in t.files() or ()),
-    "priorities": lambda t, s, c, x: _Slices(_rpc_priority(f["priority"])
-                                             for f in t.files() or ()),
-    "wanted": lambda t, s, c, x: _Slices(int(bool(f["priority"])) for f in t.files() or ()),
+    "files": _per_file(lambda file: {"name": file["path"], "length": file["size"],
+                                     "bytesCompleted": file["downloaded"]}),
+    "fileStats": _per_file(lambda file: {"bytesCompleted": file["downloaded"], "wanted": bool(
+        file["priority"]), "priority": _rpc_priority(file["priority"])}),
+    "priorities": _per_file(lambda file: _rpc_priority(file["priority"])),
+    "wanted": _per_file(lambda file: int(bool(file["priority"]))),
     "trackers": lambda t, s, c, x: [{"announce": tracker["url"], "scrape": "",
                                      "tier": tracker["tier"], "id": index}
                                     for index, tracker in enumerate(x["trackers"])],
@@ -5725,6 +5694,13 @@ def _rpc_session(request):
                       "memory-units": ["KiB", "MiB", "GiB", "TiB"], "memory-bytes": 1024}}
 
 
+async def _rpc_session_get(request, arguments):
+    """session-get: the fields asked for, or all."""
+    answer, fields = _rpc_session(request), arguments.get("fields")
+    return {key: value for key, value in answer.items()
+            if key in fields} if isinstance(fields, list) else answer
+
+
 #: session-set's writable keys: (setting, how the value maps, the *-enabled key).
 RPC_SESSION_SET = {
     "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled"),
@@ -5792,8 +5768,7 @@ def _disk_usage(path):
 
 #: Every method the RPC speaks; anything else answers "method not supported".
 RPC_METHODS = {
-    "session-get": lambda request, engine, arguments: _rpc_fields(
-        _rpc_session(request), arguments),
+    "session-get": lambda request, engine, arguments: _rpc_session_get(request, arguments),
     "session-set": _rpc_session_set,
     "session-stats": _rpc_stats,
     "free-space": _rpc_free_space,
@@ -5815,14 +5790,6 @@ RPC_METHODS = {
                                        queue_move(engine, torrent, move))
        for move in ("top", "up", "down", "bottom")},
 }
-
-
-async def _rpc_fields(answer, arguments):
-    """session-get honours fields."""
-    fields = arguments.get("fields")
-    if not isinstance(fields, list):
-        return answer
-    return {key: value for key, value in answer.items() if key in fields}
 
 
 def _rpc_object(pairs):
@@ -5903,12 +5870,10 @@ for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rp
         {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
 
 
-#: What a browser may do on a page of the web client: run and load only the daemon's
-#: own files, never inline script or event handlers (Transmission 3.00's client puts a
-#: tracker URL in an attribute with only < and > escaped), and talk to no other origin.
-#: Inline styles stay allowed, as jQuery UI and its context menu add style elements and
-#: attributes: with scripts and every other origin shut out, they can only restyle the
-#: page. data: images too: jQuery probes with one.
+#: What a browser may do on a page of the web client: run and load only the daemon's own
+#: files, no inline script or event handler (Transmission 3.00's client puts a tracker URL
+#: in an attribute with only < and > escaped), talk to no other origin. Inline styles stay,
+#: as jQuery UI adds some: with scripts shut out they only restyle; jQuery probes a data: image.
 WEB_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
               "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
