@@ -5103,57 +5103,52 @@ def process_figures():
 
 def render_metrics(engine, events, stats, requests, per_torrent, process):
     """GET /metrics in Prometheus' text format 0.0.4; process is process_figures()."""
-    lines = []
+    lines, torrents, hooks, counts = [], list(engine.torrents()), events.webhooks, engine.counts
 
     def metric(name, kind, help_text, samples):
+        """One metric: samples is [(labels, value)], or a value without labels."""
         lines.extend((f"# HELP torrentflow_{name} {help_text}",
                       f"# TYPE torrentflow_{name} {kind}"))
-        for labels, value in samples:
+        for labels, value in samples if isinstance(samples, list) else [({}, samples)]:
             text = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
             lines.append(f"torrentflow_{name}{{{text}}} {value}" if text
                          else f"torrentflow_{name} {value}")
-    torrents = list(engine.torrents())
     states = collections.Counter(t.status["state"] for t in torrents)
     metric("torrents", "gauge", "torrents by state",
            [({"state": state}, states[state]) for state in STATES])
     metric("torrents_paused", "gauge", "paused torrents, by you or by the queue",
-           [({}, sum(t.status["paused"] for t in torrents))])
+           sum(t.status["paused"] for t in torrents))
     for name, kind, help_text, key, scale in SESSION_METRICS:
-        metric(name, kind, help_text, [({}, stats.get(key, 0) * scale)])
+        metric(name, kind, help_text, stats.get(key, 0) * scale)
     for direction, index in (("download", 0), ("upload", 1)):
         metric(f"{direction}_rate_bytes", "gauge", f"payload bytes/s, {direction}",
-               [({}, sum(t.rates[index] for t in torrents))])
-    counts = engine.counts
+               sum(t.rates[index] for t in torrents))
     metric("alerts_dropped_total", "counter", "times libtorrent's alert queue overflowed",
-           [({}, counts["alerts_dropped"])])
-    metric("resume_saves_total", "counter", "resume files written", [({}, counts["saves"])])
+           counts["alerts_dropped"])
+    metric("resume_saves_total", "counter", "resume files written", counts["saves"])
     metric("resume_save_failures_total", "counter", "resume files that could not be written",
-           [({}, counts["save_failures"])])
-    hooks = events.webhooks
+           counts["save_failures"])
     for name, key in (("deliveries", "delivered"), ("delivery_failures", "failed"),
                       ("dropped", "dropped")):
         metric(f"webhook_{name}_total", "counter", f"webhook {name.replace('_', ' ')}",
                [({"url": h.shown}, h.counts[key]) for h in hooks])
     metric("webhook_queued", "gauge", "events waiting for delivery",
            [({"url": h.shown}, len(h.pending)) for h in hooks])
-    metric("event_subscribers", "gauge", "open GET /events streams",
-           [({}, len(events.subscribers))])
+    metric("event_subscribers", "gauge", "open GET /events streams", len(events.subscribers))
     metric("http_requests_total", "counter", "API requests by route and status",
            [({"route": route, "status": status}, count)
             for (route, status), count in sorted(requests.items())])
-    metric("resident_memory_bytes", "gauge", "the process's resident memory",
-           [({}, process[0])])
-    metric("open_fds", "gauge", "the process's open file descriptors", [({}, process[1])])
-    if per_torrent:
-        for field, kind, name in (
-                ("progress", "gauge", "progress"), ("download_rate", "gauge", "download_rate"),
-                ("upload_rate", "gauge", "upload_rate"),
-                ("total_download", "counter", "downloaded_bytes_total"),
-                ("total_upload", "counter", "uploaded_bytes_total"),
-                ("num_peers", "gauge", "num_peers")):
-            metric(f"torrent_{name}", kind, f"each torrent's {field}", [
-                ({"infohash": t.infohash, "name": t.status["name"]}, t.status[field])
-                for t in torrents])
+    metric("resident_memory_bytes", "gauge", "the process's resident memory", process[0])
+    metric("open_fds", "gauge", "the process's open file descriptors", process[1])
+    for field, kind, name in (
+            ("progress", "gauge", "progress"), ("download_rate", "gauge", "download_rate"),
+            ("upload_rate", "gauge", "upload_rate"),
+            ("total_download", "counter", "downloaded_bytes_total"),
+            ("total_upload", "counter", "uploaded_bytes_total"),
+            ("num_peers", "gauge", "num_peers")) if per_torrent else ():
+        metric(f"torrent_{name}", kind, f"each torrent's {field}", [
+            ({"infohash": t.infohash, "name": t.status["name"]}, t.status[field])
+            for t in torrents])
     return "\n".join(lines) + "\n"
 
 
@@ -5913,16 +5908,20 @@ async def transmission_web(request):
             "Content-Security-Policy": WEB_POLICY})
         response.content_length = size
         await response.prepare(request)
-        left = size if request.method == "GET" else 0
-        while left > 0:
-            piece = await asyncio.to_thread(file.read, min(left, WEB_PIECE))
-            if not piece:  # it shrank since: end the connection, so the cut shows
-                response.force_close()
-                break
-            await response.write(piece)
-            left -= len(piece)
+        await _write_file(response, file, size if request.method == "GET" else 0)
         await response.write_eof()
     return response
+
+
+async def _write_file(response, file, left):
+    """Write left bytes of file, read WEB_PIECE at a time in a thread."""
+    while left > 0:
+        piece = await asyncio.to_thread(file.read, min(left, WEB_PIECE))
+        if not piece:  # it shrank since: end the connection, so the cut shows
+            response.force_close()
+            return
+        await response.write(piece)
+        left -= len(piece)
 
 
 api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
@@ -6085,20 +6084,26 @@ _TEXT = {"required": True, "schema": {"type": "string"}}
 _FILE = dict.fromkeys(("Accept-Ranges", "ETag", "Content-Disposition"), _TEXT)
 
 
-async def stream_file(request):
-    """A file's bytes, in byte ranges too, while it downloads"""
-    torrent, text = _requested_torrent(request), request.match_info["index"]
+def _file_entry(torrent, text):
+    """(the file entry of index text, its headers): 409 before the metadata, 404 if none."""
     if torrent.info is None:
         raise ApiError(409, f"torrent {torrent.infohash}: metadata not yet known", RETRY_AFTER)
     entry = next((entry for entry in torrent.info["files"] if str(entry[0]) == text), None)
     if entry is None:
         raise ApiError(404, f"torrent {torrent.infohash} has no file with index {text}")
-    (index, path, size), etag = entry, f'"{torrent.infohash}-{entry[0]}"'
-    name = os.path.basename(path)
-    headers = {"Accept-Ranges": "bytes", "ETag": etag, "Content-Disposition": (  # RFC 6266
-        "inline; filename=\"%s\"; filename*=UTF-8''%s" % (
-            re.sub(r'[^ -~]|["\\]', "_", name), urllib.parse.quote(name, ""))),
-        "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream"}
+    name = os.path.basename(entry[1])
+    return entry, {"Accept-Ranges": "bytes", "ETag": f'"{torrent.infohash}-{entry[0]}"',
+                   "Content-Disposition": (  # RFC 6266
+                       "inline; filename=\"%s\"; filename*=UTF-8''%s" % (
+                           re.sub(r'[^ -~]|["\\]', "_", name), urllib.parse.quote(name, ""))),
+                   "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream"}
+
+
+async def stream_file(request):
+    """A file's bytes, in byte ranges too, while it downloads"""
+    torrent = _requested_torrent(request)
+    entry, headers = _file_entry(torrent, request.match_info["index"])
+    (index, _, size), etag = entry, headers["ETag"]
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     span = _byte_range(request.headers.get("Range") if request.headers.get(
