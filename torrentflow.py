@@ -4714,9 +4714,8 @@ class _Subscriber:
 
 
 def _queued_problem(name, body):
-    """Why a file of a webhook's queue cannot be delivered, or None. The daemon wrote
-    it, but a disk fault or a hand edit may have changed it since, and one file that
-    breaks the delivery task would stop its target's deliveries for good."""
+    """Why a file of a webhook's queue cannot be delivered, or None: a disk fault or a hand
+    edit may have changed it, and one that broke the task would stop its target for good."""
     number = name.removesuffix(".json")
     if number == name or not (number.isascii() and number.isdigit() and len(number) < 19):
         return "not named <event id>.json"
@@ -5201,9 +5200,8 @@ RPC_TORRENT_FILES = "torrents"
 
 
 class RpcState:
-    """What the RPC keeps beside the engine: its session id, each torrent's number
-    (Transmission's ids, in the order it first lists them), recent removals, and the
-    .torrent copies in the state directory."""
+    """What the RPC keeps beside the engine: its session id, each torrent's number (in the
+    order it first lists them), recent removals, the .torrent copies in the state directory."""
 
     def __init__(self, state_dir):
         self.session_id = secrets.token_urlsafe(24)
@@ -5291,9 +5289,8 @@ EXTENSIONS.append(_rpc_setup)
 
 def _rpc_status(status):
     """Transmission's status number: 0 stopped, 1-2 (queued to) verify, 3-4 (queued to)
-    download, 5-6 (queued to) seed. A stopped torrent is 0 even with a check asked for:
-    libtorrent checks it only once it is started (Transmission at once, so it never
-    shows one waiting), and stig starts only a torrent that shows stopped."""
+    download, 5-6 (queued to) seed. A stopped torrent is 0 even with a check asked for, as
+    libtorrent checks only once started: stig starts only a torrent that shows stopped."""
     done = status["is_finished"]
     if status["paused"] and not status["queued"]:
         return 0
@@ -5802,8 +5799,7 @@ def _rpc_object(pairs):
 async def _rpc_call(request, body):
     """One RPC request: {"result", "arguments", "tag"}, never an exception."""
     answer = {"arguments": {}, "result": "success"}
-    # json.loads builds every value on the event loop, holding the GIL: 20 MiB of
-    # empty objects would take half a second. A real call has a few thousand values.
+    # json.loads builds every value on the loop, GIL held; a real call has a few thousand.
     if sum(body.count(mark) for mark in (b",", b"[", b"{")) > RPC_MAX_VALUES:
         return {**answer, "result": f"more than {RPC_MAX_VALUES} values in one call"}
     try:
@@ -5929,11 +5925,10 @@ api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
 
 
 def _web_file(root, relative):
-    """(an open descriptor, the name, the size) of the regular file under root that
-    relative names (a directory's index.html), or 404. Each name on the way is opened
-    inside the directory opened before it, and a symlink or .. is never followed: a name
-    swapped for a symlink after any check cannot lead outside root, since the file
-    served is the one opened here. Touches the disk: run in a thread."""
+    """(an open descriptor, the name, the size) of the regular file under root that relative
+    names (a directory's index.html), or 404. Each name is opened inside the directory opened
+    before it, never through a symlink or ..: a name swapped for a symlink after any check
+    cannot lead outside root, as the file served is the one opened here. In a thread."""
     missing = ApiError(404, "no such file in the web client")
     names = [name for name in relative.split("/") if name not in ("", ".")]
     if "\x00" in relative or ".." in names:
