@@ -4348,27 +4348,23 @@ _PEER_SOURCES = {"tracker": 1, "dht": 2, "pex": 4, "lsd": 8, "resume": 16, "inco
 
 def _peer(info):
     """One connected peer as the API shows it."""
-    host, port = info.ip
-    flags = info.flags
+    (host, port), flags = info.ip, info.flags
     kind = "web" if info.connection_type != lt.peer_info.standard_bittorrent else \
         "utp" if flags & _PEER_FLAGS["utp_socket"] else "tcp"
-    return {"ip": host, "port": port,
-            "client": info.client.decode("utf-8", "replace")[:64],
+    return {"ip": host, "port": port, "client": info.client.decode("utf-8", "replace")[:64],
             "progress": round(info.progress * 100, 2),
             "download_rate": info.payload_down_speed, "upload_rate": info.payload_up_speed,
             "total_download": info.total_download, "total_upload": info.total_upload,
-            "connection": kind,
-            "encrypted": bool(flags & (lt.peer_info.rc4_encrypted
-                                       | lt.peer_info.plaintext_encrypted)),
+            "connection": kind, "encrypted": bool(flags & (
+                lt.peer_info.rc4_encrypted | lt.peer_info.plaintext_encrypted)),
             "flags": [name for name, bit in _PEER_FLAGS.items() if flags & bit],
             "source": [name for name, bit in _PEER_SOURCES.items() if info.source & bit]}
 
 
 def _tracker(entry, heard, slot):
-    """One tracker as the API shows it; heard is what its alerts said lately, and slot
-    the hash it announces: 0 for v1, 1 for v2. libtorrent reports each endpoint and
-    hash apart, and copies only the first endpoint's v1 state to the top level, which
-    a v2-only torrent never uses."""
+    """One tracker as the API shows it; heard is what its alerts said lately, slot the
+    hash it announces (0 v1, 1 v2): libtorrent copies only the first endpoint's v1 state
+    to the top level, which a v2-only torrent never uses."""
     answered, error = heard.get(entry["url"], (None, ""))
     # Until it has an endpoint (just added, or paused), nothing is known.
     state = entry["endpoints"][0]["info_hashes"][slot] if entry["endpoints"] else {
@@ -4385,9 +4381,8 @@ def _tracker(entry, heard, slot):
 
 
 async def peers(engine, torrent):
-    """The connected peers. Reading peer_info_alert's list raises TypeError in the
-    2.1.1 bindings (no converter; a test watches for that to change), so a worker
-    thread asks libtorrent's thread instead; the loop never waits on it."""
+    """The connected peers. peer_info_alert's list raises TypeError in the 2.1.1 bindings
+    (a test watches for that to change), so a worker thread asks libtorrent instead."""
     with _handle_call():
         return [_peer(peer) for peer in await asyncio.to_thread(torrent.handle.get_peer_info)]
 
@@ -4426,15 +4421,14 @@ STATUS.append(Field("last_scrape", "integer", True, "seconds since a tracker las
 
 @api("GET", "/torrents/{infohash}/peers", "listPeers", {
     "200": _answer("its connected peers", _object({"peers": {"type": "array", "items": _object({
-        "ip": {"type": "string"}, "port": {"type": "integer"},
-        "client": {"type": "string"}, "progress": {"type": "number"},
-        **dict.fromkeys(("download_rate", "upload_rate", "total_download",
-                         "total_upload"), {"type": "integer"}),
+        "ip": {"type": "string"}, "port": {"type": "integer"}, "client": {"type": "string"},
+        "progress": {"type": "number"}, **dict.fromkeys((
+            "download_rate", "upload_rate", "total_download", "total_upload"), {
+                "type": "integer"}),
         "connection": {"type": "string", "enum": ["tcp", "utp", "web"]},
-        "encrypted": {"type": "boolean"},
-        "flags": {"type": "array", "items": {"type": "string", "enum": list(_PEER_FLAGS)}},
-        "source": {"type": "array", "items": {"type": "string",
-                                              "enum": list(_PEER_SOURCES)}}})}}))},
+        "encrypted": {"type": "boolean"}, **{key: {"type": "array", "items": {
+            "type": "string", "enum": list(names)}} for key, names in (
+                ("flags", _PEER_FLAGS), ("source", _PEER_SOURCES))}})}}))},
     (404, 503), parameters=[INFOHASH_PARAMETER])
 async def torrent_peers(request):
     """Its connected peers"""
@@ -4444,13 +4438,10 @@ async def torrent_peers(request):
 
 @api("GET", "/torrents/{infohash}/trackers", "listTrackers", {
     "200": _answer("its trackers", _object({"trackers": {"type": "array", "items": _object({
-        "url": {"type": "string"}, "tier": {"type": "integer"},
-        "status": {"type": "string", "enum": ["not_contacted", "working", "updating",
-                                              "error"]},
-        "message": {"type": "string"},
-        **dict.fromkeys(("seeds", "peers", "downloaded"), {
-            "type": "integer", "description": "from the last scrape or announce; -1 if "
-            "unknown"}),
+        "url": {"type": "string"}, "tier": {"type": "integer"}, "status": {
+            "type": "string", "enum": ["not_contacted", "working", "updating", "error"]},
+        "message": {"type": "string"}, **dict.fromkeys(("seeds", "peers", "downloaded"), {
+            "type": "integer", "description": "from the last scrape or announce; -1 if unknown"}),
         **dict.fromkeys(("last_announce", "next_announce"), {
             "type": ["integer", "null"], "description": "Unix time"})})}}))},
     (404, 503), parameters=[INFOHASH_PARAMETER])
@@ -4583,9 +4574,8 @@ class _Subscriber:
 
 
 def _queued_problem(name, body):
-    """Why a file of a webhook's queue cannot be delivered, or None. The daemon wrote
-    it, but a disk fault or a hand edit may have changed it since, and one file that
-    breaks the delivery task would stop its target's deliveries for good."""
+    """Why a file of a webhook's queue cannot be delivered, or None: a disk fault or a hand
+    edit may have changed it, and one that broke the task would stop its target for good."""
     number = name.removesuffix(".json")
     if number == name or not (number.isascii() and number.isdigit() and len(number) < 19):
         return "not named <event id>.json"
@@ -4654,20 +4644,17 @@ class _Webhook:
             event_id, body = next(iter(self.pending.items()))
             self.posting = event_id
             delivered = await self._post(client, event_id, body)
-            self.posting = None
+            self.posting, attempt = None, attempt + 1
             if delivered:
                 self.pending.pop(event_id, None)
                 _logged(self.store.drop(f"{self.folder}/{event_id}.json"), "a delivered event")
-                attempt = 0
-                continue
-            attempt += 1
-            if time.time() - json.loads(body)["time"] > WEBHOOK_RETRY_FOR:
+            elif time.time() - json.loads(body)["time"] > WEBHOOK_RETRY_FOR:
                 self._give_up(event_id, f"undelivered for {WEBHOOK_RETRY_FOR:g} s")
-                attempt = 0
+            else:  # exponential backoff with jitter, so that retries from many daemons spread
+                await asyncio.sleep(min(WEBHOOK_MAX_DELAY, 2 ** (attempt - 1))
+                                    * random.uniform(0.5, 1.5))
                 continue
-            # Exponential backoff with jitter, so that retries from many daemons spread.
-            await asyncio.sleep(min(WEBHOOK_MAX_DELAY, 2 ** (attempt - 1))
-                                * random.uniform(0.5, 1.5))
+            attempt = 0
 
     async def _quarantine(self, name, body, why):
         """Move a queue file that cannot be delivered aside, under quarantine/."""
@@ -4819,11 +4806,9 @@ EVENT_SCHEMA = _object({
     "detail": {"type": ["string", "null"]},
     "torrent": {**_object({field.name: field.schema for field in STATUS
                            if field.name in EVENT_FIELDS}), "type": ["object", "null"]}})
-#: One Server-Sent Event of GET /events, as a reader parses it: its event (the type),
-#: its id and its data, the event as JSON; reset and overflow carry {}. It is the
-#: schema of the stream's media type: OpenAPI 3.1 has no keyword for one item of a
-#: stream (3.2's itemSchema), and schemathesis reads a 3.1 schema of text/event-stream
-#: as each event's, validating every one it receives.
+#: One Server-Sent Event of GET /events as a reader parses it: event (the type), id, and
+#: data, the event as JSON ({} for reset and overflow). The stream's schema is one item's:
+#: 3.1 lacks 3.2's itemSchema, and schemathesis validates each event received against it.
 SSE_SCHEMA = {"type": "object", "required": ["event", "data"], "properties": {
     "event": {"enum": [*EVENT_TYPES, "reset", "overflow"]},
     "id": {"type": "string", "pattern": "^[0-9]+$"},
@@ -4876,14 +4861,12 @@ def _main_id(engine, infohash):
 
 
 async def _stream(request, subscriber, events, last):
-    """Write a subscriber's events, those after last first, until it falls too far
-    behind or goes away; a reader that stops reading is cut off, with a last
-    event: overflow after what it has."""
+    """Write a subscriber's events, those after last first, until it falls too far behind
+    or goes away; a reader that stops reading is cut off with a last event: overflow."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    # Small buffers: a reader that stops reading is noticed within a few hundred
-    # events, and holds little memory until it is cut off.
+    # Small buffers: a reader that stops is noticed soon, and holds little memory till cut.
     request.transport.set_write_buffer_limits(high=STREAM_BUFFER)
     with contextlib.suppress(OSError, AttributeError):
         request.transport.get_extra_info("socket").setsockopt(
@@ -4979,57 +4962,52 @@ def process_figures():
 
 def render_metrics(engine, events, stats, requests, per_torrent, process):
     """GET /metrics in Prometheus' text format 0.0.4; process is process_figures()."""
-    lines = []
+    lines, torrents, hooks, counts = [], list(engine.torrents()), events.webhooks, engine.counts
 
     def metric(name, kind, help_text, samples):
+        """One metric: samples is [(labels, value)], or a value without labels."""
         lines.extend((f"# HELP torrentflow_{name} {help_text}",
                       f"# TYPE torrentflow_{name} {kind}"))
-        for labels, value in samples:
+        for labels, value in samples if isinstance(samples, list) else [({}, samples)]:
             text = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
             lines.append(f"torrentflow_{name}{{{text}}} {value}" if text
                          else f"torrentflow_{name} {value}")
-    torrents = list(engine.torrents())
     states = collections.Counter(t.status["state"] for t in torrents)
     metric("torrents", "gauge", "torrents by state",
            [({"state": state}, states[state]) for state in STATES])
     metric("torrents_paused", "gauge", "paused torrents, by you or by the queue",
-           [({}, sum(t.status["paused"] for t in torrents))])
+           sum(t.status["paused"] for t in torrents))
     for name, kind, help_text, key, scale in SESSION_METRICS:
-        metric(name, kind, help_text, [({}, stats.get(key, 0) * scale)])
+        metric(name, kind, help_text, stats.get(key, 0) * scale)
     for direction, index in (("download", 0), ("upload", 1)):
         metric(f"{direction}_rate_bytes", "gauge", f"payload bytes/s, {direction}",
-               [({}, sum(t.rates[index] for t in torrents))])
-    counts = engine.counts
+               sum(t.rates[index] for t in torrents))
     metric("alerts_dropped_total", "counter", "times libtorrent's alert queue overflowed",
-           [({}, counts["alerts_dropped"])])
-    metric("resume_saves_total", "counter", "resume files written", [({}, counts["saves"])])
+           counts["alerts_dropped"])
+    metric("resume_saves_total", "counter", "resume files written", counts["saves"])
     metric("resume_save_failures_total", "counter", "resume files that could not be written",
-           [({}, counts["save_failures"])])
-    hooks = events.webhooks
+           counts["save_failures"])
     for name, key in (("deliveries", "delivered"), ("delivery_failures", "failed"),
                       ("dropped", "dropped")):
         metric(f"webhook_{name}_total", "counter", f"webhook {name.replace('_', ' ')}",
                [({"url": h.shown}, h.counts[key]) for h in hooks])
     metric("webhook_queued", "gauge", "events waiting for delivery",
            [({"url": h.shown}, len(h.pending)) for h in hooks])
-    metric("event_subscribers", "gauge", "open GET /events streams",
-           [({}, len(events.subscribers))])
+    metric("event_subscribers", "gauge", "open GET /events streams", len(events.subscribers))
     metric("http_requests_total", "counter", "API requests by route and status",
            [({"route": route, "status": status}, count)
             for (route, status), count in sorted(requests.items())])
-    metric("resident_memory_bytes", "gauge", "the process's resident memory",
-           [({}, process[0])])
-    metric("open_fds", "gauge", "the process's open file descriptors", [({}, process[1])])
-    if per_torrent:
-        for field, kind, name in (
-                ("progress", "gauge", "progress"), ("download_rate", "gauge", "download_rate"),
-                ("upload_rate", "gauge", "upload_rate"),
-                ("total_download", "counter", "downloaded_bytes_total"),
-                ("total_upload", "counter", "uploaded_bytes_total"),
-                ("num_peers", "gauge", "num_peers")):
-            metric(f"torrent_{name}", kind, f"each torrent's {field}", [
-                ({"infohash": t.infohash, "name": t.status["name"]}, t.status[field])
-                for t in torrents])
+    metric("resident_memory_bytes", "gauge", "the process's resident memory", process[0])
+    metric("open_fds", "gauge", "the process's open file descriptors", process[1])
+    for field, kind, name in (
+            ("progress", "gauge", "progress"), ("download_rate", "gauge", "download_rate"),
+            ("upload_rate", "gauge", "upload_rate"),
+            ("total_download", "counter", "downloaded_bytes_total"),
+            ("total_upload", "counter", "uploaded_bytes_total"),
+            ("num_peers", "gauge", "num_peers")) if per_torrent else ():
+        metric(f"torrent_{name}", kind, f"each torrent's {field}", [
+            ({"infohash": t.infohash, "name": t.status["name"]}, t.status[field])
+            for t in torrents])
     return "\n".join(lines) + "\n"
 
 
@@ -5082,9 +5060,8 @@ RPC_TORRENT_FILES = "torrents"
 
 
 class RpcState:
-    """What the RPC keeps beside the engine: its session id, each torrent's number
-    (Transmission's ids, in the order it first lists them), recent removals, and the
-    .torrent copies in the state directory."""
+    """What the RPC keeps beside the engine: its session id, each torrent's number (in the
+    order it first lists them), recent removals, the .torrent copies in the state directory."""
 
     def __init__(self, state_dir):
         self.session_id = secrets.token_urlsafe(24)
@@ -5103,11 +5080,16 @@ class RpcState:
         """The absolute path of the torrent's .torrent copy, there once its metadata is."""
         return f"{self.folder}{os.sep}{torrent.infohash}.torrent"
 
+    @staticmethod
+    def copy_name(torrent):
+        """The name of the torrent's .torrent copy, relative to the state directory."""
+        return f"{RPC_TORRENT_FILES}/{torrent.infohash}.torrent"
+
     def forget(self, engine, torrent):
         number = self.numbers.pop(torrent, None)
         if number is not None:
             self.removed.append((time.time(), number))
-        name = _rpc_copy_name(torrent)
+        name = self.copy_name(torrent)
         if self.copies.get(name) is torrent:  # not a same-named survivor's
             del self.copies[name]
             _logged(engine.store.drop(name), f"dropping {name}")
@@ -5115,7 +5097,7 @@ class RpcState:
     async def keep(self, engine, torrent):
         """A metadata listener: write the torrent's .torrent copy unless it exists (a
         new torrent's, or one lost while the daemon was down)."""
-        name = _rpc_copy_name(torrent)
+        name = self.copy_name(torrent)
         self.copies[name] = torrent
         try:
             data = await asyncio.to_thread(_rpc_torrent_bytes, engine.store.root / name,
@@ -5126,17 +5108,11 @@ class RpcState:
             _logged(engine.store.put(name, data), f"writing {name}")
 
 
-def _rpc_copy_name(torrent):
-    """The name of a torrent's .torrent copy, relative to the state directory."""
-    return f"{RPC_TORRENT_FILES}/{torrent.infohash}.torrent"
-
-
 def _rpc_torrent_bytes(path, torrent):
     """The torrent's .torrent, or None if path holds it already: its info dict byte for
-    byte, its trackers and web seeds as the daemon keeps them, and the fields it was
-    added with. A v2 torrent's piece layers are left out, as libtorrent writes them only
-    through a Python copy of the whole file (a tenth of a second for 60,000 files, with
-    the GIL held); a client fetches them from peers. Blocking: run in a thread."""
+    byte, its trackers and web seeds as the daemon keeps them, and the fields it was added
+    with. Not a v2 torrent's piece layers, which libtorrent writes only through a slow
+    Python copy of the whole file, GIL held; peers give them. Blocking: run in a thread."""
     if os.path.exists(path):
         return None
     metadata = torrent.handle.torrent_file()
@@ -5173,9 +5149,8 @@ EXTENSIONS.append(_rpc_setup)
 
 def _rpc_status(status):
     """Transmission's status number: 0 stopped, 1-2 (queued to) verify, 3-4 (queued to)
-    download, 5-6 (queued to) seed. A stopped torrent is 0 even with a check asked for:
-    libtorrent checks it only once it is started (Transmission at once, so it never
-    shows one waiting), and stig starts only a torrent that shows stopped."""
+    download, 5-6 (queued to) seed. A stopped torrent is 0 even with a check asked for, as
+    libtorrent checks only once started: stig starts only a torrent that shows stopped."""
     done = status["is_finished"]
     if status["paused"] and not status["queued"]:
         return 0
@@ -5191,20 +5166,13 @@ def _rpc_priority(priority):
     return -1 if priority < 4 else 1 if priority > 5 else 0
 
 
-def _rpc_limit(torrent, key, own):
-    """(limit, mode) for seedRatioLimit/seedIdleLimit: mode 0 the session's, 1 its own,
-    2 none."""
+def _rpc_limit(torrent, settings, key):
+    """(limit, mode) of seedRatio*/seedIdle* (key's, in minutes for the idle limit): mode
+    0 the session's, 1 its own, 2 none."""
     value = torrent.notes[key]
-    if value == -2:
-        return 0, 2
-    return (value, 1) if value >= 0 else (max(0, own), 0)
-
-
-def _rpc_activity(status):
-    """When payload last moved, as a Unix time; 0 if it never did."""
-    idle = [seconds for seconds in (status["time_since_upload"], status["time_since_download"])
-            if seconds is not None]
-    return int(time.time()) - min(idle) if idle else 0
+    limit, mode = (0, 2) if value == -2 else (value, 1) if value >= 0 else (
+        max(0, settings[key]), 0)
+    return (int(limit // 60), mode) if key == "seeding_time_limit" else (limit, mode)
 
 
 def _rpc_tracker(index, tracker):
@@ -5226,20 +5194,43 @@ def _rpc_tracker(index, tracker):
             "downloadCount": tracker["downloaded"]}
 
 
+#: torrent-get fields that are a status field as it is: {field: status key}.
+RPC_STATUS_KEYS = {
+    "name": "name", "downloadDir": "save_path", "sizeWhenDone": "total_wanted",
+    "haveValid": "total_done", "errorString": "error", "uploadedEver": "total_upload",
+    "downloadedEver": "total_download", "secondsSeeding": "seeding_time", "labels": "labels",
+    "rateDownload": "download_rate", "rateUpload": "upload_rate", "peersConnected": "num_peers",
+    "addedDate": "added_time", "startDate": "added_time"}
+#: Those whose status field is null without metadata: {field: (status key, value then)}.
+RPC_NULLABLE_KEYS = {
+    "totalSize": ("total_size", 0), "fileCount": ("num_files", 0),
+    "file-count": ("num_files", 0), "doneDate": ("completed_time", 0),
+    "dateCreated": ("creation_date", 0), "pieceCount": ("total_pieces", 0),
+    "pieceSize": ("piece_length", 0), "comment": ("comment", ""), "creator": ("creator", "")}
+#: Those the daemon has no counterpart of: always the same.
+RPC_CONSTANTS = {
+    "haveUnchecked": 0, "corruptEver": 0, "desiredAvailable": 0, "isStalled": False,
+    "isPrivate": False, "etaIdle": -1, "group": "", "editDate": 0, "manualAnnounceTime": -1,
+    "honorsSessionLimits": True, "bandwidthPriority": 0, "webseeds": [],
+    "webseedsSendingToUs": 0}
+
+
+def _per_file(entry):
+    """A torrent-get field with entry(file) for each file."""
+    return lambda t, s, c, x: _Slices(entry(file) for file in t.files() or ())
+
+
 #: Every torrent-get field, as a function of (torrent, status dict, session settings,
 #: extra) where extra holds its id, its .torrent copy's path, and the slow views
 #: (trackers, peers) fetched when asked for.
 RPC_FIELDS = {
-    "id": lambda t, s, c, x: x["id"],
+    **{name: lambda t, s, c, x, key=key: s[key] for name, key in RPC_STATUS_KEYS.items()},
+    **{name: lambda t, s, c, x, key=key, null=null: s[key] or null
+       for name, (key, null) in RPC_NULLABLE_KEYS.items()},
+    **{name: lambda t, s, c, x, value=value: value for name, value in RPC_CONSTANTS.items()},
+    "id": lambda t, s, c, x: x["id"], "torrentFile": lambda t, s, c, x: x["torrentFile"],
     "hashString": lambda t, s, c, x: t.infohash,
-    "name": lambda t, s, c, x: s["name"],
-    "downloadDir": lambda t, s, c, x: s["save_path"],
-    "totalSize": lambda t, s, c, x: s["total_size"] or 0,
-    "sizeWhenDone": lambda t, s, c, x: s["total_wanted"],
     "leftUntilDone": lambda t, s, c, x: s["total_wanted"] - s["total_wanted_done"],
-    "haveValid": lambda t, s, c, x: s["total_done"],
-    "haveUnchecked": lambda t, s, c, x: 0, "corruptEver": lambda t, s, c, x: 0,
-    "desiredAvailable": lambda t, s, c, x: 0,
     "percentDone": lambda t, s, c, x: round(s["total_wanted_done"] / s["total_wanted"], 4)
     if s["total_wanted"] else float(s["has_metadata"]),
     "percentComplete": lambda t, s, c, x: round(s["progress"] / 100, 4),
@@ -5248,72 +5239,42 @@ RPC_FIELDS = {
     if s["state"] == "checking_files" else 0,
     # Done seeding: stopped by a seeding limit, which Sonarr waits for to remove it.
     "isFinished": lambda t, s, c, x: bool(s["paused"] and s["limit_reached"]),
-    "isStalled": lambda t, s, c, x: False, "isPrivate": lambda t, s, c, x: False,
     "status": lambda t, s, c, x: _rpc_status(s),
     "eta": lambda t, s, c, x: -1 if s["is_finished"] or s["paused"] else -2
     if not s["download_rate"] else (s["total_wanted"] - s["total_wanted_done"])
     // s["download_rate"],
-    "etaIdle": lambda t, s, c, x: -1,
     "error": lambda t, s, c, x: 3 if s["error"] else 0,
-    "errorString": lambda t, s, c, x: s["error"],
-    "uploadedEver": lambda t, s, c, x: s["total_upload"],
-    "downloadedEver": lambda t, s, c, x: s["total_download"],
     "uploadRatio": lambda t, s, c, x: s["ratio"] if s["total_wanted"] else -1,
     "secondsDownloading": lambda t, s, c, x: s["active_time"] - s["finished_time"],
-    "secondsSeeding": lambda t, s, c, x: s["seeding_time"],
-    "seedRatioLimit": lambda t, s, c, x: _rpc_limit(t, "ratio_limit", c["ratio_limit"])[0],
-    "seedRatioMode": lambda t, s, c, x: _rpc_limit(t, "ratio_limit", c["ratio_limit"])[1],
-    "seedIdleLimit": lambda t, s, c, x: int(_rpc_limit(
-        t, "seeding_time_limit", c["seeding_time_limit"])[0] // 60),
-    "seedIdleMode": lambda t, s, c, x: _rpc_limit(
-        t, "seeding_time_limit", c["seeding_time_limit"])[1],
-    "labels": lambda t, s, c, x: s["labels"],
-    "group": lambda t, s, c, x: "",
-    "fileCount": lambda t, s, c, x: s["num_files"] or 0,
-    "file-count": lambda t, s, c, x: s["num_files"] or 0,
-    "rateDownload": lambda t, s, c, x: s["download_rate"],
-    "rateUpload": lambda t, s, c, x: s["upload_rate"],
-    "peersConnected": lambda t, s, c, x: s["num_peers"],
+    "seedRatioLimit": lambda t, s, c, x: _rpc_limit(t, c, "ratio_limit")[0],
+    "seedRatioMode": lambda t, s, c, x: _rpc_limit(t, c, "ratio_limit")[1],
+    "seedIdleLimit": lambda t, s, c, x: _rpc_limit(t, c, "seeding_time_limit")[0],
+    "seedIdleMode": lambda t, s, c, x: _rpc_limit(t, c, "seeding_time_limit")[1],
     "peersGettingFromUs": lambda t, s, c, x: s["num_peers"] if s["upload_rate"] else 0,
     "peersSendingToUs": lambda t, s, c, x: s["num_seeds"] if s["download_rate"] else 0,
     "peersFrom": lambda t, s, c, x: dict.fromkeys(
         ("fromCache", "fromDht", "fromIncoming", "fromLpd", "fromLtep", "fromPex"), 0)
     | {"fromTracker": s["num_peers"]},
-    "peer-limit": lambda t, s, c, x: s["max_connections"] or c["max_connections"],
-    "maxConnectedPeers": lambda t, s, c, x: s["max_connections"] or c["max_connections"],
-    "addedDate": lambda t, s, c, x: s["added_time"],
-    "startDate": lambda t, s, c, x: s["added_time"],
-    "doneDate": lambda t, s, c, x: s["completed_time"] or 0,
-    "activityDate": lambda t, s, c, x: _rpc_activity(s),
-    "dateCreated": lambda t, s, c, x: s["creation_date"] or 0,
-    "editDate": lambda t, s, c, x: 0, "manualAnnounceTime": lambda t, s, c, x: -1,
-    "torrentFile": lambda t, s, c, x: x["torrentFile"],
-    "comment": lambda t, s, c, x: s["comment"] or "",
-    "creator": lambda t, s, c, x: s["creator"] or "",
+    **dict.fromkeys(("peer-limit", "maxConnectedPeers"), lambda t, s, c, x: s[
+        "max_connections"] or c["max_connections"]),
+    # When payload last moved, as a Unix time; 0 if it never did.
+    "activityDate": lambda t, s, c, x: max((int(time.time()) - seconds for seconds in (
+        s["time_since_upload"], s["time_since_download"]) if seconds is not None), default=0),
     "magnetLink": lambda t, s, c, x: (f"magnet:?xt=urn:btih:{s['info_hash_v1']}"
                                       if s["info_hash_v1"] else
                                       f"magnet:?xt=urn:btmh:1220{s['info_hash_v2']}")
     + f"&dn={urllib.parse.quote(s['name'])}",
-    "pieceCount": lambda t, s, c, x: s["total_pieces"] or 0,
-    "pieceSize": lambda t, s, c, x: s["piece_length"] or 0,
     "downloadLimit": lambda t, s, c, x: s["download_limit"] // 1000,
     "downloadLimited": lambda t, s, c, x: s["download_limit"] > 0,
     "uploadLimit": lambda t, s, c, x: s["upload_limit"] // 1000,
     "uploadLimited": lambda t, s, c, x: s["upload_limit"] > 0,
-    "honorsSessionLimits": lambda t, s, c, x: True,
-    "bandwidthPriority": lambda t, s, c, x: 0,
     "queuePosition": lambda t, s, c, x: max(0, s["queue_position"]),
-    "webseeds": lambda t, s, c, x: [], "webseedsSendingToUs": lambda t, s, c, x: 0,
-    "files": lambda t, s, c, x: _Slices({"name": f["path"], "length": f["size"],
-                                         "bytesCompleted": f["downloaded"]}
-                                        for f in t.files() or ()),
-    "fileStats": lambda t, s, c, x: _Slices({"bytesCompleted": f["downloaded"],
-                                             "wanted": bool(f["priority"]),
-                                             "priority": _rpc_priority(f["priority"])}
-                                            for f in t.files() or ()),
-    "priorities": lambda t, s, c, x: _Slices(_rpc_priority(f["priority"])
-                                             for f in t.files() or ()),
-    "wanted": lambda t, s, c, x: _Slices(int(bool(f["priority"])) for f in t.files() or ()),
+    "files": _per_file(lambda file: {"name": file["path"], "length": file["size"],
+                                     "bytesCompleted": file["downloaded"]}),
+    "fileStats": _per_file(lambda file: {"bytesCompleted": file["downloaded"], "wanted": bool(
+        file["priority"]), "priority": _rpc_priority(file["priority"])}),
+    "priorities": _per_file(lambda file: _rpc_priority(file["priority"])),
+    "wanted": _per_file(lambda file: int(bool(file["priority"]))),
     "trackers": lambda t, s, c, x: [{"announce": tracker["url"], "scrape": "",
                                      "tier": tracker["tier"], "id": index}
                                     for index, tracker in enumerate(x["trackers"])],
@@ -5585,6 +5546,13 @@ def _rpc_session(request):
                       "memory-units": ["KiB", "MiB", "GiB", "TiB"], "memory-bytes": 1024}}
 
 
+async def _rpc_session_get(request, arguments):
+    """session-get: the fields asked for, or all."""
+    answer, fields = _rpc_session(request), arguments.get("fields")
+    return {key: value for key, value in answer.items()
+            if key in fields} if isinstance(fields, list) else answer
+
+
 #: session-set's writable keys: (setting, how the value maps, the *-enabled key).
 RPC_SESSION_SET = {
     "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled"),
@@ -5652,8 +5620,7 @@ def _disk_usage(path):
 
 #: Every method the RPC speaks; anything else answers "method not supported".
 RPC_METHODS = {
-    "session-get": lambda request, engine, arguments: _rpc_fields(
-        _rpc_session(request), arguments),
+    "session-get": lambda request, engine, arguments: _rpc_session_get(request, arguments),
     "session-set": _rpc_session_set,
     "session-stats": _rpc_stats,
     "free-space": _rpc_free_space,
@@ -5677,14 +5644,6 @@ RPC_METHODS = {
 }
 
 
-async def _rpc_fields(answer, arguments):
-    """session-get honours fields."""
-    fields = arguments.get("fields")
-    if not isinstance(fields, list):
-        return answer
-    return {key: value for key, value in answer.items() if key in fields}
-
-
 def _rpc_object(pairs):
     """A JSON object of an RPC call; a repeated key is refused, as the REST API does.
     Last-wins made {"method": "session-get", "method": "torrent-stop"} stop every
@@ -5700,8 +5659,7 @@ def _rpc_object(pairs):
 async def _rpc_call(request, body):
     """One RPC request: {"result", "arguments", "tag"}, never an exception."""
     answer = {"arguments": {}, "result": "success"}
-    # json.loads builds every value on the event loop, holding the GIL: 20 MiB of
-    # empty objects would take half a second. A real call has a few thousand values.
+    # json.loads builds every value on the loop, GIL held; a real call has a few thousand.
     if sum(body.count(mark) for mark in (b",", b"[", b"{")) > RPC_MAX_VALUES:
         return {**answer, "result": f"more than {RPC_MAX_VALUES} values in one call"}
     try:
@@ -5763,12 +5721,10 @@ for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rp
         {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
 
 
-#: What a browser may do on a page of the web client: run and load only the daemon's
-#: own files, never inline script or event handlers (Transmission 3.00's client puts a
-#: tracker URL in an attribute with only < and > escaped), and talk to no other origin.
-#: Inline styles stay allowed, as jQuery UI and its context menu add style elements and
-#: attributes: with scripts and every other origin shut out, they can only restyle the
-#: page. data: images too: jQuery probes with one.
+#: What a browser may do on a page of the web client: run and load only the daemon's own
+#: files, no inline script or event handler (Transmission 3.00's client puts a tracker URL
+#: in an attribute with only < and > escaped), talk to no other origin. Inline styles stay,
+#: as jQuery UI adds some: with scripts shut out they only restyle; jQuery probes a data: image.
 WEB_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
               "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
@@ -5808,16 +5764,20 @@ async def transmission_web(request):
             "Content-Security-Policy": WEB_POLICY})
         response.content_length = size
         await response.prepare(request)
-        left = size if request.method == "GET" else 0
-        while left > 0:
-            piece = await asyncio.to_thread(file.read, min(left, WEB_PIECE))
-            if not piece:  # it shrank since: end the connection, so the cut shows
-                response.force_close()
-                break
-            await response.write(piece)
-            left -= len(piece)
+        await _write_file(response, file, size if request.method == "GET" else 0)
         await response.write_eof()
     return response
+
+
+async def _write_file(response, file, left):
+    """Write left bytes of file, read WEB_PIECE at a time in a thread."""
+    while left > 0:
+        piece = await asyncio.to_thread(file.read, min(left, WEB_PIECE))
+        if not piece:  # it shrank since: end the connection, so the cut shows
+            response.force_close()
+            return
+        await response.write(piece)
+        left -= len(piece)
 
 
 api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
@@ -5825,11 +5785,10 @@ api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
 
 
 def _web_file(root, relative):
-    """(an open descriptor, the name, the size) of the regular file under root that
-    relative names (a directory's index.html), or 404. Each name on the way is opened
-    inside the directory opened before it, and a symlink or .. is never followed: a name
-    swapped for a symlink after any check cannot lead outside root, since the file
-    served is the one opened here. Touches the disk: run in a thread."""
+    """(an open descriptor, the name, the size) of the regular file under root that relative
+    names (a directory's index.html), or 404. Each name is opened inside the directory opened
+    before it, never through a symlink or ..: a name swapped for a symlink after any check
+    cannot lead outside root, as the file served is the one opened here. In a thread."""
     missing = ApiError(404, "no such file in the web client")
     names = [name for name in relative.split("/") if name not in ("", ".")]
     if "\x00" in relative or ".." in names:
@@ -5980,20 +5939,26 @@ _TEXT = {"required": True, "schema": {"type": "string"}}
 _FILE = dict.fromkeys(("Accept-Ranges", "ETag", "Content-Disposition"), _TEXT)
 
 
-async def stream_file(request):
-    """A file's bytes, in byte ranges too, while it downloads"""
-    torrent, text = _requested_torrent(request), request.match_info["index"]
+def _file_entry(torrent, text):
+    """(the file entry of index text, its headers): 409 before the metadata, 404 if none."""
     if torrent.info is None:
         raise ApiError(409, f"torrent {torrent.infohash}: metadata not yet known", RETRY_AFTER)
     entry = next((entry for entry in torrent.info["files"] if str(entry[0]) == text), None)
     if entry is None:
         raise ApiError(404, f"torrent {torrent.infohash} has no file with index {text}")
-    (index, path, size), etag = entry, f'"{torrent.infohash}-{entry[0]}"'
-    name = os.path.basename(path)
-    headers = {"Accept-Ranges": "bytes", "ETag": etag, "Content-Disposition": (  # RFC 6266
-        "inline; filename=\"%s\"; filename*=UTF-8''%s" % (
-            re.sub(r'[^ -~]|["\\]', "_", name), urllib.parse.quote(name, ""))),
-        "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream"}
+    name = os.path.basename(entry[1])
+    return entry, {"Accept-Ranges": "bytes", "ETag": f'"{torrent.infohash}-{entry[0]}"',
+                   "Content-Disposition": (  # RFC 6266
+                       "inline; filename=\"%s\"; filename*=UTF-8''%s" % (
+                           re.sub(r'[^ -~]|["\\]', "_", name), urllib.parse.quote(name, ""))),
+                   "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream"}
+
+
+async def stream_file(request):
+    """A file's bytes, in byte ranges too, while it downloads"""
+    torrent = _requested_torrent(request)
+    entry, headers = _file_entry(torrent, request.match_info["index"])
+    (index, _, size), etag = entry, headers["ETag"]
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     span = _byte_range(request.headers.get("Range") if request.headers.get(
