@@ -2103,8 +2103,7 @@ class _Torrent:
         self.info = None              # _metadata() once known
         self.file_progress = None     # bytes downloaded per file index
         self.status = None            # the status dict (files aside), once one arrived
-        self._summary = None          # the status serialised for listings, on demand
-        self._full = None             # ...and with its files, for GET of this torrent
+        self._summary = self._full = None  # the status serialised, without and with files
         self.total_done = -1          # bytes done when file progress was last asked for
         self.progress_stale = False   # whether file_progress lags total_done
         self.counted = (0, 0)         # libtorrent's session counters, last added to notes
@@ -2116,11 +2115,9 @@ class _Torrent:
         self.fault = ""               # why the daemon stopped it, until it is resumed
         self.learning = False         # whether its metadata is being read, or was
         self.added = None             # the task of its add, until it is saved
-        self.removing = False         # a removal is under way (see TorrentEngine.removing)
+        self.removing = False         # a removal is under way (see TorrentEngine._removing)
         self.written = None           # file_progress at the last full disk check
-        # Saving (see _Saves): libtorrent has changes not yet saved; the save in flight;
-        # the one that follows it, shared by all who ask; and whether that one must
-        # write even if nothing changed.
+        # Its saving state, described in _Saves.
         self.dirty, self.saving, self.next_save, self.force_save = False, None, None, False
 
     @property
@@ -2259,18 +2256,16 @@ def _file_progress(handles):
 
 def _log_failure(task):
     """Report a task nobody awaits that failed: its work would stop silently."""
-    if not task.cancelled() and task.exception() is not None:
-        error = task.exception()
-        if isinstance(error, ApiError):
-            log.error("%s: %s", task.get_name(), error.detail)
-        else:
-            log.error("%s failed", task.get_name(), exc_info=error)
+    error = None if task.cancelled() else task.exception()
+    if isinstance(error, ApiError):
+        log.error("%s: %s", task.get_name(), error.detail)
+    elif error is not None:
+        log.error("%s failed", task.get_name(), exc_info=error)
 
 
 class TorrentEngine:
     """Owns the libtorrent session, its alert loop, the status cache and the state dir.
-
-    Only the alert loop calls pop_alerts(). A request reads the cache, or posts work to
+    Only the alert loop calls pop_alerts(); a request reads the cache, or posts work to
     libtorrent and awaits expect(), which the alert loop resolves.
 
     Extensions follow it through listeners (see listen): "start" and "close" (async,
@@ -2278,8 +2273,7 @@ class TorrentEngine:
     "tick" (every STATUS_INTERVAL), "resume" (torrent, before it resumes), "metadata"
     (async, torrent: its metadata was read), "load" (params, notes of a saved torrent,
     on a worker thread, before it is added back), "forget" (torrent: it is gone) and
-    "health" (() -> problems); and alerts, through on_alert.
-    """
+    "health" (() -> problems); and alerts, through on_alert."""
 
     def __init__(self, config):
         self.config = config
@@ -2470,10 +2464,9 @@ class TorrentEngine:
 
     async def expect(self, ids, kinds, what, match=None, timeout=ALERT_WAIT):
         """Wait for an alert of these kinds about the torrent with these ids (or SESSION)
-        for which match(alert) is not None; return that value. The one way a request waits
-        for libtorrent: alerts die at the next pop, so match copies what the caller needs.
-        An alert that does not come in time (lost in an overflowing queue) is a 503; a
-        removal fails the wait with 404."""
+        for which match(alert) is not None, and return that value; match copies what the
+        caller needs, as alerts die at the next pop. An alert that does not come in time
+        (lost in an overflowing queue) is a 503; a removal fails the wait with 404."""
         future = asyncio.get_running_loop().create_future()
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         waiter = (kinds, match or (lambda alert: True), future)
@@ -2546,13 +2539,8 @@ class TorrentEngine:
         if torrent is None or torrent.removing:
             raise ApiError(404, f"no torrent with infohash {infohash}")
         if torrent.status is None:
-            raise ApiError(503, f"torrent {infohash} is still being added; try again",
-                           RETRY_AFTER)
+            raise ApiError(503, f"torrent {infohash} is still being added; try again", RETRY_AFTER)
         return torrent
-
-    def all(self):
-        """Every torrent, those still being added or loaded included."""
-        return self._torrents
 
     def knows(self, infohash):
         """Whether a torrent answers to this id, exactly as written."""
@@ -2580,8 +2568,7 @@ class TorrentEngine:
     def shown(self, path):
         """A path as the API shows it: relative to the download directory when inside."""
         path = Path(path)
-        return str(path.relative_to(self.roots[0])) if path.is_relative_to(self.roots[0]) \
-            else str(path)
+        return str(path.relative_to(self.roots[0]) if path.is_relative_to(self.roots[0]) else path)
 
     async def add(self, params, settings=None, anywhere=False):
         """Add a torrent with settings (parsed; they apply only to a new torrent); return
@@ -2697,10 +2684,9 @@ class TorrentEngine:
         self._listing = None
 
     async def remove(self, torrent, delete_files):
-        """Remove it, its resume file first; return once libtorrent confirmed, with why
-        its files could not be deleted, if they could not. If the resume file cannot be
-        deleted, or libtorrent does not confirm in time, the torrent stays whole and the
-        answer is 503, so that a retry can finish."""
+        """Remove it, its resume file first; once libtorrent confirmed, return why its
+        files could not be deleted, or None. A resume file that cannot be deleted, or no
+        confirmation in time, leaves the torrent whole with a 503, so a retry can finish."""
         if delete_files:
             await self.confined(torrent)  # never delete outside the roots
         # Checked after that wait, so two DELETEs at once remove it once.
@@ -3023,9 +3009,8 @@ class TorrentEngine:
 
     def _pace_checks(self, sizes):
         """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET: it
-        starts at most active_checking per one-second tick (default 1, so a thousand small
-        torrents took a thousand seconds). Large torrents take turns, so a disk is not
-        asked to read many large files at once."""
+        starts active_checking per one-second tick (default 1: a thousand small torrents
+        took a thousand seconds), while large ones take turns, to spare the disk."""
         wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
         if wanted != self._checks_at_once:
             self._checks_at_once = wanted
@@ -3087,9 +3072,8 @@ class _Saves:
 
     def save(self, torrent, force=True):
         """A future of a save of the torrent as it is now: True once written, False if
-        nothing needed writing (or it is gone). One save per torrent is in flight; a
-        request joins the one waiting to follow it, so what is written holds every change
-        made before the call, and a backlog never grows beyond one waiting save."""
+        nothing needed writing (or it is gone). A request joins the save waiting behind the
+        one in flight, which holds every change made before the call: at most one waits."""
         torrent.force_save |= force
         if torrent.next_save is None:
             torrent.next_save = self.engine.spawn(self._save(torrent, torrent.saving),
@@ -3115,11 +3099,10 @@ class _Saves:
                                             "saving the torrent", self._resume_data(torrent))
             if not data or torrent.removing:
                 return False
-            old_name = torrent.saved_as
+            old = torrent.saved_as if torrent.saved_as != torrent.infohash else None
             try:
                 with _state_io(f"saving {torrent.infohash}"):
-                    await self.engine.store.write(
-                        torrent.infohash, data, old_name if old_name != torrent.infohash else None)
+                    await self.engine.store.write(torrent.infohash, data, old)
             except ApiError as error:
                 self.engine.counts["save_failures"] += 1
                 self.unsaved[torrent] = error.detail  # a full disk is still writable
@@ -3154,18 +3137,16 @@ class _Saves:
         """Save torrents that changed, so a crash loses at most one interval."""
         while True:
             await asyncio.sleep(self.engine.config.save_interval)
-            for torrent in self.engine.all():
+            for torrent in self.engine._torrents:
                 if ((torrent.dirty or torrent.force_save) and not torrent.removing
                         and torrent.saving is None and torrent.next_save is None):
                     torrent.dirty = False
                     self.save(torrent, force=False)
 
 
-# The engine's start: every torrent of the state directory handed back to libtorrent,
-# its notes checked, with what a crash or a missing drive left to check or hold.
-
 async def _load_library(engine):
-    """Add every saved torrent back, in batches, while the API already answers."""
+    """The engine's start: every saved torrent handed back to libtorrent, in batches as
+    the API already answers, with what a crash or a missing drive left to check or hold."""
     try:
         saved = await engine.store.load(engine.inside_roots)
         missing = await asyncio.to_thread(_prepare_library, engine, saved)
@@ -3232,13 +3213,12 @@ def _lagging(params):
 
 
 async def _watch_disk(engine):
-    """Watch the disk for what someone else does to it. Every second: the directories
-    are writable, and every downloading torrent's save path still resolves inside the
-    roots (a symlink swapped in would send its writes elsewhere). Every
-    DATA_CHECK_INTERVAL: the same for every other torrent, and the files of finished
-    torrents are all there, and those a download had written to by the check before (a
-    check of what was just written could race its write). A torrent that fails is
-    stopped with the reason in its error; resuming it checks again."""
+    """Watch the disk for what others do to it. Every second: the directories are
+    writable, and each downloading torrent's save path resolves inside the roots (a
+    symlink swapped in would send its writes elsewhere). Every DATA_CHECK_INTERVAL: that
+    for every torrent, and the files of finished ones are all there, and those a download
+    had written to by the check before (a check of what was just written could race its
+    write). A torrent that fails is stopped with the reason; resuming it checks again."""
     while engine.loading:
         await asyncio.sleep(STATUS_INTERVAL)
     next_full_check = 0.0
