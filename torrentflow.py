@@ -2511,8 +2511,7 @@ class TorrentEngine:
                                "reading the metadata")
 
     def refresh(self, torrent=None):
-        """Ask for a fresh status of a torrent (one that is gone is ignored), or of every
-        torrent that changed."""
+        """Ask for a fresh status of a torrent (ignored if it is gone), or of all that changed."""
         if torrent is None:
             self._session.post_torrent_updates()
             return
@@ -2533,8 +2532,7 @@ class TorrentEngine:
     # -- requests ----------------------------------------------------------- #
 
     def lookup(self, infohash):
-        """The torrent with this id: 404 if unknown or being removed, 503 while it is
-        still being added or loaded."""
+        """This id's torrent: 404 if unknown or being removed, 503 while being added or loaded."""
         torrent = self._by_id.get(infohash)
         if torrent is None or torrent.removing:
             raise ApiError(404, f"no torrent with infohash {infohash}")
@@ -2678,8 +2676,7 @@ class TorrentEngine:
         await self.save(torrent)
 
     def _removing(self, torrent, removing=True):
-        """Mark a removal under way (or undone): the one place the flag is set, and the
-        torrent leaves (or comes back to) the listings at once."""
+        """Mark a removal under way, or undone: the one place the flag is set; listings follow."""
         torrent.removing = removing
         self._listing = None
 
@@ -3026,8 +3023,7 @@ class TorrentEngine:
             raise ApiError(409, f"torrent {torrent.infohash}: {fault}")
 
     def stop(self, torrent):
-        """Pause a torrent the daemon found a fault in, or that reached a limit; resume
-        clears the fault."""
+        """Pause a torrent the daemon found a fault in, or at a limit; resume clears the fault."""
         with contextlib.suppress(RuntimeError):
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
@@ -3257,8 +3253,7 @@ def _files_to_check(torrent):
 
 
 def _places(torrent):
-    """Where a torrent's files go: its save path, and the top directory or file its name
-    makes there."""
+    """Where a torrent's files go: its save path, and the top file or directory of its name."""
     name = torrent.info and torrent.status["name"]
     return [torrent.save_path, *([os.path.join(torrent.save_path, name)] if name else [])]
 
