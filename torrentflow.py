@@ -1971,16 +1971,15 @@ SESSION = "session"
 
 class _Torrent:
     """What the daemon knows about one torrent: its handle and cached status, and what
-    libtorrent does not keep: the .torrent's own fields, a magnet's x.pe peers, and
-    the daemon's own notes, saved in the resume file beside libtorrent's data."""
+    libtorrent does not keep (the .torrent's own fields, a magnet's x.pe peers, the
+    daemon's notes), saved in the resume file beside libtorrent's data."""
 
     # Slots: a library of ten thousand torrents holds ten thousand of these.
-    __slots__ = ("handle", "ids", "infohash", "notes", "creation", "extra",
-                 "magnet_peers", "file_priorities", "save_path", "info", "file_progress",
-                 "status", "_summary", "_full", "total_done", "progress_stale", "counted",
-                 "sample", "rates", "updated", "flushing_since", "saved_as", "disk_error",
-                 "fault", "learning", "dirty", "added", "saving", "next_save", "force_save",
-                 "removing", "written")
+    __slots__ = ("handle", "ids", "infohash", "notes", "creation", "extra", "magnet_peers",
+                 "file_priorities", "save_path", "info", "file_progress", "status", "_summary",
+                 "_full", "total_done", "progress_stale", "counted", "sample", "rates",
+                 "updated", "flushing_since", "saved_as", "disk_error", "fault", "learning",
+                 "dirty", "added", "saving", "next_save", "force_save", "removing", "written")
 
     def __init__(self, params, notes=None, saved_as=None):
         self.handle = None            # once libtorrent has added it
@@ -1999,8 +1998,7 @@ class _Torrent:
         self.info = None              # _metadata() once known
         self.file_progress = None     # bytes downloaded per file index
         self.status = None            # the status dict (files aside), once one arrived
-        self._summary = None          # the status serialised for listings, on demand
-        self._full = None             # ...and with its files, for GET of this torrent
+        self._summary = self._full = None  # the status serialised, without and with files
         self.total_done = -1          # bytes done when file progress was last asked for
         self.progress_stale = False   # whether file_progress lags total_done
         self.counted = (0, 0)         # libtorrent's session counters, last added to notes
@@ -2011,38 +2009,31 @@ class _Torrent:
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
         self.fault = ""               # why the daemon stopped it, until it is resumed
         self.learning = False         # whether its metadata is being read, or was
-        self.dirty = False            # whether libtorrent has changes not yet saved
         self.added = None             # the task of its add, until it is saved
-        self.saving = None            # the save in flight
-        self.next_save = None         # the save that follows it, shared by all who ask
-        self.force_save = False       # whether that one must write even if unchanged
-        self.removing = False
+        self.removing = False         # a removal is under way (see TorrentEngine._removing)
         self.written = None           # file_progress at the last full disk check
+        # Its saving state, described in _Saves.
+        self.dirty, self.saving, self.next_save, self.force_save = False, None, None, False
 
     @property
     def aliases(self):
-        """Every id it answers to; also a v2 hash's first 40 digits, the form
-        qBittorrent shows for v2-only and hybrid torrents."""
+        """Every id it answers to, and a v2 hash's first 40 digits (qBittorrent's form)."""
         return [*self.ids, *(key[:40] for key in self.ids if len(key) == 64)]
 
     def error(self, status):
         """libtorrent's error, the daemon's reason for stopping it, or the disk error
         libtorrent meets with upload mode instead of an error."""
-        if status.errc.value():
-            return status.errc.message()
-        return self.fault or self.disk_error
+        return status.errc.message() if status.errc.value() else self.fault or self.disk_error
 
     def snapshot(self):
-        """The status and the per-file lists as they are now. Each is replaced, never
-        changed in place, so a worker thread can read a snapshot while the loop goes on."""
+        """The status and per-file lists; each is replaced, never changed in place, so a
+        worker thread can read a snapshot while the loop goes on."""
         return self.status, self.file_progress, self.file_priorities
 
     def files(self, snapshot=None):
-        """The files list of the status (of a snapshot), with progress and priority, or
-        None.
-
-        Progress is counted in whole pieces and fetched a moment after the status, so
-        once the torrent is finished every wanted file shows complete, as it is."""
+        """The status's files list (of a snapshot), with progress and priority, or None.
+        Progress counts whole pieces and lags the status, so once the torrent is finished
+        every wanted file shows complete, as it is."""
         if self.info is None:
             return None
         status, progress, priorities = snapshot or self.snapshot()
@@ -2058,8 +2049,8 @@ class _Torrent:
         return entries
 
     def fields(self, names):
-        """A function that gives these status fields as they are now, even when it is
-        called later on a worker thread: one answer never mixes two statuses."""
+        """A function giving these status fields as they are now, even when called later
+        on a worker thread: one answer never mixes two statuses."""
         snapshot = self.snapshot()
         return lambda: {name: self.files(snapshot) if name == "files" else snapshot[0][name]
                         for name in names}
@@ -2078,11 +2069,8 @@ class _Torrent:
         return old
 
     def _measure(self, status):
-        """Payload rates over the last second from libtorrent's byte counters.
-
-        libtorrent's own rates decay over tens of seconds and stop being reported when
-        a torrent goes idle; counting bytes gives 0 within two seconds of the last one.
-        """
+        """Payload rates over the last second, from byte counters: libtorrent's own rates
+        decay over tens of seconds and stop being reported when a torrent goes idle."""
         now, down, up = time.time(), status.total_payload_download, status.total_payload_upload
         counted_down, counted_up = self.counted
         if down < counted_down or up < counted_up:  # libtorrent started them again
@@ -2115,15 +2103,14 @@ class _Torrent:
         return self._full
 
     async def body(self):
-        """The whole status, files included, serialised once per change. In a thread:
-        a torrent of 100,000 files takes a third of a second, which would stall the loop."""
+        """The whole status with files, serialised once per change, in a thread (100,000
+        files take a third of a second)."""
         if self._full is None:
             # The summary is taken here: cached from the thread, it could outlive a
             # status that changed meanwhile.
             snapshot, summary = self.snapshot(), self.summary
             full = await asyncio.to_thread(
-                lambda: b"".join((summary[:-1], b',"files":', _json(self.files(snapshot)),
-                                  b"}")))
+                lambda: b"".join((summary[:-1], b',"files":', _json(self.files(snapshot)), b"}")))
             if all(now is then for now, then in zip(self.snapshot(), snapshot)):
                 self._full = full  # nothing changed meanwhile
             return full
@@ -2151,8 +2138,8 @@ def _state_io(what):
 
 
 def _file_progress(handles):
-    """Bytes per file for each handle (None if it is gone); file_progress_alert's list
-    cannot be read in the 2.1.1 bindings (see peers). Blocking: run in a thread."""
+    """Bytes per file for each handle (None if it is gone), in a thread: the 2.1.1
+    bindings cannot read file_progress_alert's list (see peers)."""
     result = []
     for handle in handles:
         try:
@@ -2164,28 +2151,24 @@ def _file_progress(handles):
 
 def _log_failure(task):
     """Report a task nobody awaits that failed: its work would stop silently."""
-    if not task.cancelled() and task.exception() is not None:
-        error = task.exception()
-        if isinstance(error, ApiError):
-            log.error("%s: %s", task.get_name(), error.detail)
-        else:
-            log.error("%s failed", task.get_name(), exc_info=error)
+    error = None if task.cancelled() else task.exception()
+    if isinstance(error, ApiError):
+        log.error("%s: %s", task.get_name(), error.detail)
+    elif error is not None:
+        log.error("%s failed", task.get_name(), exc_info=error)
 
 
 class TorrentEngine:
     """Owns the libtorrent session, its alert loop, the status cache and the state dir.
-
-    Only the alert loop calls pop_alerts(). A request either reads the cache, or posts
-    work to libtorrent and awaits expect(), which the alert loop resolves. (Per-file
-    progress calls libtorrent's getter in a worker thread.)
+    Only the alert loop calls pop_alerts(); a request reads the cache, or posts work to
+    libtorrent and awaits expect(), which the alert loop resolves.
 
     Extensions follow it through listeners (see listen): "start" and "close" (async,
-    awaited as the engine starts and stops), "event" (kind, torrent or None, detail:
-    something happened), "tick" (every STATUS_INTERVAL), "resume" (torrent, before it
-    resumes), "metadata" (async, torrent: its metadata was read), "load" (params,
-    notes of a saved torrent, on a worker thread, before it is added back), "forget"
-    (torrent: it is gone) and "health" (() -> problems); and alerts, through on_alert.
-    """
+    awaited as the engine starts and stops), "event" (kind, torrent or None, detail),
+    "tick" (every STATUS_INTERVAL), "resume" (torrent, before it resumes), "metadata"
+    (async, torrent: its metadata was read), "load" (params, notes of a saved torrent,
+    on a worker thread, before it is added back), "forget" (torrent: it is gone) and
+    "health" (() -> problems); and alerts, through on_alert."""
 
     def __init__(self, config):
         self.config = config
@@ -2215,9 +2198,7 @@ class TorrentEngine:
         self._tasks = {}              # name -> the engine's long-running tasks
         self._background = set()      # short tasks nobody awaits (saves, removals)
         self._wakeup = asyncio.Event()
-        self._alert_socket = None
-        self._notify_socket = None
-        self.watch = _DiskWatch(self)
+        self._alert_socket = self._notify_socket = None
         self.saves = _Saves(self)
 
     # -- extensions ---------------------------------------------------------- #
@@ -2244,16 +2225,15 @@ class TorrentEngine:
         self._notify("event", kind, torrent, detail)
 
     def settled(self):
-        """An awaitable done once the state directory holds all that listeners asked it
-        to write so far: a request whose answer follows an event awaits it, so that a
-        crash after the answer keeps what the event wrote (a webhook's queue)."""
+        """Done once the state directory holds all that listeners asked it to write: a
+        request answered after an event awaits it, so a crash after the answer keeps what
+        the event wrote (a webhook's queue)."""
         return self.store.barrier()
 
     # -- lifecycle ---------------------------------------------------------- #
 
     async def start(self):
         """Create the session, start the alert loop, and begin loading saved torrents."""
-        loop = asyncio.get_running_loop()
         self.was_clean, saved = await self.store.prepare(self.config.download_dir)
         self.settings.update(_valid_settings(saved))
         for start in self._listeners["start"]:
@@ -2278,11 +2258,11 @@ class TorrentEngine:
         # libtorrent writes a byte here when alerts arrive; it must never block its thread.
         self._notify_socket.setblocking(False)
         self._session.set_alert_fd(self._notify_socket.fileno())
-        loop.add_reader(self._alert_socket.fileno(), self._on_alert_fd)
-        for name, work in (("alerts", self._alert_loop), ("status", self._status_loop),
-                           ("save", self.saves.run), ("load", self._load_saved),
-                           ("watch", self.watch.run)):
-            self._tasks[name] = asyncio.create_task(work(), name=f"tf-{name}")
+        asyncio.get_running_loop().add_reader(self._alert_socket.fileno(), self._on_alert_fd)
+        for name, work in (("alerts", self._alert_loop()), ("status", self._status_loop()),
+                           ("save", self.saves.run()), ("load", _load_library(self)),
+                           ("watch", _watch_disk(self))):
+            self._tasks[name] = asyncio.create_task(work, name=f"tf-{name}")
             self._tasks[name].add_done_callback(_log_failure)
         log.info("BitTorrent listening on %s, port %d (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
                  self.config.listen_interfaces, self.listen_port,
@@ -2291,10 +2271,8 @@ class TorrentEngine:
 
     async def close(self):
         """Finish adds under way, pause, save every torrent that changed, drop the session.
-
         The state directory is marked clean only if every save made it, so that the next
-        start knows whether the resume files can be trusted.
-        """
+        start knows whether the resume files can be trusted."""
         if self._session is None:
             return
         others = [task for name, task in self._tasks.items() if name != "alerts"]
@@ -2341,9 +2319,8 @@ class TorrentEngine:
 
     def _check_listening(self):
         """Stop the start if a listen address is taken or nothing listens at all.
-
         listen_port() has waited for the session to bind, so the outcome is already in
-        the alert queue; the alert loop has not started, so this is its only reader."""
+        the alert queue, which the alert loop does not read yet."""
         failures = [alert for alert in self._session.pop_alerts()
                     if isinstance(alert, lt.listen_failed_alert)]
         for alert in failures:
@@ -2381,13 +2358,10 @@ class TorrentEngine:
     # -- waiting on libtorrent ------------------------------------------------ #
 
     async def expect(self, ids, kinds, what, match=None, timeout=ALERT_WAIT):
-        """Wait for the alert loop to see an alert of these kinds about the torrent with
-        these ids (or SESSION) for which match(alert) is not None; return that value.
-
-        The one way a request waits for libtorrent's alerts. Alerts die at the next pop,
-        so match copies what the caller needs. An alert that does not come within timeout
-        (one lost in an overflowing queue) becomes a 503; a removal fails the wait with 404.
-        """
+        """Wait for an alert of these kinds about the torrent with these ids (or SESSION)
+        for which match(alert) is not None, and return that value; match copies what the
+        caller needs, as alerts die at the next pop. An alert that does not come in time
+        (lost in an overflowing queue) is a 503; a removal fails the wait with 404."""
         future = asyncio.get_running_loop().create_future()
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         waiter = (kinds, match or (lambda alert: True), future)
@@ -2429,11 +2403,10 @@ class TorrentEngine:
         """Wait until metadata libtorrent has is read too (torrent.info, in a thread)."""
         if torrent.status["has_metadata"] and torrent.info is None:
             await self.confirm(torrent, lambda status: torrent.info is not None,
-                                "reading the metadata")
+                               "reading the metadata")
 
     def refresh(self, torrent=None):
-        """Ask libtorrent for a fresh status of a torrent (one that is gone is ignored),
-        or of every torrent that changed."""
+        """Ask for a fresh status of a torrent (ignored if it is gone), or of all that changed."""
         if torrent is None:
             self._session.post_torrent_updates()
             return
@@ -2454,19 +2427,13 @@ class TorrentEngine:
     # -- requests ----------------------------------------------------------- #
 
     def lookup(self, infohash):
-        """The torrent with this id: 404 if unknown or being removed, 503 while it is
-        still being added or loaded from the state directory."""
+        """This id's torrent: 404 if unknown or being removed, 503 while being added or loaded."""
         torrent = self._by_id.get(infohash)
         if torrent is None or torrent.removing:
             raise ApiError(404, f"no torrent with infohash {infohash}")
         if torrent.status is None:
-            raise ApiError(503, f"torrent {infohash} is still being added; try again",
-                           RETRY_AFTER)
+            raise ApiError(503, f"torrent {infohash} is still being added; try again", RETRY_AFTER)
         return torrent
-
-    def all(self):
-        """Every torrent, those still being added or loaded included."""
-        return self._torrents
 
     def knows(self, infohash):
         """Whether a torrent answers to this id, exactly as written."""
@@ -2494,8 +2461,7 @@ class TorrentEngine:
     def shown(self, path):
         """A path as the API shows it: relative to the download directory when inside."""
         path = Path(path)
-        return str(path.relative_to(self.roots[0])) if path.is_relative_to(self.roots[0]) \
-            else str(path)
+        return str(path.relative_to(self.roots[0]) if path.is_relative_to(self.roots[0]) else path)
 
     async def add(self, params, settings=None, anywhere=False):
         """Add a torrent with settings (parsed; they apply only to a new torrent); return
@@ -2526,8 +2492,7 @@ class TorrentEngine:
         return torrent.infohash, True
 
     async def _add(self, torrent, params, settings):
-        """Apply the settings, post the add and wait for libtorrent to take it; then
-        admit it."""
+        """Apply the settings, post the add, wait for libtorrent to take it, admit it."""
         try:
             if settings:  # on a worker thread: a setting may list 100,000 files
                 torrent.notes.update(await asyncio.to_thread(_preset, params, settings))
@@ -2580,7 +2545,7 @@ class TorrentEngine:
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
         await self.confirm(torrent, lambda status: status["paused"]
-                            and not status["auto_managed"], "the pause")
+                           and not status["auto_managed"], "the pause")
         await self.save(torrent)
 
     async def resume(self, torrent, queued=True):
@@ -2602,26 +2567,27 @@ class TorrentEngine:
                 torrent.handle.force_recheck()
             torrent.handle.resume()
         await self.confirm(torrent, lambda status: status["auto_managed"] if queued
-                            else not status["paused"], "the resume")
+                           else not status["paused"], "the resume")
         await self.save(torrent)
 
-    async def remove(self, torrent, delete_files):
-        """Remove it, its resume file first; return once libtorrent confirmed, with why
-        its files could not be deleted, if they could not.
+    def _removing(self, torrent, removing=True):
+        """Mark a removal under way, or undone: the one place the flag is set; listings follow."""
+        torrent.removing = removing
+        self._listing = None
 
-        If the resume file cannot be deleted, or libtorrent does not confirm in time,
-        the torrent stays whole and the answer is 503, so that a retry can finish.
-        """
+    async def remove(self, torrent, delete_files):
+        """Remove it, its resume file first; once libtorrent confirmed, return why its
+        files could not be deleted, or None. A resume file that cannot be deleted, or no
+        confirmation in time, leaves the torrent whole with a 503, so a retry can finish."""
         if delete_files:
             await self.confined(torrent)  # never delete outside the roots
         # Checked after that wait, so two DELETEs at once remove it once.
         if torrent.removing:
             raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
-        torrent.removing = True
-        self._listing = None
+        self._removing(torrent)
         # Shielded: a client that hangs up must not leave a removal half done.
         return await asyncio.shield(self.spawn(self._remove(torrent, delete_files),
-                                                f"remove {torrent.infohash}"))
+                                               f"remove {torrent.infohash}"))
 
     async def _remove(self, torrent, delete_files):
         name = torrent.saved_as
@@ -2634,8 +2600,7 @@ class TorrentEngine:
             failure = await self._drop(torrent, delete_files and torrent.info is not None)
         except BaseException:
             if torrent in self._torrents:
-                torrent.removing = False
-                self._listing = None
+                self._removing(torrent, False)
                 if name is not None:
                     self.save(torrent)  # the resume file comes back for the retry
             raise
@@ -2644,10 +2609,9 @@ class TorrentEngine:
         return failure
 
     async def _drop(self, torrent, delete_files):
-        """Remove the torrent from libtorrent, with its files if asked; wait for it.
-        Return why the files could not be deleted, or None."""
-        steps = {lt.torrent_removed_alert, lt.torrent_deleted_alert} if delete_files else {
-            lt.torrent_removed_alert}
+        """Remove the torrent from libtorrent, with its files if asked, and wait for it;
+        return why the files could not be deleted, or None."""
+        steps = {lt.torrent_removed_alert, *([lt.torrent_deleted_alert] if delete_files else [])}
         failure = None
 
         def step(alert):
@@ -2673,8 +2637,6 @@ class TorrentEngine:
         return await self.expect((SESSION,), lt.session_stats_alert, "the statistics",
                                  lambda alert: dict(alert.values))
 
-    # -- saving ------------------------------------------------------------- #
-
     def save(self, torrent, force=True):
         """A future of a save of the torrent as it is now (see _Saves.save)."""
         return self.saves.save(torrent, force)
@@ -2689,7 +2651,7 @@ class TorrentEngine:
         self._wakeup.set()
 
     async def _alert_loop(self):
-        """The only caller of pop_alerts(). Dispatch is synchronous: alerts die at the next pop."""
+        """The only caller of pop_alerts(); synchronous dispatch, as alerts die at the next pop."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -2706,8 +2668,7 @@ class TorrentEngine:
         """The ids of the torrent an alert is about, or (SESSION,)."""
         if isinstance(alert, lt.add_torrent_alert):
             return _params_ids(alert.params)
-        torrent = self._by_handle.get(alert.handle) if isinstance(alert, lt.torrent_alert) \
-            else None
+        torrent = self.torrent_of(alert) if isinstance(alert, lt.torrent_alert) else None
         if torrent is not None:
             return torrent.ids
         hashes = getattr(alert, "info_hashes", None)
@@ -2781,7 +2742,6 @@ class TorrentEngine:
         elif now["state"] == "downloading" and not now["is_finished"]:
             torrent.notes["finished"] = False  # wanted again: it may finish again
 
-
     def _register(self, torrent):
         """Make a torrent known by its ids, before libtorrent has it."""
         self._torrents[torrent] = None
@@ -2839,18 +2799,15 @@ class TorrentEngine:
             self._forget(torrent)
 
     def _on_conflict(self, alert):
-        """Two magnets, one by v1 and one by v2 hash, turned out to be one hybrid torrent.
-
-        libtorrent stops both with an error. Keep the one that has the metadata, drop the
-        other (its data, if any, stays), and let the survivor answer to both hashes.
-        """
+        """Magnets by v1 and by v2 hash turned out to be one hybrid torrent, and libtorrent
+        stopped both with an error: keep the one with the metadata, drop the other (its
+        data, if any, stays), and let the survivor answer to both hashes."""
         keep, drop = self.torrent_of(alert), self._by_handle.get(alert.conflicting_torrent)
         if None in (keep, drop) or keep.removing or drop.removing:
             return  # a DELETE under way settles it
         log.warning("%s and %s are the same hybrid torrent: keeping %s", keep.infohash,
                     drop.infohash, keep.infohash)
-        drop.removing = True
-        self._listing = None
+        self._removing(drop)
         self.spawn(self._remove(drop, delete_files=False), f"drop {drop.infohash}")
         with contextlib.suppress(RuntimeError):
             keep.handle.clear_error()
@@ -2882,20 +2839,16 @@ class TorrentEngine:
                 torrent.handle.flush_cache()
                 torrent.flushing_since = time.time()
             if torrent.status is not None and torrent.status["auto_managed"]:
-                self._start_next_download()
+                # A queued download takes its place now, not at the queue's next tick a
+                # second later (downloads queued 3 at a time ran at 0.3 of the rate); the
+                # tick keeps this choice, the lowest queue position.
+                following = self._next_in_queue()
+                if following is not None:
+                    with contextlib.suppress(RuntimeError):
+                        following.handle.resume()
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
             self.save(torrent)
         self.refresh(torrent)
-
-    def _start_next_download(self):
-        """A queued download takes the place of one that finished, now. libtorrent's queue
-        starts it only on its next one-second tick: 20 downloads of 32 MiB on loopback,
-        3 at a time, ran at 0.3 of the unqueued rate. The next tick keeps this choice, as
-        it is the one the tick would make (the lowest queue position)."""
-        following = self._next_in_queue()
-        if following is not None:
-            with contextlib.suppress(RuntimeError):
-                following.handle.resume()
 
     def _next_in_queue(self, candidate=None):
         """The queued download libtorrent's next tick would start first, if any; a
@@ -2947,39 +2900,30 @@ class TorrentEngine:
                         torrent.refreshed_files()
 
     def _pace_checks(self, sizes):
-        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET.
-
-        The queue starts at most active_checking checks per one-second tick; at its
-        default of 1, a thousand small torrents take a thousand seconds. Many small
-        torrents check together; large ones take turns, so a disk is not asked to
-        read many large files at once.
-        """
+        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET: it
+        starts active_checking per one-second tick (default 1: a thousand small torrents
+        took a thousand seconds), while large ones take turns, to spare the disk."""
         wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
         if wanted != self._checks_at_once:
             self._checks_at_once = wanted
             self._session.apply_settings({"active_checking": wanted})
 
-    async def _load_saved(self):
-        """Add every saved torrent back (see _Library), while the API already answers."""
-        try:
-            await _Library(self).run()
-        finally:
-            self._loaded = True
-
     async def confined(self, torrent):
         """Refuse (409) to let libtorrent open a torrent's files if its save path now
-        resolves outside the roots (see _DiskWatch)."""
-        await self.watch.confined(torrent)
+        resolves outside the roots (see _watch_disk); stop the torrent with the reason."""
+        fault = await asyncio.to_thread(_outside_roots, self.roots, _places(torrent))
+        if fault:
+            torrent.fault = fault
+            self.stop(torrent)
+            raise ApiError(409, f"torrent {torrent.infohash}: {fault}")
 
     def stop(self, torrent):
-        """Pause a torrent the daemon found a fault in, or that reached a limit; resume
-        clears the fault."""
+        """Pause a torrent the daemon found a fault in, or at a limit; resume clears the fault."""
         with contextlib.suppress(RuntimeError):
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
             torrent.handle.post_status()
         self.save(torrent)
-
 
 
 def _queue_has_room(torrents, settings):
@@ -2992,20 +2936,26 @@ def _queue_has_room(torrents, settings):
 
 
 def _holding_back(torrent, status):
-    """Serve the previous status while a just-finished torrent's writes are flushed.
-
-    A script that sees "finished" reads the files next; they must be complete by
-    then. A flush that never reports back is not waited for beyond FLUSH_WAIT.
-    """
+    """Serve the previous status while a just-finished torrent's writes are flushed: a
+    script that sees "finished" reads the files next. A flush that never reports back is
+    not waited for beyond FLUSH_WAIT."""
     return (torrent.flushing_since is not None
             and time.time() - torrent.flushing_since < FLUSH_WAIT
             and status.is_finished and torrent.status is not None
             and not torrent.status["is_finished"])
 
 
+def _held(status):
+    """Paused by hand or by a fault, not by libtorrent's queue."""
+    return status["paused"] and (not status["auto_managed"] or bool(status["error"]))
+
+
 class _Saves:
-    """Each torrent's resume data written to the state directory: when asked, when it
-    changed (every --save-interval), one save in flight per torrent."""
+    """Each torrent's resume data written to the state directory: when asked, and when it
+    changed (every --save-interval). A torrent's save state: dirty (libtorrent has
+    unsaved changes), saving (the save in flight), next_save (the one that follows it,
+    shared by all who ask), force_save (that one writes even if nothing changed) and
+    saved_as (its resume file's name)."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -3013,16 +2963,12 @@ class _Saves:
 
     def save(self, torrent, force=True):
         """A future of a save of the torrent as it is now: True once written, False if
-        nothing needed writing (or it is gone).
-
-        One save per torrent is in flight at a time. A request joins the save waiting to
-        follow it, so the data written always holds every change made before the call,
-        and a backlog never grows beyond one waiting save per torrent.
-        """
+        nothing needed writing (or it is gone). A request joins the save waiting behind the
+        one in flight, which holds every change made before the call: at most one waits."""
         torrent.force_save |= force
         if torrent.next_save is None:
             torrent.next_save = self.engine.spawn(self._save(torrent, torrent.saving),
-                                                   f"save {torrent.infohash}")
+                                                  f"save {torrent.infohash}")
         return torrent.next_save
 
     async def _save(self, torrent, previous):
@@ -3044,11 +2990,10 @@ class _Saves:
                                             "saving the torrent", self._resume_data(torrent))
             if not data or torrent.removing:
                 return False
-            old_name = torrent.saved_as
+            old = torrent.saved_as if torrent.saved_as != torrent.infohash else None
             try:
                 with _state_io(f"saving {torrent.infohash}"):
-                    await self.engine.store.write(
-                        torrent.infohash, data, old_name if old_name != torrent.infohash else None)
+                    await self.engine.store.write(torrent.infohash, data, old)
             except ApiError as error:
                 self.engine.counts["save_failures"] += 1
                 self.unsaved[torrent] = error.detail  # a full disk is still writable
@@ -3083,158 +3028,129 @@ class _Saves:
         """Save torrents that changed, so a crash loses at most one interval."""
         while True:
             await asyncio.sleep(self.engine.config.save_interval)
-            for torrent in self.engine.all():
+            for torrent in self.engine._torrents:
                 if ((torrent.dirty or torrent.force_save) and not torrent.removing
                         and torrent.saving is None and torrent.next_save is None):
                     torrent.dirty = False
                     self.save(torrent, force=False)
 
 
-class _Library:
-    """The engine's start: every torrent of the state directory handed back to libtorrent,
-    its notes checked, with what a crash or a missing drive left to check or hold."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    async def run(self):
-        """Add every saved torrent back, in batches."""
-        engine = self.engine
+async def _load_library(engine):
+    """The engine's start: every saved torrent handed back to libtorrent, in batches as
+    the API already answers, with what a crash or a missing drive left to check or hold."""
+    try:
         saved = await engine.store.load(engine.inside_roots)
-        missing = await asyncio.to_thread(self._prepare, saved)
+        missing = await asyncio.to_thread(_prepare_library, engine, saved)
         checking = 0
         for start in range(0, len(saved), LOAD_BATCH):
             for (name, params, notes), lost in zip(saved[start:start + LOAD_BATCH],
                                                    missing[start:start + LOAD_BATCH]):
-                checking += self._revive(name, params, notes, lost)
+                checking += _revive(engine, name, params, notes, lost)
             await asyncio.sleep(0)
         if saved:
             log.info("loading %d saved torrents", len(saved))
         if not engine.was_clean:
             log.warning("the last run did not stop cleanly: checking the data of %d "
                         "torrents that were downloading", checking)
-
-    def _prepare(self, saved):
-        """Check the notes of saved torrents, let the load listeners adjust them, and
-        return for each the file of a finished torrent that is gone, or None: one whose
-        drive is not mounted must not quietly download everything again. On a worker
-        thread: it looks at the disk."""
-        missing = []
-        for index, (name, params, notes) in enumerate(saved):
-            notes = _checked_notes(notes, _note_defaults(params), name)
-            saved[index] = (name, params, notes)
-            self.engine._notify("load", params, notes)
-            missing.append(_missing_file(params.save_path, _files_of(params.ti),
-                                         params.file_priorities)
-                           if notes["finished"] and params.ti else None)
-        return missing
-
-    def _revive(self, name, params, notes, lost):
-        """Hand one saved torrent to libtorrent; lost names a file of a finished torrent
-        that is gone. Return whether its data is checked because a crash may have left
-        it ahead of its resume data."""
-        checking = False
-        if lost:
-            params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
-        elif not self.engine.was_clean and self._lagging(params):
-            # Without the pieces it was saved with, libtorrent checks the files: what
-            # reached the disk since is kept, not downloaded again.
-            params.have_pieces = []
-            checking = True
-        torrent = _Torrent(params, notes, saved_as=name)
-        torrent.fault = lost and f"missing or truncated file: {lost}"
-        self.engine._register(torrent)
-        try:
-            self.engine._session.async_add_torrent(params)
-        except (ValueError, RuntimeError) as error:
-            log.error("could not load saved torrent %s: %s", torrent.infohash, error)
-            self.engine._forget(torrent)
-        return checking
-
-    @staticmethod
-    def _lagging(params):
-        """Whether a torrent's resume data may lag its files after a crash: it was
-        running (or queued) and incomplete. A paused one was saved when it paused."""
-        running = params.flags & lt.torrent_flags.auto_managed or not (
-            params.flags & lt.torrent_flags.paused)
-        return (params.ti is not None and running
-                and sum(params.have_pieces) < params.ti.num_pieces())
+    finally:
+        engine._loaded = True
 
 
-class _DiskWatch:
-    """The disk under the daemon, watched for what someone else does to it: directories
-    that are no longer writable, save paths swapped for symlinks out of the roots, data
-    deleted under a torrent."""
+def _prepare_library(engine, saved):
+    """Check the saved torrents' notes, let the load listeners adjust them, and return
+    for each the file of a finished torrent that is gone, or None: one whose drive is not
+    mounted must not quietly download everything again. In a thread: it reads the disk."""
+    missing = []
+    for index, (name, params, notes) in enumerate(saved):
+        notes = _checked_notes(notes, _note_defaults(params), name)
+        saved[index] = (name, params, notes)
+        engine._notify("load", params, notes)
+        missing.append(_missing_file(params.save_path, _files_of(params.ti),
+                                     params.file_priorities)
+                       if notes["finished"] and params.ti else None)
+    return missing
 
-    def __init__(self, engine):
-        self.engine = engine
 
-    async def run(self):
-        """Watch the disk under the daemon.
+def _revive(engine, name, params, notes, lost):
+    """Hand one saved torrent to libtorrent (lost: a file of a finished torrent that is
+    gone); return whether its data is checked, as a crash may have left it ahead of its
+    resume data."""
+    checking = False
+    if lost:
+        params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
+    elif not engine.was_clean and _lagging(params):
+        # Without the pieces it was saved with, libtorrent checks the files: what
+        # reached the disk since is kept, not downloaded again.
+        params.have_pieces = []
+        checking = True
+    torrent = _Torrent(params, notes, saved_as=name)
+    torrent.fault = lost and f"missing or truncated file: {lost}"
+    engine._register(torrent)
+    try:
+        engine._session.async_add_torrent(params)
+    except (ValueError, RuntimeError) as error:
+        log.error("could not load saved torrent %s: %s", torrent.infohash, error)
+        engine._forget(torrent)
+    return checking
 
-        Every second: the directories are writable, and every downloading torrent's save
-        path still resolves inside the roots (a symlink swapped in would send its writes
-        elsewhere). Every DATA_CHECK_INTERVAL: the same for every other torrent, and the
-        files of finished torrents are all there, and those a download had written to by
-        the check before (a check of what was just written could race its write). A
-        torrent that fails is stopped with the reason in its error; resuming it checks
-        again.
-        """
-        engine = self.engine
-        while engine.loading:
-            await asyncio.sleep(STATUS_INTERVAL)
-        next_full_check = 0.0
-        while True:
-            full = time.monotonic() >= next_full_check
-            if full:
-                next_full_check = time.monotonic() + DATA_CHECK_INTERVAL
-            torrents = [t for t in engine.torrents() if not t.fault and (
-                full or t.status["state"] == "downloading" and not t.status["paused"])]
-            places = [self.places(t) for t in torrents]
-            checks = [self._files_to_check(t) if full else None for t in torrents]
-            dirs = {"download": engine.config.download_dir, "state": engine.store.root}
-            problems, faults = await asyncio.to_thread(_inspect_disk, engine.roots, dirs,
-                                                       places, checks)
-            engine.problems = {**problems, **{name: problem for name, problem
-                                              in engine.problems.items() if name == "listen"}}
-            for torrent, fault in zip(torrents, faults):
-                if fault and not torrent.fault and not torrent.removing:
-                    torrent.fault = fault
-                    engine.stop(torrent)
-            await asyncio.sleep(WATCH_INTERVAL)
 
-    def _files_to_check(self, torrent):
-        """(save path, (index, path, least size) of files, priorities) that must be on
-        disk: every file of a finished torrent, or those a download had written to at
-        the last full check, which only need to exist; or None."""
-        if torrent.info is None:
-            return None
-        files, written = torrent.info["files"], torrent.written
-        torrent.written = torrent.file_progress
-        if not torrent.status["is_finished"]:
-            files = [(index, path, 0) for index, path, _ in files
-                     if index < len(written or ()) and written[index]]
-        return torrent.save_path, files, list(torrent.file_priorities)
+def _lagging(params):
+    """Whether resume data may lag the files after a crash: the torrent was running (or
+    queued) and incomplete. A paused one was saved when it paused."""
+    running = params.flags & lt.torrent_flags.auto_managed or not (
+        params.flags & lt.torrent_flags.paused)
+    return (params.ti is not None and running
+            and sum(params.have_pieces) < params.ti.num_pieces())
 
-    @staticmethod
-    def places(torrent):
-        """The paths where a torrent's files go: its save path, and the top directory
-        or file its name makes there."""
-        name = torrent.info and torrent.status["name"]
-        return [torrent.save_path, *([os.path.join(torrent.save_path, name)] if name else [])]
 
-    async def confined(self, torrent):
-        """Refuse (409) to let libtorrent open a torrent's files if its save path now
-        resolves outside the roots; stop the torrent with the reason."""
-        fault = await asyncio.to_thread(_outside_roots, self.engine.roots, self.places(torrent))
-        if fault:
-            torrent.fault = fault
-            self.engine.stop(torrent)
-            raise ApiError(409, f"torrent {torrent.infohash}: {fault}")
+async def _watch_disk(engine):
+    """Watch the disk for what others do to it. Every second: the directories are
+    writable, and each downloading torrent's save path resolves inside the roots (a
+    symlink swapped in would send its writes elsewhere). Every DATA_CHECK_INTERVAL: that
+    for every torrent, and the files of finished ones are all there, and those a download
+    had written to by the check before (a check of what was just written could race its
+    write). A torrent that fails is stopped with the reason; resuming it checks again."""
+    while engine.loading:
+        await asyncio.sleep(STATUS_INTERVAL)
+    next_full_check = 0.0
+    while True:
+        full = time.monotonic() >= next_full_check
+        if full:
+            next_full_check = time.monotonic() + DATA_CHECK_INTERVAL
+        torrents = [t for t in engine.torrents() if not t.fault and (
+            full or t.status["state"] == "downloading" and not t.status["paused"])]
+        places = [_places(t) for t in torrents]
+        checks = [_files_to_check(t) if full else None for t in torrents]
+        dirs = {"download": engine.config.download_dir, "state": engine.store.root}
+        problems, faults = await asyncio.to_thread(_inspect_disk, engine.roots, dirs,
+                                                   places, checks)
+        engine.problems = {**problems, **{name: problem for name, problem
+                                          in engine.problems.items() if name == "listen"}}
+        for torrent, fault in zip(torrents, faults):
+            if fault and not torrent.fault and not torrent.removing:
+                torrent.fault = fault
+                engine.stop(torrent)
+        await asyncio.sleep(WATCH_INTERVAL)
 
-def _held(status):
-    """Paused by hand or by a fault, not by libtorrent's queue."""
-    return status["paused"] and (not status["auto_managed"] or bool(status["error"]))
+
+def _files_to_check(torrent):
+    """(save path, (index, path, least size) of files, priorities) that must be on disk:
+    every file of a finished torrent, or those a download had written to at the last full
+    check, which only need to exist; or None."""
+    if torrent.info is None:
+        return None
+    files, written = torrent.info["files"], torrent.written
+    torrent.written = torrent.file_progress
+    if not torrent.status["is_finished"]:
+        files = [(index, path, 0) for index, path, _ in files
+                 if index < len(written or ()) and written[index]]
+    return torrent.save_path, files, list(torrent.file_priorities)
+
+
+def _places(torrent):
+    """Where a torrent's files go: its save path, and the top file or directory of its name."""
+    name = torrent.info and torrent.status["name"]
+    return [torrent.save_path, *([os.path.join(torrent.save_path, name)] if name else [])]
 
 
 # --------------------------------------------------------------------------- #
