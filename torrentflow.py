@@ -3254,8 +3254,7 @@ BODY_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "appli
 
 @contextlib.asynccontextmanager
 async def _body_deadline(request, limit):
-    """While a body of at most limit bytes is read and used: its share of BODY_BUDGET
-    (503 if that is spent), and one deadline for reading it all (then 408)."""
+    """Hold a body's share of BODY_BUDGET (else 503) and one deadline to read it (else 408)."""
     size = min(limit, request.content_length or limit)
     reading = request.app[BODIES]
     if reading["bytes"] + size > BODY_BUDGET:
@@ -3273,9 +3272,7 @@ async def _body_deadline(request, limit):
 
 
 async def read_fields(request, names, upload=None, types=BODY_TYPES):
-    """The fields of a form or JSON object body: only names, each once; upload names the
-    multipart field that carries a file (bytes). One deadline for the whole body: a
-    client that sends a byte now and then holds nothing for long."""
+    """The fields of a form or JSON object body: only names, each once; upload is a file."""
     content_type = request.content_type
     if content_type not in types:
         raise ApiError(415, f"send {', '.join(types)}")
@@ -3386,8 +3383,7 @@ _ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"
 
 
 def _add_body():
-    """The request body POST /torrents takes, SETTINGS rows included. In a form every
-    value is text: "true", "1,4,0", "a,b"."""
+    """The request body POST /torrents takes, SETTINGS rows included."""
     settings = settings_for("add").values()
     form = {**_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in settings}}
     upload = {"type": "string", "contentMediaType": "application/x-bittorrent",
@@ -3458,8 +3454,7 @@ def _known_parameters(query, known):
 
 
 def _matching(engine, query, known):
-    """The torrents that the filters in query (state=, paused=, label=) choose, after
-    refusing parameters other than the known ones."""
+    """The torrents that query's filters choose; other parameters than known are refused."""
     _known_parameters(query, known)
     paused = query.get("paused")
     if paused not in (None, "true", "false"):
@@ -3472,8 +3467,7 @@ def _matching(engine, query, known):
 
 
 def _select(engine, query):
-    """The torrents GET /torrents' filter, sort and paging parameters choose; and the
-    total before paging."""
+    """The torrents that GET /torrents' query chooses, and their total before paging."""
     torrents = _matching(engine, query, ("state", "paused", "label", "sort", "limit",
                                          "offset", "fields"))
     if "sort" in query:
@@ -3511,16 +3505,14 @@ async def list_torrents(request):
 
 
 async def _to_json(build, in_thread):
-    """build() serialised as JSON bytes; in a thread, with _json, when it may be large
-    (file lists, many torrents): that would stall the loop."""
+    """build() serialised as JSON bytes; in a thread when large, lest it stall the loop."""
     if in_thread:
         return await asyncio.to_thread(lambda: _json(build()))
     return json.dumps(build(), separators=(",", ":")).encode()
 
 
 async def _respond(request, body):
-    """A JSON answer of bytes already serialised. A large one waits its turn, then goes out
-    in pieces, giving the loop back between them: small requests must not wait behind it."""
+    """A JSON answer of serialised bytes; a large one waits its turn and goes out in pieces."""
     if len(body) < LARGE_BODY:
         return web.Response(body=body, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -3609,8 +3601,7 @@ _ERRORS = {
 
 @functools.cache
 def openapi_document():
-    """The API description served at /openapi.json, built from ROUTES, STATUS, SETTINGS
-    and OPTIONS once every extension has added its rows; tests hold real answers to it."""
+    """The API description at /openapi.json, from the tables once the extensions filled them."""
     status = _object({field.name: field.schema for field in STATUS})
     string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
     schemas = {
@@ -3652,8 +3643,7 @@ def openapi_document():
     return document
 
 
-#: The extensions: each a setup(app, engine) that make_app calls before the engine
-#: starts, to keep its state under its own AppKey and add the engine's listeners.
+#: The extensions' setup(app, engine), called by make_app before the engine starts.
 EXTENSIONS = []
 
 
@@ -3692,8 +3682,7 @@ class StartupError(Exception):
 
 
 def _directory_problem(directory, error, option):
-    """Say why a directory an option names cannot be used, and who the daemon runs as:
-    the usual cause in a container is a bind mount that the image's user cannot write."""
+    """Why the directory an option names cannot be used, and which user would need it."""
     if isinstance(error, (FileExistsError, NotADirectoryError)):
         return (f"{option}: {directory}, or a directory above it, is a file, not a "
                 "directory; give a directory")
@@ -3703,8 +3692,7 @@ def _directory_problem(directory, error, option):
 
 
 def _raise_descriptor_limit():
-    """Raise the soft open-file limit to the hard one: peers, files and API connections
-    all need descriptors, and 1024 (systemd's default) is few for a seedbox."""
+    """Raise the soft open-file limit to the hard one, and return the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -3713,8 +3701,7 @@ def _raise_descriptor_limit():
 
 
 def _quiet_resource_errors(loop):
-    """Report "out of descriptors" on accept at most every 10 s, not one traceback per
-    attempt: asyncio retries accept() in a loop, and would flood the log."""
+    """Log running out of descriptors at most every 10 s: asyncio retries accept() at once."""
     last = [0.0]
 
     def handler(loop, context):
@@ -3776,8 +3763,7 @@ def _exit_now():
 
 
 class _SafeLog(logging.Filter):
-    """Escape control characters and cut long values in every log record: names and
-    URLs come from strangers, and must neither forge lines nor fill the disk."""
+    """Escape control characters and cut long values: strangers' names must not forge lines."""
 
     _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
