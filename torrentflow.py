@@ -3287,29 +3287,23 @@ async def read_fields(request, names, upload=None, types=BODY_TYPES):
         else:
             body = await _read_limited(request.content.read, MAX_FORM_BYTES)
             _require_utf8(request.charset, "the body")
-            fields = _decode(content_type, body, len(names))
+            kind = "JSON" if content_type == "application/json" else "form"
+            try:
+                if kind == "JSON":
+                    fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
+                else:
+                    fields = _unique_keys(urllib.parse.parse_qsl(
+                        body.decode(), keep_blank_values=True, strict_parsing=True,
+                        errors="strict", max_num_fields=len(names)))
+            except (ValueError, UnicodeDecodeError, RecursionError) as error:
+                raise ApiError(400, f"malformed {kind} body: {error}") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, "the JSON body must be an object")
     unknown = sorted(set(fields) - set(names))
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(names)}")
     if upload in fields and not isinstance(fields[upload], bytes):
         raise ApiError(400, f"{upload} must be uploaded as a file in multipart/form-data")
-    return fields
-
-
-def _decode(content_type, body, most):
-    """The fields of a JSON object or an urlencoded form of at most most fields."""
-    kind = "JSON" if content_type == "application/json" else "form"
-    try:
-        if kind == "JSON":
-            fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
-        else:
-            fields = _unique_keys(urllib.parse.parse_qsl(
-                body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict",
-                max_num_fields=most))
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        raise ApiError(400, f"malformed {kind} body: {error}") from None
-    if not isinstance(fields, dict):
-        raise ApiError(400, "the JSON body must be an object")
     return fields
 
 
@@ -3433,8 +3427,7 @@ def _count(query, name, default):
     text = query.get(name)
     if text is None:
         return default
-    # "²".isdigit() is True, and int() refuses 4,300 digits with a ValueError.
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+    if not re.fullmatch("[0-9]{1,18}", text):  # not isdigit(): "²".isdigit() is True
         raise ApiError(400, f"{name} must be a whole number below 10**18")
     return int(text)
 
@@ -3691,15 +3684,6 @@ def _directory_problem(directory, error, option):
             "user write access, for example with mkdir and chown)")
 
 
-def _raise_descriptor_limit():
-    """Raise the soft open-file limit to the hard one, and return the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    return soft
-
-
 def _quiet_resource_errors(loop):
     """Log running out of descriptors at most every 10 s: asyncio retries accept() at once."""
     last = [0.0]
@@ -3744,8 +3728,7 @@ async def serve(config):
     await stop.wait()
     log.info("stopping")
     started = time.monotonic()
-    # Whatever the disk does, the process ends: a save stuck on a hung mount, or a
-    # thread blocked in the kernel, must not outlive the container's stop grace.
+    # The process ends whatever the disk does: a hung mount must not outlive the stop grace.
     watchdog = threading.Timer(config.shutdown_timeout + SHUTDOWN_MARGIN, _exit_now)
     watchdog.daemon = True
     watchdog.start()
@@ -3791,10 +3774,13 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_SafeLog())
-    log.info("open-file limit: %d", _raise_descriptor_limit())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # peers, files and requests need many
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    log.info("open-file limit: %d", soft)
     if config.log_level != "debug":
-        # aiohttp logs every malformed request with a traceback at ERROR: anyone who
-        # can connect could fill the log. Handler errors are logged by error_middleware.
+        # aiohttp logs each malformed request with a traceback: anyone could fill the log.
         logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     try:
         import uvloop  # optional: about 1.6x the requests per second of asyncio's loop
