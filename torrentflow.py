@@ -3783,7 +3783,7 @@ def main(argv=None):
         # aiohttp logs each malformed request with a traceback: anyone could fill the log.
         logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     try:
-        import uvloop  # optional: about 1.6x the requests per second of asyncio's loop
+        import uvloop  # optional: a faster event loop
     except ImportError:
         uvloop = None
     log.info("event loop: %s", "uvloop" if uvloop else "asyncio (install uvloop for speed)")
