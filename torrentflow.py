@@ -3170,8 +3170,7 @@ BODY_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "appli
 
 @contextlib.asynccontextmanager
 async def _body_deadline(request, limit):
-    """While a body of at most limit bytes is read and used: its share of BODY_BUDGET
-    (503 if that is spent), and one deadline for reading it all (then 408)."""
+    """Hold a body's share of BODY_BUDGET (else 503) and one deadline to read it (else 408)."""
     size = min(limit, request.content_length or limit)
     reading = request.app[BODIES]
     if reading["bytes"] + size > BODY_BUDGET:
@@ -3189,9 +3188,7 @@ async def _body_deadline(request, limit):
 
 
 async def read_fields(request, names, upload=None, types=BODY_TYPES):
-    """The fields of a form or JSON object body: only names, each once; upload names the
-    multipart field that carries a file (bytes). One deadline for the whole body: a
-    client that sends a byte now and then holds nothing for long."""
+    """The fields of a form or JSON object body: only names, each once; upload is a file."""
     content_type = request.content_type
     if content_type not in types:
         raise ApiError(415, f"send {', '.join(types)}")
@@ -3206,29 +3203,23 @@ async def read_fields(request, names, upload=None, types=BODY_TYPES):
         else:
             body = await _read_limited(request.content.read, MAX_FORM_BYTES)
             _require_utf8(request.charset, "the body")
-            fields = _decode(content_type, body, len(names))
+            kind = "JSON" if content_type == "application/json" else "form"
+            try:
+                if kind == "JSON":
+                    fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
+                else:
+                    fields = _unique_keys(urllib.parse.parse_qsl(
+                        body.decode(), keep_blank_values=True, strict_parsing=True,
+                        errors="strict", max_num_fields=len(names)))
+            except (ValueError, UnicodeDecodeError, RecursionError) as error:
+                raise ApiError(400, f"malformed {kind} body: {error}") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, "the JSON body must be an object")
     unknown = sorted(set(fields) - set(names))
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; expected {', '.join(names)}")
     if upload in fields and not isinstance(fields[upload], bytes):
         raise ApiError(400, f"{upload} must be uploaded as a file in multipart/form-data")
-    return fields
-
-
-def _decode(content_type, body, most):
-    """The fields of a JSON object or an urlencoded form of at most most fields."""
-    kind = "JSON" if content_type == "application/json" else "form"
-    try:
-        if kind == "JSON":
-            fields = json.loads(body.decode(), object_pairs_hook=_unique_keys)
-        else:
-            fields = _unique_keys(urllib.parse.parse_qsl(
-                body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict",
-                max_num_fields=most))
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        raise ApiError(400, f"malformed {kind} body: {error}") from None
-    if not isinstance(fields, dict):
-        raise ApiError(400, "the JSON body must be an object")
     return fields
 
 
@@ -3302,8 +3293,7 @@ _ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"
 
 
 def _add_body():
-    """The request body POST /torrents takes, SETTINGS rows included. In a form every
-    value is text: "true", "1,4,0", "a,b"."""
+    """The request body POST /torrents takes, SETTINGS rows included."""
     settings = settings_for("add").values()
     form = {**_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in settings}}
     upload = {"type": "string", "contentMediaType": "application/x-bittorrent",
@@ -3353,8 +3343,7 @@ def _count(query, name, default):
     text = query.get(name)
     if text is None:
         return default
-    # "²".isdigit() is True, and int() refuses 4,300 digits with a ValueError.
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+    if not re.fullmatch("[0-9]{1,18}", text):  # not isdigit(): "²".isdigit() is True
         raise ApiError(400, f"{name} must be a whole number below 10**18")
     return int(text)
 
@@ -3374,8 +3363,7 @@ def _known_parameters(query, known):
 
 
 def _matching(engine, query, known):
-    """The torrents that the filters in query (state=, paused=, label=) choose, after
-    refusing parameters other than the known ones."""
+    """The torrents that query's filters choose; other parameters than known are refused."""
     _known_parameters(query, known)
     paused = query.get("paused")
     if paused not in (None, "true", "false"):
@@ -3388,8 +3376,7 @@ def _matching(engine, query, known):
 
 
 def _select(engine, query):
-    """The torrents GET /torrents' filter, sort and paging parameters choose; and the
-    total before paging."""
+    """The torrents that GET /torrents' query chooses, and their total before paging."""
     torrents = _matching(engine, query, ("state", "paused", "label", "sort", "limit",
                                          "offset", "fields"))
     if "sort" in query:
@@ -3427,16 +3414,14 @@ async def list_torrents(request):
 
 
 async def _to_json(build, in_thread):
-    """build() serialised as JSON bytes; in a thread, with _json, when it may be large
-    (file lists, many torrents): that would stall the loop."""
+    """build() serialised as JSON bytes; in a thread when large, lest it stall the loop."""
     if in_thread:
         return await asyncio.to_thread(lambda: _json(build()))
     return json.dumps(build(), separators=(",", ":")).encode()
 
 
 async def _respond(request, body):
-    """A JSON answer of bytes already serialised. A large one waits its turn, then goes out
-    in pieces, giving the loop back between them: small requests must not wait behind it."""
+    """A JSON answer of serialised bytes; a large one waits its turn and goes out in pieces."""
     if len(body) < LARGE_BODY:
         return web.Response(body=body, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -3525,8 +3510,7 @@ _ERRORS = {
 
 @functools.cache
 def openapi_document():
-    """The API description served at /openapi.json, built from ROUTES, STATUS, SETTINGS
-    and OPTIONS once every extension has added its rows; tests hold real answers to it."""
+    """The API description at /openapi.json, from the tables once the extensions filled them."""
     status = _object({field.name: field.schema for field in STATUS})
     string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
     schemas = {
@@ -3568,8 +3552,7 @@ def openapi_document():
     return document
 
 
-#: The extensions: each a setup(app, engine) that make_app calls before the engine
-#: starts, to keep its state under its own AppKey and add the engine's listeners.
+#: The extensions' setup(app, engine), called by make_app before the engine starts.
 EXTENSIONS = []
 
 
@@ -3608,8 +3591,7 @@ class StartupError(Exception):
 
 
 def _directory_problem(directory, error, option):
-    """Say why a directory an option names cannot be used, and who the daemon runs as:
-    the usual cause in a container is a bind mount that the image's user cannot write."""
+    """Why the directory an option names cannot be used, and which user would need it."""
     if isinstance(error, (FileExistsError, NotADirectoryError)):
         return (f"{option}: {directory}, or a directory above it, is a file, not a "
                 "directory; give a directory")
@@ -3618,19 +3600,8 @@ def _directory_problem(directory, error, option):
             "user write access, for example with mkdir and chown)")
 
 
-def _raise_descriptor_limit():
-    """Raise the soft open-file limit to the hard one: peers, files and API connections
-    all need descriptors, and 1024 (systemd's default) is few for a seedbox."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    return soft
-
-
 def _quiet_resource_errors(loop):
-    """Report "out of descriptors" on accept at most every 10 s, not one traceback per
-    attempt: asyncio retries accept() in a loop, and would flood the log."""
+    """Log running out of descriptors at most every 10 s: asyncio retries accept() at once."""
     last = [0.0]
 
     def handler(loop, context):
@@ -3673,8 +3644,7 @@ async def serve(config):
     await stop.wait()
     log.info("stopping")
     started = time.monotonic()
-    # Whatever the disk does, the process ends: a save stuck on a hung mount, or a
-    # thread blocked in the kernel, must not outlive the container's stop grace.
+    # The process ends whatever the disk does: a hung mount must not outlive the stop grace.
     watchdog = threading.Timer(config.shutdown_timeout + SHUTDOWN_MARGIN, _exit_now)
     watchdog.daemon = True
     watchdog.start()
@@ -3692,8 +3662,7 @@ def _exit_now():
 
 
 class _SafeLog(logging.Filter):
-    """Escape control characters and cut long values in every log record: names and
-    URLs come from strangers, and must neither forge lines nor fill the disk."""
+    """Escape control characters and cut long values: strangers' names must not forge lines."""
 
     _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -3721,13 +3690,16 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_SafeLog())
-    log.info("open-file limit: %d", _raise_descriptor_limit())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # peers, files and requests need many
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    log.info("open-file limit: %d", soft)
     if config.log_level != "debug":
-        # aiohttp logs every malformed request with a traceback at ERROR: anyone who
-        # can connect could fill the log. Handler errors are logged by error_middleware.
+        # aiohttp logs each malformed request with a traceback: anyone could fill the log.
         logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     try:
-        import uvloop  # optional: about 1.6x the requests per second of asyncio's loop
+        import uvloop  # optional: a faster event loop
     except ImportError:
         uvloop = None
     log.info("event loop: %s", "uvloop" if uvloop else "asyncio (install uvloop for speed)")
