@@ -301,6 +301,8 @@ class Option:
                            # --<name>-file too, an option of its own
     #: (every value) -> why this option's value does not fit the others, or None
     check: object = None
+    #: a value as a start error quotes it; a mask, when the value can hold a secret
+    shown: object = repr
 
     @property
     def flag(self):
@@ -424,6 +426,12 @@ def _shown(value):
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
+def _without_userinfo(urls):
+    """repr of a list of URLs, each with what precedes its last @ (after ://) as ***."""
+    # Not urlsplit: it drops CR and LF, and a URL refused for them must not show its password.
+    return repr([re.sub(r"^([^:/@]*://)?.*@", r"\1***@", url, flags=re.S) for url in urls])
+
+
 def _option_parser():
     """argparse for OPTIONS; values stay text here and are parsed once, in parse_config."""
     parser = _Parser(
@@ -463,8 +471,8 @@ def _option_values(parser, args, environ):
             else:
                 values[option.name] = option.parse(given)
         except (ValueError, TypeError) as error:
-            parser.error(f"{source} ({option.flag} / {option.env}): {given!r} is not "
-                         f"valid: {error}")
+            parser.error(f"{source} ({option.flag} / {option.env}): "
+                         f"{option.shown(given)} is not valid: {error}")
     return values, given_names
 
 
@@ -4533,7 +4541,8 @@ def _local_webhooks(values):
 
 OPTIONS.extend((
     Option("webhooks", _webhook_url, (), "POST events as JSON to this http(s) URL; repeat "
-           "for more", repeat=" ", flag_name="webhook", check=_local_webhooks),
+           "for more", repeat=" ", flag_name="webhook", check=_local_webhooks,
+           shown=_without_userinfo),
     Option("webhook_events", _event_types, ("finished", "error", "removed"), "the events "
            "webhooks get, comma-separated"),
     Option("webhook_secret", str, None, "sign webhook bodies with HMAC-SHA256 under this "
