@@ -7,38 +7,31 @@ and /settings, peer and tracker views, live events (/events) with webhooks, Prom
 GET /openapi.json describes every route and field; README.md is the operator's manual.
 
 Run ``python torrentflow.py --local-only`` to try it on one machine, or leave out
---local-only to join the public swarm; ``--help`` lists every option. Each option can also
-be set in the environment as TORRENTFLOW_<OPTION> (TORRENTFLOW_TOKEN, TORRENTFLOW_PORT,
-TORRENTFLOW_DOWNLOAD_DIR...); the command line wins.
+--local-only to join the public swarm; ``--help`` lists every option. Each option is also
+read from the environment as TORRENTFLOW_<OPTION> (TORRENTFLOW_TOKEN, TORRENTFLOW_PORT...);
+the command line wins. With a token set, every request but GET /health and /openapi.json
+must carry ``Authorization: Bearer <token>``; without one the daemon refuses to listen
+beyond loopback and answers only requests addressed to localhost. Cross-site browser
+requests are always refused. A torrent is saved in the state directory before the API
+confirms it, and again whenever it changes.
 
-With a token set, every request but GET /health and GET /openapi.json must carry
-``Authorization: Bearer <token>``. Without one the daemon refuses to listen beyond
-loopback, and answers only requests addressed to localhost. Requests a browser sends on
-behalf of another site are always refused. Every torrent is written to the state
-directory before the API confirms it, and again whenever it changes.
-
-The map, top to bottom. The core comes first, in order of trust:
+The map, top to bottom; the core first, in order of trust:
 
     Constants, Configuration   limits with their reasons; OPTIONS -> argparse, Config
-    Unauthenticated reach      connection guard, access checks, route table, public
-                               routes, /health, /openapi.json
+    Unauthenticated reach      connection guard, access checks, routes, /health, /openapi.json
     What strangers control     hashes, save paths, magnets, .torrent files, URL fetches;
                                metadata, trackers and DHT nodes from peers
     The state directory        StateStore, and the checks on what it gives back
     Status and settings        the STATUS and SETTINGS tables -> status dicts, schemas
     Engine                     TorrentEngine, the one owner of the libtorrent session
-    HTTP API                   request bodies; the verbs add, list, status, pause,
-                               resume, remove
+    HTTP API                   request bodies; add, list, status, pause, resume, remove
     Application                make_app, serve, main
 
-Then the line "The core ends here", and one section per extension, in the order listed
-above. An extension adds rows to the core's tables (ROUTES through @api, OPTIONS, STATUS,
-SETTINGS, NOTES), a setup function to EXTENSIONS and listeners to the engine
-(TorrentEngine.listen, .on_alert); the core never names one.
-
-A request flows served() -> handler -> engine method; the engine posts work to libtorrent
-and awaits TorrentEngine.expect(). The alert loop pops alerts, an _on_* method updates the
-status cache, and expect() wakes the request that waited for that alert.
+Then the line "The core ends here", and one section per extension. An extension adds rows
+to the core's tables (ROUTES via @api, OPTIONS, STATUS, SETTINGS, NOTES), a setup function
+to EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one. A
+request flows served() -> handler -> engine method, which posts work to libtorrent and
+awaits expect(); the alert loop's _on_* methods update the status cache and wake it.
 """
 
 from __future__ import annotations
