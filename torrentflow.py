@@ -83,87 +83,57 @@ log = logging.getLogger("torrentflow")
 # Constants
 # --------------------------------------------------------------------------- #
 
-#: Largest .torrent accepted, by upload or by URL; real ones are kilobytes to a few MB.
-MAX_TORRENT_BYTES = 10 * 1024 * 1024
-#: Request bodies may carry one .torrent plus form overhead, nothing more.
-MAX_REQUEST_BYTES = MAX_TORRENT_BYTES + 64 * 1024
+MAX_TORRENT_BYTES = 10 * 1024 * 1024  #: largest .torrent, by upload or URL; real ones: a few MB
+MAX_REQUEST_BYTES = MAX_TORRENT_BYTES + 64 * 1024  #: one .torrent plus form overhead, no more
 #: JSON and urlencoded bodies hold a URL and a path; more only makes the parser build objects.
 MAX_FORM_BYTES = 64 * 1024
-#: More files than any real torrent has; every status answer lists them all.
-MAX_TORRENT_FILES = 100_000
+MAX_TORRENT_FILES = 100_000  #: more than any real torrent has; every status lists them all
 #: Trackers and web seeds per torrent: libtorrent's cost of adding grows with the square.
 MAX_TRACKERS = 200
 MAX_WEB_SEEDS = 100
-#: Characters kept of a torrent's free text (comment, creator, dn=), copied into every status.
-MAX_TEXT = 4096
-#: Characters of any one value in a log line; longer ones are cut.
-MAX_LOGGED = 300
-#: Shorter tokens can be guessed by a client that is free to try as often as it likes.
-MIN_TOKEN_LENGTH = 16
+MAX_TEXT = 4096  #: characters kept of a torrent's free text (comment, creator, dn=)
+MAX_LOGGED = 300  #: characters of any one value in a log line; longer ones are cut
+MIN_TOKEN_LENGTH = 16  #: shorter tokens can be guessed by a client free to try at will
 #: Limits handed to libtorrent's bdecoder, so a crafted file cannot exhaust memory or stack.
 TORRENT_LIMITS = {"max_buffer_size": MAX_TORRENT_BYTES, "max_pieces": 2_000_000,
                   "max_decode_depth": 100, "max_decode_tokens": 3_000_000}
-#: Indexers redirect once or twice; more than this is a loop or an attack.
-FETCH_MAX_REDIRECTS = 5
-#: Seconds between status updates of changed torrents; state changes refresh at once.
-STATUS_INTERVAL = 0.5
-#: Startup adds saved torrents in batches this size, so requests are served in between.
-LOAD_BATCH = 200
-#: Seconds a new API connection has to send a request head, so half-open sockets go.
-HEAD_TIMEOUT = 5.0
-#: Seconds an idle keep-alive API connection stays open; clients reconnect at will.
-KEEPALIVE_TIMEOUT = 15.0
-#: Seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s.
-BODY_TIMEOUT = 30.0
-#: Bytes of request bodies read and parsed at once, all clients together, to bound memory;
-#: past it a request with a body is answered 503.
+FETCH_MAX_REDIRECTS = 5  #: indexers redirect once or twice; more is a loop or an attack
+STATUS_INTERVAL = 0.5  #: seconds between status updates; state changes refresh at once
+LOAD_BATCH = 200  #: saved torrents added per batch at start, so requests are served between
+HEAD_TIMEOUT = 5.0  #: seconds a new API connection has for its head, so half-open ones go
+KEEPALIVE_TIMEOUT = 15.0  #: seconds an idle keep-alive API connection stays open
+BODY_TIMEOUT = 30.0  #: seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s
+#: Bytes of request bodies read at once, all clients together, to bound memory; past it 503.
 BODY_BUDGET = 64 * 1024 * 1024
-#: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time, WRITE_PIECE
-#: bytes per send (see _respond), so one large send() does not hold the loop.
+#: Answers from LARGE_BODY bytes: LARGE_AT_ONCE at once, WRITE_PIECE per send, so the loop runs.
 LARGE_BODY = 256 * 1024
 LARGE_AT_ONCE = 4
 WRITE_PIECE = 512 * 1024
-#: File entries serialised per json.dumps call (see _json), so the loop gets the GIL back.
-JSON_SLICE = 500
-#: Torrents above which a fields= listing or torrent-get is serialised on a worker thread.
-LARGE_LISTING = 500
-#: Connections the kernel queues for the API before the daemon accepts them.
-LISTEN_BACKLOG = 128
-#: Seconds in-flight requests get to finish at stop; all but a URL fetch take milliseconds.
-REQUEST_DRAIN_SECONDS = 1.0
-#: Seconds past --shutdown-timeout after which a hung stop (a dead disk) exits anyway.
-SHUTDOWN_MARGIN = 2.0
-#: Seconds trackers get to acknowledge "stopped": the session holds the GIL meanwhile, and
-#: the whole stop, saves included, must fit in a container's 10 s grace.
+JSON_SLICE = 500  #: file entries per json.dumps call (see _json), so the loop gets the GIL
+LARGE_LISTING = 500  #: torrents above which a listing is serialised on a worker thread
+LISTEN_BACKLOG = 128  #: connections the kernel queues for the API before we accept them
+REQUEST_DRAIN_SECONDS = 1.0  #: for in-flight requests at stop; all but URL fetches take ms
+SHUTDOWN_MARGIN = 2.0  #: seconds past --shutdown-timeout after which a hung stop exits
+#: Seconds for trackers' "stopped" (the session holds the GIL); a stop must fit a 10 s grace.
 STOP_TRACKER_TIMEOUT = 1
-#: Longest wait for libtorrent to confirm a request, so a lost alert cannot hang it.
-ALERT_WAIT = 30.0
-#: Longest a finished torrent shows as unfinished while a flush never reports back.
-FLUSH_WAIT = 10.0
-#: What a 503 tells the client: libtorrent normally answers in milliseconds.
-RETRY_AFTER = {"Retry-After": "1"}
-#: libtorrent's error for "resume data not modified since the last save": not a failure.
-RESUME_NOT_MODIFIED = 143
-#: The key of the daemon's notes in a resume file. libtorrent ignores it, and it sorts
-#: after libtorrent's keys, so appending it keeps the bencoding canonical.
+ALERT_WAIT = 30.0  #: longest wait for libtorrent's confirmation, so a lost alert cannot hang
+FLUSH_WAIT = 10.0  #: longest a finished torrent shows unfinished while a flush never reports
+RETRY_AFTER = {"Retry-After": "1"}  #: what a 503 tells: libtorrent answers in milliseconds
+RESUME_NOT_MODIFIED = 143  #: libtorrent's "resume data not modified": not a failure
+#: Our notes' key in resume files: libtorrent ignores it; sorting last keeps bencoding canonical.
 NOTES_KEY = b"x-torrentflow"
-#: The file in the state directory whose presence says the last run saved everything.
-CLEAN_MARK = "clean-shutdown"
-#: The file in the state directory that keeps what PATCH /settings set.
-SETTINGS_FILE = "settings.json"
-#: Bytes of torrent data checked at once (see _pace_checks): many small torrents, or one big.
-CHECK_BUDGET = 1024 ** 3
-#: Seconds between checks of the directories and of downloading torrents' save paths:
-#: the longest a symlink swapped into the download directory redirects writes.
+CLEAN_MARK = "clean-shutdown"  #: state file whose presence says the last run saved all
+SETTINGS_FILE = "settings.json"  #: state file that keeps what PATCH /settings set
+CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_checks)
+#: Seconds between checks of the directories and downloading torrents' save paths: the
+#: longest a symlink swapped into the download directory redirects writes.
 WATCH_INTERVAL = 1.0
-#: Seconds between checks of every save path and of finished torrents' file sizes.
-DATA_CHECK_INTERVAL = 10.0
+DATA_CHECK_INTERVAL = 10.0  #: seconds between checks of all save paths and finished sizes
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
 ALERT_MASK = (lt.alert_category.error | lt.alert_category.status
               | lt.alert_category.storage | lt.alert_category.tracker)
-#: Resume data with the info dict, so a magnet's metadata survives, written after the
-#: pending writes reach the disk, so the saved pieces are really there.
+#: Resume data with the info dict (a magnet's metadata), once pending writes reach the disk.
 SAVE_FULL = lt.save_resume_flags_t.save_info_dict | lt.save_resume_flags_t.flush_disk_cache
 #: The same, skipped (error 143) when nothing changed since the last save.
 SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
