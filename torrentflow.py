@@ -144,7 +144,6 @@ SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
 # --------------------------------------------------------------------------- #
 
 def _seconds(text):
-    """A number of seconds above 0 and under a day."""
     seconds = float(text)
     if not 0 < seconds < 86400:
         raise ValueError("give a number of seconds above 0 and under 86400")
@@ -172,9 +171,8 @@ def _boolean(value):
     return value
 
 
-def _number(kind, low, *special, high=2**31 - 1):
-    """A number of kind (int or float) from low to high, or one of special; as text too.
-    libtorrent takes 32-bit numbers: a larger one would overflow in its call."""
+def _number(kind, low, *special, high=2**31 - 1):  # libtorrent's numbers are 32-bit
+    """A parser of numbers of kind (int or float) from low to high, or one of special."""
     def parse(value):
         if isinstance(value, str):
             with contextlib.suppress(ValueError):  # text that is no number: the TypeError below
@@ -206,7 +204,6 @@ def _choice(*names):
 
 
 def _absolute_path(text):
-    """An absolute directory path."""
     if not os.path.isabs(text):
         raise ValueError("give an absolute path")
     return Path(text)
@@ -238,8 +235,7 @@ def _is_loopback_interfaces(text):
 
 
 def _is_loopback_name(host):
-    """True for "localhost" and loopback addresses: the only names a browser on another
-    machine can never reach, and a DNS-rebinding page can never use."""
+    """True for "localhost" and loopback addresses: no DNS-rebinding page can use them."""
     if host.lower() == "localhost":
         return True
     try:
@@ -260,12 +256,9 @@ class Option:
     flag_name: str = ""    # the flag, when not --<name> (one flag of a repeatable list)
     setting: str = ""      # its key in GET/PATCH /settings, if it can change at run time
     schema: object = None  # and the JSON schema of its value there
-    secret: bool = False   # kept out of repr(), so no log line can show it; read from
-                           # --<name>-file too, an option of its own
-    #: (every value) -> why this option's value does not fit the others, or None
-    check: object = None
-    #: a value as a start error quotes it; a mask, when the value can hold a secret
-    shown: object = repr
+    secret: bool = False   # out of repr(), so no log shows it; --<name>-file reads it too
+    check: object = None   # (every value) -> why this value does not fit the others, or None
+    shown: object = repr   # the value as a start error quotes it; a mask hides a secret
 
     @property
     def flag(self):
@@ -280,9 +273,8 @@ _INTEGER = {"type": "integer"}
 #: What on_limit may do to a torrent that reached a seeding limit.
 ON_LIMIT = ("pause", "remove", "remove_with_files")
 
-#: Every option of the daemon. argparse, the environment lookup, Config and the README's
-#: configuration table all come from here; a test holds the README to it. Extensions
-#: add rows.
+#: Every option: argparse, the environment lookup, Config and the README's table (a test
+#: holds it to them) come from here. Extensions add rows.
 OPTIONS = [
     Option("host", _host, "127.0.0.1", "address the API listens on; beyond loopback a token "
            "is required"),
@@ -327,9 +319,8 @@ OPTIONS = [
            "together; 0 for no limit", setting="download_limit", schema=_INTEGER),
     Option("upload_limit", _number(int, 0), 0, "bytes/s all uploads may use together; 0 "
            "for no limit", setting="upload_limit", schema=_INTEGER),
-    Option("max_active_downloads", _number(int, 0, -1), 3, "torrents that download at "
-           "once, the rest queued; -1 for no limit", setting="max_active_downloads",
-           schema=_INTEGER),
+    Option("max_active_downloads", _number(int, 0, -1), 3, "torrents that download at once, "
+           "the rest queued; -1 for no limit", setting="max_active_downloads", schema=_INTEGER),
     Option("max_active_seeds", _number(int, 0, -1), 5, "torrents that seed at once; -1 "
            "for no limit", setting="max_active_seeds", schema=_INTEGER),
     Option("max_active_torrents", _number(int, 0, -1), 500, "torrents active at once, "
@@ -353,8 +344,7 @@ OPTIONS = [
 
 
 class Config:
-    """Everything the daemon reads from the outside world, read once at start: one
-    attribute per row of OPTIONS (extensions' rows included), frozen."""
+    """What the daemon reads from the outside world at start: one frozen field per OPTIONS row."""
 
     def __init__(self, **values):
         unknown = set(values) - {option.name for option in OPTIONS}
@@ -415,8 +405,7 @@ def _option_parser():
 
 
 def _option_values(parser, args, environ):
-    """Each option's value: the flag, else the environment, else the default; and the
-    names of the options given either way."""
+    """Each option's value (the flag, else the environment, else the default); names given."""
     values, given_names = {}, set()
     for option in OPTIONS:
         given, source = getattr(args, option.name), option.flag
@@ -457,8 +446,7 @@ def _read_secret(parser, values, name):
 
 
 def _token_problem(token):
-    """Why a token is too weak, or None. It travels in an HTTP header: visible ASCII
-    only, so no client mangles it."""
+    """Why a token is too weak, or None; in an HTTP header only visible ASCII is safe."""
     if token is not None and (len(token) < MIN_TOKEN_LENGTH
                               or not all("!" <= c <= "~" for c in token)):
         return (f"the token must be at least {MIN_TOKEN_LENGTH} visible ASCII characters "
@@ -504,11 +492,9 @@ def session_settings(config):
     settings = {
         "listen_interfaces": config.listen_interfaces, "enable_dht": config.dht,
         "enable_lsd": config.lsd, "enable_upnp": config.upnp, "enable_natpmp": config.natpmp,
-        # A port that is taken must stop the start, not quietly become another one:
-        # incoming peers would keep knocking at the forwarded port.
+        # A taken port must stop the start, not become another: peers knock at the forwarded one.
         "max_retry_port_bind": 0, "listen_system_port_fallback": False,
-        # Bursts of state changes on thousands of torrents must not push out the
-        # alerts that resolve requests; the loop drains the queue continuously.
+        # Bursts of state changes must not push out the alerts that resolve requests.
         "alert_mask": int(ALERT_MASK), "alert_queue_size": 10000,
         "stop_tracker_timeout": STOP_TRACKER_TIMEOUT,
         "user_agent": f"TorrentFlow/{__version__} libtorrent/{lt.__version__}",
@@ -519,14 +505,10 @@ def session_settings(config):
         "max_metadata_size": MAX_TORRENT_BYTES,
     }
     if config.local_only:
-        settings["dht_bootstrap_nodes"] = ""
-        # uTP over loopback collapses to a few MB/s; every local peer speaks TCP.
-        settings["enable_outgoing_utp"] = False
-        # Every local peer has the address 127.0.0.1: tell them apart by port.
-        settings["allow_multiple_connections_per_ip"] = True
-        # A few local peers, all ours: after a pause, dial them again at once instead
-        # of the 60 s that spares strangers on the internet.
-        settings["min_reconnect_time"] = 1
+        # uTP over loopback collapses to a few MB/s; local peers share 127.0.0.1 (tell them
+        # apart by port) and are all ours: redial at once, not after the 60 s strangers get.
+        settings.update(dht_bootstrap_nodes="", enable_outgoing_utp=False,
+                        allow_multiple_connections_per_ip=True, min_reconnect_time=1)
     return settings
 
 
