@@ -532,9 +532,8 @@ REQUESTS = web.AppKey("requests", collections.Counter)
 LARGE_WRITES = web.AppKey("large_writes", asyncio.Semaphore)
 BODIES = web.AppKey("bodies", collections.Counter)  # "bytes": of bodies being read
 
-#: Route path prefixes, as declared ({infohash} and all), whose clients can send only a user
-#: name and password (Transmission's tools, media players) -> the realm their 401 names.
-#: There HTTP Basic with the token as password (any user name) is taken too. Extensions add rows.
+#: Route path prefixes whose clients send only a user and password -> their 401's realm; there
+#: HTTP Basic with the token as the password (any user name) is taken too. Extensions add rows.
 BASIC_REALMS = {}
 
 #: Requests anyone may make, without the token: a health check cannot carry a secret,
@@ -543,9 +542,7 @@ PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/openapi.json")}
 
 
 def served(app, method, path, handler, public=None):
-    """The handler of a route as app runs it: the access checks first; every error, ours or
-    aiohttp's, as {"detail": ...} with its status code; the answer counted by route and
-    status. A middleware's work, without the cost of aiohttp's middleware layers."""
+    """handler behind the access checks, every error as {"detail": ...}, answers counted."""
     public = (method, path) in PUBLIC_ROUTES if public is None else public
     route = re.sub(r":[^}]*}", "}", path)  # its label: aiohttp's {path:.*} is {path}
     config, counts = app[CONFIG], app[REQUESTS]
@@ -578,9 +575,7 @@ def served(app, method, path, handler, public=None):
 
 
 async def _no_route(request):
-    """Any path and method no route takes: 404, or 405 with the methods its path takes.
-    Before the token is asked for: the route table is public in /openapi.json anyway, and
-    a client with a wrong URL must be told so, not that its password is wrong."""
+    """404, or 405 with Allow; needs no token, as the routes are public in /openapi.json."""
     allowed = set()
     for candidate in request.app.router.resources():
         match, methods = await candidate.resolve(request)
@@ -591,8 +586,7 @@ async def _no_route(request):
 
 
 def _check_access(request, config, public, realm):
-    """Refuse cross-site browser requests, foreign Host names without a token, and
-    requests to a route that is not public without the token when one is set."""
+    """Refuse cross-site requests; without a token set, foreign Hosts; with one, no token."""
     reason = _cross_site(request)
     if reason:
         raise ApiError(403, f"cross-site request refused: {reason}")
@@ -659,9 +653,7 @@ def _host_allowed(host_header, insecure_no_auth):
 
 
 def _bearer_error(request, token, realm=None):
-    """Why the Authorization header does not carry the token, or None if it does. With a
-    realm (the route's, from BASIC_REALMS), HTTP Basic with the token as the password
-    (any user name) is accepted too."""
+    """(detail, challenge) when the request lacks the token, or None; with a realm, Basic too."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if realm and scheme.lower() == "basic":
         try:
@@ -680,15 +672,10 @@ def _bearer_error(request, token, realm=None):
 
 
 class _Connection(asyncio.Protocol):
-    """One API connection: aiohttp's own protocol inside, watched by the guard.
-
-    Its state is "head" (waiting for a complete request head, since head_since),
-    "ready" (a head is in), "busy" (a request runs) or "idle" (between requests).
-    """
+    """An API connection, aiohttp's inside; state is head, ready (head in), busy or idle."""
 
     def __init__(self, guard):
-        self.guard, self.inner = guard, guard.server()
-        self.transport = None
+        self.guard, self.inner, self.transport = guard, guard.server(), None
         self.state, self.head_since, self.tail = "head", time.monotonic(), b""
         # The rest of the protocol is aiohttp's own.
         self.eof_received, self.pause_writing, self.resume_writing = (
@@ -719,16 +706,7 @@ class _Connection(asyncio.Protocol):
 
 
 class ConnectionGuard:
-    """Bounds what API connections can hold: a protocol factory for the API's socket.
-
-    A connection gets HEAD_TIMEOUT to send a complete request head. Past
-    --max-connections, a new connection pushes out the oldest one still sending its
-    head, else the one idle the longest, else it is refused itself; a connection whose
-    request is in or running is never dropped, and a fresh one never while another is
-    idle. Near the cap, a connection whose request carried no token is closed after its
-    answer instead of being kept alive. So idle or half-open sockets, a stranger's or
-    not, cannot use up the places, and a client with a token always gets through.
-    """
+    """The API socket's protocol factory: bounds what idle and half-open connections hold."""
 
     def __init__(self, server, limit):
         self.server, self.limit = server, limit
@@ -745,6 +723,8 @@ class ConnectionGuard:
         self.connections[connection] = None
         self._by_handler[connection.inner] = connection
         if len(self.connections) > self.limit:
+            # Drop the oldest still sending its head, else the longest idle, else this one: a
+            # request in or running is never dropped, so a client with a token gets through.
             heads = (c for c in self.connections if c.state == "head" and c is not connection)
             self.drop(next(heads, None) or next(iter(self.idle), connection))
 
@@ -811,8 +791,7 @@ class GuardedSite(web.BaseSite):
             self.guard, self._host, self._port, backlog=self._backlog)
 
 
-#: (method, path, handler, OpenAPI operation) of every route; make_app and the
-#: OpenAPI document both come from it.
+#: (method, path, handler, OpenAPI operation) of every route, for make_app and /openapi.json.
 ROUTES = []
 
 
@@ -847,11 +826,7 @@ DONE = _answer("done", _ref("Message"))
 
 
 def api(method, path, operation_id, responses, errors=(), parameters=(), **extra):
-    """Declare a handler's route and its OpenAPI operation together.
-
-    A public route (PUBLIC_ROUTES) needs no token; every other one can answer 400, 401
-    and 403 besides the errors named here. The handler's docstring is the summary.
-    """
+    """Declare a handler's route and OpenAPI operation; its docstring is the summary."""
     def register(handler):
         public = (method, path) in PUBLIC_ROUTES
         codes = (403,) if public else (400, 401, 403, *errors)
