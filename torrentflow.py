@@ -1,10 +1,9 @@
 """TorrentFlow: a BitTorrent daemon driven by an HTTP JSON API.
 
-One process runs one libtorrent session and serves a JSON API over it: add, inspect, pause,
-resume and remove torrents (/torrents...), and /health. Extensions add per-torrent control
-and /settings, peer and tracker views, live events (/events) with webhooks, Prometheus
-/metrics, Transmission's RPC (/transmission/rpc) and streaming a file while it downloads.
-GET /openapi.json describes every route and field; README.md is the operator's manual.
+One process runs one libtorrent session behind a JSON API: add, inspect, pause, resume and
+remove torrents, and /health; extensions add per-torrent control and /settings, peer and
+tracker views, /events with webhooks, /metrics, Transmission's RPC and streaming a file while
+it downloads. GET /openapi.json describes every route; README.md is the operator's manual.
 
 Run ``python torrentflow.py --local-only`` to try it on one machine, or leave out
 --local-only to join the public swarm; ``--help`` lists every option. Each option is also
@@ -27,11 +26,9 @@ The map, top to bottom; the core first, in order of trust:
     HTTP API                   request bodies; add, list, status, pause, resume, remove
     Application                make_app, serve, main
 
-Then the line "The core ends here", and one section per extension. An extension adds rows
-to the core's tables (ROUTES via @api, OPTIONS, STATUS, SETTINGS, NOTES), a setup function
-to EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one. A
-request flows served() -> handler -> engine method, which posts work to libtorrent and
-awaits expect(); the alert loop's _on_* methods update the status cache and wake it.
+Then the line "The core ends here", and one section per extension: each adds rows to the
+core's tables (ROUTES via @api, OPTIONS, STATUS, SETTINGS, NOTES), a setup function to
+EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one.
 """
 
 from __future__ import annotations
@@ -85,8 +82,7 @@ log = logging.getLogger("torrentflow")
 
 MAX_TORRENT_BYTES = 10 * 1024 * 1024  #: largest .torrent, by upload or URL; real ones: a few MB
 MAX_REQUEST_BYTES = MAX_TORRENT_BYTES + 64 * 1024  #: one .torrent plus form overhead, no more
-#: JSON and urlencoded bodies hold a URL and a path; more only makes the parser build objects.
-MAX_FORM_BYTES = 64 * 1024
+MAX_FORM_BYTES = 64 * 1024  #: JSON and urlencoded bodies hold a URL and a path, no more
 MAX_TORRENT_FILES = 100_000  #: more than any real torrent has; every status lists them all
 #: Trackers and web seeds per torrent: libtorrent's cost of adding grows with the square.
 MAX_TRACKERS = 200
@@ -103,8 +99,7 @@ LOAD_BATCH = 200  #: saved torrents added per batch at start, so requests are se
 HEAD_TIMEOUT = 5.0  #: seconds a new API connection has for its head, so half-open ones go
 KEEPALIVE_TIMEOUT = 15.0  #: seconds an idle keep-alive API connection stays open
 BODY_TIMEOUT = 30.0  #: seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s
-#: Bytes of request bodies read at once, all clients together, to bound memory; past it 503.
-BODY_BUDGET = 64 * 1024 * 1024
+BODY_BUDGET = 64 * 1024 * 1024  #: bytes of bodies read at once, all clients; past it 503
 #: Answers from LARGE_BODY bytes: LARGE_AT_ONCE at once, WRITE_PIECE per send, so the loop runs.
 LARGE_BODY = 256 * 1024
 LARGE_AT_ONCE = 4
@@ -114,14 +109,12 @@ LARGE_LISTING = 500  #: torrents above which a listing is serialised on a worker
 LISTEN_BACKLOG = 128  #: connections the kernel queues for the API before we accept them
 REQUEST_DRAIN_SECONDS = 1.0  #: for in-flight requests at stop; all but URL fetches take ms
 SHUTDOWN_MARGIN = 2.0  #: seconds past --shutdown-timeout after which a hung stop exits
-#: Seconds for trackers' "stopped" (the session holds the GIL); a stop must fit a 10 s grace.
-STOP_TRACKER_TIMEOUT = 1
+STOP_TRACKER_TIMEOUT = 1  #: s for trackers' "stopped" (GIL held); a stop must fit a 10 s grace
 ALERT_WAIT = 30.0  #: longest wait for libtorrent's confirmation, so a lost alert cannot hang
 FLUSH_WAIT = 10.0  #: longest a finished torrent shows unfinished while a flush never reports
 RETRY_AFTER = {"Retry-After": "1"}  #: what a 503 tells: libtorrent answers in milliseconds
 RESUME_NOT_MODIFIED = 143  #: libtorrent's "resume data not modified": not a failure
-#: Our notes' key in resume files: libtorrent ignores it; sorting last keeps bencoding canonical.
-NOTES_KEY = b"x-torrentflow"
+NOTES_KEY = b"x-torrentflow"  #: our key in resume files; it sorts last: bencoding stays canonical
 CLEAN_MARK = "clean-shutdown"  #: state file whose presence says the last run saved all
 SETTINGS_FILE = "settings.json"  #: state file that keeps what PATCH /settings set
 CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_checks)
@@ -270,8 +263,7 @@ class Option:
 
 
 _INTEGER = {"type": "integer"}
-#: What on_limit may do to a torrent that reached a seeding limit.
-ON_LIMIT = ("pause", "remove", "remove_with_files")
+ON_LIMIT = ("pause", "remove", "remove_with_files")  #: what on_limit does at a seeding limit
 
 #: Every option: argparse, the environment lookup, Config and the README's table (a test
 #: holds it to them) come from here. Extensions add rows.
@@ -313,8 +305,7 @@ OPTIONS = [
     #: Each API connection costs a descriptor; the rest go to peers and files.
     Option("max_connections", _number(int, 1), 256, "simultaneous API connections; past it, the "
            "oldest one still sending its request head, else the longest-idle one, is closed"),
-    # The session's settings: flags give their values at start, PATCH /settings changes
-    # them, and values set by PATCH are saved and win over flags at the next start.
+    # The session's settings: PATCH /settings changes them; what it set beats flags at restart.
     Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use "
            "together; 0 for no limit", setting="download_limit", schema=_INTEGER),
     Option("upload_limit", _number(int, 0), 0, "bytes/s all uploads may use together; 0 "
@@ -499,10 +490,8 @@ def session_settings(config):
         "stop_tracker_timeout": STOP_TRACKER_TIMEOUT,
         "user_agent": f"TorrentFlow/{__version__} libtorrent/{lt.__version__}",
         "peer_fingerprint": lt.generate_fingerprint("TF", *map(int, __version__.split(".")), 0),
-        # Verifying pieces is the CPU bottleneck of a fast download; use both cores.
-        "hashing_threads": 2,
-        # A magnet's metadata comes from a stranger: hold it to the upload size cap.
-        "max_metadata_size": MAX_TORRENT_BYTES,
+        "hashing_threads": 2,  # verifying pieces is a fast download's CPU bottleneck
+        "max_metadata_size": MAX_TORRENT_BYTES,  # a magnet's metadata is a stranger's
     }
     if config.local_only:
         # uTP over loopback collapses to a few MB/s; local peers share 127.0.0.1 (tell them
@@ -536,8 +525,7 @@ BODIES = web.AppKey("bodies", collections.Counter)  # "bytes": of bodies being r
 #: HTTP Basic with the token as the password (any user name) is taken too. Extensions add rows.
 BASIC_REALMS = {}
 
-#: Requests anyone may make, without the token: a health check cannot carry a secret,
-#: and the API description holds none. Every other route needs the token, when one is set.
+#: Requests anyone may make: a health check cannot carry a secret; the API description has none.
 PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/openapi.json")}
 
 
@@ -546,8 +534,7 @@ def served(app, method, path, handler, public=None):
     public = (method, path) in PUBLIC_ROUTES if public is None else public
     route = re.sub(r":[^}]*}", "}", path)  # its label: aiohttp's {path:.*} is {path}
     config, counts = app[CONFIG], app[REQUESTS]
-    realm = next((name for prefix, name in BASIC_REALMS.items() if path.startswith(prefix)),
-                 None)
+    realm = next((name for prefix, name in BASIC_REALMS.items() if path.startswith(prefix)), None)
 
     async def serve(request):
         try:
