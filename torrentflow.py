@@ -221,18 +221,15 @@ def _listen_interfaces(text):
 def _is_loopback_interfaces(text):
     """True when every listen interface is a loopback address (not a device name)."""
     try:
-        return all(ipaddress.ip_address(address).is_loopback
-                   for address, _ in _interfaces(text))
+        return all(ipaddress.ip_address(address).is_loopback for address, _ in _interfaces(text))
     except ValueError:  # a device name such as eth0
         return False
 
 
 def _is_loopback_name(host):
     """True for "localhost" and loopback addresses: no DNS-rebinding page can use them."""
-    if host.lower() == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return host.lower() == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -408,11 +405,9 @@ def _option_values(parser, args, environ):
             values[option.name] = option.default
             continue
         given_names.add(option.name)
-        try:
-            if option.repeat:  # each once: the same webhook twice would post twice
-                values[option.name] = tuple(dict.fromkeys(option.parse(p) for p in given))
-            else:
-                values[option.name] = option.parse(given)
+        try:  # a repeated value counts once: the same webhook twice would post twice
+            values[option.name] = (tuple(dict.fromkeys(map(option.parse, given)))
+                                   if option.repeat else option.parse(given))
         except (ValueError, TypeError) as error:
             parser.error(f"{source} ({option.flag} / {option.env}): "
                          f"{option.shown(given)} is not valid: {error}")
