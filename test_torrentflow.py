@@ -5335,23 +5335,15 @@ async def test_a_failed_directory_fsync_fails_only_the_jobs_that_changed_it(tmp_
         store.close()
 
 
-async def test_a_bad_webhook_url_is_reported_without_its_password(tmp_path, capsys):
+def test_a_bad_webhook_url_is_reported_without_its_password(capsys):
     """A webhook URL refused at start is named in the error with its user info as ***,
     by the flag and by the environment alike."""
     url = "http://user:SECRET@127.0.0.1:9/x\r\ny"
-    started = await asyncio.to_thread(
-        subprocess.run, [sys.executable, str(HERE / "torrentflow.py"), "--local-only",
-                         "--listen-interfaces", "127.0.0.1:0", "--port", "0",
-                         "--download-dir", str(tmp_path / "downloads"),
-                         "--state-dir", str(tmp_path / "state"), "--webhook", url],
-        capture_output=True, text=True, timeout=15, env=CLEAN_ENV, cwd=tmp_path)
-    assert started.returncode == 2, started.stderr
-    assert "--webhook / TORRENTFLOW_WEBHOOKS" in started.stderr
-    assert "SECRET" not in started.stderr and "***" in started.stderr
     for argv, environ in ((["--webhook", url], {}), ([], {"TORRENTFLOW_WEBHOOKS": url}),
                           (["--webhook", "user:SECRET@host\n"], {})):
         with pytest.raises(SystemExit) as stopped:
             torrentflow.parse_config(["--local-only", *argv], environ=environ)
         assert stopped.value.code == 2
         error = capsys.readouterr().err
-        assert "--webhook / TORRENTFLOW_WEBHOOKS" in error and "SECRET" not in error
+        assert "--webhook / TORRENTFLOW_WEBHOOKS" in error and "***@" in error
+        assert "SECRET" not in error
