@@ -5333,3 +5333,17 @@ async def test_a_failed_directory_fsync_fails_only_the_jobs_that_changed_it(tmp_
         assert (tmp_path / "kept" / "b").read_bytes() == b"b"
     finally:
         store.close()
+
+
+def test_a_bad_webhook_url_is_reported_without_its_password(capsys):
+    """A webhook URL refused at start is named in the error with its user info as ***,
+    by the flag and by the environment alike."""
+    url = "http://user:SECRET@127.0.0.1:9/x\r\ny"
+    for argv, environ in ((["--webhook", url], {}), ([], {"TORRENTFLOW_WEBHOOKS": url}),
+                          (["--webhook", "user:SECRET@host\n"], {})):
+        with pytest.raises(SystemExit) as stopped:
+            torrentflow.parse_config(["--local-only", *argv], environ=environ)
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err
+        assert "--webhook / TORRENTFLOW_WEBHOOKS" in error and "***@" in error
+        assert "SECRET" not in error

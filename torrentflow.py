@@ -1,44 +1,34 @@
 """TorrentFlow: a BitTorrent daemon driven by an HTTP JSON API.
 
-One process runs one libtorrent session and serves a JSON API over it: add, inspect, pause,
-resume and remove torrents (/torrents...), and /health. Extensions add per-torrent control
-and /settings, peer and tracker views, live events (/events) with webhooks, Prometheus
-/metrics, Transmission's RPC (/transmission/rpc) and streaming a file while it downloads.
-GET /openapi.json describes every route and field; README.md is the operator's manual.
+One process runs one libtorrent session behind a JSON API: add, inspect, pause, resume and
+remove torrents, and /health; extensions add per-torrent control and /settings, peer and
+tracker views, /events with webhooks, /metrics, Transmission's RPC and streaming a file while
+it downloads. GET /openapi.json describes every route; README.md is the operator's manual.
 
 Run ``python torrentflow.py --local-only`` to try it on one machine, or leave out
---local-only to join the public swarm; ``--help`` lists every option. Each option can also
-be set in the environment as TORRENTFLOW_<OPTION> (TORRENTFLOW_TOKEN, TORRENTFLOW_PORT,
-TORRENTFLOW_DOWNLOAD_DIR...); the command line wins.
+--local-only to join the public swarm; ``--help`` lists every option. Each option is also
+read from the environment as TORRENTFLOW_<OPTION> (TORRENTFLOW_TOKEN, TORRENTFLOW_PORT...);
+the command line wins. With a token set, every request but GET /health and /openapi.json
+must carry ``Authorization: Bearer <token>``; without one the daemon refuses to listen
+beyond loopback and answers only requests addressed to localhost. Cross-site browser
+requests are always refused. A torrent is saved in the state directory before the API
+confirms it, and again whenever it changes.
 
-With a token set, every request but GET /health and GET /openapi.json must carry
-``Authorization: Bearer <token>``. Without one the daemon refuses to listen beyond
-loopback, and answers only requests addressed to localhost. Requests a browser sends on
-behalf of another site are always refused. Every torrent is written to the state
-directory before the API confirms it, and again whenever it changes.
-
-The map, top to bottom. The core comes first, in order of trust:
+The map, top to bottom; the core first, in order of trust:
 
     Constants, Configuration   limits with their reasons; OPTIONS -> argparse, Config
-    Unauthenticated reach      connection guard, access checks, route table, public
-                               routes, /health, /openapi.json
+    Unauthenticated reach      connection guard, access checks, routes, /health, /openapi.json
     What strangers control     hashes, save paths, magnets, .torrent files, URL fetches;
                                metadata, trackers and DHT nodes from peers
     The state directory        StateStore, and the checks on what it gives back
     Status and settings        the STATUS and SETTINGS tables -> status dicts, schemas
     Engine                     TorrentEngine, the one owner of the libtorrent session
-    HTTP API                   request bodies; the verbs add, list, status, pause,
-                               resume, remove
+    HTTP API                   request bodies; add, list, status, pause, resume, remove
     Application                make_app, serve, main
 
-Then the line "The core ends here", and one section per extension, in the order listed
-above. An extension adds rows to the core's tables (ROUTES through @api, OPTIONS, STATUS,
-SETTINGS, NOTES), a setup function to EXTENSIONS and listeners to the engine
-(TorrentEngine.listen, .on_alert); the core never names one.
-
-A request flows served() -> handler -> engine method; the engine posts work to libtorrent
-and awaits TorrentEngine.expect(). The alert loop pops alerts, an _on_* method updates the
-status cache, and expect() wakes the request that waited for that alert.
+Then the line "The core ends here", and one section per extension: each adds rows to the
+core's tables (ROUTES via @api, OPTIONS, STATUS, SETTINGS, NOTES), a setup function to
+EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one.
 """
 
 from __future__ import annotations
@@ -90,87 +80,53 @@ log = logging.getLogger("torrentflow")
 # Constants
 # --------------------------------------------------------------------------- #
 
-#: Largest .torrent accepted, by upload or by URL; real ones are kilobytes to a few MB.
-MAX_TORRENT_BYTES = 10 * 1024 * 1024
-#: Request bodies may carry one .torrent plus form overhead, nothing more.
-MAX_REQUEST_BYTES = MAX_TORRENT_BYTES + 64 * 1024
-#: JSON and urlencoded bodies hold a URL and a path; more only makes the parser build objects.
-MAX_FORM_BYTES = 64 * 1024
-#: More files than any real torrent has; every status answer lists them all.
-MAX_TORRENT_FILES = 100_000
+MAX_TORRENT_BYTES = 10 * 1024 * 1024  #: largest .torrent, by upload or URL; real ones: a few MB
+MAX_REQUEST_BYTES = MAX_TORRENT_BYTES + 64 * 1024  #: one .torrent plus form overhead, no more
+MAX_FORM_BYTES = 64 * 1024  #: JSON and urlencoded bodies hold a URL and a path, no more
+MAX_TORRENT_FILES = 100_000  #: more than any real torrent has; every status lists them all
 #: Trackers and web seeds per torrent: libtorrent's cost of adding grows with the square.
 MAX_TRACKERS = 200
 MAX_WEB_SEEDS = 100
-#: Characters kept of a torrent's free text (comment, creator, dn=), copied into every status.
-MAX_TEXT = 4096
-#: Characters of any one value in a log line; longer ones are cut.
-MAX_LOGGED = 300
-#: Shorter tokens can be guessed by a client that is free to try as often as it likes.
-MIN_TOKEN_LENGTH = 16
+MAX_TEXT = 4096  #: characters kept of a torrent's free text (comment, creator, dn=)
+MAX_LOGGED = 300  #: characters of any one value in a log line; longer ones are cut
+MIN_TOKEN_LENGTH = 16  #: shorter tokens can be guessed by a client free to try at will
 #: Limits handed to libtorrent's bdecoder, so a crafted file cannot exhaust memory or stack.
 TORRENT_LIMITS = {"max_buffer_size": MAX_TORRENT_BYTES, "max_pieces": 2_000_000,
                   "max_decode_depth": 100, "max_decode_tokens": 3_000_000}
-#: Indexers redirect once or twice; more than this is a loop or an attack.
-FETCH_MAX_REDIRECTS = 5
-#: Seconds between status updates of changed torrents; state changes refresh at once.
-STATUS_INTERVAL = 0.5
-#: Startup adds saved torrents in batches this size, so requests are served in between.
-LOAD_BATCH = 200
-#: Seconds a new API connection has to send a request head, so half-open sockets go.
-HEAD_TIMEOUT = 5.0
-#: Seconds an idle keep-alive API connection stays open; clients reconnect at will.
-KEEPALIVE_TIMEOUT = 15.0
-#: Seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s.
-BODY_TIMEOUT = 30.0
-#: Bytes of request bodies read and parsed at once, all clients together, to bound memory;
-#: past it a request with a body is answered 503.
-BODY_BUDGET = 64 * 1024 * 1024
-#: Answers of LARGE_BODY bytes or more are written LARGE_AT_ONCE at a time, WRITE_PIECE
-#: bytes per send (see _respond), so one large send() does not hold the loop.
+FETCH_MAX_REDIRECTS = 5  #: indexers redirect once or twice; more is a loop or an attack
+STATUS_INTERVAL = 0.5  #: seconds between status updates; state changes refresh at once
+LOAD_BATCH = 200  #: saved torrents added per batch at start, so requests are served between
+HEAD_TIMEOUT = 5.0  #: seconds a new API connection has for its head, so half-open ones go
+KEEPALIVE_TIMEOUT = 15.0  #: seconds an idle keep-alive API connection stays open
+BODY_TIMEOUT = 30.0  #: seconds a request body may take to arrive, in all: 10 MiB at 350 kB/s
+BODY_BUDGET = 64 * 1024 * 1024  #: bytes of bodies read at once, all clients; past it 503
+#: Answers from LARGE_BODY bytes: LARGE_AT_ONCE at once, WRITE_PIECE per send, so the loop runs.
 LARGE_BODY = 256 * 1024
 LARGE_AT_ONCE = 4
 WRITE_PIECE = 512 * 1024
-#: File entries serialised per json.dumps call (see _json), so the loop gets the GIL back.
-JSON_SLICE = 500
-#: Torrents above which a fields= listing or torrent-get is serialised on a worker thread.
-LARGE_LISTING = 500
-#: Connections the kernel queues for the API before the daemon accepts them.
-LISTEN_BACKLOG = 128
-#: Seconds in-flight requests get to finish at stop; all but a URL fetch take milliseconds.
-REQUEST_DRAIN_SECONDS = 1.0
-#: Seconds past --shutdown-timeout after which a hung stop (a dead disk) exits anyway.
-SHUTDOWN_MARGIN = 2.0
-#: Seconds trackers get to acknowledge "stopped": the session holds the GIL meanwhile, and
-#: the whole stop, saves included, must fit in a container's 10 s grace.
-STOP_TRACKER_TIMEOUT = 1
-#: Longest wait for libtorrent to confirm a request, so a lost alert cannot hang it.
-ALERT_WAIT = 30.0
-#: Longest a finished torrent shows as unfinished while a flush never reports back.
-FLUSH_WAIT = 10.0
-#: What a 503 tells the client: libtorrent normally answers in milliseconds.
-RETRY_AFTER = {"Retry-After": "1"}
-#: libtorrent's error for "resume data not modified since the last save": not a failure.
-RESUME_NOT_MODIFIED = 143
-#: The key of the daemon's notes in a resume file. libtorrent ignores it, and it sorts
-#: after libtorrent's keys, so appending it keeps the bencoding canonical.
-NOTES_KEY = b"x-torrentflow"
-#: The file in the state directory whose presence says the last run saved everything.
-CLEAN_MARK = "clean-shutdown"
-#: The file in the state directory that keeps what PATCH /settings set.
-SETTINGS_FILE = "settings.json"
-#: Bytes of torrent data checked at once (see _pace_checks): many small torrents, or one big.
-CHECK_BUDGET = 1024 ** 3
-#: Seconds between checks of the directories and of downloading torrents' save paths:
-#: the longest a symlink swapped into the download directory redirects writes.
+JSON_SLICE = 500  #: file entries per json.dumps call (see _json), so the loop gets the GIL
+LARGE_LISTING = 500  #: torrents above which a listing is serialised on a worker thread
+LISTEN_BACKLOG = 128  #: connections the kernel queues for the API before we accept them
+REQUEST_DRAIN_SECONDS = 1.0  #: for in-flight requests at stop; all but URL fetches take ms
+SHUTDOWN_MARGIN = 2.0  #: seconds past --shutdown-timeout after which a hung stop exits
+STOP_TRACKER_TIMEOUT = 1  #: s for trackers' "stopped" (GIL held); a stop must fit a 10 s grace
+ALERT_WAIT = 30.0  #: longest wait for libtorrent's confirmation, so a lost alert cannot hang
+FLUSH_WAIT = 10.0  #: longest a finished torrent shows unfinished while a flush never reports
+RETRY_AFTER = {"Retry-After": "1"}  #: what a 503 tells: libtorrent answers in milliseconds
+RESUME_NOT_MODIFIED = 143  #: libtorrent's "resume data not modified": not a failure
+NOTES_KEY = b"x-torrentflow"  #: our key in resume files; it sorts last: bencoding stays canonical
+CLEAN_MARK = "clean-shutdown"  #: state file whose presence says the last run saved all
+SETTINGS_FILE = "settings.json"  #: state file that keeps what PATCH /settings set
+CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_checks)
+#: Seconds between checks of the directories and downloading torrents' save paths: the
+#: longest a symlink swapped into the download directory redirects writes.
 WATCH_INTERVAL = 1.0
-#: Seconds between checks of every save path and of finished torrents' file sizes.
-DATA_CHECK_INTERVAL = 10.0
+DATA_CHECK_INTERVAL = 10.0  #: seconds between checks of all save paths and finished sizes
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
 ALERT_MASK = (lt.alert_category.error | lt.alert_category.status
               | lt.alert_category.storage | lt.alert_category.tracker)
-#: Resume data with the info dict, so a magnet's metadata survives, written after the
-#: pending writes reach the disk, so the saved pieces are really there.
+#: Resume data with the info dict (a magnet's metadata), once pending writes reach the disk.
 SAVE_FULL = lt.save_resume_flags_t.save_info_dict | lt.save_resume_flags_t.flush_disk_cache
 #: The same, skipped (error 143) when nothing changed since the last save.
 SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
@@ -181,7 +137,6 @@ SAVE_IF_MODIFIED = SAVE_FULL | lt.save_resume_flags_t.only_if_modified
 # --------------------------------------------------------------------------- #
 
 def _seconds(text):
-    """A number of seconds above 0 and under a day."""
     seconds = float(text)
     if not 0 < seconds < 86400:
         raise ValueError("give a number of seconds above 0 and under 86400")
@@ -209,9 +164,8 @@ def _boolean(value):
     return value
 
 
-def _number(kind, low, *special, high=2**31 - 1):
-    """A number of kind (int or float) from low to high, or one of special; as text too.
-    libtorrent takes 32-bit numbers: a larger one would overflow in its call."""
+def _number(kind, low, *special, high=2**31 - 1):  # libtorrent's numbers are 32-bit
+    """A parser of numbers of kind (int or float) from low to high, or one of special."""
     def parse(value):
         if isinstance(value, str):
             with contextlib.suppress(ValueError):  # text that is no number: the TypeError below
@@ -243,7 +197,6 @@ def _choice(*names):
 
 
 def _absolute_path(text):
-    """An absolute directory path."""
     if not os.path.isabs(text):
         raise ValueError("give an absolute path")
     return Path(text)
@@ -268,19 +221,15 @@ def _listen_interfaces(text):
 def _is_loopback_interfaces(text):
     """True when every listen interface is a loopback address (not a device name)."""
     try:
-        return all(ipaddress.ip_address(address).is_loopback
-                   for address, _ in _interfaces(text))
+        return all(ipaddress.ip_address(address).is_loopback for address, _ in _interfaces(text))
     except ValueError:  # a device name such as eth0
         return False
 
 
 def _is_loopback_name(host):
-    """True for "localhost" and loopback addresses: the only names a browser on another
-    machine can never reach, and a DNS-rebinding page can never use."""
-    if host.lower() == "localhost":
-        return True
+    """True for "localhost" and loopback addresses: no DNS-rebinding page can use them."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return host.lower() == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -297,10 +246,9 @@ class Option:
     flag_name: str = ""    # the flag, when not --<name> (one flag of a repeatable list)
     setting: str = ""      # its key in GET/PATCH /settings, if it can change at run time
     schema: object = None  # and the JSON schema of its value there
-    secret: bool = False   # kept out of repr(), so no log line can show it; read from
-                           # --<name>-file too, an option of its own
-    #: (every value) -> why this option's value does not fit the others, or None
-    check: object = None
+    secret: bool = False   # out of repr(), so no log shows it; --<name>-file reads it too
+    check: object = None   # (every value) -> why this value does not fit the others, or None
+    shown: object = repr   # the value as a start error quotes it; a mask hides a secret
 
     @property
     def flag(self):
@@ -312,12 +260,10 @@ class Option:
 
 
 _INTEGER = {"type": "integer"}
-#: What on_limit may do to a torrent that reached a seeding limit.
-ON_LIMIT = ("pause", "remove", "remove_with_files")
+ON_LIMIT = ("pause", "remove", "remove_with_files")  #: what on_limit does at a seeding limit
 
-#: Every option of the daemon. argparse, the environment lookup, Config and the README's
-#: configuration table all come from here; a test holds the README to it. Extensions
-#: add rows.
+#: Every option: argparse, the environment lookup, Config and the README's table (a test
+#: holds it to them) come from here. Extensions add rows.
 OPTIONS = [
     Option("host", _host, "127.0.0.1", "address the API listens on; beyond loopback a token "
            "is required"),
@@ -356,15 +302,13 @@ OPTIONS = [
     #: Each API connection costs a descriptor; the rest go to peers and files.
     Option("max_connections", _number(int, 1), 256, "simultaneous API connections; past it, the "
            "oldest one still sending its request head, else the longest-idle one, is closed"),
-    # The session's settings: flags give their values at start, PATCH /settings changes
-    # them, and values set by PATCH are saved and win over flags at the next start.
+    # The session's settings: PATCH /settings changes them; what it set beats flags at restart.
     Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use "
            "together; 0 for no limit", setting="download_limit", schema=_INTEGER),
     Option("upload_limit", _number(int, 0), 0, "bytes/s all uploads may use together; 0 "
            "for no limit", setting="upload_limit", schema=_INTEGER),
-    Option("max_active_downloads", _number(int, 0, -1), 3, "torrents that download at "
-           "once, the rest queued; -1 for no limit", setting="max_active_downloads",
-           schema=_INTEGER),
+    Option("max_active_downloads", _number(int, 0, -1), 3, "torrents that download at once, "
+           "the rest queued; -1 for no limit", setting="max_active_downloads", schema=_INTEGER),
     Option("max_active_seeds", _number(int, 0, -1), 5, "torrents that seed at once; -1 "
            "for no limit", setting="max_active_seeds", schema=_INTEGER),
     Option("max_active_torrents", _number(int, 0, -1), 500, "torrents active at once, "
@@ -388,8 +332,7 @@ OPTIONS = [
 
 
 class Config:
-    """Everything the daemon reads from the outside world, read once at start: one
-    attribute per row of OPTIONS (extensions' rows included), frozen."""
+    """What the daemon reads from the outside world at start: one frozen field per OPTIONS row."""
 
     def __init__(self, **values):
         unknown = set(values) - {option.name for option in OPTIONS}
@@ -424,6 +367,12 @@ def _shown(value):
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
+def _without_userinfo(urls):
+    """repr of a list of URLs, each with what precedes its last @ (after ://) as ***."""
+    # Not urlsplit: it drops CR and LF, and a URL refused for them must not show its password.
+    return repr([re.sub(r"^([^:/@]*://)?.*@", r"\1***@", url, flags=re.S) for url in urls])
+
+
 def _option_parser():
     """argparse for OPTIONS; values stay text here and are parsed once, in parse_config."""
     parser = _Parser(
@@ -444,8 +393,7 @@ def _option_parser():
 
 
 def _option_values(parser, args, environ):
-    """Each option's value: the flag, else the environment, else the default; and the
-    names of the options given either way."""
+    """Each option's value (the flag, else the environment, else the default); names given."""
     values, given_names = {}, set()
     for option in OPTIONS:
         given, source = getattr(args, option.name), option.flag
@@ -457,14 +405,12 @@ def _option_values(parser, args, environ):
             values[option.name] = option.default
             continue
         given_names.add(option.name)
-        try:
-            if option.repeat:  # each once: the same webhook twice would post twice
-                values[option.name] = tuple(dict.fromkeys(option.parse(p) for p in given))
-            else:
-                values[option.name] = option.parse(given)
+        try:  # a repeated value counts once: the same webhook twice would post twice
+            values[option.name] = (tuple(dict.fromkeys(map(option.parse, given)))
+                                   if option.repeat else option.parse(given))
         except (ValueError, TypeError) as error:
-            parser.error(f"{source} ({option.flag} / {option.env}): {given!r} is not "
-                         f"valid: {error}")
+            parser.error(f"{source} ({option.flag} / {option.env}): "
+                         f"{option.shown(given)} is not valid: {error}")
     return values, given_names
 
 
@@ -486,8 +432,7 @@ def _read_secret(parser, values, name):
 
 
 def _token_problem(token):
-    """Why a token is too weak, or None. It travels in an HTTP header: visible ASCII
-    only, so no client mangles it."""
+    """Why a token is too weak, or None; in an HTTP header only visible ASCII is safe."""
     if token is not None and (len(token) < MIN_TOKEN_LENGTH
                               or not all("!" <= c <= "~" for c in token)):
         return (f"the token must be at least {MIN_TOKEN_LENGTH} visible ASCII characters "
@@ -533,29 +478,21 @@ def session_settings(config):
     settings = {
         "listen_interfaces": config.listen_interfaces, "enable_dht": config.dht,
         "enable_lsd": config.lsd, "enable_upnp": config.upnp, "enable_natpmp": config.natpmp,
-        # A port that is taken must stop the start, not quietly become another one:
-        # incoming peers would keep knocking at the forwarded port.
+        # A taken port must stop the start, not become another: peers knock at the forwarded one.
         "max_retry_port_bind": 0, "listen_system_port_fallback": False,
-        # Bursts of state changes on thousands of torrents must not push out the
-        # alerts that resolve requests; the loop drains the queue continuously.
+        # Bursts of state changes must not push out the alerts that resolve requests.
         "alert_mask": int(ALERT_MASK), "alert_queue_size": 10000,
         "stop_tracker_timeout": STOP_TRACKER_TIMEOUT,
         "user_agent": f"TorrentFlow/{__version__} libtorrent/{lt.__version__}",
         "peer_fingerprint": lt.generate_fingerprint("TF", *map(int, __version__.split(".")), 0),
-        # Verifying pieces is the CPU bottleneck of a fast download; use both cores.
-        "hashing_threads": 2,
-        # A magnet's metadata comes from a stranger: hold it to the upload size cap.
-        "max_metadata_size": MAX_TORRENT_BYTES,
+        "hashing_threads": 2,  # verifying pieces is a fast download's CPU bottleneck
+        "max_metadata_size": MAX_TORRENT_BYTES,  # a magnet's metadata is a stranger's
     }
     if config.local_only:
-        settings["dht_bootstrap_nodes"] = ""
-        # uTP over loopback collapses to a few MB/s; every local peer speaks TCP.
-        settings["enable_outgoing_utp"] = False
-        # Every local peer has the address 127.0.0.1: tell them apart by port.
-        settings["allow_multiple_connections_per_ip"] = True
-        # A few local peers, all ours: after a pause, dial them again at once instead
-        # of the 60 s that spares strangers on the internet.
-        settings["min_reconnect_time"] = 1
+        # uTP over loopback collapses to a few MB/s; local peers share 127.0.0.1 (tell them
+        # apart by port) and are all ours: redial at once, not after the 60 s strangers get.
+        settings.update(dht_bootstrap_nodes="", enable_outgoing_utp=False,
+                        allow_multiple_connections_per_ip=True, min_reconnect_time=1)
     return settings
 
 
@@ -579,25 +516,20 @@ REQUESTS = web.AppKey("requests", collections.Counter)
 LARGE_WRITES = web.AppKey("large_writes", asyncio.Semaphore)
 BODIES = web.AppKey("bodies", collections.Counter)  # "bytes": of bodies being read
 
-#: Route path prefixes, as declared ({infohash} and all), whose clients can send only a user
-#: name and password (Transmission's tools, media players) -> the realm their 401 names.
-#: There HTTP Basic with the token as password (any user name) is taken too. Extensions add rows.
+#: Route path prefixes whose clients send only a user and password -> their 401's realm; there
+#: HTTP Basic with the token as the password (any user name) is taken too. Extensions add rows.
 BASIC_REALMS = {}
 
-#: Requests anyone may make, without the token: a health check cannot carry a secret,
-#: and the API description holds none. Every other route needs the token, when one is set.
+#: Requests anyone may make: a health check cannot carry a secret; the API description has none.
 PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/openapi.json")}
 
 
 def served(app, method, path, handler, public=None):
-    """The handler of a route as app runs it: the access checks first; every error, ours or
-    aiohttp's, as {"detail": ...} with its status code; the answer counted by route and
-    status. A middleware's work, without the cost of aiohttp's middleware layers."""
+    """handler behind the access checks, every error as {"detail": ...}, answers counted."""
     public = (method, path) in PUBLIC_ROUTES if public is None else public
     route = re.sub(r":[^}]*}", "}", path)  # its label: aiohttp's {path:.*} is {path}
     config, counts = app[CONFIG], app[REQUESTS]
-    realm = next((name for prefix, name in BASIC_REALMS.items() if path.startswith(prefix)),
-                 None)
+    realm = next((name for prefix, name in BASIC_REALMS.items() if path.startswith(prefix)), None)
 
     async def serve(request):
         try:
@@ -625,9 +557,7 @@ def served(app, method, path, handler, public=None):
 
 
 async def _no_route(request):
-    """Any path and method no route takes: 404, or 405 with the methods its path takes.
-    Before the token is asked for: the route table is public in /openapi.json anyway, and
-    a client with a wrong URL must be told so, not that its password is wrong."""
+    """404, or 405 with Allow; needs no token, as the routes are public in /openapi.json."""
     allowed = set()
     for candidate in request.app.router.resources():
         match, methods = await candidate.resolve(request)
@@ -638,8 +568,7 @@ async def _no_route(request):
 
 
 def _check_access(request, config, public, realm):
-    """Refuse cross-site browser requests, foreign Host names without a token, and
-    requests to a route that is not public without the token when one is set."""
+    """Refuse cross-site requests; without a token set, foreign Hosts; with one, no token."""
     reason = _cross_site(request)
     if reason:
         raise ApiError(403, f"cross-site request refused: {reason}")
@@ -706,9 +635,7 @@ def _host_allowed(host_header, insecure_no_auth):
 
 
 def _bearer_error(request, token, realm=None):
-    """Why the Authorization header does not carry the token, or None if it does. With a
-    realm (the route's, from BASIC_REALMS), HTTP Basic with the token as the password
-    (any user name) is accepted too."""
+    """(detail, challenge) when the request lacks the token, or None; with a realm, Basic too."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if realm and scheme.lower() == "basic":
         try:
@@ -727,15 +654,10 @@ def _bearer_error(request, token, realm=None):
 
 
 class _Connection(asyncio.Protocol):
-    """One API connection: aiohttp's own protocol inside, watched by the guard.
-
-    Its state is "head" (waiting for a complete request head, since head_since),
-    "ready" (a head is in), "busy" (a request runs) or "idle" (between requests).
-    """
+    """An API connection, aiohttp's inside; state is head, ready (head in), busy or idle."""
 
     def __init__(self, guard):
-        self.guard, self.inner = guard, guard.server()
-        self.transport = None
+        self.guard, self.inner, self.transport = guard, guard.server(), None
         self.state, self.head_since, self.tail = "head", time.monotonic(), b""
         # The rest of the protocol is aiohttp's own.
         self.eof_received, self.pause_writing, self.resume_writing = (
@@ -766,16 +688,7 @@ class _Connection(asyncio.Protocol):
 
 
 class ConnectionGuard:
-    """Bounds what API connections can hold: a protocol factory for the API's socket.
-
-    A connection gets HEAD_TIMEOUT to send a complete request head. Past
-    --max-connections, a new connection pushes out the oldest one still sending its
-    head, else the one idle the longest, else it is refused itself; a connection whose
-    request is in or running is never dropped, and a fresh one never while another is
-    idle. Near the cap, a connection whose request carried no token is closed after its
-    answer instead of being kept alive. So idle or half-open sockets, a stranger's or
-    not, cannot use up the places, and a client with a token always gets through.
-    """
+    """The API socket's protocol factory: bounds what idle and half-open connections hold."""
 
     def __init__(self, server, limit):
         self.server, self.limit = server, limit
@@ -792,6 +705,8 @@ class ConnectionGuard:
         self.connections[connection] = None
         self._by_handler[connection.inner] = connection
         if len(self.connections) > self.limit:
+            # Drop the oldest still sending its head, else the longest idle, else this one: a
+            # request in or running is never dropped, so a client with a token gets through.
             heads = (c for c in self.connections if c.state == "head" and c is not connection)
             self.drop(next(heads, None) or next(iter(self.idle), connection))
 
@@ -858,8 +773,7 @@ class GuardedSite(web.BaseSite):
             self.guard, self._host, self._port, backlog=self._backlog)
 
 
-#: (method, path, handler, OpenAPI operation) of every route; make_app and the
-#: OpenAPI document both come from it.
+#: (method, path, handler, OpenAPI operation) of every route, for make_app and /openapi.json.
 ROUTES = []
 
 
@@ -894,11 +808,7 @@ DONE = _answer("done", _ref("Message"))
 
 
 def api(method, path, operation_id, responses, errors=(), parameters=(), **extra):
-    """Declare a handler's route and its OpenAPI operation together.
-
-    A public route (PUBLIC_ROUTES) needs no token; every other one can answer 400, 401
-    and 403 besides the errors named here. The handler's docstring is the summary.
-    """
+    """Declare a handler's route and OpenAPI operation; its docstring is the summary."""
     def register(handler):
         public = (method, path) in PUBLIC_ROUTES
         codes = (403,) if public else (400, 401, 403, *errors)
@@ -4421,7 +4331,8 @@ def _local_webhooks(values):
 
 OPTIONS.extend((
     Option("webhooks", _webhook_url, (), "POST events as JSON to this http(s) URL; repeat "
-           "for more", repeat=" ", flag_name="webhook", check=_local_webhooks),
+           "for more", repeat=" ", flag_name="webhook", check=_local_webhooks,
+           shown=_without_userinfo),
     Option("webhook_events", _event_types, ("finished", "error", "removed"), "the events "
            "webhooks get, comma-separated"),
     Option("webhook_secret", str, None, "sign webhook bodies with HMAC-SHA256 under this "
