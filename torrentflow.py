@@ -960,24 +960,21 @@ def _params_ids(params):
 
 
 def _resolved(path, roots):
-    """(path's real path, symlinks and .. resolved; whether it lies inside one of roots).
-    Touches the disk: run in a thread."""
+    """(path with symlinks and .. resolved, whether it lies inside a root). Blocking."""
     real = Path(os.path.realpath(path))
     return real, any(real.is_relative_to(root) for root in roots)
 
 
 def resolve_save_path(roots, requested):
-    """The real directory save_path names, checked to lie inside the roots (a relative
-    one under roots[0], the download directory). Nothing is created: libtorrent makes it
-    at the first write, so a failed add leaves nothing behind. Run in a thread."""
+    """The real directory save_path names, checked to lie inside the roots. Blocking."""
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
     absolute = os.path.isabs(requested)
-    allowed = roots if absolute else roots[:1]
+    allowed = roots if absolute else roots[:1]  # a relative one goes under the download dir
     outside = ApiError(400, "save_path must stay inside the download directory"
                        + (" or an allowed save root" if len(allowed) > 1 else ""))
-    # Decided on the text first, the same whatever exists: a .. that climbs out and back
-    # in (a/../../x/../a) would otherwise tell, by the answer, what is on the disk.
+    # Decided on the text first: a .. that climbs out and back in (a/../../x/../a) would
+    # otherwise tell, by the answer, what is on the disk.
     depth = 0
     for part in Path(requested).parts[1 if absolute else 0:]:
         depth += -1 if part == ".." else part != "."
@@ -992,14 +989,12 @@ def resolve_save_path(roots, requested):
         raise ApiError(400, f"save_path cannot be used: {error.strerror}") from None
     if a_file:
         raise ApiError(400, "save_path names a file, not a directory")
-    return str(target)
+    return str(target)  # not created: libtorrent makes it at the first write
 
 
 def _readable(params):
-    """False if a name, path or URL in params is not UTF-8. libtorrent keeps a magnet's
-    %-decoded dn= and tr=, a .torrent's announce and a resume file's save_path as bytes;
-    Python raises on every later read of them, so such a torrent could never be served."""
-    try:
+    """False if a name, path or URL in params is not UTF-8."""
+    try:  # libtorrent keeps such text as bytes, and Python raises on every read of them
         params.name, params.save_path, params.trackers, params.url_seeds, params.dht_nodes
     except UnicodeDecodeError:
         return False
@@ -1034,9 +1029,7 @@ def params_from_magnet(uri):
 
 
 def params_from_torrent(data):
-    """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread.
-    libtorrent would sanitise hostile file names and write inside save_path anyway;
-    refusing them tells the client the file is hostile instead of renaming quietly."""
+    """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread."""
     if len(data) > MAX_TORRENT_BYTES:
         raise ApiError(413, f"a .torrent may be at most {MAX_TORRENT_BYTES} bytes")
     try:
@@ -1049,14 +1042,14 @@ def params_from_torrent(data):
         raise ApiError(422, f"a torrent may name at most {MAX_TRACKERS} trackers and "
                        f"{MAX_WEB_SEEDS} web seeds")
     params.comment, params.created_by = params.comment[:MAX_TEXT], params.created_by[:MAX_TEXT]
+    # libtorrent would rename hostile file names quietly; refusing tells the client.
     if problem := _unsafe_info(params.ti):
         raise ApiError(422, f"not a valid torrent file: {problem}")
     return params
 
 
 def _unsafe_info(info):
-    """Why a torrent's info dict must not be served, or None: a piece length that is not
-    a power of two, too many files, or a file name that could leave save_path."""
+    """Why a torrent's info dict must not be served, or None."""
     piece_length = info.piece_length()
     if piece_length & (piece_length - 1):
         return f"piece length {piece_length} is not a power of two"
@@ -1074,9 +1067,8 @@ def _unsafe_info(info):
 
 
 def _bdecode(data, start=0):
-    """(the bencoded value at start, the index after it), for bytes libtorrent already
-    parsed. Not lt.bdecode: that holds the GIL for the whole call, and a long info dict
-    would stall the event loop; Python code lets it run in between."""
+    """(the bencoded value at start, the index after it), for bytes libtorrent parsed."""
+    # Not lt.bdecode: it holds the GIL for the whole call and would stall the event loop.
     kind = data[start:start + 1]
     if kind in (b"d", b"l"):
         items, index = [], start + 1
@@ -1095,9 +1087,8 @@ def _bdecode(data, start=0):
 
 
 def _unsafe_file_name(info):
-    """The first file name element in a raw info dict that could leave save_path:
-    empty, ".", "..", or holding a separator or NUL; None if all are safe. The .utf-8
-    variants of the keys count too: libtorrent prefers them to the plain ones."""
+    """The first file name element in a raw info dict that could leave save_path, or None."""
+    # The .utf-8 variants count too: libtorrent prefers them to the plain keys.
     paths = [[info.get(b"name", b"")], [info.get(b"name.utf-8", b"x")]]
     files = info.get(b"files")  # v1 multi-file; libtorrent ignores it if not a list
     for entry in files if isinstance(files, list) else ():
@@ -1147,40 +1138,18 @@ def _checked_metadata(torrent_info, creation):
     return (problem, None) if problem else (None, _metadata(torrent_info, creation))
 
 
-def _is_local_url(url):
-    """True when a URL names a loopback address or localhost, so no lookup leaves the host."""
-    try:
-        host = urllib.parse.urlsplit(url).hostname
-    except ValueError:
-        return False
-    return host is not None and _is_loopback_name(host)
-
-
-#: Addresses of this host itself, where services that trust local callers listen:
-#: loopback, link-local and unspecified, and the same written as IPv4-mapped IPv6
-#: (::ffff:127.0.0.1 reaches 127.0.0.1, and Python does not call it loopback).
+#: This host's own addresses, IPv4-mapped too (::ffff:127.0.0.1 reaches 127.0.0.1, and
+#: Python does not call it loopback): local services that trust local callers listen there.
 _HOST_OWN = tuple(map(ipaddress.ip_network, (
     "127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::/127", "fe80::/10",
     "::ffff:127.0.0.0/104", "::ffff:0.0.0.0/104", "::ffff:169.254.0.0/112")))
-
-
-def _is_private_to_host(url):
-    """True when a URL names this host itself: localhost, or one of _HOST_OWN. A URL
-    too malformed to tell counts as private, so it is dropped."""
-    try:
-        host = (urllib.parse.urlsplit(url).hostname or "").lower()
-    except ValueError:  # such as an unclosed [ in http://[::1/announce
-        return True
-    try:
-        return any(ipaddress.ip_address(host) in network for network in _HOST_OWN)
-    except ValueError:
-        return host == "localhost" or host.endswith(".localhost")
+#: Characters no working tracker or web-seed URL holds, which a web page that shows the
+#: URL inside an attribute (Transmission's web client does) would read as markup.
+_MARKUP = frozenset("\"' <>\\`")
 
 
 def keep_reachable(params, local_only):
-    """Drop the trackers, web seeds and DHT nodes the daemon may not call: with
-    --local-only all outside loopback, else this host's own addresses, so that a .torrent
-    cannot reach a local service. The IP filter blocks the same after DNS lookups."""
+    """Drop the trackers, web seeds and DHT nodes the daemon may not call (_url_allowed)."""
     # Tiers are a list beside the URLs: filter the pairs, or tiers slide onto other URLs.
     tiers = list(params.tracker_tiers) + [0] * (len(params.trackers) - len(params.tracker_tiers))
     kept = [(url, tier) for url, tier in zip(params.trackers, tiers)
@@ -1193,22 +1162,33 @@ def keep_reachable(params, local_only):
     return params
 
 
-#: Characters no working tracker or web-seed URL holds, which a web page that shows the
-#: URL inside an attribute (Transmission's web client does) would read as markup.
-_MARKUP = frozenset("\"' <>\\`")
+def _is_local_url(url):
+    """True when a URL names a loopback address or localhost, so no lookup leaves the host."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host is not None and _is_loopback_name(host)
 
 
 def _url_allowed(url, local_only):
-    """Whether the daemon may call a URL a torrent or a client names, and show it: not
-    to this host (nor, with --local-only, anywhere else), and no markup in it."""
+    """Whether the daemon may call and show a URL: not this host, or only it (--local-only)."""
     if not _MARKUP.isdisjoint(url):
         return False
-    return _is_local_url(url) if local_only else not _is_private_to_host(url)
+    if local_only:
+        return _is_local_url(url)
+    try:
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    except ValueError:  # such as an unclosed [ in http://[::1/announce: too malformed to tell
+        return False
+    try:  # so that a .torrent cannot reach a local service; the IP filter checks after DNS
+        return not any(ipaddress.ip_address(host) in network for network in _HOST_OWN)
+    except ValueError:
+        return host != "localhost" and not host.endswith(".localhost")
 
 
 def _ip_filter(local_only):
-    """The session's IP filter, for peers, trackers and web seeds alike, after DNS: with
-    --local-only only loopback is allowed, else all but this host's own addresses."""
+    """The session's IP filter for peers, trackers and web seeds: what _url_allowed allows."""
     ip_filter = lt.ip_filter()
     rules = [("0.0.0.0", "255.255.255.255", 1), ("127.0.0.0", "127.255.255.255", 0),
              ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1), ("::1", "::1", 0)]
@@ -1218,10 +1198,9 @@ def _ip_filter(local_only):
 
 
 async def fetch_torrent_url(client, url, timeout, local_only=False):
-    """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to.
-    One deadline covers every redirect: five slow hops must not take five times as long."""
+    """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout):  # one deadline for all: hops must not add up
             for _ in range(FETCH_MAX_REDIRECTS + 1):
                 fetched = await _fetch_once(client, url, local_only)
                 if not isinstance(fetched, tuple):
@@ -1260,8 +1239,7 @@ async def _fetch_once(client, url, local_only):
 
 
 async def _read_limited(read_chunk, limit, what="request body", already=0):
-    """Read a stream to its end, or raise 413 once the total passes limit. Counts the
-    bytes itself: a chunked body announces no length, and a length may lie."""
+    """Read a stream to its end; 413 once the bytes counted (a length may lie) pass limit."""
     data = bytearray()
     while chunk := await read_chunk(64 * 1024):
         data += chunk
