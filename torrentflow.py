@@ -1259,9 +1259,9 @@ def _with_notes(resume_data, notes):
 
 
 def _notes_of(resume_data):
-    """The daemon's notes in bencoded resume data; {} if it has none or they are bad.
-    The key is the last one, its value ending just before the dict's e: the same bytes
-    inside the notes (a label, a path) are not it."""
+    """The daemon's notes in bencoded resume data; {} if it has none or they are bad."""
+    # The key is the last one, its value ending just before the dict's e: the same bytes
+    # inside the notes (a label, a path) are not it.
     key, end = b"%d:%s" % (len(NOTES_KEY), NOTES_KEY), len(resume_data)
     while (at := resume_data.rfind(key, 0, end)) >= 0:
         length, _, rest = resume_data[at + len(key):].partition(b":")
@@ -1284,8 +1284,7 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-#: Largest file StateStore.read gives back (a webhook's queued event, the event counter):
-#: real ones are a few kilobytes.
+#: Largest file StateStore.read gives back (a queued event, the event counter): a few kB.
 MAX_STATE_FILE = 1024 * 1024
 
 
@@ -1295,18 +1294,16 @@ def _on_state_thread(method):
 
 
 class StateStore:
-    """The state directory: one resume file per torrent, written atomically. Every read
-    and write runs on one thread of its own, in the order asked, so a write and a delete
-    of one file never cross, and the event loop never waits on the disk. The thread is a
-    daemon: a disk that hangs cannot keep the process from exiting."""
+    """The state directory: resume files written atomically, by one thread of its own."""
 
     def __init__(self, root):
         self.root = root
         self.resume_dir = root / "resume"
         self.quarantine_dir = root / "quarantine"
-        self._jobs = queue.SimpleQueue()
+        self._jobs = queue.SimpleQueue()  # in order: a write and a delete never cross
         self._renamed = set()  # directories the job under way renamed or deleted in
         self._lock_fd = None   # the state directory, held with flock while running
+        # A daemon thread: a disk that hangs cannot keep the process from exiting.
         self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
         self._thread.start()
 
@@ -1364,8 +1361,7 @@ class StateStore:
 
     @_on_state_thread
     def prepare(self, download_dir):
-        """Make the directories, clear interrupted writes and take down the clean-shutdown
-        mark; (whether the last run left one or none ran, the settings /settings saved)."""
+        """Set up the directory and its lock; (did the last run stop clean, the saved settings)."""
         first_run = not self.resume_dir.is_dir()
         for directory, option in ((download_dir, "--download-dir (TORRENTFLOW_DOWNLOAD_DIR)"),
                                   (self.resume_dir, "--state-dir (TORRENTFLOW_STATE_DIR)")):
@@ -1373,9 +1369,8 @@ class StateStore:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise StartupError(_directory_problem(directory, error, option)) from None
-        # Held alone for the life of the process: a second daemon on it would load the
-        # same torrents, and its clean stop would vouch for this one's files. The kernel
-        # lets go when the process ends, however it ends.
+        # Held for the life of the process (the kernel lets go however it ends): a second
+        # daemon would load the same torrents, and its clean stop would vouch for ours.
         self._lock_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1417,15 +1412,13 @@ class StateStore:
 
     @_on_state_thread
     def read(self, relative):
-        """The files of the directory state/relative, {name: bytes}; or of one file,
-        {name: bytes} too. Missing is empty; anything but a regular file is skipped, and
-        so is one over MAX_STATE_FILE: corrupt or planted, it must not fill the memory."""
+        """{name: bytes} of the regular files in directory state/relative, or of that file."""
         path, found = self.root / relative, {}
         for file in sorted(path.iterdir()) if path.is_dir() else [path]:
             if file.exists() and stat.S_ISREG(file.lstat().st_mode):
                 with open(file, "rb") as stream:
                     found[file.name] = stream.read(MAX_STATE_FILE + 1)
-                if len(found[file.name]) > MAX_STATE_FILE:
+                if len(found[file.name]) > MAX_STATE_FILE:  # corrupt or planted: not in memory
                     log.warning("skipping %s: more than %d bytes", file, MAX_STATE_FILE)
                     del found[file.name]
         return found
@@ -1438,8 +1431,7 @@ class StateStore:
             self._delete(old_name)
 
     def _atomic(self, path, data, backup=False):
-        """Replace a file so that a crash leaves the old or the new one whole; the
-        directory is fsynced with the rest of the batch."""
+        """Replace a file so that a crash leaves the old or the new one whole."""
         temp = path.with_suffix(".tmp")
         with open(temp, "wb") as file:
             file.write(data)
@@ -1462,8 +1454,7 @@ class StateStore:
 
     @_on_state_thread
     def load(self, allowed):
-        """(file name, add_torrent_params, notes) of every saved torrent, in the order
-        they were added; allowed(save_path) says whether a save path may be used."""
+        """(file name, add_torrent_params, notes) of every saved torrent, in order of adding."""
         names = set()
         for path in self.resume_dir.iterdir():
             if path.suffix not in (".resume", ".bak"):
@@ -1482,9 +1473,9 @@ class StateStore:
         return loaded
 
     def _unique(self, loaded):
-        """One entry per torrent. Of two files with one torrent (a crash between writing a
-        v2 magnet's file under its new v1 id and deleting the old, or a copy), the one named
-        by its own id, else the one that knows more ids, is kept; the other set aside."""
+        """One entry per torrent; a second file with the same torrent is set aside."""
+        # Kept: the file named by its own id, else the one that knows more ids (a crash
+        # between writing a v2 magnet's file under its new v1 id and deleting the old).
         loaded.sort(key=lambda read: (read[0] != _hash_ids(read[1].info_hashes)[0],
                                       -len(_hash_ids(read[1].info_hashes))))
         kept, known = [], set()
@@ -1500,8 +1491,7 @@ class StateStore:
         return kept
 
     def _read(self, name, allowed):
-        """One torrent's params and notes from its file, else its .bak; unusable files
-        are quarantined."""
+        """One torrent's params and notes from its file, else its .bak; or None."""
         path = self._path(name)
         result, unusable = None, []
         for candidate in (path, path.with_suffix(".bak")):
@@ -1561,14 +1551,12 @@ def _labels_value(value):
     return list(dict.fromkeys(value))
 
 
-#: The daemon's notes on each torrent, kept in its resume file: name -> (default, parse).
-#: parse checks a value read back from a file with the API's own rules; a value it
-#: refuses falls back to the default, with a warning. Extensions add rows.
+#: The daemon's notes on each torrent, kept in its resume file: name -> (default, parse);
+#: parse checks a value read back with the API's own rules. Extensions add rows.
 NOTES = {
     "order": (None, _number(int, 1, high=2**63)),  # the order of adding (ns since epoch)
     "finished": (None, _boolean),  # whether the finished event was announced
-    # payload bytes over its life: libtorrent's all-time counters drop what moved since
-    # their last tick
+    # payload bytes over its life: libtorrent's all-time counters drop the last tick's
     "downloaded": (None, _number(int, 0, high=2**63)),
     "uploaded": (None, _number(int, 0, high=2**63)),
     "labels": ([], _labels_value),
@@ -1582,9 +1570,7 @@ def _note_defaults(params):
 
 
 def _checked_notes(notes, defaults, infohash):
-    """The notes of a resume file, each checked by its NOTES row; defaults fill the
-    rest. A note that fails its check is dropped with a warning: one bad value must
-    not keep the torrent, or any other, from loading."""
+    """A resume file's notes, each checked by its NOTES row; defaults fill the rest."""
     checked = {name: notes.get(name) if name in notes else defaults.get(name, default)
                for name, (default, _) in NOTES.items()}
     for name, (default, parse) in NOTES.items():
@@ -1593,7 +1579,7 @@ def _checked_notes(notes, defaults, infohash):
             continue
         try:
             checked[name] = parse(value)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError) as error:  # one bad value must not stop the load
             log.warning("torrent %s: ignoring its saved %s %.60r: %s", infohash, name,
                         value, error)
             checked[name] = defaults.get(name, default)
@@ -1602,12 +1588,10 @@ def _checked_notes(notes, defaults, infohash):
 
 def _session_pack(settings):
     """libtorrent's part of the session settings, as settings_pack entries."""
-    return {"download_rate_limit": settings["download_limit"],
-            "upload_rate_limit": settings["upload_limit"],
-            "active_downloads": settings["max_active_downloads"],
-            "active_seeds": settings["max_active_seeds"],
-            "active_limit": settings["max_active_torrents"],
-            "connections_limit": settings["max_connections"]}
+    return {pack: settings[name] for pack, name in (
+        ("download_rate_limit", "download_limit"), ("upload_rate_limit", "upload_limit"),
+        ("active_downloads", "max_active_downloads"), ("active_seeds", "max_active_seeds"),
+        ("active_limit", "max_active_torrents"), ("connections_limit", "max_connections"))}
 
 
 def _valid_settings(saved):
@@ -1623,9 +1607,8 @@ def _valid_settings(saved):
 
 
 def _missing_file(save_path, files, priorities):
-    """The first wanted file that is missing or shorter than it should be, or None.
-    Only sizes are compared: reading the data would take hours."""
-    for index, path, size in files:
+    """The first wanted file that is missing or shorter than it should be, or None."""
+    for index, path, size in files:  # sizes only: reading the data would take hours
         if index < len(priorities) and not priorities[index]:
             continue
         try:
@@ -1637,8 +1620,7 @@ def _missing_file(save_path, files, priorities):
 
 
 def _outside_roots(roots, places):
-    """Why one of places (a save path and what is in it) leads outside every root, or
-    None. Blocking: run in a thread."""
+    """Why one of places (a save path and what is in it) leads outside the roots. Blocking."""
     for place in places:
         real, inside = _resolved(place, roots)
         if not inside:
@@ -1647,8 +1629,7 @@ def _outside_roots(roots, places):
 
 
 def _inspect_disk(roots, directories, places, checks):
-    """What is wrong with the directories ({name: problem}), and for each torrent the
-    reason to stop it, or None. Blocking: run in a thread."""
+    """({directory name: problem}, each torrent's reason to stop or None). Blocking."""
     problems = {name: f"the {name} directory {directory} is not writable"
                 for name, directory in directories.items()
                 if not os.access(directory, os.W_OK | os.X_OK)}
