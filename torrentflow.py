@@ -1679,7 +1679,8 @@ class Field:
         return {**schema, "description": self.description}
 
 
-def _flag(bit):
+def _flag(name):
+    bit = getattr(lt.torrent_flags, name)
     return lambda torrent, status: bool(status.flags & bit)
 
 
@@ -1690,18 +1691,14 @@ def _info(name):
 _QUEUED = lt.torrent_flags.paused | lt.torrent_flags.auto_managed
 #: The states libtorrent reports.
 STATES = sorted(str(state) for state in lt.torrent_status.states.values.values())
-_FILE_ENTRY = {"type": "object", "additionalProperties": False,
-               "required": ["index", "path", "size", "downloaded", "progress", "priority"],
-               "properties": {
-                   "index": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
-                   "size": {"type": "integer", "minimum": 0},
-                   "downloaded": {"type": "integer", "minimum": 0},
-                   "progress": {"type": "number", "minimum": 0, "maximum": 100},
-                   "priority": {"type": "integer", "minimum": 0, "maximum": 7}}}
+_FILE_ENTRY = _object({
+    "index": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
+    "size": {"type": "integer", "minimum": 0}, "downloaded": {"type": "integer", "minimum": 0},
+    "progress": {"type": "number", "minimum": 0, "maximum": 100},
+    "priority": {"type": "integer", "minimum": 0, "maximum": 7}})
 
-#: Every field of a torrent's status. The status dicts, the OpenAPI schema and the
-#: names that fields= and sort= accept all come from this table; README.md documents
-#: each row, and a test holds it to this table.
+#: Every field of a torrent's status: the status dicts, the OpenAPI schema, the names
+#: fields= and sort= take, and README.md (a test holds it to this table) come from it.
 STATUS = [
     Field("infohash", "string", False, "the id: v1 hash if there is one, else v2 hash",
           lambda torrent, status: torrent.infohash),
@@ -1712,22 +1709,19 @@ STATUS = [
     Field("state", {"type": "string", "enum": STATES}, False,
         "libtorrent's state; paused and queued torrents keep theirs",
         lambda torrent, status: str(status.state)),
-    Field("paused", "boolean", False, "paused, by the API or by the queue",
-          _flag(lt.torrent_flags.paused)),
+    Field("paused", "boolean", False, "paused, by the API or by the queue", _flag("paused")),
     Field("queued", "boolean", False, "paused by libtorrent's queue, not by you",
           lambda torrent, status: status.flags & _QUEUED == _QUEUED),
     Field("auto_managed", "boolean", False, "libtorrent's queue may start and stop it",
-          _flag(lt.torrent_flags.auto_managed)),
+          _flag("auto_managed")),
     Field("sequential_download", "boolean", False, "pieces are fetched in order",
-          _flag(lt.torrent_flags.sequential_download)),
+          _flag("sequential_download")),
     Field("seed_mode", "boolean", False, "seeding without having checked the data",
-          _flag(lt.torrent_flags.seed_mode)),
+          _flag("seed_mode")),
     Field("upload_mode", "boolean", False, "not downloading, after a disk error",
-          _flag(lt.torrent_flags.upload_mode)),
-    Field("share_mode", "boolean", False, "downloading only to upload",
-          _flag(lt.torrent_flags.share_mode)),
-    Field("super_seeding", "boolean", False, "super-seeding is on",
-          _flag(lt.torrent_flags.super_seeding)),
+          _flag("upload_mode")),
+    Field("share_mode", "boolean", False, "downloading only to upload", _flag("share_mode")),
+    Field("super_seeding", "boolean", False, "super-seeding is on", _flag("super_seeding")),
     Field("is_seeding", "boolean", False, "it has every piece"),
     # Not while a magnet's chosen file priorities wait to be mapped: all its files are
     # at 0 meanwhile, which libtorrent calls finished.
@@ -1826,8 +1820,8 @@ class _Slices(list):
 
 
 def _json(value):
-    """value as JSON bytes, _Slices a slice at a time: json.dumps holds the GIL for a
-    whole call, so one long list would stall the event loop even from a thread."""
+    """value as JSON bytes, _Slices a slice at a time."""
+    # json.dumps holds the GIL for a whole call: one long list would stall the event loop.
     if isinstance(value, _Slices):
         return b"[%s]" % b",".join(_json_slice(value[start:start + JSON_SLICE])
                                    for start in range(0, len(value), JSON_SLICE))
@@ -1840,8 +1834,7 @@ def _json(value):
 
 
 def _json_slice(items):
-    """The JSON of a slice of a _Slices, without its brackets; items that hold _Slices
-    themselves (torrents with their files) go through _json one by one."""
+    """The JSON of a slice of a _Slices, without its brackets; nested _Slices one by one."""
     if any(isinstance(inner, _Slices) for item in items if isinstance(item, (dict, list))
            for inner in (item.values() if isinstance(item, dict) else item)):
         return b",".join(_json(item) for item in items)
@@ -1867,8 +1860,8 @@ class Setting:
     when: str = "add, change"
 
 
-#: Every per-torrent setting. Parsing, the request schemas and the README come from it;
-#: each also appears in the status, from STATUS. Extensions add rows.
+#: Every per-torrent setting, also in the status (STATUS): parsing, the request schemas
+#: and the README come from it. Extensions add rows.
 SETTINGS = [
     Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
         params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
@@ -1883,8 +1876,7 @@ def settings_for(when):
 
 
 def _preset(params, settings):
-    """Put settings given at add into add_torrent_params; return the notes they make.
-    On a worker thread: a setting may list every file."""
+    """Put settings given at add into add_torrent_params; the notes they make. In a thread."""
     notes = {}
     for name, value in settings.items():
         setting = settings_for("add")[name]
@@ -1896,13 +1888,12 @@ def _preset(params, settings):
 
 
 def parse_values(fields, parsers, schemas=None):
-    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range. With
-    schemas (a JSON body), text is refused where the schema wants another type."""
+    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range."""
     values = {}
     for name, value in fields.items():
         if name not in parsers:
             continue
-        try:
+        try:  # in JSON (with schemas), text is refused where the schema wants another type
             if schemas and isinstance(value, str) and schemas[name].get("type") != "string":
                 raise TypeError("must not be a string in JSON")
             values[name] = parsers[name](value)
