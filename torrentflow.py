@@ -1442,15 +1442,14 @@ class StateStore:
         os.replace(temp, path)
         self._renamed.add(path.parent)
 
-    def delete(self, name):
-        """Delete a torrent's resume file and its backup, durably; awaitable."""
-        return self._submit(self._delete, name)
-
     def _delete(self, name):
+        """Delete a torrent's resume file and its backup, durably."""
         path = self._path(name)
         for file in (path, path.with_suffix(".bak")):
             file.unlink(missing_ok=True)
         self._renamed.add(self.resume_dir)
+
+    delete = _on_state_thread(_delete)  # write() calls _delete itself, on the thread
 
     @_on_state_thread
     def load(self, allowed):
@@ -1571,18 +1570,16 @@ def _note_defaults(params):
 
 def _checked_notes(notes, defaults, infohash):
     """A resume file's notes, each checked by its NOTES row; defaults fill the rest."""
-    checked = {name: notes.get(name) if name in notes else defaults.get(name, default)
-               for name, (default, _) in NOTES.items()}
+    checked = {}
     for name, (default, parse) in NOTES.items():
-        value = checked[name]
-        if value is None or value == default:
-            continue
+        fallback = defaults.get(name, default)
+        value = notes.get(name, fallback)
         try:
-            checked[name] = parse(value)
+            checked[name] = value if value is None or value == default else parse(value)
         except (TypeError, ValueError) as error:  # one bad value must not stop the load
             log.warning("torrent %s: ignoring its saved %s %.60r: %s", infohash, name,
                         value, error)
-            checked[name] = defaults.get(name, default)
+            checked[name] = fallback
     return checked
 
 
