@@ -870,24 +870,21 @@ def _params_ids(params):
 
 
 def _resolved(path, roots):
-    """(path's real path, symlinks and .. resolved; whether it lies inside one of roots).
-    Touches the disk: run in a thread."""
+    """(path with symlinks and .. resolved, whether it lies inside a root). Blocking."""
     real = Path(os.path.realpath(path))
     return real, any(real.is_relative_to(root) for root in roots)
 
 
 def resolve_save_path(roots, requested):
-    """The real directory save_path names, checked to lie inside the roots (a relative
-    one under roots[0], the download directory). Nothing is created: libtorrent makes it
-    at the first write, so a failed add leaves nothing behind. Run in a thread."""
+    """The real directory save_path names, checked to lie inside the roots. Blocking."""
     if "\x00" in requested:
         raise ApiError(400, "save_path contains a NUL byte")
     absolute = os.path.isabs(requested)
-    allowed = roots if absolute else roots[:1]
+    allowed = roots if absolute else roots[:1]  # a relative one goes under the download dir
     outside = ApiError(400, "save_path must stay inside the download directory"
                        + (" or an allowed save root" if len(allowed) > 1 else ""))
-    # Decided on the text first, the same whatever exists: a .. that climbs out and back
-    # in (a/../../x/../a) would otherwise tell, by the answer, what is on the disk.
+    # Decided on the text first: a .. that climbs out and back in (a/../../x/../a) would
+    # otherwise tell, by the answer, what is on the disk.
     depth = 0
     for part in Path(requested).parts[1 if absolute else 0:]:
         depth += -1 if part == ".." else part != "."
@@ -902,14 +899,12 @@ def resolve_save_path(roots, requested):
         raise ApiError(400, f"save_path cannot be used: {error.strerror}") from None
     if a_file:
         raise ApiError(400, "save_path names a file, not a directory")
-    return str(target)
+    return str(target)  # not created: libtorrent makes it at the first write
 
 
 def _readable(params):
-    """False if a name, path or URL in params is not UTF-8. libtorrent keeps a magnet's
-    %-decoded dn= and tr=, a .torrent's announce and a resume file's save_path as bytes;
-    Python raises on every later read of them, so such a torrent could never be served."""
-    try:
+    """False if a name, path or URL in params is not UTF-8."""
+    try:  # libtorrent keeps such text as bytes, and Python raises on every read of them
         params.name, params.save_path, params.trackers, params.url_seeds, params.dht_nodes
     except UnicodeDecodeError:
         return False
@@ -944,9 +939,7 @@ def params_from_magnet(uri):
 
 
 def params_from_torrent(data):
-    """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread.
-    libtorrent would sanitise hostile file names and write inside save_path anyway;
-    refusing them tells the client the file is hostile instead of renaming quietly."""
+    """Parse .torrent bytes under TORRENT_LIMITS, or raise 422. CPU-bound: call in a thread."""
     if len(data) > MAX_TORRENT_BYTES:
         raise ApiError(413, f"a .torrent may be at most {MAX_TORRENT_BYTES} bytes")
     try:
@@ -959,14 +952,14 @@ def params_from_torrent(data):
         raise ApiError(422, f"a torrent may name at most {MAX_TRACKERS} trackers and "
                        f"{MAX_WEB_SEEDS} web seeds")
     params.comment, params.created_by = params.comment[:MAX_TEXT], params.created_by[:MAX_TEXT]
+    # libtorrent would rename hostile file names quietly; refusing tells the client.
     if problem := _unsafe_info(params.ti):
         raise ApiError(422, f"not a valid torrent file: {problem}")
     return params
 
 
 def _unsafe_info(info):
-    """Why a torrent's info dict must not be served, or None: a piece length that is not
-    a power of two, too many files, or a file name that could leave save_path."""
+    """Why a torrent's info dict must not be served, or None."""
     piece_length = info.piece_length()
     if piece_length & (piece_length - 1):
         return f"piece length {piece_length} is not a power of two"
@@ -984,9 +977,8 @@ def _unsafe_info(info):
 
 
 def _bdecode(data, start=0):
-    """(the bencoded value at start, the index after it), for bytes libtorrent already
-    parsed. Not lt.bdecode: that holds the GIL for the whole call, and a long info dict
-    would stall the event loop; Python code lets it run in between."""
+    """(the bencoded value at start, the index after it), for bytes libtorrent parsed."""
+    # Not lt.bdecode: it holds the GIL for the whole call and would stall the event loop.
     kind = data[start:start + 1]
     if kind in (b"d", b"l"):
         items, index = [], start + 1
@@ -1005,9 +997,8 @@ def _bdecode(data, start=0):
 
 
 def _unsafe_file_name(info):
-    """The first file name element in a raw info dict that could leave save_path:
-    empty, ".", "..", or holding a separator or NUL; None if all are safe. The .utf-8
-    variants of the keys count too: libtorrent prefers them to the plain ones."""
+    """The first file name element in a raw info dict that could leave save_path, or None."""
+    # The .utf-8 variants count too: libtorrent prefers them to the plain keys.
     paths = [[info.get(b"name", b"")], [info.get(b"name.utf-8", b"x")]]
     files = info.get(b"files")  # v1 multi-file; libtorrent ignores it if not a list
     for entry in files if isinstance(files, list) else ():
@@ -1057,40 +1048,18 @@ def _checked_metadata(torrent_info, creation):
     return (problem, None) if problem else (None, _metadata(torrent_info, creation))
 
 
-def _is_local_url(url):
-    """True when a URL names a loopback address or localhost, so no lookup leaves the host."""
-    try:
-        host = urllib.parse.urlsplit(url).hostname
-    except ValueError:
-        return False
-    return host is not None and _is_loopback_name(host)
-
-
-#: Addresses of this host itself, where services that trust local callers listen:
-#: loopback, link-local and unspecified, and the same written as IPv4-mapped IPv6
-#: (::ffff:127.0.0.1 reaches 127.0.0.1, and Python does not call it loopback).
+#: This host's own addresses, IPv4-mapped too (::ffff:127.0.0.1 reaches 127.0.0.1, and
+#: Python does not call it loopback): local services that trust local callers listen there.
 _HOST_OWN = tuple(map(ipaddress.ip_network, (
     "127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::/127", "fe80::/10",
     "::ffff:127.0.0.0/104", "::ffff:0.0.0.0/104", "::ffff:169.254.0.0/112")))
-
-
-def _is_private_to_host(url):
-    """True when a URL names this host itself: localhost, or one of _HOST_OWN. A URL
-    too malformed to tell counts as private, so it is dropped."""
-    try:
-        host = (urllib.parse.urlsplit(url).hostname or "").lower()
-    except ValueError:  # such as an unclosed [ in http://[::1/announce
-        return True
-    try:
-        return any(ipaddress.ip_address(host) in network for network in _HOST_OWN)
-    except ValueError:
-        return host == "localhost" or host.endswith(".localhost")
+#: Characters no working tracker or web-seed URL holds, which a web page that shows the
+#: URL inside an attribute (Transmission's web client does) would read as markup.
+_MARKUP = frozenset("\"' <>\\`")
 
 
 def keep_reachable(params, local_only):
-    """Drop the trackers, web seeds and DHT nodes the daemon may not call: with
-    --local-only all outside loopback, else this host's own addresses, so that a .torrent
-    cannot reach a local service. The IP filter blocks the same after DNS lookups."""
+    """Drop the trackers, web seeds and DHT nodes the daemon may not call (_url_allowed)."""
     # Tiers are a list beside the URLs: filter the pairs, or tiers slide onto other URLs.
     tiers = list(params.tracker_tiers) + [0] * (len(params.trackers) - len(params.tracker_tiers))
     kept = [(url, tier) for url, tier in zip(params.trackers, tiers)
@@ -1103,22 +1072,33 @@ def keep_reachable(params, local_only):
     return params
 
 
-#: Characters no working tracker or web-seed URL holds, which a web page that shows the
-#: URL inside an attribute (Transmission's web client does) would read as markup.
-_MARKUP = frozenset("\"' <>\\`")
+def _is_local_url(url):
+    """True when a URL names a loopback address or localhost, so no lookup leaves the host."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host is not None and _is_loopback_name(host)
 
 
 def _url_allowed(url, local_only):
-    """Whether the daemon may call a URL a torrent or a client names, and show it: not
-    to this host (nor, with --local-only, anywhere else), and no markup in it."""
+    """Whether the daemon may call and show a URL: not this host, or only it (--local-only)."""
     if not _MARKUP.isdisjoint(url):
         return False
-    return _is_local_url(url) if local_only else not _is_private_to_host(url)
+    if local_only:
+        return _is_local_url(url)
+    try:
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    except ValueError:  # such as an unclosed [ in http://[::1/announce: too malformed to tell
+        return False
+    try:  # so that a .torrent cannot reach a local service; the IP filter checks after DNS
+        return not any(ipaddress.ip_address(host) in network for network in _HOST_OWN)
+    except ValueError:
+        return host != "localhost" and not host.endswith(".localhost")
 
 
 def _ip_filter(local_only):
-    """The session's IP filter, for peers, trackers and web seeds alike, after DNS: with
-    --local-only only loopback is allowed, else all but this host's own addresses."""
+    """The session's IP filter for peers, trackers and web seeds: what _url_allowed allows."""
     ip_filter = lt.ip_filter()
     rules = [("0.0.0.0", "255.255.255.255", 1), ("127.0.0.0", "127.255.255.255", 0),
              ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1), ("::1", "::1", 0)]
@@ -1128,10 +1108,9 @@ def _ip_filter(local_only):
 
 
 async def fetch_torrent_url(client, url, timeout, local_only=False):
-    """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to.
-    One deadline covers every redirect: five slow hops must not take five times as long."""
+    """Fetch a .torrent over http(s); returns its bytes, or a magnet URI it redirected to."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout):  # one deadline for all: hops must not add up
             for _ in range(FETCH_MAX_REDIRECTS + 1):
                 fetched = await _fetch_once(client, url, local_only)
                 if not isinstance(fetched, tuple):
@@ -1170,8 +1149,7 @@ async def _fetch_once(client, url, local_only):
 
 
 async def _read_limited(read_chunk, limit, what="request body", already=0):
-    """Read a stream to its end, or raise 413 once the total passes limit. Counts the
-    bytes itself: a chunked body announces no length, and a length may lie."""
+    """Read a stream to its end; 413 once the bytes counted (a length may lie) pass limit."""
     data = bytearray()
     while chunk := await read_chunk(64 * 1024):
         data += chunk
@@ -1191,9 +1169,9 @@ def _with_notes(resume_data, notes):
 
 
 def _notes_of(resume_data):
-    """The daemon's notes in bencoded resume data; {} if it has none or they are bad.
-    The key is the last one, its value ending just before the dict's e: the same bytes
-    inside the notes (a label, a path) are not it."""
+    """The daemon's notes in bencoded resume data; {} if it has none or they are bad."""
+    # The key is the last one, its value ending just before the dict's e: the same bytes
+    # inside the notes (a label, a path) are not it.
     key, end = b"%d:%s" % (len(NOTES_KEY), NOTES_KEY), len(resume_data)
     while (at := resume_data.rfind(key, 0, end)) >= 0:
         length, _, rest = resume_data[at + len(key):].partition(b":")
@@ -1216,8 +1194,7 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-#: Largest file StateStore.read gives back (a webhook's queued event, the event counter):
-#: real ones are a few kilobytes.
+#: Largest file StateStore.read gives back (a queued event, the event counter): a few kB.
 MAX_STATE_FILE = 1024 * 1024
 
 
@@ -1227,18 +1204,16 @@ def _on_state_thread(method):
 
 
 class StateStore:
-    """The state directory: one resume file per torrent, written atomically. Every read
-    and write runs on one thread of its own, in the order asked, so a write and a delete
-    of one file never cross, and the event loop never waits on the disk. The thread is a
-    daemon: a disk that hangs cannot keep the process from exiting."""
+    """The state directory: resume files written atomically, by one thread of its own."""
 
     def __init__(self, root):
         self.root = root
         self.resume_dir = root / "resume"
         self.quarantine_dir = root / "quarantine"
-        self._jobs = queue.SimpleQueue()
+        self._jobs = queue.SimpleQueue()  # in order: a write and a delete never cross
         self._renamed = set()  # directories the job under way renamed or deleted in
         self._lock_fd = None   # the state directory, held with flock while running
+        # A daemon thread: a disk that hangs cannot keep the process from exiting.
         self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
         self._thread.start()
 
@@ -1296,8 +1271,7 @@ class StateStore:
 
     @_on_state_thread
     def prepare(self, download_dir):
-        """Make the directories, clear interrupted writes and take down the clean-shutdown
-        mark; (whether the last run left one or none ran, the settings /settings saved)."""
+        """Set up the directory and its lock; (did the last run stop clean, the saved settings)."""
         first_run = not self.resume_dir.is_dir()
         for directory, option in ((download_dir, "--download-dir (TORRENTFLOW_DOWNLOAD_DIR)"),
                                   (self.resume_dir, "--state-dir (TORRENTFLOW_STATE_DIR)")):
@@ -1305,9 +1279,8 @@ class StateStore:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise StartupError(_directory_problem(directory, error, option)) from None
-        # Held alone for the life of the process: a second daemon on it would load the
-        # same torrents, and its clean stop would vouch for this one's files. The kernel
-        # lets go when the process ends, however it ends.
+        # Held for the life of the process (the kernel lets go however it ends): a second
+        # daemon would load the same torrents, and its clean stop would vouch for ours.
         self._lock_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1349,15 +1322,13 @@ class StateStore:
 
     @_on_state_thread
     def read(self, relative):
-        """The files of the directory state/relative, {name: bytes}; or of one file,
-        {name: bytes} too. Missing is empty; anything but a regular file is skipped, and
-        so is one over MAX_STATE_FILE: corrupt or planted, it must not fill the memory."""
+        """{name: bytes} of the regular files in directory state/relative, or of that file."""
         path, found = self.root / relative, {}
         for file in sorted(path.iterdir()) if path.is_dir() else [path]:
             if file.exists() and stat.S_ISREG(file.lstat().st_mode):
                 with open(file, "rb") as stream:
                     found[file.name] = stream.read(MAX_STATE_FILE + 1)
-                if len(found[file.name]) > MAX_STATE_FILE:
+                if len(found[file.name]) > MAX_STATE_FILE:  # corrupt or planted: not in memory
                     log.warning("skipping %s: more than %d bytes", file, MAX_STATE_FILE)
                     del found[file.name]
         return found
@@ -1370,8 +1341,7 @@ class StateStore:
             self._delete(old_name)
 
     def _atomic(self, path, data, backup=False):
-        """Replace a file so that a crash leaves the old or the new one whole; the
-        directory is fsynced with the rest of the batch."""
+        """Replace a file so that a crash leaves the old or the new one whole."""
         temp = path.with_suffix(".tmp")
         with open(temp, "wb") as file:
             file.write(data)
@@ -1382,20 +1352,18 @@ class StateStore:
         os.replace(temp, path)
         self._renamed.add(path.parent)
 
-    def delete(self, name):
-        """Delete a torrent's resume file and its backup, durably; awaitable."""
-        return self._submit(self._delete, name)
-
     def _delete(self, name):
+        """Delete a torrent's resume file and its backup, durably."""
         path = self._path(name)
         for file in (path, path.with_suffix(".bak")):
             file.unlink(missing_ok=True)
         self._renamed.add(self.resume_dir)
 
+    delete = _on_state_thread(_delete)  # write() calls _delete itself, on the thread
+
     @_on_state_thread
     def load(self, allowed):
-        """(file name, add_torrent_params, notes) of every saved torrent, in the order
-        they were added; allowed(save_path) says whether a save path may be used."""
+        """(file name, add_torrent_params, notes) of every saved torrent, in order of adding."""
         names = set()
         for path in self.resume_dir.iterdir():
             if path.suffix not in (".resume", ".bak"):
@@ -1414,9 +1382,9 @@ class StateStore:
         return loaded
 
     def _unique(self, loaded):
-        """One entry per torrent. Of two files with one torrent (a crash between writing a
-        v2 magnet's file under its new v1 id and deleting the old, or a copy), the one named
-        by its own id, else the one that knows more ids, is kept; the other set aside."""
+        """One entry per torrent; a second file with the same torrent is set aside."""
+        # Kept: the file named by its own id, else the one that knows more ids (a crash
+        # between writing a v2 magnet's file under its new v1 id and deleting the old).
         loaded.sort(key=lambda read: (read[0] != _hash_ids(read[1].info_hashes)[0],
                                       -len(_hash_ids(read[1].info_hashes))))
         kept, known = [], set()
@@ -1432,8 +1400,7 @@ class StateStore:
         return kept
 
     def _read(self, name, allowed):
-        """One torrent's params and notes from its file, else its .bak; unusable files
-        are quarantined."""
+        """One torrent's params and notes from its file, else its .bak; or None."""
         path = self._path(name)
         result, unusable = None, []
         for candidate in (path, path.with_suffix(".bak")):
@@ -1493,14 +1460,12 @@ def _labels_value(value):
     return list(dict.fromkeys(value))
 
 
-#: The daemon's notes on each torrent, kept in its resume file: name -> (default, parse).
-#: parse checks a value read back from a file with the API's own rules; a value it
-#: refuses falls back to the default, with a warning. Extensions add rows.
+#: The daemon's notes on each torrent, kept in its resume file: name -> (default, parse);
+#: parse checks a value read back with the API's own rules. Extensions add rows.
 NOTES = {
     "order": (None, _number(int, 1, high=2**63)),  # the order of adding (ns since epoch)
     "finished": (None, _boolean),  # whether the finished event was announced
-    # payload bytes over its life: libtorrent's all-time counters drop what moved since
-    # their last tick
+    # payload bytes over its life: libtorrent's all-time counters drop the last tick's
     "downloaded": (None, _number(int, 0, high=2**63)),
     "uploaded": (None, _number(int, 0, high=2**63)),
     "labels": ([], _labels_value),
@@ -1514,32 +1479,26 @@ def _note_defaults(params):
 
 
 def _checked_notes(notes, defaults, infohash):
-    """The notes of a resume file, each checked by its NOTES row; defaults fill the
-    rest. A note that fails its check is dropped with a warning: one bad value must
-    not keep the torrent, or any other, from loading."""
-    checked = {name: notes.get(name) if name in notes else defaults.get(name, default)
-               for name, (default, _) in NOTES.items()}
+    """A resume file's notes, each checked by its NOTES row; defaults fill the rest."""
+    checked = {}
     for name, (default, parse) in NOTES.items():
-        value = checked[name]
-        if value is None or value == default:
-            continue
+        fallback = defaults.get(name, default)
+        value = notes.get(name, fallback)
         try:
-            checked[name] = parse(value)
-        except (TypeError, ValueError) as error:
+            checked[name] = value if value is None or value == default else parse(value)
+        except (TypeError, ValueError) as error:  # one bad value must not stop the load
             log.warning("torrent %s: ignoring its saved %s %.60r: %s", infohash, name,
                         value, error)
-            checked[name] = defaults.get(name, default)
+            checked[name] = fallback
     return checked
 
 
 def _session_pack(settings):
     """libtorrent's part of the session settings, as settings_pack entries."""
-    return {"download_rate_limit": settings["download_limit"],
-            "upload_rate_limit": settings["upload_limit"],
-            "active_downloads": settings["max_active_downloads"],
-            "active_seeds": settings["max_active_seeds"],
-            "active_limit": settings["max_active_torrents"],
-            "connections_limit": settings["max_connections"]}
+    return {pack: settings[name] for pack, name in (
+        ("download_rate_limit", "download_limit"), ("upload_rate_limit", "upload_limit"),
+        ("active_downloads", "max_active_downloads"), ("active_seeds", "max_active_seeds"),
+        ("active_limit", "max_active_torrents"), ("connections_limit", "max_connections"))}
 
 
 def _valid_settings(saved):
@@ -1555,9 +1514,8 @@ def _valid_settings(saved):
 
 
 def _missing_file(save_path, files, priorities):
-    """The first wanted file that is missing or shorter than it should be, or None.
-    Only sizes are compared: reading the data would take hours."""
-    for index, path, size in files:
+    """The first wanted file that is missing or shorter than it should be, or None."""
+    for index, path, size in files:  # sizes only: reading the data would take hours
         if index < len(priorities) and not priorities[index]:
             continue
         try:
@@ -1569,8 +1527,7 @@ def _missing_file(save_path, files, priorities):
 
 
 def _outside_roots(roots, places):
-    """Why one of places (a save path and what is in it) leads outside every root, or
-    None. Blocking: run in a thread."""
+    """Why one of places (a save path and what is in it) leads outside the roots. Blocking."""
     for place in places:
         real, inside = _resolved(place, roots)
         if not inside:
@@ -1579,8 +1536,7 @@ def _outside_roots(roots, places):
 
 
 def _inspect_disk(roots, directories, places, checks):
-    """What is wrong with the directories ({name: problem}), and for each torrent the
-    reason to stop it, or None. Blocking: run in a thread."""
+    """({directory name: problem}, each torrent's reason to stop or None). Blocking."""
     problems = {name: f"the {name} directory {directory} is not writable"
                 for name, directory in directories.items()
                 if not os.access(directory, os.W_OK | os.X_OK)}
@@ -1630,7 +1586,8 @@ class Field:
         return {**schema, "description": self.description}
 
 
-def _flag(bit):
+def _flag(name):
+    bit = getattr(lt.torrent_flags, name)
     return lambda torrent, status: bool(status.flags & bit)
 
 
@@ -1641,18 +1598,14 @@ def _info(name):
 _QUEUED = lt.torrent_flags.paused | lt.torrent_flags.auto_managed
 #: The states libtorrent reports.
 STATES = sorted(str(state) for state in lt.torrent_status.states.values.values())
-_FILE_ENTRY = {"type": "object", "additionalProperties": False,
-               "required": ["index", "path", "size", "downloaded", "progress", "priority"],
-               "properties": {
-                   "index": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
-                   "size": {"type": "integer", "minimum": 0},
-                   "downloaded": {"type": "integer", "minimum": 0},
-                   "progress": {"type": "number", "minimum": 0, "maximum": 100},
-                   "priority": {"type": "integer", "minimum": 0, "maximum": 7}}}
+_FILE_ENTRY = _object({
+    "index": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
+    "size": {"type": "integer", "minimum": 0}, "downloaded": {"type": "integer", "minimum": 0},
+    "progress": {"type": "number", "minimum": 0, "maximum": 100},
+    "priority": {"type": "integer", "minimum": 0, "maximum": 7}})
 
-#: Every field of a torrent's status. The status dicts, the OpenAPI schema and the
-#: names that fields= and sort= accept all come from this table; README.md documents
-#: each row, and a test holds it to this table.
+#: Every field of a torrent's status: the status dicts, the OpenAPI schema, the names
+#: fields= and sort= take, and README.md (a test holds it to this table) come from it.
 STATUS = [
     Field("infohash", "string", False, "the id: v1 hash if there is one, else v2 hash",
           lambda torrent, status: torrent.infohash),
@@ -1663,22 +1616,19 @@ STATUS = [
     Field("state", {"type": "string", "enum": STATES}, False,
         "libtorrent's state; paused and queued torrents keep theirs",
         lambda torrent, status: str(status.state)),
-    Field("paused", "boolean", False, "paused, by the API or by the queue",
-          _flag(lt.torrent_flags.paused)),
+    Field("paused", "boolean", False, "paused, by the API or by the queue", _flag("paused")),
     Field("queued", "boolean", False, "paused by libtorrent's queue, not by you",
           lambda torrent, status: status.flags & _QUEUED == _QUEUED),
     Field("auto_managed", "boolean", False, "libtorrent's queue may start and stop it",
-          _flag(lt.torrent_flags.auto_managed)),
+          _flag("auto_managed")),
     Field("sequential_download", "boolean", False, "pieces are fetched in order",
-          _flag(lt.torrent_flags.sequential_download)),
+          _flag("sequential_download")),
     Field("seed_mode", "boolean", False, "seeding without having checked the data",
-          _flag(lt.torrent_flags.seed_mode)),
+          _flag("seed_mode")),
     Field("upload_mode", "boolean", False, "not downloading, after a disk error",
-          _flag(lt.torrent_flags.upload_mode)),
-    Field("share_mode", "boolean", False, "downloading only to upload",
-          _flag(lt.torrent_flags.share_mode)),
-    Field("super_seeding", "boolean", False, "super-seeding is on",
-          _flag(lt.torrent_flags.super_seeding)),
+          _flag("upload_mode")),
+    Field("share_mode", "boolean", False, "downloading only to upload", _flag("share_mode")),
+    Field("super_seeding", "boolean", False, "super-seeding is on", _flag("super_seeding")),
     Field("is_seeding", "boolean", False, "it has every piece"),
     # Not while a magnet's chosen file priorities wait to be mapped: all its files are
     # at 0 meanwhile, which libtorrent calls finished.
@@ -1777,8 +1727,8 @@ class _Slices(list):
 
 
 def _json(value):
-    """value as JSON bytes, _Slices a slice at a time: json.dumps holds the GIL for a
-    whole call, so one long list would stall the event loop even from a thread."""
+    """value as JSON bytes, _Slices a slice at a time."""
+    # json.dumps holds the GIL for a whole call: one long list would stall the event loop.
     if isinstance(value, _Slices):
         return b"[%s]" % b",".join(_json_slice(value[start:start + JSON_SLICE])
                                    for start in range(0, len(value), JSON_SLICE))
@@ -1791,8 +1741,7 @@ def _json(value):
 
 
 def _json_slice(items):
-    """The JSON of a slice of a _Slices, without its brackets; items that hold _Slices
-    themselves (torrents with their files) go through _json one by one."""
+    """The JSON of a slice of a _Slices, without its brackets; nested _Slices one by one."""
     if any(isinstance(inner, _Slices) for item in items if isinstance(item, (dict, list))
            for inner in (item.values() if isinstance(item, dict) else item)):
         return b",".join(_json(item) for item in items)
@@ -1818,8 +1767,8 @@ class Setting:
     when: str = "add, change"
 
 
-#: Every per-torrent setting. Parsing, the request schemas and the README come from it;
-#: each also appears in the status, from STATUS. Extensions add rows.
+#: Every per-torrent setting, also in the status (STATUS): parsing, the request schemas
+#: and the README come from it. Extensions add rows.
 SETTINGS = [
     Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
         params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
@@ -1834,8 +1783,7 @@ def settings_for(when):
 
 
 def _preset(params, settings):
-    """Put settings given at add into add_torrent_params; return the notes they make.
-    On a worker thread: a setting may list every file."""
+    """Put settings given at add into add_torrent_params; the notes they make. In a thread."""
     notes = {}
     for name, value in settings.items():
         setting = settings_for("add")[name]
@@ -1847,13 +1795,12 @@ def _preset(params, settings):
 
 
 def parse_values(fields, parsers, schemas=None):
-    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range. With
-    schemas (a JSON body), text is refused where the schema wants another type."""
+    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range."""
     values = {}
     for name, value in fields.items():
         if name not in parsers:
             continue
-        try:
+        try:  # in JSON (with schemas), text is refused where the schema wants another type
             if schemas and isinstance(value, str) and schemas[name].get("type") != "string":
                 raise TypeError("must not be a string in JSON")
             values[name] = parsers[name](value)
