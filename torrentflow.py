@@ -3832,14 +3832,12 @@ def main(argv=None):
 # seeding limits, and GET/PATCH /settings
 # --------------------------------------------------------------------------- #
 
-#: Seconds a PATCH of save_path waits for the move; past it, the answer is 202 and the
-#: status shows moving_to until the move ends.
+#: Seconds a PATCH of save_path waits for the move; past it, 202 (the status shows moving_to).
 MOVE_WAIT = 10.0
 
 
 def _priorities_value(value):
-    """File priorities 0 to 7: a list, one per file (in a form, comma-separated), or
-    {"index": priority} for some of them."""
+    """File priorities 0-7: a list, one per file (comma-separated in a form), or {index: p}."""
     if isinstance(value, str):
         value = value.split(",")
     items = value.items() if isinstance(value, dict) else enumerate(value) \
@@ -3896,8 +3894,7 @@ def _limit_setter(name):
 
 
 def _preset_priorities(params, chosen):
-    """file_priorities at add, on a worker thread: libtorrent's full list for a torrent
-    with metadata, or, for a magnet, the notes that keep the choice until it comes."""
+    """file_priorities at add (in a thread): libtorrent's full list, or a magnet's notes."""
     if isinstance(chosen, dict):
         raise ApiError(400, "file_priorities must be a list when adding a torrent")
     if params.ti is None:
@@ -3991,9 +3988,7 @@ STATUS.extend((
 
 
 async def configure(engine, torrent, settings):
-    """Change a torrent's settings (parsed by parse_settings); return once libtorrent
-    has taken them, they are saved, and a fresh status shows them. A move of
-    save_path is waited for MOVE_WAIT; the result says whether it is done."""
+    """Change a torrent's parsed settings, saved and shown; whether a move ended in MOVE_WAIT."""
     priorities, trackers = settings.pop("file_priorities", None), settings.pop("trackers", None)
     save_path = settings.pop("save_path", torrent.save_path)
     if priorities is not None:
@@ -4036,8 +4031,7 @@ async def _prioritize(engine, torrent, priorities):
 
 
 def _priorities(torrent, chosen):
-    """libtorrent's full list of file priorities from a list of one per file, or an
-    {index: priority} object: 409 before metadata, 422 for a wrong count or index."""
+    """libtorrent's full list of file priorities from a list or an {index: priority} object."""
     if torrent.info is None:
         raise ApiError(409, "file_priorities need the metadata, which has not arrived")
     files = [index for index, _, _ in torrent.info["files"]]
@@ -4057,8 +4051,7 @@ def _priorities(torrent, chosen):
 
 
 async def _map_chosen(engine, torrent):
-    """A metadata listener: map file priorities chosen for a magnet at add, now that its
-    files are known; a list that does not fit stops the torrent with the reason."""
+    """A metadata listener: apply a magnet's chosen priorities, or stop it if they misfit."""
     chosen = torrent.notes["chosen_priorities"]
     if chosen is None:
         return
@@ -4072,18 +4065,16 @@ async def _map_chosen(engine, torrent):
 
 
 def _hold_chosen(params, notes):
-    """A load listener: file priorities chosen for a magnet and not yet mapped past its
-    padding. libtorrent keeps no default_dont_download in resume data, so nothing may
-    download until then."""
+    """A load listener: nothing downloads until a magnet's chosen priorities are mapped."""
     if notes["chosen_priorities"] is not None:
+        # libtorrent keeps no default_dont_download in resume data.
         params.flags |= lt.torrent_flags.default_dont_download
         if params.ti is not None:
             params.file_priorities = [0] * params.ti.num_files()
 
 
 async def move(engine, torrent, save_path):
-    """Move a torrent's data within the roots; True once moved, False if it goes on
-    past MOVE_WAIT (the status shows moving_to until it ends)."""
+    """Move a torrent's data within the roots; True once moved, False if past MOVE_WAIT."""
     if torrent.notes["moving_to"] is not None:
         raise ApiError(409, f"torrent {torrent.infohash} is already moving")
     # Saved first: a crash in the middle leaves files in both places, and the next
@@ -4133,8 +4124,7 @@ async def _moved(engine, torrent, save_path):
 
 
 def _finish_move(engine, params, notes):
-    """A load listener: a move a crash cut short ends where the data is whole, and that
-    place is checked (_where_data_is)."""
+    """A load listener: a move a crash cut short ends where the data is whole, rechecked."""
     if notes["moving_to"]:
         params.save_path = _where_data_is(params, notes["moving_to"], engine.inside_roots)
         notes["moving_to"] = None
@@ -4142,16 +4132,13 @@ def _finish_move(engine, params, notes):
 
 
 def _where_data_is(params, moving_to, inside_roots):
-    """Where a saved torrent's data is, after a move a crash cut short: the target if
-    every file is whole there, else where it was, with the files the move had already
-    renamed to the target put back. (Within one file system libtorrent renames file by
-    file; across two it copies them all, then deletes the originals.) Blocking: run in
-    a thread."""
+    """Where a half-moved torrent's data is: the target if whole, else where it was. In a thread."""
     if not (moving_to and params.ti and inside_roots(moving_to)):
         return params.save_path
     files = _files_of(params.ti)
     if _missing_file(moving_to, files, params.file_priorities) is None:
         return moving_to
+    # libtorrent renames file by file within one file system: put the renamed ones back.
     for _, path, _ in files:
         moved, original = os.path.join(moving_to, path), os.path.join(params.save_path, path)
         if os.path.isfile(moved) and not os.path.islink(moved) and not os.path.lexists(
@@ -4171,8 +4158,7 @@ async def recheck(engine, torrent):
 
 
 async def queue_move(engine, torrent, move):
-    """Move it to the top or bottom of libtorrent's queue, or one place up or down;
-    return once the cache shows every torrent's new place."""
+    """Move it in libtorrent's queue (top, up, down, bottom); return once the cache shows it."""
     with _handle_call():
         getattr(torrent.handle, f"queue_position_{move}")()
     # The torrents it passed moved too. libtorrent answers in order, so their fresh
@@ -4188,17 +4174,13 @@ async def reannounce(engine, torrent):
 
 
 def _enforce_limits(engine, torrent):
-    """Apply on_limit to a finished torrent that reached its ratio or seeding time.
-
-    The limits it reached are noted: an operator who resumes it lets it seed on,
-    until its limits change and it reaches the new ones.
-    """
+    """Apply on_limit to a finished torrent that reached its ratio or seeding time."""
     status, notes = torrent.status, torrent.notes
     if not status["is_finished"] or status["paused"] or torrent.removing:
         return
     limits = [engine.settings[key] if notes[key] == -1 else notes[key]
               for key in ("ratio_limit", "seeding_time_limit")]
-    if limits == notes["limit_mark"]:
+    if limits == notes["limit_mark"]:  # resumed after reaching these: it seeds on
         return
     seeding = status["seeding_time"] + int(time.time() - torrent.updated)
     if 0 <= limits[0] <= status["ratio"]:
@@ -4221,8 +4203,7 @@ SETTINGS_LOCK = web.AppKey("settings_lock", asyncio.Lock)
 
 
 async def configure_session(engine, lock, changes):
-    """Save session settings (parsed) for the next start, then apply and announce
-    them: a change the state directory could not keep is not made."""
+    """Save parsed session settings, then apply and announce them; unsaved, none is made."""
     async with lock:  # each write holds every change before it
         changes = {key: value for key, value in changes.items()
                    if engine.settings[key] != value}
@@ -4282,8 +4263,7 @@ def _bulk(action):
         engine = request.app[ENGINE]
         torrents = _matching(engine, request.query, ("state", "paused", "label"))
         count = 0
-        # LOAD_BATCH at a time, each confirmed and saved before the next: 10,001 at once
-        # overflowed libtorrent's alert queue and kept /health waiting for seconds.
+        # LOAD_BATCH at a time: all at once overflows libtorrent's alert queue.
         for start in range(0, len(torrents), LOAD_BATCH):
             done = await asyncio.gather(*(getattr(engine, action)(t) for t in
                                           torrents[start:start + LOAD_BATCH]),
@@ -4317,8 +4297,7 @@ async def get_settings(request):
     return web.json_response(request.app[ENGINE].settings)
 
 
-@api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings",
-                                                             _settings_schema())},
+@api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings", _settings_schema())},
      (408, 415, 422, 503), requestBody={"required": True, "content": {"application/json": {
          "schema": {**_settings_schema(), "required": []}}}})
 async def change_settings(request):
