@@ -4132,7 +4132,7 @@ def _finish_move(engine, params, notes):
 
 
 def _where_data_is(params, moving_to, inside_roots):
-    """Where a half-moved torrent's data is: the target if whole, else where it was. In a thread."""
+    """Where a half-moved torrent's data is: the target if whole, else where it was; threaded."""
     if not (moving_to and params.ti and inside_roots(moving_to)):
         return params.save_path
     files = _files_of(params.ti)
