@@ -4341,10 +4341,9 @@ def _peer(info):
 
 
 def _tracker(entry, heard, slot):
-    """One tracker as the API shows it; heard is what its alerts said lately, slot the
-    hash it announces (0 v1, 1 v2): libtorrent copies only the first endpoint's v1 state
-    to the top level, which a v2-only torrent never uses."""
+    """One tracker as the API shows it; heard is what its alerts said, slot 0 v1 or 1 v2."""
     answered, error = heard.get(entry["url"], (None, ""))
+    # libtorrent copies only the first endpoint's v1 state to the top: v2-only never has it.
     # Until it has an endpoint (just added, or paused), nothing is known.
     state = entry["endpoints"][0]["info_hashes"][slot] if entry["endpoints"] else {
         **entry, "scrape_complete": -1, "scrape_incomplete": -1, "scrape_downloaded": -1}
@@ -4360,8 +4359,8 @@ def _tracker(entry, heard, slot):
 
 
 async def peers(engine, torrent):
-    """The connected peers. peer_info_alert's list raises TypeError in the 2.1.1 bindings
-    (a test watches for that to change), so a worker thread asks libtorrent instead."""
+    """The connected peers."""
+    # peer_info_alert's list raises TypeError in the 2.1.1 bindings: a thread asks instead.
     with _handle_call():
         return [_peer(peer) for peer in await asyncio.to_thread(torrent.handle.get_peer_info)]
 
@@ -4443,15 +4442,13 @@ EVENT_RING = 10_000
 #: Event ids reserved at a time in the state directory (EVENT_COUNTER).
 EVENT_ID_BLOCK = 10_000
 EVENT_COUNTER = "event-id"
-#: Events one GET /events client may fall behind before it is cut off: it must never
-#: make the daemon wait or hold unbounded memory.
+#: Events a GET /events client may fall behind before it is cut off: never waited for.
 SUBSCRIBER_QUEUE = 1000
 #: GET /events streams at once; each holds an API connection for as long as it lasts.
 MAX_SUBSCRIBERS = 32
 #: Seconds between comments on an idle event stream, so proxies keep it open.
 HEARTBEAT = 15.0
-#: Bytes an event stream may have in flight to its reader (in the daemon and in the
-#: kernel each).
+#: Bytes an event stream may have in flight to its reader, in the daemon and the kernel each.
 STREAM_BUFFER = 32 * 1024
 #: Seconds a write to an event stream may wait for the client to read.
 STREAM_WRITE_TIMEOUT = 10.0
@@ -4467,8 +4464,8 @@ EVENT_FIELDS = ("infohash", "name", "state", "progress", "paused", "error", "sav
 
 
 def _webhook_url(text):
-    """An http(s) URL, without spaces or control characters: urlsplit drops CR and LF
-    quietly, but the URL as given is the one posted to."""
+    """An http(s) URL without spaces or control characters."""
+    # urlsplit drops CR and LF quietly, but the URL as given is the one posted to.
     if re.search("[\x00-\x20\x7f]", text):
         raise ValueError("a URL holds no spaces or control characters (CR, LF, tab...)")
     try:
@@ -4481,8 +4478,7 @@ def _webhook_url(text):
 
 
 def _shown_url(url):
-    """A webhook URL as the daemon shows it (GET /webhooks, /metrics, the log): its
-    password as ***, or a user name without one (often a token itself) as ***."""
+    """A webhook URL as shown: its password, or a lone user name (often a token), as ***."""
     netloc = urllib.parse.urlsplit(url).netloc
     userinfo, at, host = netloc.rpartition("@")
     if not at:
@@ -4553,8 +4549,8 @@ class _Subscriber:
 
 
 def _queued_problem(name, body):
-    """Why a file of a webhook's queue cannot be delivered, or None: a disk fault or a hand
-    edit may have changed it, and one that broke the task would stop its target for good."""
+    """Why a file of a webhook's queue cannot be delivered, or None."""
+    # A disk fault or a hand edit that broke the task would stop its target for good.
     number = name.removesuffix(".json")
     if number == name or not (number.isascii() and number.isdigit() and len(number) < 19):
         return "not named <event id>.json"
@@ -4573,8 +4569,7 @@ def _queued_problem(name, body):
 
 
 class _Webhook:
-    """One webhook target: its queue of events, kept in the state directory until
-    delivered, and the task that delivers them in order, retrying with backoff."""
+    """One webhook target: its queue of events, kept on disk, delivered in order with retries."""
 
     def __init__(self, url, types, secret, store):
         self.url, self.types, self.secret, self.store = url, types, secret, store
@@ -4680,8 +4675,7 @@ class _Webhook:
 
 
 class Events:
-    """What happened, from one source: each event is logged once, kept in a ring for
-    GET /events, handed to its subscribers and queued for the webhooks."""
+    """Events: each logged once, kept in a ring, handed to subscribers and queued for webhooks."""
 
     def __init__(self, config, store):
         self.store = store
@@ -4715,8 +4709,7 @@ class Events:
             await self.client.close()
 
     async def _reserve(self):
-        """Keep a block of ids in the state directory: after a crash, ids start past it,
-        so they only grow, without a write per event."""
+        """Reserve a block of ids on disk: after a crash ids start past it; no write per event."""
         self._reserved = self.next_id + EVENT_ID_BLOCK
         await self.store.put(EVENT_COUNTER, str(self._reserved).encode())
 
@@ -4738,8 +4731,7 @@ class Events:
             hook.offer(event)
 
     async def settled(self):
-        """Once the webhooks' queues hold every event so far on disk: a request whose
-        answer follows an event waits for this, so a crash after it still delivers."""
+        """Once every event so far is in the webhooks' queues on disk: crash-safe to answer."""
         if self.webhooks:
             await self.store.barrier()
 
@@ -4785,9 +4777,8 @@ EVENT_SCHEMA = _object({
     "detail": {"type": ["string", "null"]},
     "torrent": {**_object({field.name: field.schema for field in STATUS
                            if field.name in EVENT_FIELDS}), "type": ["object", "null"]}})
-#: One Server-Sent Event of GET /events as a reader parses it: event (the type), id, and
-#: data, the event as JSON ({} for reset and overflow). The stream's schema is one item's:
-#: 3.1 lacks 3.2's itemSchema, and schemathesis validates each event received against it.
+#: One Server-Sent Event of GET /events: event (its type), id, data (JSON; {} for reset and
+#: overflow). The stream's schema is one item's: OpenAPI 3.1 lacks 3.2's itemSchema.
 SSE_SCHEMA = {"type": "object", "required": ["event", "data"], "properties": {
     "event": {"enum": [*EVENT_TYPES, "reset", "overflow"]},
     "id": {"type": "string", "pattern": "^[0-9]+$"},
@@ -4832,20 +4823,18 @@ async def event_stream(request):
 
 
 def _main_id(engine, infohash):
-    """The id events carry for a torrent known by any of its ids (a hybrid's v2 hash, a
-    v2 hash's first 40 digits); an unknown id as it is."""
+    """The id events carry for a torrent known by any of its ids; an unknown id as it is."""
     with contextlib.suppress(ApiError):
         return engine.lookup(infohash).infohash
     return infohash
 
 
 async def _stream(request, subscriber, events, last):
-    """Write a subscriber's events, those after last first, until it falls too far behind
-    or goes away; a reader that stops reading is cut off with a last event: overflow."""
+    """Write a subscriber's events, those after last first, until it falls behind or leaves."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    # Small buffers: a reader that stops is noticed soon, and holds little memory till cut.
+    # Small buffers: a reader that stops is noticed soon and holds little memory till cut.
     request.transport.set_write_buffer_limits(high=STREAM_BUFFER)
     with contextlib.suppress(OSError, AttributeError):
         request.transport.get_extra_info("socket").setsockopt(
@@ -4879,9 +4868,8 @@ async def _stream(request, subscriber, events, last):
 
 
 async def _woken(wake, request):
-    """Wait up to HEARTBEAT for wake; whether it came. A client that hung up is noticed
-    within a second, not at the next write: its stream must free its place at once."""
-    for _ in range(int(HEARTBEAT)):
+    """Wait up to HEARTBEAT for wake; whether it came."""
+    for _ in range(int(HEARTBEAT)):  # each second: a client that hung up frees its place now
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), 1.0)
             return True
@@ -4905,8 +4893,7 @@ async def webhooks(request):
 # Extension: metrics. GET /metrics in Prometheus' text format
 # --------------------------------------------------------------------------- #
 
-#: (name, type, help, libtorrent session counter, scale) of the metrics taken from
-#: post_session_stats(): libtorrent counts these itself, no sum over torrents.
+#: (name, type, help, libtorrent session counter, scale) of post_session_stats()'s metrics.
 SESSION_METRICS = (
     ("payload_received_bytes_total", "counter", "payload bytes received",
      "net.recv_payload_bytes", 1),
@@ -4933,8 +4920,7 @@ def _label(value):
 
 
 def process_figures():
-    """(resident bytes, open descriptors) of this process, from /proc: run in a thread,
-    as listing thousands of descriptors takes a while."""
+    """(resident bytes, open descriptors) of this process, from /proc; slow: in a thread."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE"), len(os.listdir("/proc/self/fd"))
 
@@ -5032,15 +5018,12 @@ OPTIONS.append(Option("web_ui", _directory, None, "serve this directory at "
                       "transmission-common)"))
 
 
-#: The folder of the state directory where each torrent's .torrent is kept, as
-#: Transmission keeps them in its own: torrent-get's torrentFile names the copy, and
-#: tools such as FlexGet's from_transmission read that field.
+#: The state directory's folder of .torrent copies, which torrent-get's torrentFile names.
 RPC_TORRENT_FILES = "torrents"
 
 
 class RpcState:
-    """What the RPC keeps beside the engine: its session id, each torrent's number (in the
-    order it first lists them), recent removals, the .torrent copies in the state directory."""
+    """The RPC's state: its session id, torrent numbers, recent removals, .torrent copies."""
 
     def __init__(self, state_dir):
         self.session_id = secrets.token_urlsafe(24)
@@ -5074,8 +5057,7 @@ class RpcState:
             _logged(engine.store.drop(name), f"dropping {name}")
 
     async def keep(self, engine, torrent):
-        """A metadata listener: write the torrent's .torrent copy unless it exists (a
-        new torrent's, or one lost while the daemon was down)."""
+        """A metadata listener: write the torrent's .torrent copy unless it exists."""
         name = self.copy_name(torrent)
         self.copies[name] = torrent
         try:
@@ -5088,10 +5070,8 @@ class RpcState:
 
 
 def _rpc_torrent_bytes(path, torrent):
-    """The torrent's .torrent, or None if path holds it already: its info dict byte for
-    byte, its trackers and web seeds as the daemon keeps them, and the fields it was added
-    with. Not a v2 torrent's piece layers, which libtorrent writes only through a slow
-    Python copy of the whole file, GIL held; peers give them. Blocking: run in a thread."""
+    """The torrent's .torrent (its info dict byte for byte), or None if path holds it; threaded."""
+    # No v2 piece layers: libtorrent writes them only by a slow Python copy, GIL held.
     if os.path.exists(path):
         return None
     metadata = torrent.handle.torrent_file()
@@ -5127,11 +5107,9 @@ EXTENSIONS.append(_rpc_setup)
 
 
 def _rpc_status(status):
-    """Transmission's status number: 0 stopped, 1-2 (queued to) verify, 3-4 (queued to)
-    download, 5-6 (queued to) seed. A stopped torrent is 0 even with a check asked for, as
-    libtorrent checks only once started: stig starts only a torrent that shows stopped."""
+    """Transmission's status: 0 stopped, 1-2 (queued to) verify, 3-4 download, 5-6 seed."""
     done = status["is_finished"]
-    if status["paused"] and not status["queued"]:
+    if status["paused"] and not status["queued"]:  # even with a check asked: stig starts it
         return 0
     if status["state"].startswith("checking"):
         return 1 if status["queued"] else 2
@@ -5146,8 +5124,7 @@ def _rpc_priority(priority):
 
 
 def _rpc_limit(torrent, settings, key):
-    """(limit, mode) of seedRatio*/seedIdle* (key's, in minutes for the idle limit): mode
-    0 the session's, 1 its own, 2 none."""
+    """(limit, mode) of seedRatio*/seedIdle* (minutes): mode 0 the session's, 1 own, 2 none."""
     value = torrent.notes[key]
     limit, mode = (0, 2) if value == -2 else (value, 1) if value >= 0 else (
         max(0, settings[key]), 0)
@@ -5199,9 +5176,7 @@ def _per_file(entry):
     return lambda t, s, c, x: _Slices(entry(file) for file in t.files() or ())
 
 
-#: Every torrent-get field, as a function of (torrent, status dict, session settings,
-#: extra) where extra holds its id, its .torrent copy's path, and the slow views
-#: (trackers, peers) fetched when asked for.
+#: Every torrent-get field: f(torrent, status, session settings, extra: id, torrentFile, views).
 RPC_FIELDS = {
     **{name: lambda t, s, c, x, key=key: s[key] for name, key in RPC_STATUS_KEYS.items()},
     **{name: lambda t, s, c, x, key=key, null=null: s[key] or null
@@ -5276,8 +5251,7 @@ RPC_FIELDS = {
         "peerIsInterested": "remote_interested" in peer["flags"]} for peer in x["peers"]],
 }
 
-#: Values (JSON commas, lists and objects) one RPC call may hold; see _rpc_call. A
-#: torrent-add of a 10 MiB .torrent is one string, and 100,000 file indices fit.
+#: Values (JSON commas, lists and objects) one RPC call may hold: 100,000 file indices fit.
 RPC_MAX_VALUES = 200_000
 
 #: The torrent-get fields with an entry per file.
@@ -5289,8 +5263,7 @@ class RpcError(Exception):
 
 
 def _rpc_ids(request, arguments):
-    """The torrents ids names: absent is all; a number, a hash, or a list of either; or
-    "recently-active". Unknown ids are left out, as Transmission does."""
+    """The torrents ids names (numbers, hashes, "recently-active", absent: all); unknown: none."""
     torrents, rpc = list(request.app[ENGINE].torrents()), request.app[RPC]
     ids = arguments.get("ids")
     if ids is None:
@@ -5306,8 +5279,7 @@ def _rpc_ids(request, arguments):
 
 
 def _rpc_indices(torrent, arguments, key):
-    """File indices given under key (Transmission counts real files only); an empty
-    list means every file, as in Transmission (transmission-remote -g all sends one)."""
+    """File indices given under key, real files only; an empty list means every file."""
     if key not in arguments:
         return []
     chosen, count = arguments[key], len(torrent.info["files"]) if torrent.info else 0
@@ -5319,8 +5291,7 @@ def _rpc_indices(torrent, arguments, key):
     return chosen
 
 
-#: The arguments that choose files, each with the priority it gives (None: wanted again,
-#: at its priority before, or normal), applied in this order.
+#: The arguments that choose files, in order, with the priority each gives (None: wanted).
 RPC_FILE_CHOICES = {"files-unwanted": 0, "files-wanted": None, "priority-low": 1,
                     "priority-normal": 4, "priority-high": 7}
 
@@ -5340,8 +5311,7 @@ def _rpc_priorities(torrent, arguments):
 
 
 def _rpc_settings(torrent, arguments, trackers=None):
-    """The per-torrent settings a torrent-set (or, torrent None, a torrent-add) names,
-    as PATCH takes them; trackers are the torrent's current ones, if they matter."""
+    """The settings a torrent-set (torrent None: a torrent-add) names, as PATCH takes them."""
     changes = {}
     if "labels" in arguments:
         changes["labels"] = arguments["labels"]
@@ -5373,8 +5343,7 @@ def _rpc_settings(torrent, arguments, trackers=None):
 
 
 def _rpc_trackers(current, arguments):
-    """The tracker tiers after trackerList, or after trackerRemove (ids or URLs) and
-    trackerAdd (each URL a tier of its own) from the current (url, tier) list."""
+    """The tracker tiers after trackerList, or trackerRemove (ids or URLs) and trackerAdd."""
     if "trackerList" in arguments:
         text = arguments["trackerList"]
         if not isinstance(text, str):
@@ -5437,8 +5406,7 @@ async def _rpc_get(request, engine, arguments):
 
 
 async def _rpc_directory(engine, arguments, key):
-    """The directory the argument key names, confined as save_path is; a refusal names
-    key (download-dir, location or path), the word the client sent."""
+    """The directory the argument key names, confined as save_path is; refusals name key."""
     try:
         return await asyncio.to_thread(resolve_save_path, engine.roots, _text(arguments, key))
     except ApiError as error:
@@ -5589,8 +5557,7 @@ async def _rpc_free_space(request, engine, arguments):
 
 
 def _disk_usage(path):
-    """The usage of the disk that holds path, or would: its nearest existing directory.
-    Touches the disk: run in a thread."""
+    """The usage of the disk that holds path, or its nearest existing directory; threaded."""
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -5624,9 +5591,8 @@ RPC_METHODS = {
 
 
 def _rpc_object(pairs):
-    """A JSON object of an RPC call; a repeated key is refused, as the REST API does.
-    Last-wins made {"method": "session-get", "method": "torrent-stop"} stop every
-    torrent, where a proxy or a log that reads the first key sees a session-get."""
+    """A JSON object of an RPC call; a repeated key is refused, as the REST API does."""
+    # Last-wins would let a proxy or a log that reads the first "method" see another call.
     try:
         return _unique_keys(pairs)
     except ValueError:
@@ -5663,8 +5629,7 @@ async def _rpc_call(request, body):
     except ApiError as error:
         answer["result"] = error.detail
     except (TypeError, ValueError, KeyError, AttributeError) as error:
-        # The arguments are untyped JSON: a value of a shape no check above expected is
-        # the caller's error. One line, no traceback: a client must not flood the log.
+        # Untyped JSON of a shape no check expected: the caller's error, logged in one line.
         log.warning("RPC %s: arguments of an unexpected shape: %s: %s", method,
                     type(error).__name__, error)
         answer["result"] = f"invalid arguments for {method}"
@@ -5700,15 +5665,12 @@ for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rp
         {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
 
 
-#: What a browser may do on a page of the web client: run and load only the daemon's own
-#: files, no inline script or event handler (Transmission 3.00's client puts a tracker URL
-#: in an attribute with only < and > escaped), talk to no other origin. Inline styles stay,
-#: as jQuery UI adds some: with scripts shut out they only restyle; jQuery probes a data: image.
+#: A web client page runs and loads only the daemon's files, no inline script (Transmission
+#: 3.00 puts tracker URLs in attributes); jQuery UI needs inline styles, a data: image.
 WEB_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
               "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
-#: The Content-Type of each kind of file a web client holds; others are served as bytes
-#: (with nosniff, a browser then neither runs nor renders them).
+#: The Content-Type of each kind of web client file; others are bytes, nosniff: not run.
 WEB_TYPES = {".html": "text/html", ".htm": "text/html", ".js": "text/javascript",
              ".mjs": "text/javascript", ".css": "text/css", ".json": "application/json",
              ".map": "application/json", ".webmanifest": "application/manifest+json",
@@ -5720,8 +5682,7 @@ WEB_TYPES = {".html": "text/html", ".htm": "text/html", ".js": "text/javascript"
 WEB_PIECE = 256 * 1024
 _WEB_PATH = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "a file under the --web-ui directory; empty for its index.html"}
-#: The route of every path under /transmission/web/: [\s\S], as . misses a newline, and
-#: a %0A in a name must reach the handler's 404, not aiohttp's text/plain one.
+#: Every path under /transmission/web/: [\s\S], as . misses a %0A that must get our 404.
 WEB_ROUTE = r"/transmission/web/{path:[\s\S]*}"
 
 
@@ -5764,10 +5725,9 @@ api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
 
 
 def _web_file(root, relative):
-    """(an open descriptor, the name, the size) of the regular file under root that relative
-    names (a directory's index.html), or 404. Each name is opened inside the directory opened
-    before it, never through a symlink or ..: a name swapped for a symlink after any check
-    cannot lead outside root, as the file served is the one opened here. In a thread."""
+    """(open descriptor, name, size) of the regular file relative names under root; threaded."""
+    # Each name is opened in the directory opened before it, never via a symlink or ..:
+    # a name swapped for a symlink after a check cannot lead outside root.
     missing = ApiError(404, "no such file in the web client")
     names = [name for name in relative.split("/") if name not in ("", ".")]
     if "\x00" in relative or ".." in names:
@@ -5811,8 +5771,7 @@ READ_AHEAD = 8 * 1024 * 1024
 DEADLINE_PER_MIB = 250
 #: The deadline (ms) of a piece a reader waits for: a minute ago, before any read-ahead.
 LATE = -60_000
-#: Bytes the kernel, and each write, hold for a stream's client: a client that stops
-#: reading stops its reader, and its deadlines, soon after; it holds about one piece.
+#: Bytes the kernel and each write hold for a stream's client: one that stops reading stops.
 STREAM_SEND_BUFFER = 256 * 1024
 
 OPTIONS.append(Option("max_streams", _number(int, 1), 16, "file streams served at once "
@@ -5852,8 +5811,7 @@ class _Reader:
                 self.piece(self.size - 1)}, front
 
     def arm(self, pieces):
-        """Give pieces deadlines: late for those a reader waits for, which libtorrent reads
-        once verified and posts in a read_piece_alert; the others sooner the nearer."""
+        """Deadlines: LATE for pieces a reader awaits (read once verified), others by distance."""
         start, waited = self.offset + self.position, {
             reader.piece(reader.position) for reader in self.torrent.extra["streams"]}
         with _handle_call():
@@ -5864,12 +5822,11 @@ class _Reader:
                     else (piece, distance * DEADLINE_PER_MIB >> 20)))
 
     async def verified(self, request, engine):
-        """Its bytes to the end of their piece, once verified. Each second it waits: has the
-        client hung up, has the torrent stopped? and the deadlines a recheck took are back."""
+        """Its bytes to the end of their piece, once verified, checking the client each second."""
         (window, front), piece = self.window(), self.piece(self.position)
         pieces = window if self.armed < 0 else {piece, *range(self.armed + 1, front + 1)}
         while True:
-            self.arm(pieces)
+            self.arm(pieces)  # again each second: a recheck drops the deadlines
             self.armed, pieces = max(self.armed, front), window
             with contextlib.suppress(ApiError):  # 503 after a second; 404 once removed
                 data = await engine.expect(self.torrent.ids, lt.read_piece_alert, "a piece",
@@ -5893,8 +5850,7 @@ class _Reader:
 
 
 def _byte_range(header, size):
-    """(first, end) of the bytes a Range header asks for, or None. Only its first range:
-    players send one. 416 if that holds no byte of the file."""
+    """(first, end) of the bytes a Range header's first range asks for, or None; 416 if none."""
     if header is None:
         return None
     match = re.fullmatch(r"bytes=(\d*)-(\d*)(,.*)?", header.replace(" ", ""))
@@ -5956,8 +5912,7 @@ async def stream_file(request):
 
 
 async def _send_range(request, response, torrent, entry, span):
-    """Send a file's range, each piece once verified and while the file is in its place,
-    within --max-streams. A file at priority 0 is raised to 4 first, and the answer says so."""
+    """Send a file's range, each piece once verified, within --max-streams; priority 0 -> 4."""
     engine = request.app[ENGINE]
     with _handle_call():
         offset = await asyncio.to_thread(
