@@ -4006,13 +4006,10 @@ async def configure(engine, torrent, settings):
             elif setting.apply:
                 setting.apply(torrent.handle, value)
         if trackers is not None:
-            torrent.handle.replace_trackers([{"url": url, "tier": tier}
-                                             for url, tier in trackers])
+            torrent.handle.replace_trackers([{"url": url, "tier": tier} for url, tier in trackers])
     if priorities is not None:
         await _prioritize(engine, torrent, priorities)
-    moved = True
-    if save_path != torrent.save_path:
-        moved = await move(engine, torrent, save_path)
+    moved = save_path == torrent.save_path or await move(engine, torrent, save_path)
     await engine.save(torrent)  # libtorrent answers it after every change posted above
     await engine.confirm(torrent, lambda status: True, "the change")
     return moved
@@ -4611,10 +4608,9 @@ class _Webhook:
         self.pending = dict(sorted(self.pending.items()))
         attempt = 0
         while True:
-            if not self.pending:
+            while not self.pending:
                 self.wake.clear()
                 await self.wake.wait()
-                continue
             event_id, body = next(iter(self.pending.items()))
             self.posting = event_id
             delivered = await self._post(client, event_id, body)
@@ -4640,8 +4636,7 @@ class _Webhook:
             log.warning("webhook %s: skipping queue file %s (%s), which cannot be moved "
                         "aside: %s", self.shown, name, why, error)
             return
-        log.warning("webhook %s: moved queue file %s to %s: %s", self.shown, name, target,
-                    why)
+        log.warning("webhook %s: moved queue file %s to %s: %s", self.shown, name, target, why)
 
     async def _post(self, client, event_id, body):
         """One delivery; True on a 2xx answer."""
@@ -4662,8 +4657,7 @@ class _Webhook:
                 self.last_error = f"HTTP {response.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             # An error may quote the URL: shown in GET /webhooks, it must not hold secrets.
-            self.last_error = (str(error) or type(error).__name__).replace(
-                self.url, self.shown)
+            self.last_error = (str(error) or type(error).__name__).replace(self.url, self.shown)
         self.counts["failed"] += 1
         return False
 
@@ -4725,10 +4719,8 @@ class Events:
         log.info("%s %s%s%s", kind, name or "", f" ({infohash})" if infohash else "",
                  f": {detail}" if detail else "")
         self.ring.append(event)
-        for subscriber in self.subscribers:
-            subscriber.offer(event)
-        for hook in self.webhooks:
-            hook.offer(event)
+        for reader in (*self.subscribers, *self.webhooks):
+            reader.offer(event)
 
     async def settled(self):
         """Once every event so far is in the webhooks' queues on disk: crash-safe to answer."""
@@ -4737,8 +4729,7 @@ class Events:
 
     def subscribe(self, types, infohashes):
         if len(self.subscribers) >= MAX_SUBSCRIBERS:
-            raise ApiError(503, f"at most {MAX_SUBSCRIBERS} event streams at once",
-                           RETRY_AFTER)
+            raise ApiError(503, f"at most {MAX_SUBSCRIBERS} event streams at once", RETRY_AFTER)
         subscriber = _Subscriber(types, infohashes)
         self.subscribers.add(subscriber)
         return subscriber
@@ -5462,28 +5453,31 @@ async def _rpc_location(engine, torrent, arguments):
         "save_path": await _rpc_directory(engine, arguments, "location")})
 
 
+#: session-set's writable keys: (setting, scale, the *-enabled key, the setting when off).
+RPC_SESSION_SET = {
+    "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled", 0),
+    "speed-limit-up": ("upload_limit", 1000, "speed-limit-up-enabled", 0),
+    "seedRatioLimit": ("ratio_limit", 1, "seedRatioLimited", -1),
+    "idle-seeding-limit": ("seeding_time_limit", 60, "idle-seeding-limit-enabled", -1),
+    "download-queue-size": ("max_active_downloads", 1, "download-queue-enabled", -1),
+    "seed-queue-size": ("max_active_seeds", 1, "seed-queue-enabled", -1),
+    "peer-limit-global": ("max_connections", 1, None, None),
+}
+
+
 def _rpc_session(request):
     """session-get's fields."""
     engine, config = request.app[ENGINE], request.app[CONFIG]
-    settings = engine.settings
-    return {**RPC_VERSION, "session-id": request.app[RPC].session_id,
-            "download-dir": str(engine.roots[0]), "config-dir": str(config.state_dir),
-            "peer-port": engine.listen_port, "blocklist-size": 0, "blocklist-enabled": False,
-            "speed-limit-down": settings["download_limit"] // 1000,
-            "speed-limit-down-enabled": settings["download_limit"] > 0,
-            "speed-limit-up": settings["upload_limit"] // 1000,
-            "speed-limit-up-enabled": settings["upload_limit"] > 0,
-            "seedRatioLimit": max(0, settings["ratio_limit"]),
-            "seedRatioLimited": settings["ratio_limit"] >= 0,
-            "idle-seeding-limit": max(0, settings["seeding_time_limit"]) // 60,
-            "idle-seeding-limit-enabled": settings["seeding_time_limit"] >= 0,
-            "download-queue-size": max(0, settings["max_active_downloads"]),
-            "download-queue-enabled": settings["max_active_downloads"] >= 0,
-            "seed-queue-size": max(0, settings["max_active_seeds"]),
-            "seed-queue-enabled": settings["max_active_seeds"] >= 0,
-            "peer-limit-global": settings["max_connections"], "peer-limit-per-torrent": 0,
-            "alt-speed-enabled": False, "alt-speed-down": 0, "alt-speed-up": 0,
-            "alt-speed-time-enabled": False, "alt-speed-time-begin": 0,
+    answer = {**RPC_VERSION, "session-id": request.app[RPC].session_id,
+              "download-dir": str(engine.roots[0]), "config-dir": str(config.state_dir),
+              "peer-port": engine.listen_port, "blocklist-size": 0, "blocklist-enabled": False}
+    for key, (setting, scale, enabled, off) in RPC_SESSION_SET.items():
+        value = max(0, engine.settings[setting])
+        answer[key] = value // scale if isinstance(value, int) else value
+        if enabled:
+            answer[enabled] = engine.settings[setting] > off
+    return {**answer, "peer-limit-per-torrent": 0, "alt-speed-enabled": False, "alt-speed-down": 0,
+            "alt-speed-up": 0, "alt-speed-time-enabled": False, "alt-speed-time-begin": 0,
             "alt-speed-time-end": 0, "alt-speed-time-day": 0, "start-added-torrents": True,
             "dht-enabled": config.dht, "lpd-enabled": config.lsd, "pex-enabled": True,
             "utp-enabled": not config.local_only, "encryption": "preferred",
@@ -5500,31 +5494,18 @@ async def _rpc_session_get(request, arguments):
             if key in fields} if isinstance(fields, list) else answer
 
 
-#: session-set's writable keys: (setting, how the value maps, the *-enabled key).
-RPC_SESSION_SET = {
-    "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled"),
-    "speed-limit-up": ("upload_limit", 1000, "speed-limit-up-enabled"),
-    "seedRatioLimit": ("ratio_limit", 1, "seedRatioLimited"),
-    "idle-seeding-limit": ("seeding_time_limit", 60, "idle-seeding-limit-enabled"),
-    "download-queue-size": ("max_active_downloads", 1, "download-queue-enabled"),
-    "seed-queue-size": ("max_active_seeds", 1, "seed-queue-enabled"),
-    "peer-limit-global": ("max_connections", 1, None),
-}
-
-
 async def _rpc_session_set(request, engine, arguments):
     """session-set: the keys above, mapped onto PATCH /settings; others are ignored."""
     changes, current = {}, _rpc_session(request)
-    for key, (setting, scale, enabled) in RPC_SESSION_SET.items():
+    for key, (setting, scale, enabled, off) in RPC_SESSION_SET.items():
         if key in arguments or enabled in arguments:
             value = arguments.get(key, current[key])
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise RpcError(f"{key} must be a number")
             on = arguments.get(enabled, current.get(enabled, True))
-            off = 0 if setting.endswith("limit") and "speed" in key else -1
             changes[setting] = value * scale if on else off
     ignored = sorted(set(arguments) - set(RPC_SESSION_SET)
-                     - {e for _, _, e in RPC_SESSION_SET.values()})
+                     - {row[2] for row in RPC_SESSION_SET.values()})
     if ignored:
         log.debug("session-set ignores %s", ", ".join(ignored))
     await configure_session(engine, request.app[SETTINGS_LOCK], parse_values(
