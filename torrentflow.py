@@ -5453,15 +5453,15 @@ async def _rpc_location(engine, torrent, arguments):
         "save_path": await _rpc_directory(engine, arguments, "location")})
 
 
-#: session-set's writable keys: (setting, scale, the *-enabled key, the setting when off).
+#: session-set's writable keys: (setting, scale, the *-enabled key). Off is 0 for speeds, else -1.
 RPC_SESSION_SET = {
-    "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled", 0),
-    "speed-limit-up": ("upload_limit", 1000, "speed-limit-up-enabled", 0),
-    "seedRatioLimit": ("ratio_limit", 1, "seedRatioLimited", -1),
-    "idle-seeding-limit": ("seeding_time_limit", 60, "idle-seeding-limit-enabled", -1),
-    "download-queue-size": ("max_active_downloads", 1, "download-queue-enabled", -1),
-    "seed-queue-size": ("max_active_seeds", 1, "seed-queue-enabled", -1),
-    "peer-limit-global": ("max_connections", 1, None, None),
+    "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled"),
+    "speed-limit-up": ("upload_limit", 1000, "speed-limit-up-enabled"),
+    "seedRatioLimit": ("ratio_limit", 1, "seedRatioLimited"),
+    "idle-seeding-limit": ("seeding_time_limit", 60, "idle-seeding-limit-enabled"),
+    "download-queue-size": ("max_active_downloads", 1, "download-queue-enabled"),
+    "seed-queue-size": ("max_active_seeds", 1, "seed-queue-enabled"),
+    "peer-limit-global": ("max_connections", 1, None),
 }
 
 
@@ -5471,11 +5471,11 @@ def _rpc_session(request):
     answer = {**RPC_VERSION, "session-id": request.app[RPC].session_id,
               "download-dir": str(engine.roots[0]), "config-dir": str(config.state_dir),
               "peer-port": engine.listen_port, "blocklist-size": 0, "blocklist-enabled": False}
-    for key, (setting, scale, enabled, off) in RPC_SESSION_SET.items():
+    for key, (setting, scale, enabled) in RPC_SESSION_SET.items():
         value = max(0, engine.settings[setting])
         answer[key] = value // scale if isinstance(value, int) else value
         if enabled:
-            answer[enabled] = engine.settings[setting] > off
+            answer[enabled] = engine.settings[setting] > (0 if "speed" in key else -1)
     return {**answer, "peer-limit-per-torrent": 0, "alt-speed-enabled": False, "alt-speed-down": 0,
             "alt-speed-up": 0, "alt-speed-time-enabled": False, "alt-speed-time-begin": 0,
             "alt-speed-time-end": 0, "alt-speed-time-day": 0, "start-added-torrents": True,
@@ -5497,15 +5497,16 @@ async def _rpc_session_get(request, arguments):
 async def _rpc_session_set(request, engine, arguments):
     """session-set: the keys above, mapped onto PATCH /settings; others are ignored."""
     changes, current = {}, _rpc_session(request)
-    for key, (setting, scale, enabled, off) in RPC_SESSION_SET.items():
+    for key, (setting, scale, enabled) in RPC_SESSION_SET.items():
         if key in arguments or enabled in arguments:
             value = arguments.get(key, current[key])
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise RpcError(f"{key} must be a number")
             on = arguments.get(enabled, current.get(enabled, True))
+            off = 0 if "speed" in key else -1
             changes[setting] = value * scale if on else off
     ignored = sorted(set(arguments) - set(RPC_SESSION_SET)
-                     - {row[2] for row in RPC_SESSION_SET.values()})
+                     - {e for _, _, e in RPC_SESSION_SET.values()})
     if ignored:
         log.debug("session-set ignores %s", ", ".join(ignored))
     await configure_session(engine, request.app[SETTINGS_LOCK], parse_values(
