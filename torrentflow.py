@@ -5619,7 +5619,9 @@ async def _rpc_call(request, body):
 
 
 @api("POST", "/transmission/rpc", "transmissionRpc", {"200": _answer(
-    "the answer, whether the call succeeded or not (see result)", _ref("RpcAnswer"))},
+    "the answer, whether the call succeeded or not (see result)", _object({
+        "result": {"type": "string"}, "arguments": {"type": "object"},
+        "tag": {"type": "integer"}}, required=["result", "arguments"]))},
     (409, 413), requestBody={"required": True, "content": {"application/json": {
         "schema": {"type": "object"}}}})
 async def transmission_rpc(request):
