@@ -5347,3 +5347,27 @@ def test_a_bad_webhook_url_is_reported_without_its_password(capsys):
         error = capsys.readouterr().err
         assert "--webhook / TORRENTFLOW_WEBHOOKS" in error and "***@" in error
         assert "SECRET" not in error
+
+
+async def test_every_ref_in_the_spec_resolves(daemon):
+    """Each $ref of /openapi.json names a node of the same document."""
+    spec = await (await daemon.get("/openapi.json")).json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+    dangling = []
+    for ref in set(refs(spec)):
+        node = spec if ref.startswith("#/") else None  # only refs within the document
+        for key in ref.removeprefix("#/").split("/"):
+            key = key.replace("~1", "/").replace("~0", "~")  # JSON Pointer escapes
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            dangling.append(ref)
+    assert not dangling, f"$refs that name nothing in the document: {sorted(dangling)}"

@@ -3577,14 +3577,12 @@ def main(argv=None):
 # seeding limits, and GET/PATCH /settings
 # --------------------------------------------------------------------------- #
 
-#: Seconds a PATCH of save_path waits for the move; past it, the answer is 202 and the
-#: status shows moving_to until the move ends.
+#: Seconds a PATCH of save_path waits for the move; past it, 202 (the status shows moving_to).
 MOVE_WAIT = 10.0
 
 
 def _priorities_value(value):
-    """File priorities 0 to 7: a list, one per file (in a form, comma-separated), or
-    {"index": priority} for some of them."""
+    """File priorities 0-7: a list, one per file (comma-separated in a form), or {index: p}."""
     if isinstance(value, str):
         value = value.split(",")
     items = value.items() if isinstance(value, dict) else enumerate(value) \
@@ -3641,8 +3639,7 @@ def _limit_setter(name):
 
 
 def _preset_priorities(params, chosen):
-    """file_priorities at add, on a worker thread: libtorrent's full list for a torrent
-    with metadata, or, for a magnet, the notes that keep the choice until it comes."""
+    """file_priorities at add (in a thread): libtorrent's full list, or a magnet's notes."""
     if isinstance(chosen, dict):
         raise ApiError(400, "file_priorities must be a list when adding a torrent")
     if params.ti is None:
@@ -3736,9 +3733,7 @@ STATUS.extend((
 
 
 async def configure(engine, torrent, settings):
-    """Change a torrent's settings (parsed by parse_settings); return once libtorrent
-    has taken them, they are saved, and a fresh status shows them. A move of
-    save_path is waited for MOVE_WAIT; the result says whether it is done."""
+    """Change a torrent's parsed settings, saved and shown; whether a move ended in MOVE_WAIT."""
     priorities, trackers = settings.pop("file_priorities", None), settings.pop("trackers", None)
     save_path = settings.pop("save_path", torrent.save_path)
     if priorities is not None:
@@ -3756,13 +3751,10 @@ async def configure(engine, torrent, settings):
             elif setting.apply:
                 setting.apply(torrent.handle, value)
         if trackers is not None:
-            torrent.handle.replace_trackers([{"url": url, "tier": tier}
-                                             for url, tier in trackers])
+            torrent.handle.replace_trackers([{"url": url, "tier": tier} for url, tier in trackers])
     if priorities is not None:
         await _prioritize(engine, torrent, priorities)
-    moved = True
-    if save_path != torrent.save_path:
-        moved = await move(engine, torrent, save_path)
+    moved = save_path == torrent.save_path or await move(engine, torrent, save_path)
     await engine.save(torrent)  # libtorrent answers it after every change posted above
     await engine.confirm(torrent, lambda status: True, "the change")
     return moved
@@ -3781,8 +3773,7 @@ async def _prioritize(engine, torrent, priorities):
 
 
 def _priorities(torrent, chosen):
-    """libtorrent's full list of file priorities from a list of one per file, or an
-    {index: priority} object: 409 before metadata, 422 for a wrong count or index."""
+    """libtorrent's full list of file priorities from a list or an {index: priority} object."""
     if torrent.info is None:
         raise ApiError(409, "file_priorities need the metadata, which has not arrived")
     files = [index for index, _, _ in torrent.info["files"]]
@@ -3802,8 +3793,7 @@ def _priorities(torrent, chosen):
 
 
 async def _map_chosen(engine, torrent):
-    """A metadata listener: map file priorities chosen for a magnet at add, now that its
-    files are known; a list that does not fit stops the torrent with the reason."""
+    """A metadata listener: apply a magnet's chosen priorities, or stop it if they misfit."""
     chosen = torrent.notes["chosen_priorities"]
     if chosen is None:
         return
@@ -3817,18 +3807,16 @@ async def _map_chosen(engine, torrent):
 
 
 def _hold_chosen(params, notes):
-    """A load listener: file priorities chosen for a magnet and not yet mapped past its
-    padding. libtorrent keeps no default_dont_download in resume data, so nothing may
-    download until then."""
+    """A load listener: nothing downloads until a magnet's chosen priorities are mapped."""
     if notes["chosen_priorities"] is not None:
+        # libtorrent keeps no default_dont_download in resume data.
         params.flags |= lt.torrent_flags.default_dont_download
         if params.ti is not None:
             params.file_priorities = [0] * params.ti.num_files()
 
 
 async def move(engine, torrent, save_path):
-    """Move a torrent's data within the roots; True once moved, False if it goes on
-    past MOVE_WAIT (the status shows moving_to until it ends)."""
+    """Move a torrent's data within the roots; True once moved, False if past MOVE_WAIT."""
     if torrent.notes["moving_to"] is not None:
         raise ApiError(409, f"torrent {torrent.infohash} is already moving")
     # Saved first: a crash in the middle leaves files in both places, and the next
@@ -3878,8 +3866,7 @@ async def _moved(engine, torrent, save_path):
 
 
 def _finish_move(engine, params, notes):
-    """A load listener: a move a crash cut short ends where the data is whole, and that
-    place is checked (_where_data_is)."""
+    """A load listener: a move a crash cut short ends where the data is whole, rechecked."""
     if notes["moving_to"]:
         params.save_path = _where_data_is(params, notes["moving_to"], engine.inside_roots)
         notes["moving_to"] = None
@@ -3887,16 +3874,13 @@ def _finish_move(engine, params, notes):
 
 
 def _where_data_is(params, moving_to, inside_roots):
-    """Where a saved torrent's data is, after a move a crash cut short: the target if
-    every file is whole there, else where it was, with the files the move had already
-    renamed to the target put back. (Within one file system libtorrent renames file by
-    file; across two it copies them all, then deletes the originals.) Blocking: run in
-    a thread."""
+    """Where a half-moved torrent's data is: the target if whole, else where it was; threaded."""
     if not (moving_to and params.ti and inside_roots(moving_to)):
         return params.save_path
     files = _files_of(params.ti)
     if _missing_file(moving_to, files, params.file_priorities) is None:
         return moving_to
+    # libtorrent renames file by file within one file system: put the renamed ones back.
     for _, path, _ in files:
         moved, original = os.path.join(moving_to, path), os.path.join(params.save_path, path)
         if os.path.isfile(moved) and not os.path.islink(moved) and not os.path.lexists(
@@ -3916,8 +3900,7 @@ async def recheck(engine, torrent):
 
 
 async def queue_move(engine, torrent, move):
-    """Move it to the top or bottom of libtorrent's queue, or one place up or down;
-    return once the cache shows every torrent's new place."""
+    """Move it in libtorrent's queue (top, up, down, bottom); return once the cache shows it."""
     with _handle_call():
         getattr(torrent.handle, f"queue_position_{move}")()
     # The torrents it passed moved too. libtorrent answers in order, so their fresh
@@ -3933,17 +3916,13 @@ async def reannounce(engine, torrent):
 
 
 def _enforce_limits(engine, torrent):
-    """Apply on_limit to a finished torrent that reached its ratio or seeding time.
-
-    The limits it reached are noted: an operator who resumes it lets it seed on,
-    until its limits change and it reaches the new ones.
-    """
+    """Apply on_limit to a finished torrent that reached its ratio or seeding time."""
     status, notes = torrent.status, torrent.notes
     if not status["is_finished"] or status["paused"] or torrent.removing:
         return
     limits = [engine.settings[key] if notes[key] == -1 else notes[key]
               for key in ("ratio_limit", "seeding_time_limit")]
-    if limits == notes["limit_mark"]:
+    if limits == notes["limit_mark"]:  # resumed after reaching these: it seeds on
         return
     seeding = status["seeding_time"] + int(time.time() - torrent.updated)
     if 0 <= limits[0] <= status["ratio"]:
@@ -3966,8 +3945,7 @@ SETTINGS_LOCK = web.AppKey("settings_lock", asyncio.Lock)
 
 
 async def configure_session(engine, lock, changes):
-    """Save session settings (parsed) for the next start, then apply and announce
-    them: a change the state directory could not keep is not made."""
+    """Save parsed session settings, then apply and announce them; unsaved, none is made."""
     async with lock:  # each write holds every change before it
         changes = {key: value for key, value in changes.items()
                    if engine.settings[key] != value}
@@ -4027,8 +4005,7 @@ def _bulk(action):
         engine = request.app[ENGINE]
         torrents = _matching(engine, request.query, ("state", "paused", "label"))
         count = 0
-        # LOAD_BATCH at a time, each confirmed and saved before the next: 10,001 at once
-        # overflowed libtorrent's alert queue and kept /health waiting for seconds.
+        # LOAD_BATCH at a time: all at once overflows libtorrent's alert queue.
         for start in range(0, len(torrents), LOAD_BATCH):
             done = await asyncio.gather(*(getattr(engine, action)(t) for t in
                                           torrents[start:start + LOAD_BATCH]),
@@ -4062,8 +4039,7 @@ async def get_settings(request):
     return web.json_response(request.app[ENGINE].settings)
 
 
-@api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings",
-                                                             _settings_schema())},
+@api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings", _settings_schema())},
      (408, 415, 422, 503), requestBody={"required": True, "content": {"application/json": {
          "schema": {**_settings_schema(), "required": []}}}})
 async def change_settings(request):
@@ -4107,10 +4083,9 @@ def _peer(info):
 
 
 def _tracker(entry, heard, slot):
-    """One tracker as the API shows it; heard is what its alerts said lately, slot the
-    hash it announces (0 v1, 1 v2): libtorrent copies only the first endpoint's v1 state
-    to the top level, which a v2-only torrent never uses."""
+    """One tracker as the API shows it; heard is what its alerts said, slot 0 v1 or 1 v2."""
     answered, error = heard.get(entry["url"], (None, ""))
+    # libtorrent copies only the first endpoint's v1 state to the top: v2-only never has it.
     # Until it has an endpoint (just added, or paused), nothing is known.
     state = entry["endpoints"][0]["info_hashes"][slot] if entry["endpoints"] else {
         **entry, "scrape_complete": -1, "scrape_incomplete": -1, "scrape_downloaded": -1}
@@ -4126,8 +4101,8 @@ def _tracker(entry, heard, slot):
 
 
 async def peers(engine, torrent):
-    """The connected peers. peer_info_alert's list raises TypeError in the 2.1.1 bindings
-    (a test watches for that to change), so a worker thread asks libtorrent instead."""
+    """The connected peers."""
+    # peer_info_alert's list raises TypeError in the 2.1.1 bindings: a thread asks instead.
     with _handle_call():
         return [_peer(peer) for peer in await asyncio.to_thread(torrent.handle.get_peer_info)]
 
@@ -4209,15 +4184,13 @@ EVENT_RING = 10_000
 #: Event ids reserved at a time in the state directory (EVENT_COUNTER).
 EVENT_ID_BLOCK = 10_000
 EVENT_COUNTER = "event-id"
-#: Events one GET /events client may fall behind before it is cut off: it must never
-#: make the daemon wait or hold unbounded memory.
+#: Events a GET /events client may fall behind before it is cut off: never waited for.
 SUBSCRIBER_QUEUE = 1000
 #: GET /events streams at once; each holds an API connection for as long as it lasts.
 MAX_SUBSCRIBERS = 32
 #: Seconds between comments on an idle event stream, so proxies keep it open.
 HEARTBEAT = 15.0
-#: Bytes an event stream may have in flight to its reader (in the daemon and in the
-#: kernel each).
+#: Bytes an event stream may have in flight to its reader, in the daemon and the kernel each.
 STREAM_BUFFER = 32 * 1024
 #: Seconds a write to an event stream may wait for the client to read.
 STREAM_WRITE_TIMEOUT = 10.0
@@ -4233,8 +4206,8 @@ EVENT_FIELDS = ("infohash", "name", "state", "progress", "paused", "error", "sav
 
 
 def _webhook_url(text):
-    """An http(s) URL, without spaces or control characters: urlsplit drops CR and LF
-    quietly, but the URL as given is the one posted to."""
+    """An http(s) URL without spaces or control characters."""
+    # urlsplit drops CR and LF quietly, but the URL as given is the one posted to.
     if re.search("[\x00-\x20\x7f]", text):
         raise ValueError("a URL holds no spaces or control characters (CR, LF, tab...)")
     try:
@@ -4247,8 +4220,7 @@ def _webhook_url(text):
 
 
 def _shown_url(url):
-    """A webhook URL as the daemon shows it (GET /webhooks, /metrics, the log): its
-    password as ***, or a user name without one (often a token itself) as ***."""
+    """A webhook URL as shown: its password, or a lone user name (often a token), as ***."""
     netloc = urllib.parse.urlsplit(url).netloc
     userinfo, at, host = netloc.rpartition("@")
     if not at:
@@ -4320,8 +4292,8 @@ class _Subscriber:
 
 
 def _queued_problem(name, body):
-    """Why a file of a webhook's queue cannot be delivered, or None: a disk fault or a hand
-    edit may have changed it, and one that broke the task would stop its target for good."""
+    """Why a file of a webhook's queue cannot be delivered, or None."""
+    # A disk fault or a hand edit that broke the task would stop its target for good.
     number = name.removesuffix(".json")
     if number == name or not (number.isascii() and number.isdigit() and len(number) < 19):
         return "not named <event id>.json"
@@ -4340,8 +4312,7 @@ def _queued_problem(name, body):
 
 
 class _Webhook:
-    """One webhook target: its queue of events, kept in the state directory until
-    delivered, and the task that delivers them in order, retrying with backoff."""
+    """One webhook target: its queue of events, kept on disk, delivered in order with retries."""
 
     def __init__(self, url, types, secret, store):
         self.url, self.types, self.secret, self.store = url, types, secret, store
@@ -4383,10 +4354,9 @@ class _Webhook:
         self.pending = dict(sorted(self.pending.items()))
         attempt = 0
         while True:
-            if not self.pending:
+            while not self.pending:
                 self.wake.clear()
                 await self.wake.wait()
-                continue
             event_id, body = next(iter(self.pending.items()))
             self.posting = event_id
             delivered = await self._post(client, event_id, body)
@@ -4412,8 +4382,7 @@ class _Webhook:
             log.warning("webhook %s: skipping queue file %s (%s), which cannot be moved "
                         "aside: %s", self.shown, name, why, error)
             return
-        log.warning("webhook %s: moved queue file %s to %s: %s", self.shown, name, target,
-                    why)
+        log.warning("webhook %s: moved queue file %s to %s: %s", self.shown, name, target, why)
 
     async def _post(self, client, event_id, body):
         """One delivery; True on a 2xx answer."""
@@ -4434,8 +4403,7 @@ class _Webhook:
                 self.last_error = f"HTTP {response.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             # An error may quote the URL: shown in GET /webhooks, it must not hold secrets.
-            self.last_error = (str(error) or type(error).__name__).replace(
-                self.url, self.shown)
+            self.last_error = (str(error) or type(error).__name__).replace(self.url, self.shown)
         self.counts["failed"] += 1
         return False
 
@@ -4447,8 +4415,7 @@ class _Webhook:
 
 
 class Events:
-    """What happened, from one source: each event is logged once, kept in a ring for
-    GET /events, handed to its subscribers and queued for the webhooks."""
+    """Events: each logged once, kept in a ring, handed to subscribers and queued for webhooks."""
 
     def __init__(self, config, store):
         self.store = store
@@ -4482,8 +4449,7 @@ class Events:
             await self.client.close()
 
     async def _reserve(self):
-        """Keep a block of ids in the state directory: after a crash, ids start past it,
-        so they only grow, without a write per event."""
+        """Reserve a block of ids on disk: after a crash ids start past it; no write per event."""
         self._reserved = self.next_id + EVENT_ID_BLOCK
         await self.store.put(EVENT_COUNTER, str(self._reserved).encode())
 
@@ -4499,21 +4465,17 @@ class Events:
         log.info("%s %s%s%s", kind, name or "", f" ({infohash})" if infohash else "",
                  f": {detail}" if detail else "")
         self.ring.append(event)
-        for subscriber in self.subscribers:
-            subscriber.offer(event)
-        for hook in self.webhooks:
-            hook.offer(event)
+        for reader in (*self.subscribers, *self.webhooks):
+            reader.offer(event)
 
     async def settled(self):
-        """Once the webhooks' queues hold every event so far on disk: a request whose
-        answer follows an event waits for this, so a crash after it still delivers."""
+        """Once every event so far is in the webhooks' queues on disk: crash-safe to answer."""
         if self.webhooks:
             await self.store.barrier()
 
     def subscribe(self, types, infohashes):
         if len(self.subscribers) >= MAX_SUBSCRIBERS:
-            raise ApiError(503, f"at most {MAX_SUBSCRIBERS} event streams at once",
-                           RETRY_AFTER)
+            raise ApiError(503, f"at most {MAX_SUBSCRIBERS} event streams at once", RETRY_AFTER)
         subscriber = _Subscriber(types, infohashes)
         self.subscribers.add(subscriber)
         return subscriber
@@ -4552,9 +4514,8 @@ EVENT_SCHEMA = _object({
     "detail": {"type": ["string", "null"]},
     "torrent": {**_object({field.name: field.schema for field in STATUS
                            if field.name in EVENT_FIELDS}), "type": ["object", "null"]}})
-#: One Server-Sent Event of GET /events as a reader parses it: event (the type), id, and
-#: data, the event as JSON ({} for reset and overflow). The stream's schema is one item's:
-#: 3.1 lacks 3.2's itemSchema, and schemathesis validates each event received against it.
+#: One Server-Sent Event of GET /events: event (its type), id, data (JSON; {} for reset and
+#: overflow). The stream's schema is one item's: OpenAPI 3.1 lacks 3.2's itemSchema.
 SSE_SCHEMA = {"type": "object", "required": ["event", "data"], "properties": {
     "event": {"enum": [*EVENT_TYPES, "reset", "overflow"]},
     "id": {"type": "string", "pattern": "^[0-9]+$"},
@@ -4599,20 +4560,18 @@ async def event_stream(request):
 
 
 def _main_id(engine, infohash):
-    """The id events carry for a torrent known by any of its ids (a hybrid's v2 hash, a
-    v2 hash's first 40 digits); an unknown id as it is."""
+    """The id events carry for a torrent known by any of its ids; an unknown id as it is."""
     with contextlib.suppress(ApiError):
         return engine.lookup(infohash).infohash
     return infohash
 
 
 async def _stream(request, subscriber, events, last):
-    """Write a subscriber's events, those after last first, until it falls too far behind
-    or goes away; a reader that stops reading is cut off with a last event: overflow."""
+    """Write a subscriber's events, those after last first, until it falls behind or leaves."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    # Small buffers: a reader that stops is noticed soon, and holds little memory till cut.
+    # Small buffers: a reader that stops is noticed soon and holds little memory till cut.
     request.transport.set_write_buffer_limits(high=STREAM_BUFFER)
     with contextlib.suppress(OSError, AttributeError):
         request.transport.get_extra_info("socket").setsockopt(
@@ -4646,9 +4605,8 @@ async def _stream(request, subscriber, events, last):
 
 
 async def _woken(wake, request):
-    """Wait up to HEARTBEAT for wake; whether it came. A client that hung up is noticed
-    within a second, not at the next write: its stream must free its place at once."""
-    for _ in range(int(HEARTBEAT)):
+    """Wait up to HEARTBEAT for wake; whether it came."""
+    for _ in range(int(HEARTBEAT)):  # each second: a client that hung up frees its place now
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), 1.0)
             return True
@@ -4672,8 +4630,7 @@ async def webhooks(request):
 # Extension: metrics. GET /metrics in Prometheus' text format
 # --------------------------------------------------------------------------- #
 
-#: (name, type, help, libtorrent session counter, scale) of the metrics taken from
-#: post_session_stats(): libtorrent counts these itself, no sum over torrents.
+#: (name, type, help, libtorrent session counter, scale) of post_session_stats()'s metrics.
 SESSION_METRICS = (
     ("payload_received_bytes_total", "counter", "payload bytes received",
      "net.recv_payload_bytes", 1),
@@ -4700,8 +4657,7 @@ def _label(value):
 
 
 def process_figures():
-    """(resident bytes, open descriptors) of this process, from /proc: run in a thread,
-    as listing thousands of descriptors takes a while."""
+    """(resident bytes, open descriptors) of this process, from /proc; slow: in a thread."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE"), len(os.listdir("/proc/self/fd"))
 
@@ -4799,15 +4755,12 @@ OPTIONS.append(Option("web_ui", _directory, None, "serve this directory at "
                       "transmission-common)"))
 
 
-#: The folder of the state directory where each torrent's .torrent is kept, as
-#: Transmission keeps them in its own: torrent-get's torrentFile names the copy, and
-#: tools such as FlexGet's from_transmission read that field.
+#: The state directory's folder of .torrent copies, which torrent-get's torrentFile names.
 RPC_TORRENT_FILES = "torrents"
 
 
 class RpcState:
-    """What the RPC keeps beside the engine: its session id, each torrent's number (in the
-    order it first lists them), recent removals, the .torrent copies in the state directory."""
+    """The RPC's state: its session id, torrent numbers, recent removals, .torrent copies."""
 
     def __init__(self, state_dir):
         self.session_id = secrets.token_urlsafe(24)
@@ -4841,8 +4794,7 @@ class RpcState:
             _logged(engine.store.drop(name), f"dropping {name}")
 
     async def keep(self, engine, torrent):
-        """A metadata listener: write the torrent's .torrent copy unless it exists (a
-        new torrent's, or one lost while the daemon was down)."""
+        """A metadata listener: write the torrent's .torrent copy unless it exists."""
         name = self.copy_name(torrent)
         self.copies[name] = torrent
         try:
@@ -4855,10 +4807,8 @@ class RpcState:
 
 
 def _rpc_torrent_bytes(path, torrent):
-    """The torrent's .torrent, or None if path holds it already: its info dict byte for
-    byte, its trackers and web seeds as the daemon keeps them, and the fields it was added
-    with. Not a v2 torrent's piece layers, which libtorrent writes only through a slow
-    Python copy of the whole file, GIL held; peers give them. Blocking: run in a thread."""
+    """The torrent's .torrent (its info dict byte for byte), or None if path holds it; threaded."""
+    # No v2 piece layers: libtorrent writes them only by a slow Python copy, GIL held.
     if os.path.exists(path):
         return None
     metadata = torrent.handle.torrent_file()
@@ -4894,11 +4844,9 @@ EXTENSIONS.append(_rpc_setup)
 
 
 def _rpc_status(status):
-    """Transmission's status number: 0 stopped, 1-2 (queued to) verify, 3-4 (queued to)
-    download, 5-6 (queued to) seed. A stopped torrent is 0 even with a check asked for, as
-    libtorrent checks only once started: stig starts only a torrent that shows stopped."""
+    """Transmission's status: 0 stopped, 1-2 (queued to) verify, 3-4 download, 5-6 seed."""
     done = status["is_finished"]
-    if status["paused"] and not status["queued"]:
+    if status["paused"] and not status["queued"]:  # even with a check asked: stig starts it
         return 0
     if status["state"].startswith("checking"):
         return 1 if status["queued"] else 2
@@ -4913,8 +4861,7 @@ def _rpc_priority(priority):
 
 
 def _rpc_limit(torrent, settings, key):
-    """(limit, mode) of seedRatio*/seedIdle* (key's, in minutes for the idle limit): mode
-    0 the session's, 1 its own, 2 none."""
+    """(limit, mode) of seedRatio*/seedIdle* (minutes): mode 0 the session's, 1 own, 2 none."""
     value = torrent.notes[key]
     limit, mode = (0, 2) if value == -2 else (value, 1) if value >= 0 else (
         max(0, settings[key]), 0)
@@ -4966,9 +4913,7 @@ def _per_file(entry):
     return lambda t, s, c, x: _Slices(entry(file) for file in t.files() or ())
 
 
-#: Every torrent-get field, as a function of (torrent, status dict, session settings,
-#: extra) where extra holds its id, its .torrent copy's path, and the slow views
-#: (trackers, peers) fetched when asked for.
+#: Every torrent-get field: f(torrent, status, session settings, extra: id, torrentFile, views).
 RPC_FIELDS = {
     **{name: lambda t, s, c, x, key=key: s[key] for name, key in RPC_STATUS_KEYS.items()},
     **{name: lambda t, s, c, x, key=key, null=null: s[key] or null
@@ -5043,8 +4988,7 @@ RPC_FIELDS = {
         "peerIsInterested": "remote_interested" in peer["flags"]} for peer in x["peers"]],
 }
 
-#: Values (JSON commas, lists and objects) one RPC call may hold; see _rpc_call. A
-#: torrent-add of a 10 MiB .torrent is one string, and 100,000 file indices fit.
+#: Values (JSON commas, lists and objects) one RPC call may hold: 100,000 file indices fit.
 RPC_MAX_VALUES = 200_000
 
 #: The torrent-get fields with an entry per file.
@@ -5056,8 +5000,7 @@ class RpcError(Exception):
 
 
 def _rpc_ids(request, arguments):
-    """The torrents ids names: absent is all; a number, a hash, or a list of either; or
-    "recently-active". Unknown ids are left out, as Transmission does."""
+    """The torrents ids names (numbers, hashes, "recently-active", absent: all); unknown: none."""
     torrents, rpc = list(request.app[ENGINE].torrents()), request.app[RPC]
     ids = arguments.get("ids")
     if ids is None:
@@ -5073,8 +5016,7 @@ def _rpc_ids(request, arguments):
 
 
 def _rpc_indices(torrent, arguments, key):
-    """File indices given under key (Transmission counts real files only); an empty
-    list means every file, as in Transmission (transmission-remote -g all sends one)."""
+    """File indices given under key, real files only; an empty list means every file."""
     if key not in arguments:
         return []
     chosen, count = arguments[key], len(torrent.info["files"]) if torrent.info else 0
@@ -5086,8 +5028,7 @@ def _rpc_indices(torrent, arguments, key):
     return chosen
 
 
-#: The arguments that choose files, each with the priority it gives (None: wanted again,
-#: at its priority before, or normal), applied in this order.
+#: The arguments that choose files, in order, with the priority each gives (None: wanted).
 RPC_FILE_CHOICES = {"files-unwanted": 0, "files-wanted": None, "priority-low": 1,
                     "priority-normal": 4, "priority-high": 7}
 
@@ -5107,8 +5048,7 @@ def _rpc_priorities(torrent, arguments):
 
 
 def _rpc_settings(torrent, arguments, trackers=None):
-    """The per-torrent settings a torrent-set (or, torrent None, a torrent-add) names,
-    as PATCH takes them; trackers are the torrent's current ones, if they matter."""
+    """The settings a torrent-set (torrent None: a torrent-add) names, as PATCH takes them."""
     changes = {}
     if "labels" in arguments:
         changes["labels"] = arguments["labels"]
@@ -5140,8 +5080,7 @@ def _rpc_settings(torrent, arguments, trackers=None):
 
 
 def _rpc_trackers(current, arguments):
-    """The tracker tiers after trackerList, or after trackerRemove (ids or URLs) and
-    trackerAdd (each URL a tier of its own) from the current (url, tier) list."""
+    """The tracker tiers after trackerList, or trackerRemove (ids or URLs) and trackerAdd."""
     if "trackerList" in arguments:
         text = arguments["trackerList"]
         if not isinstance(text, str):
@@ -5204,8 +5143,7 @@ async def _rpc_get(request, engine, arguments):
 
 
 async def _rpc_directory(engine, arguments, key):
-    """The directory the argument key names, confined as save_path is; a refusal names
-    key (download-dir, location or path), the word the client sent."""
+    """The directory the argument key names, confined as save_path is; refusals name key."""
     try:
         return await asyncio.to_thread(resolve_save_path, engine.roots, _text(arguments, key))
     except ApiError as error:
@@ -5261,28 +5199,31 @@ async def _rpc_location(engine, torrent, arguments):
         "save_path": await _rpc_directory(engine, arguments, "location")})
 
 
+#: session-set's writable keys: (setting, scale, the *-enabled key). Off is 0 for speeds, else -1.
+RPC_SESSION_SET = {
+    "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled"),
+    "speed-limit-up": ("upload_limit", 1000, "speed-limit-up-enabled"),
+    "seedRatioLimit": ("ratio_limit", 1, "seedRatioLimited"),
+    "idle-seeding-limit": ("seeding_time_limit", 60, "idle-seeding-limit-enabled"),
+    "download-queue-size": ("max_active_downloads", 1, "download-queue-enabled"),
+    "seed-queue-size": ("max_active_seeds", 1, "seed-queue-enabled"),
+    "peer-limit-global": ("max_connections", 1, None),
+}
+
+
 def _rpc_session(request):
     """session-get's fields."""
     engine, config = request.app[ENGINE], request.app[CONFIG]
-    settings = engine.settings
-    return {**RPC_VERSION, "session-id": request.app[RPC].session_id,
-            "download-dir": str(engine.roots[0]), "config-dir": str(config.state_dir),
-            "peer-port": engine.listen_port, "blocklist-size": 0, "blocklist-enabled": False,
-            "speed-limit-down": settings["download_limit"] // 1000,
-            "speed-limit-down-enabled": settings["download_limit"] > 0,
-            "speed-limit-up": settings["upload_limit"] // 1000,
-            "speed-limit-up-enabled": settings["upload_limit"] > 0,
-            "seedRatioLimit": max(0, settings["ratio_limit"]),
-            "seedRatioLimited": settings["ratio_limit"] >= 0,
-            "idle-seeding-limit": max(0, settings["seeding_time_limit"]) // 60,
-            "idle-seeding-limit-enabled": settings["seeding_time_limit"] >= 0,
-            "download-queue-size": max(0, settings["max_active_downloads"]),
-            "download-queue-enabled": settings["max_active_downloads"] >= 0,
-            "seed-queue-size": max(0, settings["max_active_seeds"]),
-            "seed-queue-enabled": settings["max_active_seeds"] >= 0,
-            "peer-limit-global": settings["max_connections"], "peer-limit-per-torrent": 0,
-            "alt-speed-enabled": False, "alt-speed-down": 0, "alt-speed-up": 0,
-            "alt-speed-time-enabled": False, "alt-speed-time-begin": 0,
+    answer = {**RPC_VERSION, "session-id": request.app[RPC].session_id,
+              "download-dir": str(engine.roots[0]), "config-dir": str(config.state_dir),
+              "peer-port": engine.listen_port, "blocklist-size": 0, "blocklist-enabled": False}
+    for key, (setting, scale, enabled) in RPC_SESSION_SET.items():
+        value = max(0, engine.settings[setting])
+        answer[key] = value // scale if isinstance(value, int) else value
+        if enabled:
+            answer[enabled] = engine.settings[setting] > (0 if "speed" in key else -1)
+    return {**answer, "peer-limit-per-torrent": 0, "alt-speed-enabled": False, "alt-speed-down": 0,
+            "alt-speed-up": 0, "alt-speed-time-enabled": False, "alt-speed-time-begin": 0,
             "alt-speed-time-end": 0, "alt-speed-time-day": 0, "start-added-torrents": True,
             "dht-enabled": config.dht, "lpd-enabled": config.lsd, "pex-enabled": True,
             "utp-enabled": not config.local_only, "encryption": "preferred",
@@ -5299,18 +5240,6 @@ async def _rpc_session_get(request, arguments):
             if key in fields} if isinstance(fields, list) else answer
 
 
-#: session-set's writable keys: (setting, how the value maps, the *-enabled key).
-RPC_SESSION_SET = {
-    "speed-limit-down": ("download_limit", 1000, "speed-limit-down-enabled"),
-    "speed-limit-up": ("upload_limit", 1000, "speed-limit-up-enabled"),
-    "seedRatioLimit": ("ratio_limit", 1, "seedRatioLimited"),
-    "idle-seeding-limit": ("seeding_time_limit", 60, "idle-seeding-limit-enabled"),
-    "download-queue-size": ("max_active_downloads", 1, "download-queue-enabled"),
-    "seed-queue-size": ("max_active_seeds", 1, "seed-queue-enabled"),
-    "peer-limit-global": ("max_connections", 1, None),
-}
-
-
 async def _rpc_session_set(request, engine, arguments):
     """session-set: the keys above, mapped onto PATCH /settings; others are ignored."""
     changes, current = {}, _rpc_session(request)
@@ -5320,7 +5249,7 @@ async def _rpc_session_set(request, engine, arguments):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise RpcError(f"{key} must be a number")
             on = arguments.get(enabled, current.get(enabled, True))
-            off = 0 if setting.endswith("limit") and "speed" in key else -1
+            off = 0 if "speed" in key else -1
             changes[setting] = value * scale if on else off
     ignored = sorted(set(arguments) - set(RPC_SESSION_SET)
                      - {e for _, _, e in RPC_SESSION_SET.values()})
@@ -5356,8 +5285,7 @@ async def _rpc_free_space(request, engine, arguments):
 
 
 def _disk_usage(path):
-    """The usage of the disk that holds path, or would: its nearest existing directory.
-    Touches the disk: run in a thread."""
+    """The usage of the disk that holds path, or its nearest existing directory; threaded."""
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -5391,9 +5319,8 @@ RPC_METHODS = {
 
 
 def _rpc_object(pairs):
-    """A JSON object of an RPC call; a repeated key is refused, as the REST API does.
-    Last-wins made {"method": "session-get", "method": "torrent-stop"} stop every
-    torrent, where a proxy or a log that reads the first key sees a session-get."""
+    """A JSON object of an RPC call; a repeated key is refused, as the REST API does."""
+    # Last-wins would let a proxy or a log that reads the first "method" see another call.
     try:
         return _unique_keys(pairs)
     except ValueError:
@@ -5430,8 +5357,7 @@ async def _rpc_call(request, body):
     except ApiError as error:
         answer["result"] = error.detail
     except (TypeError, ValueError, KeyError, AttributeError) as error:
-        # The arguments are untyped JSON: a value of a shape no check above expected is
-        # the caller's error. One line, no traceback: a client must not flood the log.
+        # Untyped JSON of a shape no check expected: the caller's error, logged in one line.
         log.warning("RPC %s: arguments of an unexpected shape: %s: %s", method,
                     type(error).__name__, error)
         answer["result"] = f"invalid arguments for {method}"
@@ -5439,7 +5365,9 @@ async def _rpc_call(request, body):
 
 
 @api("POST", "/transmission/rpc", "transmissionRpc", {"200": _answer(
-    "the answer, whether the call succeeded or not (see result)", _ref("RpcAnswer"))},
+    "the answer, whether the call succeeded or not (see result)", _object({
+        "result": {"type": "string"}, "arguments": {"type": "object"},
+        "tag": {"type": "integer"}}, required=["result", "arguments"]))},
     (409, 413), requestBody={"required": True, "content": {"application/json": {
         "schema": {"type": "object"}}}})
 async def transmission_rpc(request):
@@ -5467,15 +5395,12 @@ for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rp
         {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
 
 
-#: What a browser may do on a page of the web client: run and load only the daemon's own
-#: files, no inline script or event handler (Transmission 3.00's client puts a tracker URL
-#: in an attribute with only < and > escaped), talk to no other origin. Inline styles stay,
-#: as jQuery UI adds some: with scripts shut out they only restyle; jQuery probes a data: image.
+#: A web client page runs and loads only the daemon's files, no inline script (Transmission
+#: 3.00 puts tracker URLs in attributes); jQuery UI needs inline styles, a data: image.
 WEB_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
               "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
-#: The Content-Type of each kind of file a web client holds; others are served as bytes
-#: (with nosniff, a browser then neither runs nor renders them).
+#: The Content-Type of each kind of web client file; others are bytes, nosniff: not run.
 WEB_TYPES = {".html": "text/html", ".htm": "text/html", ".js": "text/javascript",
              ".mjs": "text/javascript", ".css": "text/css", ".json": "application/json",
              ".map": "application/json", ".webmanifest": "application/manifest+json",
@@ -5487,8 +5412,7 @@ WEB_TYPES = {".html": "text/html", ".htm": "text/html", ".js": "text/javascript"
 WEB_PIECE = 256 * 1024
 _WEB_PATH = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "a file under the --web-ui directory; empty for its index.html"}
-#: The route of every path under /transmission/web/: [\s\S], as . misses a newline, and
-#: a %0A in a name must reach the handler's 404, not aiohttp's text/plain one.
+#: Every path under /transmission/web/: [\s\S], as . misses a %0A that must get our 404.
 WEB_ROUTE = r"/transmission/web/{path:[\s\S]*}"
 
 
@@ -5531,10 +5455,9 @@ api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
 
 
 def _web_file(root, relative):
-    """(an open descriptor, the name, the size) of the regular file under root that relative
-    names (a directory's index.html), or 404. Each name is opened inside the directory opened
-    before it, never through a symlink or ..: a name swapped for a symlink after any check
-    cannot lead outside root, as the file served is the one opened here. In a thread."""
+    """(open descriptor, name, size) of the regular file relative names under root; threaded."""
+    # Each name is opened in the directory opened before it, never via a symlink or ..:
+    # a name swapped for a symlink after a check cannot lead outside root.
     missing = ApiError(404, "no such file in the web client")
     names = [name for name in relative.split("/") if name not in ("", ".")]
     if "\x00" in relative or ".." in names:
@@ -5578,8 +5501,7 @@ READ_AHEAD = 8 * 1024 * 1024
 DEADLINE_PER_MIB = 250
 #: The deadline (ms) of a piece a reader waits for: a minute ago, before any read-ahead.
 LATE = -60_000
-#: Bytes the kernel, and each write, hold for a stream's client: a client that stops
-#: reading stops its reader, and its deadlines, soon after; it holds about one piece.
+#: Bytes the kernel and each write hold for a stream's client: one that stops reading stops.
 STREAM_SEND_BUFFER = 256 * 1024
 
 OPTIONS.append(Option("max_streams", _number(int, 1), 16, "file streams served at once "
@@ -5619,8 +5541,7 @@ class _Reader:
                 self.piece(self.size - 1)}, front
 
     def arm(self, pieces):
-        """Give pieces deadlines: late for those a reader waits for, which libtorrent reads
-        once verified and posts in a read_piece_alert; the others sooner the nearer."""
+        """Deadlines: LATE for pieces a reader awaits (read once verified), others by distance."""
         start, waited = self.offset + self.position, {
             reader.piece(reader.position) for reader in self.torrent.extra["streams"]}
         with _handle_call():
@@ -5631,12 +5552,11 @@ class _Reader:
                     else (piece, distance * DEADLINE_PER_MIB >> 20)))
 
     async def verified(self, request, engine):
-        """Its bytes to the end of their piece, once verified. Each second it waits: has the
-        client hung up, has the torrent stopped? and the deadlines a recheck took are back."""
+        """Its bytes to the end of their piece, once verified, checking the client each second."""
         (window, front), piece = self.window(), self.piece(self.position)
         pieces = window if self.armed < 0 else {piece, *range(self.armed + 1, front + 1)}
         while True:
-            self.arm(pieces)
+            self.arm(pieces)  # again each second: a recheck drops the deadlines
             self.armed, pieces = max(self.armed, front), window
             with contextlib.suppress(ApiError):  # 503 after a second; 404 once removed
                 data = await engine.expect(self.torrent.ids, lt.read_piece_alert, "a piece",
@@ -5660,8 +5580,7 @@ class _Reader:
 
 
 def _byte_range(header, size):
-    """(first, end) of the bytes a Range header asks for, or None. Only its first range:
-    players send one. 416 if that holds no byte of the file."""
+    """(first, end) of the bytes a Range header's first range asks for, or None; 416 if none."""
     if header is None:
         return None
     match = re.fullmatch(r"bytes=(\d*)-(\d*)(,.*)?", header.replace(" ", ""))
@@ -5723,8 +5642,7 @@ async def stream_file(request):
 
 
 async def _send_range(request, response, torrent, entry, span):
-    """Send a file's range, each piece once verified and while the file is in its place,
-    within --max-streams. A file at priority 0 is raised to 4 first, and the answer says so."""
+    """Send a file's range, each piece once verified, within --max-streams; priority 0 -> 4."""
     engine = request.app[ENGINE]
     with _handle_call():
         offset = await asyncio.to_thread(
