@@ -1970,9 +1970,7 @@ SESSION = "session"
 
 
 class _Torrent:
-    """What the daemon knows about one torrent: its handle and cached status, and what
-    libtorrent does not keep (the .torrent's own fields, a magnet's x.pe peers, the
-    daemon's notes), saved in the resume file beside libtorrent's data."""
+    """One torrent: its handle, cached status, and what libtorrent does not keep."""
 
     # Slots: a library of ten thousand torrents holds ten thousand of these.
     __slots__ = ("handle", "ids", "infohash", "notes", "creation", "extra", "magnet_peers",
@@ -2021,19 +2019,15 @@ class _Torrent:
         return [*self.ids, *(key[:40] for key in self.ids if len(key) == 64)]
 
     def error(self, status):
-        """libtorrent's error, the daemon's reason for stopping it, or the disk error
-        libtorrent meets with upload mode instead of an error."""
+        """libtorrent's error, the daemon's reason to stop it, or a disk error (upload mode)."""
         return status.errc.message() if status.errc.value() else self.fault or self.disk_error
 
     def snapshot(self):
-        """The status and per-file lists; each is replaced, never changed in place, so a
-        worker thread can read a snapshot while the loop goes on."""
+        """The status and per-file lists: a thread may read them, as none changes in place."""
         return self.status, self.file_progress, self.file_priorities
 
     def files(self, snapshot=None):
-        """The status's files list (of a snapshot), with progress and priority, or None.
-        Progress counts whole pieces and lags the status, so once the torrent is finished
-        every wanted file shows complete, as it is."""
+        """The files list (of a snapshot) with progress and priority, or None."""
         if self.info is None:
             return None
         status, progress, priorities = snapshot or self.snapshot()
@@ -2049,8 +2043,7 @@ class _Torrent:
         return entries
 
     def fields(self, names):
-        """A function giving these status fields as they are now, even when called later
-        on a worker thread: one answer never mixes two statuses."""
+        """A function giving these status fields as they are now, even if called later."""
         snapshot = self.snapshot()
         return lambda: {name: self.files(snapshot) if name == "files" else snapshot[0][name]
                         for name in names}
@@ -2069,8 +2062,7 @@ class _Torrent:
         return old
 
     def _measure(self, status):
-        """Payload rates over the last second, from byte counters: libtorrent's own rates
-        decay over tens of seconds and stop being reported when a torrent goes idle."""
+        """Payload rates over the last second: libtorrent's own lag tens of seconds, then stop."""
         now, down, up = time.time(), status.total_payload_download, status.total_payload_upload
         counted_down, counted_up = self.counted
         if down < counted_down or up < counted_up:  # libtorrent started them again
@@ -2103,11 +2095,9 @@ class _Torrent:
         return self._full
 
     async def body(self):
-        """The whole status with files, serialised once per change, in a thread (100,000
-        files take a third of a second)."""
+        """The whole status with files, serialised once per change, in a thread."""
         if self._full is None:
-            # The summary is taken here: cached from the thread, it could outlive a
-            # status that changed meanwhile.
+            # The summary is taken here: cached from the thread, it could outlive its status.
             snapshot, summary = self.snapshot(), self.summary
             full = await asyncio.to_thread(
                 lambda: b"".join((summary[:-1], b',"files":', _json(self.files(snapshot)), b"}")))
@@ -2138,8 +2128,8 @@ def _state_io(what):
 
 
 def _file_progress(handles):
-    """Bytes per file for each handle (None if it is gone), in a thread: the 2.1.1
-    bindings cannot read file_progress_alert's list (see peers)."""
+    """Bytes per file for each handle (None if it is gone); called in a thread."""
+    # Not file_progress_alert: the 2.1.1 bindings cannot read its list.
     result = []
     for handle in handles:
         try:
@@ -2159,16 +2149,7 @@ def _log_failure(task):
 
 
 class TorrentEngine:
-    """Owns the libtorrent session, its alert loop, the status cache and the state dir.
-    Only the alert loop calls pop_alerts(); a request reads the cache, or posts work to
-    libtorrent and awaits expect(), which the alert loop resolves.
-
-    Extensions follow it through listeners (see listen): "start" and "close" (async,
-    awaited as the engine starts and stops), "event" (kind, torrent or None, detail),
-    "tick" (every STATUS_INTERVAL), "resume" (torrent, before it resumes), "metadata"
-    (async, torrent: its metadata was read), "load" (params, notes of a saved torrent,
-    on a worker thread, before it is added back), "forget" (torrent: it is gone) and
-    "health" (() -> problems); and alerts, through on_alert."""
+    """Owns the libtorrent session, its alert loop, the status cache and the state dir."""
 
     def __init__(self, config):
         self.config = config
@@ -2188,7 +2169,9 @@ class TorrentEngine:
         self._by_id = {}              # hex id -> _Torrent
         self._by_handle = {}          # libtorrent handle -> _Torrent
         self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
-        self._listeners = collections.defaultdict(list)  # kind -> callbacks (see listen)
+        # kind -> callbacks: start, close (async); event(kind, torrent, detail); tick; resume(t);
+        # metadata(t, async); load(params, notes; in a thread); forget(t); health() -> problems
+        self._listeners = collections.defaultdict(list)
         self._alert_handlers = {kind: [handler] for kind, handler
                                 in self._ALERT_HANDLERS.items()}
         self._unlisted = 0            # torrents without a status yet
@@ -2204,12 +2187,11 @@ class TorrentEngine:
     # -- extensions ---------------------------------------------------------- #
 
     def listen(self, kind, callback):
-        """Call callback at each moment of this kind (see the class docstring)."""
+        """Call callback at each moment of this kind (the kinds: see self._listeners)."""
         self._listeners[kind].append(callback)
 
     def on_alert(self, kind, handler):
-        """Call handler(engine, alert) for each alert of this type, after the engine's
-        own handler; synchronously, as alerts die at the next pop."""
+        """Call handler(engine, alert) at once for each alert of this type, after the engine's."""
         self._alert_handlers.setdefault(kind, []).append(handler)
 
     def _notify(self, kind, *args):
@@ -2225,9 +2207,7 @@ class TorrentEngine:
         self._notify("event", kind, torrent, detail)
 
     def settled(self):
-        """Done once the state directory holds all that listeners asked it to write: a
-        request answered after an event awaits it, so a crash after the answer keeps what
-        the event wrote (a webhook's queue)."""
+        """Done once the state directory holds what listeners wrote (so a crash keeps it)."""
         return self.store.barrier()
 
     # -- lifecycle ---------------------------------------------------------- #
@@ -2270,9 +2250,7 @@ class TorrentEngine:
                      self.config.dht, self.config.lsd, self.config.upnp, self.config.natpmp)))
 
     async def close(self):
-        """Finish adds under way, pause, save every torrent that changed, drop the session.
-        The state directory is marked clean only if every save made it, so that the next
-        start knows whether the resume files can be trusted."""
+        """Finish adds under way, pause, save every torrent that changed, drop the session."""
         if self._session is None:
             return
         others = [task for name, task in self._tasks.items() if name != "alerts"]
@@ -2298,7 +2276,7 @@ class TorrentEngine:
         if pending or failed or checking:
             log.warning("not marking the stop clean: %d torrents could not be saved, %d "
                         "were being checked", len(pending) + len(failed), checking)
-        else:
+        else:  # only then may the next start trust the resume files
             with contextlib.suppress(OSError):
                 await asyncio.wait_for(self.store.put(CLEAN_MARK, b""),
                                        max(0.1, deadline - time.monotonic()))
@@ -2318,9 +2296,8 @@ class TorrentEngine:
         self._notify_socket.close()
 
     def _check_listening(self):
-        """Stop the start if a listen address is taken or nothing listens at all.
-        listen_port() has waited for the session to bind, so the outcome is already in
-        the alert queue, which the alert loop does not read yet."""
+        """Stop the start if a listen address is taken or nothing listens at all."""
+        # listen_port() waited for the bind: its alerts are queued, and the loop is not reading.
         failures = [alert for alert in self._session.pop_alerts()
                     if isinstance(alert, lt.listen_failed_alert)]
         for alert in failures:
@@ -2358,10 +2335,8 @@ class TorrentEngine:
     # -- waiting on libtorrent ------------------------------------------------ #
 
     async def expect(self, ids, kinds, what, match=None, timeout=ALERT_WAIT):
-        """Wait for an alert of these kinds about the torrent with these ids (or SESSION)
-        for which match(alert) is not None, and return that value; match copies what the
-        caller needs, as alerts die at the next pop. An alert that does not come in time
-        (lost in an overflowing queue) is a 503; a removal fails the wait with 404."""
+        """The first match(alert) not None of these kinds about ids (or SESSION); 503 if late."""
+        # match copies what the caller needs: alerts die at the next pop. A late one was lost.
         future = asyncio.get_running_loop().create_future()
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         waiter = (kinds, match or (lambda alert: True), future)
@@ -2372,8 +2347,7 @@ class TorrentEngine:
             raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
                            "try again", RETRY_AFTER) from None
         finally:
-            # Still under ids[0]: a torrent's ids only grow (a v2 magnet gains its v1 id),
-            # and alerts are matched against all of them.
+            # Still under ids[0]: a torrent's ids only grow, and alerts match against all.
             self._waiters[ids[0]].remove(waiter)
             if not self._waiters[ids[0]]:
                 del self._waiters[ids[0]]
@@ -2464,9 +2438,7 @@ class TorrentEngine:
         return str(path.relative_to(self.roots[0]) if path.is_relative_to(self.roots[0]) else path)
 
     async def add(self, params, settings=None, anywhere=False):
-        """Add a torrent with settings (parsed; they apply only to a new torrent); return
-        (infohash, created) once it is saved and has a status. One already there with
-        another save_path is a 409, or with anywhere (Transmission's way) a duplicate."""
+        """(infohash, created) once it is saved and has a status; settings apply to a new one."""
         ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removing:
@@ -2517,8 +2489,7 @@ class TorrentEngine:
         await self._admit(torrent)
 
     async def _admit(self, torrent):
-        """Save a torrent libtorrent has just added, or take it out again: an add is
-        confirmed only once it is in the state directory."""
+        """Save a torrent libtorrent has just added, or take it out again."""
         try:
             await self.save(torrent)
         except ApiError:
@@ -2549,8 +2520,7 @@ class TorrentEngine:
         await self.save(torrent)
 
     async def resume(self, torrent, queued=True):
-        """Resume and hand it back to the queue, or (queued false) start it now, past the
-        queue's limits; after an error, recheck and retry."""
+        """Resume into the queue, or (queued false) start now past its limits; recheck an error."""
         await self.confined(torrent)
         self._notify("resume", torrent)
         with _handle_call():
@@ -2576,9 +2546,7 @@ class TorrentEngine:
         self._listing = None
 
     async def remove(self, torrent, delete_files):
-        """Remove it, its resume file first; once libtorrent confirmed, return why its
-        files could not be deleted, or None. A resume file that cannot be deleted, or no
-        confirmation in time, leaves the torrent whole with a 503, so a retry can finish."""
+        """Remove it, its resume file first; return why its files could not be deleted, or None."""
         if delete_files:
             await self.confined(torrent)  # never delete outside the roots
         # Checked after that wait, so two DELETEs at once remove it once.
@@ -2591,7 +2559,7 @@ class TorrentEngine:
 
     async def _remove(self, torrent, delete_files):
         name = torrent.saved_as
-        try:
+        try:  # a failure (503) leaves the torrent whole, so a retry can finish
             # After a hybrid conflict the survivor may keep its file under this name.
             if name and not any(t.saved_as == name for t in self._torrents if t is not torrent):
                 with _state_io(f"deleting the resume file of {torrent.infohash}"):
@@ -2609,8 +2577,7 @@ class TorrentEngine:
         return failure
 
     async def _drop(self, torrent, delete_files):
-        """Remove the torrent from libtorrent, with its files if asked, and wait for it;
-        return why the files could not be deleted, or None."""
+        """Remove it from libtorrent, files too if asked; return why they stayed, or None."""
         steps = {lt.torrent_removed_alert, *([lt.torrent_deleted_alert] if delete_files else [])}
         failure = None
 
@@ -2709,8 +2676,7 @@ class TorrentEngine:
         self._announce(torrent, before)
 
     async def _learn(self, torrent, torrent_info):
-        """Read the metadata off the loop, holding metadata from peers to the checks an
-        upload gets: a stranger's 250,000 files must not be listed on every status."""
+        """Read the metadata off the loop, held to an upload's checks: peers are strangers."""
         problem, info = await asyncio.to_thread(_checked_metadata, torrent_info,
                                                 torrent.creation)
         if problem:
@@ -2799,9 +2765,7 @@ class TorrentEngine:
             self._forget(torrent)
 
     def _on_conflict(self, alert):
-        """Magnets by v1 and by v2 hash turned out to be one hybrid torrent, and libtorrent
-        stopped both with an error: keep the one with the metadata, drop the other (its
-        data, if any, stays), and let the survivor answer to both hashes."""
+        """Magnets by v1 and v2 hash are one hybrid torrent: keep the one with metadata."""
         keep, drop = self.torrent_of(alert), self._by_handle.get(alert.conflicting_torrent)
         if None in (keep, drop) or keep.removing or drop.removing:
             return  # a DELETE under way settles it
@@ -2839,9 +2803,8 @@ class TorrentEngine:
                 torrent.handle.flush_cache()
                 torrent.flushing_since = time.time()
             if torrent.status is not None and torrent.status["auto_managed"]:
-                # A queued download takes its place now, not at the queue's next tick a
-                # second later (downloads queued 3 at a time ran at 0.3 of the rate); the
-                # tick keeps this choice, the lowest queue position.
+                # A queued download starts now, not at the queue's next tick a second later;
+                # the tick keeps this choice, the lowest queue position.
                 following = self._next_in_queue()
                 if following is not None:
                     with contextlib.suppress(RuntimeError):
@@ -2851,8 +2814,7 @@ class TorrentEngine:
         self.refresh(torrent)
 
     def _next_in_queue(self, candidate=None):
-        """The queued download libtorrent's next tick would start first, if any; a
-        candidate just added counts as one whatever its first state."""
+        """The queued download the next tick would start first (a just added candidate counts)."""
         waiting = [t for t in self.torrents() if t.status["queued"] and (
             t is candidate or t.status["state"] in ("downloading", "downloading_metadata"))]
         return min(waiting, key=lambda t: t.status["queue_position"], default=None)
@@ -2900,17 +2862,15 @@ class TorrentEngine:
                         torrent.refreshed_files()
 
     def _pace_checks(self, sizes):
-        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET: it
-        starts active_checking per one-second tick (default 1: a thousand small torrents
-        took a thousand seconds), while large ones take turns, to spare the disk."""
+        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET."""
+        # It starts active_checking per one-second tick (default 1); large ones take turns.
         wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
         if wanted != self._checks_at_once:
             self._checks_at_once = wanted
             self._session.apply_settings({"active_checking": wanted})
 
     async def confined(self, torrent):
-        """Refuse (409) to let libtorrent open a torrent's files if its save path now
-        resolves outside the roots (see _watch_disk); stop the torrent with the reason."""
+        """Stop the torrent with a 409 if its save path now resolves outside the roots."""
         fault = await asyncio.to_thread(_outside_roots, self.roots, _places(torrent))
         if fault:
             torrent.fault = fault
@@ -2936,9 +2896,8 @@ def _queue_has_room(torrents, settings):
 
 
 def _holding_back(torrent, status):
-    """Serve the previous status while a just-finished torrent's writes are flushed: a
-    script that sees "finished" reads the files next. A flush that never reports back is
-    not waited for beyond FLUSH_WAIT."""
+    """Whether to serve the previous status while a finished torrent's writes are flushed."""
+    # A script that sees "finished" reads the files next; FLUSH_WAIT bounds a lost flush.
     return (torrent.flushing_since is not None
             and time.time() - torrent.flushing_since < FLUSH_WAIT
             and status.is_finished and torrent.status is not None
@@ -2951,20 +2910,17 @@ def _held(status):
 
 
 class _Saves:
-    """Each torrent's resume data written to the state directory: when asked, and when it
-    changed (every --save-interval). A torrent's save state: dirty (libtorrent has
-    unsaved changes), saving (the save in flight), next_save (the one that follows it,
-    shared by all who ask), force_save (that one writes even if nothing changed) and
-    saved_as (its resume file's name)."""
+    """Each torrent's resume data written to the state directory: when asked, and if changed."""
+    # A torrent's state: dirty (unsaved in libtorrent), saving (in flight), next_save (shared
+    # by all who ask next), force_save (it writes even if unchanged), saved_as (its file).
 
     def __init__(self, engine):
         self.engine = engine
         self.unsaved = {}             # torrent -> why its last save failed
 
     def save(self, torrent, force=True):
-        """A future of a save of the torrent as it is now: True once written, False if
-        nothing needed writing (or it is gone). A request joins the save waiting behind the
-        one in flight, which holds every change made before the call: at most one waits."""
+        """A future of a save of it as it is now: True once written, False if not needed."""
+        # Joining the save queued behind the one in flight holds every change made before now.
         torrent.force_save |= force
         if torrent.next_save is None:
             torrent.next_save = self.engine.spawn(self._save(torrent, torrent.saving),
@@ -3036,8 +2992,7 @@ class _Saves:
 
 
 async def _load_library(engine):
-    """The engine's start: every saved torrent handed back to libtorrent, in batches as
-    the API already answers, with what a crash or a missing drive left to check or hold."""
+    """Hand every saved torrent back to libtorrent, in batches as the API already answers."""
     try:
         saved = await engine.store.load(engine.inside_roots)
         missing = await asyncio.to_thread(_prepare_library, engine, saved)
@@ -3057,9 +3012,8 @@ async def _load_library(engine):
 
 
 def _prepare_library(engine, saved):
-    """Check the saved torrents' notes, let the load listeners adjust them, and return
-    for each the file of a finished torrent that is gone, or None: one whose drive is not
-    mounted must not quietly download everything again. In a thread: it reads the disk."""
+    """Check saved notes, call the load listeners; per torrent, a finished one's missing file."""
+    # In a thread (it reads the disk); a drive not mounted must not mean downloading it all again.
     missing = []
     for index, (name, params, notes) in enumerate(saved):
         notes = _checked_notes(notes, _note_defaults(params), name)
@@ -3072,9 +3026,7 @@ def _prepare_library(engine, saved):
 
 
 def _revive(engine, name, params, notes, lost):
-    """Hand one saved torrent to libtorrent (lost: a file of a finished torrent that is
-    gone); return whether its data is checked, as a crash may have left it ahead of its
-    resume data."""
+    """Give a saved torrent to libtorrent (held if a file is lost); return if it is checked."""
     checking = False
     if lost:
         params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
@@ -3095,8 +3047,7 @@ def _revive(engine, name, params, notes, lost):
 
 
 def _lagging(params):
-    """Whether resume data may lag the files after a crash: the torrent was running (or
-    queued) and incomplete. A paused one was saved when it paused."""
+    """Whether resume data may lag the files after a crash: running or queued, and incomplete."""
     running = params.flags & lt.torrent_flags.auto_managed or not (
         params.flags & lt.torrent_flags.paused)
     return (params.ti is not None and running
@@ -3104,12 +3055,9 @@ def _lagging(params):
 
 
 async def _watch_disk(engine):
-    """Watch the disk for what others do to it. Every second: the directories are
-    writable, and each downloading torrent's save path resolves inside the roots (a
-    symlink swapped in would send its writes elsewhere). Every DATA_CHECK_INTERVAL: that
-    for every torrent, and the files of finished ones are all there, and those a download
-    had written to by the check before (a check of what was just written could race its
-    write). A torrent that fails is stopped with the reason; resuming it checks again."""
+    """Stop torrents whose save path leaves the roots or whose files vanish; watch the dirs."""
+    # Every second the downloading ones (a symlink swapped in redirects writes), and all of them
+    # every DATA_CHECK_INTERVAL, with files written by the check before (not racing a write).
     while engine.loading:
         await asyncio.sleep(STATUS_INTERVAL)
     next_full_check = 0.0
@@ -3134,9 +3082,7 @@ async def _watch_disk(engine):
 
 
 def _files_to_check(torrent):
-    """(save path, (index, path, least size) of files, priorities) that must be on disk:
-    every file of a finished torrent, or those a download had written to at the last full
-    check, which only need to exist; or None."""
+    """(save path, files (index, path, least size) that must be on disk, priorities), or None."""
     if torrent.info is None:
         return None
     files, written = torrent.info["files"], torrent.written
