@@ -1975,7 +1975,7 @@ class _Torrent:
     # Slots: a library of ten thousand torrents holds ten thousand of these.
     __slots__ = ("handle", "ids", "infohash", "notes", "creation", "extra", "magnet_peers",
                  "file_priorities", "save_path", "info", "file_progress", "status", "_summary",
-                 "_full", "total_done", "progress_stale", "counted", "sample", "rates",
+                 "full", "total_done", "progress_stale", "counted", "sample", "rates",
                  "updated", "flushing_since", "saved_as", "disk_error", "fault", "learning",
                  "dirty", "added", "saving", "next_save", "force_save", "removing", "written")
 
@@ -1991,17 +1991,15 @@ class _Torrent:
         # x.pe peer that failed to connect, yet they may be a magnet's only source.
         self.creation = (params.creation_date, params.created_by, params.comment)
         self.magnet_peers = list(params.peers) if params.ti is None else []
-        self.file_priorities = list(params.file_priorities)
-        self.save_path = params.save_path
+        self.file_priorities, self.save_path = list(params.file_priorities), params.save_path
         self.info = None              # _metadata() once known
         self.file_progress = None     # bytes downloaded per file index
         self.status = None            # the status dict (files aside), once one arrived
-        self._summary = self._full = None  # the status serialised, without and with files
+        self._summary = self.full = None  # the status serialised, without and with files
         self.total_done = -1          # bytes done when file progress was last asked for
         self.progress_stale = False   # whether file_progress lags total_done
-        self.counted = (0, 0)         # libtorrent's session counters, last added to notes
-        self.sample = (0.0, 0, 0)     # (time, payload down, payload up) the rates start at
-        self.rates = (0, 0)           # payload bytes/s down and up, over the last second
+        # The byte counters last added to notes; (time, down, up) the rates start at; rates.
+        self.counted, self.sample, self.rates = (0, 0), (0.0, 0, 0), (0, 0)
         self.updated = 0.0            # when the last status arrived
         self.flushing_since = None    # when a flush of its finished download was asked for
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
@@ -2058,7 +2056,7 @@ class _Torrent:
         if not status.flags & lt.torrent_flags.upload_mode:
             self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
         self.status = _status_dict(self, status)
-        self._summary = self._full = None
+        self._summary = self.full = None
         return old
 
     def _measure(self, status):
@@ -2080,7 +2078,7 @@ class _Torrent:
 
     def refreshed_files(self):
         """The per-file progress changed: the full status must be serialised again."""
-        self._full = None
+        self.full = None
 
     @property
     def summary(self):
@@ -2089,22 +2087,17 @@ class _Torrent:
             self._summary = json.dumps(self.status, separators=(",", ":")).encode()
         return self._summary
 
-    @property
-    def full(self):
-        """The whole status serialised, if it is since the last change; else None."""
-        return self._full
-
     async def body(self):
         """The whole status with files, serialised once per change, in a thread."""
-        if self._full is None:
+        if self.full is None:
             # The summary is taken here: cached from the thread, it could outlive its status.
             snapshot, summary = self.snapshot(), self.summary
             full = await asyncio.to_thread(
                 lambda: b"".join((summary[:-1], b',"files":', _json(self.files(snapshot)), b"}")))
             if all(now is then for now, then in zip(self.snapshot(), snapshot)):
-                self._full = full  # nothing changed meanwhile
+                self.full = full  # nothing changed meanwhile
             return full
-        return self._full
+        return self.full
 
 
 @contextlib.contextmanager
@@ -2172,8 +2165,7 @@ class TorrentEngine:
         # kind -> callbacks: start, close (async); event(kind, torrent, detail); tick; resume(t);
         # metadata(t, async); load(params, notes; in a thread); forget(t); health() -> problems
         self._listeners = collections.defaultdict(list)
-        self._alert_handlers = {kind: [handler] for kind, handler
-                                in self._ALERT_HANDLERS.items()}
+        self._alert_handlers = {kind: [handler] for kind, handler in self._ALERT_HANDLERS.items()}
         self._unlisted = 0            # torrents without a status yet
         self._loaded = False          # whether every saved torrent was handed over
         self._checks_at_once = 1      # libtorrent's active_checking, paced by _pace_checks
@@ -2820,14 +2812,10 @@ class TorrentEngine:
         return min(waiting, key=lambda t: t.status["queue_position"], default=None)
 
     _ALERT_HANDLERS = {
-        lt.state_update_alert: _on_state_update,
-        lt.add_torrent_alert: _on_add,
-        lt.torrent_removed_alert: _on_removed,
-        lt.cache_flushed_alert: _on_flushed,
-        lt.torrent_conflict_alert: _on_conflict,
-        lt.listen_failed_alert: _on_listen,
-        lt.listen_succeeded_alert: _on_listen,
-        lt.alerts_dropped_alert: _on_dropped,
+        lt.state_update_alert: _on_state_update, lt.add_torrent_alert: _on_add,
+        lt.torrent_removed_alert: _on_removed, lt.cache_flushed_alert: _on_flushed,
+        lt.torrent_conflict_alert: _on_conflict, lt.alerts_dropped_alert: _on_dropped,
+        **dict.fromkeys((lt.listen_failed_alert, lt.listen_succeeded_alert), _on_listen),
         **dict.fromkeys((lt.metadata_received_alert, lt.torrent_finished_alert,
                          lt.torrent_paused_alert, lt.torrent_resumed_alert,
                          lt.state_changed_alert, lt.torrent_error_alert,
@@ -3028,11 +3016,14 @@ def _prepare_library(engine, saved):
 def _revive(engine, name, params, notes, lost):
     """Give a saved torrent to libtorrent (held if a file is lost); return if it is checked."""
     checking = False
+    running = params.flags & lt.torrent_flags.auto_managed or not (
+        params.flags & lt.torrent_flags.paused)
     if lost:
         params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
-    elif not engine.was_clean and _lagging(params):
-        # Without the pieces it was saved with, libtorrent checks the files: what
-        # reached the disk since is kept, not downloaded again.
+    elif (not engine.was_clean and running and params.ti is not None
+          and sum(params.have_pieces) < params.ti.num_pieces()):
+        # A crash may leave its files ahead of its resume data: without the pieces it was
+        # saved with, libtorrent checks them, keeping what reached the disk.
         params.have_pieces = []
         checking = True
     torrent = _Torrent(params, notes, saved_as=name)
@@ -3044,14 +3035,6 @@ def _revive(engine, name, params, notes, lost):
         log.error("could not load saved torrent %s: %s", torrent.infohash, error)
         engine._forget(torrent)
     return checking
-
-
-def _lagging(params):
-    """Whether resume data may lag the files after a crash: running or queued, and incomplete."""
-    running = params.flags & lt.torrent_flags.auto_managed or not (
-        params.flags & lt.torrent_flags.paused)
-    return (params.ti is not None and running
-            and sum(params.have_pieces) < params.ti.num_pieces())
 
 
 async def _watch_disk(engine):
