@@ -2365,12 +2365,6 @@ class TorrentEngine:
         task.add_done_callback(_log_failure)
         return task
 
-    async def metadata_read(self, torrent):
-        """Wait until metadata libtorrent has is read too (torrent.info, in a thread)."""
-        if torrent.status["has_metadata"] and torrent.info is None:
-            await self.confirm(torrent, lambda status: torrent.info is not None,
-                               "reading the metadata")
-
     def refresh(self, torrent=None):
         """Ask for a fresh status of a torrent (ignored if it is gone), or of all that changed."""
         if torrent is None:
@@ -2751,10 +2745,7 @@ class TorrentEngine:
             self._by_handle[alert.handle] = torrent
 
     def _on_removed(self, alert):
-        """libtorrent dropped the torrent: forget it."""
-        torrent = self.torrent_of(alert)
-        if torrent is not None:
-            self._forget(torrent)
+        self._forget(self.torrent_of(alert))  # of None (unknown): does nothing
 
     def _on_conflict(self, alert):
         """Magnets by v1 and v2 hash are one hybrid torrent: keep the one with metadata."""
@@ -5334,7 +5325,9 @@ async def _rpc_add(request, engine, arguments):
     infohash, created = await engine.add(params, settings, anywhere=True)
     torrent = engine.lookup(infohash)
     if created and choices:
-        await engine.metadata_read(torrent)
+        if torrent.status["has_metadata"] and torrent.info is None:  # read in a thread
+            await engine.confirm(torrent, lambda status: torrent.info is not None,
+                                 "reading the metadata")
         await _rpc_set(engine, [torrent], arguments)
     return {"torrent-added" if created else "torrent-duplicate": {
         "id": request.app[RPC].number(torrent), "name": torrent.status["name"],
