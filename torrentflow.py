@@ -2991,7 +2991,7 @@ async def _load_library(engine):
 
 
 def _prepare_library(engine, saved):
-    """Check saved notes, call the load listeners; per torrent, a finished one's missing file."""
+    """Check the notes, call the load listeners; return each finished torrent's missing file."""
     # In a thread (it reads the disk); a drive not mounted must not mean downloading it all again.
     missing = []
     for index, (name, params, notes) in enumerate(saved):
@@ -3005,7 +3005,7 @@ def _prepare_library(engine, saved):
 
 
 def _revive(engine, name, params, notes, lost):
-    """Give a saved torrent to libtorrent (held if a file is lost); return if it is checked."""
+    """Add a saved torrent to libtorrent (held if a file is lost); return whether it is checked."""
     checking = False
     running = params.flags & lt.torrent_flags.auto_managed or not (
         params.flags & lt.torrent_flags.paused)
