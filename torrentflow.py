@@ -1827,14 +1827,12 @@ SESSION = "session"
 
 
 class _Torrent:
-    """What the daemon knows about one torrent: its handle and cached status, and what
-    libtorrent does not keep (the .torrent's own fields, a magnet's x.pe peers, the
-    daemon's notes), saved in the resume file beside libtorrent's data."""
+    """One torrent: its handle, cached status, and what libtorrent does not keep."""
 
     # Slots: a library of ten thousand torrents holds ten thousand of these.
     __slots__ = ("handle", "ids", "infohash", "notes", "creation", "extra", "magnet_peers",
                  "file_priorities", "save_path", "info", "file_progress", "status", "_summary",
-                 "_full", "total_done", "progress_stale", "counted", "sample", "rates",
+                 "full", "total_done", "progress_stale", "counted", "sample", "rates",
                  "updated", "flushing_since", "saved_as", "disk_error", "fault", "learning",
                  "dirty", "added", "saving", "next_save", "force_save", "removing", "written")
 
@@ -1850,17 +1848,15 @@ class _Torrent:
         # x.pe peer that failed to connect, yet they may be a magnet's only source.
         self.creation = (params.creation_date, params.created_by, params.comment)
         self.magnet_peers = list(params.peers) if params.ti is None else []
-        self.file_priorities = list(params.file_priorities)
-        self.save_path = params.save_path
+        self.file_priorities, self.save_path = list(params.file_priorities), params.save_path
         self.info = None              # _metadata() once known
         self.file_progress = None     # bytes downloaded per file index
         self.status = None            # the status dict (files aside), once one arrived
-        self._summary = self._full = None  # the status serialised, without and with files
+        self._summary = self.full = None  # the status serialised, without and with files
         self.total_done = -1          # bytes done when file progress was last asked for
         self.progress_stale = False   # whether file_progress lags total_done
-        self.counted = (0, 0)         # libtorrent's session counters, last added to notes
-        self.sample = (0.0, 0, 0)     # (time, payload down, payload up) the rates start at
-        self.rates = (0, 0)           # payload bytes/s down and up, over the last second
+        # The byte counters last added to notes; (time, down, up) the rates start at; rates.
+        self.counted, self.sample, self.rates = (0, 0), (0.0, 0, 0), (0, 0)
         self.updated = 0.0            # when the last status arrived
         self.flushing_since = None    # when a flush of its finished download was asked for
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
@@ -1878,19 +1874,15 @@ class _Torrent:
         return [*self.ids, *(key[:40] for key in self.ids if len(key) == 64)]
 
     def error(self, status):
-        """libtorrent's error, the daemon's reason for stopping it, or the disk error
-        libtorrent meets with upload mode instead of an error."""
+        """libtorrent's error, the daemon's reason to stop it, or a disk error (upload mode)."""
         return status.errc.message() if status.errc.value() else self.fault or self.disk_error
 
     def snapshot(self):
-        """The status and per-file lists; each is replaced, never changed in place, so a
-        worker thread can read a snapshot while the loop goes on."""
+        """The status and per-file lists: a thread may read them, as none changes in place."""
         return self.status, self.file_progress, self.file_priorities
 
     def files(self, snapshot=None):
-        """The status's files list (of a snapshot), with progress and priority, or None.
-        Progress counts whole pieces and lags the status, so once the torrent is finished
-        every wanted file shows complete, as it is."""
+        """The files list (of a snapshot) with progress and priority, or None."""
         if self.info is None:
             return None
         status, progress, priorities = snapshot or self.snapshot()
@@ -1906,8 +1898,7 @@ class _Torrent:
         return entries
 
     def fields(self, names):
-        """A function giving these status fields as they are now, even when called later
-        on a worker thread: one answer never mixes two statuses."""
+        """A function giving these status fields as they are now, even if called later."""
         snapshot = self.snapshot()
         return lambda: {name: self.files(snapshot) if name == "files" else snapshot[0][name]
                         for name in names}
@@ -1922,12 +1913,11 @@ class _Torrent:
         if not status.flags & lt.torrent_flags.upload_mode:
             self.disk_error = ""  # libtorrent retried the disk by itself, and it worked
         self.status = _status_dict(self, status)
-        self._summary = self._full = None
+        self._summary = self.full = None
         return old
 
     def _measure(self, status):
-        """Payload rates over the last second, from byte counters: libtorrent's own rates
-        decay over tens of seconds and stop being reported when a torrent goes idle."""
+        """Payload rates over the last second: libtorrent's own lag tens of seconds, then stop."""
         now, down, up = time.time(), status.total_payload_download, status.total_payload_upload
         counted_down, counted_up = self.counted
         if down < counted_down or up < counted_up:  # libtorrent started them again
@@ -1945,7 +1935,7 @@ class _Torrent:
 
     def refreshed_files(self):
         """The per-file progress changed: the full status must be serialised again."""
-        self._full = None
+        self.full = None
 
     @property
     def summary(self):
@@ -1954,24 +1944,17 @@ class _Torrent:
             self._summary = json.dumps(self.status, separators=(",", ":")).encode()
         return self._summary
 
-    @property
-    def full(self):
-        """The whole status serialised, if it is since the last change; else None."""
-        return self._full
-
     async def body(self):
-        """The whole status with files, serialised once per change, in a thread (100,000
-        files take a third of a second)."""
-        if self._full is None:
-            # The summary is taken here: cached from the thread, it could outlive a
-            # status that changed meanwhile.
+        """The whole status with files, serialised once per change, in a thread."""
+        if self.full is None:
+            # The summary is taken here: cached from the thread, it could outlive its status.
             snapshot, summary = self.snapshot(), self.summary
             full = await asyncio.to_thread(
                 lambda: b"".join((summary[:-1], b',"files":', _json(self.files(snapshot)), b"}")))
             if all(now is then for now, then in zip(self.snapshot(), snapshot)):
-                self._full = full  # nothing changed meanwhile
+                self.full = full  # nothing changed meanwhile
             return full
-        return self._full
+        return self.full
 
 
 @contextlib.contextmanager
@@ -1995,8 +1978,8 @@ def _state_io(what):
 
 
 def _file_progress(handles):
-    """Bytes per file for each handle (None if it is gone), in a thread: the 2.1.1
-    bindings cannot read file_progress_alert's list (see peers)."""
+    """Bytes per file for each handle (None if it is gone); called in a thread."""
+    # Not file_progress_alert: the 2.1.1 bindings cannot read its list.
     result = []
     for handle in handles:
         try:
@@ -2016,16 +1999,7 @@ def _log_failure(task):
 
 
 class TorrentEngine:
-    """Owns the libtorrent session, its alert loop, the status cache and the state dir.
-    Only the alert loop calls pop_alerts(); a request reads the cache, or posts work to
-    libtorrent and awaits expect(), which the alert loop resolves.
-
-    Extensions follow it through listeners (see listen): "start" and "close" (async,
-    awaited as the engine starts and stops), "event" (kind, torrent or None, detail),
-    "tick" (every STATUS_INTERVAL), "resume" (torrent, before it resumes), "metadata"
-    (async, torrent: its metadata was read), "load" (params, notes of a saved torrent,
-    on a worker thread, before it is added back), "forget" (torrent: it is gone) and
-    "health" (() -> problems); and alerts, through on_alert."""
+    """Owns the libtorrent session, its alert loop, the status cache and the state dir."""
 
     def __init__(self, config):
         self.config = config
@@ -2045,9 +2019,10 @@ class TorrentEngine:
         self._by_id = {}              # hex id -> _Torrent
         self._by_handle = {}          # libtorrent handle -> _Torrent
         self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
-        self._listeners = collections.defaultdict(list)  # kind -> callbacks (see listen)
-        self._alert_handlers = {kind: [handler] for kind, handler
-                                in self._ALERT_HANDLERS.items()}
+        # kind -> callbacks: start, close (async); event(kind, torrent, detail); tick; resume(t);
+        # metadata(t, async); load(params, notes; in a thread); forget(t); health() -> problems
+        self._listeners = collections.defaultdict(list)
+        self._alert_handlers = {kind: [handler] for kind, handler in self._ALERT_HANDLERS.items()}
         self._unlisted = 0            # torrents without a status yet
         self._loaded = False          # whether every saved torrent was handed over
         self._checks_at_once = 1      # libtorrent's active_checking, paced by _pace_checks
@@ -2061,12 +2036,11 @@ class TorrentEngine:
     # -- extensions ---------------------------------------------------------- #
 
     def listen(self, kind, callback):
-        """Call callback at each moment of this kind (see the class docstring)."""
+        """Call callback at each moment of this kind (the kinds: see self._listeners)."""
         self._listeners[kind].append(callback)
 
     def on_alert(self, kind, handler):
-        """Call handler(engine, alert) for each alert of this type, after the engine's
-        own handler; synchronously, as alerts die at the next pop."""
+        """Call handler(engine, alert) at once for each alert of this type, after the engine's."""
         self._alert_handlers.setdefault(kind, []).append(handler)
 
     def _notify(self, kind, *args):
@@ -2082,9 +2056,7 @@ class TorrentEngine:
         self._notify("event", kind, torrent, detail)
 
     def settled(self):
-        """Done once the state directory holds all that listeners asked it to write: a
-        request answered after an event awaits it, so a crash after the answer keeps what
-        the event wrote (a webhook's queue)."""
+        """Done once the state directory holds what listeners wrote (so a crash keeps it)."""
         return self.store.barrier()
 
     # -- lifecycle ---------------------------------------------------------- #
@@ -2127,9 +2099,7 @@ class TorrentEngine:
                      self.config.dht, self.config.lsd, self.config.upnp, self.config.natpmp)))
 
     async def close(self):
-        """Finish adds under way, pause, save every torrent that changed, drop the session.
-        The state directory is marked clean only if every save made it, so that the next
-        start knows whether the resume files can be trusted."""
+        """Finish adds under way, pause, save every torrent that changed, drop the session."""
         if self._session is None:
             return
         others = [task for name, task in self._tasks.items() if name != "alerts"]
@@ -2155,7 +2125,7 @@ class TorrentEngine:
         if pending or failed or checking:
             log.warning("not marking the stop clean: %d torrents could not be saved, %d "
                         "were being checked", len(pending) + len(failed), checking)
-        else:
+        else:  # only then may the next start trust the resume files
             with contextlib.suppress(OSError):
                 await asyncio.wait_for(self.store.put(CLEAN_MARK, b""),
                                        max(0.1, deadline - time.monotonic()))
@@ -2175,9 +2145,8 @@ class TorrentEngine:
         self._notify_socket.close()
 
     def _check_listening(self):
-        """Stop the start if a listen address is taken or nothing listens at all.
-        listen_port() has waited for the session to bind, so the outcome is already in
-        the alert queue, which the alert loop does not read yet."""
+        """Stop the start if a listen address is taken or nothing listens at all."""
+        # listen_port() waited for the bind: its alerts are queued, and the loop is not reading.
         failures = [alert for alert in self._session.pop_alerts()
                     if isinstance(alert, lt.listen_failed_alert)]
         for alert in failures:
@@ -2215,10 +2184,8 @@ class TorrentEngine:
     # -- waiting on libtorrent ------------------------------------------------ #
 
     async def expect(self, ids, kinds, what, match=None, timeout=ALERT_WAIT):
-        """Wait for an alert of these kinds about the torrent with these ids (or SESSION)
-        for which match(alert) is not None, and return that value; match copies what the
-        caller needs, as alerts die at the next pop. An alert that does not come in time
-        (lost in an overflowing queue) is a 503; a removal fails the wait with 404."""
+        """The first match(alert) not None of these kinds about ids (or SESSION); 503 if late."""
+        # match copies what the caller needs: alerts die at the next pop. A late one was lost.
         future = asyncio.get_running_loop().create_future()
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         waiter = (kinds, match or (lambda alert: True), future)
@@ -2229,8 +2196,7 @@ class TorrentEngine:
             raise ApiError(503, f"libtorrent did not confirm {what} within {timeout:g} s; "
                            "try again", RETRY_AFTER) from None
         finally:
-            # Still under ids[0]: a torrent's ids only grow (a v2 magnet gains its v1 id),
-            # and alerts are matched against all of them.
+            # Still under ids[0]: a torrent's ids only grow, and alerts match against all.
             self._waiters[ids[0]].remove(waiter)
             if not self._waiters[ids[0]]:
                 del self._waiters[ids[0]]
@@ -2255,12 +2221,6 @@ class TorrentEngine:
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
         return task
-
-    async def metadata_read(self, torrent):
-        """Wait until metadata libtorrent has is read too (torrent.info, in a thread)."""
-        if torrent.status["has_metadata"] and torrent.info is None:
-            await self.confirm(torrent, lambda status: torrent.info is not None,
-                               "reading the metadata")
 
     def refresh(self, torrent=None):
         """Ask for a fresh status of a torrent (ignored if it is gone), or of all that changed."""
@@ -2321,9 +2281,7 @@ class TorrentEngine:
         return str(path.relative_to(self.roots[0]) if path.is_relative_to(self.roots[0]) else path)
 
     async def add(self, params, settings=None, anywhere=False):
-        """Add a torrent with settings (parsed; they apply only to a new torrent); return
-        (infohash, created) once it is saved and has a status. One already there with
-        another save_path is a 409, or with anywhere (Transmission's way) a duplicate."""
+        """(infohash, created) once it is saved and has a status; settings apply to a new one."""
         ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removing:
@@ -2374,8 +2332,7 @@ class TorrentEngine:
         await self._admit(torrent)
 
     async def _admit(self, torrent):
-        """Save a torrent libtorrent has just added, or take it out again: an add is
-        confirmed only once it is in the state directory."""
+        """Save a torrent libtorrent has just added, or take it out again."""
         try:
             await self.save(torrent)
         except ApiError:
@@ -2406,8 +2363,7 @@ class TorrentEngine:
         await self.save(torrent)
 
     async def resume(self, torrent, queued=True):
-        """Resume and hand it back to the queue, or (queued false) start it now, past the
-        queue's limits; after an error, recheck and retry."""
+        """Resume into the queue, or (queued false) start now past its limits; recheck an error."""
         await self.confined(torrent)
         self._notify("resume", torrent)
         with _handle_call():
@@ -2433,9 +2389,7 @@ class TorrentEngine:
         self._listing = None
 
     async def remove(self, torrent, delete_files):
-        """Remove it, its resume file first; once libtorrent confirmed, return why its
-        files could not be deleted, or None. A resume file that cannot be deleted, or no
-        confirmation in time, leaves the torrent whole with a 503, so a retry can finish."""
+        """Remove it, its resume file first; return why its files could not be deleted, or None."""
         if delete_files:
             await self.confined(torrent)  # never delete outside the roots
         # Checked after that wait, so two DELETEs at once remove it once.
@@ -2448,7 +2402,7 @@ class TorrentEngine:
 
     async def _remove(self, torrent, delete_files):
         name = torrent.saved_as
-        try:
+        try:  # a failure (503) leaves the torrent whole, so a retry can finish
             # After a hybrid conflict the survivor may keep its file under this name.
             if name and not any(t.saved_as == name for t in self._torrents if t is not torrent):
                 with _state_io(f"deleting the resume file of {torrent.infohash}"):
@@ -2466,8 +2420,7 @@ class TorrentEngine:
         return failure
 
     async def _drop(self, torrent, delete_files):
-        """Remove the torrent from libtorrent, with its files if asked, and wait for it;
-        return why the files could not be deleted, or None."""
+        """Remove it from libtorrent, files too if asked; return why they stayed, or None."""
         steps = {lt.torrent_removed_alert, *([lt.torrent_deleted_alert] if delete_files else [])}
         failure = None
 
@@ -2566,8 +2519,7 @@ class TorrentEngine:
         self._announce(torrent, before)
 
     async def _learn(self, torrent, torrent_info):
-        """Read the metadata off the loop, holding metadata from peers to the checks an
-        upload gets: a stranger's 250,000 files must not be listed on every status."""
+        """Read the metadata off the loop, held to an upload's checks: peers are strangers."""
         problem, info = await asyncio.to_thread(_checked_metadata, torrent_info,
                                                 torrent.creation)
         if problem:
@@ -2650,15 +2602,10 @@ class TorrentEngine:
             self._by_handle[alert.handle] = torrent
 
     def _on_removed(self, alert):
-        """libtorrent dropped the torrent: forget it."""
-        torrent = self.torrent_of(alert)
-        if torrent is not None:
-            self._forget(torrent)
+        self._forget(self.torrent_of(alert))  # of None (unknown): does nothing
 
     def _on_conflict(self, alert):
-        """Magnets by v1 and by v2 hash turned out to be one hybrid torrent, and libtorrent
-        stopped both with an error: keep the one with the metadata, drop the other (its
-        data, if any, stays), and let the survivor answer to both hashes."""
+        """Magnets by v1 and v2 hash are one hybrid torrent: keep the one with metadata."""
         keep, drop = self.torrent_of(alert), self._by_handle.get(alert.conflicting_torrent)
         if None in (keep, drop) or keep.removing or drop.removing:
             return  # a DELETE under way settles it
@@ -2696,9 +2643,8 @@ class TorrentEngine:
                 torrent.handle.flush_cache()
                 torrent.flushing_since = time.time()
             if torrent.status is not None and torrent.status["auto_managed"]:
-                # A queued download takes its place now, not at the queue's next tick a
-                # second later (downloads queued 3 at a time ran at 0.3 of the rate); the
-                # tick keeps this choice, the lowest queue position.
+                # A queued download starts now, not at the queue's next tick a second later;
+                # the tick keeps this choice, the lowest queue position.
                 following = self._next_in_queue()
                 if following is not None:
                     with contextlib.suppress(RuntimeError):
@@ -2708,21 +2654,16 @@ class TorrentEngine:
         self.refresh(torrent)
 
     def _next_in_queue(self, candidate=None):
-        """The queued download libtorrent's next tick would start first, if any; a
-        candidate just added counts as one whatever its first state."""
+        """The queued download the next tick would start first (a just added candidate counts)."""
         waiting = [t for t in self.torrents() if t.status["queued"] and (
             t is candidate or t.status["state"] in ("downloading", "downloading_metadata"))]
         return min(waiting, key=lambda t: t.status["queue_position"], default=None)
 
     _ALERT_HANDLERS = {
-        lt.state_update_alert: _on_state_update,
-        lt.add_torrent_alert: _on_add,
-        lt.torrent_removed_alert: _on_removed,
-        lt.cache_flushed_alert: _on_flushed,
-        lt.torrent_conflict_alert: _on_conflict,
-        lt.listen_failed_alert: _on_listen,
-        lt.listen_succeeded_alert: _on_listen,
-        lt.alerts_dropped_alert: _on_dropped,
+        lt.state_update_alert: _on_state_update, lt.add_torrent_alert: _on_add,
+        lt.torrent_removed_alert: _on_removed, lt.cache_flushed_alert: _on_flushed,
+        lt.torrent_conflict_alert: _on_conflict, lt.alerts_dropped_alert: _on_dropped,
+        **dict.fromkeys((lt.listen_failed_alert, lt.listen_succeeded_alert), _on_listen),
         **dict.fromkeys((lt.metadata_received_alert, lt.torrent_finished_alert,
                          lt.torrent_paused_alert, lt.torrent_resumed_alert,
                          lt.state_changed_alert, lt.torrent_error_alert,
@@ -2757,17 +2698,15 @@ class TorrentEngine:
                         torrent.refreshed_files()
 
     def _pace_checks(self, sizes):
-        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET: it
-        starts active_checking per one-second tick (default 1: a thousand small torrents
-        took a thousand seconds), while large ones take turns, to spare the disk."""
+        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET."""
+        # It starts active_checking per one-second tick (default 1); large ones take turns.
         wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
         if wanted != self._checks_at_once:
             self._checks_at_once = wanted
             self._session.apply_settings({"active_checking": wanted})
 
     async def confined(self, torrent):
-        """Refuse (409) to let libtorrent open a torrent's files if its save path now
-        resolves outside the roots (see _watch_disk); stop the torrent with the reason."""
+        """Stop the torrent with a 409 if its save path now resolves outside the roots."""
         fault = await asyncio.to_thread(_outside_roots, self.roots, _places(torrent))
         if fault:
             torrent.fault = fault
@@ -2793,9 +2732,8 @@ def _queue_has_room(torrents, settings):
 
 
 def _holding_back(torrent, status):
-    """Serve the previous status while a just-finished torrent's writes are flushed: a
-    script that sees "finished" reads the files next. A flush that never reports back is
-    not waited for beyond FLUSH_WAIT."""
+    """Whether to serve the previous status while a finished torrent's writes are flushed."""
+    # A script that sees "finished" reads the files next; FLUSH_WAIT bounds a lost flush.
     return (torrent.flushing_since is not None
             and time.time() - torrent.flushing_since < FLUSH_WAIT
             and status.is_finished and torrent.status is not None
@@ -2808,20 +2746,17 @@ def _held(status):
 
 
 class _Saves:
-    """Each torrent's resume data written to the state directory: when asked, and when it
-    changed (every --save-interval). A torrent's save state: dirty (libtorrent has
-    unsaved changes), saving (the save in flight), next_save (the one that follows it,
-    shared by all who ask), force_save (that one writes even if nothing changed) and
-    saved_as (its resume file's name)."""
+    """Each torrent's resume data written to the state directory: when asked, and if changed."""
+    # A torrent's state: dirty (unsaved in libtorrent), saving (in flight), next_save (shared
+    # by all who ask next), force_save (it writes even if unchanged), saved_as (its file).
 
     def __init__(self, engine):
         self.engine = engine
         self.unsaved = {}             # torrent -> why its last save failed
 
     def save(self, torrent, force=True):
-        """A future of a save of the torrent as it is now: True once written, False if
-        nothing needed writing (or it is gone). A request joins the save waiting behind the
-        one in flight, which holds every change made before the call: at most one waits."""
+        """A future of a save of it as it is now: True once written, False if not needed."""
+        # Joining the save queued behind the one in flight holds every change made before now.
         torrent.force_save |= force
         if torrent.next_save is None:
             torrent.next_save = self.engine.spawn(self._save(torrent, torrent.saving),
@@ -2893,8 +2828,7 @@ class _Saves:
 
 
 async def _load_library(engine):
-    """The engine's start: every saved torrent handed back to libtorrent, in batches as
-    the API already answers, with what a crash or a missing drive left to check or hold."""
+    """Hand every saved torrent back to libtorrent, in batches as the API already answers."""
     try:
         saved = await engine.store.load(engine.inside_roots)
         missing = await asyncio.to_thread(_prepare_library, engine, saved)
@@ -2914,9 +2848,8 @@ async def _load_library(engine):
 
 
 def _prepare_library(engine, saved):
-    """Check the saved torrents' notes, let the load listeners adjust them, and return
-    for each the file of a finished torrent that is gone, or None: one whose drive is not
-    mounted must not quietly download everything again. In a thread: it reads the disk."""
+    """Check the notes, call the load listeners; return each finished torrent's missing file."""
+    # In a thread (it reads the disk); a drive not mounted must not mean downloading it all again.
     missing = []
     for index, (name, params, notes) in enumerate(saved):
         notes = _checked_notes(notes, _note_defaults(params), name)
@@ -2929,15 +2862,16 @@ def _prepare_library(engine, saved):
 
 
 def _revive(engine, name, params, notes, lost):
-    """Hand one saved torrent to libtorrent (lost: a file of a finished torrent that is
-    gone); return whether its data is checked, as a crash may have left it ahead of its
-    resume data."""
+    """Add a saved torrent to libtorrent (held if a file is lost); return whether it is checked."""
     checking = False
+    running = params.flags & lt.torrent_flags.auto_managed or not (
+        params.flags & lt.torrent_flags.paused)
     if lost:
         params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
-    elif not engine.was_clean and _lagging(params):
-        # Without the pieces it was saved with, libtorrent checks the files: what
-        # reached the disk since is kept, not downloaded again.
+    elif (not engine.was_clean and running and params.ti is not None
+          and sum(params.have_pieces) < params.ti.num_pieces()):
+        # A crash may leave its files ahead of its resume data: without the pieces it was
+        # saved with, libtorrent checks them, keeping what reached the disk.
         params.have_pieces = []
         checking = True
     torrent = _Torrent(params, notes, saved_as=name)
@@ -2951,22 +2885,10 @@ def _revive(engine, name, params, notes, lost):
     return checking
 
 
-def _lagging(params):
-    """Whether resume data may lag the files after a crash: the torrent was running (or
-    queued) and incomplete. A paused one was saved when it paused."""
-    running = params.flags & lt.torrent_flags.auto_managed or not (
-        params.flags & lt.torrent_flags.paused)
-    return (params.ti is not None and running
-            and sum(params.have_pieces) < params.ti.num_pieces())
-
-
 async def _watch_disk(engine):
-    """Watch the disk for what others do to it. Every second: the directories are
-    writable, and each downloading torrent's save path resolves inside the roots (a
-    symlink swapped in would send its writes elsewhere). Every DATA_CHECK_INTERVAL: that
-    for every torrent, and the files of finished ones are all there, and those a download
-    had written to by the check before (a check of what was just written could race its
-    write). A torrent that fails is stopped with the reason; resuming it checks again."""
+    """Stop torrents whose save path leaves the roots or whose files vanish; watch the dirs."""
+    # Every second the downloading ones (a symlink swapped in redirects writes), and all of them
+    # every DATA_CHECK_INTERVAL, with files written by the check before (not racing a write).
     while engine.loading:
         await asyncio.sleep(STATUS_INTERVAL)
     next_full_check = 0.0
@@ -2991,9 +2913,7 @@ async def _watch_disk(engine):
 
 
 def _files_to_check(torrent):
-    """(save path, (index, path, least size) of files, priorities) that must be on disk:
-    every file of a finished torrent, or those a download had written to at the last full
-    check, which only need to exist; or None."""
+    """(save path, files (index, path, least size) that must be on disk, priorities), or None."""
     if torrent.info is None:
         return None
     files, written = torrent.info["files"], torrent.written
@@ -5173,7 +5093,9 @@ async def _rpc_add(request, engine, arguments):
     infohash, created = await engine.add(params, settings, anywhere=True)
     torrent = engine.lookup(infohash)
     if created and choices:
-        await engine.metadata_read(torrent)
+        if torrent.status["has_metadata"] and torrent.info is None:  # read in a thread
+            await engine.confirm(torrent, lambda status: torrent.info is not None,
+                                 "reading the metadata")
         await _rpc_set(engine, [torrent], arguments)
     return {"torrent-added" if created else "torrent-duplicate": {
         "id": request.app[RPC].number(torrent), "name": torrent.status["name"],
