@@ -1764,7 +1764,8 @@ STATUS = [
     Field("seed_mode", "boolean", False, "seeding without having checked the data",
           _flag(lt.torrent_flags.seed_mode)),
     Field("upload_mode", "boolean", False, "not downloading, after a disk error",
-          _flag(lt.torrent_flags.upload_mode)),
+          lambda torrent, status: bool(status.flags & lt.torrent_flags.upload_mode)
+          and torrent.info is not None),  # not while a magnet's metadata is held
     Field("share_mode", "boolean", False, "downloading only to upload",
           _flag(lt.torrent_flags.share_mode)),
     Field("super_seeding", "boolean", False, "super-seeding is on",
@@ -2493,6 +2494,10 @@ class TorrentEngine:
 
     async def _add(self, torrent, params, settings):
         """Apply the settings, post the add, wait for libtorrent to take it, admit it."""
+        if params.ti is None:
+            # A magnet's metadata comes from a stranger: upload mode requests no piece,
+            # so no file is made, until _learn has checked it.
+            params.flags |= lt.torrent_flags.upload_mode
         try:
             if settings:  # on a worker thread: a setting may list 100,000 files
                 torrent.notes.update(await asyncio.to_thread(_preset, params, settings))
@@ -2517,23 +2522,25 @@ class TorrentEngine:
         await self._admit(torrent)
 
     async def _admit(self, torrent):
-        """Save a torrent libtorrent has just added, or take it out again: an add is
-        confirmed only once it is in the state directory."""
+        """Start a torrent libtorrent has just added, as its queue would, and save it; or
+        take it out again: an add is confirmed only once it is in the state directory."""
+        if torrent.status is None:
+            await self.confirm(torrent, lambda status: True, "the first status")
+        started = self._next_in_queue(torrent) is torrent and _queue_has_room(
+            self.torrents(), self.settings)
+        if started:
+            # libtorrent's queue would start it at its next tick, up to a second later:
+            # start it now, and before the save, whose fsync need not delay the download.
+            # Only if it is next: one queued before it may have just been started.
+            with contextlib.suppress(RuntimeError):
+                torrent.handle.resume()
         try:
             await self.save(torrent)
         except ApiError:
             with contextlib.suppress(ApiError):
                 await self.remove(torrent, delete_files=False)
             raise
-        if torrent.status is None:
-            await self.confirm(torrent, lambda status: True, "the first status")
-        next_one = self._next_in_queue(torrent)
-        if next_one is torrent and _queue_has_room(self.torrents(), self.settings):
-            # libtorrent's queue would start it at its next tick, up to a second later,
-            # showing it queued meanwhile: start it now, as that tick would. Only if it
-            # is next: one queued before it may have just been started (_on_change).
-            with contextlib.suppress(RuntimeError):
-                torrent.handle.resume()
+        if started:
             await self.confirm(torrent, lambda status: True, "the start")
         self.emit("added", torrent)
         await self.settled()
@@ -2721,6 +2728,8 @@ class TorrentEngine:
         torrent.progress_stale = True
         for listener in self._listeners["metadata"]:
             await listener(torrent)
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.unset_flags(lt.torrent_flags.upload_mode)  # see _add
         self.refresh(torrent)
 
     def _announce(self, torrent, before):
