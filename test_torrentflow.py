@@ -1191,7 +1191,8 @@ async def test_hostile_metadata_from_a_peer_is_refused_as_an_upload_is(daemon, s
     assert status["paused"] and not status["auto_managed"]
     assert status["files"] is None and status["num_files"] is None
     after = set(files_under(tmp_path)) - set(files_under(tmp_path / "seed"))
-    assert all(path.startswith(("downloads", "state")) for path in after - before), after
+    # Nothing in the download directory: pieces could come before the check refused it.
+    assert all(path.startswith("state") for path in after - before), after
     assert not escape.exists() and not (tmp_path.parent / "escaped-dotdot").exists()
 
 

@@ -1626,7 +1626,8 @@ STATUS = [
     Field("seed_mode", "boolean", False, "seeding without having checked the data",
           _flag("seed_mode")),
     Field("upload_mode", "boolean", False, "not downloading, after a disk error",
-          _flag("upload_mode")),
+          lambda torrent, status: bool(status.flags & lt.torrent_flags.upload_mode)
+          and torrent.info is not None),  # not while a magnet's metadata is held
     Field("share_mode", "boolean", False, "downloading only to upload", _flag("share_mode")),
     Field("super_seeding", "boolean", False, "super-seeding is on", _flag("super_seeding")),
     Field("is_seeding", "boolean", False, "it has every piece"),
@@ -2308,6 +2309,10 @@ class TorrentEngine:
 
     async def _add(self, torrent, params, settings):
         """Apply the settings, post the add, wait for libtorrent to take it, admit it."""
+        if params.ti is None:
+            # A magnet's metadata comes from a stranger: upload mode requests no piece,
+            # so no file is made, until _learn has checked it.
+            params.flags |= lt.torrent_flags.upload_mode
         try:
             if settings:  # on a worker thread: a setting may list 100,000 files
                 torrent.notes.update(await asyncio.to_thread(_preset, params, settings))
@@ -2332,24 +2337,24 @@ class TorrentEngine:
         await self._admit(torrent)
 
     async def _admit(self, torrent):
-        """Save a torrent libtorrent has just added, or take it out again."""
+        """Start a just-added torrent as its queue would, then save it; or take it out again."""
+        if torrent.status is None:
+            await self.confirm(torrent, lambda status: True, "the first status")
+        started = self._next_in_queue(torrent) is torrent and _queue_has_room(
+            self.torrents(), self.settings)
+        if started:
+            # The queue would start it at its next tick, up to a second later; before the
+            # save, whose fsync need not delay it. Only if next: see _on_change.
+            with contextlib.suppress(RuntimeError):
+                torrent.handle.resume()
         try:
             await self.save(torrent)
         except ApiError:
             with contextlib.suppress(ApiError):
                 await self.remove(torrent, delete_files=False)
             raise
-        if torrent.status is None:
-            await self.confirm(torrent, lambda status: True, "the first status")
-        next_one = self._next_in_queue(torrent)
-        if next_one is torrent and _queue_has_room(self.torrents(), self.settings):
-            # libtorrent's queue would start it at its next tick, up to a second later,
-            # showing it queued meanwhile: start it now, as that tick would. Only if it
-            # is next: one queued before it may have just been started (_on_change).
-            with contextlib.suppress(RuntimeError):
-                torrent.handle.resume()
+        if started:
             await self.confirm(torrent, lambda status: True, "the start")
-        self.emit("added", torrent)
         await self.settled()
         torrent.added = None  # saved: a second add of it need not wait
 
@@ -2530,11 +2535,15 @@ class TorrentEngine:
         torrent.progress_stale = True
         for listener in self._listeners["metadata"]:
             await listener(torrent)
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.unset_flags(lt.torrent_flags.upload_mode)  # see _add
         self.refresh(torrent)
 
     def _announce(self, torrent, before):
         """Emit the events a new status means, compared with the one before it."""
         now = torrent.status
+        if before is None and torrent.added is not None:
+            self.emit("added", torrent)  # an add of the API: first, as its download starts
         if before is not None:
             if now["has_metadata"] and not before["has_metadata"]:
                 self.emit("metadata", torrent)
@@ -2782,10 +2791,12 @@ class _Saves:
                                             "saving the torrent", self._resume_data(torrent))
             if not data or torrent.removing:
                 return False
-            old = torrent.saved_as if torrent.saved_as != torrent.infohash else None
+            # The name now: the metadata of a v2 magnet may rename it during the write.
+            name = torrent.infohash
+            old = torrent.saved_as if torrent.saved_as != name else None
             try:
-                with _state_io(f"saving {torrent.infohash}"):
-                    await self.engine.store.write(torrent.infohash, data, old)
+                with _state_io(f"saving {name}"):
+                    await self.engine.store.write(name, data, old)
             except ApiError as error:
                 self.engine.counts["save_failures"] += 1
                 self.unsaved[torrent] = error.detail  # a full disk is still writable
@@ -2794,7 +2805,7 @@ class _Saves:
                 raise
             self.engine.counts["saves"] += 1
             self.unsaved.pop(torrent, None)
-            torrent.saved_as = torrent.infohash
+            torrent.saved_as = name
             return True
         finally:
             if torrent.saving is asyncio.current_task():
