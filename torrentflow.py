@@ -260,7 +260,6 @@ class Option:
 
 
 _INTEGER = {"type": "integer"}
-ON_LIMIT = ("pause", "remove", "remove_with_files")  #: what on_limit does at a seeding limit
 
 #: Every option: argparse, the environment lookup, Config and the README's table (a test
 #: holds it to them) come from here. Extensions add rows.
@@ -302,7 +301,8 @@ OPTIONS = [
     #: Each API connection costs a descriptor; the rest go to peers and files.
     Option("max_connections", _number(int, 1), 256, "simultaneous API connections; past it, the "
            "oldest one still sending its request head, else the longest-idle one, is closed"),
-    # The session's settings: PATCH /settings changes them; what it set beats flags at restart.
+    # The session's settings: PATCH /settings changes them; what it set beats flags at
+    # restart. Extensions add rows (the seeding limits).
     Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use "
            "together; 0 for no limit", setting="download_limit", schema=_INTEGER),
     Option("upload_limit", _number(int, 0), 0, "bytes/s all uploads may use together; 0 "
@@ -316,15 +316,6 @@ OPTIONS = [
            schema=_INTEGER),
     Option("max_peer_connections", _number(int, 2), 200, "peer connections of all "
            "torrents together", setting="max_connections", schema=_INTEGER),
-    Option("ratio_limit", _number(float, 0, -1), -1.0, "the ratio at which torrents "
-           "without their own limit stop seeding; -1 for none", setting="ratio_limit",
-           schema={"type": "number"}),
-    Option("seeding_time_limit", _number(int, 0, -1), -1, "seconds of seeding after which "
-           "torrents without their own limit stop; -1 for none",
-           setting="seeding_time_limit", schema=_INTEGER),
-    Option("on_limit", _choice(*ON_LIMIT), "pause", "what happens to a torrent that "
-           "reaches a seeding limit", setting="on_limit",
-           schema={"type": "string", "enum": list(ON_LIMIT)}),
     Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
            "may point into, besides --download-dir; repeat for more", repeat=":",
            flag_name="allowed-save-root"),
@@ -3844,6 +3835,20 @@ async def reannounce(engine, torrent):
     """Announce to every tracker now, minimum intervals notwithstanding."""
     with _handle_call():
         torrent.handle.force_reannounce(0, lt.reannounce_flags_t.ignore_min_interval)
+
+
+ON_LIMIT = ("pause", "remove", "remove_with_files")  #: what on_limit does at a seeding limit
+OPTIONS.extend((
+    Option("ratio_limit", _number(float, 0, -1), -1.0, "the ratio at which torrents "
+           "without their own limit stop seeding; -1 for none", setting="ratio_limit",
+           schema={"type": "number"}),
+    Option("seeding_time_limit", _number(int, 0, -1), -1, "seconds of seeding after which "
+           "torrents without their own limit stop; -1 for none",
+           setting="seeding_time_limit", schema=_INTEGER),
+    Option("on_limit", _choice(*ON_LIMIT), "pause", "what happens to a torrent that "
+           "reaches a seeding limit", setting="on_limit",
+           schema={"type": "string", "enum": list(ON_LIMIT)}),
+))
 
 
 def _enforce_limits(engine, torrent):
