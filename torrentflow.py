@@ -2,8 +2,8 @@
 
 One process runs one libtorrent session behind a JSON API: add, inspect, pause, resume and
 remove torrents, and /health; extensions add per-torrent control and /settings, peer and
-tracker views, /events with webhooks, /metrics, Transmission's RPC and streaming a file while
-it downloads. GET /openapi.json describes every route; README.md is the operator's manual.
+tracker views, /events with webhooks, /metrics, Transmission's RPC, streaming a file while
+it downloads, and GET /openapi.json, which describes every route. README.md is the manual.
 
 Run ``python torrentflow.py --local-only`` to try it on one machine, or leave out
 --local-only to join the public swarm; ``--help`` lists every option. Each option is also
@@ -17,7 +17,7 @@ confirms it, and again whenever it changes.
 The map, top to bottom; the core first, in order of trust:
 
     Constants, Configuration   limits with their reasons; OPTIONS -> argparse, Config
-    Unauthenticated reach      connection guard, access checks, routes, /health, /openapi.json
+    Unauthenticated reach      connection guard, access checks, public routes, /health
     What strangers control     hashes, save paths, magnets, .torrent files, URL fetches;
                                metadata, trackers and DHT nodes from peers
     The state directory        StateStore, and the checks on what it gives back
@@ -489,7 +489,7 @@ def session_settings(config):
 
 # --------------------------------------------------------------------------- #
 # What an unauthenticated connection reaches: the connection guard, the access
-# checks, the route table and its public routes, /health and /openapi.json
+# checks, the route table and its public routes (/health; /openapi.json at the end)
 # --------------------------------------------------------------------------- #
 
 class ApiError(Exception):
@@ -828,12 +828,6 @@ async def health(request):
         return web.json_response({"status": "ok"})
     return web.json_response({"status": "ok", "torrents": engine.count(),
                               "loading": engine.loading, "listen_port": engine.listen_port})
-
-
-@api("GET", "/openapi.json", "openapi", {"200": _answer("this document", {"type": "object"})})
-async def openapi(request):
-    """This document; needs no token"""
-    return web.json_response(openapi_document())
 
 
 # --------------------------------------------------------------------------- #
@@ -3270,67 +3264,6 @@ resume_torrent = _one("resume", TorrentEngine.resume, "resumed", "Resume it")
 # Application and command line
 # --------------------------------------------------------------------------- #
 
-#: What each error status means, for the API description.
-_ERRORS = {
-    400: "malformed request, unknown field or bad value",
-    401: "missing or wrong bearer token",
-    403: "a cross-site browser request, or a Host other than localhost while no token is set",
-    404: "no such torrent",
-    408: "the request body did not arrive in time",
-    409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
-         "that leads outside the roots), or it is there with another save_path",
-    413: "body, upload or fetched .torrent too large",
-    415: "unsupported Content-Type",
-    422: "not a valid, or not a safe, .torrent; or a value out of range",
-    502: "fetching torrent_url failed",
-    503: "libtorrent did not confirm the change in time, or the torrent is still being "
-         "added; retry"}
-
-
-@functools.cache
-def openapi_document():
-    """The API description at /openapi.json, from the tables once the extensions filled them."""
-    status = _object({field.name: field.schema for field in STATUS})
-    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
-    schemas = {
-        "Error": _object({"detail": string}), "Message": _object({"detail": string}),
-        "Added": _object({"infohash": {
-            "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
-            "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
-        "Health": _object({"status": {"type": "string", "enum": ["ok"]}, "torrents": count,
-                           "loading": {"type": "boolean"}, "listen_port": count},
-                          required=["status"]),
-        "TorrentList": _object({
-            "torrents": {"type": "array", "items": _ref("StatusFields")},
-            "total": {**count, "description": "matching torrents before paging"}}),
-        "Status": status,
-        "Summary": {**status, "required": [f.name for f in STATUS if f.listed],
-                    "description": "a torrent in GET /torrents without fields=: its status "
-                    "without the per-file list"},
-        "StatusFields": {**status, "required": [],
-                         "description": "every Status field, or those named by ?fields="}}
-    responses = {str(code): _answer(description, _ref("Error"), {
-        "WWW-Authenticate": {"required": True, "schema": string}} if code == 401 else None)
-        for code, description in _ERRORS.items()}
-    bearer = {"type": "http", "scheme": "bearer", "description": "--token, --token-file or "
-              "TORRENTFLOW_TOKEN. Without one no token is asked for, but only requests "
-              "addressed to localhost are served."}
-    document = {
-        "openapi": "3.1.0",
-        "info": {"title": "TorrentFlow", "version": __version__, "description":
-                 "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
-                 "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
-        "security": [{"bearerAuth": []}], "paths": {}, "components": {
-            "securitySchemes": {"bearerAuth": bearer}, "schemas": schemas,
-            "responses": responses}}
-    for method, path, _, operation in ROUTES:
-        path = re.sub(r":[^}]*}", "}", path)  # aiohttp's {path:.*} is OpenAPI's {path}
-        if callable(operation.get("requestBody")):  # built from tables extensions fill
-            operation = {**operation, "requestBody": operation["requestBody"]()}
-        document["paths"].setdefault(path, {})[method.lower()] = operation
-    return document
-
-
 #: The extensions' setup(app, engine), called by make_app before the engine starts.
 EXTENSIONS = []
 
@@ -5629,6 +5562,78 @@ for _method in ("GET", "HEAD"):
         INFOHASH_PARAMETER, {"name": "index", "in": "path", "required": True, "schema": {
             "type": "integer"}, "description": "the file's index in its status' files"}])(
         stream_file)
+
+
+# --------------------------------------------------------------------------- #
+# Extension: the API description. GET /openapi.json (public, see PUBLIC_ROUTES): an
+# OpenAPI 3.1 document built from ROUTES, STATUS and the errors below
+# --------------------------------------------------------------------------- #
+
+#: What each error status means, for the API description.
+_ERRORS = {
+    400: "malformed request, unknown field or bad value",
+    401: "missing or wrong bearer token",
+    403: "a cross-site browser request, or a Host other than localhost while no token is set",
+    404: "no such torrent",
+    408: "the request body did not arrive in time",
+    409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
+         "that leads outside the roots), or it is there with another save_path",
+    413: "body, upload or fetched .torrent too large",
+    415: "unsupported Content-Type",
+    422: "not a valid, or not a safe, .torrent; or a value out of range",
+    502: "fetching torrent_url failed",
+    503: "libtorrent did not confirm the change in time, or the torrent is still being "
+         "added; retry"}
+
+
+@functools.cache
+def openapi_document():
+    """The API description at /openapi.json, from the tables once the extensions filled them."""
+    status = _object({field.name: field.schema for field in STATUS})
+    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
+    schemas = {
+        "Error": _object({"detail": string}), "Message": _object({"detail": string}),
+        "Added": _object({"infohash": {
+            "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
+            "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
+        "Health": _object({"status": {"type": "string", "enum": ["ok"]}, "torrents": count,
+                           "loading": {"type": "boolean"}, "listen_port": count},
+                          required=["status"]),
+        "TorrentList": _object({
+            "torrents": {"type": "array", "items": _ref("StatusFields")},
+            "total": {**count, "description": "matching torrents before paging"}}),
+        "Status": status,
+        "Summary": {**status, "required": [f.name for f in STATUS if f.listed],
+                    "description": "a torrent in GET /torrents without fields=: its status "
+                    "without the per-file list"},
+        "StatusFields": {**status, "required": [],
+                         "description": "every Status field, or those named by ?fields="}}
+    responses = {str(code): _answer(description, _ref("Error"), {
+        "WWW-Authenticate": {"required": True, "schema": string}} if code == 401 else None)
+        for code, description in _ERRORS.items()}
+    bearer = {"type": "http", "scheme": "bearer", "description": "--token, --token-file or "
+              "TORRENTFLOW_TOKEN. Without one no token is asked for, but only requests "
+              "addressed to localhost are served."}
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "TorrentFlow", "version": __version__, "description":
+                 "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
+                 "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
+        "security": [{"bearerAuth": []}], "paths": {}, "components": {
+            "securitySchemes": {"bearerAuth": bearer}, "schemas": schemas,
+            "responses": responses}}
+    for method, path, _, operation in ROUTES:
+        path = re.sub(r":[^}]*}", "}", path)  # aiohttp's {path:.*} is OpenAPI's {path}
+        if callable(operation.get("requestBody")):  # built from tables extensions fill
+            operation = {**operation, "requestBody": operation["requestBody"]()}
+        document["paths"].setdefault(path, {})[method.lower()] = operation
+    return document
+
+
+@api("GET", "/openapi.json", "openapi", {"200": _answer("this document", {"type": "object"})})
+async def openapi(request):
+    """This document; needs no token"""
+    return web.json_response(openapi_document())
 
 
 if __name__ == "__main__":
