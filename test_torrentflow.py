@@ -5342,7 +5342,8 @@ def test_a_bad_webhook_url_is_reported_without_its_password(capsys):
     by the flag and by the environment alike."""
     url = "http://user:SECRET@127.0.0.1:9/x\r\ny"
     for argv, environ in ((["--webhook", url], {}), ([], {"TORRENTFLOW_WEBHOOKS": url}),
-                          (["--webhook", "user:SECRET@host\n"], {})):
+                          (["--webhook", "user:SECRET@host\n"], {}),
+                          (["--webhook", "http://u:SECRET\uff03x@127.0.0.1/"], {})):
         with pytest.raises(SystemExit) as stopped:
             torrentflow.parse_config(["--local-only", *argv], environ=environ)
         assert stopped.value.code == 2
