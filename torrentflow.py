@@ -2220,7 +2220,7 @@ class TorrentEngine:
         """Hand the session's settings (self.settings) to libtorrent."""
         self._session.apply_settings(_session_pack(self.settings))
 
-    async def confirm(self, torrent, predicate, what):
+    async def confirm(self, torrent, what, predicate=lambda status: True):
         """Ask for a fresh status and wait until one satisfies predicate(status dict)."""
         with _handle_call():
             torrent.handle.post_status()
@@ -2324,7 +2324,7 @@ class TorrentEngine:
     async def _admit(self, torrent):
         """Start a just-added torrent as its queue would, then save it; or take it out again."""
         if torrent.status is None:
-            await self.confirm(torrent, lambda status: True, "the first status")
+            await self.confirm(torrent, "the first status")
         started = self._next_in_queue(torrent) is torrent and _queue_has_room(
             self.torrents(), self.settings)
         if started:
@@ -2339,7 +2339,7 @@ class TorrentEngine:
                 await self.remove(torrent, delete_files=False)
             raise
         if started:
-            await self.confirm(torrent, lambda status: True, "the start")
+            await self.confirm(torrent, "the start")
         await self.settled()
         torrent.added = None  # saved: a second add of it need not wait
 
@@ -2348,8 +2348,8 @@ class TorrentEngine:
         with _handle_call():
             torrent.handle.unset_flags(lt.torrent_flags.auto_managed)
             torrent.handle.pause()
-        await self.confirm(torrent, lambda status: status["paused"]
-                           and not status["auto_managed"], "the pause")
+        await self.confirm(torrent, "the pause",
+                           lambda status: status["paused"] and not status["auto_managed"])
         await self.save(torrent)
 
     async def resume(self, torrent, queued=True):
@@ -2369,8 +2369,8 @@ class TorrentEngine:
                 torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
                 torrent.handle.force_recheck()
             torrent.handle.resume()
-        await self.confirm(torrent, lambda status: status["auto_managed"] if queued
-                           else not status["paused"], "the resume")
+        await self.confirm(torrent, "the resume", lambda status: status["auto_managed"]
+                           if queued else not status["paused"])
         await self.save(torrent)
 
     def _removing(self, torrent, removing=True):
@@ -3611,7 +3611,7 @@ async def configure(engine, torrent, settings):
         await _prioritize(engine, torrent, priorities)
     moved = save_path == torrent.save_path or await move(engine, torrent, save_path)
     await engine.save(torrent)  # libtorrent answers it after every change posted above
-    await engine.confirm(torrent, lambda status: True, "the change")
+    await engine.confirm(torrent, "the change")
     return moved
 
 
@@ -3714,7 +3714,7 @@ async def _moved(engine, torrent, save_path):
         engine.save(torrent)
         raise ApiError(409, torrent.fault)
     # The event carries the torrent's status: wait for one that shows the new place.
-    await engine.confirm(torrent, lambda status: True, "the move")
+    await engine.confirm(torrent, "the move")
     engine.emit("moved", torrent, engine.shown(save_path))
     await engine.settled()
     engine.save(torrent)
@@ -3751,7 +3751,7 @@ async def recheck(engine, torrent):
     await engine.confined(torrent)
     with _handle_call():
         torrent.handle.force_recheck()
-    await engine.confirm(torrent, lambda status: True, "the recheck")
+    await engine.confirm(torrent, "the recheck")
 
 
 async def queue_move(engine, torrent, move):
@@ -3761,7 +3761,7 @@ async def queue_move(engine, torrent, move):
     # The torrents it passed moved too. libtorrent answers in order, so their fresh
     # status is in the cache by the time this torrent's is.
     engine.refresh()
-    await engine.confirm(torrent, lambda status: True, "the queue move")
+    await engine.confirm(torrent, "the queue move")
 
 
 async def reannounce(engine, torrent):
@@ -5043,8 +5043,8 @@ async def _rpc_add(request, engine, arguments):
     torrent = engine.lookup(infohash)
     if created and choices:
         if torrent.status["has_metadata"] and torrent.info is None:  # read in a thread
-            await engine.confirm(torrent, lambda status: torrent.info is not None,
-                                 "reading the metadata")
+            await engine.confirm(torrent, "reading the metadata",
+                                 lambda status: torrent.info is not None)
         await _rpc_set(engine, [torrent], arguments)
     return {"torrent-added" if created else "torrent-duplicate": {
         "id": request.app[RPC].number(torrent), "name": torrent.status["name"],
