@@ -5297,8 +5297,8 @@ async def test_files_of_hybrid_and_v2_torrents_stream_past_their_padding(daemon,
 
 
 async def test_the_state_store_skips_a_file_too_large_to_read_whole(tmp_path, caplog):
-    """A queue file over MAX_STATE_FILE (corrupt, or planted) is skipped with a warning,
-    never read whole into memory; the files beside it are read."""
+    """A queue file over MAX_STATE_FILE (corrupt, or planted) is moved to quarantine/
+    with a warning, never read whole into memory; the files beside it are read."""
     store = torrentflow.StateStore(tmp_path)
     try:
         folder = tmp_path / "webhooks" / "target"
@@ -5308,6 +5308,9 @@ async def test_the_state_store_skips_a_file_too_large_to_read_whole(tmp_path, ca
             huge.truncate(torrentflow.MAX_STATE_FILE + 1)
         assert await store.read("webhooks/target") == {"1.json": b'{"type": "added"}'}
         assert any("2.json: more than" in r.getMessage() for r in caplog.records)
+        assert not (folder / "2.json").exists()
+        assert [p.name.split(".")[:2] for p in (tmp_path / "quarantine").iterdir()] == [
+            ["2", "json"]]
     finally:
         store.close()
 
@@ -5374,3 +5377,52 @@ async def test_every_ref_in_the_spec_resolves(daemon):
         if node is None:
             dangling.append(ref)
     assert not dangling, f"$refs that name nothing in the document: {sorted(dangling)}"
+
+
+async def test_a_delete_during_the_first_save_does_not_come_back(daemon, tmp_path,
+                                                                 aiohttp_client):
+    """A download starts before its first save; a DELETE that lands while that save is
+    writing waits for it, then deletes the file. The fake: the resume file's write is
+    made slow (0.3 s), as a loaded disk's fsync can be; loopback cannot make one on cue."""
+    engine = daemon.app[torrentflow.ENGINE]
+    loop, writing, write = asyncio.get_running_loop(), asyncio.Event(), engine.store._atomic
+
+    def slow_write(path, data, backup=False):
+        if path.suffix == ".resume":
+            loop.call_soon_threadsafe(writing.set)
+            time.sleep(0.3)
+        return write(path, data, backup)
+    engine.store._atomic = slow_write
+    infohash = "cd" * 20
+    adding = asyncio.ensure_future(add(daemon, expect=(201, 404),
+                                       torrent_url=f"magnet:?xt=urn:btih:{infohash}"))
+    await writing.wait()
+    response = await daemon.delete(f"/torrents/{infohash}")
+    assert response.status == 200, await response.text()
+    await adding
+    assert not list((tmp_path / "state" / "resume").iterdir())
+    await daemon.close()
+    again = await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path)))
+    await wait_until(lambda: engine_loaded(again), what="the saved torrents to load")
+    assert (await (await again.get("/torrents")).json())["total"] == 0
+
+
+def engine_loaded(client):
+    return not client.app[torrentflow.ENGINE].loading
+
+
+async def test_a_refused_magnet_cannot_be_resumed_into_downloading(daemon, seeder, tmp_path):
+    """Its metadata failed the checks: resuming it is refused, and still nothing is written."""
+    data, _ = _hostile_swarm_torrent(tmp_path / "seed")
+    seeder.seed(data, tmp_path / "seed")
+    _, body = await add(daemon, torrent_url=seeder.magnet(data), save_path="held")
+    await wait_status(daemon, body["infohash"], lambda s: s["error"] and s["paused"],
+                      what="the metadata to be refused")
+    response = await daemon.put(f"/torrents/{body['infohash']}/resume")
+    assert response.status == 409 and "refused" in (await response.json())["detail"]
+    assert (await daemon.put("/torrents/resume")).status == 200  # the bulk one skips it
+    status = await status_of(daemon, body["infohash"])
+    assert status["paused"] and not (tmp_path / "downloads" / "held").exists()
+    engine = daemon.app[torrentflow.ENGINE]
+    # libtorrent's own retry would free a magnet held in upload mode after this long.
+    assert engine._session.get_settings()["optimistic_disk_retry"] >= 10 ** 8

@@ -122,6 +122,7 @@ CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_ch
 #: longest a symlink swapped into the download directory redirects writes.
 WATCH_INTERVAL = 1.0
 DATA_CHECK_INTERVAL = 10.0  #: seconds between checks of all save paths and finished sizes
+DISK_RETRY = 600.0  #: seconds a torrent stopped by a disk error waits to try the disk again
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
 ALERT_MASK = (lt.alert_category.error | lt.alert_category.status
@@ -478,6 +479,9 @@ def session_settings(config):
         "peer_fingerprint": lt.generate_fingerprint("TF", *map(int, __version__.split(".")), 0),
         "hashing_threads": 2,  # verifying pieces is a fast download's CPU bottleneck
         "max_metadata_size": MAX_TORRENT_BYTES,  # a magnet's metadata is a stranger's
+        # Never: libtorrent would also free a magnet held in upload mode (_add); the
+        # daemon retries a disk error itself (_retry_disk).
+        "optimistic_disk_retry": 10 * 365 * 86400,
     }
     if config.local_only:
         # uTP over loopback collapses to a few MB/s; local peers share 127.0.0.1 (tell them
@@ -958,7 +962,7 @@ def _unsafe_info(info):
         unsafe = _unsafe_file_name(_bdecode(info.info_section())[0])
     except (ValueError, TypeError, IndexError, RecursionError):
         return "a malformed info dictionary"
-    return None if unsafe is None else f"unsafe file name {unsafe!r}"
+    return None if unsafe is None else f"unsafe file name {unsafe[:200]!r}"  # not 10 MiB of it
 
 
 def _bdecode(data, start=0):
@@ -1314,8 +1318,9 @@ class StateStore:
                 with open(file, "rb") as stream:
                     found[file.name] = stream.read(MAX_STATE_FILE + 1)
                 if len(found[file.name]) > MAX_STATE_FILE:  # corrupt or planted: not in memory
-                    log.warning("skipping %s: more than %d bytes", file, MAX_STATE_FILE)
+                    log.warning("%s: more than %d bytes", file, MAX_STATE_FILE)
                     del found[file.name]
+                    self._quarantine([file])
         return found
 
     @_on_state_thread
@@ -1417,7 +1422,7 @@ class StateStore:
         return result
 
     def _quarantine(self, files):
-        """Move unreadable resume files aside, so they are kept but never loaded."""
+        """Move unreadable state files aside, so they are kept but never read again."""
         if not files:
             return
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
@@ -1425,8 +1430,8 @@ class StateStore:
         for file in files:
             target = self.quarantine_dir / f"{file.name}.{stamp}"
             os.replace(file, target)
-            log.warning("moved unreadable resume file %s to %s", file, target)
-        self._renamed.add(self.resume_dir)
+            log.warning("moved unreadable %s file %s to %s", file.parent.name, file, target)
+            self._renamed.update((file.parent, self.quarantine_dir))
 
 
 #: Labels one torrent may carry: enough to group, too few to be a database.
@@ -2354,6 +2359,9 @@ class TorrentEngine:
 
     async def resume(self, torrent, queued=True):
         """Resume into the queue, or (queued false) start now past its limits; recheck an error."""
+        if torrent.info is None and torrent.status["has_metadata"]:
+            raise ApiError(409, f"torrent {torrent.infohash}: its metadata is being checked, "
+                           "or was refused (see error)")
         await self.confined(torrent)
         self._notify("resume", torrent)
         with _handle_call():
@@ -2366,7 +2374,8 @@ class TorrentEngine:
                 # memory and then fail to be written, so check what reached the disk.
                 torrent.disk_error = torrent.fault = ""
                 torrent.handle.clear_error()
-                torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
+                if torrent.info is not None:  # a magnet stays held until _learn passed it
+                    torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
                 torrent.handle.force_recheck()
             torrent.handle.resume()
         await self.confirm(torrent, "the resume", lambda status: status["auto_managed"]
@@ -2391,6 +2400,10 @@ class TorrentEngine:
                                                f"remove {torrent.infohash}"))
 
     async def _remove(self, torrent, delete_files):
+        # A save under way may be writing the file still (the add's first one, say).
+        pending = [task for task in (torrent.saving, torrent.next_save) if task is not None]
+        if pending:
+            await asyncio.wait(pending)
         name = torrent.saved_as
         try:  # a failure (503) leaves the torrent whole, so a retry can finish
             # After a hybrid conflict the survivor may keep its file under this name.
@@ -2624,12 +2637,22 @@ class TorrentEngine:
         self.counts["alerts_dropped"] += 1
         log.warning("libtorrent dropped alerts: the queue overflowed")
 
+    async def _retry_disk(self, torrent):
+        """Out of the upload mode a disk error put it in, DISK_RETRY later: the disk may
+        have room again. A magnet whose metadata is not checked stays held (see _add)."""
+        await asyncio.sleep(DISK_RETRY)
+        if torrent.disk_error and torrent.info is not None and not torrent.removing:
+            with contextlib.suppress(RuntimeError):
+                torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
+
     def _on_change(self, alert):
         """Refresh the cache at once on a change of state, and save what must be saved."""
         torrent = self.torrent_of(alert)
         if torrent is None:
             return
         if isinstance(alert, lt.file_error_alert):
+            if not torrent.disk_error:  # the first of a burst
+                self.spawn(self._retry_disk(torrent), f"retry {torrent.infohash}")
             torrent.disk_error = f"{alert.error.message()}: {alert.filename()}"
         if isinstance(alert, lt.torrent_finished_alert):
             # The last pieces may still sit in libtorrent's write buffer; see _on_flushed.
