@@ -2329,7 +2329,7 @@ class TorrentEngine:
     async def _admit(self, torrent):
         """Start a just-added torrent as its queue would, then save it; or take it out again."""
         if torrent.status is None:
-            await self.confirm(torrent, "the first status")
+            await self.confirm(torrent, "the first status", lambda status: status is not None)
         started = self._next_in_queue(torrent) is torrent and _queue_has_room(
             self.torrents(), self.settings)
         if started:
@@ -2505,6 +2505,14 @@ class TorrentEngine:
 
     def _take_status(self, torrent, status):
         """Cache one torrent's status and do the bookkeeping that follows it."""
+        if status.has_metadata and torrent.info is None:
+            if not torrent.learning:
+                torrent.learning = True
+                self.spawn(self._learn(torrent, status.torrent_file), f"read {torrent.infohash}")
+            if not torrent.fault:
+                # Its metadata is being read and checked: no status shows it before its
+                # sizes and files, and a stranger's only once it passed (or the refusal).
+                return
         before = torrent.status
         old = torrent.update(status)
         if old:
@@ -2516,9 +2524,6 @@ class TorrentEngine:
             torrent.total_done = status.total_done
             torrent.progress_stale = True
         torrent.dirty = bool(status.need_save_resume_data)
-        if status.has_metadata and torrent.info is None and not torrent.learning:
-            torrent.learning = True
-            self.spawn(self._learn(torrent, status.torrent_file), f"read {torrent.infohash}")
         self._announce(torrent, before)
 
     async def _learn(self, torrent, torrent_info):
