@@ -3475,6 +3475,28 @@ async def test_settings_change_and_survive_a_restart(process, tmp_path):
         assert await response.json() == {**settings, **changes}
 
 
+async def test_a_bad_saved_settings_file_is_logged_and_the_rest_kept(process, tmp_path):
+    """The state directory is not trusted: a bad value, an unknown key or bad JSON in
+    settings.json is logged and left out; the daemon starts with the flags."""
+    settings = process.state_dir / "settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"upload_limit": 1234, "max_active_downloads": "many",
+                                    "on_limit": "explode", "colour": "red"}))
+    await process.start()
+    async with process.client.get("/settings") as response:
+        chosen = await response.json()
+    assert chosen["upload_limit"] == 1234 and chosen["max_active_downloads"] == 3
+    assert chosen["on_limit"] == "pause" and "colour" not in chosen
+    log = process.log()
+    assert "max_active_downloads='many'" in log and "colour='red'" in log, log
+    await process.stop()
+    settings.write_bytes(b"{not json")
+    await process.start()
+    async with process.client.get("/settings") as response:
+        assert (await response.json())["upload_limit"] == 0
+    assert "ignoring " + str(settings) in process.log()
+
+
 async def test_every_setting_survives_a_crash(process, seeders, tmp_path):
     layout = {"kept/one.bin": 200_000, "kept/two.bin": 300_000}
     source = make_payload(tmp_path / "source", layout)

@@ -116,7 +116,6 @@ RETRY_AFTER = {"Retry-After": "1"}  #: what a 503 tells: libtorrent answers in m
 RESUME_NOT_MODIFIED = 143  #: libtorrent's "resume data not modified": not a failure
 NOTES_KEY = b"x-torrentflow"  #: our key in resume files; it sorts last: bencoding stays canonical
 CLEAN_MARK = "clean-shutdown"  #: state file whose presence says the last run saved all
-SETTINGS_FILE = "settings.json"  #: state file that keeps what PATCH /settings set
 CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_checks)
 #: Seconds between checks of the directories and downloading torrents' save paths: the
 #: longest a symlink swapped into the download directory redirects writes.
@@ -1260,7 +1259,7 @@ class StateStore:
 
     @_on_state_thread
     def prepare(self, download_dir):
-        """Set up the directory and its lock; (did the last run stop clean, the saved settings)."""
+        """Set up the directory and its lock; return whether the last run stopped clean."""
         first_run = not self.resume_dir.is_dir()
         for directory, option in ((download_dir, "--download-dir (TORRENTFLOW_DOWNLOAD_DIR)"),
                                   (self.resume_dir, "--state-dir (TORRENTFLOW_STATE_DIR)")):
@@ -1285,14 +1284,7 @@ class StateStore:
         was_clean = first_run or mark.exists()
         mark.unlink(missing_ok=True)
         _fsync_dir(self.root)
-        try:
-            settings = json.loads((self.root / SETTINGS_FILE).read_bytes())
-        except FileNotFoundError:
-            settings = {}
-        except (OSError, ValueError) as error:
-            log.warning("ignoring %s: %s", self.root / SETTINGS_FILE, error)
-            settings = {}
-        return was_clean, settings if isinstance(settings, dict) else {}
+        return was_clean
 
     @_on_state_thread
     def put(self, relative, data):
@@ -1489,18 +1481,6 @@ def _session_pack(settings):
         ("download_rate_limit", "download_limit"), ("upload_rate_limit", "upload_limit"),
         ("active_downloads", "max_active_downloads"), ("active_seeds", "max_active_seeds"),
         ("active_limit", "max_active_torrents"), ("connections_limit", "max_connections"))}
-
-
-def _valid_settings(saved):
-    """The settings a file holds that are still known and valid; the rest is logged."""
-    options = {option.setting: option for option in OPTIONS if option.setting}
-    valid = {}
-    for key, value in saved.items():
-        try:
-            valid[key] = options[key].parse(value)
-        except (KeyError, TypeError, ValueError):
-            log.warning("ignoring the saved setting %s=%r", key, value)
-    return valid
 
 
 def _missing_file(save_path, files, priorities):
@@ -2054,8 +2034,7 @@ class TorrentEngine:
 
     async def start(self):
         """Create the session, start the alert loop, and begin loading saved torrents."""
-        self.was_clean, saved = await self.store.prepare(self.config.download_dir)
-        self.settings.update(_valid_settings(saved))
+        self.was_clean = await self.store.prepare(self.config.download_dir)
         for start in self._listeners["start"]:
             await start()
         params = lt.session_params({**session_settings(self.config),
@@ -3839,6 +3818,22 @@ def _enforce_limits(engine, torrent):
 
 
 SETTINGS_LOCK = web.AppKey("settings_lock", asyncio.Lock)
+SETTINGS_FILE = "settings.json"  #: state file that keeps what PATCH /settings set
+
+
+async def _load_settings(engine):
+    """Take back what PATCH /settings saved, which beats the flags; a bad value is logged."""
+    try:
+        saved = json.loads((await engine.store.read(SETTINGS_FILE)).get(SETTINGS_FILE, b"{}"))
+    except (OSError, ValueError) as error:
+        log.warning("ignoring %s: %s", engine.store.root / SETTINGS_FILE, error)
+        return
+    options = _session_options()
+    for key, value in saved.items() if isinstance(saved, dict) else ():
+        try:
+            engine.settings[key] = options[key].parse(value)
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring the saved setting %s=%.60r", key, value)
 
 
 async def configure_session(engine, lock, changes):
@@ -3859,6 +3854,7 @@ async def configure_session(engine, lock, changes):
 
 def _control_setup(app, engine):
     app[SETTINGS_LOCK] = asyncio.Lock()
+    engine.listen("start", lambda: _load_settings(engine))
     engine.listen("tick", lambda: [_enforce_limits(engine, t) for t in engine.torrents()])
     engine.listen("resume", lambda torrent: torrent.notes.update(limit_reached=None))
     engine.listen("metadata", lambda torrent: _map_chosen(engine, torrent))
