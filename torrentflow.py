@@ -1426,22 +1426,6 @@ class StateStore:
             self._renamed.update((file.parent, self.quarantine_dir))
 
 
-#: Labels one torrent may carry: enough to group, too few to be a database.
-MAX_LABELS = 32
-
-
-def _labels_value(value):
-    """A list of labels; in a form, comma-separated."""
-    if isinstance(value, str):
-        value = [label.strip() for label in value.split(",") if label.strip()]
-    if not isinstance(value, list) or not all(isinstance(label, str) for label in value):
-        raise TypeError("must be a list of strings")
-    if len(value) > MAX_LABELS or any(not 0 < len(label) <= 64 or not label.isprintable()
-                                      for label in value):
-        raise ValueError(f"at most {MAX_LABELS} labels of 1 to 64 printable characters")
-    return list(dict.fromkeys(value))
-
-
 #: The daemon's notes on each torrent, kept in its resume file: name -> (default, parse);
 #: parse checks a value read back with the API's own rules. Extensions add rows.
 NOTES = {
@@ -1450,7 +1434,6 @@ NOTES = {
     # payload bytes over its life: libtorrent's all-time counters drop the last tick's
     "downloaded": (None, _number(int, 0, high=2**63)),
     "uploaded": (None, _number(int, 0, high=2**63)),
-    "labels": ([], _labels_value),
 }
 
 
@@ -1671,8 +1654,6 @@ STATUS = [
     Field("creation_date", "integer", True, "from the .torrent", _info("creation_date")),
     Field("creator", "string", True, "from the .torrent", _info("creator")),
     Field("comment", "string", True, "from the .torrent", _info("comment")),
-    Field("labels", {"type": "array", "items": {"type": "string"}}, False,
-          "the torrent's labels", lambda torrent, status: torrent.notes["labels"]),
     Field("ratio", "number", False, "bytes uploaded over its life per byte wanted",
           lambda torrent, status: round(torrent.notes["uploaded"] / status.total_wanted, 4)
           if status.total_wanted else 0.0),
@@ -1744,7 +1725,6 @@ SETTINGS = [
     Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
         params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
         if value else params.flags), when="add"),
-    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value, noted=True),
 ]
 
 
@@ -3434,7 +3414,7 @@ def main(argv=None):
 
 
 # --------------------------------------------------------------------------- #
-# Extension: per-torrent control and /settings. PATCH /torrents/{infohash} (file
+# Extension: per-torrent control and /settings. Labels; PATCH /torrents/{infohash} (file
 # priorities, limits, trackers, moves), recheck, reannounce, bulk pause and resume,
 # seeding limits, and GET/PATCH /settings
 # --------------------------------------------------------------------------- #
@@ -3459,6 +3439,22 @@ def _priorities_value(value):
             raise TypeError(f"{index!r} is not a file index") from None
         chosen[index] = _number(int, 0, high=7)(priority)
     return chosen if isinstance(value, dict) else list(chosen.values())
+
+
+#: Labels one torrent may carry: enough to group, too few to be a database.
+MAX_LABELS = 32
+
+
+def _labels_value(value):
+    """A list of labels; in a form, comma-separated."""
+    if isinstance(value, str):
+        value = [label.strip() for label in value.split(",") if label.strip()]
+    if not isinstance(value, list) or not all(isinstance(label, str) for label in value):
+        raise TypeError("must be a list of strings")
+    if len(value) > MAX_LABELS or any(not 0 < len(label) <= 64 or not label.isprintable()
+                                      for label in value):
+        raise ValueError(f"at most {MAX_LABELS} labels of 1 to 64 printable characters")
+    return list(dict.fromkeys(value))
 
 
 def _trackers_value(value):
@@ -3544,6 +3540,7 @@ def _saved_mark(value):
 _PRIORITY = {"type": "integer", "minimum": 0, "maximum": 7}
 _LIMIT = {"type": "integer", "minimum": 0}
 SETTINGS.extend((
+    Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value, noted=True),
     Setting("sequential_download", {"type": "boolean"}, _boolean,
             _flag_setter(lt.torrent_flags.sequential_download)),
     Setting("file_priorities", {"anyOf": [
@@ -3564,6 +3561,7 @@ SETTINGS.extend((
     Setting("save_path", {"type": "string"}, None, when="change"),
 ))
 NOTES.update({
+    "labels": ([], _labels_value),
     "ratio_limit": (-1, _number(float, 0, -1, -2)),
     "seeding_time_limit": (-1, _number(int, 0, -1, -2)),
     "limit_reached": (None, _saved_text),
@@ -3574,6 +3572,8 @@ NOTES.update({
     "moving_to": (None, _saved_path),  # during a move
 })
 STATUS.extend((
+    Field("labels", {"type": "array", "items": {"type": "string"}}, False,
+          "the torrent's labels", lambda torrent, status: torrent.notes["labels"]),
     Field("download_limit", "integer", False, "its own limit, bytes/s; 0 for none",
           lambda torrent, status: max(0, status.download_limit)),
     Field("upload_limit", "integer", False, "its own limit, bytes/s; 0 for none",
