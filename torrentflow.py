@@ -1970,8 +1970,9 @@ class TorrentEngine:
         self._by_id = {}              # hex id -> _Torrent
         self._by_handle = {}          # libtorrent handle -> _Torrent
         self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
-        # kind -> callbacks: start, close (async); event(kind, torrent, detail); tick; resume(t);
-        # metadata(t, async); load(params, notes; in a thread); forget(t); health() -> problems
+        # kind -> callbacks: start, close (async); event(kind, torrent, detail); status(t, the
+        # status before); tick; resume(t); metadata(t, async); load(params, notes; in a
+        # thread); forget(t); health() -> problems
         self._listeners = collections.defaultdict(list)
         self._alert_handlers = {kind: [handler] for kind, handler in self._ALERT_HANDLERS.items()}
         self._unlisted = 0            # torrents without a status yet
@@ -2502,19 +2503,9 @@ class TorrentEngine:
         self.refresh(torrent)
 
     def _announce(self, torrent, before):
-        """Emit the events a new status means, compared with the one before it."""
+        """Tell the status listeners of a new status; note a finish, and save it."""
         now = torrent.status
-        if before is None and torrent.added is not None:
-            self.emit("added", torrent)  # an add of the API: first, as its download starts
-        if before is not None:
-            if now["has_metadata"] and not before["has_metadata"]:
-                self.emit("metadata", torrent)
-            if now["state"] != before["state"]:
-                self.emit("state", torrent, f"{before['state']} -> {now['state']}")
-            if _held(now) != _held(before):
-                self.emit("paused" if _held(now) else "resumed", torrent)
-            if now["error"] and now["error"] != before["error"]:
-                self.emit("error", torrent, now["error"])
+        self._notify("status", torrent, before)
         if now["is_finished"] and not torrent.notes["finished"]:
             torrent.notes["finished"] = True  # once per torrent, restarts included
             self.emit("finished", torrent)
@@ -4385,10 +4376,28 @@ class Events:
 EVENTS = web.AppKey("events", Events)
 
 
+def _status_events(engine, torrent, before):
+    """Emit the events a new status means, compared with the one before it."""
+    now = torrent.status
+    if before is None:
+        if torrent.added is not None:
+            engine.emit("added", torrent)  # an add of the API: first, as its download starts
+        return
+    if now["has_metadata"] and not before["has_metadata"]:
+        engine.emit("metadata", torrent)
+    if now["state"] != before["state"]:
+        engine.emit("state", torrent, f"{before['state']} -> {now['state']}")
+    if _held(now) != _held(before):
+        engine.emit("paused" if _held(now) else "resumed", torrent)
+    if now["error"] and now["error"] != before["error"]:
+        engine.emit("error", torrent, now["error"])
+
+
 def _events_setup(app, engine):
     events = app[EVENTS] = Events(engine.config, engine.store)
     engine.listen("start", events.start)
     engine.listen("close", events.close)
+    engine.listen("status", lambda torrent, before: _status_events(engine, torrent, before))
     engine.listen("event", lambda kind, torrent, detail: events.publish(
         kind, torrent and torrent.infohash, torrent and torrent.status, detail))
     engine.listen("health", lambda: [f"the {task.get_name()} task stopped"
