@@ -1,9 +1,10 @@
 """TorrentFlow: a BitTorrent daemon driven by an HTTP JSON API.
 
 One process runs one libtorrent session behind a JSON API: add, inspect, pause, resume and
-remove torrents, and /health; extensions add per-torrent control and /settings, peer and
-tracker views, /events with webhooks, /metrics, Transmission's RPC, streaming a file while
-it downloads, and GET /openapi.json, which describes every route. README.md is the manual.
+remove torrents, and /health; extensions add listing queries (filter, sort, page, fields),
+per-torrent control and /settings, peer and tracker views, /events with webhooks, /metrics,
+Transmission's RPC, streaming a file while it downloads, and GET /openapi.json, which
+describes every route. README.md is the manual.
 
 Run ``python torrentflow.py --local-only`` to try it on one machine, or leave out
 --local-only to join the public swarm; ``--help`` lists every option. Each option is also
@@ -27,8 +28,8 @@ The map, top to bottom; the core first, in order of trust:
     Application                make_app, serve, main
 
 Then the line "The core ends here", and one section per extension: each adds rows to the
-core's tables (ROUTES via @api, OPTIONS, STATUS, SETTINGS, NOTES), a setup function to
-EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one.
+core's tables (ROUTES via @api, OPTIONS, STATUS, SETTINGS, NOTES, QUERIES), a setup function
+to EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one.
 """
 
 from __future__ import annotations
@@ -1848,12 +1849,6 @@ class _Torrent:
                             "progress": round(100 * downloaded / size, 4) if size else 100.0})
         return entries
 
-    def fields(self, names):
-        """A function giving these status fields as they are now, even if called later."""
-        snapshot = self.snapshot()
-        return lambda: {name: self.files(snapshot) if name == "files" else snapshot[0][name]
-                        for name in names}
-
     def update(self, status):
         """Take a fresh torrent_status; return the old id if the canonical one changed."""
         ids = _hash_ids(status.info_hashes) or self.ids
@@ -3089,23 +3084,6 @@ def _names(text, what, allowed):
     return chosen
 
 
-def _count(query, name, default):
-    """A whole number from the query string, or default."""
-    text = query.get(name)
-    if text is None:
-        return default
-    if not re.fullmatch("[0-9]{1,18}", text):  # not isdigit(): "²".isdigit() is True
-        raise ApiError(400, f"{name} must be a whole number below 10**18")
-    return int(text)
-
-
-_FIELDS_PARAMETER = _query("fields", "only these status fields, comma-separated; files "
-                           "only appears in a listing when named here")
-_FILTERS = [_query("state", "only these states, comma-separated"),
-            _query("paused", "only paused (true) or running (false) ones", enum=["true", "false"]),
-            _query("label", "only torrents with this label")]
-
-
 def _known_parameters(query, known):
     """Refuse query parameters other than the known ones."""
     unknown = sorted(set(query) - set(known))
@@ -3113,55 +3091,27 @@ def _known_parameters(query, known):
         raise ApiError(400, f"unknown query parameter {unknown[0]!r}")
 
 
-def _matching(engine, query, known):
-    """The torrents that query's filters choose; other parameters than known are refused."""
-    _known_parameters(query, known)
-    paused = query.get("paused")
-    if paused not in (None, "true", "false"):
-        raise ApiError(400, "paused must be true or false")
-    states = set(_names(query["state"], "state", STATES)) if "state" in query else None
-    label = query.get("label")
-    return [t for t in engine.torrents() if (states is None or t.status["state"] in states)
-            and (paused is None or t.status["paused"] is (paused == "true"))
-            and (label is None or label in t.notes["labels"])]
+#: Operation id -> async function(request) giving the answer's bytes to a query string:
+#: an extension's filters or fields on a core listing. Without one, a query is refused.
+QUERIES = {}
 
 
-def _select(engine, query):
-    """The torrents that GET /torrents' query chooses, and their total before paging."""
-    torrents = _matching(engine, query, ("state", "paused", "label", "sort", "limit",
-                                         "offset", "fields"))
-    if "sort" in query:
-        sortable = [name for name in status_fields() if name != "files"]  # lists do not sort
-        sort = _names(query["sort"], "sort", [*sortable, *("-" + n for n in sortable)])[0]
-        name = sort.removeprefix("-")
-        # null sorts first ascending; tuples keep None away from comparisons with numbers.
-        torrents.sort(key=lambda t: (t.status[name] is not None, t.status[name]),
-                      reverse=sort.startswith("-"))
-    offset, limit = _count(query, "offset", 0), _count(query, "limit", None)
-    return torrents[offset:None if limit is None else offset + limit], len(torrents)
+async def _queried(request, operation):
+    """QUERIES' answer to the request's query string, or None if it has none."""
+    if not request.query_string:
+        return None
+    if operation not in QUERIES:
+        _known_parameters(request.query, ())
+        return None
+    return await QUERIES[operation](request)
 
 
 @api("GET", "/torrents", "listTorrents", {
-    "200": _answer("the torrents", _ref("TorrentList"))}, parameters=[
-        *_FILTERS, _query("sort", "a status field; a leading - sorts descending"),
-        _query("limit", "at most this many", pattern="^[0-9]+$"),
-        _query("offset", "skip this many first", pattern="^[0-9]+$"),
-        _FIELDS_PARAMETER])
+    "200": _answer("the torrents", _ref("TorrentList"))})
 async def list_torrents(request):
     """Torrents' status: filtered, sorted, paged, trimmed"""
-    engine = request.app[ENGINE]
-    if not request.query_string:
-        return await _respond(request, engine.listing())
-    torrents, total = _select(engine, request.query)
-    if "fields" not in request.query:
-        # The common case, polling everything, joins bytes serialised at status changes.
-        items = b",".join(t.summary for t in torrents)
-    else:
-        fields = _names(request.query["fields"], "fields", status_fields())
-        builders = [t.fields(fields) for t in torrents]
-        items = (await _to_json(lambda: _Slices(build() for build in builders),
-                                "files" in fields or len(torrents) > LARGE_LISTING))[1:-1]
-    return await _respond(request, _listing_body(items, total))
+    body = await _queried(request, "listTorrents")
+    return await _respond(request, body or request.app[ENGINE].listing())
 
 
 async def _to_json(build, in_thread):
@@ -3196,15 +3146,12 @@ def _requested_torrent(request):
 
 @api("GET", "/torrents/{infohash}", "getTorrent", {
     "200": _answer("its status", {"anyOf": [_ref("Status"), _ref("StatusFields")]})},
-    (404, 503), parameters=[INFOHASH_PARAMETER, _FIELDS_PARAMETER])
+    (404, 503), parameters=[INFOHASH_PARAMETER])
 async def get_torrent(request):
     """One torrent's status"""
     torrent = _requested_torrent(request)
-    if not request.query_string:
-        return await _respond(request, torrent.full or await torrent.body())
-    _known_parameters(request.query, ("fields",))
-    fields = _names(request.query["fields"], "fields", status_fields())
-    return await _respond(request, await _to_json(torrent.fields(fields), "files" in fields))
+    body = await _queried(request, "getTorrent")
+    return await _respond(request, body or torrent.full or await torrent.body())
 
 
 @api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 409, 503),
@@ -3402,6 +3349,104 @@ def main(argv=None):
 
 
 # The core ends here
+
+
+# --------------------------------------------------------------------------- #
+# Extension: listing queries. GET /torrents' filters (state=, paused=, label=), sort=,
+# limit=, offset= and fields=, and GET /torrents/{infohash}?fields=
+# --------------------------------------------------------------------------- #
+
+def _count(query, name, default):
+    """A whole number from the query string, or default."""
+    text = query.get(name)
+    if text is None:
+        return default
+    if not re.fullmatch("[0-9]{1,18}", text):  # not isdigit(): "²".isdigit() is True
+        raise ApiError(400, f"{name} must be a whole number below 10**18")
+    return int(text)
+
+
+_FIELDS_PARAMETER = _query("fields", "only these status fields, comma-separated; files "
+                           "only appears in a listing when named here")
+_FILTERS = [_query("state", "only these states, comma-separated"),
+            _query("paused", "only paused (true) or running (false) ones", enum=["true", "false"]),
+            _query("label", "only torrents with this label")]
+
+
+def _matching(engine, query, known):
+    """The torrents that query's filters choose; other parameters than known are refused."""
+    _known_parameters(query, known)
+    paused = query.get("paused")
+    if paused not in (None, "true", "false"):
+        raise ApiError(400, "paused must be true or false")
+    states = set(_names(query["state"], "state", STATES)) if "state" in query else None
+    label = query.get("label")
+    return [t for t in engine.torrents() if (states is None or t.status["state"] in states)
+            and (paused is None or t.status["paused"] is (paused == "true"))
+            and (label is None or label in t.notes["labels"])]
+
+
+def _select(engine, query):
+    """The torrents that GET /torrents' query chooses, and their total before paging."""
+    torrents = _matching(engine, query, ("state", "paused", "label", "sort", "limit",
+                                         "offset", "fields"))
+    if "sort" in query:
+        sortable = [name for name in status_fields() if name != "files"]  # lists do not sort
+        sort = _names(query["sort"], "sort", [*sortable, *("-" + n for n in sortable)])[0]
+        name = sort.removeprefix("-")
+        # null sorts first ascending; tuples keep None away from comparisons with numbers.
+        torrents.sort(key=lambda t: (t.status[name] is not None, t.status[name]),
+                      reverse=sort.startswith("-"))
+    offset, limit = _count(query, "offset", 0), _count(query, "limit", None)
+    return torrents[offset:None if limit is None else offset + limit], len(torrents)
+
+
+def _fields(torrent, names):
+    """A function giving these status fields of torrent as they are now, even if called later."""
+    snapshot = torrent.snapshot()
+    return lambda: {name: torrent.files(snapshot) if name == "files" else snapshot[0][name]
+                    for name in names}
+
+
+async def _query_listing(request):
+    """GET /torrents' answer to a query string: filtered, sorted, paged, trimmed."""
+    torrents, total = _select(request.app[ENGINE], request.query)
+    if "fields" not in request.query:
+        # The common case, polling everything, joins bytes serialised at status changes.
+        items = b",".join(t.summary for t in torrents)
+    else:
+        fields = _names(request.query["fields"], "fields", status_fields())
+        builders = [_fields(t, fields) for t in torrents]
+        items = (await _to_json(lambda: _Slices(build() for build in builders),
+                                "files" in fields or len(torrents) > LARGE_LISTING))[1:-1]
+    return _listing_body(items, total)
+
+
+async def _query_torrent(request):
+    """GET /torrents/{infohash}'s answer to a query string: only the fields= named."""
+    torrent = _requested_torrent(request)
+    _known_parameters(request.query, ("fields",))
+    fields = _names(request.query["fields"], "fields", status_fields())
+    return await _to_json(_fields(torrent, fields), "files" in fields)
+
+
+def _add_parameters(operation_id, parameters):
+    """Append query parameters to a route's OpenAPI operation, where @api would put them."""
+    for *_, operation in ROUTES:
+        if operation["operationId"] == operation_id:
+            # Keys after them are put back after, so the document keeps its order.
+            after = {key: operation.pop(key) for key in list(operation)
+                     if key not in ("operationId", "summary", "parameters")}
+            operation["parameters"] = [*operation.get("parameters", ()), *parameters]
+            operation.update(after)
+
+
+QUERIES.update(listTorrents=_query_listing, getTorrent=_query_torrent)
+_add_parameters("listTorrents", [
+    *_FILTERS, _query("sort", "a status field; a leading - sorts descending"),
+    _query("limit", "at most this many", pattern="^[0-9]+$"),
+    _query("offset", "skip this many first", pattern="^[0-9]+$"), _FIELDS_PARAMETER])
+_add_parameters("getTorrent", [_FIELDS_PARAMETER])
 
 
 # --------------------------------------------------------------------------- #
