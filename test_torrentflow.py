@@ -1196,6 +1196,31 @@ async def test_hostile_metadata_from_a_peer_is_refused_as_an_upload_is(daemon, s
     assert not escape.exists() and not (tmp_path.parent / "escaped-dotdot").exists()
 
 
+async def test_a_failing_metadata_listener_stops_the_magnet_and_says_why(
+        tmp_path, aiohttp_client, seeder, payload, monkeypatch):
+    """An extension's bug must not leave a magnet held in silence. The fault is injected
+    (a listener that raises): no real extension fails on demand."""
+    async def broken(torrent):
+        raise RuntimeError("a broken extension")
+    monkeypatch.setattr(torrentflow, "EXTENSIONS", [
+        *torrentflow.EXTENSIONS, lambda app, engine: engine.listen("metadata", broken)])
+    daemon = await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path)))
+    source, layout = payload
+    data = make_torrent(source / "single.bin")
+    seeder.seed(data, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(data))
+    status = await wait_status(daemon, body["infohash"], lambda s: s["error"],
+                               what="the listener's failure to show")
+    assert status["error"] == "refused its metadata: it could not be taken: a broken extension"
+    assert status["paused"] and not status["auto_managed"]
+    assert not (tmp_path / "downloads" / "single.bin").exists()
+    # Resumed, it downloads: the metadata itself passed its checks.
+    assert (await daemon.put(f"/torrents/{body['infohash']}/resume")).status == 200
+    await wait_complete(daemon, body["infohash"])
+    assert (tmp_path / "downloads" / "single.bin").read_bytes() == (
+        source / "single.bin").read_bytes()
+
+
 # --------------------------------------------------------------------------- #
 # save_path confinement
 # --------------------------------------------------------------------------- #

@@ -2485,14 +2485,18 @@ class TorrentEngine:
         """Read the metadata off the loop, held to an upload's checks: peers are strangers."""
         problem, info = await asyncio.to_thread(_checked_metadata, torrent_info,
                                                 torrent.creation)
+        if not problem:
+            torrent.info, torrent.progress_stale = info, True
+            try:
+                for listener in self._listeners["metadata"]:
+                    await listener(torrent)
+            except Exception as error:  # held still, but the status must say why
+                log.exception("a metadata listener failed on %s", torrent.infohash)
+                problem = f"it could not be taken: {error}"
         if problem:
             torrent.fault = f"refused its metadata: {problem}"
             self.stop(torrent)
             return
-        torrent.info = info
-        torrent.progress_stale = True
-        for listener in self._listeners["metadata"]:
-            await listener(torrent)
         with contextlib.suppress(RuntimeError):
             torrent.handle.unset_flags(lt.torrent_flags.upload_mode)  # see _add
         self.refresh(torrent)
