@@ -3,8 +3,8 @@
 One process runs one libtorrent session behind a JSON API: add, inspect, pause, resume and
 remove torrents, and /health; extensions add listing queries (filter, sort, page, fields),
 per-torrent control and /settings, peer and tracker views, /events with webhooks, /metrics,
-Transmission's RPC, streaming a file while it downloads, and GET /openapi.json, which
-describes every route. README.md is the manual.
+Transmission's RPC, a disk watch, streaming a file while it downloads, and GET
+/openapi.json, which describes every route. README.md is the manual.
 
 Run ``python torrentflow.py --local-only`` to try it on one machine, or leave out
 --local-only to join the public swarm; ``--help`` lists every option. Each option is also
@@ -118,10 +118,6 @@ RESUME_NOT_MODIFIED = 143  #: libtorrent's "resume data not modified": not a fai
 NOTES_KEY = b"x-torrentflow"  #: our key in resume files; it sorts last: bencoding stays canonical
 CLEAN_MARK = "clean-shutdown"  #: state file whose presence says the last run saved all
 CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_checks)
-#: Seconds between checks of the directories and downloading torrents' save paths: the
-#: longest a symlink swapped into the download directory redirects writes.
-WATCH_INTERVAL = 1.0
-DATA_CHECK_INTERVAL = 10.0  #: seconds between checks of all save paths and finished sizes
 DISK_RETRY = 600.0  #: seconds a torrent stopped by a disk error waits to try the disk again
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
@@ -1489,21 +1485,6 @@ def _outside_roots(roots, places):
     return None
 
 
-def _inspect_disk(roots, directories, places, checks):
-    """({directory name: problem}, each torrent's reason to stop or None). Blocking."""
-    problems = {name: f"the {name} directory {directory} is not writable"
-                for name, directory in directories.items()
-                if not os.access(directory, os.W_OK | os.X_OK)}
-    faults = []
-    for where, check in zip(places, checks):
-        fault = _outside_roots(roots, where)
-        if fault is None and check is not None:
-            missing = _missing_file(*check)
-            fault = missing and f"missing or truncated file: {missing}"
-        faults.append(fault)
-    return problems, faults
-
-
 # --------------------------------------------------------------------------- #
 # Status and settings: the STATUS and SETTINGS tables
 # --------------------------------------------------------------------------- #
@@ -1786,7 +1767,7 @@ class _Torrent:
                  "file_priorities", "save_path", "info", "file_progress", "status", "_summary",
                  "full", "total_done", "progress_stale", "counted", "sample", "rates",
                  "updated", "flushing_since", "saved_as", "disk_error", "fault", "learning",
-                 "dirty", "added", "saving", "next_save", "force_save", "removing", "written")
+                 "dirty", "added", "saving", "next_save", "force_save", "removing")
 
     def __init__(self, params, notes=None, saved_as=None):
         self.handle = None            # once libtorrent has added it
@@ -1816,7 +1797,6 @@ class _Torrent:
         self.learning = False         # whether its metadata is being read, or was
         self.added = None             # the task of its add, until it is saved
         self.removing = False         # a removal is under way (see TorrentEngine._removing)
-        self.written = None           # file_progress at the last full disk check
         # Its saving state, described in _Saves.
         self.dirty, self.saving, self.next_save, self.force_save = False, None, None, False
 
@@ -1959,15 +1939,15 @@ class TorrentEngine:
         self.was_clean = True         # whether the last run ended with a clean shutdown
         #: The session's settings (GET/PATCH /settings): flags, then what PATCH saved.
         self.settings = {o.setting: getattr(config, o.name) for o in OPTIONS if o.setting}
-        self.problems = {}            # what is wrong beyond one torrent, for /health
+        self.listen_failure = ""      # why a listen socket failed after the start (/health)
         self._session = None
         self._torrents = {}           # _Torrent -> None: every torrent, in added order
         self._by_id = {}              # hex id -> _Torrent
         self._by_handle = {}          # libtorrent handle -> _Torrent
         self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
-        # kind -> callbacks: start, close (async); event(kind, torrent, detail); status(t, the
-        # status before); tick; resume(t); metadata(t, async); load(params, notes; in a
-        # thread); forget(t); health() -> problems
+        # kind -> callbacks: start, close (async); task() -> (name, coroutine); event(kind,
+        # torrent, detail); status(t, the status before); tick; resume(t); metadata(t, async);
+        # load(params, notes; in a thread); forget(t); health() -> problems
         self._listeners = collections.defaultdict(list)
         self._alert_handlers = {kind: [handler] for kind, handler in self._ALERT_HANDLERS.items()}
         self._unlisted = 0            # torrents without a status yet
@@ -2034,9 +2014,10 @@ class TorrentEngine:
         self._notify_socket.setblocking(False)
         self._session.set_alert_fd(self._notify_socket.fileno())
         asyncio.get_running_loop().add_reader(self._alert_socket.fileno(), self._on_alert_fd)
+        # A task() listener gives (name, coroutine): run as the engine's own, cancelled likewise.
         for name, work in (("alerts", self._alert_loop()), ("status", self._status_loop()),
                            ("save", self.saves.run()), ("load", _load_library(self)),
-                           ("watch", _watch_disk(self))):
+                           *(task() for task in self._listeners["task"])):
             self._tasks[name] = asyncio.create_task(work, name=f"tf-{name}")
             self._tasks[name].add_done_callback(_log_failure)
         log.info("BitTorrent listening on %s, port %d (DHT %s, LSD %s, UPnP %s, NAT-PMP %s)",
@@ -2109,10 +2090,8 @@ class TorrentEngine:
 
     def _on_listen(self, alert):
         """A listen socket failed or came back after the start: /health tells."""
-        if isinstance(alert, lt.listen_failed_alert):
-            self.problems["listen"] = alert.message()
-        else:
-            self.problems.pop("listen", None)
+        failed = isinstance(alert, lt.listen_failed_alert)
+        self.listen_failure = alert.message() if failed else ""
 
     @property
     def loading(self):
@@ -2124,7 +2103,7 @@ class TorrentEngine:
         dead = [f"the {name} task stopped" for name, task in self._tasks.items()
                 if task.done() and (name != "load" or task.cancelled() or task.exception())]
         found = [problem for check in self._listeners["health"] for problem in check()]
-        return [*dead, *found, *self.problems.values(),
+        return [*dead, *found, *([self.listen_failure] if self.listen_failure else []),
                 *itertools.islice(self.saves.unsaved.values(), 1)]
 
     # -- waiting on libtorrent ------------------------------------------------ #
@@ -2856,45 +2835,6 @@ def _revive(engine, name, params, notes, lost):
         log.error("could not load saved torrent %s: %s", torrent.infohash, error)
         engine._forget(torrent)
     return checking
-
-
-async def _watch_disk(engine):
-    """Stop torrents whose save path leaves the roots or whose files vanish; watch the dirs."""
-    # Every second the downloading ones (a symlink swapped in redirects writes), and all of them
-    # every DATA_CHECK_INTERVAL, with files written by the check before (not racing a write).
-    while engine.loading:
-        await asyncio.sleep(STATUS_INTERVAL)
-    next_full_check = 0.0
-    while True:
-        full = time.monotonic() >= next_full_check
-        if full:
-            next_full_check = time.monotonic() + DATA_CHECK_INTERVAL
-        torrents = [t for t in engine.torrents() if not t.fault and (
-            full or t.status["state"] == "downloading" and not t.status["paused"])]
-        places = [_places(t) for t in torrents]
-        checks = [_files_to_check(t) if full else None for t in torrents]
-        dirs = {"download": engine.config.download_dir, "state": engine.store.root}
-        problems, faults = await asyncio.to_thread(_inspect_disk, engine.roots, dirs,
-                                                   places, checks)
-        engine.problems = {**problems, **{name: problem for name, problem
-                                          in engine.problems.items() if name == "listen"}}
-        for torrent, fault in zip(torrents, faults):
-            if fault and not torrent.fault and not torrent.removing:
-                torrent.fault = fault
-                engine.stop(torrent)
-        await asyncio.sleep(WATCH_INTERVAL)
-
-
-def _files_to_check(torrent):
-    """(save path, files (index, path, least size) that must be on disk, priorities), or None."""
-    if torrent.info is None:
-        return None
-    files, written = torrent.info["files"], torrent.written
-    torrent.written = torrent.file_progress
-    if not torrent.status["is_finished"]:
-        files = [(index, path, 0) for index, path, _ in files
-                 if index < len(written or ()) and written[index]]
-    return torrent.save_path, files, list(torrent.file_priorities)
 
 
 def _places(torrent):
@@ -5441,6 +5381,80 @@ def _web_file(root, relative):
         os.close(descriptor)
         raise missing
     return descriptor, names[-1], info.st_size
+
+
+# --------------------------------------------------------------------------- #
+# Extension: the disk watch. Stops a torrent whose save path comes to lead outside the
+# roots or whose files vanish, and tells /health of a directory that is not writable
+# --------------------------------------------------------------------------- #
+
+#: Seconds between checks of the directories and downloading torrents' save paths: the
+#: longest a symlink swapped into the download directory redirects writes.
+WATCH_INTERVAL = 1.0
+DATA_CHECK_INTERVAL = 10.0  #: seconds between checks of all save paths and finished sizes
+
+
+def _inspect_disk(roots, directories, places, checks):
+    """({directory name: problem}, each torrent's reason to stop or None). Blocking."""
+    problems = {name: f"the {name} directory {directory} is not writable"
+                for name, directory in directories.items()
+                if not os.access(directory, os.W_OK | os.X_OK)}
+    faults = []
+    for where, check in zip(places, checks):
+        fault = _outside_roots(roots, where)
+        if fault is None and check is not None:
+            missing = _missing_file(*check)
+            fault = missing and f"missing or truncated file: {missing}"
+        faults.append(fault)
+    return problems, faults
+
+
+async def _watch_disk(engine, problems):
+    """Stop torrents whose save path leaves the roots or whose files vanish; watch the dirs."""
+    # Every second the downloading ones (a symlink swapped in redirects writes), and all of them
+    # every DATA_CHECK_INTERVAL, with files written by the check before (not racing a write).
+    while engine.loading:
+        await asyncio.sleep(STATUS_INTERVAL)
+    next_full_check = 0.0
+    while True:
+        full = time.monotonic() >= next_full_check
+        if full:
+            next_full_check = time.monotonic() + DATA_CHECK_INTERVAL
+        torrents = [t for t in engine.torrents() if not t.fault and (
+            full or t.status["state"] == "downloading" and not t.status["paused"])]
+        places = [_places(t) for t in torrents]
+        checks = [_files_to_check(t) if full else None for t in torrents]
+        dirs = {"download": engine.config.download_dir, "state": engine.store.root}
+        found, faults = await asyncio.to_thread(_inspect_disk, engine.roots, dirs,
+                                                places, checks)
+        problems[:] = found.values()
+        for torrent, fault in zip(torrents, faults):
+            if fault and not torrent.fault and not torrent.removing:
+                torrent.fault = fault
+                engine.stop(torrent)
+        await asyncio.sleep(WATCH_INTERVAL)
+
+
+def _files_to_check(torrent):
+    """(save path, files (index, path, least size) that must be on disk, priorities), or None."""
+    if torrent.info is None:
+        return None
+    files, written = torrent.info["files"], torrent.extra.get("written")
+    torrent.extra["written"] = torrent.file_progress  # what the next full check may expect
+    if not torrent.status["is_finished"]:
+        files = [(index, path, 0) for index, path, _ in files
+                 if index < len(written or ()) and written[index]]
+    return torrent.save_path, files, list(torrent.file_priorities)
+
+
+def _watch_setup(app, engine):
+    """Watch the disk from the engine's start; /health tells its directory problems."""
+    problems = []  # the directories' problems the last look found
+    engine.listen("task", lambda: ("watch", _watch_disk(engine, problems)))
+    engine.listen("health", lambda: list(problems))
+
+
+EXTENSIONS.append(_watch_setup)
 
 
 # --------------------------------------------------------------------------- #
