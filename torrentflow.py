@@ -22,14 +22,16 @@ The map, top to bottom; the core first, in order of trust:
     What strangers control     hashes, save paths, magnets, .torrent files, URL fetches;
                                metadata, trackers and DHT nodes from peers
     The state directory        StateStore, and the checks on what it gives back
-    Status and settings        the STATUS and SETTINGS tables -> status dicts, schemas
+    Status and settings        the STATUS and SETTINGS tables -> status dicts, parsing
     Engine                     TorrentEngine, the one owner of the libtorrent session
     HTTP API                   request bodies; add, list, status, pause, resume, remove
     Application                make_app, serve, main
 
 Then the line "The core ends here", and one section per extension: each adds rows to the
 core's tables (ROUTES via @api, OPTIONS, STATUS, SETTINGS, NOTES, QUERIES), a setup function
-to EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one.
+to EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one. The
+API description comes first: it completes each ROUTES row into OpenAPI, in words (_answer,
+_query, INFOHASH_PARAMETER...) that the extensions after it describe their routes with.
 """
 
 from __future__ import annotations
@@ -489,7 +491,7 @@ def session_settings(config):
 
 # --------------------------------------------------------------------------- #
 # What an unauthenticated connection reaches: the connection guard, the access
-# checks, the route table and its public routes (/health; /openapi.json at the end)
+# checks, the route table and its public routes (/health; /openapi.json after the seam)
 # --------------------------------------------------------------------------- #
 
 class ApiError(Exception):
@@ -764,58 +766,22 @@ class GuardedSite(web.BaseSite):
             self.guard, self._host, self._port, backlog=self._backlog)
 
 
-#: (method, path, handler, OpenAPI operation) of every route, for make_app and /openapi.json.
+#: (method, path, handler, operation) of every route, for make_app. operation: the route's id,
+#: the errors it answers beyond the access checks' (400, 401, 403), and its description, which
+#: the API description extension completes.
 ROUTES = []
 
 
-def _ref(name, kind="schemas"):
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _object(properties, required=None):
-    """A closed object: every property required unless told otherwise."""
-    return {"type": "object", "properties": properties,
-            "required": list(properties) if required is None else required,
-            "additionalProperties": False}
-
-
-def _answer(description, schema, headers=None, links=None, media="application/json"):
-    """An OpenAPI response."""
-    return {"description": description, "content": {media: {"schema": schema}},
-            **({"headers": headers} if headers else {}), **({"links": links} if links else {})}
-
-
-def _query(name, description, **schema):
-    """An optional query parameter."""
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "string", **schema}}
-
-
-INFOHASH_PARAMETER = {
-    "name": "infohash", "in": "path", "required": True,
-    "description": "v1 or v2 infohash, any case",
-    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$"}}
-DONE = _answer("done", _ref("Message"))
-
-
-def api(method, path, operation_id, responses, errors=(), parameters=(), **extra):
-    """Declare a handler's route and OpenAPI operation; its docstring is the summary."""
+def api(method, path, operation_id, errors=(), **description):
+    """Declare a handler's route, the errors it answers and its description (see ROUTES)."""
     def register(handler):
-        public = (method, path) in PUBLIC_ROUTES
-        codes = (403,) if public else (400, 401, 403, *errors)
-        operation = {
-            "operationId": operation_id, "summary": handler.__doc__.split("\n")[0],
-            **({"parameters": list(parameters)} if parameters else {}), **extra,
-            **({"security": []} if public else {}),
-            "responses": {**responses, **{str(code): _ref(str(code), "responses")
-                                          for code in sorted(codes)}}}
-        ROUTES.append((method, path, handler, operation))
+        ROUTES.append((method, path, handler,
+                       {"operationId": operation_id, "errors": errors, **description}))
         return handler
     return register
 
 
-@api("GET", "/health", "health", {"200": _answer("healthy", _ref("Health")),
-                                  "503": _ref("503", "responses")})
+@api("GET", "/health", "health", (503,))
 async def health(request):
     """Whether the daemon is healthy; needs no token, and tells more with it"""
     engine, token = request.app[ENGINE], request.app[CONFIG].token
@@ -1513,13 +1479,6 @@ class Field:
     value: object = None   # (torrent, torrent_status) -> JSON; None: the status attribute
     listed: bool = True    # in GET /torrents without fields=; a per-file list is not
 
-    @property
-    def schema(self):
-        schema = self.type if isinstance(self.type, dict) else {"type": self.type}
-        if self.nullable:
-            schema = {**schema, "type": [schema["type"], "null"]}
-        return {**schema, "description": self.description}
-
 
 def _flag(name):
     bit = getattr(lt.torrent_flags, name)
@@ -1533,11 +1492,6 @@ def _info(name):
 _QUEUED = lt.torrent_flags.paused | lt.torrent_flags.auto_managed
 #: The states libtorrent reports.
 STATES = sorted(str(state) for state in lt.torrent_status.states.values.values())
-_FILE_ENTRY = _object({
-    "index": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
-    "size": {"type": "integer", "minimum": 0}, "downloaded": {"type": "integer", "minimum": 0},
-    "progress": {"type": "number", "minimum": 0, "maximum": 100},
-    "priority": {"type": "integer", "minimum": 0, "maximum": 7}})
 
 #: Every field of a torrent's status: the status dicts, the OpenAPI schema, the names
 #: fields= and sort= take, and README.md (a test holds it to this table) come from it.
@@ -1639,7 +1593,7 @@ STATUS = [
     Field("ratio", "number", False, "bytes uploaded over its life per byte wanted",
           lambda torrent, status: round(torrent.notes["uploaded"] / status.total_wanted, 4)
           if status.total_wanted else 0.0),
-    Field("files", {"type": "array", "items": _FILE_ENTRY}, True,
+    Field("files", "array", True,
           "one entry per file: index, path, size, downloaded, progress, priority",
           lambda torrent, status: torrent.files(), listed=False),
 ]
@@ -2845,7 +2799,7 @@ def _places(torrent):
 
 # --------------------------------------------------------------------------- #
 # HTTP API: request bodies, and the seed's verbs (add, list, status, pause,
-# resume, remove), each declared with its route and its OpenAPI operation
+# resume, remove), each declared with its route and the errors it answers
 # --------------------------------------------------------------------------- #
 
 def _require_utf8(charset, what):
@@ -2972,37 +2926,7 @@ async def _params_from_source(request, url, upload):
     return await asyncio.to_thread(params_from_torrent, upload)
 
 
-_ADD_FIELDS = {
-    "torrent_url": {"type": "string", "description": "a magnet link or an http(s) URL of "
-                    "a .torrent; give this or torrent_file"},
-    "save_path": {"type": "string", "description": "relative to the download directory, "
-                  "or absolute inside it or an --allowed-save-root"}}
-_ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"}}}, "links": {
-    name: {"operationId": name, "parameters": {"infohash": "$response.body#/infohash"}}
-    for name in ("getTorrent", "pauseTorrent", "resumeTorrent", "deleteTorrent")}}
-
-
-def _add_body():
-    """The request body POST /torrents takes, SETTINGS rows included."""
-    settings = settings_for("add").values()
-    form = {**_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in settings}}
-    upload = {"type": "string", "contentMediaType": "application/x-bittorrent",
-              "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}
-    content = {media: {"schema": {"type": "object", "additionalProperties": False,
-                                  "properties": properties}} for media, properties in (
-        ("multipart/form-data", {**form, "torrent_file": upload}),
-        ("application/x-www-form-urlencoded", form),
-        ("application/json", {**_ADD_FIELDS, **{setting.name: setting.schema
-                                                for setting in settings}}))}
-    content["application/json"]["example"] = {
-        "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4, "save_path": "example"}
-    return {"required": True, "content": content}
-
-
-@api("POST", "/torrents", "addTorrent", {
-    "201": _answer("added", _ref("Added"), **_ADDED),
-    "200": _answer("already present", _ref("Added"), **_ADDED)},
-    (408, 409, 413, 415, 422, 502, 503), requestBody=_add_body)
+@api("POST", "/torrents", "addTorrent", (408, 409, 413, 415, 422, 502, 503))
 async def add_torrent(request):
     """Add a magnet link, an http(s) .torrent URL or an upload"""
     fields = await read_fields(request, ("torrent_url", "torrent_file", "save_path",
@@ -3050,8 +2974,7 @@ async def _queried(request, operation):
     return await QUERIES[operation](request)
 
 
-@api("GET", "/torrents", "listTorrents", {
-    "200": _answer("the torrents", _ref("TorrentList"))})
+@api("GET", "/torrents", "listTorrents")
 async def list_torrents(request):
     """Torrents' status: filtered, sorted, paged, trimmed"""
     body = await _queried(request, "listTorrents")
@@ -3088,9 +3011,7 @@ def _requested_torrent(request):
     return engine.lookup(text if engine.knows(text) else parse_infohash(text))
 
 
-@api("GET", "/torrents/{infohash}", "getTorrent", {
-    "200": _answer("its status", {"anyOf": [_ref("Status"), _ref("StatusFields")]})},
-    (404, 503), parameters=[INFOHASH_PARAMETER])
+@api("GET", "/torrents/{infohash}", "getTorrent", (404, 503))
 async def get_torrent(request):
     """One torrent's status"""
     torrent = _requested_torrent(request)
@@ -3098,10 +3019,7 @@ async def get_torrent(request):
     return await _respond(request, body or torrent.full or await torrent.body())
 
 
-@api("DELETE", "/torrents/{infohash}", "deleteTorrent", {"200": DONE}, (404, 409, 503),
-     parameters=[INFOHASH_PARAMETER, _query(
-         "delete_files", "true also deletes the data; case-insensitive",
-         enum=["true", "false", "1", "0"], default="false")])
+@api("DELETE", "/torrents/{infohash}", "deleteTorrent", (404, 409, 503))
 async def delete_torrent(request):
     """Remove a torrent, and its data with delete_files=true"""
     torrent = _requested_torrent(request)
@@ -3114,15 +3032,15 @@ async def delete_torrent(request):
         f", but {failure}" if failure else " and its files" if delete_files else "")})
 
 
-def _one(action, act, done, summary, errors=(404, 503)):
+def _one(action, act, done, summary, errors=(404, 503), **description):
     """PUT /torrents/{infohash}/<action>: act(engine, torrent) on that torrent."""
     async def handler(request):
         torrent = _requested_torrent(request)
         await act(request.app[ENGINE], torrent)
         return web.json_response({"detail": f"{done} {torrent.infohash}"})
     handler.__doc__ = summary
-    return api("PUT", f"/torrents/{{infohash}}/{action}", f"{action}Torrent", {"200": DONE},
-               errors, parameters=[INFOHASH_PARAMETER])(handler)
+    return api("PUT", f"/torrents/{{infohash}}/{action}", f"{action}Torrent", errors,
+               **description)(handler)
 
 
 pause_torrent = _one("pause", TorrentEngine.pause, "paused", "Pause it")
@@ -3296,6 +3214,193 @@ def main(argv=None):
 
 
 # --------------------------------------------------------------------------- #
+# Extension: the API description. GET /openapi.json (public, see PUBLIC_ROUTES): an
+# OpenAPI 3.1 document built from ROUTES, STATUS and the errors below. It comes first, so
+# that the extensions after it describe their routes in its words (_answer, _query...)
+# --------------------------------------------------------------------------- #
+
+def _ref(name, kind="schemas"):
+    """A reference to one of this document's components."""
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _object(properties, required=None):
+    """A closed object: every property required unless told otherwise."""
+    return {"type": "object", "properties": properties,
+            "required": list(properties) if required is None else required,
+            "additionalProperties": False}
+
+
+def _answer(description, schema, headers=None, links=None, media="application/json"):
+    """An OpenAPI response."""
+    return {"description": description, "content": {media: {"schema": schema}},
+            **({"headers": headers} if headers else {}), **({"links": links} if links else {})}
+
+
+def _query(name, description, **schema):
+    """An optional query parameter."""
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", **schema}}
+
+
+INFOHASH_PARAMETER = {
+    "name": "infohash", "in": "path", "required": True,
+    "description": "v1 or v2 infohash, any case",
+    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$"}}
+DONE = _answer("done", _ref("Message"))
+_FILE_ENTRY = _object({
+    "index": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
+    "size": {"type": "integer", "minimum": 0}, "downloaded": {"type": "integer", "minimum": 0},
+    "progress": {"type": "number", "minimum": 0, "maximum": 100},
+    "priority": {"type": "integer", "minimum": 0, "maximum": 7}})
+
+
+def field_schema(field):
+    """The JSON schema of a status field, from its row in STATUS."""
+    schema = field.type if isinstance(field.type, dict) else {"type": field.type}
+    if field.name == "files":  # STATUS says only "array"; its entries are described here
+        schema = {**schema, "items": _FILE_ENTRY}
+    if field.nullable:
+        schema = {**schema, "type": [schema["type"], "null"]}
+    return {**schema, "description": field.description}
+
+
+def describe(operation_id, parameters=(), **description):
+    """Add to the description of a route in ROUTES: parameters after its own, and the rest."""
+    for *_, operation in ROUTES:
+        if operation["operationId"] == operation_id:
+            operation["parameters"] = [*operation.get("parameters", ()), *parameters]
+            operation.update(description)
+
+
+_ADD_FIELDS = {
+    "torrent_url": {"type": "string", "description": "a magnet link or an http(s) URL of "
+                    "a .torrent; give this or torrent_file"},
+    "save_path": {"type": "string", "description": "relative to the download directory, "
+                  "or absolute inside it or an --allowed-save-root"}}
+_ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"}}}, "links": {
+    name: {"operationId": name, "parameters": {"infohash": "$response.body#/infohash"}}
+    for name in ("getTorrent", "pauseTorrent", "resumeTorrent", "deleteTorrent")}}
+
+
+def _add_body():
+    """The request body POST /torrents takes, SETTINGS rows included."""
+    settings = settings_for("add").values()
+    form = {**_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in settings}}
+    upload = {"type": "string", "contentMediaType": "application/x-bittorrent",
+              "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}
+    content = {media: {"schema": {"type": "object", "additionalProperties": False,
+                                  "properties": properties}} for media, properties in (
+        ("multipart/form-data", {**form, "torrent_file": upload}),
+        ("application/x-www-form-urlencoded", form),
+        ("application/json", {**_ADD_FIELDS, **{setting.name: setting.schema
+                                                for setting in settings}}))}
+    content["application/json"]["example"] = {
+        "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4, "save_path": "example"}
+    return {"required": True, "content": content}
+
+
+#: The core's routes, described: operation id -> what an extension would give @api.
+CORE_OPERATIONS = {
+    "health": {"responses": {"200": _answer("healthy", _ref("Health")),
+                             "503": _ref("503", "responses")}},
+    "addTorrent": {"requestBody": _add_body, "responses": {
+        "201": _answer("added", _ref("Added"), **_ADDED),
+        "200": _answer("already present", _ref("Added"), **_ADDED)}},
+    "listTorrents": {"responses": {"200": _answer("the torrents", _ref("TorrentList"))}},
+    "getTorrent": {"parameters": [INFOHASH_PARAMETER], "responses": {"200": _answer(
+        "its status", {"anyOf": [_ref("Status"), _ref("StatusFields")]})}},
+    "deleteTorrent": {"responses": {"200": DONE}, "parameters": [INFOHASH_PARAMETER, _query(
+        "delete_files", "true also deletes the data; case-insensitive",
+        enum=["true", "false", "1", "0"], default="false")]},
+    **dict.fromkeys(("pauseTorrent", "resumeTorrent"), {
+        "responses": {"200": DONE}, "parameters": [INFOHASH_PARAMETER]})}
+for _operation_id, _description in CORE_OPERATIONS.items():
+    describe(_operation_id, **_description)
+
+
+#: What each error status means, for the API description.
+_ERRORS = {
+    400: "malformed request, unknown field or bad value",
+    401: "missing or wrong bearer token",
+    403: "a cross-site browser request, or a Host other than localhost while no token is set",
+    404: "no such torrent",
+    408: "the request body did not arrive in time",
+    409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
+         "that leads outside the roots), or it is there with another save_path",
+    413: "body, upload or fetched .torrent too large",
+    415: "unsupported Content-Type",
+    422: "not a valid, or not a safe, .torrent; or a value out of range",
+    502: "fetching torrent_url failed",
+    503: "libtorrent did not confirm the change in time, or the torrent is still being "
+         "added; retry"}
+
+
+@functools.cache
+def openapi_document():
+    """The API description at /openapi.json, from the tables once the extensions filled them."""
+    status = _object({field.name: field_schema(field) for field in STATUS})
+    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
+    schemas = {
+        "Error": _object({"detail": string}), "Message": _object({"detail": string}),
+        "Added": _object({"infohash": {
+            "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
+            "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
+        "Health": _object({"status": {"type": "string", "enum": ["ok"]}, "torrents": count,
+                           "loading": {"type": "boolean"}, "listen_port": count},
+                          required=["status"]),
+        "TorrentList": _object({
+            "torrents": {"type": "array", "items": _ref("StatusFields")},
+            "total": {**count, "description": "matching torrents before paging"}}),
+        "Status": status,
+        "Summary": {**status, "required": [f.name for f in STATUS if f.listed],
+                    "description": "a torrent in GET /torrents without fields=: its status "
+                    "without the per-file list"},
+        "StatusFields": {**status, "required": [],
+                         "description": "every Status field, or those named by ?fields="}}
+    responses = {str(code): _answer(description, _ref("Error"), {
+        "WWW-Authenticate": {"required": True, "schema": string}} if code == 401 else None)
+        for code, description in _ERRORS.items()}
+    bearer = {"type": "http", "scheme": "bearer", "description": "--token, --token-file or "
+              "TORRENTFLOW_TOKEN. Without one no token is asked for, but only requests "
+              "addressed to localhost are served."}
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "TorrentFlow", "version": __version__, "description":
+                 "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
+                 "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
+        "security": [{"bearerAuth": []}], "paths": {}, "components": {
+            "securitySchemes": {"bearerAuth": bearer}, "schemas": schemas,
+            "responses": responses}}
+    # This document's own route last, after those it describes.
+    for method, path, handler, operation in sorted(ROUTES, key=lambda row: row[2] is openapi):
+        document["paths"].setdefault(re.sub(r":[^}]*}", "}", path), {})[method.lower()] = (
+            _operation(method, path, handler, operation))  # aiohttp's {path:.*} is {path}
+    return document
+
+
+def _operation(method, path, handler, operation):
+    """A route's OpenAPI operation: its description, summary, security and error answers."""
+    public = (method, path) in PUBLIC_ROUTES
+    codes = (403, *operation["errors"]) if public else (400, 401, 403, *operation["errors"])
+    # A request body may be built from tables that extensions fill: built now, once all did.
+    extra = {key: value() if callable(value) else value for key, value in operation.items()
+             if key not in ("operationId", "errors", "parameters", "responses")}
+    return {"operationId": operation["operationId"], "summary": handler.__doc__.split("\n")[0],
+            **({"parameters": operation["parameters"]} if operation.get("parameters") else {}),
+            **extra, **({"security": []} if public else {}),
+            "responses": {**operation.get("responses", {}), **{
+                str(code): _ref(str(code), "responses") for code in sorted(codes)}}}
+
+
+@api("GET", "/openapi.json", "openapi",
+     responses={"200": _answer("this document", {"type": "object"})})
+async def openapi(request):
+    """This document; needs no token"""
+    return web.json_response(openapi_document())
+
+
+# --------------------------------------------------------------------------- #
 # Extension: listing queries. GET /torrents' filters (state=, paused=, label=), sort=,
 # limit=, offset= and fields=, and GET /torrents/{infohash}?fields=
 # --------------------------------------------------------------------------- #
@@ -3374,23 +3479,12 @@ async def _query_torrent(request):
     return await _to_json(_fields(torrent, fields), "files" in fields)
 
 
-def _add_parameters(operation_id, parameters):
-    """Append query parameters to a route's OpenAPI operation, where @api would put them."""
-    for *_, operation in ROUTES:
-        if operation["operationId"] == operation_id:
-            # Keys after them are put back after, so the document keeps its order.
-            after = {key: operation.pop(key) for key in list(operation)
-                     if key not in ("operationId", "summary", "parameters")}
-            operation["parameters"] = [*operation.get("parameters", ()), *parameters]
-            operation.update(after)
-
-
 QUERIES.update(listTorrents=_query_listing, getTorrent=_query_torrent)
-_add_parameters("listTorrents", [
+describe("listTorrents", [
     *_FILTERS, _query("sort", "a status field; a leading - sorts descending"),
     _query("limit", "at most this many", pattern="^[0-9]+$"),
     _query("offset", "skip this many first", pattern="^[0-9]+$"), _FIELDS_PARAMETER])
-_add_parameters("getTorrent", [_FIELDS_PARAMETER])
+describe("getTorrent", [_FIELDS_PARAMETER])
 
 
 # --------------------------------------------------------------------------- #
@@ -3845,10 +3939,10 @@ def _control_setup(app, engine):
 EXTENSIONS.append(_control_setup)
 
 
-@api("PATCH", "/torrents/{infohash}", "changeTorrent", {
-    "200": _answer("changed; its new status", _ref("Status")),
-    "202": _answer("changed; its data is still being moved", _ref("Status"))},
-    (404, 408, 409, 415, 422, 503), parameters=[INFOHASH_PARAMETER],
+@api("PATCH", "/torrents/{infohash}", "changeTorrent", (404, 408, 409, 415, 422, 503),
+     responses={"200": _answer("changed; its new status", _ref("Status")),
+                "202": _answer("changed; its data is still being moved", _ref("Status"))},
+     parameters=[INFOHASH_PARAMETER],
     requestBody=lambda: {"required": True, "content": {"application/json": {
         "schema": _object({name: setting.schema for name, setting
                            in settings_for("change").items()}, required=[])}}})
@@ -3867,9 +3961,11 @@ async def change_torrent(request):
 
 
 recheck_torrent = _one("recheck", recheck, "rechecking", "Check every piece on disk again",
-                       (404, 409, 503))
+                       (404, 409, 503), responses={"200": DONE},
+                       parameters=[INFOHASH_PARAMETER])
 reannounce_torrent = _one("reannounce", reannounce, "announcing",
-                          "Announce to every tracker now")
+                          "Announce to every tracker now", responses={"200": DONE},
+                          parameters=[INFOHASH_PARAMETER])
 
 
 def _bulk(action):
@@ -3887,7 +3983,7 @@ def _bulk(action):
         return web.json_response({"detail": f"{action}d {count} of {len(torrents)} "
                                   "torrents", "count": count})
     handler.__doc__ = f"{action.capitalize()} every torrent, or those the filters choose"
-    return api("PUT", f"/torrents/{action}", f"{action}Torrents", {
+    return api("PUT", f"/torrents/{action}", f"{action}Torrents", responses={
         "200": _answer("how many", _object({"detail": {"type": "string"},
                                             "count": {"type": "integer"}}))},
         parameters=_FILTERS)(handler)
@@ -3906,14 +4002,16 @@ def _settings_schema():
                     for key, option in _session_options().items()})
 
 
-@api("GET", "/settings", "getSettings", {"200": _answer("the settings", _settings_schema())})
+@api("GET", "/settings", "getSettings",
+     responses={"200": _answer("the settings", _settings_schema())})
 async def get_settings(request):
     """The session's settings"""
     return web.json_response(request.app[ENGINE].settings)
 
 
-@api("PATCH", "/settings", "changeSettings", {"200": _answer("the settings", _settings_schema())},
-     (408, 415, 422, 503), requestBody={"required": True, "content": {"application/json": {
+@api("PATCH", "/settings", "changeSettings", (408, 415, 422, 503),
+     responses={"200": _answer("the settings", _settings_schema())},
+     requestBody={"required": True, "content": {"application/json": {
          "schema": {**_settings_schema(), "required": []}}}})
 async def change_settings(request):
     """Change session settings; they are kept for the next start"""
@@ -4012,7 +4110,7 @@ STATUS.append(Field("last_scrape", "integer", True, "seconds since a tracker las
                         torrent.extra.get("last_scrape"))))
 
 
-@api("GET", "/torrents/{infohash}/peers", "listPeers", {
+@api("GET", "/torrents/{infohash}/peers", "listPeers", (404, 503), responses={
     "200": _answer("its connected peers", _object({"peers": {"type": "array", "items": _object({
         "ip": {"type": "string"}, "port": {"type": "integer"}, "client": {"type": "string"},
         "progress": {"type": "number"}, **dict.fromkeys((
@@ -4022,14 +4120,14 @@ STATUS.append(Field("last_scrape", "integer", True, "seconds since a tracker las
         "encrypted": {"type": "boolean"}, **{key: {"type": "array", "items": {
             "type": "string", "enum": list(names)}} for key, names in (
                 ("flags", _PEER_FLAGS), ("source", _PEER_SOURCES))}})}}))},
-    (404, 503), parameters=[INFOHASH_PARAMETER])
+    parameters=[INFOHASH_PARAMETER])
 async def torrent_peers(request):
     """Its connected peers"""
     torrent = _requested_torrent(request)
     return web.json_response({"peers": await peers(request.app[ENGINE], torrent)})
 
 
-@api("GET", "/torrents/{infohash}/trackers", "listTrackers", {
+@api("GET", "/torrents/{infohash}/trackers", "listTrackers", (404, 503), responses={
     "200": _answer("its trackers", _object({"trackers": {"type": "array", "items": _object({
         "url": {"type": "string"}, "tier": {"type": "integer"}, "status": {
             "type": "string", "enum": ["not_contacted", "working", "updating", "error"]},
@@ -4037,7 +4135,7 @@ async def torrent_peers(request):
             "type": "integer", "description": "from the last scrape or announce; -1 if unknown"}),
         **dict.fromkeys(("last_announce", "next_announce"), {
             "type": ["integer", "null"], "description": "Unix time"})})}}))},
-    (404, 503), parameters=[INFOHASH_PARAMETER])
+    parameters=[INFOHASH_PARAMETER])
 async def torrent_trackers(request):
     """Its trackers and what they last said"""
     torrent = _requested_torrent(request)
@@ -4403,7 +4501,7 @@ EVENT_SCHEMA = _object({
     "time": {"type": "integer", "description": "Unix time"},
     "infohash": {"type": ["string", "null"]},
     "detail": {"type": ["string", "null"]},
-    "torrent": {**_object({field.name: field.schema for field in STATUS
+    "torrent": {**_object({field.name: field_schema(field) for field in STATUS
                            if field.name in EVENT_FIELDS}), "type": ["object", "null"]}})
 #: One Server-Sent Event of GET /events: event (its type), id, data (JSON; {} for reset and
 #: overflow). The stream's schema is one item's: OpenAPI 3.1 lacks 3.2's itemSchema.
@@ -4420,11 +4518,11 @@ def _sse(event, kind=None):
     return (head + f"data: {json.dumps(event or {}, separators=(',', ':'))}\n\n").encode()
 
 
-@api("GET", "/events", "events", {"200": _answer(
+@api("GET", "/events", "events", (503,), responses={"200": _answer(
     "a stream of Server-Sent Events, each described here: id, event (its type) and data "
     "(the event as JSON); a comment every 15 s while idle; event: reset when "
     "Last-Event-ID is too old, event: overflow before a reader that fell behind is cut "
-    "off", SSE_SCHEMA, media="text/event-stream")}, (503,),
+    "off", SSE_SCHEMA, media="text/event-stream")},
     parameters=[_query("types", "only these event types, comma-separated",
                        pattern=f"^({'|'.join(EVENT_TYPES)})(,({'|'.join(EVENT_TYPES)}))*$"),
                 _query("infohash", "only events of this torrent; repeatable",
@@ -4506,7 +4604,7 @@ async def _woken(wake, request):
     return False
 
 
-@api("GET", "/webhooks", "webhooks", {"200": _answer("each target", _object({
+@api("GET", "/webhooks", "webhooks", responses={"200": _answer("each target", _object({
     "webhooks": {"type": "array", "items": _object({
         "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
         "queued": {"type": "integer"}, "last_success": {"type": ["integer", "null"]},
@@ -4604,8 +4702,8 @@ def render_metrics(engine, events, stats, requests, per_torrent, process):
     return "\n".join(lines) + "\n"
 
 
-@api("GET", "/metrics", "metrics", {"200": _answer(
-    "Prometheus text format", {"type": "string"}, media="text/plain")}, (503,))
+@api("GET", "/metrics", "metrics", (503,), responses={"200": _answer(
+    "Prometheus text format", {"type": "string"}, media="text/plain")})
 async def metrics(request):
     """Metrics for Prometheus"""
     engine = request.app[ENGINE]
@@ -5257,11 +5355,11 @@ async def _rpc_call(request, body):
     return answer
 
 
-@api("POST", "/transmission/rpc", "transmissionRpc", {"200": _answer(
+@api("POST", "/transmission/rpc", "transmissionRpc", (409, 413), responses={"200": _answer(
     "the answer, whether the call succeeded or not (see result)", _object({
         "result": {"type": "string"}, "arguments": {"type": "object"},
         "tag": {"type": "integer"}}, required=["result", "arguments"]))},
-    (409, 413), requestBody={"required": True, "content": {"application/json": {
+    requestBody={"required": True, "content": {"application/json": {
         "schema": {"type": "object"}}}})
 async def transmission_rpc(request):
     """Transmission's RPC, for the tools that speak it"""
@@ -5285,7 +5383,7 @@ async def transmission_rpc(request):
 for _method, _path in (("POST", "/transmission/rpc/"), ("GET", "/transmission/rpc"),
                        ("GET", "/transmission/rpc/")):
     api(_method, _path, "transmissionRpc" + _method.title() + "Slash" * _path.endswith("/"),
-        {"405": _answer("POST it instead", _ref("Error"))}, (409, 413))(transmission_rpc)
+        (409, 413), responses={"405": _answer("POST it instead", _ref("Error"))})(transmission_rpc)
 
 
 #: A web client page runs and loads only the daemon's files, no inline script (Transmission
@@ -5309,8 +5407,8 @@ _WEB_PATH = {"name": "path", "in": "path", "required": True, "schema": {"type": 
 WEB_ROUTE = r"/transmission/web/{path:[\s\S]*}"
 
 
-@api("GET", WEB_ROUTE, "transmissionWeb", {"200": _answer(
-    "the file", {"type": "string"}, media="*/*")}, (404,), parameters=[_WEB_PATH])
+@api("GET", WEB_ROUTE, "transmissionWeb", (404,), responses={"200": _answer(
+    "the file", {"type": "string"}, media="*/*")}, parameters=[_WEB_PATH])
 async def transmission_web(request):
     """A file of the --web-ui directory, such as Transmission's web client"""
     root = request.app[CONFIG].web_ui
@@ -5343,8 +5441,8 @@ async def _write_file(response, file, left):
         left -= len(piece)
 
 
-api("HEAD", WEB_ROUTE, "transmissionWebHead", {"200": {
-    "description": "the file's headers"}}, (404,), parameters=[_WEB_PATH])(transmission_web)
+api("HEAD", WEB_ROUTE, "transmissionWebHead", (404,), responses={"200": {
+    "description": "the file's headers"}}, parameters=[_WEB_PATH])(transmission_web)
 
 
 def _web_file(root, relative):
@@ -5648,88 +5746,17 @@ async def _send_range(request, response, torrent, entry, span):
 
 
 for _method in ("GET", "HEAD"):
-    api(_method, "/torrents/{infohash}/files/{index}", f"streamFile{_method.title()}", {
+    api(_method, "/torrents/{infohash}/files/{index}", f"streamFile{_method.title()}",
+        (404, 409, 503), responses={
         "200": _answer("the file", {"type": "string"}, _FILE, media="*/*"),
         "206": _answer("the range Content-Range names", {"type": "string"},
                        {**_FILE, "Content-Range": _TEXT}, media="*/*"),
         "304": {"description": "unchanged: If-None-Match holds its ETag"},
         "416": _answer("no byte of the range is in the file", _ref("Error"),
-                       {"Content-Range": _TEXT})}, (404, 409, 503), parameters=[
+                       {"Content-Range": _TEXT})}, parameters=[
         INFOHASH_PARAMETER, {"name": "index", "in": "path", "required": True, "schema": {
             "type": "integer"}, "description": "the file's index in its status' files"}])(
         stream_file)
-
-
-# --------------------------------------------------------------------------- #
-# Extension: the API description. GET /openapi.json (public, see PUBLIC_ROUTES): an
-# OpenAPI 3.1 document built from ROUTES, STATUS and the errors below
-# --------------------------------------------------------------------------- #
-
-#: What each error status means, for the API description.
-_ERRORS = {
-    400: "malformed request, unknown field or bad value",
-    401: "missing or wrong bearer token",
-    403: "a cross-site browser request, or a Host other than localhost while no token is set",
-    404: "no such torrent",
-    408: "the request body did not arrive in time",
-    409: "the torrent's state forbids it (no metadata yet, a move under way, a save path "
-         "that leads outside the roots), or it is there with another save_path",
-    413: "body, upload or fetched .torrent too large",
-    415: "unsupported Content-Type",
-    422: "not a valid, or not a safe, .torrent; or a value out of range",
-    502: "fetching torrent_url failed",
-    503: "libtorrent did not confirm the change in time, or the torrent is still being "
-         "added; retry"}
-
-
-@functools.cache
-def openapi_document():
-    """The API description at /openapi.json, from the tables once the extensions filled them."""
-    status = _object({field.name: field.schema for field in STATUS})
-    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
-    schemas = {
-        "Error": _object({"detail": string}), "Message": _object({"detail": string}),
-        "Added": _object({"infohash": {
-            "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$",
-            "description": "v1 infohash (40 hex digits), or v2 (64) if it has no v1"}}),
-        "Health": _object({"status": {"type": "string", "enum": ["ok"]}, "torrents": count,
-                           "loading": {"type": "boolean"}, "listen_port": count},
-                          required=["status"]),
-        "TorrentList": _object({
-            "torrents": {"type": "array", "items": _ref("StatusFields")},
-            "total": {**count, "description": "matching torrents before paging"}}),
-        "Status": status,
-        "Summary": {**status, "required": [f.name for f in STATUS if f.listed],
-                    "description": "a torrent in GET /torrents without fields=: its status "
-                    "without the per-file list"},
-        "StatusFields": {**status, "required": [],
-                         "description": "every Status field, or those named by ?fields="}}
-    responses = {str(code): _answer(description, _ref("Error"), {
-        "WWW-Authenticate": {"required": True, "schema": string}} if code == 401 else None)
-        for code, description in _ERRORS.items()}
-    bearer = {"type": "http", "scheme": "bearer", "description": "--token, --token-file or "
-              "TORRENTFLOW_TOKEN. Without one no token is asked for, but only requests "
-              "addressed to localhost are served."}
-    document = {
-        "openapi": "3.1.0",
-        "info": {"title": "TorrentFlow", "version": __version__, "description":
-                 "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
-                 "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
-        "security": [{"bearerAuth": []}], "paths": {}, "components": {
-            "securitySchemes": {"bearerAuth": bearer}, "schemas": schemas,
-            "responses": responses}}
-    for method, path, _, operation in ROUTES:
-        path = re.sub(r":[^}]*}", "}", path)  # aiohttp's {path:.*} is OpenAPI's {path}
-        if callable(operation.get("requestBody")):  # built from tables extensions fill
-            operation = {**operation, "requestBody": operation["requestBody"]()}
-        document["paths"].setdefault(path, {})[method.lower()] = operation
-    return document
-
-
-@api("GET", "/openapi.json", "openapi", {"200": _answer("this document", {"type": "object"})})
-async def openapi(request):
-    """This document; needs no token"""
-    return web.json_response(openapi_document())
 
 
 if __name__ == "__main__":
