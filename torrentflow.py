@@ -2965,9 +2965,7 @@ QUERIES = {}
 
 
 async def _queried(request, operation):
-    """QUERIES' answer to the request's query string, or None if it has none."""
-    if not request.query_string:
-        return None
+    """QUERIES' answer to the request's query string; None, or 400, if it has no entry."""
     if operation not in QUERIES:
         _known_parameters(request.query, ())
         return None
@@ -2977,7 +2975,7 @@ async def _queried(request, operation):
 @api("GET", "/torrents", "listTorrents")
 async def list_torrents(request):
     """Torrents' status: filtered, sorted, paged, trimmed"""
-    body = await _queried(request, "listTorrents")
+    body = request.query_string and await _queried(request, "listTorrents")
     return await _respond(request, body or request.app[ENGINE].listing())
 
 
@@ -3015,7 +3013,7 @@ def _requested_torrent(request):
 async def get_torrent(request):
     """One torrent's status"""
     torrent = _requested_torrent(request)
-    body = await _queried(request, "getTorrent")
+    body = request.query_string and await _queried(request, "getTorrent")
     return await _respond(request, body or torrent.full or await torrent.body())
 
 
