@@ -357,12 +357,6 @@ def _shown(value):
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
-def _without_userinfo(urls):
-    """repr of a list of URLs, each with what precedes its last @ (after ://) as ***."""
-    # Not urlsplit: it drops CR and LF, and a URL refused for them must not show its password.
-    return repr([re.sub(r"^([^:/@]*://)?.*@", r"\1***@", url, flags=re.S) for url in urls])
-
-
 def _option_parser():
     """argparse for OPTIONS; values stay text here and are parsed once, in parse_config."""
     parser = _Parser(
@@ -4190,12 +4184,11 @@ def _webhook_url(text):
 
 def _shown_url(url):
     """A webhook URL as shown: its password, or a lone user name (often a token), as ***."""
-    netloc = urllib.parse.urlsplit(url).netloc
-    userinfo, at, host = netloc.rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    return url.replace(netloc, f"{user}:***@{host}" if colon else f"***@{host}", 1)
+    # Not urlsplit: it drops CR and LF, and a URL refused for them must not show its password.
+    def masked(match):
+        user, colon, _ = match[2].partition(":")
+        return f"{match[1] or ''}{user + ':' if colon else ''}***@"
+    return re.sub(r"^([^:/@]*://)?(.*)@", masked, url, count=1, flags=re.S)
 
 
 def _event_types(text):
@@ -4220,7 +4213,7 @@ def _local_webhooks(values):
 OPTIONS.extend((
     Option("webhooks", _webhook_url, (), "POST events as JSON to this http(s) URL; repeat "
            "for more", repeat=" ", flag_name="webhook", check=_local_webhooks,
-           shown=_without_userinfo),
+           shown=lambda urls: repr([_shown_url(url) for url in urls])),
     Option("webhook_events", _event_types, ("finished", "error", "removed"), "the events "
            "webhooks get, comma-separated"),
     Option("webhook_secret", str, None, "sign webhook bodies with HMAC-SHA256 under this "
