@@ -1636,8 +1636,8 @@ class DaemonProcess:
     """torrentflow.py as a child process on fixed directories, with an HTTP client on it."""
 
     def __init__(self, root, download_dir=None, save_interval=SAVE_INTERVAL, extra=(),
-                 prefix=(), headers=None):
-        self.root = root
+                 prefix=(), headers=None, script=HERE / "torrentflow.py"):
+        self.root, self.script = root, script
         self.download_dir = download_dir or root / "downloads"
         self.state_dir = root / "state"
         self.save_interval = save_interval
@@ -1654,7 +1654,7 @@ class DaemonProcess:
         self.log_path = self.root / f"daemon-{self.runs}.log"
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(
-                [*self.prefix, sys.executable, str(HERE / "torrentflow.py"), "--local-only",
+                [*self.prefix, sys.executable, str(self.script), "--local-only",
                  "--listen-interfaces", "127.0.0.1:0", "--port", "0",
                  "--download-dir", str(self.download_dir), "--state-dir", str(self.state_dir),
                  "--save-interval", str(self.save_interval), *self.extra],
@@ -4810,6 +4810,41 @@ def test_nothing_above_the_seam_names_anything_defined_below_it():
     used_above = {node.id for node in ast.walk(tree)
                   if isinstance(node, ast.Name) and node.lineno < seam}
     assert not used_above & below_only, sorted(used_above & below_only)
+
+
+async def test_the_core_alone_is_a_working_daemon(seeders, tmp_path):
+    """Cut at the seam, the core runs by itself: it downloads, lists, pauses, resumes and
+    removes through its API, and refuses what only extensions serve."""
+    source = (HERE / "torrentflow.py").read_text()
+    core = tmp_path / "core.py"
+    core.write_text(source[:source.index("# The core ends here")]
+                    + 'if __name__ == "__main__":\n    sys.exit(main())\n')
+    layout = {"single.bin": 2_000_000}
+    data = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(data / "single.bin")
+    seeder = seeders().seed(torrent, data)
+    (tmp_path / "daemon").mkdir()
+    process = DaemonProcess(tmp_path / "daemon", script=core)
+    try:
+        await process.start()
+        _, body = await add(process.client, torrent_url=seeder.magnet(torrent))
+        infohash = body["infohash"]
+        await wait_complete(process.client, infohash)
+        assert (process.download_dir / "single.bin").read_bytes() == (
+            data / "single.bin").read_bytes()
+        assert await process.infohashes() == {infohash}
+        for action in ("pause", "resume"):
+            await process.put(infohash, action)
+        await error_of(await process.client.get("/torrents?state=seeding"), 400, "state")
+        await error_of(await process.client.get("/events"), 404)
+        await error_of(await process.client.get("/openapi.json"), 404)
+        async with process.client.delete(f"/torrents/{infohash}") as response:
+            assert response.status == 200, await response.text()
+        assert await process.infohashes() == set()
+        await process.restart()
+        assert await process.infohashes() == set()
+    finally:
+        await process.close()
 
 
 # --------------------------------------------------------------------------- #
