@@ -4525,7 +4525,8 @@ async def test_webhook_credentials_show_as_stars(aiohttp_server, tmp_path, capsy
     receiver = await receiver_at(aiohttp_server)
     password, token = "hook-pass-0123456789", "hook-token-0123456789"
     with_password = receiver.url.replace("http://", f"http://hook-user:{password}@")
-    user_only = f"http://{token}@127.0.0.1:1/hook"  # nothing listens: it fails
+    # Nothing listens: it fails. An @ after the host is not the user information's end.
+    user_only = f"http://{token}@127.0.0.1:1/hook?notify=ops@example.com"
     process = DaemonProcess(tmp_path, extra=[
         "--webhook", with_password, "--webhook", user_only, "--webhook-events", "added"])
     try:
@@ -4542,7 +4543,8 @@ async def test_webhook_credentials_show_as_stars(aiohttp_server, tmp_path, capsy
                                 for view in views) else None
         views = await wait_until(failed_once, deadline=30, what="the failed delivery")
         shown = receiver.url.replace("http://", "http://hook-user:***@")
-        assert [view["url"] for view in views] == [shown, "http://***@127.0.0.1:1/hook"]
+        assert [view["url"] for view in views] == [
+            shown, "http://***@127.0.0.1:1/hook?notify=ops@example.com"]
         async with process.client.get("/metrics") as response:
             metrics = await response.text()
         assert f'url="{shown}"' in metrics
@@ -4557,6 +4559,12 @@ async def test_webhook_credentials_show_as_stars(aiohttp_server, tmp_path, capsy
         daemon_config(tmp_path, "--webhook", f"http://someone:{password}@example.com/x")
     error = capsys.readouterr().err
     assert "someone:***@example.com" in error and password not in error
+    for refused in (f"http://{token}@example.com:8443/x?cc=ops@example.com",
+                    f"http://{token}@127.0.0.1:8443/x?cc=ops@example.com\n"):
+        with pytest.raises(SystemExit):
+            daemon_config(tmp_path, "--webhook", refused)
+        error = capsys.readouterr().err
+        assert "***@" in error and token not in error, error
 
 
 async def test_a_webhook_url_with_cr_or_lf_stops_the_start(tmp_path, capsys):

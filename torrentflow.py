@@ -4184,11 +4184,15 @@ def _webhook_url(text):
 
 def _shown_url(url):
     """A webhook URL as shown: its password, or a lone user name (often a token), as ***."""
-    # Not urlsplit: it drops CR and LF, and a URL refused for them must not show its password.
-    def masked(match):
-        user, colon, _ = match[2].partition(":")
-        return f"{match[1] or ''}{user + ':' if colon else ''}***@"
-    return re.sub(r"^([^:/@]*://)?(.*)@", masked, url, count=1, flags=re.S)
+    try:
+        netloc = urllib.parse.urlsplit(_webhook_url(url)).netloc
+    except ValueError:  # refused, maybe for CR or LF, which urlsplit drops: all to the last @
+        return re.sub(r"^([^:/@]*://)?.*@", r"\1***@", url, flags=re.S)
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return url.replace(netloc, f"{user}:***@{host}" if colon else f"***@{host}", 1)
 
 
 def _event_types(text):
