@@ -19,6 +19,7 @@ import collections
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -4783,6 +4784,18 @@ def test_the_readme_lists_every_option_with_its_flag_and_variable():
                  if isinstance(default, bool) else ",".join(default)
                  if isinstance(default, tuple) else str(default))
         assert row[3] == f"`{shown}`", (option.name, row[3])
+
+
+def test_every_readme_table_row_has_its_header_s_cells():
+    """A row pasted into the wrong table (it happened, to the endpoint table) shows."""
+    lines = (HERE / "README.md").read_text().splitlines()
+    cells = lambda line: len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+    for number, line in enumerate(lines):
+        if line.startswith("|") and not lines[number - 1].startswith("|"):
+            width = cells(line)
+            for offset, row in enumerate(itertools.takewhile(
+                    lambda text: text.startswith("|"), lines[number:])):
+                assert cells(row) == width, (number + offset + 1, row)
 
 
 def test_the_readme_documents_every_status_field():
