@@ -909,6 +909,11 @@ async def test_listing_filters_sorts_pages_and_selects_fields(daemon, tmp_path):
     assert one == {"name": "file0.bin", "files": one["files"]} and len(one["files"]) == 1
     for bad in ("fields=colour", "colour=red", "state=seeding"):
         await error_of(await daemon.get(f"/torrents/{infohashes[0]}?{bad}"), 400, "")
+    # A query string that holds no parameter is no query (it was a 500).
+    whole = await (await daemon.get(f"/torrents/{infohashes[0]}")).json()
+    for empty in ("?", "?&", "?&&"):
+        answer = await daemon.get(f"/torrents/{infohashes[0]}{empty}")
+        assert answer.status == 200 and (await answer.json()).keys() == whole.keys()
 
 
 # --------------------------------------------------------------------------- #
@@ -3515,12 +3520,29 @@ async def test_a_bad_saved_settings_file_is_logged_and_the_rest_kept(process, tm
     assert chosen["on_limit"] == "pause" and "colour" not in chosen
     log = process.log()
     assert "max_active_downloads='many'" in log and "colour='red'" in log, log
-    await process.stop()
-    settings.write_bytes(b"{not json")
-    await process.start()
-    async with process.client.get("/settings") as response:
-        assert (await response.json())["upload_limit"] == 0
-    assert "ignoring " + str(settings) in process.log()
+    for bad in (b"{not json", b"[" * 100_000 + b"]" * 100_000):  # past the parser's depth
+        await process.stop()
+        settings.write_bytes(bad)
+        await process.start()
+        async with process.client.get("/settings") as response:
+            assert (await response.json())["upload_limit"] == 0
+        assert "ignoring " + str(settings) in process.log()
+    # Not a regular file: a directory holding a settings.json, or a link, is not read.
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"upload_limit": 555}))
+    for kind in ("directory", "link"):
+        await process.stop()
+        if kind == "directory":
+            settings.unlink()
+            settings.mkdir()
+            (settings / "settings.json").write_bytes(elsewhere.read_bytes())
+        else:
+            shutil.rmtree(settings)
+            settings.symlink_to(elsewhere)
+        await process.start()
+        async with process.client.get("/settings") as response:
+            assert (await response.json())["upload_limit"] == 0
+        assert f"skipping {settings}: not a regular file" in process.log()
 
 
 async def test_every_setting_survives_a_crash(process, seeders, tmp_path):
@@ -5399,6 +5421,15 @@ async def test_files_of_hybrid_and_v2_torrents_stream_past_their_padding(daemon,
                 data[16000:40001]
 
 
+def test_notes_nested_past_the_parser_s_depth_read_as_none():
+    """A resume file's notes come from the disk: JSON nested deeper than the parser goes
+    must not stop the load (it raised RecursionError), only lose the notes."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    key = torrentflow.NOTES_KEY
+    assert torrentflow._notes_of(b"d%d:%s%d:%se" % (len(key), key, len(deep), deep)) == {}
+    assert torrentflow._notes_of(torrentflow._with_notes(b"de", {"a": 1})) == {"a": 1}
+
+
 async def test_the_state_store_skips_a_file_too_large_to_read_whole(tmp_path, caplog):
     """A queue file over MAX_STATE_FILE (corrupt, or planted) is moved to quarantine/
     with a warning, never read whole into memory; the files beside it are read."""
@@ -5409,7 +5440,7 @@ async def test_the_state_store_skips_a_file_too_large_to_read_whole(tmp_path, ca
         (folder / "1.json").write_bytes(b'{"type": "added"}')
         with open(folder / "2.json", "wb") as huge:  # sparse: no disk space taken
             huge.truncate(torrentflow.MAX_STATE_FILE + 1)
-        assert await store.read("webhooks/target") == {"1.json": b'{"type": "added"}'}
+        assert await store.read_folder("webhooks/target") == {"1.json": b'{"type": "added"}'}
         assert any("2.json: more than" in r.getMessage() for r in caplog.records)
         assert not (folder / "2.json").exists()
         assert [p.name.split(".")[:2] for p in (tmp_path / "quarantine").iterdir()] == [

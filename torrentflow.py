@@ -1123,7 +1123,7 @@ def _notes_of(resume_data):
         if length.isdigit() and len(rest) == int(length) + 1:
             try:
                 notes = json.loads(rest[:-1])
-            except ValueError:
+            except (ValueError, RecursionError):
                 return {}
             return notes if isinstance(notes, dict) else {}
         end = at
@@ -1260,17 +1260,33 @@ class StateStore:
 
     @_on_state_thread
     def read(self, relative):
-        """{name: bytes} of the regular files in directory state/relative, or of that file."""
-        path, found = self.root / relative, {}
-        for file in sorted(path.iterdir()) if path.is_dir() else [path]:
-            if file.exists() and stat.S_ISREG(file.lstat().st_mode):
-                with open(file, "rb") as stream:
-                    found[file.name] = stream.read(MAX_STATE_FILE + 1)
-                if len(found[file.name]) > MAX_STATE_FILE:  # corrupt or planted: not in memory
-                    log.warning("%s: more than %d bytes", file, MAX_STATE_FILE)
-                    del found[file.name]
-                    self._quarantine([file])
-        return found
+        """The bytes of the file state/relative, or None if there is none (see _read_file)."""
+        return self._read_file(self.root / relative)
+
+    @_on_state_thread
+    def read_folder(self, relative):
+        """{name: bytes} of the files in the folder state/relative (see _read_file)."""
+        folder = self.root / relative
+        found = {file.name: self._read_file(file)
+                 for file in (sorted(folder.iterdir()) if folder.is_dir() else ())}
+        return {name: data for name, data in found.items() if data is not None}
+
+    def _read_file(self, path):
+        """A state file's bytes; None if it is absent, or not a regular file, or too large."""
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(mode):  # a FIFO would block the read, a link may point anywhere
+            log.warning("skipping %s: not a regular file", path)
+            return None
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_STATE_FILE + 1)
+        if len(data) > MAX_STATE_FILE:  # corrupt or planted: not in memory
+            log.warning("%s: more than %d bytes", path, MAX_STATE_FILE)
+            self._quarantine([path])
+            return None
+        return data
 
     @_on_state_thread
     def write(self, name, data, old_name=None):
@@ -3467,6 +3483,8 @@ async def _query_torrent(request):
     """GET /torrents/{infohash}'s answer to a query string: only the fields= named."""
     torrent = _requested_torrent(request)
     _known_parameters(request.query, ("fields",))
+    if "fields" not in request.query:  # "?&": a query string without a parameter
+        return torrent.full or await torrent.body()
     fields = _names(request.query["fields"], "fields", status_fields())
     return await _to_json(_fields(torrent, fields), "files" in fields)
 
@@ -3890,8 +3908,8 @@ SETTINGS_FILE = "settings.json"  #: state file that keeps what PATCH /settings s
 async def _load_settings(engine):
     """Take back what PATCH /settings saved, which beats the flags; a bad value is logged."""
     try:
-        saved = json.loads((await engine.store.read(SETTINGS_FILE)).get(SETTINGS_FILE, b"{}"))
-    except (OSError, ValueError) as error:
+        saved = json.loads(await engine.store.read(SETTINGS_FILE) or b"{}")
+    except (OSError, ValueError, RecursionError) as error:
         log.warning("ignoring %s: %s", engine.store.root / SETTINGS_FILE, error)
         return
     options = _session_options()
@@ -4311,7 +4329,7 @@ class _Webhook:
 
     async def deliver(self, client):
         """Post the queued events one by one, for ever."""
-        for name, body in (await self.store.read(self.folder)).items():
+        for name, body in (await self.store.read_folder(self.folder)).items():
             problem = _queued_problem(name, body)
             if problem:
                 await self._quarantine(name, body, problem)
@@ -4398,7 +4416,7 @@ class Events:
         """Continue the ids where the last run left them; start delivering webhooks."""
         saved = await self.store.read(EVENT_COUNTER)
         with contextlib.suppress(ValueError):
-            self.next_id = int(saved.get(EVENT_COUNTER, b"0"))
+            self.next_id = int(saved or b"0")
         await self._reserve()
         self.client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
         self.tasks = [asyncio.create_task(hook.deliver(self.client),
