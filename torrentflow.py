@@ -3953,9 +3953,9 @@ EXTENSIONS.append(_control_setup)
      responses={"200": _answer("changed; its new status", _ref("Status")),
                 "202": _answer("changed; its data is still being moved", _ref("Status"))},
      parameters=[INFOHASH_PARAMETER],
-    requestBody=lambda: {"required": True, "content": {"application/json": {
-        "schema": _object({name: setting.schema for name, setting
-                           in settings_for("change").items()}, required=[])}}})
+     requestBody=lambda: {"required": True, "content": {"application/json": {
+         "schema": _object({name: setting.schema for name, setting
+                            in settings_for("change").items()}, required=[])}}})
 async def change_torrent(request):
     """Change a torrent's settings; save_path moves its data"""
     torrent, engine = _requested_torrent(request), request.app[ENGINE]
