@@ -1139,6 +1139,15 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _regular_file(path):
+    """Whether a state file is a regular file; if not, it is skipped with a warning."""
+    if stat.S_ISREG(path.lstat().st_mode):
+        return True
+    # A FIFO or a device would block the read, and a link may point anywhere.
+    log.warning("skipping %s: not a regular file", path)
+    return False
+
+
 #: Largest file StateStore.read gives back (a queued event, the event counter): a few kB.
 MAX_STATE_FILE = 1024 * 1024
 
@@ -1274,11 +1283,9 @@ class StateStore:
     def _read_file(self, path):
         """A state file's bytes; None if it is absent, or not a regular file, or too large."""
         try:
-            mode = path.lstat().st_mode
+            if not _regular_file(path):
+                return None
         except FileNotFoundError:
-            return None
-        if not stat.S_ISREG(mode):  # a FIFO would block the read, a link may point anywhere
-            log.warning("skipping %s: not a regular file", path)
             return None
         with open(path, "rb") as stream:
             data = stream.read(MAX_STATE_FILE + 1)
@@ -1323,11 +1330,8 @@ class StateStore:
         for path in self.resume_dir.iterdir():
             if path.suffix not in (".resume", ".bak"):
                 continue
-            # A FIFO or a device would block the read, and a link may point anywhere.
-            if stat.S_ISREG(path.lstat().st_mode):
+            if _regular_file(path):
                 names.add(path.stem)
-            else:
-                log.warning("skipping %s: not a regular file", path)
         loaded = self._unique([(name, *read) for name, read in (
             (name, self._read(name, allowed)) for name in sorted(names)) if read is not None])
         # The order the daemon noted, else libtorrent's time of adding; a hand-edited
@@ -3483,8 +3487,8 @@ async def _query_torrent(request):
     """GET /torrents/{infohash}'s answer to a query string: only the fields= named."""
     torrent = _requested_torrent(request)
     _known_parameters(request.query, ("fields",))
-    if "fields" not in request.query:  # "?&": a query string without a parameter
-        return torrent.full or await torrent.body()
+    if "fields" not in request.query:  # "?&": no parameter, so the whole status
+        return None
     fields = _names(request.query["fields"], "fields", status_fields())
     return await _to_json(_fields(torrent, fields), "files" in fields)
 
