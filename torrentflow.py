@@ -22,13 +22,13 @@ The map, top to bottom; the core first, in order of trust:
     What strangers control     hashes, save paths, magnets, .torrent files, URL fetches;
                                metadata, trackers and DHT nodes from peers
     The state directory        StateStore, and the checks on what it gives back
-    Status and settings        the STATUS and SETTINGS tables -> status dicts, parsing
+    Status                     the STATUS table -> status dicts, and their JSON
     Engine                     TorrentEngine, the one owner of the libtorrent session
     HTTP API                   request bodies; add, list, status, pause, resume, remove
     Application                make_app, serve, main
 
 Then the line "The core ends here", and one section per extension: each adds rows to the
-core's tables (ROUTES via @api, OPTIONS, STATUS, SETTINGS, NOTES, QUERIES), a setup function
+core's tables (ROUTES via @api, OPTIONS, STATUS, NOTES, ADD_FIELDS, QUERIES), a setup function
 to EXTENSIONS and listeners to the engine (listen, on_alert); the core never names one. The
 API description comes first: it completes each ROUTES row into OpenAPI, in words (_answer,
 _query, INFOHASH_PARAMETER...) that the extensions after it describe their routes with.
@@ -108,7 +108,6 @@ LARGE_BODY = 256 * 1024
 LARGE_AT_ONCE = 4
 WRITE_PIECE = 512 * 1024
 JSON_SLICE = 500  #: file entries per json.dumps call (see _json), so the loop gets the GIL
-LARGE_LISTING = 500  #: torrents above which a listing is serialised on a worker thread
 LISTEN_BACKLOG = 128  #: connections the kernel queues for the API before we accept them
 REQUEST_DRAIN_SECONDS = 1.0  #: for in-flight requests at stop; all but URL fetches take ms
 SHUTDOWN_MARGIN = 2.0  #: seconds past --shutdown-timeout after which a hung stop exits
@@ -1466,7 +1465,7 @@ def _outside_roots(roots, places):
 
 
 # --------------------------------------------------------------------------- #
-# Status and settings: the STATUS and SETTINGS tables
+# Status: the STATUS table, and status as JSON
 # --------------------------------------------------------------------------- #
 
 def _epoch_or_none(value):
@@ -1613,11 +1612,6 @@ STATUS = [
 ]
 
 
-def status_fields():
-    """The names of every status field, in the order of STATUS."""
-    return [field.name for field in STATUS]
-
-
 def _status_dict(torrent, status):
     """The JSON status of one torrent from a libtorrent torrent_status, files aside."""
     return {field.name: field.value(torrent, status) if field.value
@@ -1653,70 +1647,6 @@ def _json_slice(items):
 def _listing_body(items, total):
     """{"torrents": [items], "total": total} from already serialised items."""
     return b"".join((b'{"torrents":[', items, b'],"total":%d}' % total))
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """A per-torrent setting: what POST /torrents and PATCH /torrents/{infohash} take."""
-
-    name: str
-    schema: dict
-    parse: object          # JSON (or a form's text) -> the value; TypeError: 400, ValueError: 422
-    #: (add_torrent_params or handle, value): libtorrent's part. For the params of an
-    #: add it runs on a worker thread, and may return notes to keep on the torrent.
-    apply: object = None
-    noted: bool = False    # kept in the daemon's notes on the torrent, not libtorrent's
-    when: str = "add, change"
-
-
-#: Every per-torrent setting, also in the status (STATUS): parsing, the request schemas
-#: and the README come from it. Extensions add rows.
-SETTINGS = [
-    Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
-        params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
-        if value else params.flags), when="add"),
-]
-
-
-def settings_for(when):
-    """The settings that "add" or "change" takes, by name."""
-    return {setting.name: setting for setting in SETTINGS if when in setting.when}
-
-
-def _preset(params, settings):
-    """Put settings given at add into add_torrent_params; the notes they make. In a thread."""
-    notes = {}
-    for name, value in settings.items():
-        setting = settings_for("add")[name]
-        if setting.noted:
-            notes[name] = value
-        elif setting.apply:
-            notes.update(setting.apply(params, value) or {})
-    return notes
-
-
-def parse_values(fields, parsers, schemas=None):
-    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range."""
-    values = {}
-    for name, value in fields.items():
-        if name not in parsers:
-            continue
-        try:  # in JSON (with schemas), text is refused where the schema wants another type
-            if schemas and isinstance(value, str) and schemas[name].get("type") != "string":
-                raise TypeError("must not be a string in JSON")
-            values[name] = parsers[name](value)
-        except TypeError as error:
-            raise ApiError(400, f"{name} {error}") from None
-        except ValueError as error:
-            raise ApiError(422, f"{name} {error}") from None
-    return values
-
-
-def parse_settings(fields, when, json_body=True):
-    """The per-torrent settings among fields, parsed; when is "add" or "change"."""
-    chosen = settings_for(when).values()
-    return parse_values(fields, {s.name: s.parse or (lambda value: value) for s in chosen},
-                        {s.name: s.schema for s in chosen} if json_body else None)
 
 
 # --------------------------------------------------------------------------- #
@@ -2173,8 +2103,8 @@ class TorrentEngine:
         path = Path(path)
         return str(path.relative_to(self.roots[0]) if path.is_relative_to(self.roots[0]) else path)
 
-    async def add(self, params, settings=None, anywhere=False):
-        """(infohash, created) once it is saved and has a status; settings apply to a new one."""
+    async def add(self, params, presets=(), anywhere=False):
+        """(infohash, created) once it is saved and has a status; presets apply to a new one."""
         ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removing:
@@ -2193,21 +2123,23 @@ class TorrentEngine:
         keep_reachable(params, self.config.local_only)
         torrent = _Torrent(params)
         self._register(torrent)
-        torrent.added = self.spawn(self._add(torrent, params, settings),
+        torrent.added = self.spawn(self._add(torrent, params, presets),
                                    f"add {torrent.infohash}")
         # Shielded: a client that hangs up must not leave a torrent added but unsaved.
         await asyncio.shield(torrent.added)
         return torrent.infohash, True
 
-    async def _add(self, torrent, params, settings):
-        """Apply the settings, post the add, wait for libtorrent to take it, admit it."""
+    async def _add(self, torrent, params, presets):
+        """Apply the presets, post the add, wait for libtorrent to take it, admit it."""
         if params.ti is None:
             # A magnet's metadata comes from a stranger: upload mode requests no piece,
             # so no file is made, until _learn has checked it.
             params.flags |= lt.torrent_flags.upload_mode
         try:
-            if settings:  # on a worker thread: a setting may list 100,000 files
-                torrent.notes.update(await asyncio.to_thread(_preset, params, settings))
+            if presets:  # on a worker thread: a preset may list 100,000 files
+                made = await asyncio.to_thread(lambda: [preset(params) for preset in presets])
+                for notes in made:
+                    torrent.notes.update(notes or {})
                 torrent.file_priorities = list(params.file_priorities)
             self._session.async_add_torrent(params)
         except ApiError:
@@ -2658,11 +2590,6 @@ def _holding_back(torrent, status):
             and not torrent.status["is_finished"])
 
 
-def _held(status):
-    """Paused by hand or by a fault, not by libtorrent's queue."""
-    return status["paused"] and (not status["auto_managed"] or bool(status["error"]))
-
-
 class _Saves:
     """Each torrent's resume data written to the state directory: when asked, and if changed."""
     # A torrent's state: dirty (unsaved in libtorrent), saving (in flight), next_save (shared
@@ -2940,30 +2867,28 @@ async def _params_from_source(request, url, upload):
     return await asyncio.to_thread(params_from_torrent, upload)
 
 
+#: Fields POST /torrents takes besides torrent_url, torrent_file and save_path: name ->
+#: (JSON schema, parse(value, json_body) -> a preset(add_torrent_params) -> notes, which
+#: engine.add runs on a worker thread). Extensions add rows (the per-torrent settings).
+ADD_FIELDS = {}
+
+
 @api("POST", "/torrents", "addTorrent", (408, 409, 413, 415, 422, 502, 503))
 async def add_torrent(request):
     """Add a magnet link, an http(s) .torrent URL or an upload"""
     fields = await read_fields(request, ("torrent_url", "torrent_file", "save_path",
-                                         *settings_for("add")), upload="torrent_file")
-    settings = parse_settings(fields, "add", request.content_type == "application/json")
+                                         *ADD_FIELDS), upload="torrent_file")
+    json_body = request.content_type == "application/json"
+    presets = [ADD_FIELDS[name][1](value, json_body) for name, value in fields.items()
+               if name in ADD_FIELDS]
     params = await _params_from_source(request, _text(fields, "torrent_url"),
                                        fields.get("torrent_file"))
     engine = request.app[ENGINE]
     params.save_path = await asyncio.to_thread(resolve_save_path, engine.roots,
                                                _text(fields, "save_path"))
-    infohash, created = await engine.add(params, settings)
+    infohash, created = await engine.add(params, presets)
     return web.json_response({"infohash": infohash}, status=201 if created else 200,
                              headers={"Location": f"/torrents/{infohash}"})
-
-
-def _names(text, what, allowed):
-    """A comma-separated list of names from allowed, or 400."""
-    chosen = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    bad = [name for name in chosen if name not in allowed]
-    if bad or not chosen:
-        valid = ", ".join(name for name in allowed if not name.startswith("-"))
-        raise ApiError(400, f"{what}: unknown name {(bad or [''])[0]!r}; valid: {valid}")
-    return chosen
 
 
 def _known_parameters(query, known):
@@ -2991,13 +2916,6 @@ async def list_torrents(request):
     """Torrents' status: filtered, sorted, paged, trimmed"""
     body = request.query_string and await _queried(request, "listTorrents")
     return await _respond(request, body or request.app[ENGINE].listing())
-
-
-async def _to_json(build, in_thread):
-    """build() serialised as JSON bytes; in a thread when large, lest it stall the loop."""
-    if in_thread:
-        return await asyncio.to_thread(lambda: _json(build()))
-    return json.dumps(build(), separators=(",", ":")).encode()
 
 
 async def _respond(request, body):
@@ -3296,17 +3214,16 @@ _ADDED = {"headers": {"Location": {"required": True, "schema": {"type": "string"
 
 
 def _add_body():
-    """The request body POST /torrents takes, SETTINGS rows included."""
-    settings = settings_for("add").values()
-    form = {**_ADD_FIELDS, **{setting.name: {"type": "string"} for setting in settings}}
+    """The request body POST /torrents takes, ADD_FIELDS' rows included."""
+    form = {**_ADD_FIELDS, **{name: {"type": "string"} for name in ADD_FIELDS}}
     upload = {"type": "string", "contentMediaType": "application/x-bittorrent",
               "description": f"a .torrent file of at most {MAX_TORRENT_BYTES} bytes"}
     content = {media: {"schema": {"type": "object", "additionalProperties": False,
                                   "properties": properties}} for media, properties in (
         ("multipart/form-data", {**form, "torrent_file": upload}),
         ("application/x-www-form-urlencoded", form),
-        ("application/json", {**_ADD_FIELDS, **{setting.name: setting.schema
-                                                for setting in settings}}))}
+        ("application/json", {**_ADD_FIELDS, **{name: schema for name, (schema, _)
+                                                in ADD_FIELDS.items()}}))}
     content["application/json"]["example"] = {
         "torrent_url": "magnet:?xt=urn:btih:" + "0123456789" * 4, "save_path": "example"}
     return {"required": True, "content": content}
@@ -3417,6 +3334,9 @@ async def openapi(request):
 # limit=, offset= and fields=, and GET /torrents/{infohash}?fields=
 # --------------------------------------------------------------------------- #
 
+LARGE_LISTING = 500  #: torrents above which a listing is serialised on a worker thread
+
+
 def _count(query, name, default):
     """A whole number from the query string, or default."""
     text = query.get(name)
@@ -3425,6 +3345,28 @@ def _count(query, name, default):
     if not re.fullmatch("[0-9]{1,18}", text):  # not isdigit(): "²".isdigit() is True
         raise ApiError(400, f"{name} must be a whole number below 10**18")
     return int(text)
+
+
+def status_fields():
+    """The names of every status field, in the order of STATUS."""
+    return [field.name for field in STATUS]
+
+
+def _names(text, what, allowed):
+    """A comma-separated list of names from allowed, or 400."""
+    chosen = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    bad = [name for name in chosen if name not in allowed]
+    if bad or not chosen:
+        valid = ", ".join(name for name in allowed if not name.startswith("-"))
+        raise ApiError(400, f"{what}: unknown name {(bad or [''])[0]!r}; valid: {valid}")
+    return chosen
+
+
+async def _to_json(build, in_thread):
+    """build() serialised as JSON bytes; in a thread when large, lest it stall the loop."""
+    if in_thread:
+        return await asyncio.to_thread(lambda: _json(build()))
+    return json.dumps(build(), separators=(",", ":")).encode()
 
 
 _FIELDS_PARAMETER = _query("fields", "only these status fields, comma-separated; files "
@@ -3509,6 +3451,74 @@ describe("getTorrent", [_FIELDS_PARAMETER])
 
 #: Seconds a PATCH of save_path waits for the move; past it, 202 (the status shows moving_to).
 MOVE_WAIT = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A per-torrent setting: what POST /torrents and PATCH /torrents/{infohash} take."""
+
+    name: str
+    schema: dict
+    parse: object          # JSON (or a form's text) -> the value; TypeError: 400, ValueError: 422
+    #: (add_torrent_params or handle, value): libtorrent's part. For the params of an
+    #: add it runs on a worker thread, and may return notes to keep on the torrent.
+    apply: object = None
+    noted: bool = False    # kept in the daemon's notes on the torrent, not libtorrent's
+    when: str = "add, change"
+
+
+#: Every per-torrent setting, also in the status (STATUS): parsing, the request schemas
+#: and the README come from it; those taken at add are ADD_FIELDS' rows (at the end).
+SETTINGS = [
+    Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
+        params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
+        if value else params.flags), when="add"),
+]
+
+
+def settings_for(when):
+    """The settings that "add" or "change" takes, by name."""
+    return {setting.name: setting for setting in SETTINGS if when in setting.when}
+
+
+def _presets(settings):
+    """Parsed settings given at add, as presets for engine.add (see ADD_FIELDS)."""
+    return [functools.partial(_preset, settings_for("add")[name], value)
+            for name, value in settings.items()]
+
+
+def _preset(setting, value, params):
+    """Put a setting given at add into add_torrent_params; the notes it makes. In a thread."""
+    return {setting.name: value} if setting.noted else setting.apply(params, value)
+
+
+def _add_field(name, value, json_body):
+    """A setting's value given to POST /torrents, parsed, as a preset (ADD_FIELDS' parse)."""
+    return _presets(parse_settings({name: value}, "add", json_body))[0]
+
+
+def parse_values(fields, parsers, schemas=None):
+    """Each field named in parsers, parsed: 400 if malformed, 422 if out of range."""
+    values = {}
+    for name, value in fields.items():
+        if name not in parsers:
+            continue
+        try:  # in JSON (with schemas), text is refused where the schema wants another type
+            if schemas and isinstance(value, str) and schemas[name].get("type") != "string":
+                raise TypeError("must not be a string in JSON")
+            values[name] = parsers[name](value)
+        except TypeError as error:
+            raise ApiError(400, f"{name} {error}") from None
+        except ValueError as error:
+            raise ApiError(422, f"{name} {error}") from None
+    return values
+
+
+def parse_settings(fields, when, json_body=True):
+    """The per-torrent settings among fields, parsed; when is "add" or "change"."""
+    chosen = settings_for(when).values()
+    return parse_values(fields, {s.name: s.parse or (lambda value: value) for s in chosen},
+                        {s.name: s.schema for s in chosen} if json_body else None)
 
 
 def _priorities_value(value):
@@ -3648,6 +3658,8 @@ SETTINGS.extend((
         _trackers_value, when="change"),
     Setting("save_path", {"type": "string"}, None, when="change"),
 ))
+ADD_FIELDS.update((setting.name, (setting.schema, functools.partial(_add_field, setting.name)))
+                  for setting in SETTINGS if "add" in setting.when)
 NOTES.update({
     "labels": ([], _labels_value),
     "ratio_limit": (-1, _number(float, 0, -1, -2)),
@@ -4480,6 +4492,11 @@ class Events:
 EVENTS = web.AppKey("events", Events)
 
 
+def _held(status):
+    """Paused by hand or by a fault, not by libtorrent's queue."""
+    return status["paused"] and (not status["auto_managed"] or bool(status["error"]))
+
+
 def _status_events(engine, torrent, before):
     """Emit the events a new status means, compared with the one before it."""
     now = torrent.status
@@ -5176,7 +5193,7 @@ async def _rpc_add(request, engine, arguments):
         raise RpcError("file choices need the torrent's metadata: add a .torrent")
     # A duplicate whatever download-dir says: the REST API's 409 for another save_path
     # would fail Sonarr's grab of a torrent that was moved since.
-    infohash, created = await engine.add(params, settings, anywhere=True)
+    infohash, created = await engine.add(params, _presets(settings), anywhere=True)
     torrent = engine.lookup(infohash)
     if created and choices:
         if torrent.status["has_metadata"] and torrent.info is None:  # read in a thread
