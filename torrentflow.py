@@ -2,9 +2,9 @@
 
 One process runs one libtorrent session behind a JSON API: add, inspect, pause, resume and
 remove torrents, and /health; extensions add listing queries (filter, sort, page, fields),
-per-torrent control and /settings, peer and tracker views, /events with webhooks, /metrics,
-Transmission's RPC, a disk watch, streaming a file while it downloads, and GET
-/openapi.json, which describes every route. README.md is the manual.
+per-torrent control and /settings, peer and tracker views, prompt queue starts and paced
+checks, /events with webhooks, /metrics, Transmission's RPC, a disk watch, streaming a file
+while it downloads, and GET /openapi.json, which describes every route. README.md is the manual.
 
 Run ``python torrentflow.py --local-only`` to try it on one machine, or leave out
 --local-only to join the public swarm; ``--help`` lists every option. Each option is also
@@ -118,8 +118,6 @@ RETRY_AFTER = {"Retry-After": "1"}  #: what a 503 tells: libtorrent answers in m
 RESUME_NOT_MODIFIED = 143  #: libtorrent's "resume data not modified": not a failure
 NOTES_KEY = b"x-torrentflow"  #: our key in resume files; it sorts last: bencoding stays canonical
 CLEAN_MARK = "clean-shutdown"  #: state file whose presence says the last run saved all
-CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_checks)
-DISK_RETRY = 600.0  #: seconds a torrent stopped by a disk error waits to try the disk again
 
 #: Alerts the daemon acts on. The *_log categories would flood the queue.
 ALERT_MASK = (lt.alert_category.error | lt.alert_category.status
@@ -470,8 +468,8 @@ def session_settings(config):
         "peer_fingerprint": lt.generate_fingerprint("TF", *map(int, __version__.split(".")), 0),
         "hashing_threads": 2,  # verifying pieces is a fast download's CPU bottleneck
         "max_metadata_size": MAX_TORRENT_BYTES,  # a magnet's metadata is a stranger's
-        # Never: libtorrent would also free a magnet held in upload mode (_add); the
-        # daemon retries a disk error itself (_retry_disk).
+        # Never: libtorrent would also free a magnet held in upload mode (_add); an
+        # extension may retry a disk error itself, knowing which torrents are held.
         "optimistic_disk_retry": 10 * 365 * 86400,
     }
     if config.local_only:
@@ -1845,12 +1843,11 @@ class TorrentEngine:
         self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
         # kind -> callbacks: start, close (async); task() -> (name, coroutine); event(kind,
         # torrent, detail); status(t, the status before); tick; resume(t); metadata(t, async);
-        # load(params, notes; in a thread); forget(t); health() -> problems
+        # load(params, notes; in a thread); forget(t); health() -> problems; admit(t) -> started
         self._listeners = collections.defaultdict(list)
         self._alert_handlers = {kind: [handler] for kind, handler in self._ALERT_HANDLERS.items()}
         self._unlisted = 0            # torrents without a status yet
         self._loaded = False          # whether every saved torrent was handed over
-        self._checks_at_once = 1      # libtorrent's active_checking, paced by _pace_checks
         self._listing = None          # the plain listing body, until a status changes
         self._tasks = {}              # name -> the engine's long-running tasks
         self._background = set()      # short tasks nobody awaits (saves, removals)
@@ -1869,12 +1866,14 @@ class TorrentEngine:
         self._alert_handlers.setdefault(kind, []).append(handler)
 
     def _notify(self, kind, *args):
-        """Tell the listeners of kind; a listener that fails is logged, never fatal."""
+        """Tell the listeners of kind, and return their answers; one that fails is logged."""
+        answers = []
         for callback in self._listeners[kind]:
             try:
-                callback(*args)
+                answers.append(callback(*args))
             except Exception:
                 log.exception("a %s listener failed", kind)
+        return answers
 
     def emit(self, kind, torrent=None, detail=None):
         """Something happened (an event, see the listeners)."""
@@ -2053,9 +2052,9 @@ class TorrentEngine:
         with contextlib.suppress(RuntimeError):  # removed meanwhile
             torrent.handle.post_status()
 
-    def apply_settings(self):
-        """Hand the session's settings (self.settings) to libtorrent."""
-        self._session.apply_settings(_session_pack(self.settings))
+    def apply_settings(self, extra=None):
+        """Hand libtorrent self.settings, or only extra: settings_pack entries no option holds."""
+        self._session.apply_settings(_session_pack(self.settings) if extra is None else extra)
 
     async def confirm(self, torrent, what, predicate=lambda status: True):
         """Ask for a fresh status and wait until one satisfies predicate(status dict)."""
@@ -2161,16 +2160,12 @@ class TorrentEngine:
         await self._admit(torrent)
 
     async def _admit(self, torrent):
-        """Start a just-added torrent as its queue would, then save it; or take it out again."""
+        """Let the listeners start a just-added torrent, then save it; or take it out again."""
         if torrent.status is None:
             await self.confirm(torrent, "the first status", lambda status: status is not None)
-        started = self._next_in_queue(torrent) is torrent and _queue_has_room(
-            self.torrents(), self.settings)
-        if started:
-            # The queue would start it at its next tick, up to a second later; before the
-            # save, whose fsync need not delay it. Only if next: see _on_change.
-            with contextlib.suppress(RuntimeError):
-                torrent.handle.resume()
+        # A listener may start it now, as the queue would at its next tick up to a second
+        # later; before the save, whose fsync need not delay it.
+        started = any(self._notify("admit", torrent))
         try:
             await self.save(torrent)
         except ApiError:
@@ -2470,44 +2465,21 @@ class TorrentEngine:
         self.counts["alerts_dropped"] += 1
         log.warning("libtorrent dropped alerts: the queue overflowed")
 
-    async def _retry_disk(self, torrent):
-        """Out of the upload mode a disk error put it in, DISK_RETRY later: the disk may
-        have room again. A magnet whose metadata is not checked stays held (see _add)."""
-        await asyncio.sleep(DISK_RETRY)
-        if torrent.disk_error and torrent.info is not None and not torrent.removing:
-            with contextlib.suppress(RuntimeError):
-                torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
-
     def _on_change(self, alert):
         """Refresh the cache at once on a change of state, and save what must be saved."""
         torrent = self.torrent_of(alert)
         if torrent is None:
             return
         if isinstance(alert, lt.file_error_alert):
-            if not torrent.disk_error:  # the first of a burst
-                self.spawn(self._retry_disk(torrent), f"retry {torrent.infohash}")
             torrent.disk_error = f"{alert.error.message()}: {alert.filename()}"
         if isinstance(alert, lt.torrent_finished_alert):
             # The last pieces may still sit in libtorrent's write buffer; see _on_flushed.
             with contextlib.suppress(RuntimeError):
                 torrent.handle.flush_cache()
                 torrent.flushing_since = time.time()
-            if torrent.status is not None and torrent.status["auto_managed"]:
-                # A queued download starts now, not at the queue's next tick a second later;
-                # the tick keeps this choice, the lowest queue position.
-                following = self._next_in_queue()
-                if following is not None:
-                    with contextlib.suppress(RuntimeError):
-                        following.handle.resume()
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
             self.save(torrent)
         self.refresh(torrent)
-
-    def _next_in_queue(self, candidate=None):
-        """The queued download the next tick would start first (a just added candidate counts)."""
-        waiting = [t for t in self.torrents() if t.status["queued"] and (
-            t is candidate or t.status["state"] in ("downloading", "downloading_metadata"))]
-        return min(waiting, key=lambda t: t.status["queue_position"], default=None)
 
     _ALERT_HANDLERS = {
         lt.state_update_alert: _on_state_update, lt.add_torrent_alert: _on_add,
@@ -2529,31 +2501,20 @@ class TorrentEngine:
             await asyncio.sleep(STATUS_INTERVAL)
             # libtorrent stops reporting torrents that went idle: ask, so rates reach 0.
             quiet = time.time() - 2 * STATUS_INTERVAL
-            stale, checking = [], []
+            stale = []
             for torrent in self._torrents:
                 if any(torrent.rates) and torrent.updated < quiet:
                     self.refresh(torrent)
                 if torrent.progress_stale:
                     torrent.progress_stale = False
                     stale.append(torrent)
-                if torrent.status and torrent.status["state"] == "checking_files":
-                    checking.append(torrent.status["total_wanted"])
             self._notify("tick")
-            self._pace_checks(checking)
             if stale:
                 progress = await asyncio.to_thread(_file_progress, [t.handle for t in stale])
                 for torrent, files in zip(stale, progress):
                     if files is not None and not torrent.removing:
                         torrent.file_progress = files
                         torrent.refreshed_files()
-
-    def _pace_checks(self, sizes):
-        """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET."""
-        # It starts active_checking per one-second tick (default 1); large ones take turns.
-        wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
-        if wanted != self._checks_at_once:
-            self._checks_at_once = wanted
-            self._session.apply_settings({"active_checking": wanted})
 
     async def confined(self, torrent):
         """Stop the torrent with a 409 if its save path now resolves outside the roots."""
@@ -2570,15 +2531,6 @@ class TorrentEngine:
             torrent.handle.pause()
             torrent.handle.post_status()
         self.save(torrent)
-
-
-def _queue_has_room(torrents, settings):
-    """Whether libtorrent's queue would start one more download now."""
-    running = [t for t in torrents if t.status["auto_managed"] and not t.status["paused"]]
-    downloads = sum(1 for t in running if not t.status["is_finished"])
-    return all(limit < 0 or used < limit for limit, used in (
-        (settings["max_active_downloads"], downloads),
-        (settings["max_active_torrents"], len(running))))
 
 
 def _holding_back(torrent, status):
@@ -4169,6 +4121,73 @@ async def torrent_trackers(request):
 
 
 # --------------------------------------------------------------------------- #
+# Extension: the queue. A download starts as soon as libtorrent's queue would let it (at
+# its add, or when the one before it finishes), and as many data checks run as fit
+# --------------------------------------------------------------------------- #
+
+CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_checks)
+
+
+def _queue_has_room(torrents, settings):
+    """Whether libtorrent's queue would start one more download now."""
+    running = [t for t in torrents if t.status["auto_managed"] and not t.status["paused"]]
+    downloads = sum(1 for t in running if not t.status["is_finished"])
+    return all(limit < 0 or used < limit for limit, used in (
+        (settings["max_active_downloads"], downloads),
+        (settings["max_active_torrents"], len(running))))
+
+
+def _next_in_queue(engine, candidate=None):
+    """The queued download the next tick would start first (a just added candidate counts)."""
+    waiting = [t for t in engine.torrents() if t.status["queued"] and (
+        t is candidate or t.status["state"] in ("downloading", "downloading_metadata"))]
+    return min(waiting, key=lambda t: t.status["queue_position"], default=None)
+
+
+def _start_if_next(engine, torrent):
+    """Start a just-added torrent if the queue's next tick would: True if it did."""
+    # Only if next, or the tick would pause it again for the one it prefers.
+    if _next_in_queue(engine, torrent) is not torrent or not _queue_has_room(
+            engine.torrents(), engine.settings):
+        return False
+    with contextlib.suppress(RuntimeError):
+        torrent.handle.resume()
+    return True
+
+
+def _hand_on(engine, alert):
+    """One finished: the next queued download starts now, not at the queue's next tick."""
+    torrent = engine.torrent_of(alert)
+    if torrent is not None and torrent.status is not None and torrent.status["auto_managed"]:
+        following = _next_in_queue(engine)  # the tick keeps this choice too
+        if following is not None:
+            with contextlib.suppress(RuntimeError):
+                following.handle.resume()
+
+
+def _pace_checks(engine, paced):
+    """Let libtorrent's queue start as many checks at once as fit CHECK_BUDGET."""
+    # It starts active_checking per one-second tick (default 1); large ones take turns.
+    sizes = [t.status["total_wanted"] for t in engine.torrents()
+             if t.status["state"] == "checking_files"]
+    wanted = max(1, min(len(sizes), CHECK_BUDGET * len(sizes) // max(1, sum(sizes))))
+    if wanted != paced[0]:
+        paced[0] = wanted
+        engine.apply_settings({"active_checking": wanted})
+
+
+def _queue_setup(app, engine):
+    """Start downloads as soon as the queue lets them, and pace the checks at each tick."""
+    paced = [1]  # libtorrent's active_checking, as last set
+    engine.listen("admit", functools.partial(_start_if_next, engine))
+    engine.on_alert(lt.torrent_finished_alert, _hand_on)
+    engine.listen("tick", lambda: _pace_checks(engine, paced))
+
+
+EXTENSIONS.append(_queue_setup)
+
+
+# --------------------------------------------------------------------------- #
 # Extension: events. The event log, GET /events streams (Server-Sent Events) and
 # webhooks, all fed from the engine's "event" listener
 # --------------------------------------------------------------------------- #
@@ -5517,13 +5536,15 @@ def _web_file(root, relative):
 
 # --------------------------------------------------------------------------- #
 # Extension: the disk watch. Stops a torrent whose save path comes to lead outside the
-# roots or whose files vanish, and tells /health of a directory that is not writable
+# roots or whose files vanish, tries the disk again after a disk error, and tells /health
+# of a directory that is not writable
 # --------------------------------------------------------------------------- #
 
 #: Seconds between checks of the directories and downloading torrents' save paths: the
 #: longest a symlink swapped into the download directory redirects writes.
 WATCH_INTERVAL = 1.0
 DATA_CHECK_INTERVAL = 10.0  #: seconds between checks of all save paths and finished sizes
+DISK_RETRY = 600.0  #: seconds a torrent stopped by a disk error waits to try the disk again
 
 
 def _inspect_disk(roots, directories, places, checks):
@@ -5579,11 +5600,30 @@ def _files_to_check(torrent):
     return torrent.save_path, files, list(torrent.file_priorities)
 
 
+async def _retry_disk(torrent):
+    """Take it out of the upload mode a disk error put it in, DISK_RETRY later."""
+    # The disk may have room again. A magnet whose metadata is unchecked stays held (_add).
+    await asyncio.sleep(DISK_RETRY)
+    del torrent.extra["disk_retry"]
+    if torrent.disk_error and torrent.info is not None and not torrent.removing:
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
+
+
+def _on_file_error(engine, alert):
+    """The first disk error of a burst: try the disk again DISK_RETRY later."""
+    torrent = engine.torrent_of(alert)
+    if torrent is not None and "disk_retry" not in torrent.extra:
+        torrent.extra["disk_retry"] = engine.spawn(_retry_disk(torrent),
+                                                   f"retry {torrent.infohash}")
+
+
 def _watch_setup(app, engine):
     """Watch the disk from the engine's start; /health tells its directory problems."""
     problems = []  # the directories' problems the last look found
     engine.listen("task", lambda: ("watch", _watch_disk(engine, problems)))
     engine.listen("health", lambda: list(problems))
+    engine.on_alert(lt.file_error_alert, _on_file_error)
 
 
 EXTENSIONS.append(_watch_setup)
