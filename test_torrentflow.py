@@ -4879,6 +4879,8 @@ async def test_the_core_alone_is_a_working_daemon(seeders, tmp_path):
         for action in ("pause", "resume"):
             await process.put(infohash, action)
         await error_of(await process.client.get("/torrents?state=seeding"), 400, "state")
+        await error_of(await process.client.post("/torrents", data={
+            "torrent_url": seeder.magnet(torrent), "paused": "true"}), 400, "'paused'")
         await error_of(await process.client.get("/events"), 404)
         await error_of(await process.client.get("/openapi.json"), 404)
         async with process.client.delete(f"/torrents/{infohash}") as response:
