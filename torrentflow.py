@@ -242,6 +242,7 @@ class Option:
     flag_name: str = ""    # the flag, when not --<name> (one flag of a repeatable list)
     setting: str = ""      # its key in GET/PATCH /settings, if it can change at run time
     schema: object = None  # and the JSON schema of its value there
+    pack: str = ""         # and its name in libtorrent's settings_pack, if libtorrent holds it
     secret: bool = False   # out of repr(), so no log shows it; --<name>-file reads it too
     check: object = None   # (every value) -> why this value does not fit the others, or None
     shown: object = repr   # the value as a start error quotes it; a mask hides a secret
@@ -254,8 +255,6 @@ class Option:
     def env(self):
         return "TORRENTFLOW_" + self.name.upper()
 
-
-_INTEGER = {"type": "integer"}
 
 #: Every option: argparse, the environment lookup, Config and the README's table (a test
 #: holds it to them) come from here. Extensions add rows.
@@ -297,21 +296,6 @@ OPTIONS = [
     #: Each API connection costs a descriptor; the rest go to peers and files.
     Option("max_connections", _number(int, 1), 256, "simultaneous API connections; past it, the "
            "oldest one still sending its request head, else the longest-idle one, is closed"),
-    # The session's settings: PATCH /settings changes them; what it set beats flags at
-    # restart. Extensions add rows (the seeding limits).
-    Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use "
-           "together; 0 for no limit", setting="download_limit", schema=_INTEGER),
-    Option("upload_limit", _number(int, 0), 0, "bytes/s all uploads may use together; 0 "
-           "for no limit", setting="upload_limit", schema=_INTEGER),
-    Option("max_active_downloads", _number(int, 0, -1), 3, "torrents that download at once, "
-           "the rest queued; -1 for no limit", setting="max_active_downloads", schema=_INTEGER),
-    Option("max_active_seeds", _number(int, 0, -1), 5, "torrents that seed at once; -1 "
-           "for no limit", setting="max_active_seeds", schema=_INTEGER),
-    Option("max_active_torrents", _number(int, 0, -1), 500, "torrents active at once, "
-           "downloading or seeding; -1 for no limit", setting="max_active_torrents",
-           schema=_INTEGER),
-    Option("max_peer_connections", _number(int, 2), 200, "peer connections of all "
-           "torrents together", setting="max_connections", schema=_INTEGER),
     Option("allowed_save_roots", _absolute_path, (), "a directory an absolute save_path "
            "may point into, besides --download-dir; repeat for more", repeat=":",
            flag_name="allowed-save-root"),
@@ -1433,11 +1417,8 @@ def _checked_notes(notes, defaults, infohash):
 
 
 def _session_pack(settings):
-    """libtorrent's part of the session settings, as settings_pack entries."""
-    return {pack: settings[name] for pack, name in (
-        ("download_rate_limit", "download_limit"), ("upload_rate_limit", "upload_limit"),
-        ("active_downloads", "max_active_downloads"), ("active_seeds", "max_active_seeds"),
-        ("active_limit", "max_active_torrents"), ("connections_limit", "max_connections"))}
+    """The session settings libtorrent holds, as settings_pack entries (see Option.pack)."""
+    return {o.pack: settings[o.setting] for o in OPTIONS if o.pack}
 
 
 def _missing_file(save_path, files, priorities):
@@ -3829,8 +3810,24 @@ async def reannounce(engine, torrent):
         torrent.handle.force_reannounce(0, lt.reannounce_flags_t.ignore_min_interval)
 
 
+_INTEGER = {"type": "integer"}
 ON_LIMIT = ("pause", "remove", "remove_with_files")  #: what on_limit does at a seeding limit
+#: The session's settings: PATCH /settings changes them; what it set beats flags at restart.
 OPTIONS.extend((
+    Option("download_limit", _number(int, 0), 0, "bytes/s all downloads may use together; 0 "
+           "for no limit", setting="download_limit", schema=_INTEGER, pack="download_rate_limit"),
+    Option("upload_limit", _number(int, 0), 0, "bytes/s all uploads may use together; 0 for "
+           "no limit", setting="upload_limit", schema=_INTEGER, pack="upload_rate_limit"),
+    Option("max_active_downloads", _number(int, 0, -1), 3, "torrents that download at once, "
+           "the rest queued; -1 for no limit", setting="max_active_downloads", schema=_INTEGER,
+           pack="active_downloads"),
+    Option("max_active_seeds", _number(int, 0, -1), 5, "torrents that seed at once; -1 for no "
+           "limit", setting="max_active_seeds", schema=_INTEGER, pack="active_seeds"),
+    Option("max_active_torrents", _number(int, 0, -1), 500, "torrents active at once, "
+           "downloading or seeding; -1 for no limit", setting="max_active_torrents",
+           schema=_INTEGER, pack="active_limit"),
+    Option("max_peer_connections", _number(int, 2), 200, "peer connections of all torrents "
+           "together", setting="max_connections", schema=_INTEGER, pack="connections_limit"),
     Option("ratio_limit", _number(float, 0, -1), -1.0, "the ratio at which torrents "
            "without their own limit stop seeding; -1 for none", setting="ratio_limit",
            schema={"type": "number"}),
