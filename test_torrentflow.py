@@ -2916,10 +2916,9 @@ async def test_vanished_data_is_an_error_and_resume_fetches_it_again(process, se
     await process.stop()
     with open(process.download_dir / "kept" / "data.bin", "r+b") as file:
         file.truncate(1000)
-    await process.start()
-    status = await wait_status(process.client, infohash, lambda s: s["error"] and s["paused"],
-                               deadline=10, what="the truncated file to be noticed")
-    assert "truncated" in status["error"]
+    await process.start()  # waits for the load: the first status already holds it
+    status = await status_of(process.client, infohash)
+    assert "truncated" in status["error"] and status["paused"], status
     tracker.seeder = seeders().seed(torrent, source)
     await process.put(infohash, "resume")
     await wait_complete(process.client, infohash)
@@ -4064,8 +4063,13 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
         assert answer["tag"] == 7
     # A refused add added nothing.
     assert (await guarded.get("/torrents/" + "ab" * 19 + "99", headers=AUTH)).status == 404
-    # File choices at add, for a .torrent: applied once its metadata is read.
+    # File choices at add, for a .torrent: refused before the add if they name no file...
     torrent = make_torrent(payload[0] / "single.bin")
+    status, answer = await rpc(guarded, "torrent-add", {
+        "metainfo": base64.b64encode(torrent).decode(), "files-wanted": [5]}, session)
+    assert "file indices from 0 to 0" in answer["result"], answer
+    assert (await guarded.get(f"/torrents/{infohash_of(torrent)}", headers=AUTH)).status == 404
+    # ...else applied once its metadata is read.
     status, answer = await rpc(guarded, "torrent-add", {
         "metainfo": base64.b64encode(torrent).decode(), "files-unwanted": [0]}, session)
     assert answer["result"] == "success", answer

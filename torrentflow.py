@@ -1421,19 +1421,6 @@ def _session_pack(settings):
     return {o.pack: settings[o.setting] for o in OPTIONS if o.pack}
 
 
-def _missing_file(save_path, files, priorities):
-    """The first wanted file that is missing or shorter than it should be, or None."""
-    for index, path, size in files:  # sizes only: reading the data would take hours
-        if index < len(priorities) and not priorities[index]:
-            continue
-        try:
-            if os.stat(os.path.join(save_path, path)).st_size < size:
-                return path
-        except OSError:
-            return path
-    return None
-
-
 def _outside_roots(roots, places):
     """Why one of places (a save path and what is in it) leads outside the roots. Blocking."""
     for place in places:
@@ -1824,7 +1811,8 @@ class TorrentEngine:
         self._waiters = collections.defaultdict(list)  # id or SESSION -> waits on alerts
         # kind -> callbacks: start, close (async); task() -> (name, coroutine); event(kind,
         # torrent, detail); status(t, the status before); tick; resume(t); metadata(t, async);
-        # load(params, notes; in a thread); forget(t); health() -> problems; admit(t) -> started
+        # load(params, notes; in a thread) -> why to hold it; forget(t); health() -> problems;
+        # admit(t) -> whether it started it
         self._listeners = collections.defaultdict(list)
         self._alert_handlers = {kind: [handler] for kind, handler in self._ALERT_HANDLERS.items()}
         self._unlisted = 0            # torrents without a status yet
@@ -2122,12 +2110,12 @@ class TorrentEngine:
                     torrent.notes.update(notes or {})
                 torrent.file_priorities = list(params.file_priorities)
             self._session.async_add_torrent(params)
-        except ApiError:
-            self._forget(torrent)
-            raise
         except (ValueError, RuntimeError) as error:
             self._forget(torrent)
             raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
+        except BaseException:  # a preset's 4xx, or its failure: nothing stays half added
+            self._forget(torrent)
+            raise
         try:
             refusal = await self.expect(torrent.ids, lt.add_torrent_alert, "the add",
                                         lambda alert: alert.error.message()
@@ -2611,12 +2599,12 @@ async def _load_library(engine):
     """Hand every saved torrent back to libtorrent, in batches as the API already answers."""
     try:
         saved = await engine.store.load(engine.inside_roots)
-        missing = await asyncio.to_thread(_prepare_library, engine, saved)
+        held = await asyncio.to_thread(_prepare_library, engine, saved)
         checking = 0
         for start in range(0, len(saved), LOAD_BATCH):
-            for (name, params, notes), lost in zip(saved[start:start + LOAD_BATCH],
-                                                   missing[start:start + LOAD_BATCH]):
-                checking += _revive(engine, name, params, notes, lost)
+            for (name, params, notes), fault in zip(saved[start:start + LOAD_BATCH],
+                                                    held[start:start + LOAD_BATCH]):
+                checking += _revive(engine, name, params, notes, fault)
             await asyncio.sleep(0)
         if saved:
             log.info("loading %d saved torrents", len(saved))
@@ -2628,25 +2616,21 @@ async def _load_library(engine):
 
 
 def _prepare_library(engine, saved):
-    """Check the notes, call the load listeners; return each finished torrent's missing file."""
-    # In a thread (it reads the disk); a drive not mounted must not mean downloading it all again.
-    missing = []
+    """Check the notes, call the load listeners; return why each is to be held, or None."""
+    held = []  # in a thread: a listener may read the disk
     for index, (name, params, notes) in enumerate(saved):
         notes = _checked_notes(notes, _note_defaults(params), name)
         saved[index] = (name, params, notes)
-        engine._notify("load", params, notes)
-        missing.append(_missing_file(params.save_path, _files_of(params.ti),
-                                     params.file_priorities)
-                       if notes["finished"] and params.ti else None)
-    return missing
+        held.append(next(filter(None, engine._notify("load", params, notes)), None))
+    return held
 
 
-def _revive(engine, name, params, notes, lost):
-    """Add a saved torrent to libtorrent (held if a file is lost); return whether it is checked."""
+def _revive(engine, name, params, notes, fault):
+    """Add a saved torrent to libtorrent (held for a fault); return whether it is checked."""
     checking = False
     running = params.flags & lt.torrent_flags.auto_managed or not (
         params.flags & lt.torrent_flags.paused)
-    if lost:
+    if fault:
         params.flags = params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
     elif (not engine.was_clean and running and params.ti is not None
           and sum(params.have_pieces) < params.ti.num_pieces()):
@@ -2655,7 +2639,7 @@ def _revive(engine, name, params, notes, lost):
         params.have_pieces = []
         checking = True
     torrent = _Torrent(params, notes, saved_as=name)
-    torrent.fault = lost and f"missing or truncated file: {lost}"
+    torrent.fault = fault or ""
     engine._register(torrent)
     try:
         engine._session.async_add_torrent(params)
@@ -3758,6 +3742,19 @@ async def _moved(engine, torrent, save_path):
     engine.emit("moved", torrent, engine.shown(save_path))
     await engine.settled()
     engine.save(torrent)
+
+
+def _missing_file(save_path, files, priorities):
+    """The first wanted file that is missing or shorter than it should be, or None."""
+    for index, path, size in files:  # sizes only: reading the data would take hours
+        if index < len(priorities) and not priorities[index]:
+            continue
+        try:
+            if os.stat(os.path.join(save_path, path)).st_size < size:
+                return path
+        except OSError:
+            return path
+    return None
 
 
 def _finish_move(engine, params, notes):
@@ -5054,11 +5051,11 @@ def _rpc_ids(request, arguments):
     return [t for t in torrents if rpc.number(t) in wanted or wanted & set(t.aliases)]
 
 
-def _rpc_indices(torrent, arguments, key):
-    """File indices given under key, real files only; an empty list means every file."""
+def _rpc_indices(arguments, key, count):
+    """File indices given under key, of count real files; an empty list means every file."""
     if key not in arguments:
         return []
-    chosen, count = arguments[key], len(torrent.info["files"]) if torrent.info else 0
+    chosen = arguments[key]
     if chosen == []:
         return range(count)
     if not isinstance(chosen, list) or not all(
@@ -5080,7 +5077,7 @@ def _rpc_priorities(torrent, arguments):
         raise RpcError("file choices need the torrent's metadata")
     current = [f["priority"] for f in torrent.files()]
     for key, priority in RPC_FILE_CHOICES.items():
-        for index in _rpc_indices(torrent, arguments, key):
+        for index in _rpc_indices(arguments, key, len(current)):
             current[index] = (current[index] or 4) if priority is None else \
                 0 if priority == 0 else priority if current[index] else 0
     return current
@@ -5205,8 +5202,12 @@ async def _rpc_add(request, engine, arguments):
     settings = parse_settings({**_rpc_settings(None, arguments),
                                "paused": bool(arguments.get("paused", False))}, "add")
     choices = any(key in arguments for key in RPC_FILE_CHOICES)
-    if choices and params.ti is None:  # refused before the add, so nothing is added
-        raise RpcError("file choices need the torrent's metadata: add a .torrent")
+    if choices:  # refused before the add, so nothing is added
+        if params.ti is None:
+            raise RpcError("file choices need the torrent's metadata: add a .torrent")
+        count = len(await asyncio.to_thread(_files_of, params.ti))
+        for key in RPC_FILE_CHOICES:
+            _rpc_indices(arguments, key, count)
     # A duplicate whatever download-dir says: the REST API's 409 for another save_path
     # would fail Sonarr's grab of a torrent that was moved since.
     infohash, created = await engine.add(params, _presets(settings), anywhere=True)
@@ -5607,6 +5608,15 @@ async def _retry_disk(torrent):
             torrent.handle.unset_flags(lt.torrent_flags.upload_mode)
 
 
+def _hold_missing(params, notes):
+    """A load listener: a finished torrent whose files are gone is held, with the reason."""
+    # A drive not mounted must not mean downloading it all again, into the mount point.
+    if notes["finished"] and params.ti:
+        missing = _missing_file(params.save_path, _files_of(params.ti), params.file_priorities)
+        return missing and f"missing or truncated file: {missing}"
+    return None
+
+
 def _on_file_error(engine, alert):
     """The first disk error of a burst: try the disk again DISK_RETRY later."""
     torrent = engine.torrent_of(alert)
@@ -5621,6 +5631,7 @@ def _watch_setup(app, engine):
     engine.listen("task", lambda: ("watch", _watch_disk(engine, problems)))
     engine.listen("health", lambda: list(problems))
     engine.on_alert(lt.file_error_alert, _on_file_error)
+    engine.listen("load", _hold_missing)
 
 
 EXTENSIONS.append(_watch_setup)
