@@ -5533,9 +5533,9 @@ def _web_file(root, relative):
 
 
 # --------------------------------------------------------------------------- #
-# Extension: the disk watch. Stops a torrent whose save path comes to lead outside the
-# roots or whose files vanish, tries the disk again after a disk error, and tells /health
-# of a directory that is not writable
+# Extension: the disk watch. Holds at start, and stops while running, a torrent whose files
+# vanish or whose save path comes to lead outside the roots; tries the disk again after a
+# disk error; tells /health of a directory that is not writable
 # --------------------------------------------------------------------------- #
 
 #: Seconds between checks of the directories and downloading torrents' save paths: the
