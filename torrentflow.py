@@ -347,7 +347,7 @@ def _option_parser():
     parser.add_argument("--version", action="version", version=f"TorrentFlow {__version__}")
     for option in OPTIONS:
         choices = getattr(option.parse, "choices", None)
-        text = (f"{option.help}" + (f": {', '.join(choices)}" if choices else "")
+        text = (option.help + (f": {', '.join(choices)}" if choices else "")
                 + f" (default {_shown(option.default)}; {option.env})")
         if option.parse is _boolean:
             parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, help=text)
@@ -379,10 +379,10 @@ def _option_values(parser, args, environ):
     return values, given_names
 
 
-def _read_secret(parser, values, name):
+def _read_secret(parser, values, option):
     """A secret from --NAME or --NAME-file (read here, once), or None."""
-    secret, path = values[name], values[f"{name}_file"]
-    flag, env = "--" + name.replace("_", "-"), "TORRENTFLOW_" + name.upper()
+    secret, path = values[option.name], values[f"{option.name}_file"]
+    flag, env = option.flag, option.env
     if secret is not None and path is not None:
         parser.error(f"give {flag} or {flag}-file ({env} or {env}_FILE), not both")
     if path is not None:
@@ -411,11 +411,10 @@ def parse_config(argv=None, environ=None):
     parser = _option_parser()
     values, given = _option_values(parser, parser.parse_args(argv), environ)
     if values["local_only"]:
-        enabled = [name for name in ("dht", "lsd", "upnp", "natpmp")
-                   if name in given and values[name]]
-        if enabled:
-            parser.error(f"--local-only cannot be combined with --{enabled[0]}")
-        values.update(dict.fromkeys(("dht", "lsd", "upnp", "natpmp"), False))
+        for name in ("dht", "lsd", "upnp", "natpmp"):
+            if name in given and values[name]:
+                parser.error(f"--local-only cannot be combined with --{name}")
+            values[name] = False
         if "listen_interfaces" not in given:
             values["listen_interfaces"] = "127.0.0.1:6881"
         elif not _is_loopback_interfaces(values["listen_interfaces"]):
@@ -423,9 +422,8 @@ def parse_config(argv=None, environ=None):
                          f"not {values['listen_interfaces']!r}")
     for option in OPTIONS:
         if option.secret:
-            values[option.name] = _read_secret(parser, values, option.name)
-        problem = option.check and option.check(values)
-        if problem:
+            values[option.name] = _read_secret(parser, values, option)
+        if problem := option.check and option.check(values):
             parser.error(f"{option.flag} ({option.env}): {problem}")
     if (values["token"] is None and not values["insecure_no_auth"]
             and not _is_loopback_name(values["host"])):
