@@ -535,8 +535,7 @@ async def _no_route(request):
 
 def _check_access(request, config, public, realm):
     """Refuse cross-site requests; without a token set, foreign Hosts; with one, no token."""
-    reason = _cross_site(request)
-    if reason:
+    if reason := _cross_site(request):
         raise ApiError(403, f"cross-site request refused: {reason}")
     if config.token is None:
         if not _host_allowed(request.headers.get("Host"), config.insecure_no_auth):
@@ -544,8 +543,7 @@ def _check_access(request, config, public, realm):
                            "loopback address are served (this blocks DNS rebinding); set a "
                            "token to use another name")
     elif not public:
-        failure = _bearer_error(request, config.token, realm)
-        if failure:
+        if failure := _bearer_error(request, config.token, realm):
             raise ApiError(401, failure[0], {"WWW-Authenticate": failure[1]})
 
 
