@@ -1303,14 +1303,10 @@ class StateStore:
     @_on_state_thread
     def load(self, allowed):
         """(file name, add_torrent_params, notes) of every saved torrent, in order of adding."""
-        names = set()
-        for path in self.resume_dir.iterdir():
-            if path.suffix not in (".resume", ".bak"):
-                continue
-            if _regular_file(path):
-                names.add(path.stem)
-        loaded = self._unique([(name, *read) for name, read in (
-            (name, self._read(name, allowed)) for name in sorted(names)) if read is not None])
+        names = sorted({path.stem for path in self.resume_dir.iterdir()
+                        if path.suffix in (".resume", ".bak") and _regular_file(path)})
+        reads = {name: self._read(name, allowed) for name in names}
+        loaded = self._unique([(name, *read) for name, read in reads.items() if read is not None])
         # The order the daemon noted, else libtorrent's time of adding; a hand-edited
         # order that is no number must not stop the load (its note is refused later).
         loaded.sort(key=lambda read: read[2]["order"] if type(read[2].get("order")) is int
@@ -1391,17 +1387,14 @@ NOTES = {
 }
 
 
-def _note_defaults(params):
-    """The notes a torrent starts with, beside NOTES' defaults: what libtorrent knows."""
-    return {"order": time.time_ns(), "finished": params.completed_time > 0,
-            "downloaded": params.total_downloaded, "uploaded": params.total_uploaded}
-
-
-def _checked_notes(notes, defaults, infohash):
+def _checked_notes(notes, params, infohash):
     """A resume file's notes, each checked by its NOTES row; defaults fill the rest."""
+    # A torrent starts with what libtorrent knows of it, beside NOTES' defaults.
+    known = {"order": time.time_ns(), "finished": params.completed_time > 0,
+             "downloaded": params.total_downloaded, "uploaded": params.total_uploaded}
     checked = {}
     for name, (default, parse) in NOTES.items():
-        fallback = defaults.get(name, default)
+        fallback = known.get(name, default)
         value = notes.get(name, fallback)
         try:
             checked[name] = value if value is None or value == default else parse(value)
@@ -1635,7 +1628,7 @@ class _Torrent:
         self.infohash = self.ids[0]
         self.saved_as = saved_as      # the name of its resume file, once it has one
         #: The daemon's notes (NOTES), saved with the resume data.
-        self.notes = _checked_notes(notes or {}, _note_defaults(params), self.infohash)
+        self.notes = _checked_notes(notes or {}, params, self.infohash)
         self.extra = {}               # what extensions keep on it, by their own keys
         # libtorrent drops the .torrent's fields outside the info dict, and every
         # x.pe peer that failed to connect, yet they may be a magnet's only source.
@@ -2615,7 +2608,7 @@ def _prepare_library(engine, saved):
     """Check the notes, call the load listeners; return why each is to be held, or None."""
     held = []  # in a thread: a listener may read the disk
     for index, (name, params, notes) in enumerate(saved):
-        notes = _checked_notes(notes, _note_defaults(params), name)
+        notes = _checked_notes(notes, params, name)
         saved[index] = (name, params, notes)
         held.append(next(filter(None, engine._notify("load", params, notes)), None))
     return held
