@@ -1945,8 +1945,7 @@ class TorrentEngine:
 
     def _on_listen(self, alert):
         """A listen socket failed or came back after the start: /health tells."""
-        failed = isinstance(alert, lt.listen_failed_alert)
-        self.listen_failure = alert.message() if failed else ""
+        self.listen_failure = alert.message() if isinstance(alert, lt.listen_failed_alert) else ""
 
     @property
     def loading(self):
@@ -2099,11 +2098,10 @@ class TorrentEngine:
                     torrent.notes.update(notes or {})
                 torrent.file_priorities = list(params.file_priorities)
             self._session.async_add_torrent(params)
-        except (ValueError, RuntimeError) as error:
+        except BaseException as error:  # a preset's 4xx, or its failure: nothing stays half added
             self._forget(torrent)
-            raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
-        except BaseException:  # a preset's 4xx, or its failure: nothing stays half added
-            self._forget(torrent)
+            if isinstance(error, (ValueError, RuntimeError)):
+                raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
             raise
         try:
             refusal = await self.expect(torrent.ids, lt.add_torrent_alert, "the add",
