@@ -2586,11 +2586,10 @@ async def _load_library(engine):
     """Hand every saved torrent back to libtorrent, in batches as the API already answers."""
     try:
         saved = await engine.store.load(engine.inside_roots)
-        held = await asyncio.to_thread(_prepare_library, engine, saved)
+        prepared = await asyncio.to_thread(_prepare_library, engine, saved)
         checking = 0
-        for start in range(0, len(saved), LOAD_BATCH):
-            for (name, params, notes), fault in zip(saved[start:start + LOAD_BATCH],
-                                                    held[start:start + LOAD_BATCH]):
+        for start in range(0, len(prepared), LOAD_BATCH):
+            for name, params, notes, fault in prepared[start:start + LOAD_BATCH]:
                 checking += _revive(engine, name, params, notes, fault)
             await asyncio.sleep(0)
         if saved:
@@ -2603,13 +2602,13 @@ async def _load_library(engine):
 
 
 def _prepare_library(engine, saved):
-    """Check the notes, call the load listeners; return why each is to be held, or None."""
-    held = []  # in a thread: a listener may read the disk
-    for index, (name, params, notes) in enumerate(saved):
+    """Check the notes, call the load listeners; each with why it is to be held, or None."""
+    prepared = []  # in a thread: a listener may read the disk
+    for name, params, notes in saved:
         notes = _checked_notes(notes, params, name)
-        saved[index] = (name, params, notes)
-        held.append(next(filter(None, engine._notify("load", params, notes)), None))
-    return held
+        fault = next(filter(None, engine._notify("load", params, notes)), None)
+        prepared.append((name, params, notes, fault))
+    return prepared
 
 
 def _revive(engine, name, params, notes, fault):
