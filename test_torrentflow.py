@@ -2800,6 +2800,15 @@ async def test_torrents_cannot_aim_the_daemon_at_this_host(tmp_path, aiohttp_cli
     assert kept == [("router.example", 6881)]
 
 
+def test_the_log_filter_cuts_a_mapping_argument():
+    """logging hands one dict over as the mapping for %(name)s: cut and escaped as well."""
+    record = logging.LogRecord("aiohttp", logging.WARNING, __file__, 1, "a %(name)s",
+                               ({"name": "b\nc" + "z" * 400},), None)
+    assert torrentflow._SafeLog().filter(record)
+    message = record.getMessage()
+    assert message.startswith("a b\\x0ac") and message.endswith("(403 in all)"), message
+
+
 async def test_names_cannot_forge_log_lines(process):
     """A dn= with a newline, a forged log line, terminal escapes and 60,000 more
     characters: one line in the log, escaped and cut."""

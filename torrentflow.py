@@ -2098,10 +2098,11 @@ class TorrentEngine:
                     torrent.notes.update(notes or {})
                 torrent.file_priorities = list(params.file_priorities)
             self._session.async_add_torrent(params)
-        except BaseException as error:  # a preset's 4xx, or its failure: nothing stays half added
+        except (ValueError, RuntimeError) as error:
             self._forget(torrent)
-            if isinstance(error, (ValueError, RuntimeError)):
-                raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
+            raise ApiError(422, f"libtorrent refused the torrent: {error}") from None
+        except BaseException:  # a preset's 4xx, or its failure: nothing stays half added
+            self._forget(torrent)
             raise
         try:
             refusal = await self.expect(torrent.ids, lt.add_torrent_alert, "the add",
@@ -2999,9 +3000,10 @@ class _SafeLog(logging.Filter):
     _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
     def filter(self, record):
-        if record.args:
-            record.args = tuple(_cut(arg) for arg in (
-                record.args if isinstance(record.args, tuple) else (record.args,)))
+        if isinstance(record.args, dict):  # logging's one mapping argument, for %(name)s
+            record.args = {key: _cut(value) for key, value in record.args.items()}
+        elif record.args:
+            record.args = tuple(map(_cut, record.args))
         record.msg = self._CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}",
                                        record.getMessage())
         record.args = ()
