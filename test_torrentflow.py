@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.parse
 from pathlib import Path
 
@@ -2801,12 +2802,19 @@ async def test_torrents_cannot_aim_the_daemon_at_this_host(tmp_path, aiohttp_cli
 
 
 def test_the_log_filter_cuts_a_mapping_argument():
-    """logging hands one dict over as the mapping for %(name)s: cut and escaped as well."""
-    record = logging.LogRecord("aiohttp", logging.WARNING, __file__, 1, "a %(name)s",
-                               ({"name": "b\nc" + "z" * 400},), None)
+    """logging hands a lone mapping over as the one for %(name)s: cut and escaped as well."""
+    long = {"name": "b\nc" + "z" * 400}
+    for mapping, end in ((long, "(403 in all)"), (types.MappingProxyType({"name": "b\nc"}), "c")):
+        record = logging.LogRecord("aiohttp", logging.WARNING, __file__, 1, "a %(name)s",
+                                   (mapping,), None)
+        assert torrentflow._SafeLog().filter(record)
+        message = record.getMessage()
+        assert message.startswith("a b\\x0ac") and message.endswith(end), message
+    # A lone mapping shown with %s stays whole, as before.
+    record = logging.LogRecord("aiohttp", logging.WARNING, __file__, 1, "headers %s",
+                               (types.MappingProxyType({"Host": "h"}),), None)
     assert torrentflow._SafeLog().filter(record)
-    message = record.getMessage()
-    assert message.startswith("a b\\x0ac") and message.endswith("(403 in all)"), message
+    assert record.getMessage() == "headers {'Host': 'h'}"
 
 
 async def test_names_cannot_forge_log_lines(process):
@@ -2899,6 +2907,11 @@ async def _healthy(client):
 async def _unhealthy(client, words):
     response = await client.get("/health")
     return response.status == 503 and words in (await response.json())["detail"].lower()
+
+
+def test_a_file_name_no_disk_can_hold_counts_as_missing(tmp_path):
+    """A NUL in a name (a hand-edited resume file) is a missing file, not a failed load."""
+    assert torrentflow._missing_file(str(tmp_path), [(0, "a\x00b", 1)], [4]) == "a\x00b"
 
 
 async def test_vanished_data_is_an_error_and_resume_fetches_it_again(process, seeders,

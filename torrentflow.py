@@ -3000,10 +3000,10 @@ class _SafeLog(logging.Filter):
     _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
     def filter(self, record):
-        if isinstance(record.args, dict):  # logging's one mapping argument, for %(name)s
-            record.args = {key: _cut(value) for key, value in record.args.items()}
-        elif record.args:
+        if isinstance(record.args, tuple):
             record.args = tuple(map(_cut, record.args))
+        elif record.args:  # else logging's one mapping argument, for %(name)s
+            record.args = {key: _cut(value) for key, value in record.args.items()}
         record.msg = self._CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}",
                                        record.getMessage())
         record.args = ()
@@ -3740,7 +3740,7 @@ def _missing_file(save_path, files, priorities):
         try:
             if os.stat(os.path.join(save_path, path)).st_size < size:
                 return path
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in a name, from a state file
             return path
     return None
 
