@@ -3922,7 +3922,7 @@ async def test_metrics_parse_and_follow_a_download(daemon, seeder, payload, tmp_
                    if all(s.labels.get(k) == v for k, v in labels.items()))
     before = await scrape()
     assert before["torrentflow_payload_received_bytes"].type == "counter"
-    infohash = await downloaded(daemon, seeder, payload[0])
+    await downloaded(daemon, seeder, payload[0])
     after = await scrape()
     received = value(after, "torrentflow_payload_received_bytes")
     assert received - value(before, "torrentflow_payload_received_bytes") >= 3 * 1024 * 1024
