@@ -3343,12 +3343,14 @@ async def test_moving_keeps_seeding_and_stays_inside_the_roots(daemon, seeder, t
         source / "move.bin"), what="the leeched file on disk")
 
 
-@pytest.mark.parametrize("cut", ["copied", "renamed"])
+@pytest.mark.parametrize("cut", ["copying", "copied", "renamed"])
 async def test_a_move_a_crash_cut_short_resumes_where_the_data_is_whole(process, tmp_path,
                                                                         cut):
     """Across file systems libtorrent copies every file, then deletes the originals: a
-    crash between the two leaves the target whole. Within one it renames file by file:
-    a crash leaves some files in each place, and the moved ones go back."""
+    crash while it copies leaves the originals whole and a copy of full size but not yet
+    of full data; one between the two leaves the target whole. Within one file system it
+    renames file by file: a crash leaves some files in each place, and the moved ones go
+    back."""
     layout = {"pack/a.bin": 200_000, "pack/b.bin": 300_000}
     source = make_payload(process.download_dir, layout)
     torrent = make_torrent(source / "pack")
@@ -3361,7 +3363,10 @@ async def test_a_move_a_crash_cut_short_resumes_where_the_data_is_whole(process,
     # move noted in the resume file, no clean-shutdown mark.
     target = process.download_dir / "moved"
     sums = {name: sha1_of(source / name) for name in layout}
-    if cut == "copied":
+    if cut == "copying":
+        shutil.copytree(source / "pack", target / "pack")
+        (target / "pack" / "b.bin").write_bytes(bytes(layout["pack/b.bin"]))
+    elif cut == "copied":
         shutil.copytree(source / "pack", target / "pack")
         (source / "pack" / "a.bin").unlink()
     else:
@@ -3379,6 +3384,39 @@ async def test_a_move_a_crash_cut_short_resumes_where_the_data_is_whole(process,
     assert status["save_path"] == str(place) and status["moving_to"] is None
     assert not status["error"]
     assert {name: sha1_of(place / name) for name in layout} == sums
+
+
+async def test_a_move_a_delete_cut_short_answers_404(tmp_path):
+    """A DELETE with its files while a PATCH waits for its move across file systems: the
+    PATCH answered 200 with the status of a torrent that was gone."""
+    other = tmp_path / "other"
+    other.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(other)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to move into (needs root): {mounted.stderr.strip()}")
+    process = DaemonProcess(tmp_path, extra=["--allowed-save-root", str(other)])
+    try:
+        # Large enough that copying it takes a good part of a second.
+        source = make_payload(process.download_dir, {"big.bin": 300 * 1024 * 1024})
+        torrent = make_torrent(source / "big.bin", piece_size=4 * 1024 * 1024)
+        infohash = infohash_of(torrent)
+        await process.start()
+        await add(process.client, torrent_file=torrent)
+        await wait_complete(process.client, infohash)
+        patch = asyncio.ensure_future(process.client.patch(
+            f"/torrents/{infohash}", json={"save_path": str(other / "moved")}))
+        await wait_status(process.client, infohash, lambda s: s["moving_to"],
+                          what="the move to start")
+        assert not patch.done(), "the move ended before the DELETE: nothing was raced"
+        async with process.client.delete(f"/torrents/{infohash}?delete_files=true") as removed:
+            assert removed.status == 200, await removed.text()
+        await error_of(await patch, 404, infohash)
+        assert (await process.client.get(f"/torrents/{infohash}")).status == 404
+    finally:
+        await process.close()
+        subprocess.run(["umount", "-l", str(other)], check=True)
+
 
 async def test_a_recheck_finds_a_flipped_byte(daemon, seeder, tmp_path):
     source = make_payload(tmp_path / "source", {"flip.bin": 1024 * 1024})

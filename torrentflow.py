@@ -3624,6 +3624,8 @@ async def configure(engine, torrent, settings):
     moved = save_path == torrent.save_path or await move(engine, torrent, save_path)
     await engine.save(torrent)  # libtorrent answers it after every change posted above
     await engine.confirm(torrent, "the change")
+    if torrent.removing:  # a DELETE took it while its move ran: no status to answer with
+        raise ApiError(404, f"no torrent with infohash {torrent.infohash}")
     return moved
 
 
@@ -3754,10 +3756,15 @@ def _finish_move(engine, params, notes):
 
 
 def _where_data_is(params, moving_to, inside_roots):
-    """Where a half-moved torrent's data is: the target if whole, else where it was; threaded."""
+    """Where a half-moved torrent's data is: where it was if whole, else the target if whole,
+    else where it was, the moved files put back; in a thread."""
     if not (moving_to and params.ti and inside_roots(moving_to)):
         return params.save_path
     files = _files_of(params.ti)
+    # Across file systems libtorrent copies every file, then deletes the originals: while
+    # it copies, a copy has its full size but not yet its data, and every original is whole.
+    if _missing_file(params.save_path, files, params.file_priorities) is None:
+        return params.save_path
     if _missing_file(moving_to, files, params.file_priorities) is None:
         return moving_to
     # libtorrent renames file by file within one file system: put the renamed ones back.
