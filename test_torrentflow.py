@@ -2100,18 +2100,24 @@ async def test_corrupt_resume_files_are_quarantined(process, tmp_path):
     assert "unreadable" not in process.log()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount_point = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mount_point, size):
+    """A tmpfs of size mounted at mount_point for the block; the test skips without root."""
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                             str(mount_point)], capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {result.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with tmpfs(tmp_path / "small", "4m") as mount_point:
+        yield mount_point
 
 
 #: fault: (payload size, remount options that cause it, remount options that fix it)
@@ -3389,33 +3395,28 @@ async def test_a_move_a_crash_cut_short_resumes_where_the_data_is_whole(process,
 async def test_a_move_a_delete_cut_short_answers_404(tmp_path):
     """A DELETE with its files while a PATCH waits for its move across file systems: the
     PATCH answered 200 with the status of a torrent that was gone."""
-    other = tmp_path / "other"
-    other.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(other)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to move into (needs root): {mounted.stderr.strip()}")
-    process = DaemonProcess(tmp_path, extra=["--allowed-save-root", str(other)])
-    try:
-        # Large enough that copying it takes a good part of a second.
-        source = make_payload(process.download_dir, {"big.bin": 300 * 1024 * 1024})
-        torrent = make_torrent(source / "big.bin", piece_size=4 * 1024 * 1024)
-        infohash = infohash_of(torrent)
-        await process.start()
-        await add(process.client, torrent_file=torrent)
-        await wait_complete(process.client, infohash)
-        patch = asyncio.ensure_future(process.client.patch(
-            f"/torrents/{infohash}", json={"save_path": str(other / "moved")}))
-        await wait_status(process.client, infohash, lambda s: s["moving_to"],
-                          what="the move to start")
-        assert not patch.done(), "the move ended before the DELETE: nothing was raced"
-        async with process.client.delete(f"/torrents/{infohash}?delete_files=true") as removed:
-            assert removed.status == 200, await removed.text()
-        await error_of(await patch, 404, infohash)
-        assert (await process.client.get(f"/torrents/{infohash}")).status == 404
-    finally:
-        await process.close()
-        subprocess.run(["umount", "-l", str(other)], check=True)
+    with tmpfs(tmp_path / "other", "512m") as other:
+        process = DaemonProcess(tmp_path, extra=["--allowed-save-root", str(other)])
+        try:
+            # Large enough that copying it takes a good part of a second.
+            source = make_payload(process.download_dir, {"big.bin": 300 * 1024 * 1024})
+            torrent = make_torrent(source / "big.bin", piece_size=4 * 1024 * 1024)
+            infohash = infohash_of(torrent)
+            await process.start()
+            await add(process.client, torrent_file=torrent)
+            await wait_complete(process.client, infohash)
+            patch = asyncio.ensure_future(process.client.patch(
+                f"/torrents/{infohash}", json={"save_path": str(other / "moved")}))
+            await wait_status(process.client, infohash, lambda s: s["moving_to"],
+                              what="the move to start")
+            assert not patch.done(), "the move ended before the DELETE: nothing was raced"
+            async with process.client.delete(
+                    f"/torrents/{infohash}?delete_files=true") as removed:
+                assert removed.status == 200, await removed.text()
+            await error_of(await patch, 404, infohash)
+            assert (await process.client.get(f"/torrents/{infohash}")).status == 404
+        finally:
+            await process.close()
 
 
 async def test_a_recheck_finds_a_flipped_byte(daemon, seeder, tmp_path):
