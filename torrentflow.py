@@ -4476,11 +4476,6 @@ class Events:
         for reader in (*self.subscribers, *self.webhooks):
             reader.offer(event)
 
-    async def settled(self):
-        """Once every event so far is in the webhooks' queues on disk: crash-safe to answer."""
-        if self.webhooks:
-            await self.store.barrier()
-
     def subscribe(self, types, infohashes):
         if len(self.subscribers) >= MAX_SUBSCRIBERS:
             raise ApiError(503, f"at most {MAX_SUBSCRIBERS} event streams at once", RETRY_AFTER)
