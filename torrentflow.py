@@ -4354,8 +4354,7 @@ class _Webhook:
     async def deliver(self, client):
         """Post the queued events one by one, for ever."""
         for name, body in (await self.store.read_folder(self.folder)).items():
-            problem = _queued_problem(name, body)
-            if problem:
+            if problem := _queued_problem(name, body):
                 await self._quarantine(name, body, problem)
             else:
                 self.pending.setdefault(int(name.removesuffix(".json")), body)
