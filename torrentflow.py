@@ -4442,11 +4442,10 @@ class Events:
             self.next_id = int(saved or b"0")
         await self._reserve()
         self.client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
-        self.tasks = [asyncio.create_task(hook.deliver(self.client),
-                                          name=f"webhook {hook.shown}")
-                      for hook in self.webhooks]
-        for task in self.tasks:
+        for hook in self.webhooks:
+            task = asyncio.create_task(hook.deliver(self.client), name=f"webhook {hook.shown}")
             task.add_done_callback(_log_failure)
+            self.tasks.append(task)
 
     async def close(self):
         for task in self.tasks:
