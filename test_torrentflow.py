@@ -3784,6 +3784,7 @@ async def test_an_event_filter_takes_any_id_of_a_torrent(daemon, tmp_path):
     kind, data, _ = await stream.next()
     assert kind == "paused" and data["infohash"] == body["infohash"] != v2
 
+
 async def test_bad_event_requests_are_refused(daemon, tmp_path):
     for query, headers in (("types=finished,bogus", {}), ("infohash=xyz", {}),
                            ("colour=red", {}), ("", {"Last-Event-ID": "abc"}),
@@ -4606,6 +4607,26 @@ async def test_a_malformed_webhook_queue_file_is_quarantined_and_the_rest_delive
     log = process.log()
     for name in malformed:
         assert log.count(f"moved queue file {name} ") == 1, log
+
+
+async def test_a_bad_event_counter_in_the_state_directory_starts_ids_at_one(tmp_path):
+    """The saved event counter is read back like every state file: a negative one, one
+    with spaces or too many digits for a Last-Event-ID, or bytes, is ignored with a
+    warning, and the ids start at 1 again, not at -4 or past what a client can resume."""
+    for number, counter in enumerate((b"-5", b" 7 ", b"9" * 30, b"\xff")):
+        process = DaemonProcess(tmp_path / str(number))
+        process.state_dir.mkdir(parents=True)
+        (process.state_dir / "event-id").write_bytes(counter)
+        try:
+            await process.start()
+            reader = EventReader(await process.client.get("/events"))
+            await add(process.client, torrent_url=MAGNET)
+            kind, _, event_id = await reader.next(deadline=10)
+            assert (kind, event_id) == ("added", "1"), counter
+            reader.response.close()
+        finally:
+            await process.close()
+        assert "ignoring the event counter" in process.log(), counter
 
 
 async def test_webhook_credentials_show_as_stars(aiohttp_server, tmp_path, capsys):

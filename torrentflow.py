@@ -4437,9 +4437,12 @@ class Events:
 
     async def start(self):
         """Continue the ids where the last run left them; start delivering webhooks."""
-        saved = await self.store.read(EVENT_COUNTER)
-        with contextlib.suppress(ValueError):
-            self.next_id = int(saved or b"0")
+        saved = (await self.store.read(EVENT_COUNTER) or b"0").decode("ascii", "replace")
+        # A Last-Event-ID has at most 18 digits: a counter past 17 cannot be resumed from.
+        if re.fullmatch("[0-9]{1,17}", saved):
+            self.next_id = int(saved)
+        else:
+            log.warning("ignoring the event counter %.60r: ids start at 1", saved)
         await self._reserve()
         self.client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
         for hook in self.webhooks:
