@@ -5074,7 +5074,7 @@ def _rpc_priorities(torrent, arguments):
     for key, priority in RPC_FILE_CHOICES.items():
         for index in _rpc_indices(arguments, key, len(current)):
             current[index] = (current[index] or 4) if priority is None else \
-                0 if priority == 0 else priority if current[index] else 0
+                priority if current[index] else 0
     return current
 
 
@@ -5151,7 +5151,7 @@ async def _rpc_get(request, engine, arguments):
     known = [name for name in dict.fromkeys(fields) if name in RPC_FIELDS]
     slow = {"trackers": {"trackers", "trackerStats", "trackerList"} & set(known),
             "peers": "peers" in known}
-    torrents, table = list(_rpc_ids(request, arguments)), arguments.get("format") == "table"
+    torrents, table = _rpc_ids(request, arguments), arguments.get("format") == "table"
     views, rpc = {"trackers": trackers, "peers": peers}, request.app[RPC]
     extras = [{"id": rpc.number(torrent), "torrentFile": rpc.torrent_file(torrent),
                **{name: await views[name](engine, torrent) if needed else []
@@ -5227,8 +5227,7 @@ def _rpc_each(action):
 
 
 async def _rpc_location(engine, torrent, arguments):
-    location = _text(arguments, "location")
-    if not location:
+    if not _text(arguments, "location"):
         raise RpcError("no location")
     if arguments.get("move") is not True:
         raise RpcError("only a move of the data (move: true) is supported")
