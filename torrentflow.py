@@ -4798,7 +4798,7 @@ class RpcState:
         self.numbers = {}                                # _Torrent -> its number
         self._next = itertools.count(1)
         self.removed = collections.deque(maxlen=10_000)  # (time, number)
-        self.folder = os.path.join(os.path.abspath(state_dir), RPC_TORRENT_FILES)
+        self.root = os.path.abspath(state_dir)
         self.copies = {}  # a .torrent copy's name in the state directory -> its torrent
 
     def number(self, torrent):
@@ -4808,7 +4808,7 @@ class RpcState:
 
     def torrent_file(self, torrent):
         """The absolute path of the torrent's .torrent copy, there once its metadata is."""
-        return f"{self.folder}{os.sep}{torrent.infohash}.torrent"
+        return os.path.join(self.root, self.copy_name(torrent))
 
     @staticmethod
     def copy_name(torrent):
