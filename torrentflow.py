@@ -5269,7 +5269,7 @@ def _rpc_session(request):
                       "memory-units": ["KiB", "MiB", "GiB", "TiB"], "memory-bytes": 1024}}
 
 
-async def _rpc_session_get(request, arguments):
+async def _rpc_session_get(request, engine, arguments):
     """session-get: the fields asked for, or all."""
     answer, fields = _rpc_session(request), arguments.get("fields")
     return {key: value for key, value in answer.items()
@@ -5330,7 +5330,7 @@ def _disk_usage(path):
 
 #: Every method the RPC speaks; anything else answers "method not supported".
 RPC_METHODS = {
-    "session-get": lambda request, engine, arguments: _rpc_session_get(request, arguments),
+    "session-get": _rpc_session_get,
     "session-set": _rpc_session_set,
     "session-stats": _rpc_stats,
     "free-space": _rpc_free_space,
