@@ -4794,7 +4794,7 @@ class RpcState:
         self.numbers = {}                                # _Torrent -> its number
         self._next = itertools.count(1)
         self.removed = collections.deque(maxlen=10_000)  # (time, number)
-        self.folder = os.path.join(os.path.abspath(state_dir), RPC_TORRENT_FILES)
+        self.root = os.path.abspath(state_dir)
         self.copies = {}  # a .torrent copy's name in the state directory -> its torrent
 
     def number(self, torrent):
@@ -4804,7 +4804,7 @@ class RpcState:
 
     def torrent_file(self, torrent):
         """The absolute path of the torrent's .torrent copy, there once its metadata is."""
-        return f"{self.folder}{os.sep}{torrent.infohash}.torrent"
+        return os.path.join(self.root, self.copy_name(torrent))
 
     @staticmethod
     def copy_name(torrent):
@@ -5070,7 +5070,7 @@ def _rpc_priorities(torrent, arguments):
     for key, priority in RPC_FILE_CHOICES.items():
         for index in _rpc_indices(arguments, key, len(current)):
             current[index] = (current[index] or 4) if priority is None else \
-                0 if priority == 0 else priority if current[index] else 0
+                priority if current[index] else 0
     return current
 
 
@@ -5147,7 +5147,7 @@ async def _rpc_get(request, engine, arguments):
     known = [name for name in dict.fromkeys(fields) if name in RPC_FIELDS]
     slow = {"trackers": {"trackers", "trackerStats", "trackerList"} & set(known),
             "peers": "peers" in known}
-    torrents, table = list(_rpc_ids(request, arguments)), arguments.get("format") == "table"
+    torrents, table = _rpc_ids(request, arguments), arguments.get("format") == "table"
     views, rpc = {"trackers": trackers, "peers": peers}, request.app[RPC]
     extras = [{"id": rpc.number(torrent), "torrentFile": rpc.torrent_file(torrent),
                **{name: await views[name](engine, torrent) if needed else []
@@ -5223,8 +5223,7 @@ def _rpc_each(action):
 
 
 async def _rpc_location(engine, torrent, arguments):
-    location = _text(arguments, "location")
-    if not location:
+    if not _text(arguments, "location"):
         raise RpcError("no location")
     if arguments.get("move") is not True:
         raise RpcError("only a move of the data (move: true) is supported")
@@ -5266,7 +5265,7 @@ def _rpc_session(request):
                       "memory-units": ["KiB", "MiB", "GiB", "TiB"], "memory-bytes": 1024}}
 
 
-async def _rpc_session_get(request, arguments):
+async def _rpc_session_get(request, engine, arguments):
     """session-get: the fields asked for, or all."""
     answer, fields = _rpc_session(request), arguments.get("fields")
     return {key: value for key, value in answer.items()
@@ -5327,7 +5326,7 @@ def _disk_usage(path):
 
 #: Every method the RPC speaks; anything else answers "method not supported".
 RPC_METHODS = {
-    "session-get": lambda request, engine, arguments: _rpc_session_get(request, arguments),
+    "session-get": _rpc_session_get,
     "session-set": _rpc_session_set,
     "session-stats": _rpc_stats,
     "free-space": _rpc_free_space,
