@@ -3421,12 +3421,10 @@ def _priorities_value(value):
     """File priorities 0-7: a list, one per file (comma-separated in a form), or {index: p}."""
     if isinstance(value, str):
         value = value.split(",")
-    items = value.items() if isinstance(value, dict) else enumerate(value) \
-        if isinstance(value, list) else None
-    if items is None:
+    if not isinstance(value, (dict, list)):
         raise TypeError("must be a list of priorities, or an object of index: priority")
     chosen = {}
-    for index, priority in items:
+    for index, priority in value.items() if isinstance(value, dict) else enumerate(value):
         try:
             index = int(index)
         except ValueError:
@@ -3754,7 +3752,7 @@ def _finish_move(engine, params, notes):
 def _where_data_is(params, moving_to, inside_roots):
     """Where a half-moved torrent's data is: where it was if whole, else the target if whole,
     else where it was, the moved files put back; in a thread."""
-    if not (moving_to and params.ti and inside_roots(moving_to)):
+    if not (params.ti and inside_roots(moving_to)):
         return params.save_path
     files = _files_of(params.ti)
     # Across file systems libtorrent copies every file, then deletes the originals: while
