@@ -3372,15 +3372,6 @@ class Setting:
     when: str = "add, change"
 
 
-#: Every per-torrent setting, also in the status (STATUS): parsing, the request schemas
-#: and the README come from it; those taken at add are ADD_FIELDS' rows (at the end).
-SETTINGS = [
-    Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
-        params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
-        if value else params.flags), when="add"),
-]
-
-
 def settings_for(when):
     """The settings that "add" or "change" takes, by name."""
     return {setting.name: setting for setting in SETTINGS if when in setting.when}
@@ -3430,12 +3421,10 @@ def _priorities_value(value):
     """File priorities 0-7: a list, one per file (comma-separated in a form), or {index: p}."""
     if isinstance(value, str):
         value = value.split(",")
-    items = value.items() if isinstance(value, dict) else enumerate(value) \
-        if isinstance(value, list) else None
-    if items is None:
+    if not isinstance(value, (dict, list)):
         raise TypeError("must be a list of priorities, or an object of index: priority")
     chosen = {}
-    for index, priority in items:
+    for index, priority in value.items() if isinstance(value, dict) else enumerate(value):
         try:
             index = int(index)
         except ValueError:
@@ -3508,14 +3497,8 @@ def _preset_priorities(params, chosen):
         # when the metadata comes, and _map_chosen then maps the list past the padding.
         params.flags |= lt.torrent_flags.default_dont_download
         return {"chosen_priorities": chosen}
-    files = _files_of(params.ti)
-    if len(chosen) != len(files):
-        raise ApiError(422, f"file_priorities has {len(chosen)} entries; the torrent has "
-                       f"{len(files)} files")
-    full = [4] * params.ti.num_files()
-    for (index, _, _), priority in zip(files, chosen):
-        full[index] = priority
-    params.file_priorities = full
+    params.file_priorities = _full_priorities(_files_of(params.ti), params.ti.num_files(), [],
+                                              chosen)
     return None
 
 
@@ -3542,7 +3525,12 @@ def _saved_mark(value):
 
 _PRIORITY = {"type": "integer", "minimum": 0, "maximum": 7}
 _LIMIT = {"type": "integer", "minimum": 0}
-SETTINGS.extend((
+#: Every per-torrent setting, also in the status (STATUS): parsing, the request schemas
+#: and the README come from it; those taken at add are ADD_FIELDS' rows (below).
+SETTINGS = [
+    Setting("paused", {"type": "boolean"}, _boolean, lambda params, value: setattr(
+        params, "flags", params.flags & ~lt.torrent_flags.auto_managed | lt.torrent_flags.paused
+        if value else params.flags), when="add"),
     Setting("labels", {"type": "array", "items": {"type": "string"}}, _labels_value, noted=True),
     Setting("sequential_download", {"type": "boolean"}, _boolean,
             _flag_setter(lt.torrent_flags.sequential_download)),
@@ -3562,9 +3550,9 @@ SETTINGS.extend((
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}},
         _trackers_value, when="change"),
     Setting("save_path", {"type": "string"}, None, when="change"),
-))
-ADD_FIELDS.update((setting.name, (setting.schema, functools.partial(_add_field, setting.name)))
-                  for setting in SETTINGS if "add" in setting.when)
+]
+ADD_FIELDS.update((name, (setting.schema, functools.partial(_add_field, name)))
+                  for name, setting in settings_for("add").items())
 NOTES.update({
     "labels": ([], _labels_value),
     "ratio_limit": (-1, _number(float, 0, -1, -2)),
@@ -3645,17 +3633,23 @@ def _priorities(torrent, chosen):
     """libtorrent's full list of file priorities from a list or an {index: priority} object."""
     if torrent.info is None:
         raise ApiError(409, "file_priorities need the metadata, which has not arrived")
-    files = [index for index, _, _ in torrent.info["files"]]
-    full = list(torrent.file_priorities) + [4] * (torrent.info["all_files"]
-                                                  - len(torrent.file_priorities))
+    return _full_priorities(torrent.info["files"], torrent.info["all_files"],
+                            torrent.file_priorities, chosen)
+
+
+def _full_priorities(files, all_files, current, chosen):
+    """current, 4 for each file past its end, changed by chosen: a list, one per file of files
+    (padding left out), or an {index: priority} object."""
+    full = list(current) + [4] * (all_files - len(current))
+    indexes = [index for index, _, _ in files]
     if isinstance(chosen, list):
-        if len(chosen) != len(files):
+        if len(chosen) != len(indexes):
             raise ApiError(422, f"file_priorities has {len(chosen)} entries; the "
-                           f"torrent has {len(files)} files")
-        chosen = dict(zip(files, chosen))
-    files = set(files)  # a list would make this loop quadratic: minutes at 100,000
+                           f"torrent has {len(indexes)} files")
+        chosen = dict(zip(indexes, chosen))
+    indexes = set(indexes)  # a list would make this loop quadratic: minutes at 100,000
     for index, priority in chosen.items():
-        if index not in files:
+        if index not in indexes:
             raise ApiError(422, f"file_priorities: no file with index {index}")
         full[index] = priority
     return full
@@ -3758,7 +3752,7 @@ def _finish_move(engine, params, notes):
 def _where_data_is(params, moving_to, inside_roots):
     """Where a half-moved torrent's data is: where it was if whole, else the target if whole,
     else where it was, the moved files put back; in a thread."""
-    if not (moving_to and params.ti and inside_roots(moving_to)):
+    if not (params.ti and inside_roots(moving_to)):
         return params.save_path
     files = _files_of(params.ti)
     # Across file systems libtorrent copies every file, then deletes the originals: while
