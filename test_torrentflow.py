@@ -2181,9 +2181,27 @@ async def test_odd_but_well_formed_input_is_a_400_not_a_500(daemon, tmp_path):
     root = make_payload(tmp_path / "src", {"f.bin": 20_000})
     _, body = await add(daemon, torrent_file=make_torrent(root / "f.bin"))
     await wait_status(daemon, body["infohash"], lambda s: s["files"], what="metadata")
+    # A list does not sort: two streams at different places were a 500.
     for query, words in (("sort=files", "sort"), ("sort=-files", "sort"),
+                         ("sort=streams", "sort"), ("sort=-streams", "sort"),
                          ("limit=%C2%B2", "whole number"), ("offset=%D9%A3", "whole number")):
         await error_of(await daemon.get(f"/torrents?{query}"), 400, words)
+    await error_of(await daemon.put(f"/torrents/{body['infohash']}/pause?now=1"), 400,
+                   "unknown query parameter")
+    for number in ("1_000", "\u0661\u0662"):  # int() takes both; a form's text is no JSON
+        await error_of(await daemon.post("/torrents", data={
+            "torrent_url": MAGNET, "download_limit": number}), 400, "download_limit")
+    # A body that does not decompress was a 500 on every route that reads one.
+    for method, path in (("POST", "/torrents"), ("PATCH", "/settings"),
+                         ("PATCH", f"/torrents/{body['infohash']}")):
+        reader, writer = await asyncio.open_connection(daemon.host, daemon.port)
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                     "Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                     "Content-Length: 2\r\n\r\n{}".encode())
+        answer = await asyncio.wait_for(reader.read(), DEADLINE)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(
+            b'{"detail": "malformed request body: Can not decode content-encoding: gzip"}'), answer
     magnet = "magnet:?xt=urn:btih:" + "ab" * 20
     for raw_json, words in (
             ('{"torrent_url": "http://[::1/x.torrent"}', "not a valid url"),
@@ -3649,6 +3667,7 @@ async def test_every_setting_survives_a_crash(process, seeders, tmp_path):
     ({"file_priorities": "x"}, 400, "file_priorities"),
     ({"file_priorities": [4, 4]}, 422, "entries"),
     ({"file_priorities": {"99": 4}}, 422, "no file"),
+    ({"file_priorities": {"0": 4, "00": 1}}, 400, "file index"),  # which one wins?
     ({"trackers": "http://x"}, 400, "trackers"),
     ({"trackers": ["ftp://x/announce"]}, 422, "trackers"),
     ({"trackers": ["http://tracker.example/announce"]}, 422, "not allowed"),
@@ -4087,6 +4106,8 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
         "Authorization": "Basic " + base64.b64encode(b"u:wrong-token-xyz").decode()})
     assert wrong.status == 401
     assert wrong.headers["WWW-Authenticate"] == 'Basic realm="Transmission"'
+    missing = await guarded.post("/transmission/rpc", json={"method": "session-get"})
+    await error_of(missing, 401, "Authorization: Basic, the token as the password")
     # The raw token after "Basic", without base64 of user:password, is no credential.
     raw_token = await guarded.post("/transmission/rpc", json={"method": "session-get"},
                                    headers={"Authorization": f"Basic {TOKEN}",
@@ -4162,6 +4183,13 @@ async def test_the_rpc_protocol_and_its_errors(guarded, payload, tmp_path):
     assert answer["result"] == "success"
     started = await (await guarded.get(f"/torrents/{infohash_of(torrent)}", headers=AUTH)).json()
     assert not started["paused"] and not started["auto_managed"]
+    # Only JSON true is true, as for delete-local-data and move: "false" added it paused.
+    status, answer = await rpc(guarded, "torrent-add", {"filename": MAGNET[:-2] + "77",
+                                                        "paused": "false"}, session)
+    assert answer["result"] == "success", answer
+    unpaused = await (await guarded.get("/torrents/" + MAGNET[-40:-2] + "77",
+                                        headers=AUTH)).json()
+    assert not unpaused["paused"] or unpaused["queued"], unpaused
     # Ids that do not exist are left out, as Transmission does.
     status, answer = await rpc(guarded, "torrent-stop", {"ids": [4242, "ab" * 20]}, session)
     assert answer["result"] == "success"
@@ -5329,16 +5357,20 @@ async def test_ranges_headers_and_errors_of_a_file_that_is_there(daemon, tmp_pat
         assert response.headers["Content-Type"] == "video/mp4"
         assert response.headers["Content-Disposition"] == (
             "inline; filename=\"_t_ 2024.mp4\"; filename*=UTF-8''%C3%89t%C3%A9%202024.mp4")
+        assert response.headers["Content-Security-Policy"] == "sandbox"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
         etag = response.headers["ETag"]
     assert infohash in etag
     for asked, first, last in (("0-99", 0, 99), ("299000-", 299000, 299999), ("-500", 299500,
                                299999), ("10-20, 30-40", 10, 20), ("1000-99999999", 1000,
-                               299999)):
+                               299999), ("0-" + "9" * 4400, 0, 299999)):
         async with daemon.get(url, headers={"Range": f"bytes={asked}"}) as response:
             assert response.status == 206, asked
             assert response.headers["Content-Range"] == f"bytes {first}-{last}/300000"
             assert await response.read() == data[first:last + 1]
-    for asked in ("bytes=300000-", "bytes=5-3", "bytes=-0", "items=0-1", "bytes=-"):
+    # Numbers of thousands of digits were a 500; other scripts' digits were read as numbers.
+    for asked in ("bytes=300000-", "bytes=5-3", "bytes=-0", "items=0-1", "bytes=-",
+                  "bytes=" + "1" * 5000 + "-", "bytes=\u0661-\u0665"):
         response = await daemon.get(url, headers={"Range": asked})
         await error_of(response, 416, "no byte")
         assert response.headers["Content-Range"] == "bytes */300000"
@@ -5347,7 +5379,8 @@ async def test_ranges_headers_and_errors_of_a_file_that_is_there(daemon, tmp_pat
     async with daemon.head(url, headers={"Range": "bytes=0-9"}) as response:
         assert response.status == 206 and response.headers["Content-Length"] == "10"
         assert await response.read() == b""
-    assert (await daemon.get(url, headers={"If-None-Match": etag})).status == 304
+    for unchanged in (etag, "*"):
+        assert (await daemon.get(url, headers={"If-None-Match": unchanged})).status == 304
     async with daemon.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'}) as response:
         assert response.status == 200 and await response.read() == data  # changed: all of it
     for index in ("2", "99", "x", "-1"):
@@ -5355,6 +5388,51 @@ async def test_ranges_headers_and_errors_of_a_file_that_is_there(daemon, tmp_pat
     await conforms(await daemon.get(file_url(infohash, 7)), "get",
                    "/torrents/{infohash}/files/{index}")
     assert (await status_of(daemon, infohash))["streams"] == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
+async def test_a_page_in_a_torrent_runs_no_script_with_the_apis_address(daemon, tmp_path):
+    """An HTML file streamed from a torrent and opened in a browser was a page of the API's
+    own origin: its script changed the settings (and could delete every torrent). It is
+    sandboxed now: no script runs, in real Chromium."""
+    page = tmp_path / "downloads" / "page.html"
+    page.write_text("<title>page</title><script>document.title = 'ran'; fetch('/settings', "
+                    "{method: 'PATCH', headers: {'Content-Type': 'application/json'}, "
+                    "body: '{\"upload_limit\": 12345}'})</script>")
+    infohash = await added_and_checked(daemon, make_torrent(page))
+    browser = Chromium(tmp_path / "chromium")
+    try:
+        await browser.start()
+        await browser.call("Page.navigate", url=str(daemon.make_url(file_url(infohash))))
+        await wait_until(lambda: browser.evaluate("document.readyState === 'complete' && "
+                                                  "document.title !== ''"),
+                         what="the page to load")
+        assert await browser.evaluate("document.title") == "page"
+    finally:
+        await browser.close()
+    assert (await (await daemon.get("/settings")).json())["upload_limit"] == 0
+
+
+async def test_a_stream_starts_a_queued_torrent_past_the_queue(daemon, seeders, tmp_path):
+    """A stream of a torrent libtorrent's queue held waited, unanswered, until the queue
+    let it run, maybe hours later. It starts the torrent now, as a player needs."""
+    source = make_payload(tmp_path / "source", {"queued.bin": 2 * MIB})
+    torrent = make_torrent(source / "queued.bin")
+    seeder = seeders(rate_limit=100_000).seed(torrent, source)
+    _, body = await add(daemon, torrent_url=seeder.magnet(torrent))
+    infohash = body["infohash"]
+    await wait_status(daemon, infohash, lambda s: s["has_metadata"], what="metadata")
+    assert (await daemon.patch("/settings", json={"max_active_downloads": 0})).status == 200
+    await wait_status(daemon, infohash, lambda s: s["queued"], what="the queue to hold it")
+    # Bounded: before, no answer came at all.
+    async with await asyncio.wait_for(daemon.get(file_url(infohash)), DEADLINE) as response:
+        assert response.status == 200
+        assert response.headers["X-Queue"] == "started now, past the queue"
+        unlimit(seeder)
+        assert await asyncio.wait_for(response.read(), DEADLINE) == (
+            source / "queued.bin").read_bytes()
+    status = await status_of(daemon, infohash)
+    assert not status["queued"] and not status["auto_managed"], status
 
 
 async def test_a_waiting_reader_shows_in_the_status_and_a_hang_up_leaves_nothing(daemon,

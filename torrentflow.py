@@ -163,7 +163,7 @@ def _boolean(value):
 def _number(kind, low, *special, high=2**31 - 1):  # libtorrent's numbers are 32-bit
     """A parser of numbers of kind (int or float) from low to high, or one of special."""
     def parse(value):
-        if isinstance(value, str):
+        if isinstance(value, str) and value.isascii() and "_" not in value:  # not "1_0", "١"
             with contextlib.suppress(ValueError):  # text that is no number: the TypeError below
                 value = kind(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
@@ -511,6 +511,10 @@ def served(app, method, path, handler, public=None):
             response = web.json_response({"detail": error.reason}, status=error.status,
                                          headers={k: v for k, v in error.headers.items()
                                                   if k.lower() != "content-type"})
+        except web.RequestPayloadError as error:  # such as a body that does not decompress
+            reason = str(error).splitlines()[-1].strip()  # aiohttp's is "400, message:\n ..."
+            response = web.json_response({"detail": f"malformed request body: {reason}"},
+                                         status=400)
         except ConnectionResetError:  # the client hung up mid-body: nobody to answer
             log.info("the client of %s %s hung up", request.method, request.path)
             response = web.json_response({"detail": "the client hung up"}, status=400)
@@ -610,7 +614,8 @@ def _bearer_error(request, token, realm=None):
         given = ""
     challenge = f'Basic realm="{realm}"' if realm else 'Bearer realm="torrentflow"'
     if not given.strip():
-        return "this API needs the header Authorization: Bearer <token>", challenge
+        return "this API needs the header Authorization: " + (
+            "Basic, the token as the password" if realm else "Bearer <token>"), challenge
     # Constant time, so response timing does not reveal how much of a guess was right.
     if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         return None
@@ -1771,8 +1776,9 @@ def _file_progress(handles):
 def _log_failure(task):
     """Report a task nobody awaits that failed: its work would stop silently."""
     error = None if task.cancelled() else task.exception()
-    if isinstance(error, ApiError):
-        log.error("%s: %s", task.get_name(), error.detail)
+    if isinstance(error, ApiError):  # a client's 4xx is no trouble of the daemon's
+        log.log(logging.ERROR if error.status >= 500 else logging.INFO, "%s: %s",
+                task.get_name(), error.detail)
     elif error is not None:
         log.error("%s failed", task.get_name(), exc_info=error)
 
@@ -2870,6 +2876,7 @@ def _one(action, act, done, summary, errors=(404, 503), **description):
     """PUT /torrents/{infohash}/<action>: act(engine, torrent) on that torrent."""
     async def handler(request):
         torrent = _requested_torrent(request)
+        _known_parameters(request.query, ())
         await act(request.app[ENGINE], torrent)
         return web.json_response({"detail": f"{done} {torrent.infohash}"})
     handler.__doc__ = summary
@@ -3299,7 +3306,8 @@ def _select(engine, query):
     torrents = _matching(engine, query, ("state", "paused", "label", "sort", "limit",
                                          "offset", "fields"))
     if "sort" in query:
-        sortable = [name for name in status_fields() if name != "files"]  # lists do not sort
+        kinds = {f.name: f.type["type"] if isinstance(f.type, dict) else f.type for f in STATUS}
+        sortable = [name for name, kind in kinds.items() if kind != "array"]  # lists do not sort
         sort = _names(query["sort"], "sort", [*sortable, *("-" + n for n in sortable)])[0]
         name = sort.removeprefix("-")
         # null sorts first ascending; tuples keep None away from comparisons with numbers.
@@ -3425,11 +3433,9 @@ def _priorities_value(value):
         raise TypeError("must be a list of priorities, or an object of index: priority")
     chosen = {}
     for index, priority in value.items() if isinstance(value, dict) else enumerate(value):
-        try:
-            index = int(index)
-        except ValueError:
-            raise TypeError(f"{index!r} is not a file index") from None
-        chosen[index] = _number(int, 0, high=7)(priority)
+        if isinstance(index, str) and not re.fullmatch("0|[1-9][0-9]{0,8}", index):
+            raise TypeError(f"{index!r} is not a file index")  # "1" and "01" would be one
+        chosen[int(index)] = _number(int, 0, high=7)(priority)
     return chosen if isinstance(value, dict) else list(chosen.values())
 
 
@@ -5088,7 +5094,7 @@ def _rpc_settings(torrent, arguments, trackers=None):
             kilobytes = arguments.get(key, torrent.status[setting] // 1000 if torrent else 0)
             if not isinstance(kilobytes, int) or isinstance(kilobytes, bool):
                 raise RpcError(f"{key} must be a whole number of kB/s")
-            changes[setting] = kilobytes * 1000 if arguments.get(key + "ed", True) else 0
+            changes[setting] = kilobytes * 1000 if arguments.get(key + "ed", True) is True else 0
     if "peer-limit" in arguments:
         changes["max_connections"] = arguments["peer-limit"]
     if trackers is not None:
@@ -5185,7 +5191,7 @@ async def _rpc_add(request, engine, arguments):
         raise RpcError("no filename or metainfo specified")
     params.save_path = await _rpc_directory(engine, arguments, "download-dir")
     settings = parse_settings({**_rpc_settings(None, arguments),
-                               "paused": bool(arguments.get("paused", False))}, "add")
+                               "paused": arguments.get("paused") is True}, "add")
     choices = any(key in arguments for key in RPC_FILE_CHOICES)
     if choices:  # refused before the add, so nothing is added
         if params.ti is None:
@@ -5274,7 +5280,7 @@ async def _rpc_session_set(request, engine, arguments):
             value = arguments.get(key, current[key])
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise RpcError(f"{key} must be a number")
-            on = arguments.get(enabled, current.get(enabled, True))
+            on = arguments.get(enabled, current.get(enabled, True)) is True
             off = 0 if "speed" in key else -1
             changes[setting] = value * scale if on else off
     ignored = sorted(set(arguments) - set(RPC_SESSION_SET)
@@ -5714,11 +5720,14 @@ def _byte_range(header, size):
     """(first, end) of the bytes a Range header's first range asks for, or None; 416 if none."""
     if header is None:
         return None
-    match = re.fullmatch(r"bytes=(\d*)-(\d*)(,.*)?", header.replace(" ", ""))
+    match = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)(,.*)?", header.replace(" ", ""))
+    # Past 18 digits a number is past any file; int() of 5,000 digits would raise.
+    first, last = (int(text or 0) if len(text) < 19 else 10**18 for text in (
+        match.group(1, 2) if match else ("", "")))
     if match and match[1]:
-        span = int(match[1]), min(size, int(match[2]) + 1) if match[2] else size
+        span = first, min(size, last + 1) if match[2] else size
     elif match and match[2]:
-        span = max(0, size - int(match[2])), size
+        span = max(0, size - last), size
     if not (match and (match[1] or match[2]) and span[0] < span[1]):
         raise ApiError(416, f"{header!r} holds no byte of this file of {size} bytes",
                        {"Content-Range": f"bytes */{size}"})
@@ -5743,7 +5752,10 @@ def _file_entry(torrent, text):
     if entry is None:
         raise ApiError(404, f"torrent {torrent.infohash} has no file with index {text}")
     name = os.path.basename(entry[1])
+    # A page in a torrent, opened from here, would run with the API's origin: sandboxed,
+    # it runs no script, and its requests carry Origin: null, which _cross_site refuses.
     return entry, {"Accept-Ranges": "bytes", "ETag": f'"{torrent.infohash}-{entry[0]}"',
+                   "Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff",
                    "Content-Disposition": (  # RFC 6266
                        "inline; filename=\"%s\"; filename*=UTF-8''%s" % (
                            re.sub(r'[^ -~]|["\\]', "_", name), urllib.parse.quote(name, ""))),
@@ -5755,21 +5767,27 @@ async def stream_file(request):
     torrent = _requested_torrent(request)
     entry, headers = _file_entry(torrent, request.match_info["index"])
     (index, _, size), etag = entry, headers["ETag"]
-    if etag in request.headers.get("If-None-Match", ""):
+    if etag in request.headers.get("If-None-Match", "") or request.headers.get(
+            "If-None-Match", "").strip() == "*":
         return web.Response(status=304, headers=headers)
     span = _byte_range(request.headers.get("Range") if request.headers.get(
         "If-Range", etag) == etag else None, size)
     headers.update({"Content-Range": f"bytes {span[0]}-{span[1] - 1}/{size}"} if span else {})
     if torrent.status["error"]:
         raise ApiError(409, f"torrent {torrent.infohash} stopped: {torrent.status['error']}")
-    status, have = torrent.status, (torrent.file_progress or [0] * (index + 1))[index]
-    if _held(status) and not status["is_seeding"] and have < size:
+    status = torrent.status
+    if _held(status) and not status["is_seeding"] and _have(torrent, index) < size:
         raise ApiError(409, f"torrent {torrent.infohash} is paused: resume it to stream this")
     response = web.StreamResponse(status=206 if span else 200, headers=headers)
     response.content_length = span[1] - span[0] if span else size
     if request.method != "HEAD" and response.content_length:
         await _send_range(request, response, torrent, entry, span or (0, size))
     return response
+
+
+def _have(torrent, index):
+    """Bytes of a file that libtorrent verified, as of the last file progress."""
+    return (torrent.file_progress or [0] * (index + 1))[index]
 
 
 async def _send_range(request, response, torrent, entry, span):
@@ -5792,6 +5810,9 @@ async def _send_range(request, response, torrent, entry, span):
             await _prioritize(engine, torrent, _priorities(torrent, {entry[0]: 4}))
             engine.save(torrent)
             response.headers["X-File-Priority"] = "raised from 0 to 4: it downloads now"
+        if torrent.status["queued"] and _have(torrent, entry[0]) < entry[2]:  # for hours maybe
+            await engine.resume(torrent, queued=False)
+            response.headers["X-Queue"] = "started now, past the queue"
         while reader.position < reader.end:
             data = await reader.verified(request, engine)
             if not await asyncio.to_thread(_in_place, torrent.save_path, entry[1], engine.roots):
