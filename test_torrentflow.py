@@ -5708,6 +5708,41 @@ async def test_a_delete_during_the_first_save_does_not_come_back(daemon, tmp_pat
     assert (await (await again.get("/torrents")).json())["total"] == 0
 
 
+async def test_an_add_during_the_start_up_load_finds_the_saved_copy(tmp_path, aiohttp_client):
+    """A saved torrent added again while the start-up load had not reached it was added
+    twice (201, two entries); a DELETE of it answered 200 and it came back at the next
+    start; a GET of it answered 404. Now the add waits for the load, and a GET says 503."""
+    resume, downloads = tmp_path / "state" / "resume", tmp_path / "downloads"
+    resume.mkdir(parents=True)
+    for number in range(1, 1501):  # saved magnets (not 0: no hash), for a long load
+        params = lt.parse_magnet_uri(f"magnet:?xt=urn:btih:{number:040x}")
+        params.save_path = str(downloads)
+        (resume / f"{number:040x}.resume").write_bytes(lt.write_resume_data_buf(params))
+    source = make_payload(tmp_path / "source", {"again.bin": 40_000})
+    torrent = make_torrent(source / "again.bin")
+    params = lt.load_torrent_buffer(torrent)
+    params.save_path, params.added_time = str(downloads), int(time.time()) + 10  # loaded last
+    infohash = infohash_of(torrent)
+    (resume / f"{infohash}.resume").write_bytes(lt.write_resume_data_buf(params))
+    client = await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path)))
+    early = await client.get(f"/torrents/{infohash}")
+    assert early.status in (200, 503), await early.text()
+    _, body = await add(client, expect=(200,), torrent_file=torrent)
+    assert body["infohash"] == infohash
+    _, refused = await add(client, expect=(409,), torrent_file=torrent, save_path="other")
+    assert "already there" in refused["detail"]
+    await wait_until(lambda: engine_loaded(client), what="the saved torrents to load")
+    listing = await (await client.get("/torrents?fields=infohash")).json()
+    assert [t["infohash"] for t in listing["torrents"]].count(infohash) == 1
+    assert listing["total"] == 1501
+    assert (await client.delete(f"/torrents/{infohash}")).status == 200
+    await client.close()
+    again = await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path)))
+    await wait_until(lambda: engine_loaded(again), what="the saved torrents to load")
+    assert (await again.get(f"/torrents/{infohash}")).status == 404
+    assert (await (await again.get("/torrents")).json())["total"] == 1500
+
+
 def engine_loaded(client):
     return not client.app[torrentflow.ENGINE].loading
 

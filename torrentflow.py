@@ -1811,7 +1811,7 @@ class TorrentEngine:
         self._listeners = collections.defaultdict(list)
         self._alert_handlers = {kind: [handler] for kind, handler in self._ALERT_HANDLERS.items()}
         self._unlisted = 0            # torrents without a status yet
-        self._loaded = False          # whether every saved torrent was handed over
+        self._loaded = asyncio.Event()  # set once every saved torrent was handed over
         self._listing = None          # the plain listing body, until a status changes
         self._tasks = {}              # name -> the engine's long-running tasks
         self._background = set()      # short tasks nobody awaits (saves, removals)
@@ -1956,7 +1956,7 @@ class TorrentEngine:
     @property
     def loading(self):
         """True until every saved torrent is back and listed."""
-        return not self._loaded or self._unlisted > 0
+        return not self._loaded.is_set() or self._unlisted > 0
 
     def health(self):
         """What is wrong with the daemon as a whole: a list of reasons, empty if nothing."""
@@ -2031,11 +2031,19 @@ class TorrentEngine:
     def lookup(self, infohash):
         """This id's torrent: 404 if unknown or being removed, 503 while being added or loaded."""
         torrent = self._by_id.get(infohash)
+        if torrent is None:
+            self._check_loaded()
         if torrent is None or torrent.removing:
             raise ApiError(404, f"no torrent with infohash {infohash}")
         if torrent.status is None:
             raise ApiError(503, f"torrent {infohash} is still being added; try again", RETRY_AFTER)
         return torrent
+
+    def _check_loaded(self):
+        """503 while the saved torrents are handed over: the one asked for may be among them."""
+        if not self._loaded.is_set():
+            raise ApiError(503, "the saved torrents are still being loaded; try again",
+                           RETRY_AFTER)
 
     def knows(self, infohash):
         """Whether a torrent answers to this id, exactly as written."""
@@ -2067,6 +2075,9 @@ class TorrentEngine:
 
     async def add(self, params, presets=(), anywhere=False):
         """(infohash, created) once it is saved and has a status; presets apply to a new one."""
+        with contextlib.suppress(TimeoutError):  # a saved copy not yet back would be doubled
+            await asyncio.wait_for(asyncio.shield(self._loaded.wait()), ALERT_WAIT)
+        self._check_loaded()
         ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removing:
@@ -2605,7 +2616,7 @@ async def _load_library(engine):
             log.warning("the last run did not stop cleanly: checking the data of %d "
                         "torrents that were downloading", checking)
     finally:
-        engine._loaded = True
+        engine._loaded.set()
 
 
 def _prepare_library(engine, saved):
