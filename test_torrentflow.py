@@ -3411,6 +3411,46 @@ async def test_a_move_a_crash_cut_short_resumes_where_the_data_is_whole(process,
     assert {name: sha1_of(place / name) for name in layout} == sums
 
 
+async def test_a_partial_download_a_crash_cut_moving_keeps_its_data(tmp_path):
+    """A download not yet whole, moved to another file system: a crash after libtorrent
+    copied every file and deleted an original left the copies the only data. The start
+    took the old place, empty then, and downloaded it all again."""
+    with tmpfs(tmp_path / "other", "16m") as other:
+        process = DaemonProcess(tmp_path, extra=["--allowed-save-root", str(other)])
+        try:
+            layout = {"pack/a.bin": 300_000, "pack/b.bin": 200_000}
+            source = make_payload(tmp_path / "source", layout)
+            torrent = make_torrent(source / "pack")
+            infohash = infohash_of(torrent)
+            (process.download_dir / "pack").mkdir(parents=True)
+            shutil.copy(source / "pack" / "a.bin", process.download_dir / "pack")  # b: none
+            await process.start()
+            await add(process.client, torrent_file=torrent)
+            before = await wait_status(process.client, infohash, lambda s: s["state"] ==
+                                       "downloading", what="the check of a.bin")
+            assert 0 < before["progress"] < 100
+            await process.stop(signal.SIGTERM)
+            # What the crash leaves, made by hand: copied, the original deleted, the move
+            # noted in the resume file, no clean-shutdown mark.
+            (other / "pack").mkdir()
+            shutil.copy(process.download_dir / "pack" / "a.bin", other / "pack")
+            (process.download_dir / "pack" / "a.bin").unlink()
+            resume_file = process.state_dir / "resume" / f"{infohash}.resume"
+            resume = lt.bdecode(resume_file.read_bytes())
+            notes = json.loads(resume[torrentflow.NOTES_KEY])
+            resume[torrentflow.NOTES_KEY] = json.dumps(
+                {**notes, "moving_to": str(other)}).encode()
+            resume_file.write_bytes(lt.bencode(resume))
+            (process.state_dir / torrentflow.CLEAN_MARK).unlink()
+            await process.start()
+            after = await wait_status(process.client, infohash, lambda s: s["state"] ==
+                                      "downloading", what="the start")
+            assert after["save_path"] == str(other) and after["moving_to"] is None
+            assert after["total_done"] == before["total_done"], (before, after)
+        finally:
+            await process.close()
+
+
 async def test_a_move_a_delete_cut_short_answers_404(tmp_path):
     """A DELETE with its files while a PATCH waits for its move across file systems: the
     PATCH answered 200 with the status of a torrent that was gone."""
@@ -3635,8 +3675,8 @@ async def test_every_setting_survives_a_crash(process, seeders, tmp_path):
     await wait_complete(process.client, infohash)
     # The second label looks like the daemon's own key in the resume file.
     chosen = {"labels": ["keep", "13:x-torrentflow2:{}"], "file_priorities": [7, 1],
-              "sequential_download": True, "download_limit": 100_000, "upload_limit": 200_000, "max_connections": 30,
-              "max_uploads": 4, "ratio_limit": 3.0, "seeding_time_limit": 3600,
+              "sequential_download": True, "download_limit": 100_000, "upload_limit": 200_000,
+              "max_connections": 30, "max_uploads": 4, "ratio_limit": 3.0, "seeding_time_limit": 3600,
               "trackers": ["http://127.0.0.1:9/announce"], "save_path": "moved"}
     async with process.client.patch(f"/torrents/{infohash}", json=chosen) as response:
         before = await response.json()

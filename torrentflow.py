@@ -3768,7 +3768,8 @@ def _finish_move(engine, params, notes):
 
 def _where_data_is(params, moving_to, inside_roots):
     """Where a half-moved torrent's data is: where it was if whole, else the target if whole,
-    else where it was, the moved files put back; in a thread."""
+    else the target if the originals went after copies, else where it was, the moved files
+    put back; in a thread."""
     if not (params.ti and inside_roots(moving_to)):
         return params.save_path
     files = _files_of(params.ti)
@@ -3778,14 +3779,22 @@ def _where_data_is(params, moving_to, inside_roots):
         return params.save_path
     if _missing_file(moving_to, files, params.file_priorities) is None:
         return moving_to
-    # libtorrent renames file by file within one file system: put the renamed ones back.
-    for _, path, _ in files:
-        moved, original = os.path.join(moving_to, path), os.path.join(params.save_path, path)
-        if os.path.isfile(moved) and not os.path.islink(moved) and not os.path.lexists(
-                original):
-            with contextlib.suppress(OSError):  # another file system: a copy, left there
-                os.makedirs(os.path.dirname(original), exist_ok=True)
-                os.rename(moved, original)
+    # Files only at the target were renamed there (one file system, file by file: they go
+    # back), or copied and their originals deleted, which libtorrent does to none before
+    # every copy is made: across file systems, one such file means the copies are all.
+    moved = [path for _, path, _ in files if os.path.isfile(os.path.join(moving_to, path))
+             and not os.path.islink(os.path.join(moving_to, path))
+             and not os.path.lexists(os.path.join(params.save_path, path))]
+    try:
+        across = os.stat(moving_to).st_dev != os.stat(params.save_path).st_dev
+    except OSError:  # the old place is gone altogether
+        across = True
+    if moved and across:
+        return moving_to
+    for path in moved:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(os.path.join(params.save_path, path)), exist_ok=True)
+            os.rename(os.path.join(moving_to, path), os.path.join(params.save_path, path))
     return params.save_path
 
 
