@@ -3677,7 +3677,8 @@ async def test_every_setting_survives_a_crash(process, seeders, tmp_path):
     chosen = {"labels": ["keep", "13:x-torrentflow2:{}"], "file_priorities": [7, 1],
               "sequential_download": True, "download_limit": 100_000, "upload_limit": 200_000,
               "max_connections": 30, "max_uploads": 4, "ratio_limit": 3.0,
-              "seeding_time_limit": 3600, "trackers": ["http://127.0.0.1:9/announce"], "save_path": "moved"}
+              "seeding_time_limit": 3600, "trackers": ["http://127.0.0.1:9/announce"],
+              "save_path": "moved"}
     async with process.client.patch(f"/torrents/{infohash}", json=chosen) as response:
         before = await response.json()
         assert response.status == 200, before
