@@ -2906,15 +2906,26 @@ async def test_a_state_directory_that_fails_gives_503_and_loses_nothing(
 
 async def test_a_full_state_directory_shows_in_health_until_saves_work(small_disk, tmp_path,
                                                                        aiohttp_client):
-    """A full disk is still writable, so only the failing saves can tell."""
+    """A full disk is still writable, so only the failing writes can tell: an add that
+    could not be saved was undone, and /health forgot why with it."""
     client = await aiohttp_client(torrentflow.make_app(daemon_config(
         tmp_path, "--state-dir", str(small_disk / "state"), "--save-interval", "0.2")))
-    _, body = await add(client, torrent_file=idle_torrent(tmp_path, "full.bin"))
     filler = small_disk / "filler"
-    with open(filler, "wb") as file, contextlib.suppress(OSError):
-        while True:
-            file.write(b"\0" * 65536)
-            file.flush()
+
+    def fill():
+        with open(filler, "wb", buffering=0) as file, contextlib.suppress(OSError):
+            while True:
+                file.write(b"\0" * 65536)
+    fill()
+    await error_of(await client.post("/torrents", json={"torrent_url": MAGNET}), 503,
+                   "no space left")
+    assert (await (await client.get("/torrents")).json())["total"] == 0
+    await wait_until(lambda: _unhealthy(client, "no space left"), deadline=5,
+                     what="/health to tell of the failed add")
+    filler.unlink()
+    _, body = await add(client, torrent_file=idle_torrent(tmp_path, "full.bin"))
+    await wait_until(lambda: _healthy(client), deadline=5, what="a write to clear it")
+    fill()
     await error_of(await client.put(f"/torrents/{body['infohash']}/pause"), 503,
                    "no space left")
     await wait_until(lambda: _unhealthy(client, "no space left"), deadline=5,
@@ -2924,6 +2935,28 @@ async def test_a_full_state_directory_shows_in_health_until_saves_work(small_dis
     await wait_until(lambda: lt.read_resume_data(resume.read_bytes()).flags
                      & lt.torrent_flags.paused, deadline=10, what="the pause to be saved")
     await wait_until(lambda: _healthy(client), deadline=5, what="/health to be well again")
+
+
+async def test_a_hung_state_directory_shows_in_health(daemon, tmp_path, monkeypatch):
+    """A write that never returns (a dead network mount) left /health answering ok, so no
+    liveness probe would restart the daemon. The fake: a FIFO where the resume file's
+    temporary copy goes, whose open blocks until a reader comes, as a dead mount's does."""
+    monkeypatch.setattr(torrentflow, "ALERT_WAIT", 1.0)
+    fifo = tmp_path / "state" / "resume" / f"{MAGNET[-40:]}.tmp"
+    os.mkfifo(fifo)
+    adding = asyncio.ensure_future(daemon.post("/torrents", json={"torrent_url": MAGNET}))
+    await wait_until(lambda: _unhealthy(daemon, "has not answered"), deadline=10,
+                     what="/health to tell of the hung state directory")
+    assert not adding.done()
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the mount comes back
+    try:
+        await error_of(await adding, 503, "state directory")
+    finally:
+        os.close(reader)
+        fifo.unlink()
+    _, body = await add(daemon, torrent_url=MAGNET)
+    await wait_until(lambda: _healthy(daemon), deadline=5, what="a write to clear it")
+
 
 async def _healthy(client):
     return (await client.get("/health")).status == 200

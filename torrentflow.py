@@ -1149,6 +1149,8 @@ class StateStore:
         self._jobs = queue.SimpleQueue()  # in order: a write and a delete never cross
         self._renamed = set()  # directories the job under way renamed or deleted in
         self._lock_fd = None   # the state directory, held with flock while running
+        self.failure = ""      # why the last write failed, until a write succeeds
+        self._busy_since = None  # when the jobs under way began
         # A daemon thread: a disk that hangs cannot keep the process from exiting.
         self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
         self._thread.start()
@@ -1163,6 +1165,7 @@ class StateStore:
         """Run jobs in order; a batch's directories are fsynced once, before any answer."""
         while True:
             batch = [self._jobs.get()]
+            self._busy_since = time.monotonic()
             while not self._jobs.empty() and len(batch) < 1000:
                 batch.append(self._jobs.get_nowait())
             done, failed = [], {}
@@ -1182,14 +1185,28 @@ class StateStore:
                     _fsync_dir(directory)
                 except OSError as error:
                     failed[directory] = error
+            self._busy_since = None
             for future, result, error, renamed in done:
                 error = error or next((failed[path] for path in renamed if path in failed), None)
+                if isinstance(error, OSError):  # kept for /health: a failed add leaves no trace
+                    self.failure = (f"the state directory failed: {error.strerror or error}"
+                                    + (f" ({error.filename})" if error.filename else ""))
+                elif renamed:
+                    self.failure = ""
                 if error:
                     future.set_exception(error)
                 else:
                     future.set_result(result)
             if function is None:
                 return
+
+    def problems(self):
+        """What /health should tell of the state directory: a failed write, a hung one."""
+        problems = [self.failure] if self.failure else []
+        busy = self._busy_since and time.monotonic() - self._busy_since
+        if busy and busy > ALERT_WAIT:  # a hung mount: a liveness probe should restart us
+            problems.append(f"the state directory has not answered for {busy:.0f} s")
+        return problems
 
     def barrier(self):
         """An awaitable done once every job asked for before it is done."""
@@ -1964,7 +1981,7 @@ class TorrentEngine:
                 if task.done() and (name != "load" or task.cancelled() or task.exception())]
         found = [problem for check in self._listeners["health"] for problem in check()]
         return [*dead, *found, *([self.listen_failure] if self.listen_failure else []),
-                *itertools.islice(self.saves.unsaved.values(), 1)]
+                *self.store.problems()]
 
     # -- waiting on libtorrent ------------------------------------------------ #
 
@@ -2379,7 +2396,6 @@ class TorrentEngine:
         if self._torrents.pop(torrent, False) is False:
             return
         self._listing = None
-        self.saves.unsaved.pop(torrent, None)
         self._notify("forget", torrent)
         self._by_handle.pop(torrent.handle, None)
         for key in torrent.aliases:
@@ -2523,7 +2539,6 @@ class _Saves:
 
     def __init__(self, engine):
         self.engine = engine
-        self.unsaved = {}             # torrent -> why its last save failed
 
     def save(self, torrent, force=True):
         """A future of a save of it as it is now: True once written, False if not needed."""
@@ -2559,14 +2574,12 @@ class _Saves:
             try:
                 with _state_io(f"saving {name}"):
                     await self.engine.store.write(name, data, old)
-            except ApiError as error:
+            except ApiError:
                 self.engine.counts["save_failures"] += 1
-                self.unsaved[torrent] = error.detail  # a full disk is still writable
                 # libtorrent has handed this data over: write it in full at the next try.
                 torrent.force_save = True
                 raise
             self.engine.counts["saves"] += 1
-            self.unsaved.pop(torrent, None)
             torrent.saved_as = name
             return True
         finally:
