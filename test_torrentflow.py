@@ -3484,6 +3484,38 @@ async def test_a_partial_download_a_crash_cut_moving_keeps_its_data(tmp_path):
             await process.close()
 
 
+async def test_a_download_whose_files_vanished_while_stopped_is_held(tmp_path):
+    """A download half done, its files gone while the daemon was stopped (a drive not
+    mounted): it went on downloading everything again into the empty place. It is held,
+    with the missing file in error, as a finished one is; resume starts it again."""
+    process = DaemonProcess(tmp_path)
+    try:
+        layout = {"pack/a.bin": 300_000, "pack/b.bin": 200_000}
+        source = make_payload(tmp_path / "source", layout)
+        torrent = make_torrent(source / "pack")
+        infohash = infohash_of(torrent)
+        (process.download_dir / "pack").mkdir(parents=True)
+        shutil.copy(source / "pack" / "a.bin", process.download_dir / "pack")  # b: none
+        await process.start()
+        await add(process.client, torrent_file=torrent)
+        before = await wait_status(process.client, infohash, lambda s: s["state"] ==
+                                   "downloading", what="the check of a.bin")
+        assert 0 < before["progress"] < 100
+        await process.stop(signal.SIGTERM)
+        shutil.rmtree(process.download_dir / "pack")
+        await process.start()
+        held = await status_of(process.client, infohash)
+        assert held["error"] == "missing or truncated file: pack/a.bin", held
+        assert held["paused"] and not held["auto_managed"]
+        assert not (process.download_dir / "pack").exists()
+        assert (await process.client.put(f"/torrents/{infohash}/resume")).status == 200
+        again = await wait_status(process.client, infohash, lambda s: s["state"] ==
+                                  "downloading", what="the resumed download")
+        assert again["error"] == "" and again["progress"] == 0
+    finally:
+        await process.close()
+
+
 async def test_a_move_a_delete_cut_short_answers_404(tmp_path):
     """A DELETE with its files while a PATCH waits for its move across file systems: the
     PATCH answered 200 with the status of a torrent that was gone."""

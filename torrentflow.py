@@ -5632,12 +5632,21 @@ async def _retry_disk(torrent):
 
 
 def _hold_missing(params, notes):
-    """A load listener: a finished torrent whose files are gone is held, with the reason."""
+    """A load listener: a torrent whose files are gone is held, with the reason."""
     # A drive not mounted must not mean downloading it all again, into the mount point.
-    if notes["finished"] and params.ti:
-        missing = _missing_file(params.save_path, _files_of(params.ti), params.file_priorities)
-        return missing and f"missing or truncated file: {missing}"
-    return None
+    if not params.ti:
+        return None
+    files, had = _files_of(params.ti), params.have_pieces
+    if not notes["finished"]:  # a download: the files holding a piece it had must be there
+        files = [(index, path, 0) for index, path, size in files
+                 if size and any(had[slice(*_piece_span(params.ti, index, size))])]
+    missing = _missing_file(params.save_path, files, params.file_priorities)
+    return missing and f"missing or truncated file: {missing}"
+
+
+def _piece_span(info, index, size):
+    """(first, end) of the pieces a file of size bytes spans; end is one past its last."""
+    return info.map_file(index, 0, 0).piece, info.map_file(index, size - 1, 0).piece + 1
 
 
 def _on_file_error(engine, alert):
