@@ -3017,6 +3017,17 @@ async def test_the_state_directory_cannot_hang_the_daemon(process, tmp_path):
     assert "not a regular file" in process.log()
     code, seconds = await process.stop()
     assert code == 0 and seconds < STOP_GRACE
+    # A directory where its resume file goes, its backup whole: it loads from the backup,
+    # and the directory goes aside, or every save of it would fail (503) for ever.
+    saved = process.state_dir / "resume" / f"{infohash_of(torrent)}.resume"
+    saved.rename(saved.with_suffix(".bak"))
+    saved.mkdir()
+    await process.start()
+    assert await process.infohashes() == {infohash_of(torrent)}
+    async with process.client.put(f"/torrents/{infohash_of(torrent)}/pause") as response:
+        assert response.status == 200, await response.text()
+    assert saved.is_file()
+    assert any(path.is_dir() for path in (process.state_dir / "quarantine").iterdir())
 
 
 async def test_a_dead_background_task_makes_health_fail(daemon):

@@ -1360,6 +1360,7 @@ class StateStore:
         for candidate in (path, path.with_suffix(".bak")):
             try:
                 if not stat.S_ISREG(candidate.lstat().st_mode):
+                    unusable.append(candidate)  # a directory there would fail every save
                     continue
                 data = candidate.read_bytes()
                 params = lt.read_resume_data(data)
