@@ -2093,9 +2093,10 @@ class TorrentEngine:
 
     async def add(self, params, presets=(), anywhere=False):
         """(infohash, created) once it is saved and has a status; presets apply to a new one."""
-        with contextlib.suppress(TimeoutError):  # a saved copy not yet back would be doubled
-            await asyncio.wait_for(asyncio.shield(self._loaded.wait()), ALERT_WAIT)
-        self._check_loaded()
+        if not self._loaded.is_set():  # a saved copy of it not yet back would be doubled
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._loaded.wait()), ALERT_WAIT)
+            self._check_loaded()
         ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removing:
