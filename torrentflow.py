@@ -2929,8 +2929,13 @@ def make_app(config):
     app[REQUESTS] = collections.Counter()
     app[LARGE_WRITES] = asyncio.Semaphore(LARGE_AT_ONCE)
     app[BODIES] = collections.Counter()
+    declared = {(method, path) for method, path, *_ in ROUTES}
     for method, path, handler, _ in ROUTES:
-        app.router.add_route(method, path, served(app, method, path, handler))
+        if method == "GET":  # HEAD too (monitors probe /health so), unless declared apart
+            app.router.add_get(path, served(app, method, path, handler),
+                               allow_head=("HEAD", path) not in declared)
+        else:
+            app.router.add_route(method, path, served(app, method, path, handler))
     # Last: any other path or method, without a token (see _no_route).
     app.router.add_route("*", r"/{path:[\s\S]*}", served(app, "*", "unmatched", _no_route,
                                                          public=True))
@@ -3235,7 +3240,8 @@ def openapi_document():
         "openapi": "3.1.0",
         "info": {"title": "TorrentFlow", "version": __version__, "description":
                  "A BitTorrent daemon driven by an HTTP JSON API. Every error answers "
-                 "{\"detail\": \"...\"}; unknown request fields are refused with 400."},
+                 "{\"detail\": \"...\"}; unknown request fields are refused with 400. "
+                 "Every GET also answers HEAD, as GET without its body."},
         "security": [{"bearerAuth": []}], "paths": {}, "components": {
             "securitySchemes": {"bearerAuth": bearer}, "schemas": schemas,
             "responses": responses}}
