@@ -1165,7 +1165,6 @@ class StateStore:
         """Run jobs in order; a batch's directories are fsynced once, before any answer."""
         while True:
             batch = [self._jobs.get()]
-            self._busy_since = time.monotonic()
             while not self._jobs.empty() and len(batch) < 1000:
                 batch.append(self._jobs.get_nowait())
             done, failed = [], {}
@@ -1174,7 +1173,7 @@ class StateStore:
                     break  # close: after the jobs before it are synced and answered
                 if not future.set_running_or_notify_cancel():
                     continue  # whoever asked has given up (the daemon is stopping)
-                self._renamed = set()
+                self._renamed, self._busy_since = set(), time.monotonic()
                 try:
                     done.append((future, function(*args), None, self._renamed))
                 except BaseException as error:
@@ -1182,6 +1181,7 @@ class StateStore:
             # A directory that fails its fsync fails only the jobs that changed it.
             for directory in set().union(*(renamed for *_, renamed in done)):
                 try:
+                    self._busy_since = time.monotonic()
                     _fsync_dir(directory)
                 except OSError as error:
                     failed[directory] = error
@@ -1202,8 +1202,9 @@ class StateStore:
 
     def problems(self):
         """What /health should tell of the state directory: a failed write, a hung one."""
-        problems = [self.failure] if self.failure else []
-        busy = self._busy_since and time.monotonic() - self._busy_since
+        problems = [self.failure] if self.failure else []  # a write failed since the last
+        since = self._busy_since  # read once: the state thread sets it to None meanwhile
+        busy = since and time.monotonic() - since
         if busy and busy > ALERT_WAIT:  # a hung mount: a liveness probe should restart us
             problems.append(f"the state directory has not answered for {busy:.0f} s")
         return problems
@@ -1355,6 +1356,7 @@ class StateStore:
 
     def _read(self, name, allowed):
         """One torrent's params and notes from its file, else its .bak; or None."""
+        self._busy_since = time.monotonic()  # a long load is slow, not hung
         path = self._path(name)
         result, unusable = None, []
         for candidate in (path, path.with_suffix(".bak")):
@@ -1388,13 +1390,15 @@ class StateStore:
 
     def _quarantine(self, files):
         """Move unreadable state files aside, so they are kept but never read again."""
-        if not files:
-            return
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for file in files:
             target = self.quarantine_dir / f"{file.name}.{stamp}"
-            os.replace(file, target)
+            try:
+                self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+            except OSError as error:  # one file that cannot go aside must not stop the load
+                log.error("cannot move unreadable %s aside to %s: %s", file, target, error)
+                continue
             log.warning("moved unreadable %s file %s to %s", file.parent.name, file, target)
             self._renamed.update((file.parent, self.quarantine_dir))
 
@@ -1982,7 +1986,7 @@ class TorrentEngine:
                 if task.done() and (name != "load" or task.cancelled() or task.exception())]
         found = [problem for check in self._listeners["health"] for problem in check()]
         return [*dead, *found, *([self.listen_failure] if self.listen_failure else []),
-                *self.store.problems()]
+                *self.store.problems(), *itertools.islice(self.saves.unsaved.values(), 1)]
 
     # -- waiting on libtorrent ------------------------------------------------ #
 
@@ -2050,14 +2054,14 @@ class TorrentEngine:
         """This id's torrent: 404 if unknown or being removed, 503 while being added or loaded."""
         torrent = self._by_id.get(infohash)
         if torrent is None:
-            self._check_loaded()
+            self.check_loaded()
         if torrent is None or torrent.removing:
             raise ApiError(404, f"no torrent with infohash {infohash}")
         if torrent.status is None:
             raise ApiError(503, f"torrent {infohash} is still being added; try again", RETRY_AFTER)
         return torrent
 
-    def _check_loaded(self):
+    def check_loaded(self):
         """503 while the saved torrents are handed over: the one asked for may be among them."""
         if not self._loaded.is_set():
             raise ApiError(503, "the saved torrents are still being loaded; try again",
@@ -2096,7 +2100,7 @@ class TorrentEngine:
         if not self._loaded.is_set():  # a saved copy of it not yet back would be doubled
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._loaded.wait()), ALERT_WAIT)
-            self._check_loaded()
+            self.check_loaded()
         ids = _params_ids(params)
         existing = next((self._by_id[i] for i in ids if i in self._by_id), None)
         if existing is not None and existing.removing:
@@ -2108,6 +2112,9 @@ class TorrentEngine:
             if existing.added is not None:
                 # Asked for twice, maybe at once: answer when the first add is saved.
                 await asyncio.shield(existing.added)
+            if existing.status is None:  # a saved one just handed back: its status is next
+                await self.expect(existing.ids, lt.state_update_alert, "its first status",
+                                  lambda alert: existing.status is not None or None)
             if existing.save_path != params.save_path and not anywhere:
                 raise ApiError(409, f"torrent {existing.infohash} is already there, with "
                                f"save_path {self.shown(existing.save_path)!r}")
@@ -2398,6 +2405,7 @@ class TorrentEngine:
         if self._torrents.pop(torrent, False) is False:
             return
         self._listing = None
+        self.saves.unsaved.pop(torrent, None)
         self._notify("forget", torrent)
         self._by_handle.pop(torrent.handle, None)
         for key in torrent.aliases:
@@ -2541,6 +2549,7 @@ class _Saves:
 
     def __init__(self, engine):
         self.engine = engine
+        self.unsaved = {}             # torrent -> why its last save failed, until one works
 
     def save(self, torrent, force=True):
         """A future of a save of it as it is now: True once written, False if not needed."""
@@ -2576,12 +2585,14 @@ class _Saves:
             try:
                 with _state_io(f"saving {name}"):
                     await self.engine.store.write(name, data, old)
-            except ApiError:
+            except ApiError as error:
                 self.engine.counts["save_failures"] += 1
+                self.unsaved[torrent] = error.detail
                 # libtorrent has handed this data over: write it in full at the next try.
                 torrent.force_save = True
                 raise
             self.engine.counts["saves"] += 1
+            self.unsaved.pop(torrent, None)
             torrent.saved_as = name
             return True
         finally:
@@ -2617,21 +2628,21 @@ class _Saves:
 
 async def _load_library(engine):
     """Hand every saved torrent back to libtorrent, in batches as the API already answers."""
-    try:
-        saved = await engine.store.load(engine.inside_roots)
-        prepared = await asyncio.to_thread(_prepare_library, engine, saved)
-        checking = 0
-        for start in range(0, len(prepared), LOAD_BATCH):
-            for name, params, notes, fault in prepared[start:start + LOAD_BATCH]:
-                checking += _revive(engine, name, params, notes, fault)
-            await asyncio.sleep(0)
-        if saved:
-            log.info("loading %d saved torrents", len(saved))
-        if not engine.was_clean:
-            log.warning("the last run did not stop cleanly: checking the data of %d "
-                        "torrents that were downloading", checking)
-    finally:
-        engine._loaded.set()
+    saved = await engine.store.load(engine.inside_roots)
+    prepared = await asyncio.to_thread(_prepare_library, engine, saved)
+    checking = 0
+    for start in range(0, len(prepared), LOAD_BATCH):
+        for name, params, notes, fault in prepared[start:start + LOAD_BATCH]:
+            checking += _revive(engine, name, params, notes, fault)
+        await asyncio.sleep(0)
+    if saved:
+        log.info("loading %d saved torrents", len(saved))
+    if not engine.was_clean:
+        log.warning("the last run did not stop cleanly: checking the data of %d "
+                    "torrents that were downloading", checking)
+    # Not if the load failed: an unknown id stays 503, as a saved one may be it (/health
+    # names the dead task), and an add of it must not write over its file.
+    engine._loaded.set()
 
 
 def _prepare_library(engine, saved):
@@ -3803,19 +3814,16 @@ def _where_data_is(params, moving_to, inside_roots):
     # Files only at the target were renamed there (one file system, file by file: they go
     # back), or copied and their originals deleted, which libtorrent does to none before
     # every copy is made: across file systems, one such file means the copies are all.
-    moved = [path for _, path, _ in files if os.path.isfile(os.path.join(moving_to, path))
-             and not os.path.islink(os.path.join(moving_to, path))
-             and not os.path.lexists(os.path.join(params.save_path, path))]
-    try:
-        across = os.stat(moving_to).st_dev != os.stat(params.save_path).st_dev
-    except OSError:  # the old place is gone altogether
-        across = True
-    if moved and across:
-        return moving_to
-    for path in moved:
-        with contextlib.suppress(OSError):
-            os.makedirs(os.path.dirname(os.path.join(params.save_path, path)), exist_ok=True)
-            os.rename(os.path.join(moving_to, path), os.path.join(params.save_path, path))
+    for _, path, _ in files:
+        moved, original = os.path.join(moving_to, path), os.path.join(params.save_path, path)
+        if os.path.isfile(moved) and not os.path.islink(moved) and not os.path.lexists(
+                original):
+            try:
+                os.makedirs(os.path.dirname(original), exist_ok=True)
+                os.rename(moved, original)
+            except OSError as error:  # not st_dev: two bind mounts of one disk share it
+                if error.errno == errno.EXDEV:
+                    return moving_to
     return params.save_path
 
 
@@ -5079,8 +5087,21 @@ def _rpc_ids(request, arguments):
     ids = ids if isinstance(ids, list) else [ids]
     if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids):
         raise RpcError("ids must be numbers, hash strings or lists of them")
+    request.app[ENGINE].check_loaded()  # one named may be a saved one not yet back
     wanted = {i.lower() if isinstance(i, str) else i for i in ids}
     return [t for t in torrents if rpc.number(t) in wanted or wanted & set(t.aliases)]
+
+
+def _rpc_flag(arguments, key, default=False):
+    """A boolean argument as Transmission reads one: true or false, 1 or 0, or as text."""
+    value = arguments.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or type(value) is int and value in (0, 1):
+        return bool(value)  # Transmission Remote GUI sends "paused": 1
+    if value in ("true", "false"):
+        return value == "true"
+    raise RpcError(f"{key} must be true or false")
 
 
 def _rpc_indices(arguments, key, count):
@@ -5135,7 +5156,7 @@ def _rpc_settings(torrent, arguments, trackers=None):
             kilobytes = arguments.get(key, torrent.status[setting] // 1000 if torrent else 0)
             if not isinstance(kilobytes, int) or isinstance(kilobytes, bool):
                 raise RpcError(f"{key} must be a whole number of kB/s")
-            changes[setting] = kilobytes * 1000 if arguments.get(key + "ed", True) is True else 0
+            changes[setting] = kilobytes * 1000 if _rpc_flag(arguments, key + "ed", True) else 0
     if "peer-limit" in arguments:
         changes["max_connections"] = arguments["peer-limit"]
     if trackers is not None:
@@ -5232,7 +5253,7 @@ async def _rpc_add(request, engine, arguments):
         raise RpcError("no filename or metainfo specified")
     params.save_path = await _rpc_directory(engine, arguments, "download-dir")
     settings = parse_settings({**_rpc_settings(None, arguments),
-                               "paused": arguments.get("paused") is True}, "add")
+                               "paused": _rpc_flag(arguments, "paused")}, "add")
     choices = any(key in arguments for key in RPC_FILE_CHOICES)
     if choices:  # refused before the add, so nothing is added
         if params.ti is None:
@@ -5266,7 +5287,7 @@ def _rpc_each(action):
 async def _rpc_location(engine, torrent, arguments):
     if not _text(arguments, "location"):
         raise RpcError("no location")
-    if arguments.get("move") is not True:
+    if not _rpc_flag(arguments, "move"):
         raise RpcError("only a move of the data (move: true) is supported")
     await configure(engine, torrent, {
         "save_path": await _rpc_directory(engine, arguments, "location")})
@@ -5321,7 +5342,7 @@ async def _rpc_session_set(request, engine, arguments):
             value = arguments.get(key, current[key])
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise RpcError(f"{key} must be a number")
-            on = arguments.get(enabled, current.get(enabled, True)) is True
+            on = _rpc_flag(arguments, enabled, current.get(enabled, True))
             off = 0 if "speed" in key else -1
             changes[setting] = value * scale if on else off
     ignored = sorted(set(arguments) - set(RPC_SESSION_SET)
@@ -5383,7 +5404,7 @@ RPC_METHODS = {
     "torrent-reannounce": _rpc_each(lambda engine, torrent, arguments: reannounce(
         engine, torrent)),
     "torrent-remove": _rpc_each(lambda engine, torrent, arguments: engine.remove(
-        torrent, arguments.get("delete-local-data") is True)),
+        torrent, _rpc_flag(arguments, "delete-local-data"))),
     "torrent-set-location": _rpc_each(_rpc_location),
     **{f"queue-move-{move}": _rpc_each(lambda engine, torrent, arguments, move=move:
                                        queue_move(engine, torrent, move))
@@ -5772,7 +5793,7 @@ def _byte_range(header, size):
         return None
     match = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)(,.*)?", header.replace(" ", ""))
     # Past 18 digits a number is past any file; int() of 5,000 digits would raise.
-    first, last = (int(text or 0) if len(text) < 19 else 10**18 for text in (
+    first, last = (int(text or 0) if len(text.lstrip("0")) < 19 else 10**18 for text in (
         match.group(1, 2) if match else ("", "")))
     if match and match[1]:
         span = first, min(size, last + 1) if match[2] else size
