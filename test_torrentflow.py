@@ -3459,6 +3459,30 @@ async def test_a_ratio_limit_pauses_the_torrent_and_says_why(daemon, seeder, tmp
                      what="it to stay running")
 
 
+async def test_a_clock_step_is_no_seeding_time_and_idle_seeds_count_theirs(daemon, tmp_path,
+                                                                            monkeypatch):
+    """A seed, idle (no peer): its seeding_time stayed 0 in the status, for libtorrent
+    does not report a torrent whose only change is its time counters; now it is asked each
+    TIMES_INTERVAL (1 s here). And the wall clock stepping two hours ahead (an NTP step, a
+    VM restored) counted as two hours of seeding: with on_limit remove_with_files, the
+    data went. The fake: time.time moved for this process; loopback cannot step a clock."""
+    monkeypatch.setattr(torrentflow, "TIMES_INTERVAL", 1.0)
+    torrent, top = in_place(tmp_path, {"seed/kept.bin": 100_000})
+    infohash = await added_and_checked(daemon, torrent)
+    await patch(daemon, "/settings", {"on_limit": "remove_with_files"})
+    await patch(daemon, f"/torrents/{infohash}", {"seeding_time_limit": 3600})
+    await wait_status(daemon, infohash, lambda s: s["seeding_time"] >= 2, deadline=15,
+                      what="seeding_time to count while idle")
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 7200)
+    ticks = []
+    daemon.app[torrentflow.ENGINE].listen("tick", lambda: ticks.append(1))
+    await wait_until(lambda: len(ticks) >= 6, what="six status ticks")
+    status = await status_of(daemon, infohash)
+    assert status["limit_reached"] is None and status["seeding_time"] < 600, status
+    assert (top / "kept.bin").exists()
+
+
 async def _stays_running(client, infohash):
     for _ in range(3):  # three confirmed status ticks
         assert (await client.put(f"/torrents/{infohash}/resume")).status == 200
@@ -4455,6 +4479,31 @@ async def test_rpc_arguments_of_any_shape_never_give_a_500(guarded, payload, cap
     assert "unhandled error" not in caplog.text
     # Each shape was refused by a check of its own, not by _rpc_call's last resort.
     assert "unexpected shape" not in caplog.text
+
+
+async def test_rpc_file_choices_hold_from_the_first_byte(streaming, tracker, seeders,
+                                                         tmp_path):
+    """torrent-add's files-unwanted and priority-* were set after the add: the download
+    had begun, an unwanted file was written, and a crash in between lost the choices.
+    They are presets now, as the REST add's file_priorities."""
+    layout = {"pack/a.bin": 256 * 1024, "pack/b.bin": 1024 * 1024}
+    source = make_payload(tmp_path / "source", layout)
+    torrent = make_torrent(source / "pack", tracker=tracker.url("/announce"))
+    tracker.seeder = seeders().seed(torrent, source)
+    paths = [path for _, path, _ in torrentflow._files_of(lt.load_torrent_buffer(torrent).ti)]
+    _, answer = await rpc(streaming, "torrent-add", {
+        "metainfo": base64.b64encode(torrent).decode(),
+        "files-unwanted": [paths.index("pack/b.bin")],
+        "priority-high": [paths.index("pack/a.bin")]})
+    assert "torrent-added" in answer["arguments"], answer
+    infohash = infohash_of(torrent)
+    status = await status_of(streaming, infohash)  # the first status: before any byte
+    assert {f["path"]: f["priority"] for f in status["files"]} == {
+        "pack/a.bin": 7, "pack/b.bin": 0}
+    await wait_status(streaming, infohash, lambda s: s["is_finished"], what="a.bin")
+    downloads = tmp_path / "downloads" / "pack"
+    assert sha1_of(downloads / "a.bin") == sha1_of(source / "pack" / "a.bin")
+    assert not (downloads / "b.bin").exists()
 
 
 async def test_transmission_rpc_python_client(guarded_process, seeders, tracker, tmp_path):

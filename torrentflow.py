@@ -98,6 +98,7 @@ TORRENT_LIMITS = {"max_buffer_size": MAX_TORRENT_BYTES, "max_pieces": 2_000_000,
                   "max_decode_depth": 100, "max_decode_tokens": 3_000_000}
 FETCH_MAX_REDIRECTS = 5  #: indexers redirect once or twice; more is a loop or an attack
 STATUS_INTERVAL = 0.5  #: seconds between status updates; state changes refresh at once
+TIMES_INTERVAL = 60.0  #: seconds between updates of an idle torrent's time counters
 LOAD_BATCH = 200  #: saved torrents added per batch at start, so requests are served between
 HEAD_TIMEOUT = 5.0  #: seconds a new API connection has for its head, so half-open ones go
 KEEPALIVE_TIMEOUT = 15.0  #: seconds an idle keep-alive API connection stays open
@@ -1670,7 +1671,8 @@ class _Torrent:
         self.progress_stale = False   # whether file_progress lags total_done
         # The byte counters last added to notes; (time, down, up) the rates start at; rates.
         self.counted, self.sample, self.rates = (0, 0), (0.0, 0, 0), (0, 0)
-        self.updated = 0.0            # when the last status arrived
+        self.updated = 0.0            # when the last status arrived (monotonic: a clock
+        # step must not make a seeding limit fire)
         self.flushing_since = None    # when a flush of its finished download was asked for
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
         self.fault = ""               # why the daemon stopped it, until it is resumed
@@ -1713,7 +1715,7 @@ class _Torrent:
         """Take a fresh torrent_status; return the old id if the canonical one changed."""
         ids = _hash_ids(status.info_hashes) or self.ids
         old = self.infohash if ids[0] != self.infohash else None
-        self.ids, self.infohash, self.updated = ids, ids[0], time.time()
+        self.ids, self.infohash, self.updated = ids, ids[0], time.monotonic()
         self.save_path = status.save_path
         self._measure(status)
         if not status.flags & lt.torrent_flags.upload_mode:
@@ -1724,7 +1726,8 @@ class _Torrent:
 
     def _measure(self, status):
         """Payload rates over the last second: libtorrent's own lag tens of seconds, then stop."""
-        now, down, up = time.time(), status.total_payload_download, status.total_payload_upload
+        now, down = time.monotonic(), status.total_payload_download
+        up = status.total_payload_upload
         counted_down, counted_up = self.counted
         if down < counted_down or up < counted_up:  # libtorrent started them again
             counted_down = counted_up = 0
@@ -2476,7 +2479,7 @@ class TorrentEngine:
             # The last pieces may still sit in libtorrent's write buffer; see _on_flushed.
             with contextlib.suppress(RuntimeError):
                 torrent.handle.flush_cache()
-                torrent.flushing_since = time.time()
+                torrent.flushing_since = time.monotonic()
         if isinstance(alert, (lt.metadata_received_alert, lt.torrent_finished_alert)):
             self.save(torrent)
         self.refresh(torrent)
@@ -2499,11 +2502,15 @@ class TorrentEngine:
         while True:
             self._session.post_torrent_updates()
             await asyncio.sleep(STATUS_INTERVAL)
-            # libtorrent stops reporting torrents that went idle: ask, so rates reach 0.
-            quiet = time.time() - 2 * STATUS_INTERVAL
-            stale = []
+            # libtorrent stops reporting torrents that went idle: ask, so rates reach 0, and
+            # (LOAD_BATCH a tick) so a running one's time counters (seeding_time...) move.
+            now, stale, due = time.monotonic(), [], LOAD_BATCH
             for torrent in self._torrents:
-                if any(torrent.rates) and torrent.updated < quiet:
+                if any(torrent.rates) and torrent.updated < now - 2 * STATUS_INTERVAL:
+                    self.refresh(torrent)
+                elif due and torrent.updated < now - TIMES_INTERVAL and torrent.status and (
+                        not torrent.status["paused"]):
+                    due -= 1
                     self.refresh(torrent)
                 if torrent.progress_stale:
                     torrent.progress_stale = False
@@ -2537,7 +2544,7 @@ def _holding_back(torrent, status):
     """Whether to serve the previous status while a finished torrent's writes are flushed."""
     # A script that sees "finished" reads the files next; FLUSH_WAIT bounds a lost flush.
     return (torrent.flushing_since is not None
-            and time.time() - torrent.flushing_since < FLUSH_WAIT
+            and time.monotonic() - torrent.flushing_since < FLUSH_WAIT
             and status.is_finished and torrent.status is not None
             and not torrent.status["is_finished"])
 
@@ -3890,7 +3897,7 @@ def _enforce_limits(engine, torrent):
               for key in ("ratio_limit", "seeding_time_limit")]
     if limits == notes["limit_mark"]:  # resumed after reaching these: it seeds on
         return
-    seeding = status["seeding_time"] + int(time.time() - torrent.updated)
+    seeding = status["seeding_time"] + int(time.monotonic() - torrent.updated)
     if 0 <= limits[0] <= status["ratio"]:
         reached = f"ratio {status['ratio']:g} reached its limit {limits[0]:g}"
     elif 0 <= limits[1] <= seeding:
@@ -5082,7 +5089,7 @@ def _rpc_ids(request, arguments):
     if ids is None:
         return torrents
     if ids == "recently-active":
-        since = time.time() - RPC_RECENT
+        since = time.monotonic() - RPC_RECENT
         return [t for t in torrents if t.updated >= since]
     ids = ids if isinstance(ids, list) else [ids]
     if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids):
@@ -5128,7 +5135,11 @@ def _rpc_priorities(torrent, arguments):
         return None
     if torrent.info is None:
         raise RpcError("file choices need the torrent's metadata")
-    current = [f["priority"] for f in torrent.files()]
+    return _rpc_chosen([f["priority"] for f in torrent.files()], arguments)
+
+
+def _rpc_chosen(current, arguments):
+    """Priorities, one per file, changed by the file choices arguments hold."""
     for key, priority in RPC_FILE_CHOICES.items():
         for index in _rpc_indices(arguments, key, len(current)):
             current[index] = (current[index] or 4) if priority is None else \
@@ -5252,24 +5263,18 @@ async def _rpc_add(request, engine, arguments):
     else:
         raise RpcError("no filename or metainfo specified")
     params.save_path = await _rpc_directory(engine, arguments, "download-dir")
-    settings = parse_settings({**_rpc_settings(None, arguments),
-                               "paused": _rpc_flag(arguments, "paused")}, "add")
-    choices = any(key in arguments for key in RPC_FILE_CHOICES)
-    if choices:  # refused before the add, so nothing is added
+    chosen = {}
+    if any(key in arguments for key in RPC_FILE_CHOICES):  # set at the add, as the REST's
         if params.ti is None:
             raise RpcError("file choices need the torrent's metadata: add a .torrent")
         count = len(await asyncio.to_thread(_files_of, params.ti))
-        for key in RPC_FILE_CHOICES:
-            _rpc_indices(arguments, key, count)
+        chosen["file_priorities"] = _rpc_chosen([4] * count, arguments)
+    settings = parse_settings({**_rpc_settings(None, arguments), **chosen,
+                               "paused": _rpc_flag(arguments, "paused")}, "add")
     # A duplicate whatever download-dir says: the REST API's 409 for another save_path
     # would fail Sonarr's grab of a torrent that was moved since.
     infohash, created = await engine.add(params, _presets(settings), anywhere=True)
     torrent = engine.lookup(infohash)
-    if created and choices:
-        if torrent.status["has_metadata"] and torrent.info is None:  # read in a thread
-            await engine.confirm(torrent, "reading the metadata",
-                                 lambda status: torrent.info is not None)
-        await _rpc_set(engine, [torrent], arguments)
     return {"torrent-added" if created else "torrent-duplicate": {
         "id": request.app[RPC].number(torrent), "name": torrent.status["name"],
         "hashString": torrent.infohash}}
