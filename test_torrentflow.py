@@ -4932,6 +4932,28 @@ async def test_a_bad_event_counter_in_the_state_directory_starts_ids_at_one(tmp_
         assert "ignoring the event counter" in process.log(), counter
 
 
+async def test_a_bad_event_counter_does_not_reuse_queued_ids(tmp_path):
+    """With events queued for a webhook that is down, a damaged counter restarted ids at
+    1: new events wrote over the queued ones, lost with their ids reused."""
+    url = "http://127.0.0.1:1/hook"  # nobody listens: everything stays queued
+    process = DaemonProcess(tmp_path, extra=["--webhook", url, "--webhook-events", "added"])
+    folder = process.state_dir / "webhooks" / hashlib.sha1(url.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True)
+    queued = json.dumps({"id": 5, "type": "added", "time": int(time.time()), "infohash": None,
+                         "detail": "queued before", "torrent": None}).encode()
+    (folder / "5.json").write_bytes(queued)
+    (process.state_dir / "event-id").write_bytes(b"garbage")
+    try:
+        await process.start()
+        reader = EventReader(await process.client.get("/events"))
+        await add(process.client, torrent_url=MAGNET)
+        assert (await reader.next(deadline=10))[2] == "6"
+        reader.response.close()
+    finally:
+        await process.close()
+    assert (folder / "5.json").read_bytes() == queued and (folder / "6.json").exists()
+
+
 async def test_webhook_credentials_show_as_stars(aiohttp_server, tmp_path, capsys):
     """A webhook URL's credentials are used, and shown nowhere: not in GET /webhooks,
     /metrics, /health or the log, nor in the message that refuses the URL at start."""

@@ -4493,12 +4493,18 @@ class Events:
 
     async def start(self):
         """Continue the ids where the last run left them; start delivering webhooks."""
-        saved = (await self.store.read(EVENT_COUNTER) or b"0").decode("ascii", "replace")
+        saved = await self.store.read(EVENT_COUNTER)
+        saved = "0" if saved is None else saved.decode("ascii", "replace")
         # A Last-Event-ID has at most 18 digits: a counter past 17 cannot be resumed from.
         if re.fullmatch("[0-9]{1,17}", saved):
             self.next_id = int(saved)
-        else:
-            log.warning("ignoring the event counter %.60r: ids start at 1", saved)
+        else:  # past the queued events, whose files a new one must not write over
+            queued = [name.partition(".")[0] for hook in self.webhooks
+                      for name in await self.store.read_folder(hook.folder)]
+            self.next_id = max((int(n) for n in queued if re.fullmatch("[0-9]{1,17}", n)),
+                               default=0)
+            log.warning("ignoring the event counter %.60r: ids go on from %d", saved,
+                        self.next_id + 1)
         await self._reserve()
         self.client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
         for hook in self.webhooks:
