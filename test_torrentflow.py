@@ -971,6 +971,36 @@ async def test_every_route_but_health_and_spec_needs_the_token(guarded):
     assert (await guarded.head("/torrents", headers=AUTH)).status == 200
 
 
+async def _head_then_health(client, path):
+    """HEAD path, then GET /health on the same connection: both answers, as raw bytes."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"HEAD {path} HTTP/1.1\r\nHost: localhost\r\n\r\nGET /health HTTP/1.1\r\n"
+                 "Host: localhost\r\nConnection: close\r\n\r\n".encode())
+    try:
+        return await asyncio.wait_for(reader.read(), DEADLINE)
+    finally:
+        writer.close()
+
+
+async def test_head_sends_no_body_and_holds_nothing(daemon, monkeypatch):
+    """HEAD of a large answer (written in pieces) sent the body anyway, and the next
+    request on the connection read it as its status line; HEAD /events opened a stream,
+    took a subscriber's place and held the connection."""
+    monkeypatch.setattr(torrentflow, "LARGE_BODY", 100)  # the listing below is larger
+    _, body = await add(daemon, torrent_url=MAGNET)
+    answer = await _head_then_health(daemon, "/torrents")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: " in head, answer
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.partition(b"\r\n\r\n")[2].startswith(
+        b'{"status": "ok"'), answer
+    answer = await _head_then_health(daemon, "/events")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, answer
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.partition(b"\r\n\r\n")[2].startswith(
+        b'{"status": "ok"'), answer
+    assert not daemon.app[torrentflow.EVENTS].subscribers
+
+
 async def test_a_wrong_token_is_refused_and_the_right_one_accepted(guarded):
     for header in (f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN,
                    "Bearer", "Bearer caf\u00e9-not-ascii-at-all"):
@@ -4506,6 +4536,24 @@ async def test_rpc_file_choices_hold_from_the_first_byte(streaming, tracker, see
     assert not (downloads / "b.bin").exists()
 
 
+async def test_rpc_recently_active_leaves_out_idle_torrents(streaming, tmp_path,
+                                                            monkeypatch):
+    """The refresh of idle torrents' time counters made every running torrent look
+    recently active, so clients that poll for changes got the whole list every time."""
+    monkeypatch.setattr(torrentflow, "TIMES_INTERVAL", 0.5)
+    monkeypatch.setattr(torrentflow, "RPC_RECENT", 1.0)
+    torrent, _ = in_place(tmp_path, {"idle/seed.bin": 50_000})
+    infohash = await added_and_checked(streaming, torrent)
+    _, answer = await rpc(streaming, "torrent-get", {"fields": ["hashString"],
+                                                     "ids": "recently-active"})
+    assert [t["hashString"] for t in answer["arguments"]["torrents"]] == [infohash]
+    await wait_status(streaming, infohash, lambda s: s["seeding_time"] >= 3, deadline=15,
+                      what="a few refreshes of an idle seed")
+    _, answer = await rpc(streaming, "torrent-get", {"fields": ["hashString"],
+                                                     "ids": "recently-active"})
+    assert answer["arguments"]["torrents"] == [], answer
+
+
 async def test_transmission_rpc_python_client(guarded_process, seeders, tracker, tmp_path):
     """The transmission-rpc package as Sonarr-like tools use it, each call checked
     against the REST view of the same torrent; the add is a real download."""
@@ -4932,9 +4980,10 @@ async def test_a_bad_event_counter_in_the_state_directory_starts_ids_at_one(tmp_
         assert "ignoring the event counter" in process.log(), counter
 
 
-async def test_a_bad_event_counter_does_not_reuse_queued_ids(tmp_path):
-    """With events queued for a webhook that is down, a damaged counter restarted ids at
-    1: new events wrote over the queued ones, lost with their ids reused."""
+@pytest.mark.parametrize("counter", [b"garbage", None, b"2"])
+async def test_a_bad_event_counter_does_not_reuse_queued_ids(tmp_path, counter):
+    """With events queued for a webhook that is down, a damaged, lost or older counter
+    restarted ids at 1: new events wrote over the queued ones, lost with their ids."""
     url = "http://127.0.0.1:1/hook"  # nobody listens: everything stays queued
     process = DaemonProcess(tmp_path, extra=["--webhook", url, "--webhook-events", "added"])
     folder = process.state_dir / "webhooks" / hashlib.sha1(url.encode()).hexdigest()[:16]
@@ -4942,7 +4991,8 @@ async def test_a_bad_event_counter_does_not_reuse_queued_ids(tmp_path):
     queued = json.dumps({"id": 5, "type": "added", "time": int(time.time()), "infohash": None,
                          "detail": "queued before", "torrent": None}).encode()
     (folder / "5.json").write_bytes(queued)
-    (process.state_dir / "event-id").write_bytes(b"garbage")
+    if counter is not None:
+        (process.state_dir / "event-id").write_bytes(counter)
     try:
         await process.start()
         reader = EventReader(await process.client.get("/events"))

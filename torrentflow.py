@@ -2874,7 +2874,7 @@ async def list_torrents(request):
 
 async def _respond(request, body):
     """A JSON answer of serialised bytes; a large one waits its turn and goes out in pieces."""
-    if len(body) < LARGE_BODY:
+    if len(body) < LARGE_BODY or request.method == "HEAD":  # HEAD: aiohttp leaves it out
         return web.Response(body=body, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     response.content_length = len(body)
@@ -4496,15 +4496,14 @@ class Events:
         saved = await self.store.read(EVENT_COUNTER)
         saved = "0" if saved is None else saved.decode("ascii", "replace")
         # A Last-Event-ID has at most 18 digits: a counter past 17 cannot be resumed from.
-        if re.fullmatch("[0-9]{1,17}", saved):
-            self.next_id = int(saved)
-        else:  # past the queued events, whose files a new one must not write over
-            queued = [name.partition(".")[0] for hook in self.webhooks
-                      for name in await self.store.read_folder(hook.folder)]
-            self.next_id = max((int(n) for n in queued if re.fullmatch("[0-9]{1,17}", n)),
-                               default=0)
-            log.warning("ignoring the event counter %.60r: ids go on from %d", saved,
-                        self.next_id + 1)
+        if not re.fullmatch("[0-9]{1,17}", saved):
+            log.warning("ignoring the event counter %.60r", saved)
+            saved = "0"
+        # Past the queued events too: a counter lost, or restored older, must not write a new
+        # event over a queued one.
+        queued = [name.partition(".")[0] for hook in self.webhooks
+                  for name in await self.store.read_folder(hook.folder)]
+        self.next_id = max(int(n) for n in [saved, *queued] if re.fullmatch("[0-9]{1,17}", n))
         await self._reserve()
         self.client = aiohttp.ClientSession(headers={"User-Agent": f"TorrentFlow/{__version__}"})
         for hook in self.webhooks:
@@ -4641,6 +4640,8 @@ async def event_stream(request):
     last = request.headers.get("Last-Event-ID")
     if last is not None and not (last.isascii() and last.isdigit() and len(last) < 19):
         raise ApiError(400, "Last-Event-ID must be an event id")
+    if request.method == "HEAD":  # a probe: no place taken, no stream held open
+        return web.Response(headers={"Content-Type": "text/event-stream"})
     subscriber = events.subscribe(set(types), infohashes)
     try:
         return await _stream(request, subscriber, events, last)
@@ -4925,11 +4926,20 @@ RPC = web.AppKey("rpc", RpcState)
 
 def _rpc_setup(app, engine):
     state = app[RPC] = RpcState(engine.config.state_dir)
+    engine.listen("status", _rpc_activity)
     engine.listen("forget", lambda torrent: state.forget(engine, torrent))
     engine.listen("metadata", lambda torrent: state.keep(engine, torrent))
 
 
 EXTENSIONS.append(_rpc_setup)
+
+
+def _rpc_activity(torrent, before):
+    """A status listener: note when it last moved data or changed state ("recently-active")."""
+    now = torrent.status
+    if before is None or any(now[key] != before[key] for key in (
+            "state", "paused", "error", "total_download", "total_upload")):
+        torrent.extra["rpc_active"] = time.monotonic()
 
 
 def _rpc_status(status):
@@ -5096,7 +5106,7 @@ def _rpc_ids(request, arguments):
         return torrents
     if ids == "recently-active":
         since = time.monotonic() - RPC_RECENT
-        return [t for t in torrents if t.updated >= since]
+        return [t for t in torrents if t.extra.get("rpc_active", 0) >= since]
     ids = ids if isinstance(ids, list) else [ids]
     if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids):
         raise RpcError("ids must be numbers, hash strings or lists of them")
