@@ -1151,7 +1151,7 @@ class StateStore:
         self._renamed = set()  # directories the job under way renamed or deleted in
         self._lock_fd = None   # the state directory, held with flock while running
         self.failure = ""      # why the last write failed, until a write succeeds
-        self._busy_since = None  # when the jobs under way began
+        self._busy_since = None  # when the job under way began, or last made progress
         # A daemon thread: a disk that hangs cannot keep the process from exiting.
         self._thread = threading.Thread(target=self._run, name="tf-state", daemon=True)
         self._thread.start()
@@ -1203,7 +1203,7 @@ class StateStore:
 
     def problems(self):
         """What /health should tell of the state directory: a failed write, a hung one."""
-        problems = [self.failure] if self.failure else []  # a write failed since the last
+        problems = [self.failure] if self.failure else []
         since = self._busy_since  # read once: the state thread sets it to None meanwhile
         busy = since and time.monotonic() - since
         if busy and busy > ALERT_WAIT:  # a hung mount: a liveness probe should restart us
@@ -1671,8 +1671,9 @@ class _Torrent:
         self.progress_stale = False   # whether file_progress lags total_done
         # The byte counters last added to notes; (time, down, up) the rates start at; rates.
         self.counted, self.sample, self.rates = (0, 0), (0.0, 0, 0), (0, 0)
-        self.updated = 0.0            # when the last status arrived (monotonic: a clock
-        # step must not make a seeding limit fire)
+        # When the last status arrived, on the monotonic clock (as every interval here): a
+        # step of the wall clock must not count as seeding time.
+        self.updated = 0.0
         self.flushing_since = None    # when a flush of its finished download was asked for
         self.disk_error = ""          # the last file error, while it keeps the torrent stuck
         self.fault = ""               # why the daemon stopped it, until it is resumed
