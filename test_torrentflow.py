@@ -3603,6 +3603,22 @@ def bind_mount(mount_point):
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
+async def stopped_half_done(process, tmp_path):
+    """A two-file download with one file in place and none to fetch the other from, added
+    to process and stopped by SIGTERM: (its infohash, its last status)."""
+    source = make_payload(tmp_path / "source", {"pack/a.bin": 300_000, "pack/b.bin": 200_000})
+    torrent = make_torrent(source / "pack")
+    (process.download_dir / "pack").mkdir(parents=True)
+    shutil.copy(source / "pack" / "a.bin", process.download_dir / "pack")  # b: none
+    await process.start()
+    await add(process.client, torrent_file=torrent)
+    before = await wait_status(process.client, infohash_of(torrent), lambda s: s["state"] ==
+                               "downloading", what="the check of a.bin")
+    assert 0 < before["progress"] < 100
+    await process.stop(signal.SIGTERM)
+    return infohash_of(torrent), before
+
+
 @pytest.mark.parametrize("other_disk", [lambda path: tmpfs(path, "16m"), bind_mount],
                          ids=["tmpfs", "bind-mount"])
 async def test_a_partial_download_a_crash_cut_moving_keeps_its_data(tmp_path, other_disk):
@@ -3613,18 +3629,7 @@ async def test_a_partial_download_a_crash_cut_moving_keeps_its_data(tmp_path, ot
     with other_disk(tmp_path / "other") as other:
         process = DaemonProcess(tmp_path, extra=["--allowed-save-root", str(other)])
         try:
-            layout = {"pack/a.bin": 300_000, "pack/b.bin": 200_000}
-            source = make_payload(tmp_path / "source", layout)
-            torrent = make_torrent(source / "pack")
-            infohash = infohash_of(torrent)
-            (process.download_dir / "pack").mkdir(parents=True)
-            shutil.copy(source / "pack" / "a.bin", process.download_dir / "pack")  # b: none
-            await process.start()
-            await add(process.client, torrent_file=torrent)
-            before = await wait_status(process.client, infohash, lambda s: s["state"] ==
-                                       "downloading", what="the check of a.bin")
-            assert 0 < before["progress"] < 100
-            await process.stop(signal.SIGTERM)
+            infohash, before = await stopped_half_done(process, tmp_path)
             # What the crash leaves, made by hand: copied, the original deleted, the move
             # noted in the resume file, no clean-shutdown mark.
             (other / "pack").mkdir()
@@ -3652,18 +3657,7 @@ async def test_a_download_whose_files_vanished_while_stopped_is_held(tmp_path):
     with the missing file in error, as a finished one is; resume starts it again."""
     process = DaemonProcess(tmp_path)
     try:
-        layout = {"pack/a.bin": 300_000, "pack/b.bin": 200_000}
-        source = make_payload(tmp_path / "source", layout)
-        torrent = make_torrent(source / "pack")
-        infohash = infohash_of(torrent)
-        (process.download_dir / "pack").mkdir(parents=True)
-        shutil.copy(source / "pack" / "a.bin", process.download_dir / "pack")  # b: none
-        await process.start()
-        await add(process.client, torrent_file=torrent)
-        before = await wait_status(process.client, infohash, lambda s: s["state"] ==
-                                   "downloading", what="the check of a.bin")
-        assert 0 < before["progress"] < 100
-        await process.stop(signal.SIGTERM)
+        infohash, before = await stopped_half_done(process, tmp_path)
         shutil.rmtree(process.download_dir / "pack")
         await process.start()
         held = await status_of(process.client, infohash)
