@@ -4546,6 +4546,36 @@ async def test_rpc_recently_active_leaves_out_idle_torrents(streaming, tmp_path,
     assert answer["arguments"]["torrents"] == [], answer
 
 
+async def test_the_queue_order_outlives_a_crash(tmp_path):
+    """queue-move-* (Sonarr sends queue-move-top after each grab) answered before anything
+    was saved, and a restart, clean or not, put the queue back in the order of adding."""
+    process = DaemonProcess(tmp_path)
+    try:
+        await process.start()
+        hashes = [MAGNET[:-2] + end for end in ("a1", "a2", "a3")]
+        for magnet in hashes:
+            await add(process.client, torrent_url=magnet)
+        hashes = [magnet[-40:] for magnet in hashes]
+        _, answer = await rpc(process.client, "queue-move-top", {"ids": [hashes[2]]})
+        assert answer["result"] == "success", answer
+
+        async def order():
+            _, answer = await rpc(process.client, "torrent-get",
+                                  {"fields": ["hashString", "queuePosition"]})
+            return [t["hashString"] for t in sorted(answer["arguments"]["torrents"],
+                                                    key=lambda t: t["queuePosition"])]
+        assert await order() == [hashes[2], hashes[0], hashes[1]]
+        await process.restart(signal.SIGKILL)
+        await wait_until(lambda: _in_order(order, [hashes[2], hashes[0], hashes[1]]),
+                         what="the saved queue order")
+    finally:
+        await process.close()
+
+
+async def _in_order(order, wanted):
+    return await order() == wanted
+
+
 async def test_transmission_rpc_python_client(guarded_process, seeders, tracker, tmp_path):
     """The transmission-rpc package as Sonarr-like tools use it, each call checked
     against the REST view of the same torrent; the add is a real download."""

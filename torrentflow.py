@@ -3843,16 +3843,6 @@ async def recheck(engine, torrent):
     await engine.confirm(torrent, "the recheck")
 
 
-async def queue_move(engine, torrent, move):
-    """Move it in libtorrent's queue (top, up, down, bottom); return once the cache shows it."""
-    with _handle_call():
-        getattr(torrent.handle, f"queue_position_{move}")()
-    # The torrents it passed moved too. libtorrent answers in order, so their fresh
-    # status is in the cache by the time this torrent's is.
-    engine.refresh()
-    await engine.confirm(torrent, "the queue move")
-
-
 async def reannounce(engine, torrent):
     """Announce to every tracker now, minimum intervals notwithstanding."""
     with _handle_call():
@@ -4168,7 +4158,8 @@ async def torrent_trackers(request):
 
 # --------------------------------------------------------------------------- #
 # Extension: the queue. A download starts as soon as libtorrent's queue would let it (at
-# its add, or when the one before it finishes), and as many data checks run as fit
+# its add, or when the one before it finishes), as many data checks run as fit, and the
+# order queue-move-* gives outlives a restart
 # --------------------------------------------------------------------------- #
 
 CHECK_BUDGET = 1024 ** 3  #: bytes of torrent data checked at once (see _pace_checks)
@@ -4222,9 +4213,48 @@ def _pace_checks(engine, paced):
         engine.apply_settings({"active_checking": wanted})
 
 
+QUEUE_FILE = "queue.json"  #: state file: the queue's order, kept since a move changed it
+
+
+async def queue_move(engine, torrent, move):
+    """Move it in libtorrent's queue (top, up, down, bottom); answer once the order is saved."""
+    with _handle_call():
+        getattr(torrent.handle, f"queue_position_{move}")()
+    # The torrents it passed moved too. libtorrent answers in order, so their fresh
+    # status is in the cache by the time this torrent's is.
+    engine.refresh()
+    await engine.confirm(torrent, "the queue move")
+    queued = sorted((t for t in engine.torrents() if t.status["queue_position"] >= 0),
+                    key=lambda t: t.status["queue_position"])
+    with _state_io("saving the queue's order"):
+        await engine.store.put(QUEUE_FILE, json.dumps([t.infohash for t in queued]).encode())
+
+
+async def _restore_order(engine):
+    """After the load, put the saved torrents back in the queue's order (a restart keeps it)."""
+    try:
+        order = json.loads(await engine.store.read(QUEUE_FILE) or b"[]")
+    except (OSError, ValueError, RecursionError) as error:
+        log.warning("ignoring %s: %s", QUEUE_FILE, error)
+        return
+    while engine.loading:  # till each has its first status, and so its handle
+        await asyncio.sleep(STATUS_INTERVAL)
+    known = []
+    for infohash in order if isinstance(order, list) else ():
+        with contextlib.suppress(ApiError, TypeError):  # removed since, or not an id
+            known.append(engine.lookup(infohash))
+    for torrent in reversed(known):  # to the top, last first: then any added since
+        with contextlib.suppress(RuntimeError):
+            torrent.handle.queue_position_top()
+    engine.refresh()
+
+
 def _queue_setup(app, engine):
     """Start downloads as soon as the queue lets them, and pace the checks at each tick."""
     paced = [1]  # libtorrent's active_checking, as last set
+    async def start():  # a task of its own: it waits for the load, which runs after start
+        engine.spawn(_restore_order(engine), "restore the queue's order")
+    engine.listen("start", start)
     engine.listen("admit", functools.partial(_start_if_next, engine))
     engine.on_alert(lt.torrent_finished_alert, _hand_on)
     engine.listen("tick", lambda: _pace_checks(engine, paced))
