@@ -2146,17 +2146,21 @@ async def test_corrupt_resume_files_are_quarantined(process, tmp_path):
 
 
 @contextlib.contextmanager
-def tmpfs(mount_point, size):
-    """A tmpfs of size mounted at mount_point for the block; the test skips without root."""
+def mounted(mount_point, *how):
+    """`mount *how mount_point` for the block (made first); the test skips without root."""
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                             str(mount_point)], capture_output=True, text=True)
+    result = subprocess.run(["mount", *how, str(mount_point)], capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
+        pytest.skip(f"cannot mount (needs root): {result.stderr.strip()}")
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def tmpfs(mount_point, size):
+    """A tmpfs of size mounted at mount_point for the block."""
+    return mounted(mount_point, "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
 
 
 @pytest.fixture
@@ -3587,20 +3591,11 @@ async def test_a_move_a_crash_cut_short_resumes_where_the_data_is_whole(process,
     assert {name: sha1_of(place / name) for name in layout} == sums
 
 
-@contextlib.contextmanager
 def bind_mount(mount_point):
     """A bind mount of a directory beside it at mount_point: one file system, yet rename()
-    across fails (EXDEV), as between a container's volumes; skips without root."""
-    (tmp := mount_point.with_name(mount_point.name + "-source")).mkdir()
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "--bind", str(tmp), str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot bind-mount (needs root): {result.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+    across fails (EXDEV), as between a container's volumes."""
+    (source := mount_point.with_name(mount_point.name + "-source")).mkdir()
+    return mounted(mount_point, "--bind", str(source))
 
 
 async def stopped_half_done(process, tmp_path):
