@@ -3045,10 +3045,12 @@ async def test_a_slow_load_is_not_a_hung_state_directory(tmp_path, aiohttp_clien
     monkeypatch.setattr(torrentflow.StateStore, "_read", slow_read)
     client = await aiohttp_client(torrentflow.make_app(daemon_config(tmp_path)))
     seen = set()
-    while not engine_loaded(client):
+
+    async def loaded_watching_health():
         response = await client.get("/health")
         seen.add((response.status, (await response.json()).get("detail")))
-        await asyncio.sleep(0.05)
+        return engine_loaded(client)
+    await wait_until(loaded_watching_health, what="the slow load to end")
     assert seen <= {(200, None)}, seen
     assert (await (await client.get("/torrents")).json())["total"] == 15
 
